@@ -1,0 +1,303 @@
+//! The node agent's lifecycle: load NVML, discover GPUs, plan the three device lists, start the health
+//! monitor, then serve and register the endpoints, and serve and register them again whenever the kubelet
+//! restarts, until shutdown.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use nvml_wrapper::Nvml;
+use nvml_wrapper::error::NvmlError;
+use tokio::sync::watch;
+
+use crate::config::{AgentConfig, InvalidSetting};
+use crate::devices::{DevicePlan, MessageTooLarge, ResourceKind};
+use crate::endpoint::{EndpointError, RunningEndpoint};
+use crate::health::{XidPolicy, spawn_monitor};
+use crate::inventory::{DiscoveryError, Inventory, discover};
+use crate::kubelet_watch::{FileIdentity, KubeletWatch};
+use crate::registration::register;
+use crate::service::ResourceService;
+
+/// Registration retries start fast (a restarting kubelet creates its socket a moment before it answers)
+/// and back off to this.
+const REGISTER_RETRY_MAX: Duration = Duration::from_secs(5);
+/// How often our own sockets are checked for deletion behind our back.
+const SOCKET_CHECK: Duration = Duration::from_secs(2);
+
+/// Why the agent cannot serve. Each variant's message says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// A flag or config value is out of range.
+    #[error(transparent)]
+    Setting(#[from] InvalidSetting),
+    /// NVML could not be loaded or initialised.
+    #[error(
+        "cannot initialise NVML from {lib}: {source}; check that the NVIDIA driver is installed and that the \
+         container runs with the NVIDIA runtime (or set --nvml-lib / NVML_LIB to the library's path)"
+    )]
+    Nvml {
+        /// The library path or name tried.
+        lib: PathBuf,
+        /// NVML's error.
+        source: NvmlError,
+    },
+    /// No usable GPU.
+    #[error("GPU discovery failed: {0}")]
+    Discovery(#[from] DiscoveryError),
+    /// A device list would not fit in one kubelet message.
+    #[error(transparent)]
+    TooLarge(#[from] MessageTooLarge),
+    /// An endpoint could not be served.
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    /// The health thread could not be started.
+    #[error("cannot start the GPU health thread")]
+    HealthThread(#[source] std::io::Error),
+}
+
+/// What the agent discovered and will serve, ready before anything is served.
+#[derive(Debug)]
+pub struct Prepared {
+    nvml: Arc<Nvml>,
+    /// The GPUs, sorted by minor number.
+    pub inventory: Arc<Inventory>,
+    /// One plan per resource, in [`ResourceKind::ALL`] order.
+    pub plans: Vec<Arc<DevicePlan>>,
+}
+
+/// Loads NVML, discovers the GPUs and plans the device lists: every check that can refuse to start.
+pub fn prepare(config: &AgentConfig) -> Result<Prepared, AgentError> {
+    config.sharing.validate()?;
+    let nvml = Nvml::builder()
+        .lib_path(config.nvml_lib.as_os_str())
+        .init()
+        .map_err(|source| AgentError::Nvml {
+            lib: config.nvml_lib.clone(),
+            source,
+        })?;
+    if let Ok(version) = nvml.sys_driver_version() {
+        tracing::info!(driver = %version, lib = %config.nvml_lib.display(), "NVML initialised");
+    }
+    let inventory = discover(&nvml, &config.sysfs_root)?;
+    for gpu in &inventory.gpus {
+        tracing::info!(
+            uuid = %gpu.uuid, model = %gpu.model, memory_mib = gpu.memory_mib(), minor = gpu.minor,
+            numa = ?gpu.numa_node, "GPU discovered"
+        );
+    }
+    let mut plans = Vec::new();
+    for kind in ResourceKind::ALL {
+        let plan = DevicePlan::new(kind, &inventory, &config.sharing)?;
+        tracing::info!(
+            resource = config.resources.get(kind), ids = plan.total(), id_style = ?plan.style,
+            max_message_bytes = plan.max_message_bytes, "device list planned"
+        );
+        plans.push(Arc::new(plan));
+    }
+    Ok(Prepared {
+        nvml: Arc::new(nvml),
+        inventory: Arc::new(inventory),
+        plans,
+    })
+}
+
+/// Runs the agent until `shutdown` resolves, then stops serving and removes its sockets.
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let prepared = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || prepare(&config))
+            .await
+            .expect("prepare does not panic")?
+    };
+    serve(config, prepared, shutdown).await
+}
+
+/// The serving half of [`run`], after [`prepare`].
+pub async fn serve(
+    config: AgentConfig,
+    prepared: Prepared,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let Prepared {
+        nvml,
+        inventory,
+        plans,
+    } = prepared;
+    let (policy, warnings) = XidPolicy::from_env(
+        config.health.disable.as_deref(),
+        config.health.enable.as_deref(),
+    );
+    for warning in warnings {
+        tracing::warn!("{warning}");
+    }
+    let (health_tx, health_rx) = watch::channel(vec![true; inventory.gpus.len()]);
+    let stop_health = Arc::new(AtomicBool::new(false));
+    let monitor = spawn_monitor(
+        nvml,
+        Arc::clone(&inventory),
+        config.health.clone(),
+        policy,
+        health_tx,
+        Arc::clone(&stop_health),
+    )
+    .map_err(AgentError::HealthThread)?;
+
+    let result = serve_until(&config, &inventory, &plans, &health_rx, shutdown).await;
+    stop_health.store(true, Ordering::Relaxed);
+    // The monitor notices within one event-wait slice; joining keeps NVML alive until it is done with it.
+    let _ = tokio::task::spawn_blocking(move || monitor.join()).await;
+    result
+}
+
+async fn serve_until(
+    config: &AgentConfig,
+    inventory: &Arc<Inventory>,
+    plans: &[Arc<DevicePlan>],
+    health: &watch::Receiver<Vec<bool>>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let dir = config.socket_dir();
+    let mut watch = KubeletWatch::new(&config.kubelet_socket);
+    tokio::pin!(shutdown);
+    loop {
+        let started = Instant::now();
+        let endpoints = start_endpoints(&dir, config, inventory, plans, health).await?;
+        let registered = tokio::select! {
+            id = register_all(config, &endpoints, &mut watch) => id,
+            () = &mut shutdown => None,
+        };
+        let Some(kubelet) = registered else {
+            stop_all(endpoints).await;
+            return Ok(());
+        };
+        tracing::info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "all endpoints registered with the kubelet"
+        );
+
+        tokio::select! {
+            () = &mut shutdown => {
+                tracing::info!("shutting down: stopping endpoints and removing their sockets");
+                stop_all(endpoints).await;
+                return Ok(());
+            }
+            () = watch.changed_from(Some(kubelet)) => {
+                tracing::info!("kubelet socket re-created (kubelet restarted); serving and registering again");
+            }
+            gone = socket_removed(&endpoints) => {
+                tracing::info!(socket = %gone.display(), "our socket was removed; serving and registering again");
+            }
+        }
+        stop_all(endpoints).await;
+    }
+}
+
+async fn start_endpoints(
+    dir: &Path,
+    config: &AgentConfig,
+    inventory: &Arc<Inventory>,
+    plans: &[Arc<DevicePlan>],
+    health: &watch::Receiver<Vec<bool>>,
+) -> Result<Vec<RunningEndpoint>, AgentError> {
+    let mut endpoints = Vec::with_capacity(plans.len());
+    for plan in plans {
+        let name = config.resources.get(plan.kind).to_owned();
+        let started = RunningEndpoint::start(dir, plan.kind, &name, |stopping| {
+            ResourceService::new(
+                name.clone(),
+                Arc::clone(plan),
+                Arc::clone(inventory),
+                health.clone(),
+                stopping,
+            )
+        })
+        .await;
+        match started {
+            Ok(endpoint) => endpoints.push(endpoint),
+            Err(error) => {
+                stop_all(endpoints).await;
+                return Err(error.into());
+            }
+        }
+    }
+    Ok(endpoints)
+}
+
+/// Registers every endpoint, retrying while the kubelet is absent or refuses; returns the identity of the
+/// kubelet socket that accepted them all.
+async fn register_all(
+    config: &AgentConfig,
+    endpoints: &[RunningEndpoint],
+    watch: &mut KubeletWatch,
+) -> Option<FileIdentity> {
+    let mut warned = false;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let Some(kubelet) = watch.current() else {
+            if !warned {
+                tracing::warn!(socket = %config.kubelet_socket.display(), "kubelet socket not there yet; waiting for it");
+                warned = true;
+            }
+            watch.changed_from(None).await;
+            continue;
+        };
+        let mut failure = None;
+        for endpoint in endpoints {
+            if let Err(error) = register(
+                &config.kubelet_socket,
+                &endpoint.file_name(),
+                &endpoint.resource_name,
+            )
+            .await
+            {
+                failure = Some(error);
+                break;
+            }
+            tracing::info!(resource = %endpoint.resource_name, socket = %endpoint.file_name(), "registered with the kubelet");
+        }
+        match failure {
+            None => return Some(kubelet),
+            Some(error) => {
+                tracing::warn!(error = %error_chain(&error), retry_in_ms = backoff.as_millis() as u64, "registration failed");
+                watch.event_or(backoff).await;
+                backoff = (backoff * 2).min(REGISTER_RETRY_MAX);
+            }
+        }
+    }
+}
+
+async fn socket_removed(endpoints: &[RunningEndpoint]) -> PathBuf {
+    loop {
+        tokio::time::sleep(SOCKET_CHECK).await;
+        if let Some(gone) = endpoints.iter().find(|e| !e.socket_exists()) {
+            return gone.socket.clone();
+        }
+    }
+}
+
+async fn stop_all(endpoints: Vec<RunningEndpoint>) {
+    for endpoint in endpoints {
+        endpoint.stop().await;
+    }
+}
+
+/// An error and its sources on one line, for logs and the final exit message.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,274 @@
+//! The agent's configuration after flags, environment and defaults have been merged and checked.
+//!
+//! Everything the agent touches on the host (the kubelet socket, the NVML library, sysfs) is a field here, so
+//! tests point the real binary at temporary directories and the gpu-sim.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::devices::ResourceKind;
+
+/// The default `volcano.sh/...` resource names the scheduler and the Go plugin use.
+pub const DEFAULT_NUMBER_RESOURCE: &str = "volcano.sh/vgpu-number";
+/// Memory, in `gpuMemoryFactor` MiB units.
+pub const DEFAULT_MEMORY_RESOURCE: &str = "volcano.sh/vgpu-memory";
+/// Cores, 100 per GPU times the core scaling.
+pub const DEFAULT_CORES_RESOURCE: &str = "volcano.sh/vgpu-cores";
+
+/// How the node's GPUs are cut into device-plugin IDs (contract §1.2).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SharingSettings {
+    /// `deviceSplitCount`: how many containers may share one GPU; IDs per GPU on the number resource.
+    pub split_count: u32,
+    /// `gpuMemoryFactor`: MiB per unit of `vgpu-memory`.
+    pub memory_factor: u32,
+    /// `deviceCoreScaling`: the cores resource advertises `floor(100 × scaling)` IDs per GPU.
+    pub core_scaling: f64,
+}
+
+impl Default for SharingSettings {
+    /// The values that work when no config map exists: split 10, factor 1, scaling 1.
+    fn default() -> Self {
+        Self {
+            split_count: 10,
+            memory_factor: 1,
+            core_scaling: 1.0,
+        }
+    }
+}
+
+/// A setting with a value outside what the agent can serve.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("invalid {field} = {value}: expected {expected}")]
+pub struct InvalidSetting {
+    /// The flag or config key, as an operator would write it.
+    pub field: &'static str,
+    /// The offending value.
+    pub value: String,
+    /// What would have been accepted.
+    pub expected: &'static str,
+}
+
+impl SharingSettings {
+    /// Refuses values that would divide by zero, advertise nothing, or overflow the kubelet's counters.
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        if self.split_count == 0 {
+            return Err(InvalidSetting {
+                field: "--device-split-count (deviceSplitCount)",
+                value: self.split_count.to_string(),
+                expected: "a whole number of at least 1",
+            });
+        }
+        if self.memory_factor == 0 {
+            return Err(InvalidSetting {
+                field: "--gpu-memory-factor (gpuMemoryFactor)",
+                value: self.memory_factor.to_string(),
+                expected: "a whole number of MiB of at least 1",
+            });
+        }
+        if !self.core_scaling.is_finite() || self.core_scaling < 0.01 || self.core_scaling > 1000.0
+        {
+            return Err(InvalidSetting {
+                field: "--device-cores-scaling (deviceCoreScaling)",
+                value: self.core_scaling.to_string(),
+                expected: "a number from 0.01 to 1000 (1 = 100 core IDs per GPU)",
+            });
+        }
+        Ok(())
+    }
+
+    /// IDs per GPU on the cores resource: Go's `int(100 * scaling)`, i.e. truncation.
+    pub fn core_ids_per_gpu(&self) -> u64 {
+        // Scaling is validated to 0.01..=1000, so the product is 1..=100_000 and the cast cannot overflow.
+        // The small epsilon keeps 1.1 × 100 (= 110.00000000000001) and 0.29 × 100 (= 28.999999999999996) at
+        // what an operator means; Go truncates the latter to 28, which no one asks for on purpose.
+        (100.0 * self.core_scaling + 1e-9).floor() as u64
+    }
+}
+
+/// The three extended-resource names, one kubelet endpoint each.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResourceNames {
+    /// `resourceCountName`.
+    pub number: String,
+    /// `resourceMemoryName`.
+    pub memory: String,
+    /// `resourceCoreName`.
+    pub cores: String,
+}
+
+impl Default for ResourceNames {
+    fn default() -> Self {
+        Self {
+            number: DEFAULT_NUMBER_RESOURCE.to_owned(),
+            memory: DEFAULT_MEMORY_RESOURCE.to_owned(),
+            cores: DEFAULT_CORES_RESOURCE.to_owned(),
+        }
+    }
+}
+
+impl ResourceNames {
+    /// The configured name of one resource.
+    pub fn get(&self, kind: ResourceKind) -> &str {
+        match kind {
+            ResourceKind::Number => &self.number,
+            ResourceKind::Memory => &self.memory,
+            ResourceKind::Cores => &self.cores,
+        }
+    }
+}
+
+/// Health checking knobs (contract §8, plus recovery, which no peer has).
+#[derive(Debug, Clone)]
+pub struct HealthSettings {
+    /// `DP_DISABLE_HEALTHCHECKS`, raw.
+    pub disable: Option<String>,
+    /// `DP_ENABLE_HEALTHCHECKS`, raw.
+    pub enable: Option<String>,
+    /// How long a GPU must stay free of critical events, and answer NVML, before it is `Healthy` again.
+    pub recovery_quiet_period: Duration,
+    /// How often every GPU is asked a cheap NVML question to catch one that is lost without an event.
+    pub probe_interval: Duration,
+}
+
+impl Default for HealthSettings {
+    fn default() -> Self {
+        Self {
+            disable: None,
+            enable: None,
+            recovery_quiet_period: Duration::from_secs(300),
+            probe_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Everything `agent::run` needs.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The NVML shared library to load (a bare name is searched like `dlopen` does).
+    pub nvml_lib: PathBuf,
+    /// The kubelet's Registration socket; its parent directory holds our endpoint sockets too.
+    pub kubelet_socket: PathBuf,
+    /// Root of sysfs, for the NUMA node of GPUs whose NVML cannot say.
+    pub sysfs_root: PathBuf,
+    /// The node this agent runs on (`NODE_NAME`); not needed by the endpoints themselves.
+    pub node_name: Option<String>,
+    /// Where `libvgpu.so` and `ld.so.preload` live on the host (`HOOK_PATH`).
+    pub hook_path: PathBuf,
+    /// How GPUs are cut into IDs.
+    pub sharing: SharingSettings,
+    /// The three resource names.
+    pub resources: ResourceNames,
+    /// Health checking.
+    pub health: HealthSettings,
+}
+
+impl AgentConfig {
+    /// The directory the kubelet watches for plugin sockets: the parent of its own socket.
+    pub fn socket_dir(&self) -> PathBuf {
+        self.kubelet_socket
+            .parent()
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("."))
+    }
+}
+
+/// Parses `300s`, `5m`, `1h`, `250ms` or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number.parse().map_err(|_| {
+        format!("{text:?} is not a duration: expected a number with ms, s, m or h, such as 300s")
+    })?;
+    let seconds = match unit.trim() {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        other => {
+            return Err(format!(
+                "{text:?} has unit {other:?}: expected ms, s, m or h, such as 300s"
+            ));
+        }
+    };
+    if !seconds.is_finite() || !(0.0..=365.0 * 86400.0).contains(&seconds) {
+        return Err(format!("{text:?} is out of range: expected 0 to 365 days"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_no_configmap_values() {
+        let s = SharingSettings::default();
+        assert_eq!(
+            (s.split_count, s.memory_factor, s.core_scaling),
+            (10, 1, 1.0)
+        );
+        assert_eq!(s.validate(), Ok(()));
+        assert_eq!(s.core_ids_per_gpu(), 100);
+    }
+
+    #[test]
+    fn zero_split_and_factor_are_refused_by_name() {
+        let err = SharingSettings {
+            split_count: 0,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(err.to_string().contains("--device-split-count"), "{err}");
+        let err = SharingSettings {
+            memory_factor: 0,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(err.to_string().contains("gpuMemoryFactor"), "{err}");
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 5000.0] {
+            let err = SharingSettings {
+                core_scaling: bad,
+                ..Default::default()
+            }
+            .validate()
+            .unwrap_err();
+            assert!(err.to_string().contains("--device-cores-scaling"), "{err}");
+        }
+    }
+
+    #[test]
+    fn core_ids_follow_go_truncation_without_float_noise() {
+        let ids = |core_scaling| {
+            SharingSettings {
+                core_scaling,
+                ..Default::default()
+            }
+            .core_ids_per_gpu()
+        };
+        assert_eq!(ids(1.5), 150);
+        assert_eq!(ids(1.1), 110);
+        assert_eq!(ids(0.29), 29);
+        assert_eq!(ids(0.555), 55);
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("300s"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert!(
+            parse_duration("5 minutes")
+                .unwrap_err()
+                .contains("expected ms, s, m or h")
+        );
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("").is_err());
+    }
+}

@@ -1,0 +1,19 @@
+//! The vGPU node agent: a drop-in for Volcano's vGPU device plugin.
+//!
+//! It discovers the node's GPUs through NVML ([`inventory`]), cuts them into the three resources Volcano's
+//! `deviceshare` plugin schedules (`volcano.sh/vgpu-number`, `-memory`, `-cores`; [`devices`]), serves one
+//! kubelet device-plugin endpoint per resource ([`service`], [`endpoint`]), registers them ([`registration`])
+//! and registers again when the kubelet restarts ([`kubelet_watch`]), and keeps each GPU's health current from
+//! NVML events and probes, recovering GPUs that come back ([`health`]).
+//!
+//! Start at [`agent::run`]; `main.rs` only parses flags into an [`config::AgentConfig`].
+
+pub mod agent;
+pub mod config;
+pub mod devices;
+pub mod endpoint;
+pub mod health;
+pub mod inventory;
+pub mod kubelet_watch;
+pub mod registration;
+pub mod service;
