@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use nvml_wrapper::Nvml;
+use nvml_wrapper::bitmasks::InitFlags;
 use nvml_wrapper::error::NvmlError;
 use tokio::sync::watch;
 
@@ -71,13 +72,10 @@ pub struct Prepared {
 /// Loads NVML, discovers the GPUs and plans the device lists: every check that can refuse to start.
 pub fn prepare(config: &AgentConfig) -> Result<Prepared, AgentError> {
     config.sharing.validate()?;
-    let nvml = Nvml::builder()
-        .lib_path(config.nvml_lib.as_os_str())
-        .init()
-        .map_err(|source| AgentError::Nvml {
-            lib: config.nvml_lib.clone(),
-            source,
-        })?;
+    let nvml = init_nvml(&config.nvml_lib).map_err(|source| AgentError::Nvml {
+        lib: config.nvml_lib.clone(),
+        source,
+    })?;
     if let Ok(version) = nvml.sys_driver_version() {
         tracing::info!(driver = %version, lib = %config.nvml_lib.display(), "NVML initialised");
     }
@@ -102,6 +100,19 @@ pub fn prepare(config: &AgentConfig) -> Result<Prepared, AgentError> {
         inventory: Arc::new(inventory),
         plans,
     })
+}
+
+/// Initialises NVML so that a node without GPUs is reported as such by discovery rather than as an opaque
+/// init failure (`NVML_INIT_FLAG_NO_GPUS`); drivers older than `nvmlInitWithFlags` get a plain init.
+fn init_nvml(lib: &Path) -> Result<Nvml, NvmlError> {
+    match Nvml::builder()
+        .lib_path(lib.as_os_str())
+        .flags(InitFlags::NO_GPUS)
+        .init()
+    {
+        Err(NvmlError::FailedToLoadSymbol(_)) => Nvml::builder().lib_path(lib.as_os_str()).init(),
+        other => other,
+    }
 }
 
 /// Runs the agent until `shutdown` resolves, then stops serving and removes its sockets.

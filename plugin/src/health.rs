@@ -175,13 +175,21 @@ pub fn spawn_monitor(
 }
 
 struct Monitor<'a> {
+    nvml: &'a Nvml,
     inventory: &'a Inventory,
     devices: Vec<Option<Device<'a>>>,
-    events: Option<EventSet<'a>>,
     policy: &'a XidPolicy,
     settings: &'a HealthSettings,
     tracker: HealthTracker,
     health: &'a watch::Sender<Vec<bool>>,
+    /// The event types each GPU is registered for; empty for GPUs without XID events or with XIDs off.
+    event_types: Vec<EventTypes>,
+    /// GPUs whose last probe failed. They are kept out of the event set: NVML fails every wait on a set that
+    /// holds a lost GPU, which would blind the monitor to the others.
+    lost: Vec<bool>,
+    events: Option<EventSet<'a>>,
+    /// Whether the last event wait failed, so a persisting failure is logged once, not every slice.
+    wait_failing: bool,
 }
 
 impl<'a> Monitor<'a> {
@@ -197,50 +205,52 @@ impl<'a> Monitor<'a> {
             .iter()
             .map(|g| nvml.device_by_index(g.nvml_index).ok())
             .collect();
-        let tracker = HealthTracker::new(inventory.gpus.len(), settings.recovery_quiet_period);
-        let events = if policy.watches_nothing() {
+        let event_types = if policy.watches_nothing() {
             tracing::info!(
                 "XID health checks disabled by DP_DISABLE_HEALTHCHECKS; probing GPUs only"
             );
-            None
+            vec![EventTypes::empty(); devices.len()]
         } else {
             tracing::info!(policy = %policy.describe(), "watching NVML critical XID events");
-            register_events(nvml, inventory, &devices)
+            supported_events(inventory, &devices)
         };
-        Self {
+        let gpus = inventory.gpus.len();
+        let mut monitor = Self {
+            nvml,
             inventory,
             devices,
-            events,
             policy,
             settings,
-            tracker,
+            tracker: HealthTracker::new(gpus, settings.recovery_quiet_period),
             health,
-        }
+            event_types,
+            lost: vec![false; gpus],
+            events: None,
+            wait_failing: false,
+        };
+        monitor.rebuild_events();
+        monitor
     }
 
     fn run(mut self, stop: &AtomicBool) {
         let mut next_probe = Instant::now() + self.settings.probe_interval;
         while !stop.load(Ordering::Relaxed) {
-            match &self.events {
-                Some(set) => match set.wait(WAIT_SLICE.as_millis() as u32) {
-                    Ok(event) => self.on_event(event),
-                    Err(NvmlError::Timeout) => {}
-                    Err(error) => {
-                        // The Go plugin's rule: when the event stream itself breaks, no GPU can be vouched for.
-                        tracing::error!(%error, "NVML event wait failed; marking every GPU unhealthy until they recover");
-                        let now = Instant::now();
-                        for gpu in 0..self.inventory.gpus.len() {
-                            self.tracker.fault(gpu, now);
-                        }
-                        self.publish();
-                        std::thread::sleep(WAIT_SLICE);
-                    }
-                },
+            let waited = self
+                .events
+                .as_ref()
+                .map(|set| set.wait(WAIT_SLICE.as_millis() as u32));
+            match waited {
+                Some(Ok(event)) => {
+                    self.wait_failing = false;
+                    self.on_event(event);
+                }
+                Some(Err(NvmlError::Timeout)) => self.wait_failing = false,
+                Some(Err(error)) => self.on_wait_error(&error),
                 None => std::thread::sleep(WAIT_SLICE),
             }
             let now = Instant::now();
             if now >= next_probe {
-                self.probe_healthy(now);
+                self.probe_all(now);
                 next_probe = now + self.settings.probe_interval;
             }
             self.try_recover(now);
@@ -249,19 +259,20 @@ impl<'a> Monitor<'a> {
 
     fn on_event(&mut self, event: nvml_wrapper::struct_wrappers::event::EventData<'_>) {
         let gpu = self.position_of(&event.device);
+        let uuid = gpu.map(|g| self.inventory.gpus[g].uuid.as_str());
         if !event.event_type.contains(EventTypes::CRITICAL_XID_ERROR) {
-            tracing::warn!(gpu = ?gpu.map(|g| &self.inventory.gpus[g].uuid), event = ?event.event_type, "NVML ECC event");
+            tracing::warn!(gpu = ?uuid, event = ?event.event_type, "NVML ECC event");
             return;
         }
         let xid = match event.event_data {
             Some(XidError::Value(xid)) => xid,
             Some(XidError::Unknown) | None => {
-                tracing::warn!("critical XID event without an XID number; ignored");
+                tracing::warn!(gpu = ?uuid, "critical XID event without an XID number; ignored");
                 return;
             }
         };
         if !self.policy.is_critical(xid) {
-            tracing::info!(xid, gpu = ?gpu.map(|g| &self.inventory.gpus[g].uuid), "ignored XID (application error or disabled)");
+            tracing::info!(xid, gpu = ?uuid, "XID ignored (application error or disabled)");
             return;
         }
         let now = Instant::now();
@@ -284,6 +295,29 @@ impl<'a> Monitor<'a> {
         self.publish();
     }
 
+    /// The wait itself failed. Find the GPUs that no longer answer and rebuild the set without them; if every
+    /// GPU answers, nothing can be vouched for (the Go plugin's rule) until they recover.
+    fn on_wait_error(&mut self, error: &NvmlError) {
+        let now = Instant::now();
+        let lost_before = self.lost.iter().filter(|l| **l).count();
+        self.probe_all(now);
+        let lost_now = self.lost.iter().filter(|l| **l).count();
+        if lost_now > lost_before {
+            self.rebuild_events();
+            return;
+        }
+        if !self.wait_failing {
+            tracing::error!(%error, "NVML event wait failed with every GPU answering; marking every GPU Unhealthy");
+        }
+        self.wait_failing = true;
+        for g in 0..self.inventory.gpus.len() {
+            self.tracker.fault(g, now);
+        }
+        self.publish();
+        self.rebuild_events();
+        std::thread::sleep(WAIT_SLICE);
+    }
+
     /// Finds the GPU an event came from: by UUID, then by NVML index (a lost GPU may not answer the first).
     fn position_of(&self, device: &Device<'_>) -> Option<usize> {
         if let Ok(uuid) = device.uuid() {
@@ -296,16 +330,18 @@ impl<'a> Monitor<'a> {
             .position(|g| g.nvml_index == index)
     }
 
-    /// A cheap question to every healthy GPU; one that cannot answer is unhealthy.
-    fn probe_healthy(&mut self, now: Instant) {
+    /// A cheap question to every GPU not already known lost; one that cannot answer is lost and unhealthy.
+    fn probe_all(&mut self, now: Instant) {
         let mut changed = false;
         for g in 0..self.inventory.gpus.len() {
-            if !self.tracker.healthy()[g] {
+            if self.lost[g] {
                 continue;
             }
             if let Err(error) = self.probe(g) {
                 tracing::warn!(uuid = %self.inventory.gpus[g].uuid, %error, "GPU stopped answering NVML; marked Unhealthy");
-                changed |= self.tracker.fault(g, now);
+                self.lost[g] = true;
+                self.tracker.fault(g, now);
+                changed = true;
             }
         }
         if changed {
@@ -314,14 +350,13 @@ impl<'a> Monitor<'a> {
     }
 
     fn try_recover(&mut self, now: Instant) {
-        let mut changed = false;
+        let mut recovered = false;
         for g in self.tracker.due_for_recovery(now) {
             match self.probe(g) {
                 Ok(()) => {
-                    if self.tracker.recover(g) {
-                        tracing::info!(uuid = %self.inventory.gpus[g].uuid, "GPU quiet and answering NVML; marked Healthy again");
-                        changed = true;
-                    }
+                    self.tracker.recover(g);
+                    tracing::info!(uuid = %self.inventory.gpus[g].uuid, "GPU quiet and answering NVML; marked Healthy again");
+                    recovered = true;
                 }
                 // Still failing: the quiet period starts over.
                 Err(_) => {
@@ -329,8 +364,15 @@ impl<'a> Monitor<'a> {
                 }
             }
         }
-        if changed {
+        if recovered {
             self.publish();
+            if self.lost.iter().any(|l| *l) {
+                // Recovered GPUs that were lost go back into the event set.
+                for g in 0..self.lost.len() {
+                    self.lost[g] &= !self.tracker.healthy()[g];
+                }
+                self.rebuild_events();
+            }
         }
     }
 
@@ -347,66 +389,75 @@ impl<'a> Monitor<'a> {
             changed
         });
     }
-}
 
-/// Registers every GPU that supports XID events into one event set. A GPU without event support is warned
-/// about and left to the probe; `nvmlDeviceRegisterEvents` frees the set on failure, so a failed registration
-/// rebuilds it with the GPUs that worked.
-fn register_events<'a>(
-    nvml: &'a Nvml,
-    inventory: &Inventory,
-    devices: &[Option<Device<'a>>],
-) -> Option<EventSet<'a>> {
-    let wanted = EventTypes::CRITICAL_XID_ERROR
-        | EventTypes::DOUBLE_BIT_ECC_ERROR
-        | EventTypes::SINGLE_BIT_ECC_ERROR;
-    let mut registered: Vec<(usize, EventTypes)> = Vec::new();
-    for (g, device) in devices.iter().enumerate() {
-        let uuid = &inventory.gpus[g].uuid;
-        let Some(device) = device else { continue };
-        match device.supported_event_types() {
-            Ok(types) if types.contains(EventTypes::CRITICAL_XID_ERROR) => {
-                registered.push((g, types & wanted))
-            }
-            Ok(_) | Err(NvmlError::NotSupported) => {
-                tracing::warn!(%uuid, "GPU does not report XID events; its health comes from NVML probes only");
-            }
-            Err(error) => {
-                tracing::warn!(%uuid, %error, "cannot read the GPU's event support; probing it only")
-            }
-        }
-    }
-    loop {
-        let mut set = match nvml.create_event_set() {
-            Ok(set) => Some(set),
-            Err(error) => {
-                tracing::error!(%error, "cannot create an NVML event set; GPU health comes from probes only");
-                return None;
-            }
-        };
-        let mut failed = None;
-        for (i, &(g, types)) in registered.iter().enumerate() {
-            let (Some(device), Some(current)) = (devices[g].as_ref(), set.take()) else {
-                continue;
-            };
-            match device.register_events(types, current) {
-                Ok(s) => set = Some(s),
+    /// (Re)creates the event set with every event-capable GPU that is not lost. `nvmlDeviceRegisterEvents`
+    /// frees the set when it fails, so a GPU that fails to register is left out and the set built again.
+    fn rebuild_events(&mut self) {
+        self.events = None;
+        let mut wanted: Vec<usize> = (0..self.devices.len())
+            .filter(|&g| {
+                !self.event_types[g].is_empty() && !self.lost[g] && self.devices[g].is_some()
+            })
+            .collect();
+        while !wanted.is_empty() {
+            let mut set = match self.nvml.create_event_set() {
+                Ok(set) => Some(set),
                 Err(error) => {
-                    tracing::warn!(uuid = %inventory.gpus[g].uuid, error = %error.error, "cannot register for XID events; probing it only");
-                    failed = Some(i);
+                    tracing::error!(%error, "cannot create an NVML event set; GPU health comes from probes only");
+                    return;
+                }
+            };
+            let mut failed = None;
+            for (i, &g) in wanted.iter().enumerate() {
+                let (Some(device), Some(current)) = (self.devices[g].as_ref(), set.take()) else {
                     break;
+                };
+                match device.register_events(self.event_types[g], current) {
+                    Ok(s) => set = Some(s),
+                    Err(error) => {
+                        tracing::warn!(uuid = %self.inventory.gpus[g].uuid, error = %error.error, "cannot register for XID events; probing it only for now");
+                        failed = Some(i);
+                        break;
+                    }
+                }
+            }
+            match failed {
+                None => {
+                    self.events = set;
+                    return;
+                }
+                Some(i) => {
+                    wanted.remove(i);
                 }
             }
         }
-        match failed {
-            None if registered.is_empty() => return None,
-            None => return set,
-            // The failed call freed the set: rebuild it without that GPU.
-            Some(i) => {
-                registered.remove(i);
-            }
-        }
     }
+}
+
+/// The event types to register per GPU: the critical-XID and ECC events it supports, or none (with one
+/// warning) for a GPU that has no XID events, which is then watched by probes only.
+fn supported_events(inventory: &Inventory, devices: &[Option<Device<'_>>]) -> Vec<EventTypes> {
+    let wanted = EventTypes::CRITICAL_XID_ERROR
+        | EventTypes::DOUBLE_BIT_ECC_ERROR
+        | EventTypes::SINGLE_BIT_ECC_ERROR;
+    devices
+        .iter()
+        .zip(&inventory.gpus)
+        .map(|(device, gpu)| {
+            let Some(device) = device else { return EventTypes::empty() };
+            match device.supported_event_types() {
+                Ok(types) if types.contains(EventTypes::CRITICAL_XID_ERROR) => types & wanted,
+                Ok(_) | Err(NvmlError::NotSupported) => {
+                    tracing::warn!(uuid = %gpu.uuid, "GPU does not report XID events; its health comes from NVML probes only");
+                    EventTypes::empty()
+                }
+                Err(error) => {
+                    tracing::warn!(uuid = %gpu.uuid, %error, "cannot read the GPU's event support; probing it only");
+                    EventTypes::empty()
+                }
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]

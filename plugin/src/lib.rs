@@ -6,9 +6,10 @@
 //! and registers again when the kubelet restarts ([`kubelet_watch`]), and keeps each GPU's health current from
 //! NVML events and probes, recovering GPUs that come back ([`health`]).
 //!
-//! Start at [`agent::run`]; `main.rs` only parses flags into an [`config::AgentConfig`].
+//! Start at [`agent::run`]; [`cli`] parses flags into an [`config::AgentConfig`] and is all `main.rs` calls.
 
 pub mod agent;
+pub mod cli;
 pub mod config;
 pub mod devices;
 pub mod endpoint;

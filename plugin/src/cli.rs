@@ -1,0 +1,151 @@
+//! Command-line entry point: flags and environment in, [`crate::agent::run`] out.
+//!
+//! Lives in the library so the gpu-sim runner can start the very same agent as a child process of its own.
+
+use std::ffi::OsString;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::agent::{self, error_chain};
+use crate::config::{AgentConfig, HealthSettings, ResourceNames, SharingSettings, parse_duration};
+
+/// Volcano vGPU device plugin: serves volcano.sh/vgpu-number, -memory and -cores to the kubelet.
+#[derive(Debug, Parser)]
+#[command(name = "vgpu-device-plugin", version)]
+pub struct Flags {
+    /// The NVML library to load: a file name searched like dlopen does, or a path.
+    #[arg(long, env = "NVML_LIB", default_value = "libnvidia-ml.so.1")]
+    nvml_lib: PathBuf,
+
+    /// The kubelet's registration socket; our sockets go in the same directory.
+    #[arg(long, env = "KUBELET_SOCKET", default_value = kubelet_api::v1beta1::KUBELET_SOCKET)]
+    kubelet_socket: PathBuf,
+
+    /// The name of this node (from the downward API).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+
+    /// Where libvgpu.so and ld.so.preload are installed on the host.
+    #[arg(long, env = "HOOK_PATH", default_value = "/usr/local/vgpu")]
+    hook_path: PathBuf,
+
+    /// How many containers may share one GPU (deviceSplitCount) [default: 10].
+    #[arg(long)]
+    device_split_count: Option<u32>,
+
+    /// MiB per unit of volcano.sh/vgpu-memory (gpuMemoryFactor) [default: 1].
+    #[arg(long)]
+    gpu_memory_factor: Option<u32>,
+
+    /// Core IDs per GPU are 100 × this (deviceCoreScaling) [default: 1].
+    #[arg(long)]
+    device_cores_scaling: Option<f64>,
+
+    /// How long a GPU must be free of critical XIDs, and answer NVML, before it is Healthy again.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    health_recovery_period: std::time::Duration,
+
+    /// How often each GPU is probed through NVML for faults that raise no event.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    health_probe_interval: std::time::Duration,
+
+    /// XIDs to ignore besides the default application XIDs, or `all`.
+    #[arg(long, env = "DP_DISABLE_HEALTHCHECKS", hide = true)]
+    disable_healthchecks: Option<String>,
+
+    /// XIDs that always count, even when disabled.
+    #[arg(long, env = "DP_ENABLE_HEALTHCHECKS", hide = true)]
+    enable_healthchecks: Option<String>,
+
+    /// Root of sysfs (for NUMA nodes NVML cannot report).
+    #[arg(long, default_value = "/sys", hide = true)]
+    sysfs_root: PathBuf,
+}
+
+impl Flags {
+    /// The agent configuration these flags describe.
+    pub fn into_config(self) -> AgentConfig {
+        let defaults = SharingSettings::default();
+        AgentConfig {
+            nvml_lib: self.nvml_lib,
+            kubelet_socket: self.kubelet_socket,
+            sysfs_root: self.sysfs_root,
+            node_name: self.node_name,
+            hook_path: self.hook_path,
+            sharing: SharingSettings {
+                split_count: self.device_split_count.unwrap_or(defaults.split_count),
+                memory_factor: self.gpu_memory_factor.unwrap_or(defaults.memory_factor),
+                core_scaling: self.device_cores_scaling.unwrap_or(defaults.core_scaling),
+            },
+            resources: ResourceNames::default(),
+            health: HealthSettings {
+                disable: self.disable_healthchecks,
+                enable: self.enable_healthchecks,
+                recovery_quiet_period: self.health_recovery_period,
+                probe_interval: self.health_probe_interval,
+            },
+        }
+    }
+}
+
+/// Runs the agent with the process's own arguments.
+pub fn main() -> ExitCode {
+    main_from(std::env::args_os())
+}
+
+/// Runs the agent with `args` (the first one is the program name), until SIGTERM or SIGINT.
+pub fn main_from(args: impl IntoIterator<Item = impl Into<OsString> + Clone>) -> ExitCode {
+    let flags = match Flags::try_parse_from(args) {
+        Ok(flags) => flags,
+        Err(error) => {
+            // clap prints usage errors, --help and --version itself, with the right exit code.
+            let _ = error.print();
+            return if error.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let config = flags.into_config();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(agent::run(config, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{}", error_chain(&error));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// SIGTERM (the kubelet stopping the pod) or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler installs");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}

@@ -1,0 +1,130 @@
+//! Shared helpers of the agent's end-to-end tests: run the real `vgpu-device-plugin` binary against the
+//! gpu-sim and a fake kubelet in a temporary directory, and read what it logs.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use gpu_sim::SimNode;
+use harness::FakeKubelet;
+
+pub const NUMBER: &str = "volcano.sh/vgpu-number";
+pub const MEMORY: &str = "volcano.sh/vgpu-memory";
+pub const CORES: &str = "volcano.sh/vgpu-cores";
+pub const ALL: [&str; 3] = [NUMBER, MEMORY, CORES];
+
+/// Generous bound for things that take milliseconds; tests assert behaviour, the benchmark measures time.
+pub const PATIENCE: Duration = Duration::from_secs(15);
+
+/// The agent binary under test.
+pub fn agent_command(sim: &SimNode, kubelet_socket: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vgpu-device-plugin"));
+    cmd.envs(sim.env())
+        .env("NVML_LIB", gpu_sim::nvml_library())
+        .env("KUBELET_SOCKET", kubelet_socket)
+        .env("RUST_LOG", "info")
+        .env_remove("DP_DISABLE_HEALTHCHECKS")
+        .env_remove("DP_ENABLE_HEALTHCHECKS")
+        .env_remove("NODE_NAME")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// A running agent whose stderr is collected line by line.
+pub struct Agent {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Agent {
+    pub fn spawn(mut cmd: Command) -> Self {
+        let mut child = cmd.spawn().expect("agent binary starts");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Self { child, log }
+    }
+
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log().join("\n")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal (by number) to the agent.
+    pub fn signal(&self, sig: i32) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not exit within {timeout:?}; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A fake kubelet in a fresh directory.
+pub async fn kubelet() -> (tempfile::TempDir, FakeKubelet) {
+    let dir = tempfile::tempdir().unwrap();
+    let kubelet = FakeKubelet::start(dir.path()).await.unwrap();
+    (dir, kubelet)
+}
+
+/// Runs the agent to completion (for refusals) and returns its exit status and stderr lines.
+pub fn run_to_exit(mut cmd: Command) -> (ExitStatus, Vec<String>) {
+    let mut agent = Agent::spawn({
+        cmd.stdin(Stdio::null());
+        cmd
+    });
+    let status = agent.wait_exit(PATIENCE);
+    // Let the reader thread drain the pipe.
+    std::thread::sleep(Duration::from_millis(50));
+    (status, agent.log())
+}
+
+pub fn sockets_in(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "sock"))
+        .collect();
+    v.sort();
+    v
+}
