@@ -152,6 +152,22 @@ impl DevicePlan {
     }
 }
 
+/// The encoded size of the largest `ListAndWatchResponse` one resource would need in one ID spelling, whether
+/// or not it fits: the figure operators compare with the kubelet's limit.
+pub fn message_len(
+    kind: ResourceKind,
+    style: IdStyle,
+    inventory: &Inventory,
+    sharing: &SharingSettings,
+) -> usize {
+    let per_gpu: Vec<u64> = inventory
+        .gpus
+        .iter()
+        .map(|g| kind.ids_per_gpu(g, sharing))
+        .collect();
+    max_message_len(kind, style, &inventory.gpus, &per_gpu)
+}
+
 /// One ID.
 pub fn device_id(kind: ResourceKind, style: IdStyle, gpu: &Gpu, i: u64) -> String {
     match (style, kind) {

@@ -1,0 +1,897 @@
+/*
+ * The fake libnvidia-ml.so.1: NVML's C ABI on top of the simulated node.
+ *
+ * Behaviour follows NVIDIA's documentation and the real library where they
+ * matter to a caller: reference-counted init, the order of argument checks,
+ * NVML_ERROR_INSUFFICIENT_SIZE conventions, versioned structs, GPU_IS_LOST for
+ * a GPU that fell off the bus. One mutex serialises every entry point; the
+ * only blocking call (nvmlEventSetWait*) drops it while sleeping.
+ *
+ * Only the functions declared in nvml_api.h are exported (the library is built
+ * with -fvisibility=hidden). Anything else a caller looks up is simply absent,
+ * as with an old driver: dlsym fails and wrappers report "function not found".
+ */
+#define _GNU_SOURCE
+#pragma GCC visibility push(default)
+#include "nvml_api.h"
+#pragma GCC visibility pop
+
+#include "sim_node.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+/* How often nvmlEventSetWait looks at the control log while it waits. */
+#define EVENT_POLL_NS (5ull * 1000ull * 1000ull)
+
+/* A device handle points at one of these; the index is the NVML index. */
+struct nvmlDevice_st {
+    unsigned int index;
+};
+
+struct nvmlEventSet_st {
+    struct nvmlEventSet_st *next;
+    /* Sequence number (index into sim_node.events) of the next event to examine.
+     * Starts at the number of events that existed when the set was created, so
+     * a set only sees events injected after it was created. */
+    size_t cursor;
+    /* Event types registered per GPU, and from which sequence number on each
+     * kind counts (events before a registration are not delivered). */
+    unsigned long long mask[SIM_MAX_GPUS];
+    size_t since[SIM_MAX_GPUS][SIM_EVENT_KIND_COUNT];
+};
+
+static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
+static unsigned int g_init_count;            /* nvmlInit calls minus nvmlShutdown calls */
+static struct sim_node *g_node;              /* non-NULL exactly when g_init_count > 0 */
+static struct nvmlDevice_st g_devices[SIM_MAX_GPUS];
+static struct nvmlEventSet_st *g_sets;       /* every live event set */
+
+static const unsigned long long kind_bits[SIM_EVENT_KIND_COUNT] = {
+    [SIM_EVENT_XID] = nvmlEventTypeXidCriticalError,
+    [SIM_EVENT_ECC_DBE] = nvmlEventTypeDoubleBitEccError,
+    [SIM_EVENT_ECC_SBE] = nvmlEventTypeSingleBitEccError,
+};
+
+static void lock(void)
+{
+    pthread_mutex_lock(&g_lock);
+}
+
+static void unlock(void)
+{
+    pthread_mutex_unlock(&g_lock);
+}
+
+/* NVML index of a handle, or -1 if it is not one of ours (lock held, initialised). */
+static int device_index(nvmlDevice_t device)
+{
+    uintptr_t p = (uintptr_t)device;
+    uintptr_t base = (uintptr_t)g_devices;
+    uintptr_t offset;
+
+    if (device == NULL || p < base)
+        return -1;
+    offset = p - base;
+    if (offset % sizeof g_devices[0] != 0)
+        return -1;
+    if (offset / sizeof g_devices[0] >= g_node->gpu_count)
+        return -1;
+    return (int)(offset / sizeof g_devices[0]);
+}
+
+/*
+ * The common preamble of a device query (lock held). Order as in NVML:
+ * initialised, then arguments (handle and output pointers), then the GPU's
+ * state. The control log is re-read here, so a "fail" appended by any process
+ * is seen by the next query.
+ */
+static nvmlReturn_t use_device(nvmlDevice_t device, int args_ok, struct sim_gpu **gpu)
+{
+    int index;
+
+    if (g_init_count == 0)
+        return NVML_ERROR_UNINITIALIZED;
+    index = device_index(device);
+    if (index < 0 || !args_ok)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    sim_node_sync(g_node);
+    *gpu = &g_node->gpus[index];
+    if ((*gpu)->failed)
+        return NVML_ERROR_GPU_IS_LOST;
+    return NVML_SUCCESS;
+}
+
+/* NVML writes nothing when the buffer is too small; length counts the NUL. */
+static nvmlReturn_t copy_string(char *dst, unsigned int length, const char *src)
+{
+    size_t n = strlen(src);
+
+    if ((size_t)length < n + 1)
+        return NVML_ERROR_INSUFFICIENT_SIZE;
+    memcpy(dst, src, n + 1);
+    return NVML_SUCCESS;
+}
+
+static unsigned long long supported_events(const struct sim_gpu *gpu)
+{
+    unsigned long long mask;
+
+    if (!gpu->events)
+        return 0;
+    /* What a datacenter GPU reports; P-state and clock events never fire here. */
+    mask = nvmlEventTypePState | nvmlEventTypeXidCriticalError | nvmlEventTypeClock;
+    if (gpu->ecc)
+        mask |= nvmlEventTypeSingleBitEccError | nvmlEventTypeDoubleBitEccError;
+    return mask;
+}
+
+static void free_all_sets(void)
+{
+    while (g_sets != NULL) {
+        struct nvmlEventSet_st *next = g_sets->next;
+        free(g_sets);
+        g_sets = next;
+    }
+}
+
+static int set_is_live(nvmlEventSet_t set)
+{
+    struct nvmlEventSet_st *s;
+
+    for (s = g_sets; s != NULL; s = s->next) {
+        if (s == set)
+            return 1;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Initialisation                                                            */
+/* ------------------------------------------------------------------------ */
+
+static nvmlReturn_t init_with_flags(unsigned int flags)
+{
+    struct sim_node *node = NULL;
+    nvmlReturn_t ret = NVML_SUCCESS;
+    unsigned int i;
+
+    lock();
+    if (g_init_count > 0) {
+        /* Already initialised: NVML only counts (shutdown happens at zero). */
+        g_init_count++;
+        unlock();
+        return NVML_SUCCESS;
+    }
+    switch (sim_node_load_from_env(&node)) {
+    case SIM_LOAD_OK:
+        break;
+    case SIM_LOAD_NO_NODE:
+        /* What a machine without the NVIDIA kernel module answers; silent like NVML. */
+        ret = NVML_ERROR_DRIVER_NOT_LOADED;
+        break;
+    case SIM_LOAD_INVALID:
+        ret = NVML_ERROR_UNKNOWN; /* the parser already said why on stderr */
+        break;
+    case SIM_LOAD_NO_MEMORY:
+        ret = NVML_ERROR_MEMORY;
+        break;
+    }
+    if (ret == NVML_SUCCESS && node->gpu_count == 0 && !(flags & NVML_INIT_FLAG_NO_GPUS)) {
+        /* "NVML_INIT_FLAG_NO_GPUS: Don't fail nvmlInit() when no GPUs are found." */
+        sim_node_free(node);
+        ret = NVML_ERROR_GPU_NOT_FOUND;
+    }
+    if (ret == NVML_SUCCESS) {
+        for (i = 0; i < node->gpu_count; i++)
+            g_devices[i].index = i;
+        g_node = node;
+        g_init_count = 1;
+    }
+    unlock();
+    return ret;
+}
+
+/* nvmlInit is the pre-5.319 name; today's header maps it to nvmlInit_v2. */
+nvmlReturn_t nvmlInit(void)
+{
+    return init_with_flags(0);
+}
+
+nvmlReturn_t nvmlInit_v2(void)
+{
+    return init_with_flags(0);
+}
+
+/* NO_ATTACH only changes when real NVML talks to the GPUs; nothing to attach here. */
+nvmlReturn_t nvmlInitWithFlags(unsigned int flags)
+{
+    return init_with_flags(flags);
+}
+
+nvmlReturn_t nvmlShutdown(void)
+{
+    lock();
+    if (g_init_count == 0) {
+        unlock();
+        return NVML_ERROR_UNINITIALIZED;
+    }
+    if (--g_init_count == 0) {
+        /* Event sets die with the library state; freeing one later answers
+         * UNINITIALIZED (or INVALID_ARGUMENT after a new init). */
+        free_all_sets();
+        sim_node_free(g_node);
+        g_node = NULL;
+    }
+    unlock();
+    return NVML_SUCCESS;
+}
+
+const char *nvmlErrorString(nvmlReturn_t result)
+{
+    /* The strings libnvidia-ml returns; needs no initialisation. */
+    switch (result) {
+    case NVML_SUCCESS: return "Success";
+    case NVML_ERROR_UNINITIALIZED: return "Uninitialized";
+    case NVML_ERROR_INVALID_ARGUMENT: return "Invalid Argument";
+    case NVML_ERROR_NOT_SUPPORTED: return "Not Supported";
+    case NVML_ERROR_NO_PERMISSION: return "Insufficient Permissions";
+    case NVML_ERROR_ALREADY_INITIALIZED: return "Already Initialized";
+    case NVML_ERROR_NOT_FOUND: return "Not Found";
+    case NVML_ERROR_INSUFFICIENT_SIZE: return "Insufficient Size";
+    case NVML_ERROR_INSUFFICIENT_POWER: return "Insufficient External Power";
+    case NVML_ERROR_DRIVER_NOT_LOADED: return "Driver Not Loaded";
+    case NVML_ERROR_TIMEOUT: return "Timeout";
+    case NVML_ERROR_IRQ_ISSUE: return "Interrupt request issue";
+    case NVML_ERROR_LIBRARY_NOT_FOUND: return "NVML Shared Library Not Found";
+    case NVML_ERROR_FUNCTION_NOT_FOUND: return "Function Not Found";
+    case NVML_ERROR_CORRUPTED_INFOROM: return "Corrupted infoROM";
+    case NVML_ERROR_GPU_IS_LOST: return "GPU is lost";
+    case NVML_ERROR_RESET_REQUIRED: return "GPU requires restart";
+    case NVML_ERROR_OPERATING_SYSTEM: return "The operating system has blocked the request.";
+    case NVML_ERROR_LIB_RM_VERSION_MISMATCH: return "RM has detected an NVML/RM version mismatch.";
+    case NVML_ERROR_IN_USE: return "In use by another client";
+    case NVML_ERROR_MEMORY: return "Insufficient Memory";
+    case NVML_ERROR_NO_DATA: return "No data";
+    case NVML_ERROR_VGPU_ECC_NOT_SUPPORTED:
+        return "The requested vgpu operation is not available on target device, becasue ECC is enabled";
+    case NVML_ERROR_INSUFFICIENT_RESOURCES: return "Ran out of critical resources, other than memory";
+    case NVML_ERROR_FREQ_NOT_SUPPORTED: return "Frequency not supported";
+    case NVML_ERROR_ARGUMENT_VERSION_MISMATCH: return "Argument version mismatch";
+    case NVML_ERROR_DEPRECATED: return "The requested functionality has been deprecated";
+    case NVML_ERROR_NOT_READY: return "The system is not ready for the request";
+    case NVML_ERROR_GPU_NOT_FOUND: return "No supported GPUs were found";
+    case NVML_ERROR_INVALID_STATE: return "Resource not in correct state to perform requested operation";
+    case NVML_ERROR_RESET_TYPE_NOT_SUPPORTED: return "Reset not supported for given device/parameters";
+    case NVML_ERROR_UNKNOWN: return "Unknown Error";
+    }
+    return "Unknown Error";
+}
+
+/* ------------------------------------------------------------------------ */
+/* System queries                                                            */
+/* ------------------------------------------------------------------------ */
+
+static nvmlReturn_t system_string(char *out, unsigned int length, int which)
+{
+    nvmlReturn_t ret;
+
+    lock();
+    if (g_init_count == 0)
+        ret = NVML_ERROR_UNINITIALIZED;
+    else if (out == NULL)
+        ret = NVML_ERROR_INVALID_ARGUMENT;
+    else
+        ret = copy_string(out, length, which == 0 ? g_node->driver_version : g_node->nvml_version);
+    unlock();
+    return ret;
+}
+
+nvmlReturn_t nvmlSystemGetDriverVersion(char *version, unsigned int length)
+{
+    return system_string(version, length, 0);
+}
+
+nvmlReturn_t nvmlSystemGetNVMLVersion(char *version, unsigned int length)
+{
+    return system_string(version, length, 1);
+}
+
+static nvmlReturn_t cuda_driver_version(int *out)
+{
+    nvmlReturn_t ret = NVML_SUCCESS;
+
+    lock();
+    if (g_init_count == 0)
+        ret = NVML_ERROR_UNINITIALIZED;
+    else if (out == NULL)
+        ret = NVML_ERROR_INVALID_ARGUMENT;
+    else
+        *out = g_node->cuda_driver_version;
+    unlock();
+    return ret;
+}
+
+nvmlReturn_t nvmlSystemGetCudaDriverVersion(int *cudaDriverVersion)
+{
+    return cuda_driver_version(cudaDriverVersion);
+}
+
+nvmlReturn_t nvmlSystemGetCudaDriverVersion_v2(int *cudaDriverVersion)
+{
+    return cuda_driver_version(cudaDriverVersion);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Enumeration and handles                                                   */
+/* ------------------------------------------------------------------------ */
+
+static nvmlReturn_t device_count(unsigned int *count)
+{
+    nvmlReturn_t ret = NVML_SUCCESS;
+
+    lock();
+    if (g_init_count == 0)
+        ret = NVML_ERROR_UNINITIALIZED;
+    else if (count == NULL)
+        ret = NVML_ERROR_INVALID_ARGUMENT;
+    else
+        *count = g_node->gpu_count; /* a lost GPU is still counted */
+    unlock();
+    return ret;
+}
+
+nvmlReturn_t nvmlDeviceGetCount(unsigned int *deviceCount)
+{
+    return device_count(deviceCount);
+}
+
+nvmlReturn_t nvmlDeviceGetCount_v2(unsigned int *deviceCount)
+{
+    return device_count(deviceCount);
+}
+
+/*
+ * Handle lookups succeed for a lost GPU: the handle exists and it is the
+ * queries made with it that answer NVML_ERROR_GPU_IS_LOST.
+ */
+static nvmlReturn_t handle_by_index(unsigned int index, nvmlDevice_t *device)
+{
+    nvmlReturn_t ret = NVML_SUCCESS;
+
+    lock();
+    if (g_init_count == 0)
+        ret = NVML_ERROR_UNINITIALIZED;
+    else if (device == NULL || index >= g_node->gpu_count)
+        ret = NVML_ERROR_INVALID_ARGUMENT;
+    else
+        *device = &g_devices[index];
+    unlock();
+    return ret;
+}
+
+nvmlReturn_t nvmlDeviceGetHandleByIndex(unsigned int index, nvmlDevice_t *device)
+{
+    return handle_by_index(index, device);
+}
+
+nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int index, nvmlDevice_t *device)
+{
+    return handle_by_index(index, device);
+}
+
+nvmlReturn_t nvmlDeviceGetHandleByUUID(const char *uuid, nvmlDevice_t *device)
+{
+    nvmlReturn_t ret = NVML_SUCCESS;
+    int index;
+
+    lock();
+    if (g_init_count == 0) {
+        ret = NVML_ERROR_UNINITIALIZED;
+    } else if (uuid == NULL || device == NULL || uuid[0] == '\0') {
+        ret = NVML_ERROR_INVALID_ARGUMENT;
+    } else {
+        index = sim_node_find_uuid(g_node, uuid);
+        if (index < 0)
+            ret = NVML_ERROR_NOT_FOUND;
+        else
+            *device = &g_devices[index];
+    }
+    unlock();
+    return ret;
+}
+
+/* Accepts "domain:bus:device.function", "domain:bus:device" and "bus:device.function" (hex). */
+nvmlReturn_t nvmlDeviceGetHandleByPciBusId_v2(const char *pciBusId, nvmlDevice_t *device)
+{
+    nvmlReturn_t ret = NVML_SUCCESS;
+    unsigned int domain, bus, dev, function;
+    int index;
+
+    lock();
+    if (g_init_count == 0) {
+        ret = NVML_ERROR_UNINITIALIZED;
+    } else if (pciBusId == NULL || device == NULL ||
+               !sim_parse_pci_address(pciBusId, &domain, &bus, &dev, &function)) {
+        ret = NVML_ERROR_INVALID_ARGUMENT;
+    } else {
+        /* GPUs are function 0; function 1 is e.g. the HDMI audio device. */
+        index = function == 0 ? sim_node_find_pci(g_node, domain, bus, dev) : -1;
+        if (index < 0)
+            ret = NVML_ERROR_NOT_FOUND;
+        else
+            *device = &g_devices[index];
+    }
+    unlock();
+    return ret;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Device queries                                                            */
+/* ------------------------------------------------------------------------ */
+
+/* The index is bookkeeping inside the library: documented without GPU_IS_LOST,
+ * and it answers for a lost GPU (callers use it to attribute events). */
+nvmlReturn_t nvmlDeviceGetIndex(nvmlDevice_t device, unsigned int *index)
+{
+    nvmlReturn_t ret = NVML_SUCCESS;
+    int i;
+
+    lock();
+    if (g_init_count == 0) {
+        ret = NVML_ERROR_UNINITIALIZED;
+    } else {
+        i = device_index(device);
+        if (i < 0 || index == NULL)
+            ret = NVML_ERROR_INVALID_ARGUMENT;
+        else
+            *index = (unsigned int)i;
+    }
+    unlock();
+    return ret;
+}
+
+nvmlReturn_t nvmlDeviceGetUUID(nvmlDevice_t device, char *uuid, unsigned int length)
+{
+    struct sim_gpu *gpu;
+    nvmlReturn_t ret;
+
+    lock();
+    ret = use_device(device, uuid != NULL, &gpu);
+    if (ret == NVML_SUCCESS)
+        ret = copy_string(uuid, length, gpu->uuid);
+    unlock();
+    return ret;
+}
+
+nvmlReturn_t nvmlDeviceGetName(nvmlDevice_t device, char *name, unsigned int length)
+{
+    struct sim_gpu *gpu;
+    nvmlReturn_t ret;
+
+    lock();
+    ret = use_device(device, name != NULL, &gpu);
+    if (ret == NVML_SUCCESS)
+        ret = copy_string(name, length, gpu->name);
+    unlock();
+    return ret;
+}
+
+/*
+ * Version 1: "used" is everything not free, i.e. the driver's reserved memory
+ * plus allocations, so free = total - used.
+ */
+nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t device, nvmlMemory_t *memory)
+{
+    struct sim_gpu *gpu;
+    nvmlReturn_t ret;
+
+    lock();
+    ret = use_device(device, memory != NULL, &gpu);
+    if (ret == NVML_SUCCESS) {
+        unsigned long long used = gpu->memory_reserved_bytes + sim_gpu_allocated_bytes(gpu);
+        memory->total = gpu->memory_total_bytes;
+        memory->used = used;
+        memory->free = gpu->memory_total_bytes - used;
+    }
+    unlock();
+    return ret;
+}
+
+/*
+ * Version 2 splits the driver's share out: total = reserved + used + free,
+ * with "used" only the allocations. The caller must set
+ * version = nvmlMemory_v2 (sizeof | 2 << 24), which NVML checks exactly.
+ */
+nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t device, nvmlMemory_v2_t *memory)
+{
+    struct sim_gpu *gpu;
+    nvmlReturn_t ret;
+
+    lock();
+    ret = use_device(device, memory != NULL, &gpu);
+    if (ret == NVML_SUCCESS && memory->version != nvmlMemory_v2)
+        ret = NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
+    if (ret == NVML_SUCCESS) {
+        unsigned long long allocated = sim_gpu_allocated_bytes(gpu);
+        memory->total = gpu->memory_total_bytes;
+        memory->reserved = gpu->memory_reserved_bytes;
+        memory->used = allocated;
+        memory->free = gpu->memory_total_bytes - gpu->memory_reserved_bytes - allocated;
+    }
+    unlock();
+    return ret;
+}
+
+nvmlReturn_t nvmlDeviceGetMinorNumber(nvmlDevice_t device, unsigned int *minorNumber)
+{
+    struct sim_gpu *gpu;
+    nvmlReturn_t ret;
+
+    lock();
+    ret = use_device(device, minorNumber != NULL, &gpu);
+    if (ret == NVML_SUCCESS)
+        *minorNumber = gpu->minor;
+    unlock();
+    return ret;
+}
+
+static void fill_pci(const struct sim_gpu *gpu, nvmlPciInfo_t *pci)
+{
+    memset(pci, 0, sizeof *pci);
+    snprintf(pci->busIdLegacy, sizeof pci->busIdLegacy, "%04X:%02X:%02X.0",
+             gpu->pci_domain & 0xffffu, gpu->pci_bus, gpu->pci_device);
+    pci->domain = gpu->pci_domain;
+    pci->bus = gpu->pci_bus;
+    pci->device = gpu->pci_device;
+    pci->pciDeviceId = gpu->pci_device_id;
+    pci->pciSubSystemId = gpu->pci_subsystem_id;
+    snprintf(pci->busId, sizeof pci->busId, "%08X:%02X:%02X.0", gpu->pci_domain, gpu->pci_bus,
+             gpu->pci_device);
+}
+
+/*
+ * The unversioned entry point belongs to the old nvmlPciInfo_t, whose 16-byte
+ * busId (4-digit domain) was followed by reserved words where today's 32-byte
+ * busId lives. Callers built against that header pass the smaller struct, so
+ * only the legacy fields are written; busId stays as the caller left it.
+ */
+nvmlReturn_t nvmlDeviceGetPciInfo(nvmlDevice_t device, nvmlPciInfo_t *pci)
+{
+    struct sim_gpu *gpu;
+    nvmlReturn_t ret;
+
+    lock();
+    ret = use_device(device, pci != NULL, &gpu);
+    if (ret == NVML_SUCCESS) {
+        nvmlPciInfo_t full;
+        fill_pci(gpu, &full);
+        memcpy(pci, &full, offsetof(nvmlPciInfo_t, busId));
+    }
+    unlock();
+    return ret;
+}
+
+static nvmlReturn_t pci_info_full(nvmlDevice_t device, nvmlPciInfo_t *pci)
+{
+    struct sim_gpu *gpu;
+    nvmlReturn_t ret;
+
+    lock();
+    ret = use_device(device, pci != NULL, &gpu);
+    if (ret == NVML_SUCCESS)
+        fill_pci(gpu, pci);
+    unlock();
+    return ret;
+}
+
+nvmlReturn_t nvmlDeviceGetPciInfo_v2(nvmlDevice_t device, nvmlPciInfo_t *pci)
+{
+    return pci_info_full(device, pci);
+}
+
+nvmlReturn_t nvmlDeviceGetPciInfo_v3(nvmlDevice_t device, nvmlPciInfo_t *pci)
+{
+    return pci_info_full(device, pci);
+}
+
+/* NOT_SUPPORTED when the platform gives the GPU no NUMA affinity (numa_node = -1). */
+nvmlReturn_t nvmlDeviceGetNumaNodeId(nvmlDevice_t device, unsigned int *node)
+{
+    struct sim_gpu *gpu;
+    nvmlReturn_t ret;
+
+    lock();
+    ret = use_device(device, node != NULL, &gpu);
+    if (ret == NVML_SUCCESS && gpu->numa_node < 0)
+        ret = NVML_ERROR_NOT_SUPPORTED;
+    if (ret == NVML_SUCCESS)
+        *node = (unsigned int)gpu->numa_node;
+    unlock();
+    return ret;
+}
+
+/* With MIG enabled the parent GPU has no meaningful utilisation: NOT_SUPPORTED, as on A100. */
+nvmlReturn_t nvmlDeviceGetUtilizationRates(nvmlDevice_t device, nvmlUtilization_t *utilization)
+{
+    struct sim_gpu *gpu;
+    nvmlReturn_t ret;
+
+    lock();
+    ret = use_device(device, utilization != NULL, &gpu);
+    if (ret == NVML_SUCCESS && gpu->mig == SIM_MIG_ENABLED)
+        ret = NVML_ERROR_NOT_SUPPORTED;
+    if (ret == NVML_SUCCESS) {
+        utilization->gpu = gpu->utilization_gpu;
+        utilization->memory = gpu->utilization_memory;
+    }
+    unlock();
+    return ret;
+}
+
+/*
+ * NVML's list convention: *infoCount is the capacity of infos on input and
+ * the number of entries on output. If it is too small, *infoCount is set to
+ * the number needed and INSUFFICIENT_SIZE returned (infos may then be NULL;
+ * callers size with *infoCount = 0). No processes: SUCCESS with 0.
+ */
+static nvmlReturn_t running_processes(nvmlDevice_t device, unsigned int *infoCount, void *infos,
+                                      int version)
+{
+    struct sim_gpu *gpu;
+    nvmlReturn_t ret;
+    unsigned int i, n;
+
+    lock();
+    ret = use_device(device, infoCount != NULL, &gpu);
+    if (ret == NVML_SUCCESS) {
+        n = gpu->process_count;
+        if (*infoCount < n) {
+            *infoCount = n;
+            ret = NVML_ERROR_INSUFFICIENT_SIZE;
+        } else if (n > 0 && infos == NULL) {
+            ret = NVML_ERROR_INVALID_ARGUMENT;
+        } else {
+            for (i = 0; i < n; i++) {
+                if (version == 1) {
+                    nvmlProcessInfo_v1_t *out = (nvmlProcessInfo_v1_t *)infos + i;
+                    out->pid = gpu->processes[i].pid;
+                    out->usedGpuMemory = gpu->processes[i].used_bytes;
+                } else {
+                    nvmlProcessInfo_v2_t *out = (nvmlProcessInfo_v2_t *)infos + i;
+                    out->pid = gpu->processes[i].pid;
+                    out->usedGpuMemory = gpu->processes[i].used_bytes;
+                    /* Not running in a MIG instance. */
+                    out->gpuInstanceId = NVML_VALUE_NOT_AVAILABLE_UINT;
+                    out->computeInstanceId = NVML_VALUE_NOT_AVAILABLE_UINT;
+                }
+            }
+            *infoCount = n;
+        }
+    }
+    unlock();
+    return ret;
+}
+
+nvmlReturn_t nvmlDeviceGetComputeRunningProcesses(nvmlDevice_t device, unsigned int *infoCount,
+                                                  nvmlProcessInfo_v1_t *infos)
+{
+    return running_processes(device, infoCount, infos, 1);
+}
+
+nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v2(nvmlDevice_t device, unsigned int *infoCount,
+                                                     nvmlProcessInfo_v2_t *infos)
+{
+    return running_processes(device, infoCount, infos, 2);
+}
+
+nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t device, unsigned int *infoCount,
+                                                     nvmlProcessInfo_t *infos)
+{
+    return running_processes(device, infoCount, infos, 3);
+}
+
+/* NOT_SUPPORTED on GPUs that are not MIG-capable (T4, V100, ...). */
+nvmlReturn_t nvmlDeviceGetMigMode(nvmlDevice_t device, unsigned int *currentMode,
+                                  unsigned int *pendingMode)
+{
+    struct sim_gpu *gpu;
+    nvmlReturn_t ret;
+
+    lock();
+    ret = use_device(device, currentMode != NULL && pendingMode != NULL, &gpu);
+    if (ret == NVML_SUCCESS && gpu->mig == SIM_MIG_UNSUPPORTED)
+        ret = NVML_ERROR_NOT_SUPPORTED;
+    if (ret == NVML_SUCCESS) {
+        unsigned int mode =
+            gpu->mig == SIM_MIG_ENABLED ? NVML_DEVICE_MIG_ENABLE : NVML_DEVICE_MIG_DISABLE;
+        *currentMode = mode;
+        *pendingMode = mode;
+    }
+    unlock();
+    return ret;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Events                                                                    */
+/* ------------------------------------------------------------------------ */
+
+nvmlReturn_t nvmlDeviceGetSupportedEventTypes(nvmlDevice_t device, unsigned long long *eventTypes)
+{
+    struct sim_gpu *gpu;
+    nvmlReturn_t ret;
+
+    lock();
+    ret = use_device(device, eventTypes != NULL, &gpu);
+    if (ret == NVML_SUCCESS)
+        *eventTypes = supported_events(gpu);
+    unlock();
+    return ret;
+}
+
+nvmlReturn_t nvmlEventSetCreate(nvmlEventSet_t *set)
+{
+    struct nvmlEventSet_st *s;
+    nvmlReturn_t ret = NVML_SUCCESS;
+
+    lock();
+    if (g_init_count == 0) {
+        ret = NVML_ERROR_UNINITIALIZED;
+    } else if (set == NULL) {
+        ret = NVML_ERROR_INVALID_ARGUMENT;
+    } else {
+        s = calloc(1, sizeof *s);
+        if (s == NULL) {
+            ret = NVML_ERROR_MEMORY;
+        } else {
+            /* Everything already in the log happened before this set existed. */
+            sim_node_sync(g_node);
+            s->cursor = g_node->event_count;
+            s->next = g_sets;
+            g_sets = s;
+            *set = s;
+        }
+    }
+    unlock();
+    return ret;
+}
+
+/*
+ * Registration is all or nothing: any requested type the GPU does not support
+ * (all of them, for a GPU without event support) gives NOT_SUPPORTED, as the
+ * documentation says ("... or some of requested event types").
+ */
+nvmlReturn_t nvmlDeviceRegisterEvents(nvmlDevice_t device, unsigned long long eventTypes,
+                                      nvmlEventSet_t set)
+{
+    struct sim_gpu *gpu;
+    nvmlReturn_t ret;
+    int index, kind;
+
+    lock();
+    ret = use_device(device, 1, &gpu);
+    if (ret != NVML_ERROR_UNINITIALIZED && !set_is_live(set))
+        ret = NVML_ERROR_INVALID_ARGUMENT;
+    if (ret == NVML_SUCCESS && (!gpu->events || (eventTypes & ~supported_events(gpu)) != 0))
+        ret = NVML_ERROR_NOT_SUPPORTED;
+    if (ret == NVML_SUCCESS) {
+        index = device_index(device);
+        for (kind = 0; kind < SIM_EVENT_KIND_COUNT; kind++) {
+            if ((eventTypes & kind_bits[kind]) && !(set->mask[index] & kind_bits[kind]))
+                set->since[index][kind] = g_node->event_count;
+        }
+        set->mask[index] |= eventTypes;
+    }
+    unlock();
+    return ret;
+}
+
+static uint64_t monotonic_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/*
+ * Waits for the next event of the set. The control log is polled every few
+ * milliseconds. Events already injected are delivered first; after that, if a
+ * GPU registered in the set has fallen off the bus, the wait fails at once
+ * with GPU_IS_LOST (every call, until the GPU recovers) instead of sleeping,
+ * so callers must not retry in a tight loop.
+ */
+static nvmlReturn_t event_wait(nvmlEventSet_t set, nvmlEventData_t *data, unsigned int timeoutms,
+                               int version)
+{
+    const uint64_t deadline = monotonic_ns() + (uint64_t)timeoutms * 1000000ull;
+
+    for (;;) {
+        struct nvmlEventSet_st *s = set;
+        int lost = 0;
+        size_t i;
+        uint64_t now, nap;
+        struct timespec ts;
+
+        lock();
+        if (g_init_count == 0) {
+            unlock();
+            return NVML_ERROR_UNINITIALIZED;
+        }
+        if (!set_is_live(set) || data == NULL) {
+            unlock();
+            return NVML_ERROR_INVALID_ARGUMENT;
+        }
+        sim_node_sync(g_node);
+        for (i = s->cursor; i < g_node->event_count; i++) {
+            const struct sim_event *ev = &g_node->events[i];
+            if ((s->mask[ev->gpu] & kind_bits[ev->kind]) && i >= s->since[ev->gpu][ev->kind]) {
+                nvmlEventData_t out;
+                out.device = &g_devices[ev->gpu];
+                out.eventType = kind_bits[ev->kind];
+                out.eventData = ev->data; /* the XID for XID events, 0 otherwise */
+                out.gpuInstanceId = NVML_VALUE_NOT_AVAILABLE_UINT;
+                out.computeInstanceId = NVML_VALUE_NOT_AVAILABLE_UINT;
+                s->cursor = i + 1;
+                unlock();
+                /* The unversioned call has the pre-MIG layout without instance ids. */
+                memcpy(data, &out, version == 1 ? sizeof(nvmlEventData_v1_t) : sizeof out);
+                return NVML_SUCCESS;
+            }
+        }
+        s->cursor = g_node->event_count;
+        for (i = 0; i < g_node->gpu_count; i++) {
+            if (s->mask[i] != 0 && g_node->gpus[i].failed)
+                lost = 1;
+        }
+        unlock();
+        if (lost)
+            return NVML_ERROR_GPU_IS_LOST;
+
+        now = monotonic_ns();
+        if (now >= deadline)
+            return NVML_ERROR_TIMEOUT;
+        nap = deadline - now < EVENT_POLL_NS ? deadline - now : EVENT_POLL_NS;
+        ts.tv_sec = (time_t)(nap / 1000000000ull);
+        ts.tv_nsec = (long)(nap % 1000000000ull);
+        while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+        }
+    }
+}
+
+nvmlReturn_t nvmlEventSetWait(nvmlEventSet_t set, nvmlEventData_t *data, unsigned int timeoutms)
+{
+    return event_wait(set, data, timeoutms, 1);
+}
+
+nvmlReturn_t nvmlEventSetWait_v2(nvmlEventSet_t set, nvmlEventData_t *data, unsigned int timeoutms)
+{
+    return event_wait(set, data, timeoutms, 2);
+}
+
+nvmlReturn_t nvmlEventSetFree(nvmlEventSet_t set)
+{
+    struct nvmlEventSet_st **link;
+    nvmlReturn_t ret = NVML_ERROR_INVALID_ARGUMENT;
+
+    lock();
+    if (g_init_count == 0) {
+        ret = NVML_ERROR_UNINITIALIZED;
+    } else {
+        for (link = &g_sets; *link != NULL; link = &(*link)->next) {
+            if (*link == set) {
+                *link = set->next;
+                free(set);
+                ret = NVML_SUCCESS;
+                break;
+            }
+        }
+    }
+    unlock();
+    return ret;
+}

@@ -1,0 +1,464 @@
+//! `sim-node`: the node agent on simulated GPUs, with a fake kubelet, on a machine with no GPU and no cluster.
+//!
+//! * `sim-node run` (the default) writes a gpu-sim node, starts a fake kubelet, starts the agent, and prints
+//!   what the kubelet sees, then every health change, until Ctrl-C.
+//! * `sim-node bench` prints the agent's figures: start-up time, idle memory, message sizes, re-registration.
+//! * `sim-node agent …` is the agent itself (the same code as `vgpu-device-plugin`); `run` and `bench` start
+//!   it as a child process so the gpu-sim's environment applies to it alone.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use gpu_sim::{GpuSpec, NodeSpec, SimNode};
+use harness::{FakeKubelet, ResourceView};
+use kubelet_api::v1beta1::HEALTHY;
+
+const RESOURCES: [&str; 3] = [
+    "volcano.sh/vgpu-number",
+    "volcano.sh/vgpu-memory",
+    "volcano.sh/vgpu-cores",
+];
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sim-node",
+    about = "The vGPU node agent on simulated GPUs, with a fake kubelet"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the agent on a simulated node and show what the kubelet sees (the default).
+    Run(RunArgs),
+    /// Measure the agent and print the figures.
+    Bench(BenchArgs),
+    /// The agent itself, with `vgpu-device-plugin`'s flags.
+    #[command(disable_help_flag = true)]
+    Agent {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Model {
+    T4,
+    A100_40gb,
+    A100_80gb,
+    H100_80gb,
+}
+
+impl Model {
+    fn gpu(self, minor: u32) -> GpuSpec {
+        match self {
+            Model::T4 => GpuSpec::t4(minor),
+            Model::A100_40gb => GpuSpec::a100_40gb(minor),
+            Model::A100_80gb => GpuSpec::a100_80gb(minor),
+            Model::H100_80gb => GpuSpec::h100_80gb(minor),
+        }
+    }
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct RunArgs {
+    /// Simulated GPUs on the node.
+    #[arg(long, default_value_t = 8)]
+    gpus: u32,
+    /// Their model.
+    #[arg(long, value_enum, default_value = "t4")]
+    model: Model,
+    /// Stop once all three resources are registered and listed (for scripts and CI).
+    #[arg(long)]
+    exit_after_registration: bool,
+    /// Show the agent's own log lines instead of writing them to a file.
+    #[arg(long)]
+    verbose: bool,
+    /// Flags for the agent, after `--` (e.g. `-- --gpu-memory-factor 10`).
+    #[arg(last = true)]
+    agent_args: Vec<String>,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct BenchArgs {
+    /// Start-ups to time.
+    #[arg(long, default_value_t = 10)]
+    runs: usize,
+    /// Seconds of idling before resident memory is read.
+    #[arg(long, default_value_t = 3)]
+    idle_secs: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let command = cli.command.unwrap_or(Cmd::Run(RunArgs {
+        gpus: 8,
+        model: Model::T4,
+        exit_after_registration: false,
+        verbose: false,
+        agent_args: Vec::new(),
+    }));
+    let run = |future: std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>>>>| {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build();
+        match runtime
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(future))
+        {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("sim-node: {error:#}");
+                ExitCode::FAILURE
+            }
+        }
+    };
+    match command {
+        Cmd::Agent { args } => vgpu_device_plugin::cli::main_from(
+            std::iter::once(OsString::from("vgpu-device-plugin")).chain(args),
+        ),
+        Cmd::Run(args) => run(Box::pin(run_node(args))),
+        Cmd::Bench(args) => run(Box::pin(bench(args))),
+    }
+}
+
+/// The agent as a child process on `sim`, registering with the kubelet at `socket`.
+fn agent_command(sim: &SimNode, socket: &Path, agent: &AgentBinary) -> Command {
+    let mut cmd = match agent {
+        AgentBinary::Real(path) => Command::new(path),
+        AgentBinary::Embedded(path) => {
+            let mut cmd = Command::new(path);
+            cmd.arg("agent");
+            cmd
+        }
+    };
+    cmd.envs(sim.env())
+        .env("NVML_LIB", gpu_sim::nvml_library())
+        .env("KUBELET_SOCKET", socket)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Which executable runs the agent: the real `vgpu-device-plugin` when it was built next to us, otherwise
+/// this binary's `agent` subcommand (the same library code).
+#[derive(Debug)]
+enum AgentBinary {
+    Real(PathBuf),
+    Embedded(PathBuf),
+}
+
+impl AgentBinary {
+    fn find() -> anyhow::Result<Self> {
+        let me = std::env::current_exe().context("locate sim-node")?;
+        let real = me.with_file_name("vgpu-device-plugin");
+        Ok(if real.is_file() {
+            Self::Real(real)
+        } else {
+            Self::Embedded(me)
+        })
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Self::Real(p) => p.display().to_string(),
+            Self::Embedded(p) => format!(
+                "{} agent (vgpu-device-plugin not built beside it)",
+                p.display()
+            ),
+        }
+    }
+}
+
+/// Kills the agent on drop, so an error path never leaves it running.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl ChildGuard {
+    fn terminate(mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let pid = self.0.id().to_string();
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .context("send SIGTERM")?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.0.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("agent did not exit within {timeout:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+fn summarize(view: &ResourceView) -> (usize, usize) {
+    let healthy = view.devices.iter().filter(|d| d.health == HEALTHY).count();
+    (view.devices.len(), healthy)
+}
+
+async fn run_node(args: RunArgs) -> anyhow::Result<()> {
+    let sim = SimNode::new(NodeSpec::uniform(args.gpus, |m| args.model.gpu(m)))
+        .context("write the gpu-sim node")?;
+    let dir = tempfile::Builder::new().prefix("sim-node-").tempdir()?;
+    let kubelet = FakeKubelet::start(dir.path()).await?;
+    let agent_bin = AgentBinary::find()?;
+    let log_path = dir.path().join("agent.log");
+
+    let first = &sim.spec().gpus[0];
+    println!(
+        "gpu-sim   {} × {} ({} MiB each); node file {}",
+        args.gpus,
+        first.name,
+        first.memory_mib,
+        sim.node_file().display()
+    );
+    println!("kubelet   fake kubelet on {}", kubelet.socket().display());
+    let mut cmd = agent_command(&sim, kubelet.socket(), &agent_bin);
+    cmd.args(&args.agent_args);
+    if !args.verbose {
+        cmd.stderr(std::fs::File::create(&log_path)?);
+    }
+    println!(
+        "agent     {} {}",
+        agent_bin.describe(),
+        args.agent_args.join(" ")
+    );
+    if !args.verbose {
+        println!("          log: {}", log_path.display());
+    }
+    let started = Instant::now();
+    let agent = ChildGuard(cmd.spawn().context("start the agent")?);
+
+    let views = tokio::select! {
+        views = kubelet.wait_for_resources(&RESOURCES, Duration::from_secs(20)) => views,
+        exited = wait_exit(agent.0.id()) => {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            bail!("the agent exited before registering ({exited}):\n{log}");
+        }
+    }?;
+    println!("registered in {} ms:", started.elapsed().as_millis());
+    for resource in RESOURCES {
+        let view = &views[resource];
+        let (total, healthy) = summarize(view);
+        let endpoint = view
+            .registration
+            .as_ref()
+            .map(|r| r.endpoint.as_str())
+            .unwrap_or("?");
+        let example = view.devices.first().map(|d| d.id.as_str()).unwrap_or("-");
+        println!(
+            "  {resource:<24} {total:>7} devices, {healthy:>7} healthy  via {endpoint:<26} e.g. {example}"
+        );
+    }
+    if args.exit_after_registration {
+        let status = agent.terminate(Duration::from_secs(10))?;
+        println!("agent stopped on SIGTERM: {status}");
+        return Ok(());
+    }
+    println!("Inject a fault from another shell, for example:");
+    println!(
+        "  echo 'xid {} 79' >> {}",
+        first.uuid,
+        sim.control_file().display()
+    );
+    println!(
+        "  echo 'fail {}' >> {}   (then 'recover …')",
+        first.uuid,
+        sim.control_file().display()
+    );
+    println!("Ctrl-C to stop.");
+
+    let mut last: HashMap<String, (usize, usize)> = RESOURCES
+        .iter()
+        .map(|r| (r.to_string(), summarize(&views[*r])))
+        .collect();
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+        for resource in RESOURCES {
+            if let Some(view) = kubelet.resource(resource) {
+                let now = summarize(&view);
+                if last.get(resource) != Some(&now) {
+                    println!(
+                        "  {resource:<24} {:>7} devices, {:>7} healthy",
+                        now.0, now.1
+                    );
+                    last.insert(resource.to_string(), now);
+                }
+            }
+        }
+    }
+    let status = agent.terminate(Duration::from_secs(10))?;
+    println!("agent stopped on SIGTERM: {status}");
+    Ok(())
+}
+
+/// Resolves when the process exits (polling /proc, so the child handle stays with its guard).
+async fn wait_exit(pid: u32) -> String {
+    let path = PathBuf::from(format!("/proc/{pid}/stat"));
+    loop {
+        match std::fs::read_to_string(&path) {
+            Ok(stat) if !stat.contains(") Z ") => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            _ => return "exited".into(),
+        }
+    }
+}
+
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .context("no VmRSS")?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .context("VmRSS value")?
+        .parse()?)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let agent_bin = AgentBinary::find()?;
+    println!("agent binary: {}", agent_bin.describe());
+    let sim = SimNode::new(NodeSpec::uniform(8, GpuSpec::a100_80gb))?;
+    let factor_args = ["--gpu-memory-factor", "10"];
+
+    // 1. Start to all three endpoints registered, 8 GPUs.
+    let mut starts = Vec::new();
+    let mut reregisters = Vec::new();
+    for _ in 0..args.runs.max(1) {
+        let dir = tempfile::tempdir()?;
+        let mut kubelet = FakeKubelet::start(dir.path()).await?;
+        let mut cmd = agent_command(&sim, kubelet.socket(), &agent_bin);
+        cmd.args(factor_args).stderr(Stdio::null());
+        let t0 = Instant::now();
+        let agent = ChildGuard(cmd.spawn()?);
+        kubelet
+            .wait_for_resources(&RESOURCES, Duration::from_secs(20))
+            .await?;
+        starts.push(t0.elapsed().as_secs_f64() * 1000.0);
+
+        let before = kubelet.registrations().len();
+        let t1 = Instant::now();
+        kubelet.restart().await?;
+        kubelet
+            .wait_until(Duration::from_secs(20), "re-registration", |r| {
+                RESOURCES
+                    .iter()
+                    .all(|n| r.get(*n).is_some_and(|v| v.streaming && v.updates > 0))
+            })
+            .await?;
+        reregisters.push(t1.elapsed().as_secs_f64() * 1000.0);
+        anyhow::ensure!(
+            kubelet.registrations().len() == before + 3,
+            "three re-registrations"
+        );
+        agent.terminate(Duration::from_secs(10))?;
+    }
+    starts.sort_by(f64::total_cmp);
+    reregisters.sort_by(f64::total_cmp);
+    println!(
+        "start → 3 endpoints registered and listed (8 × A100-80GB, {} runs): p50 {:.1} ms, p90 {:.1} ms, max {:.1} ms (goal < 300 ms)",
+        starts.len(),
+        percentile(&starts, 0.5),
+        percentile(&starts, 0.9),
+        starts[starts.len() - 1]
+    );
+    println!(
+        "kubelet restart → 3 endpoints registered and listed again: p50 {:.1} ms, max {:.1} ms (goal < 1000 ms)",
+        percentile(&reregisters, 0.5),
+        reregisters[reregisters.len() - 1]
+    );
+
+    // 2. Idle resident memory with 8 GPUs.
+    let dir = tempfile::tempdir()?;
+    let kubelet = FakeKubelet::start(dir.path()).await?;
+    let mut cmd = agent_command(&sim, kubelet.socket(), &agent_bin);
+    cmd.args(factor_args).stderr(Stdio::null());
+    let agent = ChildGuard(cmd.spawn()?);
+    let views = kubelet
+        .wait_for_resources(&RESOURCES, Duration::from_secs(20))
+        .await?;
+    tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
+    let rss = rss_kib(agent.0.id())?;
+    println!(
+        "idle resident memory, 8 GPUs, kubelet streams open: {:.1} MiB (goal < 20 MiB)",
+        rss as f64 / 1024.0
+    );
+    for resource in RESOURCES {
+        println!(
+            "  largest ListAndWatch message seen by the kubelet, {resource} at factor 10: {} bytes",
+            views[resource].largest_message_bytes
+        );
+    }
+    agent.terminate(Duration::from_secs(10))?;
+
+    // 3. Message size for 8 × 80 GB at factor 1, in both ID spellings, against the kubelet's limit.
+    use vgpu_device_plugin::config::SharingSettings;
+    use vgpu_device_plugin::devices::{DevicePlan, IdStyle, ResourceKind, message_len};
+    use vgpu_device_plugin::inventory::{Gpu, Inventory};
+    let inventory = Inventory {
+        gpus: sim
+            .spec()
+            .gpus
+            .iter()
+            .enumerate()
+            .map(|(i, g)| Gpu {
+                nvml_index: i as u32,
+                uuid: g.uuid.clone(),
+                model: g.name.clone(),
+                memory_bytes: g.memory_mib << 20,
+                minor: g.minor,
+                numa_node: g.numa_node,
+                pci_bus_id: g.pci_bus_id.clone(),
+            })
+            .collect(),
+    };
+    let factor1 = SharingSettings::default();
+    let upstream = message_len(
+        ResourceKind::Memory,
+        IdStyle::Upstream,
+        &inventory,
+        &factor1,
+    );
+    let compact = message_len(ResourceKind::Memory, IdStyle::Compact, &inventory, &factor1);
+    println!(
+        "vgpu-memory ListAndWatch for 8 × 80 GB at factor 1: {upstream} bytes with the Go plugin's IDs, {compact} bytes \
+         with compact IDs; the kubelet's limit is {} bytes",
+        kubelet_api::v1beta1::KUBELET_MAX_RECV_MESSAGE_BYTES
+    );
+    match DevicePlan::new(ResourceKind::Memory, &inventory, &factor1) {
+        Ok(plan) => println!("  accepted: {} bytes", plan.max_message_bytes),
+        Err(refusal) => println!("  refused at start: {}", refusal.fix),
+    }
+    Ok(())
+}
