@@ -239,3 +239,31 @@ async fn numa_node_comes_from_sysfs_when_nvml_cannot_say() {
     });
     assert!(views[MEMORY].devices.iter().all(|d| d.topology == expected));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gpu_nvml_cannot_read_is_reported_and_the_others_are_served() {
+    let sim = SimNode::new(NodeSpec::uniform(2, GpuSpec::t4)).unwrap();
+    let broken = sim.spec().gpus[0].uuid.clone();
+    sim.fail_gpu(&broken).unwrap();
+    let (_dir, kubelet) = kubelet().await;
+    let agent = Agent::spawn(agent_command(&sim, kubelet.socket()));
+    let views = kubelet.wait_for_resources(&ALL, PATIENCE).await.unwrap();
+    assert_eq!(
+        views[NUMBER].devices.len(),
+        10,
+        "only the readable GPU is advertised"
+    );
+    let healthy = &sim.spec().gpus[1].uuid;
+    assert!(
+        views[NUMBER]
+            .devices
+            .iter()
+            .all(|d| d.id.starts_with(healthy.as_str()))
+    );
+    let log = agent.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("ERROR") && l.contains("cannot be read through NVML")),
+        "{log}"
+    );
+}
