@@ -1,0 +1,374 @@
+//! What Allocate returns for one container in hami-core mode with the `envvar` device-list strategy
+//! (contract §4): the envs HAMi-core's `libvgpu.so` reads, and the mounts that preload it and give it a
+//! per-container shared-region file.
+//!
+//! Differences from the Go plugin, both deliberate: `CUDA_OVERSUBSCRIBE` follows the memory scaling (the Go
+//! plugin keys it to `deviceCoreScaling`, which has nothing to do with memory; HAMi upstream uses memory
+//! scaling too), and `GPU_CORE_UTILIZATION_POLICY=disable` is reachable through [`LimiterSettings`] (in the Go
+//! plugin nothing ever sets its switch).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use kubelet_api::v1beta1::{ContainerAllocateResponse, Mount};
+
+use super::pod_devices::ContainerDevice;
+
+/// Where the container sees HAMi-core.
+pub const CONTAINER_LIBVGPU: &str = "/usr/local/vgpu/libvgpu.so";
+/// Where the container's per-container cache directory is mounted.
+pub const CONTAINER_CACHE_DIR: &str = "/tmp/vgpu";
+/// Where HAMi-core takes its cross-container lock (`/tmp/vgpulock/lock`).
+pub const CONTAINER_LOCK_DIR: &str = "/tmp/vgpulock";
+/// The preload file that injects `libvgpu.so` into every process of the container.
+pub const CONTAINER_LD_SO_PRELOAD: &str = "/etc/ld.so.preload";
+
+/// Node-wide limiter settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LimiterSettings {
+    /// `gpuMemoryFactor`: MiB per memory unit in the annotation.
+    pub memory_factor: u32,
+    /// `deviceMemoryScaling`: above 1, HAMi-core may oversubscribe memory.
+    pub memory_scaling: f64,
+    /// `disableCoreLimit`: tell HAMi-core not to throttle SMs.
+    pub disable_core_limit: bool,
+    /// Host directory holding `libvgpu.so` and `ld.so.preload` (`HOOK_PATH`, `/usr/local/vgpu`).
+    pub hook_path: PathBuf,
+    /// Host directory mounted at `/tmp/vgpulock`.
+    pub lock_dir: PathBuf,
+    /// `--gdrcopy-enabled`.
+    pub gdrcopy: bool,
+    /// `--gds-enabled`.
+    pub gds: bool,
+    /// `--mofed-enabled`.
+    pub mofed: bool,
+}
+
+impl Default for LimiterSettings {
+    /// The Go plugin's defaults: factor 1, no oversubscription, core limit on, the DaemonSet's paths, and the
+    /// GDRCopy/GDS/MOFED flags on (they default to true in its `main.go`).
+    fn default() -> Self {
+        Self {
+            memory_factor: 1,
+            memory_scaling: 1.0,
+            disable_core_limit: false,
+            hook_path: PathBuf::from("/usr/local/vgpu"),
+            lock_dir: PathBuf::from("/tmp/vgpulock"),
+            gdrcopy: true,
+            gds: true,
+            mofed: true,
+        }
+    }
+}
+
+/// One container's allocation.
+#[derive(Debug, Clone)]
+pub struct Handoff<'a> {
+    /// The container's devices, from its `devices-to-allocate` segment.
+    pub devices: &'a [ContainerDevice],
+    /// The per-container directory on the host, mounted at `/tmp/vgpu`.
+    pub cache_host_dir: PathBuf,
+    /// The shared-region file name inside it, e.g. `<uuid4>.cache`.
+    pub cache_file: String,
+    /// The container spec has `CUDA_DISABLE_CONTROL`: do not preload `libvgpu.so`.
+    pub disable_control: bool,
+}
+
+/// The response for one container.
+///
+/// With an empty device list (which [`super::selection::next_assignment`] never yields) no limit envs are set and
+/// `NVIDIA_VISIBLE_DEVICES` is empty, which the NVIDIA runtime treats as "no GPU".
+pub fn container_response(
+    settings: &LimiterSettings,
+    handoff: &Handoff<'_>,
+) -> ContainerAllocateResponse {
+    let mut envs = HashMap::new();
+    let uuids: Vec<&str> = handoff.devices.iter().map(|d| d.uuid.as_str()).collect();
+    envs.insert("NVIDIA_VISIBLE_DEVICES".to_owned(), uuids.join(","));
+    for (i, device) in handoff.devices.iter().enumerate() {
+        // u64: u32 units × u32 MiB per unit cannot overflow it.
+        let mib = u64::from(device.used_mem) * u64::from(settings.memory_factor);
+        envs.insert(format!("CUDA_DEVICE_MEMORY_LIMIT_{i}"), format!("{mib}m"));
+    }
+    if let Some(first) = handoff.devices.first() {
+        // HAMi-core has one SM limit for the whole container; the Go plugin takes the first device's.
+        envs.insert(
+            "CUDA_DEVICE_SM_LIMIT".to_owned(),
+            first.used_cores.to_string(),
+        );
+    }
+    envs.insert(
+        "CUDA_DEVICE_MEMORY_SHARED_CACHE".to_owned(),
+        format!("{CONTAINER_CACHE_DIR}/{}", handoff.cache_file),
+    );
+    if settings.memory_scaling > 1.0 {
+        envs.insert("CUDA_OVERSUBSCRIBE".to_owned(), "true".to_owned());
+    }
+    if settings.disable_core_limit {
+        envs.insert(
+            "GPU_CORE_UTILIZATION_POLICY".to_owned(),
+            "disable".to_owned(),
+        );
+    }
+    for (flag, name) in [
+        (settings.gdrcopy, "NVIDIA_GDRCOPY"),
+        (settings.gds, "NVIDIA_GDS"),
+        (settings.mofed, "NVIDIA_MOFED"),
+    ] {
+        if flag {
+            envs.insert(name.to_owned(), "enabled".to_owned());
+        }
+    }
+
+    let mut mounts = vec![
+        mount(
+            CONTAINER_LIBVGPU,
+            &settings.hook_path.join("libvgpu.so"),
+            true,
+        ),
+        mount(CONTAINER_CACHE_DIR, &handoff.cache_host_dir, false),
+        mount(CONTAINER_LOCK_DIR, &settings.lock_dir, false),
+    ];
+    if !handoff.disable_control {
+        mounts.push(mount(
+            CONTAINER_LD_SO_PRELOAD,
+            &settings.hook_path.join("ld.so.preload"),
+            true,
+        ));
+    }
+
+    ContainerAllocateResponse {
+        envs,
+        mounts,
+        ..Default::default()
+    }
+}
+
+/// The kubelet API carries paths as strings; a non-UTF-8 host path (which no setting of ours produces) is
+/// passed on lossily rather than failing the allocation.
+fn mount(container_path: &str, host_path: &Path, read_only: bool) -> Mount {
+    Mount {
+        container_path: container_path.to_owned(),
+        host_path: host_path.to_string_lossy().into_owned(),
+        read_only,
+    }
+}
+
+/// The per-container cache directory name, `<uid>_<container>`.
+///
+/// Anything outside `[A-Za-z0-9._-]` becomes `_`, so neither part can add a path separator; and since the
+/// result always contains the joining `_`, it can never be `.` or `..`. (Real UIDs and container names are
+/// already in that set, so real names come out unchanged, as the Go plugin writes them.)
+pub fn cache_dir_name(pod_uid: &str, container: &str) -> String {
+    let clean = |text: &str| -> String {
+        text.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    };
+    format!("{}_{}", clean(pod_uid), clean(container))
+}
+
+/// A fresh shared-region file name, `<uuid4>.cache`, drawn on every Allocate as the Go plugin does.
+pub fn new_cache_file() -> String {
+    format!("{}.cache", uuid::Uuid::new_v4())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volcano::DEVICE_TYPE_NVIDIA;
+
+    fn dev(uuid: &str, mem: u32, cores: u32) -> ContainerDevice {
+        ContainerDevice {
+            uuid: uuid.to_owned(),
+            device_type: DEVICE_TYPE_NVIDIA.to_owned(),
+            used_mem: mem,
+            used_cores: cores,
+        }
+    }
+
+    fn quiet() -> LimiterSettings {
+        LimiterSettings {
+            gdrcopy: false,
+            gds: false,
+            mofed: false,
+            ..Default::default()
+        }
+    }
+
+    fn handoff(devices: &[ContainerDevice]) -> Handoff<'_> {
+        Handoff {
+            devices,
+            cache_host_dir: PathBuf::from("/usr/local/vgpu/vgpu/containers/uid_cuda"),
+            cache_file: "x.cache".to_owned(),
+            disable_control: false,
+        }
+    }
+
+    #[test]
+    fn envs_and_mounts_of_a_two_gpu_container() {
+        let devices = [dev("GPU-a", 3000, 30), dev("GPU-b", 3000, 30)];
+        let settings = LimiterSettings {
+            memory_factor: 10,
+            ..quiet()
+        };
+        let response = container_response(&settings, &handoff(&devices));
+        let expected: HashMap<String, String> = [
+            ("NVIDIA_VISIBLE_DEVICES", "GPU-a,GPU-b"),
+            ("CUDA_DEVICE_MEMORY_LIMIT_0", "30000m"),
+            ("CUDA_DEVICE_MEMORY_LIMIT_1", "30000m"),
+            ("CUDA_DEVICE_SM_LIMIT", "30"),
+            ("CUDA_DEVICE_MEMORY_SHARED_CACHE", "/tmp/vgpu/x.cache"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        assert_eq!(response.envs, expected);
+        let mounts: Vec<(&str, &str, bool)> = response
+            .mounts
+            .iter()
+            .map(|m| (m.container_path.as_str(), m.host_path.as_str(), m.read_only))
+            .collect();
+        assert_eq!(
+            mounts,
+            vec![
+                (
+                    "/usr/local/vgpu/libvgpu.so",
+                    "/usr/local/vgpu/libvgpu.so",
+                    true
+                ),
+                (
+                    "/tmp/vgpu",
+                    "/usr/local/vgpu/vgpu/containers/uid_cuda",
+                    false
+                ),
+                ("/tmp/vgpulock", "/tmp/vgpulock", false),
+                ("/etc/ld.so.preload", "/usr/local/vgpu/ld.so.preload", true),
+            ]
+        );
+        assert!(response.devices.is_empty());
+        assert!(response.annotations.is_empty());
+        assert!(response.cdi_devices.is_empty());
+    }
+
+    #[test]
+    fn disable_control_skips_the_preload_mount_only() {
+        let devices = [dev("GPU-a", 1, 0)];
+        let mut h = handoff(&devices);
+        h.disable_control = true;
+        let response = container_response(&quiet(), &h);
+        assert_eq!(response.mounts.len(), 3);
+        assert!(
+            response
+                .mounts
+                .iter()
+                .all(|m| m.container_path != "/etc/ld.so.preload")
+        );
+        assert_eq!(response.envs["CUDA_DEVICE_MEMORY_LIMIT_0"], "1m");
+    }
+
+    #[test]
+    fn oversubscribe_follows_memory_scaling_and_flags_add_their_envs() {
+        let devices = [dev("GPU-a", 1, 0)];
+        let settings = LimiterSettings {
+            memory_scaling: 1.5,
+            disable_core_limit: true,
+            ..LimiterSettings::default()
+        };
+        let envs = container_response(&settings, &handoff(&devices)).envs;
+        assert_eq!(envs["CUDA_OVERSUBSCRIBE"], "true");
+        assert_eq!(envs["GPU_CORE_UTILIZATION_POLICY"], "disable");
+        assert_eq!(envs["NVIDIA_GDRCOPY"], "enabled");
+        assert_eq!(envs["NVIDIA_GDS"], "enabled");
+        assert_eq!(envs["NVIDIA_MOFED"], "enabled");
+
+        let envs = container_response(&quiet(), &handoff(&devices)).envs;
+        for absent in [
+            "CUDA_OVERSUBSCRIBE",
+            "GPU_CORE_UTILIZATION_POLICY",
+            "NVIDIA_GDRCOPY",
+            "NVIDIA_GDS",
+            "NVIDIA_MOFED",
+        ] {
+            assert!(!envs.contains_key(absent), "{absent}");
+        }
+        let exactly_one = LimiterSettings {
+            memory_scaling: 1.0,
+            ..quiet()
+        };
+        assert!(
+            !container_response(&exactly_one, &handoff(&devices))
+                .envs
+                .contains_key("CUDA_OVERSUBSCRIBE")
+        );
+    }
+
+    #[test]
+    fn huge_memory_does_not_overflow() {
+        let devices = [dev("GPU-a", u32::MAX, 100)];
+        let settings = LimiterSettings {
+            memory_factor: u32::MAX,
+            ..quiet()
+        };
+        let envs = container_response(&settings, &handoff(&devices)).envs;
+        assert_eq!(
+            envs["CUDA_DEVICE_MEMORY_LIMIT_0"],
+            format!("{}m", u64::from(u32::MAX) * u64::from(u32::MAX))
+        );
+        assert_eq!(envs["CUDA_DEVICE_SM_LIMIT"], "100");
+    }
+
+    #[test]
+    fn sm_limit_is_the_first_devices() {
+        let devices = [dev("GPU-a", 1, 20), dev("GPU-b", 1, 70)];
+        let envs = container_response(&quiet(), &handoff(&devices)).envs;
+        assert_eq!(envs["CUDA_DEVICE_SM_LIMIT"], "20");
+    }
+
+    #[test]
+    fn no_devices_sets_no_limits() {
+        let envs = container_response(&quiet(), &handoff(&[])).envs;
+        assert_eq!(envs["NVIDIA_VISIBLE_DEVICES"], "");
+        assert!(!envs.contains_key("CUDA_DEVICE_SM_LIMIT"));
+        assert!(
+            !envs
+                .keys()
+                .any(|k| k.starts_with("CUDA_DEVICE_MEMORY_LIMIT"))
+        );
+    }
+
+    #[test]
+    fn cache_dir_names_cannot_escape() {
+        assert_eq!(
+            cache_dir_name("0f1e2d3c-aaaa-bbbb-cccc-000000000000", "cuda"),
+            "0f1e2d3c-aaaa-bbbb-cccc-000000000000_cuda"
+        );
+        assert_eq!(cache_dir_name("..", ".."), ".._..");
+        assert_eq!(cache_dir_name("a/b", "../../etc"), "a_b_.._.._etc");
+        assert_eq!(cache_dir_name("", ""), "_");
+        assert_eq!(cache_dir_name("u", "x\0y\\z é"), "u_x_y_z__");
+        for name in [
+            cache_dir_name("..", ""),
+            cache_dir_name("", ".."),
+            cache_dir_name("/", "/"),
+        ] {
+            assert!(!name.contains('/'), "{name}");
+            assert!(name != "." && name != "..", "{name}");
+        }
+    }
+
+    #[test]
+    fn cache_files_are_fresh_uuid4_names() {
+        let a = new_cache_file();
+        let b = new_cache_file();
+        assert_ne!(a, b);
+        let stem = a.strip_suffix(".cache").unwrap();
+        assert_eq!(uuid::Uuid::parse_str(stem).unwrap().get_version_num(), 4);
+    }
+}
