@@ -13,14 +13,22 @@ use nvml_wrapper::bitmasks::InitFlags;
 use nvml_wrapper::error::NvmlError;
 use tokio::sync::watch;
 
+use kube::Client;
+
+use crate::allocate::Allocator;
+use crate::cluster::{self, ClusterError};
 use crate::config::{AgentConfig, InvalidSetting};
+use crate::device_config::{self, VolcanoConfig, apply_filter};
 use crate::devices::{DevicePlan, MessageTooLarge, ResourceKind};
 use crate::endpoint::{EndpointError, RunningEndpoint};
 use crate::health::{XidPolicy, spawn_monitor};
 use crate::inventory::{DiscoveryError, Inventory, discover};
 use crate::kubelet_watch::{FileIdentity, KubeletWatch};
+use crate::node_annotations::{self, NodeWrites};
+use crate::pod_cache::PodCache;
 use crate::registration::register;
 use crate::service::ResourceService;
+use crate::volcano::allocate_env::LimiterSettings;
 
 /// Registration retries start fast (a restarting kubelet creates its socket a moment before it answers)
 /// and back off to this.
@@ -54,6 +62,15 @@ pub enum AgentError {
     /// An endpoint could not be served.
     #[error(transparent)]
     Endpoint(#[from] EndpointError),
+    /// The cluster side (client, config maps) could not be set up.
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    /// The node is configured for MIG, which this agent does not serve yet.
+    #[error(
+        "this node's operatingmode is mig (volcano-vgpu-node-config), which this agent does not serve yet; set it to \
+         hami-core or run the Go plugin on MIG nodes"
+    )]
+    MigNotSupported,
     /// The health thread could not be started.
     #[error("cannot start the GPU health thread")]
     HealthThread(#[source] std::io::Error),
@@ -63,15 +80,20 @@ pub enum AgentError {
 #[derive(Debug)]
 pub struct Prepared {
     nvml: Arc<Nvml>,
-    /// The GPUs, sorted by minor number.
+    /// The GPUs, sorted by minor number, after `filterdevices`.
     pub inventory: Arc<Inventory>,
     /// One plan per resource, in [`ResourceKind::ALL`] order.
     pub plans: Vec<Arc<DevicePlan>>,
+    /// The merged Volcano configuration.
+    pub volcano: Arc<VolcanoConfig>,
 }
 
 /// Loads NVML, discovers the GPUs and plans the device lists: every check that can refuse to start.
-pub fn prepare(config: &AgentConfig) -> Result<Prepared, AgentError> {
-    config.sharing.validate()?;
+pub fn prepare(config: &AgentConfig, volcano: VolcanoConfig) -> Result<Prepared, AgentError> {
+    volcano.sharing.validate()?;
+    if volcano.operating_mode == "mig" {
+        return Err(AgentError::MigNotSupported);
+    }
     let nvml = init_nvml(&config.nvml_lib).map_err(|source| AgentError::Nvml {
         lib: config.nvml_lib.clone(),
         source,
@@ -79,7 +101,11 @@ pub fn prepare(config: &AgentConfig) -> Result<Prepared, AgentError> {
     if let Ok(version) = nvml.sys_driver_version() {
         tracing::info!(driver = %version, lib = %config.nvml_lib.display(), "NVML initialised");
     }
-    let inventory = discover(&nvml, &config.sysfs_root)?;
+    let mut inventory = discover(&nvml, &config.sysfs_root)?;
+    apply_filter(&mut inventory, &volcano.filter);
+    if inventory.gpus.is_empty() {
+        return Err(DiscoveryError::NoGpus.into());
+    }
     for gpu in &inventory.gpus {
         tracing::info!(
             uuid = %gpu.uuid, model = %gpu.model, memory_mib = gpu.memory_mib(), minor = gpu.minor,
@@ -88,9 +114,9 @@ pub fn prepare(config: &AgentConfig) -> Result<Prepared, AgentError> {
     }
     let mut plans = Vec::new();
     for kind in ResourceKind::ALL {
-        let plan = DevicePlan::new(kind, &inventory, &config.sharing)?;
+        let plan = DevicePlan::new(kind, &inventory, &volcano.sharing)?;
         tracing::info!(
-            resource = config.resources.get(kind), ids = plan.total(), id_style = ?plan.style,
+            resource = volcano.resources.get(kind), ids = plan.total(), id_style = ?plan.style,
             max_message_bytes = plan.max_message_bytes, "device list planned"
         );
         plans.push(Arc::new(plan));
@@ -99,6 +125,7 @@ pub fn prepare(config: &AgentConfig) -> Result<Prepared, AgentError> {
         nvml: Arc::new(nvml),
         inventory: Arc::new(inventory),
         plans,
+        volcano: Arc::new(volcano),
     })
 }
 
@@ -120,18 +147,40 @@ pub async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
+    let (client, volcano) = match &config.node_name {
+        Some(node) => {
+            let client = cluster::client().await?;
+            let volcano = cluster::load_config(&client, &config).await?;
+            tracing::info!(%node, "Volcano hand-off on: node annotations and pod annotations are read and written");
+            (Some(client), volcano)
+        }
+        None => {
+            tracing::warn!(
+                "NODE_NAME is not set: serving device counts only, without node annotations or the Volcano hand-off"
+            );
+            let node = cluster::read_node_config(&config.cluster.node_config_path);
+            let volcano = device_config::merge_lenient(
+                None,
+                node.as_ref().map(|(s, f)| (s.as_str(), f)),
+                None,
+                &config.explicit,
+            );
+            (None, volcano)
+        }
+    };
     let prepared = {
         let config = config.clone();
-        tokio::task::spawn_blocking(move || prepare(&config))
+        tokio::task::spawn_blocking(move || prepare(&config, volcano))
             .await
             .expect("prepare does not panic")?
     };
-    serve(config, prepared, shutdown).await
+    serve(config, client, prepared, shutdown).await
 }
 
 /// The serving half of [`run`], after [`prepare`].
 pub async fn serve(
     config: AgentConfig,
+    client: Option<Client>,
     prepared: Prepared,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
@@ -139,6 +188,7 @@ pub async fn serve(
         nvml,
         inventory,
         plans,
+        volcano,
     } = prepared;
     let (policy, warnings) = XidPolicy::from_env(
         config.health.disable.as_deref(),
@@ -159,7 +209,55 @@ pub async fn serve(
     )
     .map_err(AgentError::HealthThread)?;
 
-    let result = serve_until(&config, &inventory, &plans, &health_rx, shutdown).await;
+    let mut background = Vec::new();
+    let allocator = match (&client, &config.node_name) {
+        (Some(client), Some(node)) => {
+            let (pods, pod_task) = PodCache::start(client.clone(), node);
+            background.push(pod_task);
+            background.push(tokio::spawn(node_annotations::publish(
+                client.clone(),
+                node.clone(),
+                Arc::clone(&inventory),
+                Arc::clone(&volcano),
+                health_rx.clone(),
+                config.cluster.handshake,
+                Arc::new(NodeWrites::default()),
+            )));
+            if !pods.wait_ready(Duration::from_secs(5)).await {
+                tracing::warn!(
+                    "pod watch not synced after 5 s; Allocate reads pods directly until it is"
+                );
+            }
+            let limiter = LimiterSettings {
+                memory_factor: volcano.sharing.memory_factor,
+                memory_scaling: volcano.memory_scaling,
+                disable_core_limit: volcano.disable_core_limit,
+                hook_path: config.hook_path.clone(),
+                lock_dir: config.lock_dir.clone(),
+                gdrcopy: config.container_features[0],
+                gds: config.container_features[1],
+                mofed: config.container_features[2],
+            };
+            Some(Arc::new(Allocator::new(
+                client.clone(),
+                node,
+                pods,
+                Arc::clone(&volcano),
+                limiter,
+                config.cache_root(),
+                Arc::clone(&inventory),
+            )))
+        }
+        _ => None,
+    };
+
+    let result = serve_until(
+        &config, &volcano, &inventory, &plans, &health_rx, allocator, shutdown,
+    )
+    .await;
+    for task in background {
+        task.abort();
+    }
     stop_health.store(true, Ordering::Relaxed);
     // The monitor notices within one event-wait slice; joining keeps NVML alive until it is done with it.
     let _ = tokio::task::spawn_blocking(move || monitor.join()).await;
@@ -168,9 +266,11 @@ pub async fn serve(
 
 async fn serve_until(
     config: &AgentConfig,
+    volcano: &VolcanoConfig,
     inventory: &Arc<Inventory>,
     plans: &[Arc<DevicePlan>],
     health: &watch::Receiver<Vec<bool>>,
+    allocator: Option<Arc<Allocator>>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let dir = config.socket_dir();
@@ -178,7 +278,8 @@ async fn serve_until(
     tokio::pin!(shutdown);
     loop {
         let started = Instant::now();
-        let endpoints = start_endpoints(&dir, config, inventory, plans, health).await?;
+        let endpoints =
+            start_endpoints(&dir, volcano, inventory, plans, health, &allocator).await?;
         let registered = tokio::select! {
             id = register_all(config, &endpoints, &mut watch) => id,
             () = &mut shutdown => None,
@@ -211,14 +312,15 @@ async fn serve_until(
 
 async fn start_endpoints(
     dir: &Path,
-    config: &AgentConfig,
+    volcano: &VolcanoConfig,
     inventory: &Arc<Inventory>,
     plans: &[Arc<DevicePlan>],
     health: &watch::Receiver<Vec<bool>>,
+    allocator: &Option<Arc<Allocator>>,
 ) -> Result<Vec<RunningEndpoint>, AgentError> {
     let mut endpoints = Vec::with_capacity(plans.len());
     for plan in plans {
-        let name = config.resources.get(plan.kind).to_owned();
+        let name = volcano.resources.get(plan.kind).to_owned();
         let started = RunningEndpoint::start(dir, plan.kind, &name, |stopping| {
             ResourceService::new(
                 name.clone(),
@@ -226,6 +328,7 @@ async fn start_endpoints(
                 Arc::clone(inventory),
                 health.clone(),
                 stopping,
+                allocator.clone(),
             )
         })
         .await;
@@ -264,6 +367,7 @@ async fn register_all(
                 &config.kubelet_socket,
                 &endpoint.file_name(),
                 &endpoint.resource_name,
+                endpoint.options,
             )
             .await
             {

@@ -10,7 +10,8 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use crate::agent::{self, error_chain};
-use crate::config::{AgentConfig, HealthSettings, ResourceNames, SharingSettings, parse_duration};
+use crate::config::{AgentConfig, ClusterSettings, HandshakeMode, HealthSettings, parse_duration};
+use crate::device_config::ExplicitFlags;
 
 /// Volcano vGPU device plugin: serves volcano.sh/vgpu-number, -memory and -cores to the kubelet.
 #[derive(Debug, Parser)]
@@ -60,6 +61,42 @@ pub struct Flags {
     #[arg(long, env = "DP_ENABLE_HEALTHCHECKS", hide = true)]
     enable_healthchecks: Option<String>,
 
+    /// Namespace of the volcano-vgpu-device-config config map [default: kube-system, then volcano-system].
+    #[arg(long, env = "DEVICE_CONFIG_NAMESPACE")]
+    device_config_namespace: Option<String>,
+
+    /// Name of the device config map.
+    #[arg(long, env = "DEVICE_CONFIG_NAME", default_value = crate::device_config::DEVICE_CONFIG_MAP)]
+    device_config_name: String,
+
+    /// The per-node config.json (volcano-vgpu-node-config, mounted).
+    #[arg(long, env = "NODE_CONFIG_PATH", default_value = crate::device_config::NODE_CONFIG_PATH)]
+    node_config: PathBuf,
+
+    /// The legacy node handshake for Volcano schedulers up to v1.15.0.
+    #[arg(long, value_enum, default_value = "auto")]
+    legacy_handshake: HandshakeMode,
+
+    /// How long to retry an unreachable apiserver at start.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    apiserver_wait: std::time::Duration,
+
+    /// HAMi-core's host lock directory, mounted at /tmp/vgpulock.
+    #[arg(long, env = "VGPU_LOCK_DIR", default_value = "/tmp/vgpulock")]
+    lock_dir: PathBuf,
+
+    /// Set NVIDIA_GDRCOPY=enabled in containers.
+    #[arg(long, env = "GDRCOPY_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
+    gdrcopy_enabled: bool,
+
+    /// Set NVIDIA_GDS=enabled in containers.
+    #[arg(long, env = "GDS_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
+    gds_enabled: bool,
+
+    /// Set NVIDIA_MOFED=enabled in containers.
+    #[arg(long, env = "MOFED_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
+    mofed_enabled: bool,
+
     /// Root of sysfs (for NUMA nodes NVML cannot report).
     #[arg(long, default_value = "/sys", hide = true)]
     sysfs_root: PathBuf,
@@ -68,19 +105,26 @@ pub struct Flags {
 impl Flags {
     /// The agent configuration these flags describe.
     pub fn into_config(self) -> AgentConfig {
-        let defaults = SharingSettings::default();
         AgentConfig {
             nvml_lib: self.nvml_lib,
             kubelet_socket: self.kubelet_socket,
             sysfs_root: self.sysfs_root,
-            node_name: self.node_name,
+            node_name: self.node_name.filter(|n| !n.is_empty()),
             hook_path: self.hook_path,
-            sharing: SharingSettings {
-                split_count: self.device_split_count.unwrap_or(defaults.split_count),
-                memory_factor: self.gpu_memory_factor.unwrap_or(defaults.memory_factor),
-                core_scaling: self.device_cores_scaling.unwrap_or(defaults.core_scaling),
+            lock_dir: self.lock_dir,
+            explicit: ExplicitFlags {
+                split_count: self.device_split_count,
+                memory_factor: self.gpu_memory_factor,
+                core_scaling: self.device_cores_scaling,
             },
-            resources: ResourceNames::default(),
+            cluster: ClusterSettings {
+                device_config_namespace: self.device_config_namespace,
+                device_config_name: self.device_config_name,
+                node_config_path: self.node_config,
+                handshake: self.legacy_handshake,
+                apiserver_wait: self.apiserver_wait,
+            },
+            container_features: [self.gdrcopy_enabled, self.gds_enabled, self.mofed_enabled],
             health: HealthSettings {
                 disable: self.disable_healthchecks,
                 enable: self.enable_healthchecks,
@@ -90,7 +134,6 @@ impl Flags {
         }
     }
 }
-
 /// Runs the agent with the process's own arguments.
 pub fn main() -> ExitCode {
     main_from(std::env::args_os())

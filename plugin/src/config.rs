@@ -24,6 +24,8 @@ pub struct SharingSettings {
     pub memory_factor: u32,
     /// `deviceCoreScaling`: the cores resource advertises `floor(100 × scaling)` IDs per GPU.
     pub core_scaling: f64,
+    /// `deviceMemoryScaling`: memory is advertised as physical × this (> 1 oversubscribes).
+    pub memory_scaling: f64,
 }
 
 impl Default for SharingSettings {
@@ -33,6 +35,7 @@ impl Default for SharingSettings {
             split_count: 10,
             memory_factor: 1,
             core_scaling: 1.0,
+            memory_scaling: 1.0,
         }
     }
 }
@@ -75,6 +78,16 @@ impl SharingSettings {
             });
         }
         Ok(())
+    }
+
+    /// Memory units one GPU advertises: `floor(MiB × memory scaling) / factor` (with scaling 1, contract §1.2).
+    pub fn memory_units(&self, memory_mib: u64) -> u64 {
+        let scaled = if self.memory_scaling == 1.0 {
+            memory_mib
+        } else {
+            (memory_mib as f64 * self.memory_scaling) as u64
+        };
+        scaled / u64::from(self.memory_factor.max(1))
     }
 
     /// IDs per GPU on the cores resource: Go's `int(100 * scaling)`, i.e. truncation.
@@ -142,6 +155,46 @@ impl Default for HealthSettings {
     }
 }
 
+/// How the legacy `volcano.sh/node-vgpu-handshake` (schedulers up to v1.15.0) is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum HandshakeMode {
+    /// Answer only when an old scheduler asks (the key is missing or marked `Deleted_…`): no writes at rest
+    /// with a current scheduler.
+    #[default]
+    Auto,
+    /// Also heartbeat every 30 s like the Go plugin up to v1.12 (for schedulers that need it; costs writes).
+    On,
+    /// Never write the handshake.
+    Off,
+}
+
+/// Where the agent finds the cluster side of its configuration.
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    /// Namespace of the device config map; `None` searches `kube-system` then `volcano-system`.
+    pub device_config_namespace: Option<String>,
+    /// Name of the device config map.
+    pub device_config_name: String,
+    /// The per-node `config.json` (a mounted config map).
+    pub node_config_path: PathBuf,
+    /// The legacy handshake.
+    pub handshake: HandshakeMode,
+    /// How long to keep retrying an unreachable apiserver at start before giving up.
+    pub apiserver_wait: Duration,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        Self {
+            device_config_namespace: None,
+            device_config_name: crate::device_config::DEVICE_CONFIG_MAP.to_owned(),
+            node_config_path: PathBuf::from(crate::device_config::NODE_CONFIG_PATH),
+            handshake: HandshakeMode::Auto,
+            apiserver_wait: Duration::from_secs(60),
+        }
+    }
+}
+
 /// Everything `agent::run` needs.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -151,14 +204,20 @@ pub struct AgentConfig {
     pub kubelet_socket: PathBuf,
     /// Root of sysfs, for the NUMA node of GPUs whose NVML cannot say.
     pub sysfs_root: PathBuf,
-    /// The node this agent runs on (`NODE_NAME`); not needed by the endpoints themselves.
+    /// The node this agent runs on (`NODE_NAME`). Without it the agent serves device counts only
+    /// ("standalone"): no node annotations and no Volcano hand-off in Allocate.
     pub node_name: Option<String>,
-    /// Where `libvgpu.so` and `ld.so.preload` live on the host (`HOOK_PATH`).
+    /// Where `libvgpu.so` and `ld.so.preload` live on the host (`HOOK_PATH`); per-container cache
+    /// directories go under `<hook_path>/vgpu/containers`.
     pub hook_path: PathBuf,
-    /// How GPUs are cut into IDs.
-    pub sharing: SharingSettings,
-    /// The three resource names.
-    pub resources: ResourceNames,
+    /// The host lock directory HAMi-core uses (`/tmp/vgpulock`).
+    pub lock_dir: PathBuf,
+    /// Flags the operator set explicitly; they win over the config maps.
+    pub explicit: crate::device_config::ExplicitFlags,
+    /// Config maps and the handshake.
+    pub cluster: ClusterSettings,
+    /// `NVIDIA_GDRCOPY`, `NVIDIA_GDS`, `NVIDIA_MOFED` in containers (the Go plugin's flags, all default on).
+    pub container_features: [bool; 3],
     /// Health checking.
     pub health: HealthSettings,
 }
@@ -170,6 +229,11 @@ impl AgentConfig {
             .parent()
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("."))
+    }
+
+    /// The one host directory that holds every container's cache directory (read by the metrics side).
+    pub fn cache_root(&self) -> PathBuf {
+        self.hook_path.join("vgpu/containers")
     }
 }
 

@@ -47,7 +47,7 @@ impl ResourceKind {
     pub fn ids_per_gpu(self, gpu: &Gpu, sharing: &SharingSettings) -> u64 {
         match self {
             ResourceKind::Number => u64::from(sharing.split_count),
-            ResourceKind::Memory => gpu.memory_mib() / u64::from(sharing.memory_factor.max(1)),
+            ResourceKind::Memory => sharing.memory_units(gpu.memory_mib()),
             ResourceKind::Cores => sharing.core_ids_per_gpu(),
         }
     }
@@ -128,6 +128,24 @@ impl DevicePlan {
     /// The number of IDs this resource advertises on the node.
     pub fn total(&self) -> u64 {
         self.per_gpu.iter().sum()
+    }
+
+    /// The position (inventory order) of the GPU an ID of this plan belongs to.
+    pub fn gpu_of(&self, inventory: &Inventory, id: &str) -> Option<usize> {
+        match self.style {
+            IdStyle::Upstream => inventory.gpus.iter().position(|g| {
+                id.strip_prefix(g.uuid.as_str())
+                    .is_some_and(|rest| rest.starts_with('-'))
+            }),
+            IdStyle::Compact => {
+                let minor: u32 = id
+                    .split(|c: char| !c.is_ascii_digit())
+                    .next()?
+                    .parse()
+                    .ok()?;
+                inventory.gpus.iter().position(|g| g.minor == minor)
+            }
+        }
     }
 
     /// The full device list, each ID carrying its GPU's health (`healthy` is in inventory order).
@@ -315,6 +333,7 @@ mod tests {
             split_count: 10,
             memory_factor: 1,
             core_scaling: 1.5,
+            ..Default::default()
         };
         assert_eq!(
             DevicePlan::new(ResourceKind::Number, &inv, &s)
@@ -469,6 +488,33 @@ mod tests {
             ..Default::default()
         };
         assert!(DevicePlan::new(ResourceKind::Memory, &inv, &too_small).is_err());
+    }
+
+    #[test]
+    fn every_id_maps_back_to_its_gpu_in_both_styles() {
+        let inv = node(3, 300);
+        for kind in ResourceKind::ALL {
+            for style in [IdStyle::Upstream, IdStyle::Compact] {
+                let plan = DevicePlan {
+                    style,
+                    ..DevicePlan::new(kind, &inv, &SharingSettings::default()).unwrap()
+                };
+                let devices = plan.devices(&inv, &[true; 3]);
+                let mut start = 0;
+                for (g, count) in plan.per_gpu.iter().enumerate() {
+                    for d in &devices[start..start + *count as usize] {
+                        assert_eq!(
+                            plan.gpu_of(&inv, &d.id),
+                            Some(g),
+                            "{kind:?} {style:?} {}",
+                            d.id
+                        );
+                    }
+                    start += *count as usize;
+                }
+                assert_eq!(plan.gpu_of(&inv, "GPU-unknown-1"), None);
+            }
+        }
     }
 
     #[test]

@@ -7,9 +7,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kubelet_api::v1beta1::Empty;
 use kubelet_api::v1beta1::device_plugin_client::DevicePluginClient;
 use kubelet_api::v1beta1::device_plugin_server::DevicePluginServer;
+use kubelet_api::v1beta1::{DevicePluginOptions, Empty};
 use tokio::net::UnixListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -57,6 +57,8 @@ pub struct RunningEndpoint {
     pub resource_name: String,
     /// Full socket path.
     pub socket: PathBuf,
+    /// The options it serves, sent again in the `RegisterRequest`.
+    pub options: DevicePluginOptions,
     stopping: watch::Sender<bool>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
 }
@@ -85,6 +87,7 @@ impl RunningEndpoint {
         })?;
         let (stopping, stop_rx) = watch::channel(false);
         let service = service(stop_rx.clone());
+        let options = service.options();
         let mut shutdown = stop_rx;
         let server = tokio::spawn(
             tonic::transport::Server::builder()
@@ -97,6 +100,7 @@ impl RunningEndpoint {
             kind,
             resource_name: resource_name.to_owned(),
             socket,
+            options,
             stopping,
             server,
         };

@@ -9,12 +9,18 @@
 //! Start at [`agent::run`]; [`cli`] parses flags into an [`config::AgentConfig`] and is all `main.rs` calls.
 
 pub mod agent;
+pub mod allocate;
 pub mod cli;
+pub mod cluster;
 pub mod config;
+pub mod device_config;
 pub mod devices;
 pub mod endpoint;
 pub mod health;
 pub mod inventory;
 pub mod kubelet_watch;
+pub mod node_annotations;
+pub mod pod_cache;
 pub mod registration;
 pub mod service;
+pub mod volcano;

@@ -7,7 +7,7 @@ use kubelet_api::v1beta1::registration_client::RegistrationClient;
 use kubelet_api::v1beta1::{RegisterRequest, VERSION};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::service::plugin_options;
+use kubelet_api::v1beta1::DevicePluginOptions;
 
 /// How long a connection or a `Register` call to the kubelet may take.
 pub const KUBELET_TIMEOUT: Duration = Duration::from_secs(5);
@@ -48,6 +48,7 @@ pub async fn register(
     kubelet_socket: &Path,
     endpoint_file: &str,
     resource: &str,
+    options: DevicePluginOptions,
 ) -> Result<(), RegistrationError> {
     let channel =
         unix_channel(kubelet_socket)
@@ -60,7 +61,7 @@ pub async fn register(
         version: VERSION.to_owned(),
         endpoint: endpoint_file.to_owned(),
         resource_name: resource.to_owned(),
-        options: Some(plugin_options()),
+        options: Some(options),
     };
     RegistrationClient::new(channel)
         .register(request)

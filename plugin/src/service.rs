@@ -1,28 +1,32 @@
 //! The `DevicePlugin` gRPC service of one resource. This is the gRPC edge: it converts between protobuf
-//! messages and the domain (`devices`, `health`) and maps failures to `tonic::Status` in one place.
+//! messages and the domain (`devices`, `health`, `allocate`) and maps failures to `tonic::Status` in one place.
 
 use std::pin::Pin;
 use std::sync::Arc;
 
 use kubelet_api::v1beta1::device_plugin_server::DevicePlugin;
 use kubelet_api::v1beta1::{
-    AllocateRequest, AllocateResponse, ContainerAllocateResponse, DevicePluginOptions, Empty,
-    ListAndWatchResponse, PreStartContainerRequest, PreStartContainerResponse,
-    PreferredAllocationRequest, PreferredAllocationResponse,
+    AllocateRequest, AllocateResponse, ContainerAllocateResponse,
+    ContainerPreferredAllocationResponse, DevicePluginOptions, Empty, ListAndWatchResponse,
+    PreStartContainerRequest, PreStartContainerResponse, PreferredAllocationRequest,
+    PreferredAllocationResponse,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::allocate::{AllocateError, Allocator, Outcome};
 use crate::devices::{DevicePlan, ResourceKind};
 use crate::inventory::Inventory;
+use crate::volcano::selection::AllocatingEndpoint;
 
-/// What every endpoint answers to `GetDevicePluginOptions` and sends in `RegisterRequest.options`.
-pub fn plugin_options() -> DevicePluginOptions {
+/// What an endpoint answers to `GetDevicePluginOptions` and sends in `RegisterRequest.options`: the number
+/// and memory endpoints prefer the scheduler's GPUs when they can hand off to Volcano.
+pub fn plugin_options(kind: ResourceKind, volcano: bool) -> DevicePluginOptions {
     DevicePluginOptions {
         pre_start_required: false,
-        get_preferred_allocation_available: false,
+        get_preferred_allocation_available: volcano && kind != ResourceKind::Cores,
     }
 }
 
@@ -34,16 +38,19 @@ pub struct ResourceService {
     inventory: Arc<Inventory>,
     health: watch::Receiver<Vec<bool>>,
     stopping: watch::Receiver<bool>,
+    allocator: Option<Arc<Allocator>>,
 }
 
 impl ResourceService {
     /// `stopping` ends every open `ListAndWatch` stream when it turns true, so the server can shut down.
+    /// Without an `allocator` (no `NODE_NAME`) the endpoint serves counts only.
     pub fn new(
         resource_name: String,
         plan: Arc<DevicePlan>,
         inventory: Arc<Inventory>,
         health: watch::Receiver<Vec<bool>>,
         stopping: watch::Receiver<bool>,
+        allocator: Option<Arc<Allocator>>,
     ) -> Self {
         Self {
             resource_name,
@@ -51,7 +58,13 @@ impl ResourceService {
             inventory,
             health,
             stopping,
+            allocator,
         }
+    }
+
+    /// This endpoint's options.
+    pub fn options(&self) -> DevicePluginOptions {
+        plugin_options(self.plan.kind, self.allocator.is_some())
     }
 
     fn list(&self, healthy: &[bool]) -> ListAndWatchResponse {
@@ -59,6 +72,28 @@ impl ResourceService {
             devices: self.plan.devices(&self.inventory, healthy),
         }
     }
+
+    fn endpoint(&self) -> Option<AllocatingEndpoint> {
+        match self.plan.kind {
+            ResourceKind::Number => Some(AllocatingEndpoint::Number),
+            ResourceKind::Memory => Some(AllocatingEndpoint::Memory),
+            ResourceKind::Cores => None,
+        }
+    }
+
+    fn standalone_error(&self) -> Status {
+        Status::failed_precondition(format!(
+            "Allocate on {} needs the Volcano hand-off, which is off because the agent runs without NODE_NAME \
+             (set it from the downward API, spec.nodeName)",
+            self.resource_name
+        ))
+    }
+}
+
+fn empty_responses(n: usize) -> Response<AllocateResponse> {
+    Response::new(AllocateResponse {
+        container_responses: vec![ContainerAllocateResponse::default(); n],
+    })
 }
 
 type ListStream = Pin<Box<dyn Stream<Item = Result<ListAndWatchResponse, Status>> + Send>>;
@@ -69,7 +104,7 @@ impl DevicePlugin for ResourceService {
         &self,
         _: Request<Empty>,
     ) -> Result<Response<DevicePluginOptions>, Status> {
-        Ok(Response::new(plugin_options()))
+        Ok(Response::new(self.options()))
     }
 
     type ListAndWatchStream = ListStream;
@@ -109,12 +144,24 @@ impl DevicePlugin for ResourceService {
 
     async fn get_preferred_allocation(
         &self,
-        _: Request<PreferredAllocationRequest>,
+        request: Request<PreferredAllocationRequest>,
     ) -> Result<Response<PreferredAllocationResponse>, Status> {
-        // Advertised as unavailable in the options, so a conforming kubelet never calls it.
-        Err(Status::unimplemented(
-            "GetPreferredAllocation is not offered by this endpoint",
-        ))
+        let Some(endpoint) = self.endpoint() else {
+            return Err(Status::unimplemented(
+                "GetPreferredAllocation is not offered for the cores resource",
+            ));
+        };
+        let Some(allocator) = &self.allocator else {
+            return Err(self.standalone_error());
+        };
+        let mut container_responses = Vec::new();
+        for container in &request.into_inner().container_requests {
+            let device_i_ds = allocator.preferred(endpoint, &self.plan, container).await;
+            container_responses.push(ContainerPreferredAllocationResponse { device_i_ds });
+        }
+        Ok(Response::new(PreferredAllocationResponse {
+            container_responses,
+        }))
     }
 
     async fn allocate(
@@ -122,21 +169,35 @@ impl DevicePlugin for ResourceService {
         request: Request<AllocateRequest>,
     ) -> Result<Response<AllocateResponse>, Status> {
         let request = request.into_inner();
-        match self.plan.kind {
-            ResourceKind::Number => Err(Status::unimplemented(format!(
-                "Allocate on {} is not implemented yet: this build serves device counts only and does not read \
-                 Volcano's pod annotations, so it cannot place the limiter into the container",
-                self.resource_name
-            ))),
-            // The number endpoint does the work for a container; these two only lend their counts to the
-            // kubelet's bookkeeping, so each container gets an empty response.
-            ResourceKind::Memory | ResourceKind::Cores => Ok(Response::new(AllocateResponse {
-                container_responses: vec![
-                    ContainerAllocateResponse::default();
-                    request.container_requests.len()
-                ],
-            })),
+        // The cores resource only lends its count to the kubelet's bookkeeping.
+        let Some(endpoint) = self.endpoint() else {
+            return Ok(empty_responses(request.container_requests.len()));
+        };
+        let Some(allocator) = &self.allocator else {
+            return match endpoint {
+                AllocatingEndpoint::Number => Err(self.standalone_error()),
+                AllocatingEndpoint::Memory => Ok(empty_responses(request.container_requests.len())),
+            };
+        };
+        let mut container_responses = Vec::with_capacity(request.container_requests.len());
+        for container in &request.container_requests {
+            match allocator
+                .allocate(endpoint, container.devices_ids.len())
+                .await
+            {
+                Ok(Outcome::Handoff(response)) => container_responses.push(response),
+                Ok(Outcome::NotMine) => {
+                    container_responses.push(ContainerAllocateResponse::default())
+                }
+                Err(error @ AllocateError::Unreachable { .. }) => {
+                    return Err(Status::unavailable(error.to_string()));
+                }
+                Err(error) => return Err(Status::failed_precondition(error.to_string())),
+            }
         }
+        Ok(Response::new(AllocateResponse {
+            container_responses,
+        }))
     }
 
     async fn pre_start_container(

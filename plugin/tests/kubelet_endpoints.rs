@@ -179,7 +179,7 @@ async fn sigterm_removes_the_sockets_and_exits_zero() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn memory_and_cores_allocate_empty_and_number_says_it_is_not_ready() {
+async fn without_node_name_memory_and_cores_allocate_empty_and_number_names_what_is_missing() {
     let sim = SimNode::new(NodeSpec::uniform(1, GpuSpec::t4)).unwrap();
     let (_dir, kubelet) = kubelet().await;
     let _agent = Agent::spawn(agent_command(&sim, kubelet.socket()));
@@ -208,10 +208,11 @@ async fn memory_and_cores_allocate_empty_and_number_says_it_is_not_ready() {
         .allocate(NUMBER, &[&id])
         .await
         .unwrap()
-        .expect_err("number Allocate is not implemented yet");
-    assert_eq!(status.code(), tonic::Code::Unimplemented);
+        .expect_err("number Allocate needs the Volcano hand-off");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
     assert!(
-        status.message().contains("volcano.sh/vgpu-number"),
+        status.message().contains("volcano.sh/vgpu-number")
+            && status.message().contains("NODE_NAME"),
         "{}",
         status.message()
     );

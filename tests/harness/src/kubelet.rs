@@ -9,8 +9,8 @@ use anyhow::{Context, bail};
 use kubelet_api::v1beta1::device_plugin_client::DevicePluginClient;
 use kubelet_api::v1beta1::registration_server::{Registration, RegistrationServer};
 use kubelet_api::v1beta1::{
-    AllocateRequest, AllocateResponse, ContainerAllocateRequest, Device, DevicePluginOptions,
-    Empty, KUBELET_MAX_RECV_MESSAGE_BYTES, RegisterRequest, VERSION,
+    AllocateRequest, AllocateResponse, ContainerAllocateRequest, ContainerPreferredAllocationRequest, Device,
+    DevicePluginOptions, Empty, KUBELET_MAX_RECV_MESSAGE_BYTES, PreferredAllocationRequest, RegisterRequest, VERSION,
 };
 use tokio::net::UnixListener;
 use tokio::sync::{oneshot, watch};
@@ -225,6 +225,51 @@ impl FakeKubelet {
             },
         )
         .await
+    }
+
+    /// Calls `GetPreferredAllocation` for one container, as the kubelet does before `Allocate` when the plugin
+    /// offers it: `available` IDs, of which `size` are wanted.
+    pub async fn preferred(
+        &self,
+        resource: &str,
+        available: &[String],
+        size: usize,
+    ) -> anyhow::Result<Result<Vec<String>, Status>> {
+        let endpoint = self
+            .resource(resource)
+            .and_then(|v| v.registration)
+            .map(|r| r.endpoint)
+            .with_context(|| format!("{resource} is not registered"))?;
+        let channel = dial(&self.shared.dir.join(endpoint)).await?;
+        let request = PreferredAllocationRequest {
+            container_requests: vec![ContainerPreferredAllocationRequest {
+                available_device_i_ds: available.to_vec(),
+                must_include_device_i_ds: Vec::new(),
+                allocation_size: i32::try_from(size)?,
+            }],
+        };
+        Ok(DevicePluginClient::new(channel)
+            .get_preferred_allocation(request)
+            .await
+            .map(|r| r.into_inner().container_responses.into_iter().flat_map(|c| c.device_i_ds).collect()))
+    }
+
+    /// What the kubelet does for one container and one resource: ask for the preferred IDs among the healthy
+    /// ones when the plugin offers it (else take the first healthy ones), then `Allocate` them.
+    pub async fn admit(&self, resource: &str, size: usize) -> anyhow::Result<Result<AllocateResponse, Status>> {
+        let view = self.resource(resource).with_context(|| format!("{resource} is not registered"))?;
+        let healthy: Vec<String> = view.devices.iter().filter(|d| d.health == "Healthy").map(|d| d.id.clone()).collect();
+        let offers_preferred = view.options.as_ref().is_some_and(|o| o.get_preferred_allocation_available);
+        let ids = if offers_preferred {
+            match self.preferred(resource, &healthy, size).await? {
+                Ok(ids) => ids,
+                Err(status) => return Ok(Err(status)),
+            }
+        } else {
+            healthy.into_iter().take(size).collect()
+        };
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        self.allocate(resource, &ids).await
     }
 
     /// Calls `Allocate` on a registered resource's endpoint, one container asking for `ids`.

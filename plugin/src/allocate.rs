@@ -1,0 +1,427 @@
+//! The Volcano hand-off: turning the kubelet's `Allocate` (device IDs only, no pod, no container) into the
+//! scheduler's placement for one container, and that placement into the limiter's environment and mounts.
+//!
+//! One call at a time (a mutex shared by the number and memory endpoints): find the pending pod whose next
+//! container the request fits (`volcano::selection`), take that container's segment off
+//! `volcano.sh/devices-to-allocate` with a JSON patch guarded by a `test` of the old value (so a concurrent
+//! writer makes us fail loudly rather than hand out a segment twice), read the result back from the patch
+//! response, mark the pod `success` when its queue is empty, and answer with `volcano::allocate_env`. Any
+//! failure after a pod was chosen marks it `failed`, records a Kubernetes Event on it, and answers the kubelet
+//! with an error naming the pod and the cause.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Node, ObjectReference, Pod};
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Api, Client};
+use kubelet_api::v1beta1::{ContainerAllocateResponse, ContainerPreferredAllocationRequest};
+use tokio::sync::Mutex;
+
+use crate::device_config::VolcanoConfig;
+use crate::devices::DevicePlan;
+use crate::inventory::Inventory;
+use crate::node_annotations::release_node_lock;
+use crate::pod_cache::{PodCache, pod_view};
+use crate::volcano::allocate_env::{
+    Handoff, LimiterSettings, cache_dir_name, container_response, new_cache_file,
+};
+use crate::volcano::pod_devices::PodDevices;
+use crate::volcano::selection::{
+    AllocatingEndpoint, Assignment, PodView, next_assignment, select_pending_pod,
+};
+use crate::volcano::{
+    BIND_PHASE, DEVICES_TO_ALLOCATE, PHASE_FAILED, PHASE_SUCCESS, VGPU_TIME, VGPU_TIME_DONE,
+};
+
+/// What an Allocate call resolved to.
+#[derive(Debug)]
+pub enum Outcome {
+    /// This container's devices and limiter environment.
+    Handoff(ContainerAllocateResponse),
+    /// A memory-endpoint call for a container whose hand-off the number endpoint does: empty response.
+    NotMine,
+}
+
+/// Why an Allocate failed. The message goes to the kubelet, which shows it on the pod.
+#[derive(Debug, thiserror::Error)]
+pub enum AllocateError {
+    /// No pending pod matches.
+    #[error(
+        "no pending pod bound to node {node} is waiting for a container with {size} {what} (volcano.sh/vgpu-node = \
+         {node}, volcano.sh/bind-phase = allocating, next segment of volcano.sh/devices-to-allocate of that size); \
+         is deviceshare.VGPUEnable set in the Volcano scheduler?"
+    )]
+    NoPendingPod {
+        /// This node.
+        node: String,
+        /// The kubelet's request size.
+        size: usize,
+        /// "vGPU(s)" or "memory units (memory-only container)".
+        what: &'static str,
+    },
+    /// The apiserver could not be asked.
+    #[error("cannot read the pods of node {node} from the apiserver: {source}")]
+    Unreachable {
+        /// This node.
+        node: String,
+        /// The client error.
+        #[source]
+        source: kube::Error,
+    },
+    /// A pod was chosen and the hand-off failed.
+    #[error("pod {namespace}/{name}: {cause}")]
+    Pod {
+        /// Its namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+        /// What went wrong.
+        cause: String,
+    },
+}
+
+/// The hand-off machinery, shared by the endpoints.
+pub struct Allocator {
+    node: String,
+    client: Client,
+    pods: PodCache,
+    nodes: Api<Node>,
+    config: Arc<VolcanoConfig>,
+    limiter: LimiterSettings,
+    cache_root: PathBuf,
+    inventory: Arc<Inventory>,
+    recorder: Recorder,
+    serial: Mutex<()>,
+}
+
+impl std::fmt::Debug for Allocator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Allocator")
+            .field("node", &self.node)
+            .field("cache_root", &self.cache_root)
+            .finish()
+    }
+}
+
+impl Allocator {
+    /// Everything the hand-off needs; `cache_root` is the one host directory holding the per-container caches.
+    pub fn new(
+        client: Client,
+        node: &str,
+        pods: PodCache,
+        config: Arc<VolcanoConfig>,
+        limiter: LimiterSettings,
+        cache_root: PathBuf,
+        inventory: Arc<Inventory>,
+    ) -> Self {
+        let reporter = Reporter {
+            controller: "vgpu-device-plugin".into(),
+            instance: Some(node.to_owned()),
+        };
+        Self {
+            node: node.to_owned(),
+            nodes: Api::all(client.clone()),
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            pods,
+            config,
+            limiter,
+            cache_root,
+            inventory,
+            serial: Mutex::new(()),
+        }
+    }
+
+    /// Finds the pending pod a request of `size` fits, from the watch cache, then from a direct read.
+    async fn find(
+        &self,
+        endpoint: AllocatingEndpoint,
+        size: usize,
+    ) -> Result<Option<PodView>, AllocateError> {
+        let names = &self.config.resources;
+        let cached: Vec<PodView> = self
+            .pods
+            .cached()
+            .iter()
+            .map(|p| pod_view(p, names))
+            .collect();
+        if let Some(i) = select_pending_pod(&cached, &self.node, endpoint, size) {
+            return Ok(Some(cached[i].clone()));
+        }
+        let listed =
+            self.pods
+                .list_direct()
+                .await
+                .map_err(|source| AllocateError::Unreachable {
+                    node: self.node.clone(),
+                    source,
+                })?;
+        let views: Vec<PodView> = listed.iter().map(|p| pod_view(p, names)).collect();
+        for view in &views {
+            if let Err(error) = next_assignment(view) {
+                tracing::warn!(pod = %format!("{}/{}", view.namespace, view.name), %error, "pod skipped: malformed annotation");
+            }
+        }
+        Ok(select_pending_pod(&views, &self.node, endpoint, size).map(|i| views[i].clone()))
+    }
+
+    /// Allocates one container.
+    pub async fn allocate(
+        &self,
+        endpoint: AllocatingEndpoint,
+        size: usize,
+    ) -> Result<Outcome, AllocateError> {
+        let _one_at_a_time = self.serial.lock().await;
+        let Some(pod) = self.find(endpoint, size).await? else {
+            if endpoint == AllocatingEndpoint::Memory {
+                return Ok(Outcome::NotMine);
+            }
+            release_node_lock(&self.nodes, &self.node).await;
+            return Err(AllocateError::NoPendingPod {
+                node: self.node.clone(),
+                size,
+                what: "vGPU(s)",
+            });
+        };
+        let assignment = match next_assignment(&pod) {
+            Ok(Some(a)) => a,
+            Ok(None) => {
+                return Err(self
+                    .fail(
+                        &pod,
+                        "nothing left in volcano.sh/devices-to-allocate".into(),
+                    )
+                    .await);
+            }
+            Err(error) => return Err(self.fail(&pod, error.to_string()).await),
+        };
+        match self.hand_off(&pod, &assignment).await {
+            Ok(response) => Ok(Outcome::Handoff(response)),
+            Err(cause) => Err(self.fail(&pod, cause).await),
+        }
+    }
+
+    async fn hand_off(
+        &self,
+        pod: &PodView,
+        a: &Assignment,
+    ) -> Result<ContainerAllocateResponse, String> {
+        let container = pod
+            .containers
+            .get(a.container)
+            .ok_or("segment maps to no container")?;
+        let cache_host_dir = self
+            .cache_root
+            .join(cache_dir_name(&pod.uid, &container.name));
+        prepare_cache_dir(&cache_host_dir)?;
+
+        let old = pod
+            .annotations
+            .get(DEVICES_TO_ALLOCATE)
+            .cloned()
+            .unwrap_or_default();
+        let mut queue = PodDevices::decode(DEVICES_TO_ALLOCATE, &old).map_err(|e| e.to_string())?;
+        let devices = queue.take_segment(a.segment);
+        let new = queue.encode();
+        let path = format!(
+            "/metadata/annotations/{}",
+            DEVICES_TO_ALLOCATE.replace('~', "~0").replace('/', "~1")
+        );
+        let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
+            { "op": "test", "path": path, "value": old },
+            { "op": "replace", "path": path, "value": new },
+        ]))
+        .map_err(|e| format!("building the patch: {e}"))?;
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace);
+        let updated = pods
+            .patch(
+                &pod.name,
+                &PatchParams::default(),
+                &Patch::<()>::Json(patch),
+            )
+            .await
+            .map_err(|e| {
+                format!("cannot advance {DEVICES_TO_ALLOCATE} from {old:?} to {new:?}: {e}")
+            })?;
+        let read_back = updated
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(DEVICES_TO_ALLOCATE));
+        if read_back != Some(&new) {
+            return Err(format!(
+                "{DEVICES_TO_ALLOCATE} reads back as {read_back:?}, not {new:?}"
+            ));
+        }
+
+        if queue.remaining() == 0 {
+            let body = serde_json::json!({ "metadata": { "annotations": { BIND_PHASE: PHASE_SUCCESS, VGPU_TIME: VGPU_TIME_DONE } } });
+            let done = pods
+                .patch(&pod.name, &PatchParams::default(), &Patch::Merge(&body))
+                .await
+                .map_err(|e| format!("cannot set {BIND_PHASE}={PHASE_SUCCESS}: {e}"))?;
+            let annotations = done.metadata.annotations.unwrap_or_default();
+            if annotations.get(BIND_PHASE).map(String::as_str) != Some(PHASE_SUCCESS)
+                || annotations.get(VGPU_TIME).map(String::as_str) != Some(VGPU_TIME_DONE)
+            {
+                return Err(format!(
+                    "{BIND_PHASE}/{VGPU_TIME} did not read back as {PHASE_SUCCESS}/{VGPU_TIME_DONE}"
+                ));
+            }
+            release_node_lock(&self.nodes, &self.node).await;
+        }
+        let response = container_response(
+            &self.limiter,
+            &Handoff {
+                devices: &devices,
+                cache_host_dir,
+                cache_file: new_cache_file(),
+                disable_control: container.disable_control,
+            },
+        );
+        tracing::info!(
+            pod = %format!("{}/{}", pod.namespace, pod.name), container = %container.name,
+            devices = ?devices.iter().map(|d| d.uuid.as_str()).collect::<Vec<_>>(), left = queue.remaining(),
+            "container handed its vGPUs"
+        );
+        Ok(response)
+    }
+
+    /// Marks the pod failed, records why on it, releases the node lock; returns the error for the kubelet.
+    async fn fail(&self, pod: &PodView, cause: String) -> AllocateError {
+        tracing::error!(pod = %format!("{}/{}", pod.namespace, pod.name), %cause, "vGPU allocation failed");
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace);
+        let body = serde_json::json!({ "metadata": { "annotations": { BIND_PHASE: PHASE_FAILED, VGPU_TIME: VGPU_TIME_DONE } } });
+        if let Err(error) = pods
+            .patch(&pod.name, &PatchParams::default(), &Patch::Merge(&body))
+            .await
+        {
+            tracing::warn!(%error, "cannot mark the pod {BIND_PHASE}={PHASE_FAILED}");
+        }
+        let reference = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            namespace: Some(pod.namespace.clone()),
+            name: Some(pod.name.clone()),
+            uid: Some(pod.uid.clone()).filter(|u| !u.is_empty()),
+            ..Default::default()
+        };
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "VGPUAllocateFailed".into(),
+            note: Some(truncate(&cause, 1000)),
+            action: "Allocate".into(),
+            secondary: None,
+        };
+        if let Err(error) = self.recorder.publish(&event, &reference).await {
+            tracing::warn!(%error, "cannot record the failure as an event");
+        }
+        release_node_lock(&self.nodes, &self.node).await;
+        AllocateError::Pod {
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+            cause,
+        }
+    }
+
+    /// `GetPreferredAllocation`: the IDs of the GPUs the scheduler assigned to the pending container, so the
+    /// kubelet's device IDs (and the PodResources API) match the real placement. Reads only; falls back to the
+    /// kubelet's own choice (must-include first, then available in order) when no pending pod fits.
+    pub async fn preferred(
+        &self,
+        endpoint: AllocatingEndpoint,
+        plan: &DevicePlan,
+        request: &ContainerPreferredAllocationRequest,
+    ) -> Vec<String> {
+        let size = usize::try_from(request.allocation_size).unwrap_or(0);
+        let assigned = {
+            let _one_at_a_time = self.serial.lock().await;
+            match self.find(endpoint, size).await {
+                Ok(Some(pod)) => next_assignment(&pod).ok().flatten(),
+                _ => None,
+            }
+        };
+        let uuids: Vec<&str> = assigned
+            .as_ref()
+            .map(|a| a.devices.iter().map(|d| d.uuid.as_str()).collect())
+            .unwrap_or_default();
+        prefer(&self.inventory, plan, request, &uuids)
+    }
+}
+
+/// Chooses `allocation_size` IDs: the must-include ones, then one available ID per assigned GPU in order
+/// (number resource) or all from the assigned GPU (memory resource), then any available ones.
+pub fn prefer(
+    inventory: &Inventory,
+    plan: &DevicePlan,
+    request: &ContainerPreferredAllocationRequest,
+    assigned: &[&str],
+) -> Vec<String> {
+    let size = usize::try_from(request.allocation_size).unwrap_or(0);
+    let mut chosen: Vec<String> = request
+        .must_include_device_i_ds
+        .iter()
+        .take(size)
+        .cloned()
+        .collect();
+    let gpu_of = |id: &str| {
+        plan.gpu_of(inventory, id)
+            .map(|g| inventory.gpus[g].uuid.as_str())
+    };
+    let take = |chosen: &mut Vec<String>, want: Option<&str>| {
+        if let Some(id) = request
+            .available_device_i_ds
+            .iter()
+            .find(|id| !chosen.contains(id) && (want.is_none() || gpu_of(id) == want))
+        {
+            chosen.push(id.clone());
+            true
+        } else {
+            false
+        }
+    };
+    match plan.kind {
+        crate::devices::ResourceKind::Number => {
+            for uuid in assigned {
+                if chosen.len() >= size {
+                    break;
+                }
+                if chosen.iter().any(|id| gpu_of(id) == Some(uuid)) {
+                    continue;
+                }
+                take(&mut chosen, Some(uuid));
+            }
+        }
+        _ => {
+            if let Some(uuid) = assigned.first() {
+                while chosen.len() < size && take(&mut chosen, Some(uuid)) {}
+            }
+        }
+    }
+    while chosen.len() < size && take(&mut chosen, None) {}
+    chosen
+}
+
+/// Creates the per-container cache directory (0777, like HAMi-core expects) if it is not there. It is never
+/// emptied or removed here: a running container of the same pod may have it mounted (the Go plugin's
+/// `RemoveAll` left stale bind mounts); each Allocate draws a fresh cache file name inside it instead.
+fn prepare_cache_dir(dir: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| format!("cannot create the cache directory {}: {e}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777))
+        .map_err(|e| format!("cannot open up the cache directory {}: {e}", dir.display()))
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}

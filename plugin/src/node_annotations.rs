@@ -1,0 +1,211 @@
+//! What the node tells Volcano's scheduler: `volcano.sh/node-vgpu-register` (the GPU inventory, contract
+//! §2.1) and, for schedulers up to v1.15.0, `volcano.sh/node-vgpu-handshake` (§2.3).
+//!
+//! The publisher watches its own Node object and writes only when what is there differs from what should be:
+//! at start, on a health change, when someone else changed the value, and when an old scheduler asks for a
+//! handshake. At rest, with a current scheduler, it makes no writes at all (the Go plugin made two a minute).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client};
+use tokio::sync::watch;
+
+use crate::config::HandshakeMode;
+use crate::device_config::VolcanoConfig;
+use crate::inventory::Inventory;
+use crate::volcano::handshake::{Handshake, parse_handshake, reported_value};
+use crate::volcano::node_register::{RegisteredGpu, encode_node_register};
+use crate::volcano::{NODE_HANDSHAKE, NODE_LOCK, NODE_REGISTER};
+
+/// How often the Go plugin up to v1.12 heartbeated, for `--legacy-handshake=on`.
+const HEARTBEAT: Duration = Duration::from_secs(30);
+
+/// The register annotation for the node's GPUs and their health (inventory order = minor order).
+pub fn register_value(inventory: &Inventory, healthy: &[bool], config: &VolcanoConfig) -> String {
+    let gpus: Vec<RegisteredGpu> = inventory
+        .gpus
+        .iter()
+        .enumerate()
+        .map(|(i, gpu)| RegisteredGpu {
+            uuid: gpu.uuid.clone(),
+            split_count: config.sharing.split_count,
+            memory_units: config.sharing.memory_units(gpu.memory_mib()),
+            model: gpu.model.clone(),
+            healthy: healthy.get(i).copied().unwrap_or(false),
+            mode: config.operating_mode.clone(),
+        })
+        .collect();
+    encode_node_register(&gpus)
+}
+
+/// What to write given what the node holds now.
+pub fn handshake_reply(mode: HandshakeMode, current: Option<&str>, heartbeat_due: bool) -> bool {
+    match mode {
+        HandshakeMode::Off => false,
+        HandshakeMode::On => {
+            heartbeat_due
+                || matches!(
+                    parse_handshake(current),
+                    Handshake::Missing | Handshake::Deleted { .. }
+                )
+        }
+        // An old scheduler ignores a node whose key is missing or `Deleted_…`; a `Requesting_…` value is its
+        // own acknowledgement and needs no answer until it expires into `Deleted_…`.
+        HandshakeMode::Auto => matches!(
+            parse_handshake(current),
+            Handshake::Missing | Handshake::Deleted { .. }
+        ),
+    }
+}
+
+/// Counts the node writes, for the figures and the metrics.
+#[derive(Debug, Default)]
+pub struct NodeWrites(AtomicU64);
+
+impl NodeWrites {
+    /// Writes so far.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Runs until aborted.
+pub async fn publish(
+    client: Client,
+    node: String,
+    inventory: Arc<Inventory>,
+    config: Arc<VolcanoConfig>,
+    mut health: watch::Receiver<Vec<bool>>,
+    mode: HandshakeMode,
+    writes: Arc<NodeWrites>,
+) {
+    let api: Api<Node> = Api::all(client);
+    let nodes = watcher(
+        api.clone(),
+        watcher::Config::default().fields(&format!("metadata.name={node}")),
+    )
+    .default_backoff()
+    .applied_objects();
+    let mut nodes = std::pin::pin!(nodes);
+    let mut latest: Option<Node> = None;
+    let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut watch_failing = false;
+    loop {
+        let mut heartbeat_due = false;
+        tokio::select! {
+            event = nodes.next() => match event {
+                Some(Ok(n)) => { watch_failing = false; latest = Some(n); }
+                Some(Err(error)) => {
+                    if !watch_failing { tracing::warn!(%error, "node watch failed; retrying with backoff"); }
+                    watch_failing = true;
+                    continue;
+                }
+                None => return,
+            },
+            changed = health.changed() => if changed.is_err() { return },
+            _ = heartbeat.tick(), if mode == HandshakeMode::On => heartbeat_due = true,
+        }
+        let Some(current) = latest.as_ref() else {
+            continue;
+        };
+        let annotations = current.metadata.annotations.clone().unwrap_or_default();
+        let desired = register_value(&inventory, &health.borrow(), &config);
+        let mut patch = serde_json::Map::new();
+        if annotations.get(NODE_REGISTER) != Some(&desired) {
+            patch.insert(NODE_REGISTER.to_owned(), desired.into());
+        }
+        if handshake_reply(
+            mode,
+            annotations.get(NODE_HANDSHAKE).map(String::as_str),
+            heartbeat_due,
+        ) {
+            patch.insert(
+                NODE_HANDSHAKE.to_owned(),
+                reported_value(SystemTime::now()).into(),
+            );
+        }
+        if patch.is_empty() {
+            continue;
+        }
+        let keys: Vec<String> = patch.keys().cloned().collect();
+        let body = serde_json::json!({ "metadata": { "annotations": patch } });
+        match api
+            .patch(&node, &PatchParams::default(), &Patch::Merge(&body))
+            .await
+        {
+            Ok(updated) => {
+                writes.0.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(?keys, "node annotations written");
+                latest = Some(updated);
+            }
+            Err(error) => {
+                tracing::warn!(%error, ?keys, "cannot write node annotations; will retry on the next change")
+            }
+        }
+    }
+}
+
+/// Removes the scheduler's `hamivgpu` node lock if it is there (contract §2.2): after a successful or failed
+/// allocation, and when no pending pod matches. Reads first, so a node without the lock costs no write.
+pub async fn release_node_lock(api: &Api<Node>, node: &str) {
+    let has_lock = match api.get_opt(node).await {
+        Ok(Some(n)) => n
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(NODE_LOCK)),
+        Ok(None) => false,
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the node to release its lock");
+            return;
+        }
+    };
+    if has_lock {
+        let body = serde_json::json!({ "metadata": { "annotations": { NODE_LOCK: null } } });
+        match api
+            .patch(node, &PatchParams::default(), &Patch::Merge(&body))
+            .await
+        {
+            Ok(_) => tracing::info!("node lock {NODE_LOCK} released"),
+            Err(error) => tracing::warn!(%error, "cannot release the node lock"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_handshake_answers_only_an_old_scheduler_that_asks() {
+        let auto = |v: Option<&str>| handshake_reply(HandshakeMode::Auto, v, false);
+        assert!(
+            auto(None),
+            "missing: an old scheduler ignores the node until it is there"
+        );
+        assert!(auto(Some("Deleted_2026.08.20 10:01:01")));
+        assert!(
+            !auto(Some("Requesting_2026.08.20 10:00:00")),
+            "the scheduler's own mark needs no answer"
+        );
+        assert!(!auto(Some("Reported 2026-08-20 10:00:00 +0000 UTC")));
+        assert!(!handshake_reply(HandshakeMode::Off, None, true));
+        assert!(handshake_reply(
+            HandshakeMode::On,
+            Some("Requesting_2026.08.20 10:00:00"),
+            true
+        ));
+        assert!(!handshake_reply(
+            HandshakeMode::On,
+            Some("Requesting_2026.08.20 10:00:00"),
+            false
+        ));
+    }
+}

@@ -1,0 +1,179 @@
+//! The pods bound to this node, from a watch (field selector `spec.nodeName=<node>`), with a direct,
+//! equally node-scoped LIST as the fallback for a pod the watch has not delivered yet. Nothing here ever lists
+//! every pod in the cluster (the Go plugin does, on every Allocate).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Container, Pod};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use kube::api::ListParams;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client};
+use tokio::task::JoinHandle;
+
+use crate::config::ResourceNames;
+use crate::volcano::selection::{ContainerLimits, PodView};
+
+/// The node's pods.
+#[derive(Clone)]
+pub struct PodCache {
+    store: Store<Pod>,
+    pods: Api<Pod>,
+    node: String,
+}
+
+impl std::fmt::Debug for PodCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodCache")
+            .field("node", &self.node)
+            .field("cached", &self.store.state().len())
+            .finish()
+    }
+}
+
+impl PodCache {
+    /// Starts the watch; the task runs until aborted and rides out apiserver outages with backoff.
+    pub fn start(client: Client, node: &str) -> (Self, JoinHandle<()>) {
+        let pods: Api<Pod> = Api::all(client);
+        let (store, writer) = reflector::store();
+        let selector = format!("spec.nodeName={node}");
+        let stream = reflector::reflector(
+            writer,
+            watcher(pods.clone(), watcher::Config::default().fields(&selector)),
+        )
+        .default_backoff();
+        let task = tokio::spawn(async move {
+            let mut failing = false;
+            let mut stream = std::pin::pin!(stream);
+            while let Some(event) = stream.next().await {
+                match event {
+                    Ok(_) if failing => {
+                        tracing::info!("pod watch recovered");
+                        failing = false;
+                    }
+                    Ok(_) => {}
+                    Err(error) if !failing => {
+                        tracing::warn!(%error, "pod watch failed; retrying with backoff (Allocate falls back to direct reads)");
+                        failing = true;
+                    }
+                    Err(_) => {}
+                }
+            }
+        });
+        (
+            Self {
+                store,
+                pods,
+                node: node.to_owned(),
+            },
+            task,
+        )
+    }
+
+    /// The pods the watch has delivered.
+    pub fn cached(&self) -> Vec<Arc<Pod>> {
+        self.store.state()
+    }
+
+    /// A direct read of the pods bound to this node.
+    pub async fn list_direct(&self) -> kube::Result<Vec<Pod>> {
+        let params = ListParams::default().fields(&format!("spec.nodeName={}", self.node));
+        Ok(self.pods.list(&params).await?.items)
+    }
+
+    /// Waits up to `timeout` for the first full list, so the first Allocate after start does not have to
+    /// fall back to a direct read.
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        tokio::time::timeout(timeout, self.store.wait_until_ready())
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+}
+
+/// The parts of a pod the selection rules look at.
+pub fn pod_view(pod: &Pod, names: &ResourceNames) -> PodView {
+    let meta = &pod.metadata;
+    let containers = pod
+        .spec
+        .as_ref()
+        .map(|s| s.containers.iter().map(|c| limits(c, names)).collect())
+        .unwrap_or_default();
+    PodView {
+        namespace: meta.namespace.clone().unwrap_or_default(),
+        name: meta.name.clone().unwrap_or_default(),
+        uid: meta.uid.clone().unwrap_or_default(),
+        phase: pod.status.as_ref().and_then(|s| s.phase.clone()),
+        node_name: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+        creation_timestamp: meta.creation_timestamp.as_ref().map(|t| t.0.as_second()),
+        annotations: meta.annotations.clone().unwrap_or_default(),
+        containers,
+    }
+}
+
+fn limits(container: &Container, names: &ResourceNames) -> ContainerLimits {
+    let limit = |name: &str| {
+        let resources = container.resources.as_ref()?;
+        resources
+            .limits
+            .as_ref()
+            .and_then(|l| l.get(name))
+            .and_then(quantity_value)
+    };
+    ContainerLimits {
+        name: container.name.clone(),
+        count: limit(&names.number),
+        // The scheduler takes memory from limits, then requests.
+        memory: limit(&names.memory).or_else(|| {
+            container
+                .resources
+                .as_ref()
+                .and_then(|r| r.requests.as_ref())
+                .and_then(|r| r.get(&names.memory))
+                .and_then(quantity_value)
+        }),
+        disable_control: container
+            .env
+            .as_ref()
+            .is_some_and(|env| env.iter().any(|e| e.name == "CUDA_DISABLE_CONTROL")),
+    }
+}
+
+/// Extended resources are whole numbers; accept the decimal SI and binary suffixes Kubernetes allows.
+pub fn quantity_value(q: &Quantity) -> Option<u64> {
+    let text = q.0.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, suffix) = text.split_at(split);
+    let base: u64 = digits.parse().ok()?;
+    let multiplier: u64 = match suffix {
+        "" => 1,
+        "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        _ => return None,
+    };
+    base.checked_mul(multiplier)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantities_parse_as_whole_numbers() {
+        let q = |s: &str| quantity_value(&Quantity(s.into()));
+        assert_eq!(q("3000"), Some(3000));
+        assert_eq!(q("2k"), Some(2000));
+        assert_eq!(q("1Ki"), Some(1024));
+        assert_eq!(q("1.5"), None);
+        assert_eq!(q("-1"), None);
+        assert_eq!(q("99999999999999999999"), None);
+    }
+}
