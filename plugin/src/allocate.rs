@@ -9,6 +9,7 @@
 //! failure after a pod was chosen marks it `failed`, records a Kubernetes Event on it, and answers the kubelet
 //! with an error naming the pod and the cause.
 
+use std::collections::HashSet;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,7 +22,7 @@ use kubelet_api::v1beta1::{ContainerAllocateResponse, ContainerPreferredAllocati
 use tokio::sync::Mutex;
 
 use crate::device_config::VolcanoConfig;
-use crate::devices::DevicePlan;
+use crate::devices::{DevicePlan, ResourceKind};
 use crate::inventory::Inventory;
 use crate::node_annotations::release_node_lock;
 use crate::pod_cache::{PodCache, pod_view};
@@ -30,7 +31,7 @@ use crate::volcano::allocate_env::{
 };
 use crate::volcano::pod_devices::PodDevices;
 use crate::volcano::selection::{
-    AllocatingEndpoint, Assignment, PodView, next_assignment, select_pending_pod,
+    AllocatingEndpoint, Assignment, PodView, malformed_pods, next_assignment, select_pending_pod,
 };
 use crate::volcano::{
     BIND_PHASE, DEVICES_TO_ALLOCATE, PHASE_FAILED, PHASE_SUCCESS, VGPU_TIME, VGPU_TIME_DONE,
@@ -160,12 +161,15 @@ impl Allocator {
                     source,
                 })?;
         let views: Vec<PodView> = listed.iter().map(|p| pod_view(p, names)).collect();
-        for view in &views {
-            if let Err(error) = next_assignment(view) {
-                tracing::warn!(pod = %format!("{}/{}", view.namespace, view.name), %error, "pod skipped: malformed annotation");
-            }
+        if let Some(i) = select_pending_pod(&views, &self.node, endpoint, size) {
+            return Ok(Some(views[i].clone()));
         }
-        Ok(select_pending_pod(&views, &self.node, endpoint, size).map(|i| views[i].clone()))
+        // A pod waiting here whose annotations cannot be read can never be allocated: fail it now, with the
+        // reason on the pod, rather than leave it stuck in `allocating` behind a generic kubelet error.
+        for (i, error) in malformed_pods(&views, &self.node) {
+            let _ = self.fail(&views[i], error.to_string()).await;
+        }
+        Ok(None)
     }
 
     /// Allocates one container.
@@ -353,7 +357,8 @@ impl Allocator {
 }
 
 /// Chooses `allocation_size` IDs: the must-include ones, then one available ID per assigned GPU in order
-/// (number resource) or all from the assigned GPU (memory resource), then any available ones.
+/// (number resource) or all from the assigned GPU (memory resource), then any available ones. Linear in the
+/// number of available IDs (a memory endpoint offers tens of thousands).
 pub fn prefer(
     inventory: &Inventory,
     plan: &DevicePlan,
@@ -361,47 +366,55 @@ pub fn prefer(
     assigned: &[&str],
 ) -> Vec<String> {
     let size = usize::try_from(request.allocation_size).unwrap_or(0);
-    let mut chosen: Vec<String> = request
-        .must_include_device_i_ds
-        .iter()
-        .take(size)
-        .cloned()
-        .collect();
+    let mut chosen: Vec<String> = Vec::with_capacity(size);
+    let mut taken: HashSet<String> = HashSet::with_capacity(size);
+    let mut push = |chosen: &mut Vec<String>, id: &str| {
+        if chosen.len() < size && !taken.contains(id) {
+            taken.insert(id.to_owned());
+            chosen.push(id.to_owned());
+        }
+    };
+    for id in &request.must_include_device_i_ds {
+        push(&mut chosen, id);
+    }
     let gpu_of = |id: &str| {
         plan.gpu_of(inventory, id)
             .map(|g| inventory.gpus[g].uuid.as_str())
     };
-    let take = |chosen: &mut Vec<String>, want: Option<&str>| {
-        if let Some(id) = request
-            .available_device_i_ds
-            .iter()
-            .find(|id| !chosen.contains(id) && (want.is_none() || gpu_of(id) == want))
-        {
-            chosen.push(id.clone());
-            true
-        } else {
-            false
-        }
-    };
     match plan.kind {
-        crate::devices::ResourceKind::Number => {
+        ResourceKind::Number => {
             for uuid in assigned {
-                if chosen.len() >= size {
-                    break;
-                }
                 if chosen.iter().any(|id| gpu_of(id) == Some(uuid)) {
                     continue;
                 }
-                take(&mut chosen, Some(uuid));
+                if let Some(id) = request
+                    .available_device_i_ds
+                    .iter()
+                    .find(|id| gpu_of(id) == Some(uuid))
+                {
+                    push(&mut chosen, id);
+                }
             }
         }
-        _ => {
+        ResourceKind::Memory | ResourceKind::Cores => {
             if let Some(uuid) = assigned.first() {
-                while chosen.len() < size && take(&mut chosen, Some(uuid)) {}
+                for id in &request.available_device_i_ds {
+                    if chosen.len() >= size {
+                        break;
+                    }
+                    if gpu_of(id) == Some(uuid) {
+                        push(&mut chosen, id);
+                    }
+                }
             }
         }
     }
-    while chosen.len() < size && take(&mut chosen, None) {}
+    for id in &request.available_device_i_ds {
+        if chosen.len() >= size {
+            break;
+        }
+        push(&mut chosen, id);
+    }
     chosen
 }
 

@@ -9,8 +9,9 @@ use anyhow::{Context, bail};
 use kubelet_api::v1beta1::device_plugin_client::DevicePluginClient;
 use kubelet_api::v1beta1::registration_server::{Registration, RegistrationServer};
 use kubelet_api::v1beta1::{
-    AllocateRequest, AllocateResponse, ContainerAllocateRequest, ContainerPreferredAllocationRequest, Device,
-    DevicePluginOptions, Empty, KUBELET_MAX_RECV_MESSAGE_BYTES, PreferredAllocationRequest, RegisterRequest, VERSION,
+    AllocateRequest, AllocateResponse, ContainerAllocateRequest,
+    ContainerPreferredAllocationRequest, Device, DevicePluginOptions, Empty,
+    KUBELET_MAX_RECV_MESSAGE_BYTES, PreferredAllocationRequest, RegisterRequest, VERSION,
 };
 use tokio::net::UnixListener;
 use tokio::sync::{oneshot, watch};
@@ -251,15 +252,35 @@ impl FakeKubelet {
         Ok(DevicePluginClient::new(channel)
             .get_preferred_allocation(request)
             .await
-            .map(|r| r.into_inner().container_responses.into_iter().flat_map(|c| c.device_i_ds).collect()))
+            .map(|r| {
+                r.into_inner()
+                    .container_responses
+                    .into_iter()
+                    .flat_map(|c| c.device_i_ds)
+                    .collect()
+            }))
     }
 
     /// What the kubelet does for one container and one resource: ask for the preferred IDs among the healthy
     /// ones when the plugin offers it (else take the first healthy ones), then `Allocate` them.
-    pub async fn admit(&self, resource: &str, size: usize) -> anyhow::Result<Result<AllocateResponse, Status>> {
-        let view = self.resource(resource).with_context(|| format!("{resource} is not registered"))?;
-        let healthy: Vec<String> = view.devices.iter().filter(|d| d.health == "Healthy").map(|d| d.id.clone()).collect();
-        let offers_preferred = view.options.as_ref().is_some_and(|o| o.get_preferred_allocation_available);
+    pub async fn admit(
+        &self,
+        resource: &str,
+        size: usize,
+    ) -> anyhow::Result<Result<AllocateResponse, Status>> {
+        let view = self
+            .resource(resource)
+            .with_context(|| format!("{resource} is not registered"))?;
+        let healthy: Vec<String> = view
+            .devices
+            .iter()
+            .filter(|d| d.health == "Healthy")
+            .map(|d| d.id.clone())
+            .collect();
+        let offers_preferred = view
+            .options
+            .as_ref()
+            .is_some_and(|o| o.get_preferred_allocation_available);
         let ids = if offers_preferred {
             match self.preferred(resource, &healthy, size).await? {
                 Ok(ids) => ids,

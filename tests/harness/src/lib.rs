@@ -6,6 +6,8 @@
 //! then keeps a `ListAndWatch` stream open with the kubelet's 4 MiB receive limit, and on
 //! [`FakeKubelet::restart`] deletes every socket in the directory before re-creating its own.
 
+pub mod apiserver;
 pub mod kubelet;
 
+pub use apiserver::{FakeApiServer, RecordedRequest};
 pub use kubelet::{FakeKubelet, ResourceView};

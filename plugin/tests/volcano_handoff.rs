@@ -1,0 +1,774 @@
+//! The Volcano hand-off end to end: a fake apiserver (real HTTP, reached through a kubeconfig), a fake
+//! kubelet, the real agent binary on the gpu-sim, and a simulated Volcano bind written the way each scheduler
+//! generation writes it. Allocate must hand each container its own GPUs and limits, advance the pod's queue
+//! exactly as the contract re-encodes it, and finish the bind phase.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::*;
+use gpu_sim::{GpuSpec, NodeSpec, SimNode};
+use harness::FakeKubelet;
+use harness::apiserver::FakeApiServer;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use serde_json::{Value, json};
+
+const NODE: &str = "node-a";
+const NS: &str = "default";
+const DONE: &str = "18446744073709551615";
+
+/// One simulated node with its fakes and the agent.
+struct Cluster {
+    sim: SimNode,
+    dir: tempfile::TempDir,
+    kubelet: FakeKubelet,
+    api: FakeApiServer,
+    client: Client,
+    agent: Agent,
+}
+
+impl Cluster {
+    async fn start(spec: NodeSpec, args: &[&str]) -> Self {
+        Self::start_with(spec, args, |_| {}).await
+    }
+
+    async fn start_with(spec: NodeSpec, args: &[&str], setup: impl FnOnce(&FakeApiServer)) -> Self {
+        let sim = SimNode::new(spec).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let kubelet_dir = dir.path().join("device-plugins");
+        std::fs::create_dir_all(&kubelet_dir).unwrap();
+        let kubelet = FakeKubelet::start(&kubelet_dir).await.unwrap();
+        let api = FakeApiServer::start().await.unwrap();
+        let kubeconfig = dir.path().join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig, None).unwrap();
+        api.create("/api/v1/nodes", json!({"metadata": {"name": NODE}}))
+            .unwrap();
+        setup(&api);
+        let config = kube::config::Kubeconfig::read_from(&kubeconfig).unwrap();
+        let client = Client::try_from(
+            kube::Config::from_custom_kubeconfig(config, &Default::default())
+                .await
+                .unwrap(),
+        )
+        .unwrap();
+
+        let mut cmd = agent_command(&sim, kubelet.socket());
+        cmd.env("KUBECONFIG", &kubeconfig)
+            .env("NODE_NAME", NODE)
+            .arg("--hook-path")
+            .arg(dir.path().join("hook"))
+            .arg("--lock-dir")
+            .arg(dir.path().join("vgpulock"))
+            .arg("--node-config")
+            .arg(dir.path().join("no-node-config.json"))
+            .args(args);
+        let agent = Agent::spawn(cmd);
+        kubelet
+            .wait_for_resources(&ALL, PATIENCE)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_text()));
+        Self {
+            sim,
+            dir,
+            kubelet,
+            api,
+            client,
+            agent,
+        }
+    }
+
+    fn uuid(&self, i: usize) -> String {
+        self.sim.spec().gpus[i].uuid.clone()
+    }
+
+    fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), NS)
+    }
+
+    async fn pod(&self, name: &str) -> Pod {
+        self.pods().get(name).await.unwrap()
+    }
+
+    async fn annotation(&self, name: &str, key: &str) -> Option<String> {
+        self.pod(name)
+            .await
+            .metadata
+            .annotations
+            .unwrap_or_default()
+            .get(key)
+            .cloned()
+    }
+
+    fn cache_root(&self) -> PathBuf {
+        self.dir.path().join("hook/vgpu/containers")
+    }
+}
+
+/// A container: name, vgpu-number, vgpu-memory, vgpu-cores limits (None = absent).
+type Ctr<'a> = (&'a str, Option<u64>, Option<u64>, Option<u64>);
+
+fn pod_json(name: &str, containers: &[Ctr<'_>]) -> Value {
+    let containers: Vec<Value> = containers
+        .iter()
+        .map(|(n, count, mem, cores)| {
+            let mut limits = serde_json::Map::new();
+            if let Some(c) = count {
+                limits.insert("volcano.sh/vgpu-number".into(), json!(c.to_string()));
+            }
+            if let Some(m) = mem {
+                limits.insert("volcano.sh/vgpu-memory".into(), json!(m.to_string()));
+            }
+            if let Some(c) = cores {
+                limits.insert("volcano.sh/vgpu-cores".into(), json!(c.to_string()));
+            }
+            json!({"name": n, "image": "cuda", "resources": {"limits": limits}})
+        })
+        .collect();
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {"schedulerName": "volcano", "containers": containers},
+        "status": {"phase": "Pending"}
+    })
+}
+
+/// The six annotations the scheduler writes at bind (contract §3.1).
+fn bind_annotations(queue: &str, time: u64) -> Value {
+    json!({
+        "volcano.sh/vgpu-node": NODE,
+        "volcano.sh/vgpu-time": time.to_string(),
+        "volcano.sh/bind-time": time.to_string(),
+        "volcano.sh/bind-phase": "allocating",
+        "volcano.sh/vgpu-ids-new": queue,
+        "volcano.sh/devices-to-allocate": queue,
+    })
+}
+
+/// Volcano up to v1.15: PATCH the annotations, then bind.
+async fn bind_v115(c: &Cluster, name: &str, containers: &[Ctr<'_>], queue: &str, time: u64) {
+    c.pods()
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(pod_json(name, containers)).unwrap(),
+        )
+        .await
+        .unwrap();
+    let patch = json!({"metadata": {"annotations": bind_annotations(queue, time)}});
+    c.pods()
+        .patch(name, &PatchParams::default(), &Patch::Strategic(&patch))
+        .await
+        .unwrap();
+    let binding = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": name}, "target": {"kind": "Node", "name": NODE}});
+    c.pods()
+        .create_subresource::<Value, Value>("binding", name, &PostParams::default(), &binding)
+        .await
+        .unwrap();
+}
+
+/// Volcano master: the annotations travel inside the Binding.
+async fn bind_master(c: &Cluster, name: &str, containers: &[Ctr<'_>], queue: &str, time: u64) {
+    c.pods()
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(pod_json(name, containers)).unwrap(),
+        )
+        .await
+        .unwrap();
+    let binding = json!({
+        "apiVersion": "v1", "kind": "Binding",
+        "metadata": {"name": name, "annotations": bind_annotations(queue, time)},
+        "target": {"kind": "Node", "name": NODE}
+    });
+    c.pods()
+        .create_subresource::<Value, Value>("binding", name, &PostParams::default(), &binding)
+        .await
+        .unwrap();
+}
+
+fn dev(uuid: &str, mem: u64, cores: u64) -> String {
+    format!("{uuid},NVIDIA,{mem},{cores}:")
+}
+
+fn envs(r: &kubelet_api::v1beta1::ContainerAllocateResponse) -> &HashMap<String, String> {
+    &r.envs
+}
+
+async fn admit_ok(
+    c: &Cluster,
+    resource: &str,
+    size: usize,
+) -> kubelet_api::v1beta1::ContainerAllocateResponse {
+    let response = c
+        .kubelet
+        .admit(resource, size)
+        .await
+        .unwrap()
+        .unwrap_or_else(|s| panic!("Allocate failed: {}\n{}", s.message(), c.agent.log_text()));
+    assert_eq!(response.container_responses.len(), 1);
+    response.container_responses.into_iter().next().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_container_patch_style_bind_gets_its_gpu_limits_and_mounts() {
+    let c = Cluster::start(NodeSpec::uniform(2, GpuSpec::t4), &[]).await;
+    let b = c.uuid(1);
+    bind_v115(
+        &c,
+        "p1",
+        &[("cuda", Some(1), Some(3000), Some(30))],
+        &dev(&b, 3000, 30),
+        1_787_220_000,
+    )
+    .await;
+
+    let r = admit_ok(&c, NUMBER, 1).await;
+    let e = envs(&r);
+    assert_eq!(e["NVIDIA_VISIBLE_DEVICES"], b);
+    assert_eq!(e["CUDA_DEVICE_MEMORY_LIMIT_0"], "3000m");
+    assert_eq!(e["CUDA_DEVICE_SM_LIMIT"], "30");
+    let cache = &e["CUDA_DEVICE_MEMORY_SHARED_CACHE"];
+    assert!(
+        cache.starts_with("/tmp/vgpu/") && cache.ends_with(".cache"),
+        "{cache}"
+    );
+    assert!(!e.contains_key("CUDA_OVERSUBSCRIBE"));
+
+    let uid = c.pod("p1").await.metadata.uid.unwrap();
+    let mounts: HashMap<&str, (&str, bool)> = r
+        .mounts
+        .iter()
+        .map(|m| {
+            (
+                m.container_path.as_str(),
+                (m.host_path.as_str(), m.read_only),
+            )
+        })
+        .collect();
+    let hook = c.dir.path().join("hook");
+    assert_eq!(
+        mounts["/usr/local/vgpu/libvgpu.so"],
+        (hook.join("libvgpu.so").to_str().unwrap(), true)
+    );
+    assert_eq!(
+        mounts["/etc/ld.so.preload"],
+        (hook.join("ld.so.preload").to_str().unwrap(), true)
+    );
+    let cache_dir = c.cache_root().join(format!("{uid}_cuda"));
+    assert_eq!(mounts["/tmp/vgpu"], (cache_dir.to_str().unwrap(), false));
+    assert!(!mounts["/tmp/vgpulock"].1);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&cache_dir).unwrap().permissions().mode() & 0o777,
+        0o777
+    );
+
+    assert_eq!(
+        c.annotation("p1", "volcano.sh/devices-to-allocate")
+            .await
+            .as_deref(),
+        Some("")
+    );
+    assert_eq!(
+        c.annotation("p1", "volcano.sh/bind-phase").await.as_deref(),
+        Some("success")
+    );
+    assert_eq!(
+        c.annotation("p1", "volcano.sh/vgpu-time").await.as_deref(),
+        Some(DONE)
+    );
+    assert_eq!(
+        c.annotation("p1", "volcano.sh/vgpu-ids-new").await,
+        Some(dev(&b, 3000, 30)),
+        "the record stays"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binding_style_bind_of_volcano_master_is_allocated_too() {
+    let c = Cluster::start(NodeSpec::uniform(2, GpuSpec::t4), &[]).await;
+    let (a, b) = (c.uuid(0), c.uuid(1));
+    let queue = format!("{}{}", dev(&b, 2000, 50), dev(&a, 2000, 50));
+    bind_master(
+        &c,
+        "p1",
+        &[("cuda", Some(2), Some(2000), Some(50))],
+        &queue,
+        1_787_220_000,
+    )
+    .await;
+    let r = admit_ok(&c, NUMBER, 2).await;
+    assert_eq!(envs(&r)["NVIDIA_VISIBLE_DEVICES"], format!("{b},{a}"));
+    assert_eq!(envs(&r)["CUDA_DEVICE_MEMORY_LIMIT_1"], "2000m");
+    assert_eq!(
+        c.annotation("p1", "volcano.sh/bind-phase").await.as_deref(),
+        Some("success")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_before_two_gpu_containers_each_get_their_own_segment() {
+    let c = Cluster::start(NodeSpec::uniform(2, GpuSpec::t4), &[]).await;
+    let (a, b) = (c.uuid(0), c.uuid(1));
+    let queue = format!("{};{}", dev(&a, 1000, 0), dev(&b, 2000, 0));
+    let containers = [
+        ("sidecar", None, None, None),
+        ("trainer", Some(1), Some(1000), None),
+        ("eval", Some(1), Some(2000), None),
+    ];
+    bind_v115(&c, "p1", &containers, &queue, 1_787_220_000).await;
+
+    let first = admit_ok(&c, NUMBER, 1).await;
+    assert_eq!(envs(&first)["NVIDIA_VISIBLE_DEVICES"], a);
+    assert_eq!(envs(&first)["CUDA_DEVICE_MEMORY_LIMIT_0"], "1000m");
+    assert_eq!(
+        c.annotation("p1", "volcano.sh/devices-to-allocate").await,
+        Some(format!(";{}", dev(&b, 2000, 0)))
+    );
+    assert_eq!(
+        c.annotation("p1", "volcano.sh/bind-phase").await.as_deref(),
+        Some("allocating")
+    );
+    let uid = c.pod("p1").await.metadata.uid.unwrap();
+    assert!(
+        c.cache_root().join(format!("{uid}_trainer")).is_dir(),
+        "named for the GPU container, not the sidecar"
+    );
+
+    let second = admit_ok(&c, NUMBER, 1).await;
+    assert_eq!(envs(&second)["NVIDIA_VISIBLE_DEVICES"], b);
+    assert_eq!(envs(&second)["CUDA_DEVICE_MEMORY_LIMIT_0"], "2000m");
+    assert_eq!(
+        c.annotation("p1", "volcano.sh/devices-to-allocate")
+            .await
+            .as_deref(),
+        Some(";")
+    );
+    assert_eq!(
+        c.annotation("p1", "volcano.sh/bind-phase").await.as_deref(),
+        Some("success")
+    );
+    assert!(c.cache_root().join(format!("{uid}_eval")).is_dir());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_only_container_is_handed_off_by_the_memory_endpoint_once() {
+    let c = Cluster::start(NodeSpec::uniform(1, GpuSpec::t4), &[]).await;
+    let a = c.uuid(0);
+    bind_v115(
+        &c,
+        "p1",
+        &[("cuda", None, Some(4000), None)],
+        &dev(&a, 4000, 0),
+        1_787_220_000,
+    )
+    .await;
+    // The kubelet calls only the memory endpoint for this container.
+    let r = admit_ok(&c, MEMORY, 4000).await;
+    assert_eq!(envs(&r)["NVIDIA_VISIBLE_DEVICES"], a);
+    assert_eq!(envs(&r)["CUDA_DEVICE_MEMORY_LIMIT_0"], "4000m");
+    assert_eq!(
+        c.annotation("p1", "volcano.sh/bind-phase").await.as_deref(),
+        Some("success")
+    );
+
+    // A container with a count and memory: the memory endpoint answers empty, the number endpoint works.
+    bind_v115(
+        &c,
+        "p2",
+        &[("cuda", Some(1), Some(1000), None)],
+        &dev(&a, 1000, 0),
+        1_787_220_001,
+    )
+    .await;
+    let empty = admit_ok(&c, MEMORY, 1000).await;
+    assert!(empty.envs.is_empty() && empty.mounts.is_empty());
+    assert_eq!(
+        c.annotation("p2", "volcano.sh/bind-phase").await.as_deref(),
+        Some("allocating")
+    );
+    let r = admit_ok(&c, NUMBER, 1).await;
+    assert_eq!(envs(&r)["CUDA_DEVICE_MEMORY_LIMIT_0"], "1000m");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_pods_bound_in_the_same_second_each_get_their_own_devices() {
+    let c = Cluster::start(NodeSpec::uniform(2, GpuSpec::t4), &[]).await;
+    let (a, b) = (c.uuid(0), c.uuid(1));
+    bind_v115(
+        &c,
+        "first",
+        &[("cuda", Some(1), Some(1000), None)],
+        &dev(&a, 1000, 0),
+        1_787_220_000,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1100)).await; // distinct creation timestamps
+    bind_v115(
+        &c,
+        "second",
+        &[("cuda", Some(1), Some(2000), None)],
+        &dev(&b, 2000, 0),
+        1_787_220_000,
+    )
+    .await;
+    let r1 = admit_ok(&c, NUMBER, 1).await;
+    let r2 = admit_ok(&c, NUMBER, 1).await;
+    assert_eq!(
+        envs(&r1)["NVIDIA_VISIBLE_DEVICES"],
+        a,
+        "the older pod first, like the kubelet admits"
+    );
+    assert_eq!(envs(&r2)["NVIDIA_VISIBLE_DEVICES"], b);
+    for p in ["first", "second"] {
+        assert_eq!(
+            c.annotation(p, "volcano.sh/bind-phase").await.as_deref(),
+            Some("success")
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preferred_allocation_names_the_scheduler_s_gpu() {
+    let c = Cluster::start(NodeSpec::uniform(4, GpuSpec::t4), &[]).await;
+    let d = c.uuid(3);
+    bind_v115(
+        &c,
+        "p1",
+        &[("cuda", Some(1), Some(1000), None)],
+        &dev(&d, 1000, 0),
+        1_787_220_000,
+    )
+    .await;
+    let view = c.kubelet.resource(NUMBER).unwrap();
+    assert!(view.options.unwrap().get_preferred_allocation_available);
+    let available: Vec<String> = view.devices.iter().map(|d| d.id.clone()).collect();
+    let ids = c
+        .kubelet
+        .preferred(NUMBER, &available, 1)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ids.len(), 1);
+    assert!(ids[0].starts_with(&d), "{ids:?} should be on {d}");
+    // Preferring changes nothing on the pod.
+    assert_eq!(
+        c.annotation("p1", "volcano.sh/bind-phase").await.as_deref(),
+        Some("allocating")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_pending_pod_is_a_clear_error_and_the_agent_keeps_serving() {
+    let c = Cluster::start(NodeSpec::uniform(1, GpuSpec::t4), &[]).await;
+    let status = c
+        .kubelet
+        .admit(NUMBER, 1)
+        .await
+        .unwrap()
+        .expect_err("nothing to allocate");
+    assert!(
+        status.message().contains(NODE) && status.message().contains("no pending pod"),
+        "{}",
+        status.message()
+    );
+    let a = c.uuid(0);
+    bind_v115(
+        &c,
+        "p1",
+        &[("cuda", Some(1), Some(1000), None)],
+        &dev(&a, 1000, 0),
+        1_787_220_000,
+    )
+    .await;
+    admit_ok(&c, NUMBER, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_queue_fails_the_pod_with_an_event_and_others_still_allocate() {
+    let c = Cluster::start(NodeSpec::uniform(1, GpuSpec::t4), &[]).await;
+    let a = c.uuid(0);
+    bind_v115(
+        &c,
+        "bad",
+        &[("cuda", Some(1), Some(1000), None)],
+        &format!("{a},NVIDIA,-1,0:"),
+        1_787_220_000,
+    )
+    .await;
+    let status = c
+        .kubelet
+        .admit(NUMBER, 1)
+        .await
+        .unwrap()
+        .expect_err("malformed");
+    assert!(
+        status.message().contains("no pending pod"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(
+        c.annotation("bad", "volcano.sh/bind-phase")
+            .await
+            .as_deref(),
+        Some("failed")
+    );
+    let events = c.api.events();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.to_string().contains("VGPUAllocateFailed") && e.to_string().contains("bad")),
+        "{events:?}"
+    );
+    bind_v115(
+        &c,
+        "good",
+        &[("cuda", Some(1), Some(1000), None)],
+        &dev(&a, 1000, 0),
+        1_787_220_001,
+    )
+    .await;
+    admit_ok(&c, NUMBER, 1).await;
+    assert_eq!(
+        c.annotation("good", "volcano.sh/bind-phase")
+            .await
+            .as_deref(),
+        Some("success")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_register_annotation_is_written_once_and_follows_health() {
+    let c = Cluster::start(
+        NodeSpec::uniform(2, GpuSpec::t4),
+        &["--health-recovery-period", "1h"],
+    )
+    .await;
+    let nodes: Api<Node> = Api::all(c.client.clone());
+    let expected = |healthy1: bool| {
+        format!(
+            "{},10,15360,NVIDIA-Tesla T4,true,hami-core:{},10,15360,NVIDIA-Tesla T4,{healthy1},hami-core:",
+            c.uuid(0),
+            c.uuid(1)
+        )
+    };
+    let read = || async {
+        nodes
+            .get(NODE)
+            .await
+            .unwrap()
+            .metadata
+            .annotations
+            .unwrap_or_default()
+            .get("volcano.sh/node-vgpu-register")
+            .cloned()
+    };
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while read().await != Some(expected(true)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "register never written:\n{}",
+            c.agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // At rest: no more node writes.
+    let writes = || {
+        c.api
+            .requests()
+            .iter()
+            .filter(|r| r.method == "PATCH" && r.path.contains("/nodes/"))
+            .count()
+    };
+    let before = writes();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(writes(), before, "no node writes at rest");
+
+    c.sim.inject_xid(&c.uuid(1), 79).unwrap();
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while read().await != Some(expected(false)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "health not published:\n{}",
+            c.agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_scheduler_s_handshake_is_answered_only_when_it_asks() {
+    let c = Cluster::start(NodeSpec::uniform(1, GpuSpec::t4), &[]).await;
+    let nodes: Api<Node> = Api::all(c.client.clone());
+    let handshake = || async {
+        nodes
+            .get(NODE)
+            .await
+            .unwrap()
+            .metadata
+            .annotations
+            .unwrap_or_default()
+            .get("volcano.sh/node-vgpu-handshake")
+            .cloned()
+    };
+    // Missing at start: answered once.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !handshake()
+        .await
+        .is_some_and(|v| v.starts_with("Reported "))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            c.agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The old scheduler acknowledges: no answer needed.
+    let ack = json!({"metadata": {"annotations": {"volcano.sh/node-vgpu-handshake": "Requesting_2026.08.20 10:00:00"}}});
+    nodes
+        .patch(NODE, &PatchParams::default(), &Patch::Merge(&ack))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        handshake().await.as_deref(),
+        Some("Requesting_2026.08.20 10:00:00")
+    );
+    // It marks the node stale: answered at once.
+    let stale = json!({"metadata": {"annotations": {"volcano.sh/node-vgpu-handshake": "Deleted_2026.08.20 10:01:01"}}});
+    nodes
+        .patch(NODE, &PatchParams::default(), &Patch::Merge(&stale))
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !handshake()
+        .await
+        .is_some_and(|v| v.starts_with("Reported "))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            c.agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_config_map_sets_the_counts_and_the_limiter_settings() {
+    let yaml = "nvidia:\n  deviceSplitCount: 4\n  gpuMemoryFactor: 10\n  deviceMemoryScaling: 2\n  disableCoreLimit: true\n";
+    let c = Cluster::start_with(NodeSpec::uniform(1, GpuSpec::t4), &[], |api| {
+        api.create(
+            "/api/v1/namespaces/kube-system/configmaps",
+            json!({"metadata": {"name": "volcano-vgpu-device-config", "namespace": "kube-system"}, "data": {"device-config.yaml": yaml}}),
+        )
+        .unwrap();
+    })
+    .await;
+    let number = c.kubelet.resource(NUMBER).unwrap();
+    let memory = c.kubelet.resource(MEMORY).unwrap();
+    assert_eq!(number.devices.len(), 4);
+    assert_eq!(
+        memory.devices.len(),
+        15360 * 2 / 10,
+        "scaled memory in factor units"
+    );
+    let a = c.uuid(0);
+    bind_v115(
+        &c,
+        "p1",
+        &[("cuda", Some(1), Some(300), None)],
+        &dev(&a, 300, 0),
+        1_787_220_000,
+    )
+    .await;
+    let r = admit_ok(&c, NUMBER, 1).await;
+    assert_eq!(
+        envs(&r)["CUDA_DEVICE_MEMORY_LIMIT_0"],
+        "3000m",
+        "units × factor"
+    );
+    assert_eq!(envs(&r)["CUDA_OVERSUBSCRIBE"], "true");
+    assert_eq!(envs(&r)["GPU_CORE_UTILIZATION_POLICY"], "disable");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_config_map_is_reported_by_key_and_the_agent_serves_defaults() {
+    let c = Cluster::start_with(NodeSpec::uniform(1, GpuSpec::t4), &[], |api| {
+        api.create(
+            "/api/v1/namespaces/kube-system/configmaps",
+            json!({"metadata": {"name": "volcano-vgpu-device-config", "namespace": "kube-system"},
+                   "data": {"device-config.yaml": "nvidia:\n  gpuMemoryFactor: 0\n"}}),
+        )
+        .unwrap();
+    })
+    .await;
+    assert_eq!(c.kubelet.resource(NUMBER).unwrap().devices.len(), 10);
+    let log = c.agent.log_text();
+    assert!(
+        log.lines().any(|l| l.contains("ERROR")
+            && l.contains("nvidia.gpuMemoryFactor")
+            && l.contains("expected")),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apiserver_that_is_down_fails_allocate_clearly_and_recovers() {
+    let c = Cluster::start(NodeSpec::uniform(1, GpuSpec::t4), &[]).await;
+    let a = c.uuid(0);
+    c.api.set_down(true).await;
+    let status = c
+        .kubelet
+        .admit(NUMBER, 1)
+        .await
+        .unwrap()
+        .expect_err("apiserver down");
+    assert!(
+        status.message().contains("apiserver") || status.message().contains("no pending pod"),
+        "{}",
+        status.message()
+    );
+    c.api.set_down(false).await;
+    bind_v115(
+        &c,
+        "p1",
+        &[("cuda", Some(1), Some(1000), None)],
+        &dev(&a, 1000, 0),
+        1_787_220_000,
+    )
+    .await;
+    admit_ok(&c, NUMBER, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allocate_never_lists_every_pod_in_the_cluster() {
+    let c = Cluster::start(NodeSpec::uniform(1, GpuSpec::t4), &[]).await;
+    let a = c.uuid(0);
+    bind_v115(
+        &c,
+        "p1",
+        &[("cuda", Some(1), Some(1000), None)],
+        &dev(&a, 1000, 0),
+        1_787_220_000,
+    )
+    .await;
+    admit_ok(&c, NUMBER, 1).await;
+    for r in c.api.requests() {
+        if r.method == "GET" && r.path.ends_with("/pods") {
+            assert!(
+                r.query.contains("fieldSelector"),
+                "unscoped pod list: {} {}",
+                r.path,
+                r.query
+            );
+        }
+    }
+}
