@@ -36,10 +36,14 @@ struct Cluster {
 
 impl Cluster {
     async fn start(spec: NodeSpec, args: &[&str]) -> Self {
-        Self::start_with(spec, args, |_| {}).await
+        Self::start_with(spec, args, |_, _| {}).await
     }
 
-    async fn start_with(spec: NodeSpec, args: &[&str], setup: impl FnOnce(&FakeApiServer)) -> Self {
+    async fn start_with(
+        spec: NodeSpec,
+        args: &[&str],
+        setup: impl FnOnce(&FakeApiServer, &std::path::Path),
+    ) -> Self {
         let sim = SimNode::new(spec).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let kubelet_dir = dir.path().join("device-plugins");
@@ -50,7 +54,7 @@ impl Cluster {
         api.write_kubeconfig(&kubeconfig, None).unwrap();
         api.create("/api/v1/nodes", json!({"metadata": {"name": NODE}}))
             .unwrap();
-        setup(&api);
+        setup(&api, dir.path());
         let config = kube::config::Kubeconfig::read_from(&kubeconfig).unwrap();
         let client = Client::try_from(
             kube::Config::from_custom_kubeconfig(config, &Default::default())
@@ -67,7 +71,7 @@ impl Cluster {
             .arg("--lock-dir")
             .arg(dir.path().join("vgpulock"))
             .arg("--node-config")
-            .arg(dir.path().join("no-node-config.json"))
+            .arg(dir.path().join("node-config.json"))
             .args(args);
         let agent = Agent::spawn(cmd);
         kubelet
@@ -664,7 +668,7 @@ async fn an_old_scheduler_s_handshake_is_answered_only_when_it_asks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn device_config_map_sets_the_counts_and_the_limiter_settings() {
     let yaml = "nvidia:\n  deviceSplitCount: 4\n  gpuMemoryFactor: 10\n  deviceMemoryScaling: 2\n  disableCoreLimit: true\n";
-    let c = Cluster::start_with(NodeSpec::uniform(1, GpuSpec::t4), &[], |api| {
+    let c = Cluster::start_with(NodeSpec::uniform(1, GpuSpec::t4), &[], |api, _| {
         api.create(
             "/api/v1/namespaces/kube-system/configmaps",
             json!({"metadata": {"name": "volcano-vgpu-device-config", "namespace": "kube-system"}, "data": {"device-config.yaml": yaml}}),
@@ -701,7 +705,7 @@ async fn device_config_map_sets_the_counts_and_the_limiter_settings() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_config_map_is_reported_by_key_and_the_agent_serves_defaults() {
-    let c = Cluster::start_with(NodeSpec::uniform(1, GpuSpec::t4), &[], |api| {
+    let c = Cluster::start_with(NodeSpec::uniform(1, GpuSpec::t4), &[], |api, _| {
         api.create(
             "/api/v1/namespaces/kube-system/configmaps",
             json!({"metadata": {"name": "volcano-vgpu-device-config", "namespace": "kube-system"},
@@ -771,4 +775,86 @@ async fn allocate_never_lists_every_pod_in_the_cluster() {
             );
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheduler_s_node_lock_is_released_after_allocation() {
+    let c = Cluster::start(NodeSpec::uniform(1, GpuSpec::t4), &[]).await;
+    let nodes: Api<Node> = Api::all(c.client.clone());
+    let lock = json!({"metadata": {"annotations": {"hamivgpu": "2026-08-20T10:00:00Z"}}});
+    nodes
+        .patch(NODE, &PatchParams::default(), &Patch::Merge(&lock))
+        .await
+        .unwrap();
+    let a = c.uuid(0);
+    bind_v115(
+        &c,
+        "p1",
+        &[("cuda", Some(1), Some(1000), None)],
+        &dev(&a, 1000, 0),
+        1_787_220_000,
+    )
+    .await;
+    admit_ok(&c, NUMBER, 1).await;
+    let annotations = nodes
+        .get(NODE)
+        .await
+        .unwrap()
+        .metadata
+        .annotations
+        .unwrap_or_default();
+    assert!(!annotations.contains_key("hamivgpu"), "{annotations:?}");
+    assert!(
+        annotations.contains_key("volcano.sh/node-vgpu-register"),
+        "only the lock is removed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_map_in_volcano_system_and_node_config_filters_are_honoured() {
+    let c = Cluster::start_with(NodeSpec::uniform(3, GpuSpec::t4), &[], |api, dir| {
+        api.create(
+            "/api/v1/namespaces/volcano-system/configmaps",
+            json!({"metadata": {"name": "volcano-vgpu-device-config", "namespace": "volcano-system"},
+                   "data": {"device-config.yaml": "nvidia:\n  deviceSplitCount: 3\n"}}),
+        )
+        .unwrap();
+        let hidden = GpuSpec::t4(1).uuid;
+        let node_config = json!({"nodeconfig": [{"name": NODE, "devicesplitcount": 5, "filterdevices": {"uuid": [hidden], "index": []}}]});
+        std::fs::write(dir.join("node-config.json"), node_config.to_string()).unwrap();
+    })
+    .await;
+    let number = c.kubelet.resource(NUMBER).unwrap();
+    assert_eq!(
+        number.devices.len(),
+        2 * 5,
+        "two GPUs left, split 5 from the node entry over 3 from the config map"
+    );
+    assert!(number.devices.iter().all(|d| !d.id.starts_with(&c.uuid(1))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_apiserver_only_slows_allocate_down() {
+    let c = Cluster::start(NodeSpec::uniform(1, GpuSpec::t4), &[]).await;
+    let a = c.uuid(0);
+    bind_v115(
+        &c,
+        "p1",
+        &[("cuda", Some(1), Some(1000), None)],
+        &dev(&a, 1000, 0),
+        1_787_220_000,
+    )
+    .await;
+    c.api.set_latency(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    admit_ok(&c, NUMBER, 1).await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "the latency was really applied"
+    );
+    c.api.set_latency(Duration::ZERO);
+    assert_eq!(
+        c.annotation("p1", "volcano.sh/bind-phase").await.as_deref(),
+        Some("success")
+    );
 }
