@@ -40,6 +40,8 @@ enum Cmd {
     Run(RunArgs),
     /// Measure the agent and print the figures.
     Bench(BenchArgs),
+    /// Node writes per hour against a simulated Volcano v1.15.0 scheduler that still uses the handshake.
+    BenchHandshake(HandshakeArgs),
     /// The agent itself, with `vgpu-device-plugin`'s flags.
     #[command(disable_help_flag = true)]
     Agent {
@@ -96,6 +98,17 @@ struct BenchArgs {
     idle_secs: u64,
 }
 
+#[derive(Debug, Clone, clap::Args)]
+struct HandshakeArgs {
+    /// How long to run, in seconds (the scheduler's rule works on a 60 s clock).
+    #[arg(long, default_value_t = 180)]
+    seconds: u64,
+    /// How often something else updates the Node (the kubelet reports status every 5 min at rest; less is
+    /// harsher on us, since every node update makes the old scheduler re-check the handshake).
+    #[arg(long, default_value_t = 30)]
+    node_update_secs: u64,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Cmd::Run(RunArgs {
@@ -127,6 +140,7 @@ fn main() -> ExitCode {
         ),
         Cmd::Run(args) => run(Box::pin(run_node(args))),
         Cmd::Bench(args) => run(Box::pin(bench(args))),
+        Cmd::BenchHandshake(args) => run(Box::pin(bench_handshake(args))),
     }
 }
 
@@ -569,6 +583,84 @@ async fn bench_allocate(agent_bin: &AgentBinary, args: &BenchArgs) -> anyhow::Re
         "node writes at rest with a current scheduler: {writes} in {} s (= {:.0} per hour; the Go plugin makes 120)",
         window.as_secs(),
         writes as f64 * 3600.0 / window.as_secs_f64()
+    );
+    agent.terminate(Duration::from_secs(10))?;
+    Ok(())
+}
+
+/// Plays Volcano v1.15.0's handshake rule (contract §2.3) on every node update, with another writer updating
+/// the node now and then, and counts the agent's node writes.
+async fn bench_handshake(args: HandshakeArgs) -> anyhow::Result<()> {
+    use harness::FakeApiServer;
+    use serde_json::json;
+    use vgpu_device_plugin::volcano::handshake::format_scheduler_time;
+
+    const NODE: &str = "old-scheduler-node";
+    const KEY: &str = "volcano.sh/node-vgpu-handshake";
+    let agent_bin = AgentBinary::find()?;
+    let sim = SimNode::new(NodeSpec::uniform(2, GpuSpec::t4))?;
+    let dir = tempfile::tempdir()?;
+    let kubelet = FakeKubelet::start(dir.path()).await?;
+    let api = FakeApiServer::start().await?;
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig, None)?;
+    api.create("/api/v1/nodes", json!({"metadata": {"name": NODE}}))?;
+    let mut cmd = agent_command(&sim, kubelet.socket(), &agent_bin);
+    cmd.env("KUBECONFIG", &kubeconfig)
+        .env("NODE_NAME", NODE)
+        .arg("--node-config")
+        .arg(dir.path().join("none.json"))
+        .stderr(Stdio::null());
+    let agent = ChildGuard(cmd.spawn()?);
+    kubelet.wait_for_resources(&RESOURCES, Duration::from_secs(30)).await?;
+    let node_path = format!("/api/v1/nodes/{NODE}");
+
+    let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    let start = Instant::now();
+    let start_writes = api.count("PATCH", &node_path);
+    let mut last_rv = 0;
+    let mut next_update = Instant::now() + Duration::from_secs(args.node_update_secs);
+    let (mut scheduler_writes, mut dropped) = (0u64, 0u64);
+    while start.elapsed() < Duration::from_secs(args.seconds) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if Instant::now() >= next_update {
+            api.patch_object("nodes", None, NODE, json!({"metadata": {"labels": {"heartbeat": now().to_string()}}}))?;
+            next_update = Instant::now() + Duration::from_secs(args.node_update_secs);
+        }
+        let Some(node) = api.get_object("nodes", None, NODE) else { continue };
+        let rv: u64 = node["metadata"]["resourceVersion"].as_str().and_then(|v| v.parse().ok()).unwrap_or(0);
+        if rv == last_rv {
+            continue;
+        }
+        last_rv = rv;
+        // A node update: the old scheduler rebuilds NodeInfo and applies the handshake rule.
+        let value = node["metadata"]["annotations"][KEY].as_str().unwrap_or("").to_owned();
+        let reply = if value.is_empty() || value.contains("Deleted") {
+            dropped += u64::from(!value.is_empty());
+            None
+        } else if let Some(at) = value.strip_prefix("Requesting_") {
+            let stale = vgpu_device_plugin::volcano::handshake::parse_scheduler_time(at).is_none_or(|t| now() > t + 60);
+            stale.then(|| format!("Deleted_{}", format_scheduler_time(now())))
+        } else {
+            Some(format!("Requesting_{}", format_scheduler_time(now())))
+        };
+        if let Some(reply) = reply {
+            if reply.starts_with("Deleted") {
+                dropped += 1;
+            }
+            api.patch_object("nodes", None, NODE, json!({"metadata": {"annotations": {KEY: reply}}}))?;
+            scheduler_writes += 1;
+        }
+    }
+    let ours = api.count("PATCH", &node_path) - start_writes;
+    let hours = start.elapsed().as_secs_f64() / 3600.0;
+    println!(
+        "old scheduler (v1.15.0 handshake), node updated every {} s, {} s: agent {ours} node writes ({:.0}/h), \
+         scheduler {scheduler_writes} ({:.0}/h), node marked Deleted {dropped} times",
+        args.node_update_secs,
+        args.seconds,
+        ours as f64 / hours,
+        scheduler_writes as f64 / hours
     );
     agent.terminate(Duration::from_secs(10))?;
     Ok(())
