@@ -228,6 +228,16 @@ impl FakeKubelet {
         .await
     }
 
+    /// A connection to the endpoint a resource registered.
+    async fn plugin_channel(&self, resource: &str) -> anyhow::Result<Channel> {
+        let endpoint = self
+            .resource(resource)
+            .and_then(|v| v.registration)
+            .map(|r| r.endpoint)
+            .with_context(|| format!("{resource} is not registered"))?;
+        dial(&self.shared.dir.join(endpoint)).await
+    }
+
     /// Calls `GetPreferredAllocation` for one container, as the kubelet does before `Allocate` when the plugin
     /// offers it: `available` IDs, of which `size` are wanted.
     pub async fn preferred(
@@ -236,12 +246,7 @@ impl FakeKubelet {
         available: &[String],
         size: usize,
     ) -> anyhow::Result<Result<Vec<String>, Status>> {
-        let endpoint = self
-            .resource(resource)
-            .and_then(|v| v.registration)
-            .map(|r| r.endpoint)
-            .with_context(|| format!("{resource} is not registered"))?;
-        let channel = dial(&self.shared.dir.join(endpoint)).await?;
+        let channel = self.plugin_channel(resource).await?;
         let request = PreferredAllocationRequest {
             container_requests: vec![ContainerPreferredAllocationRequest {
                 available_device_i_ds: available.to_vec(),
@@ -299,12 +304,7 @@ impl FakeKubelet {
         resource: &str,
         ids: &[&str],
     ) -> anyhow::Result<Result<AllocateResponse, Status>> {
-        let endpoint = self
-            .resource(resource)
-            .and_then(|v| v.registration)
-            .map(|r| r.endpoint)
-            .with_context(|| format!("{resource} is not registered"))?;
-        let channel = dial(&self.shared.dir.join(endpoint)).await?;
+        let channel = self.plugin_channel(resource).await?;
         let request = AllocateRequest {
             container_requests: vec![ContainerAllocateRequest {
                 devices_ids: ids.iter().map(|s| s.to_string()).collect(),
