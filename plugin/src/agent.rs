@@ -147,25 +147,40 @@ pub async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
-    let (client, volcano) = match &config.node_name {
-        Some(node) => {
-            let client = cluster::client().await?;
-            let volcano = cluster::load_config(&client, &config).await?;
-            tracing::info!(%node, "Volcano hand-off on: node annotations and pod annotations are read and written");
-            (Some(client), volcano)
-        }
+    let client = match &config.node_name {
+        Some(_) => match cluster::client().await {
+            Ok(client) => Some(client),
+            // No kubeconfig and no service account: still serve the device counts, and say loudly why the
+            // hand-off is off, instead of crash-looping a node's device plugin.
+            Err(error) => {
+                tracing::error!(
+                    error = %error_chain(&error),
+                    "no Kubernetes client: serving device counts only, without node annotations or the Volcano hand-off"
+                );
+                None
+            }
+        },
         None => {
             tracing::warn!(
                 "NODE_NAME is not set: serving device counts only, without node annotations or the Volcano hand-off"
             );
+            None
+        }
+    };
+    let volcano = match &client {
+        Some(client) => {
+            let volcano = cluster::load_config(client, &config).await?;
+            tracing::info!(node = ?config.node_name, "Volcano hand-off on: node and pod annotations are read and written");
+            volcano
+        }
+        None => {
             let node = cluster::read_node_config(&config.cluster.node_config_path);
-            let volcano = device_config::merge_lenient(
+            device_config::merge_lenient(
                 None,
                 node.as_ref().map(|(s, f)| (s.as_str(), f)),
-                None,
+                config.node_name.as_deref(),
                 &config.explicit,
-            );
-            (None, volcano)
+            )
         }
     };
     let prepared = {

@@ -83,8 +83,8 @@ impl ResourceService {
 
     fn standalone_error(&self) -> Status {
         Status::failed_precondition(format!(
-            "Allocate on {} needs the Volcano hand-off, which is off because the agent runs without NODE_NAME \
-             (set it from the downward API, spec.nodeName)",
+            "Allocate on {} needs the Volcano hand-off, which is off: the agent runs without NODE_NAME (set it \
+             from the downward API, spec.nodeName) or without a Kubernetes client (KUBECONFIG or a service account)",
             self.resource_name
         ))
     }

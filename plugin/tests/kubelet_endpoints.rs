@@ -268,3 +268,27 @@ async fn a_gpu_nvml_cannot_read_is_reported_and_the_others_are_served() {
         "{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_name_without_any_cluster_still_serves_the_counts() {
+    let sim = SimNode::new(NodeSpec::uniform(1, GpuSpec::t4)).unwrap();
+    let (dir, kubelet) = kubelet().await;
+    let mut cmd = agent_command(&sim, kubelet.socket());
+    cmd.env("NODE_NAME", "node-a")
+        .env("HOME", dir.path())
+        .env_remove("KUBECONFIG")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT");
+    let agent = Agent::spawn(cmd);
+    let views = kubelet
+        .wait_for_resources(&ALL, PATIENCE)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_text()));
+    assert_eq!(views[NUMBER].devices.len(), 10);
+    let log = agent.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("ERROR") && l.contains("no Kubernetes client")),
+        "{log}"
+    );
+}
