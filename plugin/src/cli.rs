@@ -81,6 +81,11 @@ pub struct Flags {
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     apiserver_wait: std::time::Duration,
 
+    /// The host directory for per-container caches (mounted at /tmp/vgpu) [default: <hook-path>/vgpu/containers].
+    /// HAMi's own monitor scans /tmp/vgpu/containers; set that to share the directory with it.
+    #[arg(long, env = "VGPU_CACHE_ROOT")]
+    cache_root: Option<PathBuf>,
+
     /// HAMi-core's host lock directory, mounted at /tmp/vgpulock.
     #[arg(long, env = "VGPU_LOCK_DIR", default_value = "/tmp/vgpulock")]
     lock_dir: PathBuf,
@@ -112,6 +117,7 @@ impl Flags {
             node_name: self.node_name.filter(|n| !n.is_empty()),
             hook_path: self.hook_path,
             lock_dir: self.lock_dir,
+            cache_root: self.cache_root,
             explicit: ExplicitFlags {
                 split_count: self.device_split_count,
                 memory_factor: self.gpu_memory_factor,

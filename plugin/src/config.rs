@@ -210,6 +210,9 @@ pub struct AgentConfig {
     /// Where `libvgpu.so` and `ld.so.preload` live on the host (`HOOK_PATH`); per-container cache
     /// directories go under `<hook_path>/vgpu/containers`.
     pub hook_path: PathBuf,
+    /// The one host directory holding every container's cache directory (`<pod-uid>_<container>`), mounted
+    /// at `/tmp/vgpu` in the container and read by the metrics side; `None` = `<hook_path>/vgpu/containers`.
+    pub cache_root: Option<PathBuf>,
     /// The host lock directory HAMi-core uses (`/tmp/vgpulock`).
     pub lock_dir: PathBuf,
     /// Flags the operator set explicitly; they win over the config maps.
@@ -233,7 +236,9 @@ impl AgentConfig {
 
     /// The one host directory that holds every container's cache directory (read by the metrics side).
     pub fn cache_root(&self) -> PathBuf {
-        self.hook_path.join("vgpu/containers")
+        self.cache_root
+            .clone()
+            .unwrap_or_else(|| self.hook_path.join("vgpu/containers"))
     }
 }
 
