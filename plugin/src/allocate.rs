@@ -31,7 +31,7 @@ use crate::volcano::allocate_env::{
 };
 use crate::volcano::pod_devices::PodDevices;
 use crate::volcano::selection::{
-    AllocatingEndpoint, Assignment, PodView, malformed_pods, next_assignment, select_pending_pod,
+    AllocatingEndpoint, Assignment, PodView, malformed_pods, matches, next_assignment, select_pending_pod,
 };
 use crate::volcano::{
     BIND_PHASE, DEVICES_TO_ALLOCATE, PHASE_FAILED, PHASE_SUCCESS, VGPU_TIME, VGPU_TIME_DONE,
@@ -150,7 +150,20 @@ impl Allocator {
             .map(|p| pod_view(p, names))
             .collect();
         if let Some(i) = select_pending_pod(&cached, &self.node, endpoint, size) {
-            return Ok(Some(cached[i].clone()));
+            // The watch may lag behind our own last patch (the kubelet allocates a pod's next container
+            // milliseconds after the previous one), so the chosen pod is read fresh before it is trusted.
+            let candidate = &cached[i];
+            let pods: Api<Pod> = Api::namespaced(self.client.clone(), &candidate.namespace);
+            match pods.get_opt(&candidate.name).await {
+                Ok(Some(fresh)) => {
+                    let fresh = pod_view(&fresh, names);
+                    if matches(&fresh, &self.node, endpoint, size) {
+                        return Ok(Some(fresh));
+                    }
+                }
+                Ok(None) => {}
+                Err(source) => return Err(AllocateError::Unreachable { node: self.node.clone(), source }),
+            }
         }
         let listed =
             self.pods

@@ -858,3 +858,52 @@ async fn a_slow_apiserver_only_slows_allocate_down() {
         Some("success")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn back_to_back_allocates_of_one_pod_do_not_trust_a_lagging_watch() {
+    let c = Cluster::start(NodeSpec::uniform(4, GpuSpec::t4), &[]).await;
+    let uuids: Vec<String> = (0..4).map(|i| c.uuid(i)).collect();
+    let queue = uuids
+        .iter()
+        .map(|u| dev(u, 1000, 0))
+        .collect::<Vec<_>>()
+        .join(";");
+    let containers: Vec<Ctr<'_>> = ["c0", "c1", "c2", "c3"]
+        .iter()
+        .map(|n| (*n, Some(1), Some(1000), None))
+        .collect();
+    bind_v115(&c, "p1", &containers, &queue, 1_787_220_000).await;
+    let id = c.kubelet.resource(NUMBER).unwrap().devices[0].id.clone();
+    // Let the agent's cache see the pod, then make its watch lag: every watch reconnect now waits 300 ms.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while c.api.active_watches() == 0 {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.api.set_latency(Duration::from_millis(300));
+    c.api.close_watches();
+    // No pause between the calls: the kubelet allocates a pod's containers one right after the other.
+    for (i, uuid) in uuids.iter().enumerate() {
+        let r = c
+            .kubelet
+            .allocate(NUMBER, &[id.as_str()])
+            .await
+            .unwrap()
+            .unwrap_or_else(|s| panic!("container {i}: {}\n{}", s.message(), c.agent.log_text()));
+        assert_eq!(
+            r.container_responses[0].envs["NVIDIA_VISIBLE_DEVICES"], *uuid,
+            "container {i}"
+        );
+    }
+    assert_eq!(
+        c.annotation("p1", "volcano.sh/bind-phase").await.as_deref(),
+        Some("success")
+    );
+    assert_eq!(
+        c.annotation("p1", "volcano.sh/devices-to-allocate")
+            .await
+            .as_deref(),
+        Some(";;;")
+    );
+}
