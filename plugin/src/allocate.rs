@@ -31,11 +31,29 @@ use crate::volcano::allocate_env::{
 };
 use crate::volcano::pod_devices::PodDevices;
 use crate::volcano::selection::{
-    AllocatingEndpoint, Assignment, PodView, malformed_pods, matches, next_assignment, select_pending_pod,
+    AllocatingEndpoint, Assignment, PodView, malformed_pods, matches, next_assignment,
+    select_pending_pod,
 };
 use crate::volcano::{
     BIND_PHASE, DEVICES_TO_ALLOCATE, PHASE_FAILED, PHASE_SUCCESS, VGPU_TIME, VGPU_TIME_DONE,
 };
+
+/// How long one apiserver call of the hand-off may take. The kubelet waits for Allocate without a deadline and
+/// calls are serialized, so a hung apiserver must not hold every later container hostage.
+pub const API_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Runs one apiserver call under [`API_TIMEOUT`].
+async fn bounded<T>(
+    what: &str,
+    call: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(API_TIMEOUT, call).await {
+        Ok(result) => result.map_err(|e| format!("{what}: {e}")),
+        Err(_) => Err(format!(
+            "{what}: no answer from the apiserver within {API_TIMEOUT:?}"
+        )),
+    }
+}
 
 /// What an Allocate call resolved to.
 #[derive(Debug)]
@@ -71,6 +89,14 @@ pub enum AllocateError {
         /// The client error.
         #[source]
         source: kube::Error,
+    },
+    /// The apiserver did not answer in time; nothing was changed.
+    #[error(
+        "the apiserver did not answer within {API_TIMEOUT:?} while looking for the pod on node {node}"
+    )]
+    TimedOut {
+        /// This node.
+        node: String,
     },
     /// A pod was chosen and the hand-off failed.
     #[error("pod {namespace}/{name}: {cause}")]
@@ -162,7 +188,12 @@ impl Allocator {
                     }
                 }
                 Ok(None) => {}
-                Err(source) => return Err(AllocateError::Unreachable { node: self.node.clone(), source }),
+                Err(source) => {
+                    return Err(AllocateError::Unreachable {
+                        node: self.node.clone(),
+                        source,
+                    });
+                }
             }
         }
         let listed =
@@ -192,7 +223,12 @@ impl Allocator {
         size: usize,
     ) -> Result<Outcome, AllocateError> {
         let _one_at_a_time = self.serial.lock().await;
-        let Some(pod) = self.find(endpoint, size).await? else {
+        let found = tokio::time::timeout(API_TIMEOUT, self.find(endpoint, size))
+            .await
+            .map_err(|_| AllocateError::TimedOut {
+                node: self.node.clone(),
+            })?;
+        let Some(pod) = found? else {
             if endpoint == AllocatingEndpoint::Memory {
                 return Ok(Outcome::NotMine);
             }
@@ -253,16 +289,15 @@ impl Allocator {
         ]))
         .map_err(|e| format!("building the patch: {e}"))?;
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace);
-        let updated = pods
-            .patch(
+        let updated = bounded(
+            &format!("cannot advance {DEVICES_TO_ALLOCATE} from {old:?} to {new:?}"),
+            pods.patch(
                 &pod.name,
                 &PatchParams::default(),
                 &Patch::<()>::Json(patch),
-            )
-            .await
-            .map_err(|e| {
-                format!("cannot advance {DEVICES_TO_ALLOCATE} from {old:?} to {new:?}: {e}")
-            })?;
+            ),
+        )
+        .await?;
         let read_back = updated
             .metadata
             .annotations
@@ -276,10 +311,11 @@ impl Allocator {
 
         if queue.remaining() == 0 {
             let body = serde_json::json!({ "metadata": { "annotations": { BIND_PHASE: PHASE_SUCCESS, VGPU_TIME: VGPU_TIME_DONE } } });
-            let done = pods
-                .patch(&pod.name, &PatchParams::default(), &Patch::Merge(&body))
-                .await
-                .map_err(|e| format!("cannot set {BIND_PHASE}={PHASE_SUCCESS}: {e}"))?;
+            let done = bounded(
+                &format!("cannot set {BIND_PHASE}={PHASE_SUCCESS}"),
+                pods.patch(&pod.name, &PatchParams::default(), &Patch::Merge(&body)),
+            )
+            .await?;
             let annotations = done.metadata.annotations.unwrap_or_default();
             if annotations.get(BIND_PHASE).map(String::as_str) != Some(PHASE_SUCCESS)
                 || annotations.get(VGPU_TIME).map(String::as_str) != Some(VGPU_TIME_DONE)
@@ -312,9 +348,11 @@ impl Allocator {
         tracing::error!(pod = %format!("{}/{}", pod.namespace, pod.name), %cause, "vGPU allocation failed");
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace);
         let body = serde_json::json!({ "metadata": { "annotations": { BIND_PHASE: PHASE_FAILED, VGPU_TIME: VGPU_TIME_DONE } } });
-        if let Err(error) = pods
-            .patch(&pod.name, &PatchParams::default(), &Patch::Merge(&body))
-            .await
+        if let Err(error) = bounded(
+            "patch",
+            pods.patch(&pod.name, &PatchParams::default(), &Patch::Merge(&body)),
+        )
+        .await
         {
             tracing::warn!(%error, "cannot mark the pod {BIND_PHASE}={PHASE_FAILED}");
         }

@@ -155,26 +155,35 @@ pub async fn publish(
 /// Removes the scheduler's `hamivgpu` node lock if it is there (contract §2.2): after a successful or failed
 /// allocation, and when no pending pod matches. Reads first, so a node without the lock costs no write.
 pub async fn release_node_lock(api: &Api<Node>, node: &str) {
-    let has_lock = match api.get_opt(node).await {
-        Ok(Some(n)) => n
+    // Bounded like every apiserver call on the Allocate path: a lock we cannot release expires in 5 minutes.
+    let limit = crate::allocate::API_TIMEOUT;
+    let has_lock = match tokio::time::timeout(limit, api.get_opt(node)).await {
+        Ok(Ok(Some(n))) => n
             .metadata
             .annotations
             .as_ref()
             .is_some_and(|a| a.contains_key(NODE_LOCK)),
-        Ok(None) => false,
-        Err(error) => {
+        Ok(Ok(None)) => false,
+        Ok(Err(error)) => {
             tracing::warn!(%error, "cannot read the node to release its lock");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!("no answer reading the node to release its lock");
             return;
         }
     };
     if has_lock {
         let body = serde_json::json!({ "metadata": { "annotations": { NODE_LOCK: null } } });
-        match api
-            .patch(node, &PatchParams::default(), &Patch::Merge(&body))
-            .await
+        match tokio::time::timeout(
+            limit,
+            api.patch(node, &PatchParams::default(), &Patch::Merge(&body)),
+        )
+        .await
         {
-            Ok(_) => tracing::info!("node lock {NODE_LOCK} released"),
-            Err(error) => tracing::warn!(%error, "cannot release the node lock"),
+            Ok(Ok(_)) => tracing::info!("node lock {NODE_LOCK} released"),
+            Ok(Err(error)) => tracing::warn!(%error, "cannot release the node lock"),
+            Err(_) => tracing::warn!("no answer releasing the node lock"),
         }
     }
 }

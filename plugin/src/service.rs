@@ -189,7 +189,9 @@ impl DevicePlugin for ResourceService {
                 Ok(Outcome::NotMine) => {
                     container_responses.push(ContainerAllocateResponse::default())
                 }
-                Err(error @ AllocateError::Unreachable { .. }) => {
+                Err(
+                    error @ (AllocateError::Unreachable { .. } | AllocateError::TimedOut { .. }),
+                ) => {
                     return Err(Status::unavailable(error.to_string()));
                 }
                 Err(error) => return Err(Status::failed_precondition(error.to_string())),

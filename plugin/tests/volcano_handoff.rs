@@ -907,3 +907,49 @@ async fn back_to_back_allocates_of_one_pod_do_not_trust_a_lagging_watch() {
         Some(";;;")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_apiserver_times_allocate_out_and_changes_nothing() {
+    let c = Cluster::start(NodeSpec::uniform(1, GpuSpec::t4), &[]).await;
+    let a = c.uuid(0);
+    bind_v115(
+        &c,
+        "p1",
+        &[("cuda", Some(1), Some(1000), None)],
+        &dev(&a, 1000, 0),
+        1_787_220_000,
+    )
+    .await;
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while c.api.active_watches() == 0 {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.api.set_latency(Duration::from_secs(30));
+    let id = c.kubelet.resource(NUMBER).unwrap().devices[0].id.clone();
+    let status = c
+        .kubelet
+        .allocate(NUMBER, &[id.as_str()])
+        .await
+        .unwrap()
+        .expect_err("hung apiserver");
+    assert_eq!(
+        status.code(),
+        tonic::Code::Unavailable,
+        "{}",
+        status.message()
+    );
+    assert!(
+        status.message().contains("did not answer"),
+        "{}",
+        status.message()
+    );
+    c.api.set_latency(Duration::ZERO);
+    assert_eq!(
+        c.annotation("p1", "volcano.sh/bind-phase").await.as_deref(),
+        Some("allocating"),
+        "nothing changed"
+    );
+    admit_ok(&c, NUMBER, 1).await;
+}
