@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 use kube::Client;
 
-use crate::allocate::Allocator;
+use crate::allocate::{Allocator, HandoffSettings};
 use crate::cluster::{self, ClusterError};
 use crate::config::{AgentConfig, InvalidSetting};
 use crate::device_config::{self, VolcanoConfig, apply_filter};
@@ -24,11 +24,13 @@ use crate::endpoint::{EndpointError, RunningEndpoint};
 use crate::health::{XidPolicy, spawn_monitor};
 use crate::inventory::{DiscoveryError, Inventory, discover};
 use crate::kubelet_watch::{FileIdentity, KubeletWatch};
-use crate::node_annotations::{self, NodeWrites};
+use crate::node_annotations;
+use crate::node_metrics::NodeSnapshot;
 use crate::pod_cache::PodCache;
 use crate::registration::register;
 use crate::service::ResourceService;
 use crate::volcano::allocate_env::LimiterSettings;
+use vgpu_metrics::AgentMetrics;
 
 /// Registration retries start fast (a restarting kubelet creates its socket a moment before it answers)
 /// and back off to this.
@@ -212,10 +214,12 @@ pub async fn serve(
     for warning in warnings {
         tracing::warn!("{warning}");
     }
+    let metrics = Arc::new(AgentMetrics::new(env!("CARGO_PKG_VERSION")));
+    let (ready_tx, ready_rx) = watch::channel(Err("registering with the kubelet".to_owned()));
     let (health_tx, health_rx) = watch::channel(vec![true; inventory.gpus.len()]);
     let stop_health = Arc::new(AtomicBool::new(false));
     let monitor = spawn_monitor(
-        nvml,
+        Arc::clone(&nvml),
         Arc::clone(&inventory),
         config.health.clone(),
         policy,
@@ -225,9 +229,11 @@ pub async fn serve(
     .map_err(AgentError::HealthThread)?;
 
     let mut background = Vec::new();
+    let mut pod_cache = None;
     let allocator = match (&client, &config.node_name) {
         (Some(client), Some(node)) => {
             let (pods, pod_task) = PodCache::start(client.clone(), node);
+            pod_cache = Some((pods.clone(), node.clone()));
             background.push(pod_task);
             background.push(tokio::spawn(node_annotations::publish(
                 client.clone(),
@@ -236,7 +242,7 @@ pub async fn serve(
                 Arc::clone(&volcano),
                 health_rx.clone(),
                 config.cluster.handshake,
-                Arc::new(NodeWrites::default()),
+                Arc::clone(&metrics),
             )));
             if !pods.wait_ready(Duration::from_secs(5)).await {
                 tracing::warn!(
@@ -253,23 +259,58 @@ pub async fn serve(
                 gds: config.container_features[1],
                 mofed: config.container_features[2],
             };
+            let settings = HandoffSettings {
+                config: Arc::clone(&volcano),
+                limiter,
+                cache_root: config.cache_root(),
+            };
             Some(Arc::new(Allocator::new(
                 client.clone(),
                 node,
                 pods,
-                Arc::clone(&volcano),
-                limiter,
-                config.cache_root(),
+                settings,
                 Arc::clone(&inventory),
+                Arc::clone(&metrics),
             )))
         }
         _ => None,
     };
 
-    let result = serve_until(
-        &config, &volcano, &inventory, &plans, &health_rx, allocator, shutdown,
-    )
-    .await;
+    if let Some(address) = config.metrics_address {
+        match tokio::net::TcpListener::bind(address).await {
+            Ok(listener) => {
+                tracing::info!(%address, "serving /metrics, /healthz and /readyz");
+                let source = Arc::new(NodeSnapshot::new(
+                    nvml,
+                    Arc::clone(&inventory),
+                    health_rx.clone(),
+                    pod_cache,
+                ));
+                background.push(tokio::spawn(vgpu_metrics::serve(
+                    listener,
+                    Arc::clone(&metrics),
+                    source,
+                    ready_rx,
+                    std::future::pending(),
+                )));
+            }
+            // The endpoints matter more than the metrics: say so and keep serving the kubelet.
+            Err(error) => {
+                tracing::error!(%address, %error, "cannot listen for metrics; serving without them")
+            }
+        }
+    }
+
+    let shared = Shared {
+        config: &config,
+        volcano: &volcano,
+        inventory: &inventory,
+        plans: &plans,
+        health: &health_rx,
+        allocator,
+        metrics: &metrics,
+    };
+    let result = serve_until(&shared, &ready_tx, shutdown).await;
     for task in background {
         task.abort();
     }
@@ -279,22 +320,29 @@ pub async fn serve(
     result
 }
 
-async fn serve_until(
-    config: &AgentConfig,
-    volcano: &VolcanoConfig,
-    inventory: &Arc<Inventory>,
-    plans: &[Arc<DevicePlan>],
-    health: &watch::Receiver<Vec<bool>>,
+/// What every (re)start of the endpoints shares.
+struct Shared<'a> {
+    config: &'a AgentConfig,
+    volcano: &'a VolcanoConfig,
+    inventory: &'a Arc<Inventory>,
+    plans: &'a [Arc<DevicePlan>],
+    health: &'a watch::Receiver<Vec<bool>>,
     allocator: Option<Arc<Allocator>>,
+    metrics: &'a Arc<AgentMetrics>,
+}
+
+async fn serve_until(
+    shared: &Shared<'_>,
+    ready: &watch::Sender<Result<(), String>>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
+    let config = shared.config;
     let dir = config.socket_dir();
     let mut watch = KubeletWatch::new(&config.kubelet_socket);
     tokio::pin!(shutdown);
     loop {
         let started = Instant::now();
-        let endpoints =
-            start_endpoints(&dir, volcano, inventory, plans, health, &allocator).await?;
+        let endpoints = start_endpoints(&dir, shared).await?;
         let registered = tokio::select! {
             id = register_all(config, &endpoints, &mut watch) => id,
             () = &mut shutdown => None,
@@ -307,6 +355,7 @@ async fn serve_until(
             elapsed_ms = started.elapsed().as_millis() as u64,
             "all endpoints registered with the kubelet"
         );
+        let _ = ready.send_replace(Ok(()));
 
         tokio::select! {
             () = &mut shutdown => {
@@ -321,29 +370,27 @@ async fn serve_until(
                 tracing::info!(socket = %gone.display(), "our socket was removed; serving and registering again");
             }
         }
+        let _ = ready.send_replace(Err("registering with the kubelet again".to_owned()));
         stop_all(endpoints).await;
     }
 }
 
 async fn start_endpoints(
     dir: &Path,
-    volcano: &VolcanoConfig,
-    inventory: &Arc<Inventory>,
-    plans: &[Arc<DevicePlan>],
-    health: &watch::Receiver<Vec<bool>>,
-    allocator: &Option<Arc<Allocator>>,
+    shared: &Shared<'_>,
 ) -> Result<Vec<RunningEndpoint>, AgentError> {
-    let mut endpoints = Vec::with_capacity(plans.len());
-    for plan in plans {
-        let name = volcano.resources.get(plan.kind).to_owned();
+    let mut endpoints = Vec::with_capacity(shared.plans.len());
+    for plan in shared.plans {
+        let name = shared.volcano.resources.get(plan.kind).to_owned();
         let started = RunningEndpoint::start(dir, plan.kind, &name, |stopping| {
             ResourceService::new(
                 name.clone(),
                 Arc::clone(plan),
-                Arc::clone(inventory),
-                health.clone(),
+                Arc::clone(shared.inventory),
+                shared.health.clone(),
                 stopping,
-                allocator.clone(),
+                shared.allocator.clone(),
+                Arc::clone(shared.metrics),
             )
         })
         .await;

@@ -20,6 +20,7 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Api, Client};
 use kubelet_api::v1beta1::{ContainerAllocateResponse, ContainerPreferredAllocationRequest};
 use tokio::sync::Mutex;
+use vgpu_metrics::AgentMetrics;
 
 use crate::device_config::VolcanoConfig;
 use crate::devices::{DevicePlan, ResourceKind};
@@ -122,6 +123,7 @@ pub struct Allocator {
     inventory: Arc<Inventory>,
     recorder: Recorder,
     serial: Mutex<()>,
+    metrics: Arc<AgentMetrics>,
 }
 
 impl std::fmt::Debug for Allocator {
@@ -133,17 +135,32 @@ impl std::fmt::Debug for Allocator {
     }
 }
 
+/// How the hand-off is configured.
+#[derive(Debug, Clone)]
+pub struct HandoffSettings {
+    /// The merged Volcano configuration (resource names among others).
+    pub config: Arc<VolcanoConfig>,
+    /// What goes into each container's environment and mounts.
+    pub limiter: LimiterSettings,
+    /// The one host directory holding the per-container caches.
+    pub cache_root: PathBuf,
+}
+
 impl Allocator {
-    /// Everything the hand-off needs; `cache_root` is the one host directory holding the per-container caches.
+    /// Everything the hand-off needs.
     pub fn new(
         client: Client,
         node: &str,
         pods: PodCache,
-        config: Arc<VolcanoConfig>,
-        limiter: LimiterSettings,
-        cache_root: PathBuf,
+        settings: HandoffSettings,
         inventory: Arc<Inventory>,
+        metrics: Arc<AgentMetrics>,
     ) -> Self {
+        let HandoffSettings {
+            config,
+            limiter,
+            cache_root,
+        } = settings;
         let reporter = Reporter {
             controller: "vgpu-device-plugin".into(),
             instance: Some(node.to_owned()),
@@ -159,6 +176,13 @@ impl Allocator {
             cache_root,
             inventory,
             serial: Mutex::new(()),
+            metrics,
+        }
+    }
+
+    async fn release_lock(&self) {
+        if release_node_lock(&self.nodes, &self.node).await {
+            self.metrics.node_write();
         }
     }
 
@@ -232,7 +256,7 @@ impl Allocator {
             if endpoint == AllocatingEndpoint::Memory {
                 return Ok(Outcome::NotMine);
             }
-            release_node_lock(&self.nodes, &self.node).await;
+            self.release_lock().await;
             return Err(AllocateError::NoPendingPod {
                 node: self.node.clone(),
                 size,
@@ -324,7 +348,7 @@ impl Allocator {
                     "{BIND_PHASE}/{VGPU_TIME} did not read back as {PHASE_SUCCESS}/{VGPU_TIME_DONE}"
                 ));
             }
-            release_node_lock(&self.nodes, &self.node).await;
+            self.release_lock().await;
         }
         let response = container_response(
             &self.limiter,
@@ -374,7 +398,7 @@ impl Allocator {
         if let Err(error) = self.recorder.publish(&event, &reference).await {
             tracing::warn!(%error, "cannot record the failure as an event");
         }
-        release_node_lock(&self.nodes, &self.node).await;
+        self.release_lock().await;
         AllocateError::Pod {
             namespace: pod.namespace.clone(),
             name: pod.name.clone(),

@@ -102,9 +102,24 @@ pub struct Flags {
     #[arg(long, env = "MOFED_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
     mofed_enabled: bool,
 
+    /// Where /metrics, /healthz and /readyz are served (`:9394` = every interface; `off` = nowhere).
+    #[arg(long, env = "METRICS_BIND_ADDRESS", default_value = ":9394", value_parser = parse_metrics_address)]
+    metrics_bind_address: MetricsAddress,
+
     /// Root of sysfs (for NUMA nodes NVML cannot report).
     #[arg(long, default_value = "/sys", hide = true)]
     sysfs_root: PathBuf,
+}
+
+/// `--metrics-bind-address`: an address, or off.
+#[derive(Debug, Clone, Copy)]
+pub struct MetricsAddress(Option<std::net::SocketAddr>);
+
+fn parse_metrics_address(text: &str) -> Result<MetricsAddress, String> {
+    match text.trim() {
+        "" | "off" | "0" => Ok(MetricsAddress(None)),
+        other => vgpu_metrics::parse_bind_address(other).map(|a| MetricsAddress(Some(a))),
+    }
 }
 
 impl Flags {
@@ -131,6 +146,7 @@ impl Flags {
                 apiserver_wait: self.apiserver_wait,
             },
             container_features: [self.gdrcopy_enabled, self.gds_enabled, self.mofed_enabled],
+            metrics_address: self.metrics_bind_address.0,
             health: HealthSettings {
                 disable: self.disable_healthchecks,
                 enable: self.enable_healthchecks,

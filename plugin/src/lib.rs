@@ -20,6 +20,7 @@ pub mod health;
 pub mod inventory;
 pub mod kubelet_watch;
 pub mod node_annotations;
+pub mod node_metrics;
 pub mod pod_cache;
 pub mod registration;
 pub mod service;

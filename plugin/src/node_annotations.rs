@@ -6,7 +6,6 @@
 //! handshake. At rest, with a current scheduler, it makes no writes at all (the Go plugin made two a minute).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
@@ -15,6 +14,7 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tokio::sync::watch;
+use vgpu_metrics::AgentMetrics;
 
 use crate::config::HandshakeMode;
 use crate::device_config::VolcanoConfig;
@@ -64,17 +64,6 @@ pub fn handshake_reply(mode: HandshakeMode, current: Option<&str>, heartbeat_due
     }
 }
 
-/// Counts the node writes, for the figures and the metrics.
-#[derive(Debug, Default)]
-pub struct NodeWrites(AtomicU64);
-
-impl NodeWrites {
-    /// Writes so far.
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
 /// Runs until aborted.
 pub async fn publish(
     client: Client,
@@ -83,7 +72,7 @@ pub async fn publish(
     config: Arc<VolcanoConfig>,
     mut health: watch::Receiver<Vec<bool>>,
     mode: HandshakeMode,
-    writes: Arc<NodeWrites>,
+    metrics: Arc<AgentMetrics>,
 ) {
     let api: Api<Node> = Api::all(client);
     let nodes = watcher(
@@ -141,7 +130,7 @@ pub async fn publish(
             .await
         {
             Ok(updated) => {
-                writes.0.fetch_add(1, Ordering::Relaxed);
+                metrics.node_write();
                 tracing::info!(?keys, "node annotations written");
                 latest = Some(updated);
             }
@@ -154,7 +143,8 @@ pub async fn publish(
 
 /// Removes the scheduler's `hamivgpu` node lock if it is there (contract §2.2): after a successful or failed
 /// allocation, and when no pending pod matches. Reads first, so a node without the lock costs no write.
-pub async fn release_node_lock(api: &Api<Node>, node: &str) {
+/// Returns whether it wrote.
+pub async fn release_node_lock(api: &Api<Node>, node: &str) -> bool {
     // Bounded like every apiserver call on the Allocate path: a lock we cannot release expires in 5 minutes.
     let limit = crate::allocate::API_TIMEOUT;
     let has_lock = match tokio::time::timeout(limit, api.get_opt(node)).await {
@@ -166,11 +156,11 @@ pub async fn release_node_lock(api: &Api<Node>, node: &str) {
         Ok(Ok(None)) => false,
         Ok(Err(error)) => {
             tracing::warn!(%error, "cannot read the node to release its lock");
-            return;
+            return false;
         }
         Err(_) => {
             tracing::warn!("no answer reading the node to release its lock");
-            return;
+            return false;
         }
     };
     if has_lock {
@@ -181,11 +171,15 @@ pub async fn release_node_lock(api: &Api<Node>, node: &str) {
         )
         .await
         {
-            Ok(Ok(_)) => tracing::info!("node lock {NODE_LOCK} released"),
+            Ok(Ok(_)) => {
+                tracing::info!("node lock {NODE_LOCK} released");
+                return true;
+            }
             Ok(Err(error)) => tracing::warn!(%error, "cannot release the node lock"),
             Err(_) => tracing::warn!("no answer releasing the node lock"),
         }
     }
+    false
 }
 
 #[cfg(test)]

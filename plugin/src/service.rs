@@ -16,6 +16,8 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use vgpu_metrics::{AgentMetrics, AllocateResult};
+
 use crate::allocate::{AllocateError, Allocator, Outcome};
 use crate::devices::{DevicePlan, ResourceKind};
 use crate::inventory::Inventory;
@@ -39,6 +41,7 @@ pub struct ResourceService {
     health: watch::Receiver<Vec<bool>>,
     stopping: watch::Receiver<bool>,
     allocator: Option<Arc<Allocator>>,
+    metrics: Arc<AgentMetrics>,
 }
 
 impl ResourceService {
@@ -51,6 +54,7 @@ impl ResourceService {
         health: watch::Receiver<Vec<bool>>,
         stopping: watch::Receiver<bool>,
         allocator: Option<Arc<Allocator>>,
+        metrics: Arc<AgentMetrics>,
     ) -> Self {
         Self {
             resource_name,
@@ -59,6 +63,7 @@ impl ResourceService {
             health,
             stopping,
             allocator,
+            metrics,
         }
     }
 
@@ -181,10 +186,22 @@ impl DevicePlugin for ResourceService {
         };
         let mut container_responses = Vec::with_capacity(request.container_requests.len());
         for container in &request.container_requests {
-            match allocator
+            let started = std::time::Instant::now();
+            let outcome = allocator
                 .allocate(endpoint, container.devices_ids.len())
-                .await
-            {
+                .await;
+            let result = match &outcome {
+                Ok(Outcome::Handoff(_)) => AllocateResult::handed_off,
+                Ok(Outcome::NotMine) => AllocateResult::empty,
+                Err(AllocateError::NoPendingPod { .. }) => AllocateResult::no_pending_pod,
+                Err(AllocateError::Pod { .. }) => AllocateResult::failed,
+                Err(AllocateError::Unreachable { .. } | AllocateError::TimedOut { .. }) => {
+                    AllocateResult::unavailable
+                }
+            };
+            self.metrics
+                .allocate(&self.resource_name, result, started.elapsed().as_secs_f64());
+            match outcome {
                 Ok(Outcome::Handoff(response)) => container_responses.push(response),
                 Ok(Outcome::NotMine) => {
                     container_responses.push(ContainerAllocateResponse::default())

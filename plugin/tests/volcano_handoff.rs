@@ -953,3 +953,66 @@ async fn a_hung_apiserver_times_allocate_out_and_changes_nothing() {
     );
     admit_ok(&c, NUMBER, 1).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_the_gpus_the_allocations_and_readiness() {
+    let port = free_port();
+    let address = format!("127.0.0.1:{port}");
+    let c = Cluster::start(
+        NodeSpec::uniform(2, GpuSpec::t4),
+        &["--metrics-bind-address", &address],
+    )
+    .await;
+    let b = c.uuid(1);
+    bind_v115(
+        &c,
+        "p1",
+        &[("cuda", Some(1), Some(1000), None)],
+        &dev(&b, 1000, 0),
+        1_787_220_000,
+    )
+    .await;
+    admit_ok(&c, NUMBER, 1).await;
+
+    let (status, _) = tokio::task::spawn_blocking(move || http_get(port, "/readyz"))
+        .await
+        .unwrap();
+    assert!(status.contains("200"), "{status}");
+    let (status, body) = tokio::task::spawn_blocking(move || http_get(port, "/metrics"))
+        .await
+        .unwrap();
+    assert!(status.contains("200"), "{status}");
+    let value = |name: &str, labels: &[(&str, &str)]| vgpu_metrics::find_value(&body, name, labels);
+    assert_eq!(
+        value(
+            "vgpu_agent_allocations_total",
+            &[("endpoint", NUMBER), ("result", "handed_off")]
+        ),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        value(
+            "vgpu_gpu_vgpus_allocated",
+            &[("gpu_uuid", &b), ("gpu_index", "1")]
+        ),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        value("vgpu_gpu_vgpus_allocated", &[("gpu_index", "0")]),
+        Some(0.0)
+    );
+    assert_eq!(
+        value("vgpu_gpu_memory_total_bytes", &[("gpu_index", "0")]),
+        Some((15360u64 << 20) as f64)
+    );
+    assert!(
+        value(
+            "HostGPUMemoryUsage",
+            &[("deviceidx", "1"), ("deviceuuid", &b), ("zone", "vGPU")]
+        )
+        .is_some()
+    );
+    assert!(value("vgpu_agent_node_writes_total", &[]).is_some_and(|w| w >= 1.0));
+}

@@ -26,6 +26,7 @@ pub fn agent_command(sim: &SimNode, kubelet_socket: &Path) -> Command {
         .env("NVML_LIB", gpu_sim::nvml_library())
         .env("KUBELET_SOCKET", kubelet_socket)
         .env("RUST_LOG", "info")
+        .env("METRICS_BIND_ADDRESS", "127.0.0.1:0")
         .env_remove("DP_DISABLE_HEALTHCHECKS")
         .env_remove("DP_ENABLE_HEALTHCHECKS")
         .env_remove("NODE_NAME")
@@ -127,4 +128,31 @@ pub fn sockets_in(dir: &Path) -> Vec<PathBuf> {
         .collect();
     v.sort();
     v
+}
+
+/// A free loopback port for an agent's metrics listener.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET path` on a loopback port, returning the status line and body.
+pub fn http_get(port: u16, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    (
+        head.lines().next().unwrap_or("").to_owned(),
+        body.to_owned(),
+    )
 }

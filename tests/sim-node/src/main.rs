@@ -247,8 +247,12 @@ async fn run_node(args: RunArgs) -> anyhow::Result<()> {
         sim.node_file().display()
     );
     println!("kubelet   fake kubelet on {}", kubelet.socket().display());
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let mut cmd = agent_command(&sim, kubelet.socket(), &agent_bin);
-    cmd.args(&args.agent_args);
+    cmd.env("METRICS_BIND_ADDRESS", format!("127.0.0.1:{metrics_port}"))
+        .args(&args.agent_args);
     if !args.verbose {
         cmd.stderr(std::fs::File::create(&log_path)?);
     }
@@ -289,6 +293,9 @@ async fn run_node(args: RunArgs) -> anyhow::Result<()> {
         println!("agent stopped on SIGTERM: {status}");
         return Ok(());
     }
+    println!(
+        "Metrics: curl http://127.0.0.1:{metrics_port}/metrics   (health: /healthz, readiness: /readyz)"
+    );
     println!("Inject a fault from another shell, for example:");
     println!(
         "  echo 'xid {} 79' >> {}",
@@ -612,10 +619,17 @@ async fn bench_handshake(args: HandshakeArgs) -> anyhow::Result<()> {
         .arg(dir.path().join("none.json"))
         .stderr(Stdio::null());
     let agent = ChildGuard(cmd.spawn()?);
-    kubelet.wait_for_resources(&RESOURCES, Duration::from_secs(30)).await?;
+    kubelet
+        .wait_for_resources(&RESOURCES, Duration::from_secs(30))
+        .await?;
     let node_path = format!("/api/v1/nodes/{NODE}");
 
-    let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0)
+    };
     let start = Instant::now();
     let start_writes = api.count("PATCH", &node_path);
     let mut last_rv = 0;
@@ -624,22 +638,36 @@ async fn bench_handshake(args: HandshakeArgs) -> anyhow::Result<()> {
     while start.elapsed() < Duration::from_secs(args.seconds) {
         tokio::time::sleep(Duration::from_millis(100)).await;
         if Instant::now() >= next_update {
-            api.patch_object("nodes", None, NODE, json!({"metadata": {"labels": {"heartbeat": now().to_string()}}}))?;
+            api.patch_object(
+                "nodes",
+                None,
+                NODE,
+                json!({"metadata": {"labels": {"heartbeat": now().to_string()}}}),
+            )?;
             next_update = Instant::now() + Duration::from_secs(args.node_update_secs);
         }
-        let Some(node) = api.get_object("nodes", None, NODE) else { continue };
-        let rv: u64 = node["metadata"]["resourceVersion"].as_str().and_then(|v| v.parse().ok()).unwrap_or(0);
+        let Some(node) = api.get_object("nodes", None, NODE) else {
+            continue;
+        };
+        let rv: u64 = node["metadata"]["resourceVersion"]
+            .as_str()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
         if rv == last_rv {
             continue;
         }
         last_rv = rv;
         // A node update: the old scheduler rebuilds NodeInfo and applies the handshake rule.
-        let value = node["metadata"]["annotations"][KEY].as_str().unwrap_or("").to_owned();
+        let value = node["metadata"]["annotations"][KEY]
+            .as_str()
+            .unwrap_or("")
+            .to_owned();
         let reply = if value.is_empty() || value.contains("Deleted") {
             dropped += u64::from(!value.is_empty());
             None
         } else if let Some(at) = value.strip_prefix("Requesting_") {
-            let stale = vgpu_device_plugin::volcano::handshake::parse_scheduler_time(at).is_none_or(|t| now() > t + 60);
+            let stale = vgpu_device_plugin::volcano::handshake::parse_scheduler_time(at)
+                .is_none_or(|t| now() > t + 60);
             stale.then(|| format!("Deleted_{}", format_scheduler_time(now())))
         } else {
             Some(format!("Requesting_{}", format_scheduler_time(now())))
@@ -648,7 +676,12 @@ async fn bench_handshake(args: HandshakeArgs) -> anyhow::Result<()> {
             if reply.starts_with("Deleted") {
                 dropped += 1;
             }
-            api.patch_object("nodes", None, NODE, json!({"metadata": {"annotations": {KEY: reply}}}))?;
+            api.patch_object(
+                "nodes",
+                None,
+                NODE,
+                json!({"metadata": {"annotations": {KEY: reply}}}),
+            )?;
             scheduler_writes += 1;
         }
     }
