@@ -1,15 +1,25 @@
-//! Builds the fake `libnvidia-ml.so.1` (and the C-level ABI checker used by the tests) from `csrc/`.
+//! Builds the fake `libnvidia-ml.so.1` and `libcuda.so.1` (and the C-level ABI checker used by the
+//! tests) from `csrc/`.
 //!
-//! The library is linked as a plain shared object with the real soname, using the C compiler the `cc`
-//! crate picks (honouring `CC`/`CFLAGS`), and every symbol that is not an NVML entry point is hidden.
+//! Each library is linked as a plain shared object with the real soname, using the C compiler the
+//! `cc` crate picks (honouring `CC`/`CFLAGS`), and every symbol that is not an entry point of the
+//! API it fakes is hidden. Both share the node model (`sim_node.c`) and the node-wide device state
+//! (`sim_state.c`).
 
 use std::error::Error;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::{env, fs};
 
-const LIBRARY_SOURCES: &[&str] = &["sim_node.c", "nvml.c"];
-const HEADERS: &[&str] = &["sim_node.h", "nvml_api.h"];
+const LIBRARY_SOURCES: &[&str] = &["sim_node.c", "sim_state.c", "nvml.c"];
+const CUDA_SOURCES: &[&str] = &["sim_node.c", "sim_state.c", "cuda_procs.c", "cuda.c"];
+const HEADERS: &[&str] = &[
+    "sim_node.h",
+    "sim_state.h",
+    "nvml_api.h",
+    "cuda_api.h",
+    "cuda_procs.h",
+];
 const ABI_CHECK_SOURCE: &str = "abi_check.c";
 
 /// Flags shared by every C file: strict warnings, one C dialect.
@@ -31,6 +41,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     println!("cargo:rerun-if-changed=csrc");
     for file in LIBRARY_SOURCES
         .iter()
+        .chain(CUDA_SOURCES)
         .chain(HEADERS)
         .chain([&ABI_CHECK_SOURCE])
     {
@@ -61,13 +72,27 @@ fn main() -> Result<(), Box<dyn Error>> {
     run(cmd, "libnvidia-ml.so.1")?;
 
     // The unversioned development name, as the driver packages install it.
-    let dev_link = lib_dir.join("libnvidia-ml.so");
-    match fs::remove_file(&dev_link) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e.into()),
-    }
-    std::os::unix::fs::symlink("libnvidia-ml.so.1", &dev_link)?;
+    dev_symlink(&lib_dir, "libnvidia-ml.so", "libnvidia-ml.so.1")?;
+
+    // libcuda.so.1, exporting only the CUDA driver entry points cuda.c marks visible. No identical
+    // code folding: every exported name keeps its own address (as in the real driver), so a caller
+    // can tell which variant cuGetProcAddress handed out.
+    let cuda = lib_dir.join("libcuda.so.1");
+    let mut cmd = compiler.to_command();
+    cmd.args(COMMON_FLAGS)
+        .args([
+            "-shared",
+            "-fPIC",
+            "-fvisibility=hidden",
+            "-fno-ipa-icf",
+            "-Wl,-soname,libcuda.so.1",
+            "-Wl,-z,defs",
+        ])
+        .args(CUDA_SOURCES.iter().map(|f| csrc.join(f)))
+        .arg("-o")
+        .arg(&cuda);
+    run(cmd, "libcuda.so.1")?;
+    dev_symlink(&lib_dir, "libcuda.so", "libcuda.so.1")?;
 
     // The raw-ABI checker, a separate program so it can dlopen the library with its own environment.
     let abi_check = bin_dir.join("nvml-abi-check");
@@ -80,6 +105,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     run(cmd, "nvml-abi-check")?;
 
     println!("cargo:rustc-env=GPU_SIM_NVML_LIB={}", path_str(&library)?);
+    println!("cargo:rustc-env=GPU_SIM_CUDA_LIB={}", path_str(&cuda)?);
     println!(
         "cargo:rustc-env=GPU_SIM_NVML_ABI_CHECK={}",
         path_str(&abi_check)?
@@ -94,6 +120,18 @@ fn run(mut cmd: Command, what: &str) -> Result<(), Box<dyn Error>> {
     if !status.success() {
         return Err(format!("building {what} failed ({status}): {cmd:?}").into());
     }
+    Ok(())
+}
+
+/// `dir/name -> target`, replacing an old link.
+fn dev_symlink(dir: &Path, name: &str, target: &str) -> Result<(), Box<dyn Error>> {
+    let link = dir.join(name);
+    match fs::remove_file(&link) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
+    }
+    std::os::unix::fs::symlink(target, &link)?;
     Ok(())
 }
 

@@ -17,6 +17,7 @@
 #pragma GCC visibility pop
 
 #include "sim_node.h"
+#include "sim_state.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -51,6 +52,7 @@ static unsigned int g_init_count;            /* nvmlInit calls minus nvmlShutdow
 static struct sim_node *g_node;              /* non-NULL exactly when g_init_count > 0 */
 static struct nvmlDevice_st g_devices[SIM_MAX_GPUS];
 static struct nvmlEventSet_st *g_sets;       /* every live event set */
+static struct sim_state g_cuda;              /* the node's CUDA device state, once it exists */
 
 static const unsigned long long kind_bits[SIM_EVENT_KIND_COUNT] = {
     [SIM_EVENT_XID] = nvmlEventTypeXidCriticalError,
@@ -105,6 +107,20 @@ static nvmlReturn_t use_device(nvmlDevice_t device, int args_ok, struct sim_gpu 
     if ((*gpu)->failed)
         return NVML_ERROR_GPU_IS_LOST;
     return NVML_SUCCESS;
+}
+
+/*
+ * Memory processes hold through the fake libcuda.so.1 on this GPU (lock held). The
+ * state file appears when the first CUDA process initialises, so it is looked for
+ * on every query until found; processes that died are reclaimed first, as the
+ * driver does.
+ */
+static unsigned long long cuda_used_bytes(const struct sim_gpu *gpu)
+{
+    if (g_cuda.map == NULL && sim_state_open(g_node->node_path, false, &g_cuda) != 0)
+        return 0;
+    sim_state_reap(&g_cuda);
+    return sim_state_used(&g_cuda, (unsigned int)(gpu - g_node->gpus));
 }
 
 /* NVML writes nothing when the buffer is too small; length counts the NUL. */
@@ -225,6 +241,7 @@ nvmlReturn_t nvmlShutdown(void)
         /* Event sets die with the library state; freeing one later answers
          * UNINITIALIZED (or INVALID_ARGUMENT after a new init). */
         free_all_sets();
+        sim_state_close(&g_cuda);
         sim_node_free(g_node);
         g_node = NULL;
     }
@@ -494,7 +511,10 @@ nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t device, nvmlMemory_t *memory)
     lock();
     ret = use_device(device, memory != NULL, &gpu);
     if (ret == NVML_SUCCESS) {
-        unsigned long long used = gpu->memory_reserved_bytes + sim_gpu_allocated_bytes(gpu);
+        unsigned long long used =
+            gpu->memory_reserved_bytes + sim_gpu_allocated_bytes(gpu) + cuda_used_bytes(gpu);
+        if (used > gpu->memory_total_bytes)
+            used = gpu->memory_total_bytes;
         memory->total = gpu->memory_total_bytes;
         memory->used = used;
         memory->free = gpu->memory_total_bytes - used;
@@ -518,7 +538,9 @@ nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t device, nvmlMemory_v2_t *me
     if (ret == NVML_SUCCESS && memory->version != nvmlMemory_v2)
         ret = NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
     if (ret == NVML_SUCCESS) {
-        unsigned long long allocated = sim_gpu_allocated_bytes(gpu);
+        unsigned long long allocated = sim_gpu_allocated_bytes(gpu) + cuda_used_bytes(gpu);
+        if (allocated > gpu->memory_total_bytes - gpu->memory_reserved_bytes)
+            allocated = gpu->memory_total_bytes - gpu->memory_reserved_bytes;
         memory->total = gpu->memory_total_bytes;
         memory->reserved = gpu->memory_reserved_bytes;
         memory->used = allocated;
@@ -640,9 +662,39 @@ nvmlReturn_t nvmlDeviceGetUtilizationRates(nvmlDevice_t device, nvmlUtilization_
  * the number needed and INSUFFICIENT_SIZE returned (infos may then be NULL;
  * callers size with *infoCount = 0). No processes: SUCCESS with 0.
  */
+struct process_list {
+    struct sim_process items[SIM_MAX_PROCESSES + SIM_STATE_SLOTS];
+    unsigned int count;
+};
+
+static void add_cuda_process(int pid, uint64_t bytes, void *arg)
+{
+    struct process_list *list = arg;
+
+    list->items[list->count].pid = (unsigned int)pid;
+    list->items[list->count].used_bytes = bytes;
+    list->count++;
+}
+
+/* The node file's processes, then those holding memory through the fake libcuda.so.1. */
+static void collect_processes(const struct sim_gpu *gpu, struct process_list *list)
+{
+    unsigned int i;
+
+    list->count = 0;
+    for (i = 0; i < gpu->process_count; i++)
+        list->items[list->count++] = gpu->processes[i];
+    if (g_cuda.map != NULL || sim_state_open(g_node->node_path, false, &g_cuda) == 0) {
+        sim_state_reap(&g_cuda);
+        sim_state_for_each_process(&g_cuda, (unsigned int)(gpu - g_node->gpus),
+                                   add_cuda_process, list);
+    }
+}
+
 static nvmlReturn_t running_processes(nvmlDevice_t device, unsigned int *infoCount, void *infos,
                                       int version)
 {
+    static struct process_list list; /* large; used under the lock only */
     struct sim_gpu *gpu;
     nvmlReturn_t ret;
     unsigned int i, n;
@@ -650,7 +702,8 @@ static nvmlReturn_t running_processes(nvmlDevice_t device, unsigned int *infoCou
     lock();
     ret = use_device(device, infoCount != NULL, &gpu);
     if (ret == NVML_SUCCESS) {
-        n = gpu->process_count;
+        collect_processes(gpu, &list);
+        n = list.count;
         if (*infoCount < n) {
             *infoCount = n;
             ret = NVML_ERROR_INSUFFICIENT_SIZE;
@@ -660,12 +713,12 @@ static nvmlReturn_t running_processes(nvmlDevice_t device, unsigned int *infoCou
             for (i = 0; i < n; i++) {
                 if (version == 1) {
                     nvmlProcessInfo_v1_t *out = (nvmlProcessInfo_v1_t *)infos + i;
-                    out->pid = gpu->processes[i].pid;
-                    out->usedGpuMemory = gpu->processes[i].used_bytes;
+                    out->pid = list.items[i].pid;
+                    out->usedGpuMemory = list.items[i].used_bytes;
                 } else {
                     nvmlProcessInfo_v2_t *out = (nvmlProcessInfo_v2_t *)infos + i;
-                    out->pid = gpu->processes[i].pid;
-                    out->usedGpuMemory = gpu->processes[i].used_bytes;
+                    out->pid = list.items[i].pid;
+                    out->usedGpuMemory = list.items[i].used_bytes;
                     /* Not running in a MIG instance. */
                     out->gpuInstanceId = NVML_VALUE_NOT_AVAILABLE_UINT;
                     out->computeInstanceId = NVML_VALUE_NOT_AVAILABLE_UINT;

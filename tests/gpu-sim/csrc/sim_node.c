@@ -248,6 +248,7 @@ enum global_key {
     GK_DRIVER_VERSION,
     GK_CUDA_DRIVER_VERSION,
     GK_NVML_VERSION,
+    GK_CUDA_CONTEXT_MIB,
     GK_COUNT
 };
 
@@ -255,6 +256,7 @@ static const char *const global_keys[GK_COUNT] = {
     "driver_version",
     "cuda_driver_version",
     "nvml_version",
+    "cuda_context_mib",
 };
 
 enum gpu_key {
@@ -329,7 +331,7 @@ static bool set_global(struct parser *p, const char *key, const char *value)
     if (k == GK_COUNT) {
         sim_report(p->path, p->line,
                    "unknown key '%s' before the first [gpu] section (expected one of "
-                   "driver_version, cuda_driver_version, nvml_version)",
+                   "driver_version, cuda_driver_version, nvml_version, cuda_context_mib)",
                    key);
         return false;
     }
@@ -351,6 +353,11 @@ static bool set_global(struct parser *p, const char *key, const char *value)
         if (!parse_decimal(value, INT_MAX, &n) || n == 0)
             return bad_value(p, key, value, "a positive decimal number such as 12040 (CUDA 12.4)");
         node->cuda_driver_version = (int)n;
+        return true;
+    case GK_CUDA_CONTEXT_MIB:
+        if (!parse_decimal(value, MAX_MEMORY_MIB, &n))
+            return bad_value(p, key, value, "a decimal number of MiB");
+        node->cuda_context_bytes = n * SIM_MIB;
         return true;
     case GK_COUNT:
         break;
@@ -676,6 +683,8 @@ static enum sim_load_status parse_node_file(struct sim_node *node)
         strcpy(node->driver_version, DEFAULT_DRIVER_VERSION);
     if (node->cuda_driver_version == 0)
         node->cuda_driver_version = DEFAULT_CUDA_DRIVER_VERSION;
+    if (p.global_line[GK_CUDA_CONTEXT_MIB] == 0)
+        node->cuda_context_bytes = SIM_DEFAULT_CUDA_CONTEXT_MIB * SIM_MIB;
     if (node->nvml_version[0] == '\0') {
         /* Real NVML reports "<CUDA major>.<driver version>", e.g. "12.550.54.15". */
         char version[SIM_VERSION_SIZE + 16];

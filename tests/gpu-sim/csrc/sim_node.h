@@ -6,7 +6,7 @@
  * of fault-injection commands shared by every process on the simulated node).
  * This module parses both and keeps the resulting device table, the per-GPU
  * failure state and the list of injected events. The fake libnvidia-ml.so.1
- * (nvml.c) is one front end; a fake libcuda.so.1 can reuse the same model.
+ * (nvml.c) and the fake libcuda.so.1 (cuda.c) are the two front ends.
  *
  * Nothing here is thread-safe: a front end serialises all calls on one node
  * with its own lock. All symbols are internal (the library is built with
@@ -34,6 +34,8 @@
 #define SIM_PATH_SIZE 4096
 
 #define SIM_MIB (1024ULL * 1024ULL)
+/* Device memory a CUDA context costs unless the node file says otherwise. */
+#define SIM_DEFAULT_CUDA_CONTEXT_MIB 300ULL
 
 enum sim_mig {
     SIM_MIG_UNSUPPORTED = 0, /* the GPU is not MIG-capable */
@@ -90,6 +92,7 @@ struct sim_node {
     char driver_version[SIM_VERSION_SIZE];
     int cuda_driver_version;     /* e.g. 12040 for CUDA 12.4 */
     char nvml_version[SIM_VERSION_SIZE];
+    unsigned long long cuda_context_bytes; /* device memory each CUDA context takes */
 
     unsigned int gpu_count;
     struct sim_gpu *gpus;

@@ -6,6 +6,12 @@
 //!   `build.rs`. Anything that loads NVML — the node agent through `nvml-wrapper`, a Go program
 //!   through go-nvml, `dlopen` — can load it instead of the driver's library: [`nvml_library`]
 //!   gives its path. It exports only NVML entry points (the list is in `csrc/nvml_api.h`).
+//! * **A fake `libcuda.so.1`** (the CUDA driver API), also C with the driver's real ABI (legacy and
+//!   versioned symbol names, `cuGetProcAddress`, struct layouts, `CUresult` codes), on the same
+//!   node: [`cuda_library`] gives its path. Its device memory is shared by every process of the
+//!   node through a state file next to the node file ([`SimNode::cuda_state`] reads it), so two
+//!   processes on one simulated GPU see each other's usage and a killed process's memory is
+//!   reclaimed; the fake NVML reports the same usage.
 //! * **The node file**: a small INI-like text file describing the node (driver and CUDA versions,
 //!   one `[gpu]` section per device). [`NodeSpec`] and [`GpuSpec`] write it; the fake reads the
 //!   file named by `$GPU_SIM_NODE` when NVML is initialised.
@@ -57,6 +63,8 @@ pub const ENV_NODE: &str = "GPU_SIM_NODE";
 pub const ENV_CONTROL: &str = "GPU_SIM_CONTROL";
 /// What the fake appends to the node file path when `GPU_SIM_CONTROL` is unset.
 pub const CONTROL_SUFFIX: &str = ".control";
+/// What the fake `libcuda.so.1` appends to the node file path for the node's shared device state.
+pub const CUDA_STATE_SUFFIX: &str = ".cuda-state";
 /// The most `[gpu]` sections a node file may have.
 pub const MAX_GPUS: usize = 128;
 
@@ -68,14 +76,21 @@ pub fn nvml_library() -> &'static Path {
     Path::new(env!("GPU_SIM_NVML_LIB"))
 }
 
-/// Directory holding `libnvidia-ml.so.1` and the `libnvidia-ml.so` symlink, for programs that
-/// `dlopen` NVML by name (put it on `LD_LIBRARY_PATH`, see [`library_path_env`]).
+/// Path of the fake `libcuda.so.1` (the CUDA driver API) built from `csrc/`, next to
+/// [`nvml_library`] with a `libcuda.so` symlink. Link C programs with `-L<dir> -lcuda` and run
+/// them with [`library_path_env`], or `dlopen` this path.
+pub fn cuda_library() -> &'static Path {
+    Path::new(env!("GPU_SIM_CUDA_LIB"))
+}
+
+/// Directory holding `libnvidia-ml.so.1`, `libcuda.so.1` and their unversioned symlinks, for
+/// programs that `dlopen` NVML or CUDA by name (put it on `LD_LIBRARY_PATH`, see [`library_path_env`]).
 pub fn nvml_library_dir() -> &'static Path {
     nvml_library().parent().unwrap_or(Path::new("/"))
 }
 
 /// `("LD_LIBRARY_PATH", ...)` with [`nvml_library_dir`] first, then the current value, for a child
-/// that loads `libnvidia-ml.so.1` by name.
+/// that loads `libnvidia-ml.so.1` or `libcuda.so.1` by name.
 pub fn library_path_env() -> (String, String) {
     let mut value = nvml_library_dir().to_string_lossy().into_owned();
     if let Some(current) = std::env::var_os("LD_LIBRARY_PATH").filter(|v| !v.is_empty()) {
@@ -98,6 +113,9 @@ pub struct NodeSpec {
     pub cuda_driver_version: u32,
     /// `nvmlSystemGetNVMLVersion`; `None` derives `"<CUDA major>.<driver version>"` as NVML does.
     pub nvml_version: Option<String>,
+    /// Device memory each CUDA context costs in the fake `libcuda.so.1`, in MiB; `None` leaves
+    /// the fake's default ([`NodeSpec::DEFAULT_CUDA_CONTEXT_MIB`]).
+    pub cuda_context_mib: Option<u64>,
     /// One entry per GPU; the NVML index is the position here, whatever the minor numbers.
     pub gpus: Vec<GpuSpec>,
 }
@@ -113,6 +131,8 @@ impl NodeSpec {
     pub const DEFAULT_DRIVER_VERSION: &'static str = "550.54.15";
     /// CUDA driver version used unless set otherwise (CUDA 12.4, what driver 550 ships).
     pub const DEFAULT_CUDA_DRIVER_VERSION: u32 = 12040;
+    /// Device memory a CUDA context costs unless set otherwise, in MiB.
+    pub const DEFAULT_CUDA_CONTEXT_MIB: u64 = 300;
 
     /// A node with these GPUs and the default driver (550.54.15, CUDA 12.4).
     pub fn new(gpus: Vec<GpuSpec>) -> Self {
@@ -120,6 +140,7 @@ impl NodeSpec {
             driver_version: Self::DEFAULT_DRIVER_VERSION.to_owned(),
             cuda_driver_version: Self::DEFAULT_CUDA_DRIVER_VERSION,
             nvml_version: None,
+            cuda_context_mib: None,
             gpus,
         }
     }
@@ -128,6 +149,12 @@ impl NodeSpec {
     /// `NodeSpec::uniform(8, GpuSpec::a100_80gb)`.
     pub fn uniform(count: u32, gpu: impl Fn(u32) -> GpuSpec) -> Self {
         Self::new((0..count).map(gpu).collect())
+    }
+
+    /// Sets the device memory a CUDA context costs (`cuda_context_mib` in the node file).
+    pub fn with_cuda_context_mib(mut self, mib: u64) -> Self {
+        self.cuda_context_mib = Some(mib);
+        self
     }
 
     /// Replaces the driver and CUDA driver versions.
@@ -169,6 +196,9 @@ impl NodeSpec {
         kv("cuda_driver_version", &self.cuda_driver_version)?;
         if let Some(v) = &self.nvml_version {
             kv("nvml_version", v)?;
+        }
+        if let Some(mib) = self.cuda_context_mib {
+            kv("cuda_context_mib", &mib)?;
         }
         for gpu in &self.gpus {
             out.push_str("\n[gpu]\n");
@@ -579,6 +609,107 @@ fn checked_uuid(uuid: &str) -> io::Result<&str> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// CUDA device state
+// ---------------------------------------------------------------------------------------------
+
+/// Counters of one GPU in the CUDA device state (index = position in the node file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CudaDeviceState {
+    /// Device memory all live processes hold through the fake driver, in bytes (contexts
+    /// included; the node file's reserved/used/process memory is not).
+    pub used_bytes: u64,
+    /// Kernel launches (`cuLaunchKernel*`, `cuLaunchKernelEx*`, `cuLaunchCooperativeKernel*`).
+    pub launches: u64,
+    /// Thread blocks of those launches (grid x·y·z summed).
+    pub blocks: u64,
+    /// `cuGraphLaunch*` calls.
+    pub graph_launches: u64,
+}
+
+/// A process holding a slot in the CUDA device state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CudaProcessState {
+    /// Its pid (negative while another process reclaims it after it died).
+    pub pid: i32,
+    /// Bytes it holds on each GPU (index = position in the node file; [`MAX_GPUS`] entries).
+    pub used_bytes: Vec<u64>,
+}
+
+/// A snapshot of the node-wide CUDA device state file (layout in `csrc/sim_state.h`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CudaState {
+    /// One entry per possible GPU ([`MAX_GPUS`]).
+    pub devices: Vec<CudaDeviceState>,
+    /// Occupied process slots.
+    pub processes: Vec<CudaProcessState>,
+}
+
+impl CudaState {
+    const MAGIC: &'static [u8; 8] = b"GPUSIMST";
+    const HEADER: usize = 64;
+    const DEVICE: usize = 64;
+    const SLOTS: usize = 256;
+    const SLOT: usize = 16 + 8 * MAX_GPUS;
+    const SIZE: usize = Self::HEADER + Self::DEVICE * MAX_GPUS + Self::SLOT * Self::SLOTS;
+
+    /// Parses the bytes of a state file.
+    pub fn parse(bytes: &[u8]) -> io::Result<Self> {
+        let bad = |why: &str| io::Error::new(io::ErrorKind::InvalidData, why.to_owned());
+        if bytes.len() != Self::SIZE {
+            return Err(bad("CUDA state file has the wrong size"));
+        }
+        if &bytes[..8] != Self::MAGIC || u32_at(bytes, 8) != 1 {
+            return Err(bad("not a version 1 CUDA state file"));
+        }
+        let devices = (0..MAX_GPUS)
+            .map(|g| {
+                let at = Self::HEADER + g * Self::DEVICE;
+                CudaDeviceState {
+                    used_bytes: u64_at(bytes, at),
+                    launches: u64_at(bytes, at + 8),
+                    blocks: u64_at(bytes, at + 16),
+                    graph_launches: u64_at(bytes, at + 24),
+                }
+            })
+            .collect();
+        let slots = Self::HEADER + Self::DEVICE * MAX_GPUS;
+        let processes = (0..Self::SLOTS)
+            .filter_map(|s| {
+                let at = slots + s * Self::SLOT;
+                let pid =
+                    i32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+                (pid != 0).then(|| CudaProcessState {
+                    pid,
+                    used_bytes: (0..MAX_GPUS)
+                        .map(|g| u64_at(bytes, at + 16 + 8 * g))
+                        .collect(),
+                })
+            })
+            .collect();
+        Ok(Self { devices, processes })
+    }
+
+    /// The process with this pid, if it holds a slot.
+    pub fn process(&self, pid: u32) -> Option<&CudaProcessState> {
+        self.processes
+            .iter()
+            .find(|p| i64::from(p.pid) == i64::from(pid))
+    }
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> u32 {
+    let mut b = [0u8; 4];
+    b.copy_from_slice(&bytes[at..at + 4]);
+    u32::from_le_bytes(b)
+}
+
+fn u64_at(bytes: &[u8], at: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&bytes[at..at + 8]);
+    u64::from_le_bytes(b)
+}
+
+// ---------------------------------------------------------------------------------------------
 // SimNode
 // ---------------------------------------------------------------------------------------------
 
@@ -634,6 +765,23 @@ impl SimNode {
     /// The control log, for injecting faults.
     pub fn control(&self) -> &ControlLog {
         &self.control
+    }
+
+    /// The node's CUDA device state file (`<node file>.cuda-state`), created by the first process
+    /// that runs `cuInit` against the fake `libcuda.so.1`.
+    pub fn cuda_state_file(&self) -> PathBuf {
+        let mut path = self.node_file.clone().into_os_string();
+        path.push(CUDA_STATE_SUFFIX);
+        PathBuf::from(path)
+    }
+
+    /// A snapshot of the CUDA device state; `None` before any process initialised CUDA.
+    pub fn cuda_state(&self) -> io::Result<Option<CudaState>> {
+        match fs::read(self.cuda_state_file()) {
+            Ok(bytes) => CudaState::parse(&bytes).map(Some),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// The environment a process needs to see this node: `GPU_SIM_NODE` and `GPU_SIM_CONTROL`.
@@ -824,6 +972,38 @@ mod tests {
         let dir = node.dir().to_path_buf();
         drop(node);
         assert!(!dir.exists());
+    }
+
+    #[test]
+    fn cuda_library_is_built_next_to_nvml() {
+        let lib = cuda_library();
+        assert!(lib.is_file(), "{}", lib.display());
+        assert_eq!(lib.file_name().unwrap(), "libcuda.so.1");
+        assert_eq!(lib.parent().unwrap(), nvml_library_dir());
+        assert_eq!(
+            fs::read_link(nvml_library_dir().join("libcuda.so")).unwrap(),
+            Path::new("libcuda.so.1")
+        );
+    }
+
+    #[test]
+    fn cuda_context_overhead_is_rendered_only_when_set() {
+        let spec = NodeSpec::uniform(1, GpuSpec::t4);
+        assert!(!spec.render().unwrap().contains("cuda_context_mib"));
+        let text = spec.with_cuda_context_mib(64).render().unwrap();
+        assert!(text.lines().any(|l| l == "cuda_context_mib = 64"), "{text}");
+    }
+
+    #[test]
+    fn cuda_state_parser_rejects_other_files() {
+        assert!(CudaState::parse(b"short").is_err());
+        let mut bytes = vec![0u8; CudaState::SIZE];
+        assert!(CudaState::parse(&bytes).is_err());
+        bytes[..8].copy_from_slice(b"GPUSIMST");
+        bytes[8] = 1;
+        let state = CudaState::parse(&bytes).unwrap();
+        assert_eq!(state.devices.len(), MAX_GPUS);
+        assert!(state.processes.is_empty());
     }
 
     #[test]

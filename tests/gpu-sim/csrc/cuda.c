@@ -1,0 +1,2515 @@
+/*
+ * The fake libcuda.so.1: the CUDA driver API's C ABI on top of the simulated
+ * node (sim_node.c) and the node-wide device state (sim_state.c).
+ *
+ * No GPU work happens. What is modelled is what a memory/compute limiter sees:
+ * devices and their properties, contexts (each costing device memory), every
+ * way of allocating device memory with the driver's rounding, memory shared
+ * with the other processes on the node, kernel launches (validated and
+ * counted), cuGetProcAddress, and faithful error codes. The rules are written
+ * down in tests/gpu-sim/README.md ("CUDA driver").
+ *
+ * One mutex serialises the entry points; the context stack is per thread, as
+ * in the driver. Only the functions declared in cuda_api.h are exported.
+ */
+#define _GNU_SOURCE
+#pragma GCC visibility push(default)
+#include "cuda_api.h"
+#pragma GCC visibility pop
+
+#include "cuda_procs.h"
+#include "sim_node.h"
+#include "sim_state.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+/* ------------------------------------------------------------------------ */
+/* Model constants                                                           */
+/* ------------------------------------------------------------------------ */
+
+#define KIB 1024ull
+#define MIB (1024ull * 1024ull)
+/* Physical page of device memory; also cuMemGetAllocationGranularity's answer. */
+#define PAGE (2ull * MIB)
+/* cuMemAlloc returns addresses aligned to this and rounds sizes up to it. */
+#define ALLOC_ALIGN 512ull
+/* Allocations below this are packed into shared 2 MiB pages (per process and device). */
+#define SMALL_LIMIT (1ull * MIB)
+/* cuMemAllocPitch pads rows to this. */
+#define PITCH_ALIGN 512ull
+/* Nothing larger is ever allocatable: keeps the rounding arithmetic far from overflow. */
+#define MAX_REQUEST (1ull << 50)
+/* Fake device virtual addresses: far from anything Linux maps in a process. */
+#define VA_BASE 0x300000000000ull
+#define VA32_BASE 0x10000000u
+#define VA32_LIMIT 0xF0000000u
+#define CTX_STACK_DEPTH 64
+#define CUDA_ARRAY3D_LAYERED 0x01
+
+static inline uint64_t round_up(uint64_t n, uint64_t to)
+{
+    return (n + to - 1) / to * to;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Objects                                                                   */
+/* ------------------------------------------------------------------------ */
+
+struct CUctx_st {
+    int dev;                  /* CUDA ordinal */
+    bool primary;
+    bool alive;
+    unsigned int flags;
+    CUresult sticky;          /* a sticky error (the GPU fell off the bus), or 0 */
+};
+
+struct CUstream_st {
+    struct CUctx_st *ctx;
+    unsigned int flags;
+};
+
+struct CUmod_st {
+    struct CUctx_st *ctx;
+};
+
+struct CUfunc_st {
+    struct CUmod_st *mod;
+    char *name;
+};
+
+struct CUmemPoolHandle_st {
+    int dev;
+    bool is_default;
+    uint64_t max_size;        /* 0: unlimited */
+    uint64_t used;
+};
+
+/* Handles of arrays and mipmapped arrays point at one of these. */
+struct CUarray_st {
+    int unused;
+};
+struct CUmipmappedArray_st {
+    int unused;
+};
+
+/* Live objects of one kind (pointers), for validating handles. Freed objects
+ * leave the registry; contexts are never freed, so a thread whose current
+ * context was destroyed elsewhere can still be told so. */
+struct registry {
+    void **items;
+    size_t count, capacity;
+};
+
+enum alloc_kind {
+    A_LINEAR,       /* cuMemAlloc_v2, cuMemAllocPitch_v2 */
+    A_LINEAR_V1,    /* the 32-bit legacy cuMemAlloc / cuMemAllocPitch */
+    A_MANAGED,      /* cuMemAllocManaged (host-backed) */
+    A_ASYNC,        /* cuMemAllocAsync, cuMemAllocFromPoolAsync */
+    A_ARRAY,        /* cuArrayCreate*, cuArray3DCreate* */
+    A_MIPMAP,       /* cuMipmappedArrayCreate */
+    A_VMM,          /* cuMemCreate */
+};
+
+struct alloc {
+    struct alloc *next;
+    enum alloc_kind kind;
+    uint64_t key;             /* device address, array handle or VMM handle */
+    uint64_t size;            /* bytes of the object after rounding to ALLOC_ALIGN */
+    uint64_t charge;          /* device bytes charged (not for small ones: see small_sum) */
+    bool small;
+    int dev;                  /* CUDA ordinal; -1: host memory (VMM) */
+    struct CUctx_st *ctx;     /* owning context (freed with it); NULL for VMM */
+    struct CUmemPoolHandle_st *pool;
+    void *host;               /* managed memory's host backing */
+    unsigned int map_count;   /* VMM: live cuMemMap mappings */
+    bool released;            /* VMM: cuMemRelease'd while still mapped */
+};
+
+struct reservation {
+    struct reservation *next;
+    uint64_t va, size;
+};
+
+struct mapping {
+    struct mapping *next;
+    uint64_t va, size;
+    struct alloc *handle;
+};
+
+struct device {
+    unsigned int gpu;         /* index in the node file */
+    struct CUctx_st *primary; /* non-NULL while retained */
+    unsigned int primary_refs;
+    unsigned int primary_flags;
+    uint64_t small_sum;       /* bytes of small allocations (packed into 2 MiB pages) */
+    struct CUmemPoolHandle_st *default_pool;
+};
+
+/* Per-GPU model numbers for cuDeviceGetAttribute, picked by product name. */
+struct model {
+    const char *match;
+    int cc_major, cc_minor, sms, clock_khz, mem_clock_khz, bus_width, l2_bytes;
+    int smem_per_sm, smem_optin, threads_per_sm;
+};
+
+static const struct model models[] = {
+    {"H100", 9, 0, 132, 1980000, 2619000, 5120, 52428800, 233472, 232448, 2048},
+    {"A100", 8, 0, 108, 1410000, 1593000, 5120, 41943040, 167936, 166912, 2048},
+    {"V100", 7, 0, 80, 1530000, 877000, 4096, 6291456, 98304, 98304, 2048},
+    {"T4", 7, 5, 40, 1590000, 5001000, 256, 4194304, 65536, 65536, 1024},
+    {NULL, 8, 0, 108, 1410000, 1593000, 5120, 41943040, 167936, 166912, 2048}, /* default */
+};
+
+enum init_state { INIT_NONE = 0, INIT_OK, INIT_FAILED };
+
+static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
+static enum init_state g_init;
+static CUresult g_init_result;
+static bool g_forked;                 /* this is a child forked after cuInit */
+static struct sim_node *g_node;
+static struct sim_state g_state;
+static unsigned int g_dev_count;
+static struct device g_devs[SIM_MAX_GPUS];
+static struct alloc *g_allocs;
+static struct reservation *g_reservations;
+static struct mapping *g_mappings;
+static struct registry g_contexts, g_streams, g_modules, g_functions, g_pools;
+static uint64_t g_next_va = VA_BASE;
+static uint32_t g_next_va32 = VA32_BASE;
+static uint64_t g_next_handle = 0x1000;
+
+static __thread struct CUctx_st *t_stack[CTX_STACK_DEPTH];
+static __thread int t_depth;
+
+/* ------------------------------------------------------------------------ */
+/* Small helpers                                                             */
+/* ------------------------------------------------------------------------ */
+
+static bool reg_add(struct registry *r, void *item)
+{
+    if (r->count == r->capacity) {
+        size_t capacity = r->capacity ? r->capacity * 2 : 16;
+        void **items = realloc(r->items, capacity * sizeof *items);
+        if (items == NULL)
+            return false;
+        r->items = items;
+        r->capacity = capacity;
+    }
+    r->items[r->count++] = item;
+    return true;
+}
+
+static bool reg_has(const struct registry *r, const void *item)
+{
+    size_t i;
+
+    if (item == NULL)
+        return false;
+    for (i = 0; i < r->count; i++) {
+        if (r->items[i] == item)
+            return true;
+    }
+    return false;
+}
+
+static void reg_remove(struct registry *r, const void *item)
+{
+    size_t i;
+
+    for (i = 0; i < r->count; i++) {
+        if (r->items[i] == item) {
+            r->items[i] = r->items[--r->count];
+            return;
+        }
+    }
+}
+
+static void lock(void)
+{
+    pthread_mutex_lock(&g_lock);
+}
+
+static void unlock(void)
+{
+    pthread_mutex_unlock(&g_lock);
+}
+
+/* Takes the lock if the driver is initialised in this process. */
+static CUresult enter(void)
+{
+    lock();
+    if (g_init != INIT_OK || g_forked) {
+        unlock();
+        return CUDA_ERROR_NOT_INITIALIZED;
+    }
+    return CUDA_SUCCESS;
+}
+
+static CUresult leave(CUresult r)
+{
+    unlock();
+    return r;
+}
+
+static struct sim_gpu *gpu_of(int dev)
+{
+    return &g_node->gpus[g_devs[dev].gpu];
+}
+
+static bool valid_dev(CUdevice dev)
+{
+    return dev >= 0 && (unsigned int)dev < g_dev_count;
+}
+
+static bool gpu_failed(int dev)
+{
+    sim_node_sync(g_node);
+    return gpu_of(dev)->failed;
+}
+
+/*
+ * A context whose GPU fell off the bus is broken for good, like after any
+ * sticky error: every later call in it answers CUDA_ERROR_LAUNCH_FAILED,
+ * also after the GPU recovers, until the context is destroyed.
+ */
+static CUresult ctx_health(struct CUctx_st *c)
+{
+    if (c->sticky == CUDA_SUCCESS && gpu_failed(c->dev))
+        c->sticky = CUDA_ERROR_LAUNCH_FAILED;
+    return c->sticky;
+}
+
+static struct CUctx_st *top_ctx(void)
+{
+    return t_depth > 0 ? t_stack[t_depth - 1] : NULL;
+}
+
+/* The calling thread's current context, usable for device work. */
+static CUresult current_ctx(struct CUctx_st **out)
+{
+    struct CUctx_st *c = top_ctx();
+
+    if (c == NULL || !c->alive)
+        return CUDA_ERROR_INVALID_CONTEXT;
+    *out = c;
+    return ctx_health(c);
+}
+
+/* Memory a device can hand out: total - reserved - what the node file says is in use. */
+static uint64_t capacity_of(int dev)
+{
+    const struct sim_gpu *gpu = gpu_of(dev);
+    uint64_t taken = gpu->memory_reserved_bytes + sim_gpu_allocated_bytes(gpu);
+
+    return gpu->memory_total_bytes > taken ? gpu->memory_total_bytes - taken : 0;
+}
+
+static CUresult charge(int dev, uint64_t bytes)
+{
+    if (!sim_state_charge(&g_state, g_devs[dev].gpu, bytes, capacity_of(dev)))
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    return CUDA_SUCCESS;
+}
+
+static void uncharge(int dev, uint64_t bytes)
+{
+    sim_state_uncharge(&g_state, g_devs[dev].gpu, bytes);
+}
+
+static uint64_t next_va(uint64_t size, uint64_t align)
+{
+    uint64_t va = round_up(g_next_va, align);
+
+    g_next_va = va + round_up(size ? size : 1, ALLOC_ALIGN);
+    return va;
+}
+
+static struct alloc *find_alloc(uint64_t key, bool (*kind_ok)(enum alloc_kind))
+{
+    struct alloc *a;
+
+    for (a = g_allocs; a != NULL; a = a->next) {
+        if (a->key == key && kind_ok(a->kind))
+            return a;
+    }
+    return NULL;
+}
+
+static bool is_linear(enum alloc_kind k)
+{
+    return k == A_LINEAR || k == A_LINEAR_V1 || k == A_MANAGED || k == A_ASYNC;
+}
+
+static bool is_array(enum alloc_kind k)
+{
+    return k == A_ARRAY;
+}
+
+static bool is_mipmap(enum alloc_kind k)
+{
+    return k == A_MIPMAP;
+}
+
+static bool is_vmm(enum alloc_kind k)
+{
+    return k == A_VMM;
+}
+
+static void unlink_alloc(struct alloc *target)
+{
+    struct alloc **link;
+
+    for (link = &g_allocs; *link != NULL; link = &(*link)->next) {
+        if (*link == target) {
+            *link = target->next;
+            return;
+        }
+    }
+}
+
+/*
+ * Charges and records a device-memory object of `bytes` on `dev`:
+ *   - the size is rounded up to 512 bytes;
+ *   - below 1 MiB it is "small": small objects of a process share 2 MiB pages,
+ *     so the device is charged for the process's small total rounded up to 2 MiB;
+ *   - otherwise it is charged rounded up to 2 MiB on its own.
+ * Over capacity: CUDA_ERROR_OUT_OF_MEMORY and nothing changes.
+ */
+static CUresult new_device_object(struct CUctx_st *ctx, int dev, enum alloc_kind kind,
+                                  uint64_t bytes, struct alloc **out)
+{
+    struct device *d = &g_devs[dev];
+    struct alloc *a;
+    uint64_t size, cost;
+    bool small;
+    CUresult r;
+
+    if (bytes > MAX_REQUEST)
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    size = round_up(bytes, ALLOC_ALIGN);
+    small = size < SMALL_LIMIT;
+    cost = small ? round_up(d->small_sum + size, PAGE) - round_up(d->small_sum, PAGE)
+                 : round_up(size, PAGE);
+    a = calloc(1, sizeof *a);
+    if (a == NULL)
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    r = charge(dev, cost);
+    if (r != CUDA_SUCCESS) {
+        free(a);
+        return r;
+    }
+    if (small)
+        d->small_sum += size;
+    a->kind = kind;
+    a->size = size;
+    a->charge = small ? 0 : cost;
+    a->small = small;
+    a->dev = dev;
+    a->ctx = ctx;
+    a->next = g_allocs;
+    g_allocs = a;
+    *out = a;
+    return CUDA_SUCCESS;
+}
+
+static void free_object(struct alloc *a)
+{
+    if (a->dev >= 0) {
+        struct device *d = &g_devs[a->dev];
+        if (a->small) {
+            uint64_t before = round_up(d->small_sum, PAGE);
+            d->small_sum -= a->size;
+            uncharge(a->dev, before - round_up(d->small_sum, PAGE));
+        } else {
+            uncharge(a->dev, a->charge);
+        }
+    }
+    if (a->pool != NULL)
+        a->pool->used -= a->size;
+    if (a->host != NULL)
+        munmap(a->host, a->size);
+    if (a->kind == A_ARRAY || a->kind == A_MIPMAP)
+        free((void *)(uintptr_t)a->key);
+    unlink_alloc(a);
+    free(a);
+}
+
+/* A linear allocation at a fresh device address (or host-backed for managed memory). */
+static CUresult linear_alloc(struct CUctx_st *ctx, int dev, enum alloc_kind kind, uint64_t bytes,
+                             uint64_t *addr)
+{
+    struct alloc *a;
+    CUresult r = new_device_object(ctx, dev, kind, bytes, &a);
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (kind == A_MANAGED) {
+        /* Managed memory is usable from the host: back it with real pages. */
+        void *p = mmap(NULL, a->size, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (p == MAP_FAILED) {
+            free_object(a);
+            return CUDA_ERROR_OUT_OF_MEMORY;
+        }
+        a->host = p;
+        a->key = (uint64_t)(uintptr_t)p;
+    } else if (kind == A_LINEAR_V1) {
+        if (a->size > VA32_LIMIT - g_next_va32) {
+            free_object(a);
+            return CUDA_ERROR_OUT_OF_MEMORY; /* the 32-bit address space is full */
+        }
+        a->key = g_next_va32;
+        g_next_va32 += (uint32_t)a->size;
+    } else {
+        a->key = next_va(a->size, a->small ? ALLOC_ALIGN : PAGE);
+    }
+    *addr = a->key;
+    return CUDA_SUCCESS;
+}
+
+static void ctx_stack_remove(struct CUctx_st *c)
+{
+    int i, j = 0;
+
+    for (i = 0; i < t_depth; i++) {
+        if (t_stack[i] != c)
+            t_stack[j++] = t_stack[i];
+    }
+    t_depth = j;
+}
+
+static CUresult ctx_new(int dev, unsigned int flags, bool primary, struct CUctx_st **out)
+{
+    struct CUctx_st *c;
+    CUresult r;
+
+    /* A GPU that fell off the bus cannot get new contexts: "unknown error". */
+    if (gpu_failed(dev))
+        return CUDA_ERROR_UNKNOWN;
+    c = calloc(1, sizeof *c);
+    if (c == NULL)
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    r = charge(dev, g_node->cuda_context_bytes);
+    if (r == CUDA_SUCCESS && !reg_add(&g_contexts, c)) {
+        uncharge(dev, g_node->cuda_context_bytes);
+        r = CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    if (r != CUDA_SUCCESS) {
+        free(c);
+        return r;
+    }
+    c->dev = dev;
+    c->primary = primary;
+    c->alive = true;
+    c->flags = flags;
+    *out = c;
+    return CUDA_SUCCESS;
+}
+
+/* Destroys a context: its memory, modules and streams go with it. The struct stays
+ * (dead) because other threads may still have it current. */
+static void ctx_destroy(struct CUctx_st *c)
+{
+    struct alloc *a, *next;
+    size_t i;
+
+    for (a = g_allocs; a != NULL; a = next) {
+        next = a->next;
+        if (a->ctx == c)
+            free_object(a);
+    }
+    for (i = g_streams.count; i-- > 0;) {
+        struct CUstream_st *s = g_streams.items[i];
+        if (s->ctx == c) {
+            reg_remove(&g_streams, s);
+            free(s);
+        }
+    }
+    for (i = g_modules.count; i-- > 0;) {
+        struct CUmod_st *m = g_modules.items[i];
+        if (m->ctx == c) {
+            size_t k;
+            for (k = g_functions.count; k-- > 0;) {
+                struct CUfunc_st *f = g_functions.items[k];
+                if (f->mod == m) {
+                    reg_remove(&g_functions, f);
+                    free(f->name);
+                    free(f);
+                }
+            }
+            reg_remove(&g_modules, m);
+            free(m);
+        }
+    }
+    uncharge(c->dev, g_node->cuda_context_bytes);
+    c->alive = false;
+    reg_remove(&g_contexts, c);
+    ctx_stack_remove(c);
+}
+
+static bool ctx_flags_ok(unsigned int flags)
+{
+    unsigned int sched = flags & CU_CTX_SCHED_MASK;
+
+    return (flags & ~(unsigned int)CU_CTX_FLAGS_MASK) == 0 &&
+           (sched == CU_CTX_SCHED_AUTO || sched == CU_CTX_SCHED_SPIN ||
+            sched == CU_CTX_SCHED_YIELD || sched == CU_CTX_SCHED_BLOCKING_SYNC);
+}
+
+static CUresult check_stream(CUstream s)
+{
+    if (s == NULL || s == CU_STREAM_LEGACY || s == CU_STREAM_PER_THREAD)
+        return CUDA_SUCCESS;
+    return reg_has(&g_streams, s) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Initialisation                                                            */
+/* ------------------------------------------------------------------------ */
+
+static void after_fork_in_child(void)
+{
+    /* The driver does not survive fork: the child must not use the parent's state. */
+    g_forked = true;
+    pthread_mutex_init(&g_lock, NULL);
+}
+
+__attribute__((destructor)) static void on_exit_release(void)
+{
+    /* A process that exits gives its device memory back, as with the real driver. */
+    if (g_init == INIT_OK && !g_forked)
+        sim_state_detach(&g_state);
+}
+
+static void report(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+static void report(const char *fmt, ...)
+{
+    char line[1024];
+    va_list ap;
+    int n;
+
+    va_start(ap, fmt);
+    n = vsnprintf(line, sizeof line - 1, fmt, ap);
+    va_end(ap);
+    if (n < 0)
+        return;
+    if ((size_t)n > sizeof line - 2)
+        n = sizeof line - 2;
+    line[n] = '\n';
+    line[n + 1] = '\0';
+    fputs(line, stderr);
+    fflush(stderr);
+}
+
+/*
+ * CUDA_VISIBLE_DEVICES: a comma-separated list of indices or GPU UUIDs (a
+ * unique prefix of at least "GPU-x" is enough). As with the driver, the list
+ * ends at the first entry that is invalid, unknown or a repeat; set but empty
+ * hides every GPU.
+ */
+static void apply_visible_devices(void)
+{
+    const char *env = getenv("CUDA_VISIBLE_DEVICES");
+    char buf[4096];
+    char *save = NULL, *tok;
+    bool used[SIM_MAX_GPUS] = {false};
+    unsigned int i;
+
+    g_dev_count = 0;
+    if (env == NULL) {
+        for (i = 0; i < g_node->gpu_count; i++)
+            g_devs[g_dev_count++].gpu = i;
+        return;
+    }
+    snprintf(buf, sizeof buf, "%s", env);
+    for (tok = strtok_r(buf, ",", &save); tok != NULL; tok = strtok_r(NULL, ",", &save)) {
+        int found = -1;
+        char *end;
+        while (isspace((unsigned char)*tok))
+            tok++;
+        end = tok + strlen(tok);
+        while (end > tok && isspace((unsigned char)end[-1]))
+            *--end = '\0';
+        if (*tok >= '0' && *tok <= '9') {
+            char *rest;
+            unsigned long n = strtoul(tok, &rest, 10);
+            if (*rest == '\0' && n < g_node->gpu_count)
+                found = (int)n;
+        } else if (strncmp(tok, "GPU-", 4) == 0 && strlen(tok) > 4) {
+            for (i = 0; i < g_node->gpu_count; i++) {
+                if (strncmp(g_node->gpus[i].uuid, tok, strlen(tok)) == 0) {
+                    if (found >= 0) {
+                        found = -1; /* ambiguous prefix */
+                        break;
+                    }
+                    found = (int)i;
+                }
+            }
+        }
+        if (found < 0 || used[found])
+            break;
+        used[found] = true;
+        g_devs[g_dev_count++].gpu = (unsigned int)found;
+    }
+}
+
+static CUresult do_init(void)
+{
+    struct sim_node *node = NULL;
+
+    switch (sim_node_load_from_env(&node)) {
+    case SIM_LOAD_OK:
+        break;
+    case SIM_LOAD_NO_NODE:
+        /* What the driver says when the kernel module finds no GPU. */
+        return CUDA_ERROR_NO_DEVICE;
+    case SIM_LOAD_INVALID:
+        return CUDA_ERROR_UNKNOWN; /* the parser printed why */
+    case SIM_LOAD_NO_MEMORY:
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    g_node = node;
+    apply_visible_devices();
+    if (g_dev_count == 0) {
+        sim_node_free(node);
+        g_node = NULL;
+        return CUDA_ERROR_NO_DEVICE;
+    }
+    if (sim_state_open(node->node_path, true, &g_state) != 0) {
+        report("gpu-sim: %s%s: cannot open the device state: %s", node->node_path,
+               SIM_STATE_SUFFIX, strerror(errno));
+        sim_node_free(node);
+        g_node = NULL;
+        return CUDA_ERROR_OPERATING_SYSTEM;
+    }
+    if (!sim_state_attach(&g_state)) {
+        report("gpu-sim: %s%s: all %d process slots are in use", node->node_path,
+               SIM_STATE_SUFFIX, SIM_STATE_SLOTS);
+        sim_state_close(&g_state);
+        sim_node_free(node);
+        g_node = NULL;
+        return CUDA_ERROR_OPERATING_SYSTEM;
+    }
+    pthread_atfork(NULL, NULL, after_fork_in_child);
+    return CUDA_SUCCESS;
+}
+
+CUresult cuInit(unsigned int Flags)
+{
+    CUresult r;
+
+    if (Flags != 0)
+        return CUDA_ERROR_INVALID_VALUE;
+    lock();
+    if (g_forked) {
+        r = CUDA_ERROR_NOT_INITIALIZED;
+    } else if (g_init != INIT_NONE) {
+        r = g_init_result; /* the first answer sticks, success or failure */
+    } else {
+        r = do_init();
+        g_init_result = r;
+        g_init = r == CUDA_SUCCESS ? INIT_OK : INIT_FAILED;
+    }
+    unlock();
+    return r;
+}
+
+/* Needs no cuInit. Before it, the node file is read just for the version. */
+CUresult cuDriverGetVersion(int *driverVersion)
+{
+    int version = 12040;
+
+    if (driverVersion == NULL)
+        return CUDA_ERROR_INVALID_VALUE;
+    lock();
+    if (g_init == INIT_OK) {
+        version = g_node->cuda_driver_version;
+    } else {
+        struct sim_node *node = NULL;
+        if (sim_node_load_from_env(&node) == SIM_LOAD_OK)
+            version = node->cuda_driver_version;
+        sim_node_free(node);
+    }
+    unlock();
+    *driverVersion = version;
+    return CUDA_SUCCESS;
+}
+
+struct error_text {
+    CUresult code;
+    const char *name;
+    const char *text;
+};
+
+/* The driver's own names and strings. */
+static const struct error_text errors[] = {
+#define E(code, text) {code, #code, text}
+    E(CUDA_SUCCESS, "no error"),
+    E(CUDA_ERROR_INVALID_VALUE, "invalid argument"),
+    E(CUDA_ERROR_OUT_OF_MEMORY, "out of memory"),
+    E(CUDA_ERROR_NOT_INITIALIZED, "initialization error"),
+    E(CUDA_ERROR_DEINITIALIZED, "driver shutting down"),
+    E(CUDA_ERROR_PROFILER_DISABLED, "profiler disabled while using external profiling tool"),
+    E(CUDA_ERROR_STUB_LIBRARY, "CUDA driver is a stub library"),
+    E(CUDA_ERROR_DEVICE_UNAVAILABLE, "CUDA-capable device(s) is/are busy or unavailable"),
+    E(CUDA_ERROR_NO_DEVICE, "no CUDA-capable device is detected"),
+    E(CUDA_ERROR_INVALID_DEVICE, "invalid device ordinal"),
+    E(CUDA_ERROR_DEVICE_NOT_LICENSED, "device doesn't have valid Grid license"),
+    E(CUDA_ERROR_INVALID_IMAGE, "device kernel image is invalid"),
+    E(CUDA_ERROR_INVALID_CONTEXT, "invalid device context"),
+    E(CUDA_ERROR_CONTEXT_ALREADY_CURRENT, "context already current"),
+    E(CUDA_ERROR_MAP_FAILED, "mapping of buffer object failed"),
+    E(CUDA_ERROR_UNMAP_FAILED, "unmapping of buffer object failed"),
+    E(CUDA_ERROR_ARRAY_IS_MAPPED, "array is mapped"),
+    E(CUDA_ERROR_ALREADY_MAPPED, "resource already mapped"),
+    E(CUDA_ERROR_NO_BINARY_FOR_GPU, "no kernel image is available for execution on the device"),
+    E(CUDA_ERROR_ALREADY_ACQUIRED, "resource already acquired"),
+    E(CUDA_ERROR_NOT_MAPPED, "resource not mapped"),
+    E(CUDA_ERROR_ECC_UNCORRECTABLE, "uncorrectable ECC error encountered"),
+    E(CUDA_ERROR_CONTEXT_ALREADY_IN_USE, "exclusive-thread device already in use by a different thread"),
+    E(CUDA_ERROR_INVALID_PTX, "a PTX JIT compilation failed"),
+    E(CUDA_ERROR_INVALID_SOURCE, "device kernel image is invalid"),
+    E(CUDA_ERROR_FILE_NOT_FOUND, "file not found"),
+    E(CUDA_ERROR_OPERATING_SYSTEM, "OS call failed or operation not supported on this OS"),
+    E(CUDA_ERROR_INVALID_HANDLE, "invalid resource handle"),
+    E(CUDA_ERROR_ILLEGAL_STATE, "the operation cannot be performed in the present state"),
+    E(CUDA_ERROR_NOT_FOUND, "named symbol not found"),
+    E(CUDA_ERROR_NOT_READY, "device not ready"),
+    E(CUDA_ERROR_ILLEGAL_ADDRESS, "an illegal memory access was encountered"),
+    E(CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES, "too many resources requested for launch"),
+    E(CUDA_ERROR_LAUNCH_TIMEOUT, "the launch timed out and was terminated"),
+    E(CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED, "peer access is already enabled"),
+    E(CUDA_ERROR_PEER_ACCESS_NOT_ENABLED, "peer access has not been enabled"),
+    E(CUDA_ERROR_PRIMARY_CONTEXT_ACTIVE, "cannot set while device is active in this process"),
+    E(CUDA_ERROR_CONTEXT_IS_DESTROYED, "context is destroyed"),
+    E(CUDA_ERROR_ASSERT, "device-side assert triggered"),
+    E(CUDA_ERROR_HARDWARE_STACK_ERROR, "hardware stack error"),
+    E(CUDA_ERROR_ILLEGAL_INSTRUCTION, "an illegal instruction was encountered"),
+    E(CUDA_ERROR_MISALIGNED_ADDRESS, "misaligned address"),
+    E(CUDA_ERROR_INVALID_ADDRESS_SPACE, "operation not supported on global/shared address space"),
+    E(CUDA_ERROR_INVALID_PC, "invalid program counter"),
+    E(CUDA_ERROR_LAUNCH_FAILED, "unspecified launch failure"),
+    E(CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE, "too many blocks in cooperative launch"),
+    E(CUDA_ERROR_NOT_PERMITTED, "operation not permitted"),
+    E(CUDA_ERROR_NOT_SUPPORTED, "operation not supported"),
+    E(CUDA_ERROR_SYSTEM_NOT_READY, "system not yet initialized"),
+    E(CUDA_ERROR_SYSTEM_DRIVER_MISMATCH, "system has unsupported display driver / cuda driver combination"),
+    E(CUDA_ERROR_COMPAT_NOT_SUPPORTED_ON_DEVICE, "forward compatibility was attempted on non supported HW"),
+    E(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, "operation not permitted when stream is capturing"),
+    E(CUDA_ERROR_TIMEOUT, "wait operation timed out"),
+    E(CUDA_ERROR_UNKNOWN, "unknown error"),
+#undef E
+};
+
+static const struct error_text *error_entry(CUresult error)
+{
+    size_t i;
+
+    for (i = 0; i < sizeof errors / sizeof errors[0]; i++) {
+        if (errors[i].code == error)
+            return &errors[i];
+    }
+    return NULL;
+}
+
+/* Need no cuInit. An unknown code: CUDA_ERROR_INVALID_VALUE and *pStr = NULL. */
+CUresult cuGetErrorString(CUresult error, const char **pStr)
+{
+    const struct error_text *e = error_entry(error);
+
+    if (pStr == NULL)
+        return CUDA_ERROR_INVALID_VALUE;
+    *pStr = e ? e->text : NULL;
+    return e ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+}
+
+CUresult cuGetErrorName(CUresult error, const char **pStr)
+{
+    const struct error_text *e = error_entry(error);
+
+    if (pStr == NULL)
+        return CUDA_ERROR_INVALID_VALUE;
+    *pStr = e ? e->name : NULL;
+    return e ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+}
+
+/* Work before cuInit: the CUDA runtime fetches cuInit itself through them. */
+CUresult cuGetProcAddress(const char *symbol, void **pfn, int cudaVersion, cuuint64_t flags)
+{
+    return cuda_proc_lookup(symbol, pfn, cudaVersion, flags, NULL);
+}
+
+CUresult cuGetProcAddress_v2(const char *symbol, void **pfn, int cudaVersion, cuuint64_t flags,
+                             CUdriverProcAddressQueryResult *symbolStatus)
+{
+    return cuda_proc_lookup(symbol, pfn, cudaVersion, flags, symbolStatus);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Devices                                                                   */
+/* ------------------------------------------------------------------------ */
+
+CUresult cuDeviceGet(CUdevice *device, int ordinal)
+{
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (device == NULL)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    if (!valid_dev(ordinal))
+        return leave(CUDA_ERROR_INVALID_DEVICE);
+    *device = ordinal;
+    return leave(CUDA_SUCCESS);
+}
+
+CUresult cuDeviceGetCount(int *count)
+{
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (count == NULL)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    *count = (int)g_dev_count;
+    return leave(CUDA_SUCCESS);
+}
+
+/* Static device facts keep answering for a GPU that fell off the bus (the driver caches them). */
+CUresult cuDeviceGetName(char *name, int len, CUdevice dev)
+{
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (name == NULL || len <= 0)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    if (!valid_dev(dev))
+        return leave(CUDA_ERROR_INVALID_DEVICE);
+    snprintf(name, (size_t)len, "%s", gpu_of(dev)->name); /* truncated to fit, NUL-terminated */
+    return leave(CUDA_SUCCESS);
+}
+
+static int hex_value(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
+static CUresult device_uuid(CUuuid *uuid, CUdevice dev)
+{
+    CUresult r = enter();
+    const char *s;
+    int i = 0;
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (uuid == NULL)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    if (!valid_dev(dev))
+        return leave(CUDA_ERROR_INVALID_DEVICE);
+    /* The 16 bytes NVML prints as GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx. */
+    for (s = gpu_of(dev)->uuid + 4; *s != '\0' && i < 16; s++) {
+        if (*s == '-')
+            continue;
+        uuid->bytes[i] = (char)((hex_value(s[0]) << 4) | hex_value(s[1]));
+        s++;
+        i++;
+    }
+    return leave(CUDA_SUCCESS);
+}
+
+CUresult cuDeviceGetUuid(CUuuid *uuid, CUdevice dev)
+{
+    return device_uuid(uuid, dev);
+}
+
+/* _v2 differs from the original only for MIG instances, which are not modelled. */
+CUresult cuDeviceGetUuid_v2(CUuuid *uuid, CUdevice dev)
+{
+    return device_uuid(uuid, dev);
+}
+
+static CUresult total_mem(bool out_ok, uint64_t *bytes, CUdevice dev)
+{
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (!out_ok)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    if (!valid_dev(dev))
+        return leave(CUDA_ERROR_INVALID_DEVICE);
+    *bytes = gpu_of(dev)->memory_total_bytes;
+    return leave(CUDA_SUCCESS);
+}
+
+/* The pre-3.2 entry point with a 32-bit result: clamped to 4 GiB - 1. */
+CUresult cuDeviceTotalMem(unsigned int *bytes, CUdevice dev)
+{
+    uint64_t total = 0;
+    CUresult r = total_mem(bytes != NULL, &total, dev);
+
+    if (r == CUDA_SUCCESS)
+        *bytes = total > UINT_MAX ? UINT_MAX : (unsigned int)total;
+    return r;
+}
+
+CUresult cuDeviceTotalMem_v2(size_t *bytes, CUdevice dev)
+{
+    uint64_t total = 0;
+    CUresult r = total_mem(bytes != NULL, &total, dev);
+
+    if (r == CUDA_SUCCESS)
+        *bytes = (size_t)total;
+    return r;
+}
+
+static const struct model *model_of(const struct sim_gpu *gpu)
+{
+    const struct model *m;
+
+    for (m = models; m->match != NULL; m++) {
+        if (strstr(gpu->name, m->match) != NULL)
+            return m;
+    }
+    return m; /* the default row */
+}
+
+/* Values of the GPU model named in the node file (A100 when unrecognised); other valid
+ * attributes answer 0. */
+CUresult cuDeviceGetAttribute(int *pi, CUdevice_attribute attrib, CUdevice dev)
+{
+    const struct sim_gpu *gpu;
+    const struct model *m;
+    CUresult r = enter();
+    int v = 0;
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (pi == NULL || (int)attrib < 1 || (int)attrib >= CU_DEVICE_ATTRIBUTE_MAX)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    if (!valid_dev(dev))
+        return leave(CUDA_ERROR_INVALID_DEVICE);
+    gpu = gpu_of(dev);
+    m = model_of(gpu);
+    switch (attrib) {
+    case CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_BLOCK: v = 1024; break;
+    case CU_DEVICE_ATTRIBUTE_MAX_BLOCK_DIM_X: v = 1024; break;
+    case CU_DEVICE_ATTRIBUTE_MAX_BLOCK_DIM_Y: v = 1024; break;
+    case CU_DEVICE_ATTRIBUTE_MAX_BLOCK_DIM_Z: v = 64; break;
+    case CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_X: v = INT_MAX; break;
+    case CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_Y: v = 65535; break;
+    case CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_Z: v = 65535; break;
+    case CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK: v = 49152; break;
+    case CU_DEVICE_ATTRIBUTE_TOTAL_CONSTANT_MEMORY: v = 65536; break;
+    case CU_DEVICE_ATTRIBUTE_WARP_SIZE: v = 32; break;
+    case CU_DEVICE_ATTRIBUTE_MAX_PITCH: v = INT_MAX; break;
+    case CU_DEVICE_ATTRIBUTE_MAX_REGISTERS_PER_BLOCK: v = 65536; break;
+    case CU_DEVICE_ATTRIBUTE_CLOCK_RATE: v = m->clock_khz; break;
+    case CU_DEVICE_ATTRIBUTE_TEXTURE_ALIGNMENT: v = 512; break;
+    case CU_DEVICE_ATTRIBUTE_GPU_OVERLAP: v = 1; break;
+    case CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT: v = m->sms; break;
+    case CU_DEVICE_ATTRIBUTE_CAN_MAP_HOST_MEMORY: v = 1; break;
+    case CU_DEVICE_ATTRIBUTE_CONCURRENT_KERNELS: v = 1; break;
+    case CU_DEVICE_ATTRIBUTE_ECC_ENABLED: v = gpu->ecc ? 1 : 0; break;
+    case CU_DEVICE_ATTRIBUTE_PCI_BUS_ID: v = (int)gpu->pci_bus; break;
+    case CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID: v = (int)gpu->pci_device; break;
+    case CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE: v = m->mem_clock_khz; break;
+    case CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH: v = m->bus_width; break;
+    case CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE: v = m->l2_bytes; break;
+    case CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_MULTIPROCESSOR: v = m->threads_per_sm; break;
+    case CU_DEVICE_ATTRIBUTE_ASYNC_ENGINE_COUNT: v = 2; break;
+    case CU_DEVICE_ATTRIBUTE_UNIFIED_ADDRESSING: v = 1; break;
+    case CU_DEVICE_ATTRIBUTE_PCI_DOMAIN_ID: v = (int)gpu->pci_domain; break;
+    case CU_DEVICE_ATTRIBUTE_TEXTURE_PITCH_ALIGNMENT: v = 32; break;
+    case CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR: v = m->cc_major; break;
+    case CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR: v = m->cc_minor; break;
+    case CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR: v = m->smem_per_sm; break;
+    case CU_DEVICE_ATTRIBUTE_MAX_REGISTERS_PER_MULTIPROCESSOR: v = 65536; break;
+    case CU_DEVICE_ATTRIBUTE_MANAGED_MEMORY: v = 1; break;
+    case CU_DEVICE_ATTRIBUTE_CONCURRENT_MANAGED_ACCESS: v = 1; break;
+    case CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH: v = 1; break;
+    case CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN: v = m->smem_optin; break;
+    case CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED: v = 1; break;
+    case CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED: v = 1; break;
+    default: v = 0; break;
+    }
+    *pi = v;
+    return leave(CUDA_SUCCESS);
+}
+
+/* "00000000:07:00.0", the NVML spelling; truncated to len like cuDeviceGetName. */
+CUresult cuDeviceGetPCIBusId(char *pciBusId, int len, CUdevice dev)
+{
+    const struct sim_gpu *gpu;
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (pciBusId == NULL || len <= 0)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    if (!valid_dev(dev))
+        return leave(CUDA_ERROR_INVALID_DEVICE);
+    gpu = gpu_of(dev);
+    snprintf(pciBusId, (size_t)len, "%08X:%02X:%02X.0", gpu->pci_domain, gpu->pci_bus,
+             gpu->pci_device);
+    return leave(CUDA_SUCCESS);
+}
+
+CUresult cuDeviceGetByPCIBusId(CUdevice *dev, const char *pciBusId)
+{
+    unsigned int domain, bus, device, function, i;
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (dev == NULL || pciBusId == NULL ||
+        !sim_parse_pci_address(pciBusId, &domain, &bus, &device, &function))
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    for (i = 0; i < g_dev_count; i++) {
+        const struct sim_gpu *gpu = gpu_of((int)i);
+        if (function == 0 && gpu->pci_domain == domain && gpu->pci_bus == bus &&
+            gpu->pci_device == device) {
+            *dev = (CUdevice)i;
+            return leave(CUDA_SUCCESS);
+        }
+    }
+    return leave(CUDA_ERROR_INVALID_DEVICE);
+}
+
+static struct CUmemPoolHandle_st *default_pool(int dev)
+{
+    struct device *d = &g_devs[dev];
+
+    if (d->default_pool == NULL) {
+        d->default_pool = calloc(1, sizeof *d->default_pool);
+        if (d->default_pool != NULL) {
+            d->default_pool->dev = dev;
+            d->default_pool->is_default = true;
+            if (!reg_add(&g_pools, d->default_pool)) {
+                free(d->default_pool);
+                d->default_pool = NULL;
+            }
+        }
+    }
+    return d->default_pool;
+}
+
+CUresult cuDeviceGetDefaultMemPool(CUmemoryPool *pool_out, CUdevice dev)
+{
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (pool_out == NULL)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    if (!valid_dev(dev))
+        return leave(CUDA_ERROR_INVALID_DEVICE);
+    *pool_out = default_pool(dev);
+    return leave(*pool_out ? CUDA_SUCCESS : CUDA_ERROR_OUT_OF_MEMORY);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Contexts                                                                  */
+/* ------------------------------------------------------------------------ */
+
+static CUresult push_ctx(struct CUctx_st *c)
+{
+    if (t_depth == CTX_STACK_DEPTH)
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    t_stack[t_depth++] = c;
+    return CUDA_SUCCESS;
+}
+
+/* Creates a context and makes it current (pushed on the thread's stack). */
+static CUresult ctx_create(CUcontext *pctx, unsigned int flags, CUdevice dev)
+{
+    struct CUctx_st *c;
+    CUresult r;
+
+    if (pctx == NULL)
+        return CUDA_ERROR_INVALID_VALUE;
+    if (!valid_dev(dev))
+        return CUDA_ERROR_INVALID_DEVICE;
+    if (!ctx_flags_ok(flags))
+        return CUDA_ERROR_INVALID_VALUE;
+    if (t_depth == CTX_STACK_DEPTH)
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    r = ctx_new(dev, flags, false, &c);
+    if (r != CUDA_SUCCESS)
+        return r;
+    push_ctx(c);
+    *pctx = c;
+    return CUDA_SUCCESS;
+}
+
+static bool affinity_ok(const CUexecAffinityParam *params, int count)
+{
+    int i;
+
+    if (count < 0 || (count > 0 && params == NULL))
+        return false;
+    for (i = 0; i < count; i++) {
+        if (params[i].type != CU_EXEC_AFFINITY_TYPE_SM_COUNT || params[i].param.smCount.val == 0)
+            return false;
+    }
+    return true;
+}
+
+/* The pre-3.2 name; same signature (its CUcontext was already a pointer). */
+CUresult cuCtxCreate(CUcontext *pctx, unsigned int flags, CUdevice dev)
+{
+    CUresult r = enter();
+    return r ? r : leave(ctx_create(pctx, flags, dev));
+}
+
+CUresult cuCtxCreate_v2(CUcontext *pctx, unsigned int flags, CUdevice dev)
+{
+    CUresult r = enter();
+    return r ? r : leave(ctx_create(pctx, flags, dev));
+}
+
+/* Execution affinity (an SM count) is accepted and ignored. */
+CUresult cuCtxCreate_v3(CUcontext *pctx, CUexecAffinityParam *paramsArray, int numParams,
+                        unsigned int flags, CUdevice dev)
+{
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (!affinity_ok(paramsArray, numParams))
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    return leave(ctx_create(pctx, flags, dev));
+}
+
+/* CUDA 12.5. CIG (shared graphics contexts) is not supported. */
+CUresult cuCtxCreate_v4(CUcontext *pctx, CUctxCreateParams *ctxCreateParams, unsigned int flags,
+                        CUdevice dev)
+{
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (ctxCreateParams != NULL) {
+        if (!affinity_ok(ctxCreateParams->execAffinityParams,
+                         ctxCreateParams->numExecAffinityParams))
+            return leave(CUDA_ERROR_INVALID_VALUE);
+        if (ctxCreateParams->cigParams != NULL)
+            return leave(CUDA_ERROR_NOT_SUPPORTED);
+    }
+    return leave(ctx_create(pctx, flags, dev));
+}
+
+/* Primary contexts belong to cuDevicePrimaryCtxRelease: INVALID_CONTEXT here. */
+static CUresult ctx_destroy_api(CUcontext ctx)
+{
+    if (ctx == NULL || !reg_has(&g_contexts, ctx) || ctx->primary)
+        return CUDA_ERROR_INVALID_CONTEXT;
+    ctx_destroy(ctx);
+    return CUDA_SUCCESS;
+}
+
+CUresult cuCtxDestroy(CUcontext ctx)
+{
+    CUresult r = enter();
+    return r ? r : leave(ctx_destroy_api(ctx));
+}
+
+CUresult cuCtxDestroy_v2(CUcontext ctx)
+{
+    CUresult r = enter();
+    return r ? r : leave(ctx_destroy_api(ctx));
+}
+
+static CUresult push_api(CUcontext ctx)
+{
+    if (ctx == NULL || !reg_has(&g_contexts, ctx))
+        return CUDA_ERROR_INVALID_CONTEXT;
+    return push_ctx(ctx);
+}
+
+CUresult cuCtxPushCurrent(CUcontext ctx)
+{
+    CUresult r = enter();
+    return r ? r : leave(push_api(ctx));
+}
+
+CUresult cuCtxPushCurrent_v2(CUcontext ctx)
+{
+    CUresult r = enter();
+    return r ? r : leave(push_api(ctx));
+}
+
+static CUresult pop_api(CUcontext *pctx)
+{
+    struct CUctx_st *c = top_ctx();
+
+    if (c == NULL)
+        return CUDA_ERROR_INVALID_CONTEXT;
+    t_depth--;
+    if (pctx != NULL)
+        *pctx = c;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuCtxPopCurrent(CUcontext *pctx)
+{
+    CUresult r = enter();
+    return r ? r : leave(pop_api(pctx));
+}
+
+CUresult cuCtxPopCurrent_v2(CUcontext *pctx)
+{
+    CUresult r = enter();
+    return r ? r : leave(pop_api(pctx));
+}
+
+/* NULL (and SUCCESS) when the thread has no context. */
+CUresult cuCtxGetCurrent(CUcontext *pctx)
+{
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (pctx == NULL)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    *pctx = top_ctx();
+    return leave(CUDA_SUCCESS);
+}
+
+/* Replaces the top of the stack; NULL pops it (a no-op on an empty stack). */
+CUresult cuCtxSetCurrent(CUcontext ctx)
+{
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (ctx == NULL) {
+        if (t_depth > 0)
+            t_depth--;
+        return leave(CUDA_SUCCESS);
+    }
+    if (!reg_has(&g_contexts, ctx))
+        return leave(CUDA_ERROR_INVALID_CONTEXT);
+    if (t_depth == 0)
+        t_depth = 1;
+    t_stack[t_depth - 1] = ctx;
+    return leave(CUDA_SUCCESS);
+}
+
+CUresult cuCtxGetDevice(CUdevice *device)
+{
+    struct CUctx_st *c;
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    c = top_ctx();
+    if (c == NULL || !c->alive)
+        return leave(CUDA_ERROR_INVALID_CONTEXT);
+    if (device == NULL)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    *device = c->dev;
+    return leave(CUDA_SUCCESS);
+}
+
+CUresult cuCtxSynchronize(void)
+{
+    struct CUctx_st *c;
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    return leave(current_ctx(&c));
+}
+
+CUresult cuDevicePrimaryCtxRetain(CUcontext *pctx, CUdevice dev)
+{
+    struct device *d;
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (pctx == NULL)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    if (!valid_dev(dev))
+        return leave(CUDA_ERROR_INVALID_DEVICE);
+    d = &g_devs[dev];
+    if (d->primary_refs == 0) {
+        r = ctx_new(dev, d->primary_flags, true, &d->primary);
+        if (r != CUDA_SUCCESS)
+            return leave(r);
+    }
+    d->primary_refs++;
+    *pctx = d->primary;
+    return leave(CUDA_SUCCESS);
+}
+
+/* At zero references the primary context is destroyed with everything in it. */
+static CUresult primary_release(CUdevice dev)
+{
+    struct device *d;
+
+    if (!valid_dev(dev))
+        return CUDA_ERROR_INVALID_DEVICE;
+    d = &g_devs[dev];
+    if (d->primary_refs == 0)
+        return CUDA_ERROR_INVALID_CONTEXT;
+    if (--d->primary_refs == 0) {
+        ctx_destroy(d->primary);
+        d->primary = NULL;
+    }
+    return CUDA_SUCCESS;
+}
+
+CUresult cuDevicePrimaryCtxRelease(CUdevice dev)
+{
+    CUresult r = enter();
+    return r ? r : leave(primary_release(dev));
+}
+
+CUresult cuDevicePrimaryCtxRelease_v2(CUdevice dev)
+{
+    CUresult r = enter();
+    return r ? r : leave(primary_release(dev));
+}
+
+/* Destroys the primary context and its allocations; later retains start a new one. */
+static CUresult primary_reset(CUdevice dev)
+{
+    struct device *d;
+
+    if (!valid_dev(dev))
+        return CUDA_ERROR_INVALID_DEVICE;
+    d = &g_devs[dev];
+    if (d->primary_refs > 0) {
+        ctx_destroy(d->primary);
+        d->primary = NULL;
+        d->primary_refs = 0;
+    }
+    return CUDA_SUCCESS;
+}
+
+CUresult cuDevicePrimaryCtxReset(CUdevice dev)
+{
+    CUresult r = enter();
+    return r ? r : leave(primary_reset(dev));
+}
+
+CUresult cuDevicePrimaryCtxReset_v2(CUdevice dev)
+{
+    CUresult r = enter();
+    return r ? r : leave(primary_reset(dev));
+}
+
+CUresult cuDevicePrimaryCtxGetState(CUdevice dev, unsigned int *flags, int *active)
+{
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (flags == NULL || active == NULL)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    if (!valid_dev(dev))
+        return leave(CUDA_ERROR_INVALID_DEVICE);
+    *flags = g_devs[dev].primary_flags;
+    *active = g_devs[dev].primary_refs > 0;
+    return leave(CUDA_SUCCESS);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Linear memory                                                             */
+/* ------------------------------------------------------------------------ */
+
+static CUresult mem_alloc(enum alloc_kind kind, uint64_t bytes, uint64_t *addr)
+{
+    struct CUctx_st *c;
+    CUresult r = current_ctx(&c);
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (addr == NULL || bytes == 0)
+        return CUDA_ERROR_INVALID_VALUE;
+    return linear_alloc(c, c->dev, kind, bytes, addr);
+}
+
+CUresult cuMemAlloc(CUdeviceptr_v1 *dptr, unsigned int bytesize)
+{
+    uint64_t addr = 0;
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    r = mem_alloc(A_LINEAR_V1, bytesize, dptr ? &addr : NULL);
+    if (r == CUDA_SUCCESS)
+        *dptr = (CUdeviceptr_v1)addr;
+    return leave(r);
+}
+
+CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t bytesize)
+{
+    uint64_t addr = 0;
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    r = mem_alloc(A_LINEAR, bytesize, dptr ? &addr : NULL);
+    if (r == CUDA_SUCCESS)
+        *dptr = addr;
+    return leave(r);
+}
+
+/* Frees linear memory of any origin (cuMemAlloc*, managed, stream-ordered). 0 is a no-op;
+ * an address that is not the start of a live allocation is CUDA_ERROR_INVALID_VALUE. */
+static CUresult mem_free(uint64_t addr)
+{
+    struct CUctx_st *c;
+    struct alloc *a;
+    CUresult r = current_ctx(&c);
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (addr == 0)
+        return CUDA_SUCCESS;
+    a = find_alloc(addr, is_linear);
+    if (a == NULL)
+        return CUDA_ERROR_INVALID_VALUE;
+    free_object(a);
+    return CUDA_SUCCESS;
+}
+
+CUresult cuMemFree(CUdeviceptr_v1 dptr)
+{
+    CUresult r = enter();
+    return r ? r : leave(mem_free(dptr));
+}
+
+CUresult cuMemFree_v2(CUdeviceptr dptr)
+{
+    CUresult r = enter();
+    return r ? r : leave(mem_free(dptr));
+}
+
+/* (free, total) of the current context's device, seen node-wide: other processes' memory
+ * counts, and that of processes that died is reclaimed first. */
+static CUresult mem_info(uint64_t *free_bytes, uint64_t *total_bytes)
+{
+    struct CUctx_st *c;
+    uint64_t cap, used;
+    CUresult r = current_ctx(&c);
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    sim_state_reap(&g_state);
+    cap = capacity_of(c->dev);
+    used = sim_state_used(&g_state, g_devs[c->dev].gpu);
+    *free_bytes = cap > used ? cap - used : 0;
+    *total_bytes = gpu_of(c->dev)->memory_total_bytes;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuMemGetInfo(unsigned int *free, unsigned int *total)
+{
+    uint64_t f = 0, t = 0;
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    r = mem_info(&f, &t);
+    if (r == CUDA_SUCCESS && (free == NULL || total == NULL))
+        r = CUDA_ERROR_INVALID_VALUE;
+    if (r == CUDA_SUCCESS) {
+        *free = f > UINT_MAX ? UINT_MAX : (unsigned int)f;
+        *total = t > UINT_MAX ? UINT_MAX : (unsigned int)t;
+    }
+    return leave(r);
+}
+
+CUresult cuMemGetInfo_v2(size_t *free, size_t *total)
+{
+    uint64_t f = 0, t = 0;
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    r = mem_info(&f, &t);
+    if (r == CUDA_SUCCESS && (free == NULL || total == NULL))
+        r = CUDA_ERROR_INVALID_VALUE;
+    if (r == CUDA_SUCCESS) {
+        *free = (size_t)f;
+        *total = (size_t)t;
+    }
+    return leave(r);
+}
+
+/* Rows padded to 512 bytes; element size 4, 8 or 16. */
+static CUresult mem_alloc_pitch(enum alloc_kind kind, uint64_t *addr, uint64_t *pitch,
+                                uint64_t width, uint64_t height, unsigned int elem)
+{
+    struct CUctx_st *c;
+    uint64_t row;
+    CUresult r = current_ctx(&c);
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (addr == NULL || pitch == NULL || width == 0 || height == 0 ||
+        (elem != 4 && elem != 8 && elem != 16))
+        return CUDA_ERROR_INVALID_VALUE;
+    if (width > MAX_REQUEST || height > MAX_REQUEST)
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    row = round_up(width, PITCH_ALIGN);
+    if (height > MAX_REQUEST / row)
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    r = linear_alloc(c, c->dev, kind, row * height, addr);
+    if (r == CUDA_SUCCESS)
+        *pitch = row;
+    return r;
+}
+
+CUresult cuMemAllocPitch(CUdeviceptr_v1 *dptr, unsigned int *pPitch, unsigned int WidthInBytes,
+                         unsigned int Height, unsigned int ElementSizeBytes)
+{
+    uint64_t addr = 0, pitch = 0;
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    r = mem_alloc_pitch(A_LINEAR_V1, dptr ? &addr : NULL, pPitch ? &pitch : NULL, WidthInBytes,
+                        Height, ElementSizeBytes);
+    if (r == CUDA_SUCCESS) {
+        *dptr = (CUdeviceptr_v1)addr;
+        *pPitch = (unsigned int)pitch;
+    }
+    return leave(r);
+}
+
+CUresult cuMemAllocPitch_v2(CUdeviceptr *dptr, size_t *pPitch, size_t WidthInBytes, size_t Height,
+                            unsigned int ElementSizeBytes)
+{
+    uint64_t addr = 0, pitch = 0;
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    r = mem_alloc_pitch(A_LINEAR, dptr ? &addr : NULL, pPitch ? &pitch : NULL, WidthInBytes,
+                        Height, ElementSizeBytes);
+    if (r == CUDA_SUCCESS) {
+        *dptr = addr;
+        *pPitch = (size_t)pitch;
+    }
+    return leave(r);
+}
+
+/* Counts against the current device's memory like cuMemAlloc; the pointer is real host
+ * memory (the host can touch managed memory). */
+CUresult cuMemAllocManaged(CUdeviceptr *dptr, size_t bytesize, unsigned int flags)
+{
+    uint64_t addr = 0;
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (flags != CU_MEM_ATTACH_GLOBAL && flags != CU_MEM_ATTACH_HOST) {
+        struct CUctx_st *c;
+        r = current_ctx(&c);
+        return leave(r ? r : CUDA_ERROR_INVALID_VALUE);
+    }
+    r = mem_alloc(A_MANAGED, bytesize, dptr ? &addr : NULL);
+    if (r == CUDA_SUCCESS)
+        *dptr = addr;
+    return leave(r);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Stream-ordered allocator                                                  */
+/* ------------------------------------------------------------------------ */
+
+/*
+ * Pools release freed memory at once (release threshold 0, the default), so a
+ * stream-ordered allocation costs exactly what cuMemAlloc would, on the pool's
+ * device, from allocation to free. A pool's maxSize caps what it hands out.
+ */
+static CUresult alloc_async(CUdeviceptr *dptr, size_t bytesize, struct CUmemPoolHandle_st *pool,
+                            bool explicit_pool, CUstream stream)
+{
+    struct CUctx_st *c;
+    struct alloc *a;
+    uint64_t addr = 0;
+    CUresult r = current_ctx(&c);
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (dptr == NULL || bytesize == 0)
+        return CUDA_ERROR_INVALID_VALUE;
+    if (explicit_pool && !reg_has(&g_pools, pool))
+        return CUDA_ERROR_INVALID_VALUE;
+    r = check_stream(stream);
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (!explicit_pool) {
+        pool = default_pool(c->dev);
+        if (pool == NULL)
+            return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    if (pool->max_size != 0 && round_up(bytesize, ALLOC_ALIGN) > pool->max_size - pool->used)
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    r = linear_alloc(c, pool->dev, A_ASYNC, bytesize, &addr);
+    if (r != CUDA_SUCCESS)
+        return r;
+    a = find_alloc(addr, is_linear);
+    a->pool = pool;
+    pool->used += a->size;
+    *dptr = addr;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuMemAllocAsync(CUdeviceptr *dptr, size_t bytesize, CUstream hStream)
+{
+    CUresult r = enter();
+    return r ? r : leave(alloc_async(dptr, bytesize, NULL, false, hStream));
+}
+
+CUresult cuMemAllocAsync_ptsz(CUdeviceptr *dptr, size_t bytesize, CUstream hStream)
+{
+    CUresult r = enter();
+    return r ? r : leave(alloc_async(dptr, bytesize, NULL, false, hStream));
+}
+
+CUresult cuMemAllocFromPoolAsync(CUdeviceptr *dptr, size_t bytesize, CUmemoryPool pool,
+                                 CUstream hStream)
+{
+    CUresult r = enter();
+    return r ? r : leave(alloc_async(dptr, bytesize, pool, true, hStream));
+}
+
+CUresult cuMemAllocFromPoolAsync_ptsz(CUdeviceptr *dptr, size_t bytesize, CUmemoryPool pool,
+                                      CUstream hStream)
+{
+    CUresult r = enter();
+    return r ? r : leave(alloc_async(dptr, bytesize, pool, true, hStream));
+}
+
+static CUresult free_async(CUdeviceptr dptr, CUstream stream)
+{
+    CUresult r = check_stream(stream);
+
+    return r ? r : mem_free(dptr);
+}
+
+CUresult cuMemFreeAsync(CUdeviceptr dptr, CUstream hStream)
+{
+    CUresult r = enter();
+    return r ? r : leave(free_async(dptr, hStream));
+}
+
+CUresult cuMemFreeAsync_ptsz(CUdeviceptr dptr, CUstream hStream)
+{
+    CUresult r = enter();
+    return r ? r : leave(free_async(dptr, hStream));
+}
+
+/* Device-located pinned pools only. */
+CUresult cuMemPoolCreate(CUmemoryPool *pool, const CUmemPoolProps *poolProps)
+{
+    struct CUmemPoolHandle_st *p;
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (pool == NULL || poolProps == NULL ||
+        poolProps->allocType != CU_MEM_ALLOCATION_TYPE_PINNED ||
+        poolProps->location.type != CU_MEM_LOCATION_TYPE_DEVICE)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    if (!valid_dev(poolProps->location.id))
+        return leave(CUDA_ERROR_INVALID_DEVICE);
+    p = calloc(1, sizeof *p);
+    if (p == NULL || !reg_add(&g_pools, p)) {
+        free(p);
+        return leave(CUDA_ERROR_OUT_OF_MEMORY);
+    }
+    p->dev = poolProps->location.id;
+    p->max_size = poolProps->maxSize;
+    *pool = p;
+    return leave(CUDA_SUCCESS);
+}
+
+/* Allocations still out stay valid (the driver frees the pool when they are gone). */
+CUresult cuMemPoolDestroy(CUmemoryPool pool)
+{
+    struct alloc *a;
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (!reg_has(&g_pools, pool) || pool->is_default)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    for (a = g_allocs; a != NULL; a = a->next) {
+        if (a->pool == pool)
+            a->pool = NULL;
+    }
+    reg_remove(&g_pools, pool);
+    free(pool);
+    return leave(CUDA_SUCCESS);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Virtual memory management                                                 */
+/* ------------------------------------------------------------------------ */
+
+/* Checks a CUmemAllocationProp; *dev is the device for device memory, -1 for host memory. */
+static CUresult check_prop(const CUmemAllocationProp *prop, int *dev)
+{
+    if (prop->type != CU_MEM_ALLOCATION_TYPE_PINNED)
+        return CUDA_ERROR_INVALID_VALUE;
+    switch (prop->location.type) {
+    case CU_MEM_LOCATION_TYPE_DEVICE:
+        if (!valid_dev(prop->location.id))
+            return CUDA_ERROR_INVALID_DEVICE;
+        *dev = prop->location.id;
+        return CUDA_SUCCESS;
+    case CU_MEM_LOCATION_TYPE_HOST:
+    case CU_MEM_LOCATION_TYPE_HOST_NUMA:
+    case CU_MEM_LOCATION_TYPE_HOST_NUMA_CURRENT:
+        *dev = -1;
+        return CUDA_SUCCESS;
+    default:
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+}
+
+CUresult cuMemGetAllocationGranularity(size_t *granularity, const CUmemAllocationProp *prop,
+                                       CUmemAllocationGranularity_flags option)
+{
+    int dev;
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (granularity == NULL || prop == NULL ||
+        (option != CU_MEM_ALLOC_GRANULARITY_MINIMUM &&
+         option != CU_MEM_ALLOC_GRANULARITY_RECOMMENDED))
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    r = check_prop(prop, &dev);
+    if (r == CUDA_SUCCESS)
+        *granularity = PAGE;
+    return leave(r);
+}
+
+/* Size must be a multiple of the granularity (2 MiB). Host locations take no device memory. */
+CUresult cuMemCreate(CUmemGenericAllocationHandle *handle, size_t size,
+                     const CUmemAllocationProp *prop, unsigned long long flags)
+{
+    struct alloc *a;
+    int dev = -1;
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (handle == NULL || prop == NULL || flags != 0 || size == 0 || size % PAGE != 0)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    r = check_prop(prop, &dev);
+    if (r != CUDA_SUCCESS)
+        return leave(r);
+    if (dev >= 0) {
+        if (gpu_failed(dev))
+            return leave(CUDA_ERROR_UNKNOWN);
+        if (size > MAX_REQUEST)
+            return leave(CUDA_ERROR_OUT_OF_MEMORY);
+        r = new_device_object(NULL, dev, A_VMM, size, &a);
+        if (r != CUDA_SUCCESS)
+            return leave(r);
+    } else {
+        a = calloc(1, sizeof *a);
+        if (a == NULL)
+            return leave(CUDA_ERROR_OUT_OF_MEMORY);
+        a->kind = A_VMM;
+        a->size = size;
+        a->dev = -1;
+        a->next = g_allocs;
+        g_allocs = a;
+    }
+    a->key = g_next_handle;
+    g_next_handle += 0x10;
+    *handle = a->key;
+    return leave(CUDA_SUCCESS);
+}
+
+/* The memory goes back once the handle is released and no mapping uses it any more. */
+CUresult cuMemRelease(CUmemGenericAllocationHandle handle)
+{
+    struct alloc *a;
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    a = find_alloc(handle, is_vmm);
+    if (a == NULL || a->released)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    if (a->map_count > 0)
+        a->released = true;
+    else
+        free_object(a);
+    return leave(CUDA_SUCCESS);
+}
+
+CUresult cuMemAddressReserve(CUdeviceptr *ptr, size_t size, size_t alignment, CUdeviceptr addr,
+                             unsigned long long flags)
+{
+    struct reservation *res;
+    CUresult r = enter();
+
+    (void)addr; /* a hint only */
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (ptr == NULL || size == 0 || size % PAGE != 0 || flags != 0 ||
+        (alignment & (alignment - 1)) != 0 || size > MAX_REQUEST || alignment > MAX_REQUEST)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    res = calloc(1, sizeof *res);
+    if (res == NULL)
+        return leave(CUDA_ERROR_OUT_OF_MEMORY);
+    res->va = next_va(size, alignment > PAGE ? alignment : PAGE);
+    res->size = size;
+    res->next = g_reservations;
+    g_reservations = res;
+    *ptr = res->va;
+    return leave(CUDA_SUCCESS);
+}
+
+/* The exact range of one reservation. */
+CUresult cuMemAddressFree(CUdeviceptr ptr, size_t size)
+{
+    struct reservation **link;
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    for (link = &g_reservations; *link != NULL; link = &(*link)->next) {
+        struct reservation *res = *link;
+        if (res->va == ptr && res->size == size) {
+            *link = res->next;
+            free(res);
+            return leave(CUDA_SUCCESS);
+        }
+    }
+    return leave(CUDA_ERROR_INVALID_VALUE);
+}
+
+/* Maps a whole number of pages of a handle (offset 0, as the driver requires) into reserved,
+ * unmapped address space. */
+CUresult cuMemMap(CUdeviceptr ptr, size_t size, size_t offset, CUmemGenericAllocationHandle handle,
+                  unsigned long long flags)
+{
+    struct reservation *res;
+    struct mapping *m;
+    struct alloc *a;
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (flags != 0 || offset != 0 || size == 0 || size % PAGE != 0)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    a = find_alloc(handle, is_vmm);
+    if (a == NULL || a->released)
+        return leave(CUDA_ERROR_INVALID_HANDLE);
+    if (size > a->size)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    for (res = g_reservations; res != NULL; res = res->next) {
+        if (ptr >= res->va && ptr - res->va <= res->size && size <= res->size - (ptr - res->va))
+            break;
+    }
+    if (res == NULL)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    for (m = g_mappings; m != NULL; m = m->next) {
+        if (ptr < m->va + m->size && m->va < ptr + size)
+            return leave(CUDA_ERROR_INVALID_VALUE); /* already mapped */
+    }
+    m = calloc(1, sizeof *m);
+    if (m == NULL)
+        return leave(CUDA_ERROR_OUT_OF_MEMORY);
+    m->va = ptr;
+    m->size = size;
+    m->handle = a;
+    m->next = g_mappings;
+    g_mappings = m;
+    a->map_count++;
+    return leave(CUDA_SUCCESS);
+}
+
+/* Unmaps every mapping inside [ptr, ptr + size); there must be at least one. */
+CUresult cuMemUnmap(CUdeviceptr ptr, size_t size)
+{
+    struct mapping **link;
+    bool any = false;
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (size == 0 || size % PAGE != 0)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    for (link = &g_mappings; *link != NULL;) {
+        struct mapping *m = *link;
+        if (m->va >= ptr && m->va + m->size <= ptr + size) {
+            struct alloc *a = m->handle;
+            *link = m->next;
+            free(m);
+            any = true;
+            if (--a->map_count == 0 && a->released)
+                free_object(a);
+        } else {
+            link = &m->next;
+        }
+    }
+    return leave(any ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Arrays                                                                    */
+/* ------------------------------------------------------------------------ */
+
+/* Bytes of one element (format size times channels), 0 if invalid. */
+static uint64_t element_size(CUarray_format format, unsigned int channels)
+{
+    uint64_t size;
+
+    switch (format) {
+    case CU_AD_FORMAT_UNSIGNED_INT8:
+    case CU_AD_FORMAT_SIGNED_INT8: size = 1; break;
+    case CU_AD_FORMAT_UNSIGNED_INT16:
+    case CU_AD_FORMAT_SIGNED_INT16:
+    case CU_AD_FORMAT_HALF: size = 2; break;
+    case CU_AD_FORMAT_UNSIGNED_INT32:
+    case CU_AD_FORMAT_SIGNED_INT32:
+    case CU_AD_FORMAT_FLOAT: size = 4; break;
+    default: return 0;
+    }
+    if (channels != 1 && channels != 2 && channels != 4)
+        return 0;
+    return size * channels;
+}
+
+/* width x height x depth x element, each missing dimension counting 1; 0 if invalid,
+ * UINT64_MAX if absurdly large. */
+static uint64_t array_bytes(uint64_t w, uint64_t h, uint64_t d, CUarray_format format,
+                            unsigned int channels, unsigned int flags)
+{
+    uint64_t elem = element_size(format, channels);
+    uint64_t dims[3] = {w, h ? h : 1, d ? d : 1};
+    uint64_t bytes = elem;
+    int i;
+
+    if (elem == 0 || w == 0 || (h == 0 && d != 0 && !(flags & CUDA_ARRAY3D_LAYERED)))
+        return 0;
+    for (i = 0; i < 3; i++) {
+        if (dims[i] > MAX_REQUEST || bytes > MAX_REQUEST / dims[i])
+            return UINT64_MAX;
+        bytes *= dims[i];
+    }
+    return bytes;
+}
+
+static CUresult new_handle_object(enum alloc_kind kind, uint64_t bytes, uint64_t *key)
+{
+    struct CUctx_st *c;
+    struct alloc *a;
+    void *token;
+    CUresult r = current_ctx(&c);
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (bytes == 0)
+        return CUDA_ERROR_INVALID_VALUE;
+    if (bytes == UINT64_MAX)
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    token = calloc(1, 16); /* a real pointer, so the handle is unique while it lives */
+    if (token == NULL)
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    r = new_device_object(c, c->dev, kind, bytes, &a);
+    if (r != CUDA_SUCCESS) {
+        free(token);
+        return r;
+    }
+    a->key = (uint64_t)(uintptr_t)token;
+    *key = a->key;
+    return CUDA_SUCCESS;
+}
+
+static CUresult array_create(CUarray *handle, uint64_t bytes)
+{
+    uint64_t key = 0;
+    CUresult r;
+
+    if (handle == NULL)
+        return CUDA_ERROR_INVALID_VALUE;
+    r = new_handle_object(A_ARRAY, bytes, &key);
+    if (r == CUDA_SUCCESS)
+        *handle = (CUarray)(uintptr_t)key;
+    return r;
+}
+
+CUresult cuArrayCreate(CUarray *pHandle, const CUDA_ARRAY_DESCRIPTOR_v1 *pAllocateArray)
+{
+    const CUDA_ARRAY_DESCRIPTOR_v1 *d = pAllocateArray;
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (d == NULL)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    return leave(array_create(pHandle, array_bytes(d->Width, d->Height, 0, d->Format,
+                                                   d->NumChannels, 0)));
+}
+
+CUresult cuArrayCreate_v2(CUarray *pHandle, const CUDA_ARRAY_DESCRIPTOR *pAllocateArray)
+{
+    const CUDA_ARRAY_DESCRIPTOR *d = pAllocateArray;
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (d == NULL)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    return leave(array_create(pHandle, array_bytes(d->Width, d->Height, 0, d->Format,
+                                                   d->NumChannels, 0)));
+}
+
+CUresult cuArray3DCreate(CUarray *pHandle, const CUDA_ARRAY3D_DESCRIPTOR_v1 *pAllocateArray)
+{
+    const CUDA_ARRAY3D_DESCRIPTOR_v1 *d = pAllocateArray;
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (d == NULL)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    return leave(array_create(pHandle, array_bytes(d->Width, d->Height, d->Depth, d->Format,
+                                                   d->NumChannels, d->Flags)));
+}
+
+CUresult cuArray3DCreate_v2(CUarray *pHandle, const CUDA_ARRAY3D_DESCRIPTOR *pAllocateArray)
+{
+    const CUDA_ARRAY3D_DESCRIPTOR *d = pAllocateArray;
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (d == NULL)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    return leave(array_create(pHandle, array_bytes(d->Width, d->Height, d->Depth, d->Format,
+                                                   d->NumChannels, d->Flags)));
+}
+
+CUresult cuArrayDestroy(CUarray hArray)
+{
+    struct alloc *a;
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    a = find_alloc((uint64_t)(uintptr_t)hArray, is_array);
+    if (hArray == NULL || a == NULL)
+        return leave(CUDA_ERROR_INVALID_HANDLE);
+    free_object(a);
+    return leave(CUDA_SUCCESS);
+}
+
+/* Sum of the levels, each dimension halving (down to 1) from level to level. */
+CUresult cuMipmappedArrayCreate(CUmipmappedArray *pHandle,
+                                const CUDA_ARRAY3D_DESCRIPTOR *pMipmappedArrayDesc,
+                                unsigned int numMipmapLevels)
+{
+    const CUDA_ARRAY3D_DESCRIPTOR *d = pMipmappedArrayDesc;
+    uint64_t total = 0, key = 0, largest;
+    unsigned int level, max_levels = 1;
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (pHandle == NULL || d == NULL || numMipmapLevels == 0)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    largest = d->Width > d->Height ? d->Width : d->Height;
+    largest = largest > d->Depth ? largest : d->Depth;
+    while (max_levels < 64 && (largest >> max_levels) != 0)
+        max_levels++;
+    if (numMipmapLevels > max_levels)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    for (level = 0; level < numMipmapLevels; level++) {
+        uint64_t w = d->Width >> level, h = d->Height >> level, z = d->Depth >> level;
+        uint64_t bytes = array_bytes(w ? w : 1, d->Height ? (h ? h : 1) : 0,
+                                     d->Depth ? (z ? z : 1) : 0, d->Format, d->NumChannels,
+                                     d->Flags);
+        if (bytes == 0 || d->Width == 0)
+            return leave(CUDA_ERROR_INVALID_VALUE);
+        if (bytes == UINT64_MAX || total > MAX_REQUEST)
+            return leave(CUDA_ERROR_OUT_OF_MEMORY);
+        total += bytes;
+    }
+    r = new_handle_object(A_MIPMAP, total, &key);
+    if (r == CUDA_SUCCESS)
+        *pHandle = (CUmipmappedArray)(uintptr_t)key;
+    return leave(r);
+}
+
+CUresult cuMipmappedArrayDestroy(CUmipmappedArray hMipmappedArray)
+{
+    struct alloc *a;
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    a = find_alloc((uint64_t)(uintptr_t)hMipmappedArray, is_mipmap);
+    if (hMipmappedArray == NULL || a == NULL)
+        return leave(CUDA_ERROR_INVALID_HANDLE);
+    free_object(a);
+    return leave(CUDA_SUCCESS);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Modules                                                                   */
+/* ------------------------------------------------------------------------ */
+
+/* Any image is accepted: the module is a token that hands out function tokens. */
+static CUresult module_new(CUmodule *module)
+{
+    struct CUctx_st *c;
+    struct CUmod_st *m;
+    CUresult r = current_ctx(&c);
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    m = calloc(1, sizeof *m);
+    if (m == NULL || !reg_add(&g_modules, m)) {
+        free(m);
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    m->ctx = c;
+    *module = m;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuModuleLoad(CUmodule *module, const char *fname)
+{
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (module == NULL || fname == NULL)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    if (access(fname, R_OK) != 0)
+        return leave(CUDA_ERROR_FILE_NOT_FOUND);
+    return leave(module_new(module));
+}
+
+CUresult cuModuleLoadData(CUmodule *module, const void *image)
+{
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (module == NULL || image == NULL)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    return leave(module_new(module));
+}
+
+CUresult cuModuleLoadDataEx(CUmodule *module, const void *image, unsigned int numOptions,
+                            int *options, void **optionValues)
+{
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (module == NULL || image == NULL ||
+        (numOptions > 0 && (options == NULL || optionValues == NULL)))
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    return leave(module_new(module));
+}
+
+CUresult cuModuleUnload(CUmodule hmod)
+{
+    size_t k;
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (!reg_has(&g_modules, hmod))
+        return leave(CUDA_ERROR_INVALID_HANDLE);
+    for (k = g_functions.count; k-- > 0;) {
+        struct CUfunc_st *f = g_functions.items[k];
+        if (f->mod == hmod) {
+            reg_remove(&g_functions, f);
+            free(f->name);
+            free(f);
+        }
+    }
+    reg_remove(&g_modules, hmod);
+    free(hmod);
+    return leave(CUDA_SUCCESS);
+}
+
+/* Every name exists; asking twice for one name gives the same handle. */
+CUresult cuModuleGetFunction(CUfunction *hfunc, CUmodule hmod, const char *name)
+{
+    struct CUfunc_st *f;
+    size_t k;
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (hfunc == NULL || name == NULL)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    if (!reg_has(&g_modules, hmod))
+        return leave(CUDA_ERROR_INVALID_HANDLE);
+    for (k = 0; k < g_functions.count; k++) {
+        f = g_functions.items[k];
+        if (f->mod == hmod && strcmp(f->name, name) == 0) {
+            *hfunc = f;
+            return leave(CUDA_SUCCESS);
+        }
+    }
+    f = calloc(1, sizeof *f);
+    if (f != NULL)
+        f->name = strdup(name);
+    if (f == NULL || f->name == NULL || !reg_add(&g_functions, f)) {
+        if (f != NULL)
+            free(f->name);
+        free(f);
+        return leave(CUDA_ERROR_OUT_OF_MEMORY);
+    }
+    f->mod = hmod;
+    *hfunc = f;
+    return leave(CUDA_SUCCESS);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Streams                                                                   */
+/* ------------------------------------------------------------------------ */
+
+CUresult cuStreamCreate(CUstream *phStream, unsigned int Flags)
+{
+    struct CUctx_st *c;
+    struct CUstream_st *s;
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    r = current_ctx(&c);
+    if (r != CUDA_SUCCESS)
+        return leave(r);
+    if (phStream == NULL || (Flags & ~(unsigned int)CU_STREAM_NON_BLOCKING) != 0)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    s = calloc(1, sizeof *s);
+    if (s == NULL || !reg_add(&g_streams, s)) {
+        free(s);
+        return leave(CUDA_ERROR_OUT_OF_MEMORY);
+    }
+    s->ctx = c;
+    s->flags = Flags;
+    *phStream = s;
+    return leave(CUDA_SUCCESS);
+}
+
+static CUresult stream_destroy(CUstream s)
+{
+    if (!reg_has(&g_streams, s))
+        return CUDA_ERROR_INVALID_HANDLE;
+    reg_remove(&g_streams, s);
+    free(s);
+    return CUDA_SUCCESS;
+}
+
+CUresult cuStreamDestroy(CUstream hStream)
+{
+    CUresult r = enter();
+    return r ? r : leave(stream_destroy(hStream));
+}
+
+CUresult cuStreamDestroy_v2(CUstream hStream)
+{
+    CUresult r = enter();
+    return r ? r : leave(stream_destroy(hStream));
+}
+
+/* Nothing is ever pending. A created stream carries its context; the default streams need
+ * a current one. */
+static CUresult stream_sync(CUstream s)
+{
+    struct CUctx_st *c;
+    CUresult r = check_stream(s);
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (s != NULL && s != CU_STREAM_LEGACY && s != CU_STREAM_PER_THREAD)
+        return ctx_health(s->ctx);
+    return current_ctx(&c);
+}
+
+CUresult cuStreamSynchronize(CUstream hStream)
+{
+    CUresult r = enter();
+    return r ? r : leave(stream_sync(hStream));
+}
+
+CUresult cuStreamSynchronize_ptsz(CUstream hStream)
+{
+    CUresult r = enter();
+    return r ? r : leave(stream_sync(hStream));
+}
+
+/* ------------------------------------------------------------------------ */
+/* Launches                                                                  */
+/* ------------------------------------------------------------------------ */
+
+/*
+ * Validates a launch the way the driver does before it queues anything, then
+ * counts it (and its blocks) for the current context's GPU in the node state.
+ */
+static CUresult launch(CUfunction f, unsigned int gx, unsigned int gy, unsigned int gz,
+                       unsigned int bx, unsigned int by, unsigned int bz, CUstream stream,
+                       void **params, void **extra)
+{
+    struct CUctx_st *c;
+    CUresult r = current_ctx(&c);
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (f == NULL || !reg_has(&g_functions, f))
+        return CUDA_ERROR_INVALID_HANDLE;
+    if (gx == 0 || gy == 0 || gz == 0 || bx == 0 || by == 0 || bz == 0)
+        return CUDA_ERROR_INVALID_VALUE;
+    if (bx > 1024 || by > 1024 || bz > 64 || (uint64_t)bx * by * bz > 1024 || gy > 65535 ||
+        gz > 65535 || gx > (unsigned int)INT_MAX)
+        return CUDA_ERROR_INVALID_VALUE;
+    if (params != NULL && extra != NULL)
+        return CUDA_ERROR_INVALID_VALUE;
+    r = check_stream(stream);
+    if (r != CUDA_SUCCESS)
+        return r;
+    sim_state_count_launch(&g_state, g_devs[c->dev].gpu, (uint64_t)gx * gy * gz, false);
+    return CUDA_SUCCESS;
+}
+
+CUresult cuLaunchKernel(CUfunction f, unsigned int gridDimX, unsigned int gridDimY,
+                        unsigned int gridDimZ, unsigned int blockDimX, unsigned int blockDimY,
+                        unsigned int blockDimZ, unsigned int sharedMemBytes, CUstream hStream,
+                        void **kernelParams, void **extra)
+{
+    CUresult r = enter();
+
+    (void)sharedMemBytes;
+    return r ? r
+             : leave(launch(f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ,
+                            hStream, kernelParams, extra));
+}
+
+CUresult cuLaunchKernel_ptsz(CUfunction f, unsigned int gridDimX, unsigned int gridDimY,
+                             unsigned int gridDimZ, unsigned int blockDimX, unsigned int blockDimY,
+                             unsigned int blockDimZ, unsigned int sharedMemBytes, CUstream hStream,
+                             void **kernelParams, void **extra)
+{
+    CUresult r = enter();
+
+    (void)sharedMemBytes;
+    return r ? r
+             : leave(launch(f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ,
+                            hStream, kernelParams, extra));
+}
+
+static CUresult launch_ex(const CUlaunchConfig *config, CUfunction f, void **params, void **extra)
+{
+    struct CUctx_st *c;
+    CUresult r = current_ctx(&c);
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (config == NULL || (config->numAttrs > 0 && config->attrs == NULL))
+        return CUDA_ERROR_INVALID_VALUE;
+    return launch(f, config->gridDimX, config->gridDimY, config->gridDimZ, config->blockDimX,
+                  config->blockDimY, config->blockDimZ, config->hStream, params, extra);
+}
+
+CUresult cuLaunchKernelEx(const CUlaunchConfig *config, CUfunction f, void **kernelParams,
+                          void **extra)
+{
+    CUresult r = enter();
+    return r ? r : leave(launch_ex(config, f, kernelParams, extra));
+}
+
+CUresult cuLaunchKernelEx_ptsz(const CUlaunchConfig *config, CUfunction f, void **kernelParams,
+                               void **extra)
+{
+    CUresult r = enter();
+    return r ? r : leave(launch_ex(config, f, kernelParams, extra));
+}
+
+CUresult cuLaunchCooperativeKernel(CUfunction f, unsigned int gridDimX, unsigned int gridDimY,
+                                   unsigned int gridDimZ, unsigned int blockDimX,
+                                   unsigned int blockDimY, unsigned int blockDimZ,
+                                   unsigned int sharedMemBytes, CUstream hStream,
+                                   void **kernelParams)
+{
+    CUresult r = enter();
+
+    (void)sharedMemBytes;
+    return r ? r
+             : leave(launch(f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ,
+                            hStream, kernelParams, NULL));
+}
+
+CUresult cuLaunchCooperativeKernel_ptsz(CUfunction f, unsigned int gridDimX, unsigned int gridDimY,
+                                        unsigned int gridDimZ, unsigned int blockDimX,
+                                        unsigned int blockDimY, unsigned int blockDimZ,
+                                        unsigned int sharedMemBytes, CUstream hStream,
+                                        void **kernelParams)
+{
+    CUresult r = enter();
+
+    (void)sharedMemBytes;
+    return r ? r
+             : leave(launch(f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ,
+                            hStream, kernelParams, NULL));
+}
+
+/* Graphs are not modelled: any non-NULL executable graph "runs" and is counted. */
+static CUresult graph_launch(CUgraphExec exec, CUstream stream)
+{
+    struct CUctx_st *c;
+    CUresult r = current_ctx(&c);
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (exec == NULL)
+        return CUDA_ERROR_INVALID_VALUE;
+    r = check_stream(stream);
+    if (r != CUDA_SUCCESS)
+        return r;
+    sim_state_count_launch(&g_state, g_devs[c->dev].gpu, 0, true);
+    return CUDA_SUCCESS;
+}
+
+CUresult cuGraphLaunch(CUgraphExec hGraphExec, CUstream hStream)
+{
+    CUresult r = enter();
+    return r ? r : leave(graph_launch(hGraphExec, hStream));
+}
+
+CUresult cuGraphLaunch_ptsz(CUgraphExec hGraphExec, CUstream hStream)
+{
+    CUresult r = enter();
+    return r ? r : leave(graph_launch(hGraphExec, hStream));
+}

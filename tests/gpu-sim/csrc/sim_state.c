@@ -1,0 +1,280 @@
+/*
+ * The cross-process device state of a simulated node. See sim_state.h.
+ */
+#define _GNU_SOURCE
+#include "sim_state.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define LOAD(p) __atomic_load_n((p), __ATOMIC_SEQ_CST)
+#define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_SEQ_CST)
+#define ADD(p, v) __atomic_fetch_add((p), (v), __ATOMIC_SEQ_CST)
+#define SUB(p, v) __atomic_fetch_sub((p), (v), __ATOMIC_SEQ_CST)
+#define XCHG(p, v) __atomic_exchange_n((p), (v), __ATOMIC_SEQ_CST)
+#define CAS(p, expected, desired)                                                             \
+    __atomic_compare_exchange_n((p), (expected), (desired), false, __ATOMIC_SEQ_CST,         \
+                                __ATOMIC_SEQ_CST)
+
+static bool header_ok(const struct sim_state_file *f)
+{
+    return memcmp(f->magic, SIM_STATE_MAGIC, 8) == 0 && f->version == SIM_STATE_VERSION &&
+           f->header_size == offsetof(struct sim_state_file, devices) &&
+           f->max_gpus == SIM_MAX_GPUS && f->slot_count == SIM_STATE_SLOTS &&
+           f->device_size == sizeof(struct sim_state_device) &&
+           f->slot_size == sizeof(struct sim_state_slot);
+}
+
+int sim_state_open(const char *node_path, bool create, struct sim_state *out)
+{
+    char path[SIM_PATH_SIZE + sizeof SIM_STATE_SUFFIX];
+    struct stat st;
+    struct sim_state_file *map;
+    int fd, saved;
+
+    out->map = NULL;
+    out->slot = -1;
+    out->owner_pid = 0;
+    if (node_path == NULL || node_path[0] == '\0') {
+        errno = ENOENT;
+        return -1;
+    }
+    if ((size_t)snprintf(path, sizeof path, "%s%s", node_path, SIM_STATE_SUFFIX) >= sizeof path) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    fd = open(path, O_RDWR | O_CLOEXEC | (create ? O_CREAT : 0), 0666);
+    if (fd < 0)
+        return -1;
+    /* Creators serialise on the file lock: the first one sizes and stamps it. */
+    if (flock(fd, LOCK_EX) != 0)
+        goto fail;
+    if (fstat(fd, &st) != 0)
+        goto fail_unlock;
+    if (st.st_size == 0) {
+        if (!create) {
+            errno = ENOENT; /* being created right now: not there yet */
+            goto fail_unlock;
+        }
+        if (ftruncate(fd, (off_t)sizeof(struct sim_state_file)) != 0)
+            goto fail_unlock;
+    } else if ((size_t)st.st_size != sizeof(struct sim_state_file)) {
+        errno = EINVAL;
+        goto fail_unlock;
+    }
+    map = mmap(NULL, sizeof *map, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (map == MAP_FAILED)
+        goto fail_unlock;
+    if (st.st_size == 0) {
+        map->version = SIM_STATE_VERSION;
+        map->header_size = offsetof(struct sim_state_file, devices);
+        map->max_gpus = SIM_MAX_GPUS;
+        map->slot_count = SIM_STATE_SLOTS;
+        map->device_size = sizeof(struct sim_state_device);
+        map->slot_size = sizeof(struct sim_state_slot);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        memcpy(map->magic, SIM_STATE_MAGIC, 8); /* last: marks the file complete */
+    } else if (!header_ok(map)) {
+        munmap(map, sizeof *map);
+        errno = EINVAL;
+        goto fail_unlock;
+    }
+    flock(fd, LOCK_UN);
+    close(fd); /* the mapping stays */
+    out->map = map;
+    return 0;
+
+fail_unlock:
+    saved = errno;
+    flock(fd, LOCK_UN);
+    errno = saved;
+fail:
+    saved = errno;
+    close(fd);
+    errno = saved;
+    return -1;
+}
+
+void sim_state_close(struct sim_state *st)
+{
+    if (st->map != NULL)
+        munmap(st->map, sizeof *st->map);
+    st->map = NULL;
+    st->slot = -1;
+}
+
+/* Moves a slot's bytes out of the device counters and frees it. The caller
+ * owns the slot (pid swapped to our marker). */
+static void drain_slot(struct sim_state_file *f, struct sim_state_slot *slot)
+{
+    unsigned int g;
+
+    for (g = 0; g < SIM_MAX_GPUS; g++) {
+        uint64_t bytes = XCHG(&slot->used[g], 0);
+        if (bytes != 0)
+            SUB(&f->devices[g].used_bytes, bytes);
+    }
+    STORE(&slot->pid, 0);
+}
+
+static bool pid_gone(int pid)
+{
+    return kill((pid_t)pid, 0) != 0 && errno == ESRCH;
+}
+
+unsigned int sim_state_reap(struct sim_state *st)
+{
+    struct sim_state_file *f = st->map;
+    unsigned int s, reaped = 0;
+    int self = (int)getpid();
+
+    if (f == NULL)
+        return 0;
+    for (s = 0; s < SIM_STATE_SLOTS; s++) {
+        struct sim_state_slot *slot = &f->slots[s];
+        int32_t pid = LOAD(&slot->pid);
+        if (pid <= 0)
+            continue;
+        /* Our own pid is alive by definition. Another library of this same process
+         * (the fake NVML reaps too, with no slot of its own) must never drain the
+         * slot the CUDA side holds; a slot left by an earlier process that had our
+         * pid is reclaimed by sim_state_attach instead. */
+        if (pid == self || !pid_gone(pid))
+            continue;
+        if (!CAS(&slot->pid, &pid, -pid))
+            continue; /* someone else reclaims it */
+        drain_slot(f, slot);
+        reaped++;
+    }
+    return reaped;
+}
+
+bool sim_state_attach(struct sim_state *st)
+{
+    struct sim_state_file *f = st->map;
+    int self = (int)getpid();
+    unsigned int s;
+
+    if (f == NULL)
+        return false;
+    if (st->slot >= 0 && st->owner_pid == self)
+        return true;
+    st->slot = -1; /* a forked child does not own its parent's slot */
+    sim_state_reap(st);
+    /* Not attached yet, so a slot with our pid was left by an earlier process that
+     * had the same pid (pid reuse): reclaim it. */
+    for (s = 0; s < SIM_STATE_SLOTS; s++) {
+        int32_t pid = self;
+        if (CAS(&f->slots[s].pid, &pid, -self))
+            drain_slot(f, &f->slots[s]);
+    }
+    for (s = 0; s < SIM_STATE_SLOTS; s++) {
+        int32_t expected = 0;
+        if (CAS(&f->slots[s].pid, &expected, self)) {
+            st->slot = (int)s;
+            st->owner_pid = self;
+            return true;
+        }
+    }
+    return false;
+}
+
+void sim_state_detach(struct sim_state *st)
+{
+    struct sim_state_file *f = st->map;
+    struct sim_state_slot *slot;
+    int32_t pid;
+
+    if (f == NULL || st->slot < 0 || st->owner_pid != (int)getpid())
+        return;
+    slot = &f->slots[st->slot];
+    pid = st->owner_pid;
+    if (CAS(&slot->pid, &pid, -pid))
+        drain_slot(f, slot);
+    st->slot = -1;
+}
+
+static bool try_charge(struct sim_state_file *f, unsigned int gpu, uint64_t bytes,
+                       uint64_t capacity)
+{
+    uint64_t *used = &f->devices[gpu].used_bytes;
+    uint64_t old = LOAD(used);
+
+    do {
+        if (bytes > capacity || old > capacity - bytes)
+            return false;
+    } while (!CAS(used, &old, old + bytes));
+    return true;
+}
+
+bool sim_state_charge(struct sim_state *st, unsigned int gpu, uint64_t bytes, uint64_t capacity)
+{
+    struct sim_state_file *f = st->map;
+
+    if (f == NULL || st->slot < 0 || gpu >= SIM_MAX_GPUS)
+        return false;
+    if (bytes == 0)
+        return true;
+    if (!try_charge(f, gpu, bytes, capacity)) {
+        /* Like the driver, memory of processes that died is given back first. */
+        if (sim_state_reap(st) == 0 || !try_charge(f, gpu, bytes, capacity))
+            return false;
+    }
+    ADD(&f->slots[st->slot].used[gpu], bytes);
+    return true;
+}
+
+void sim_state_uncharge(struct sim_state *st, unsigned int gpu, uint64_t bytes)
+{
+    struct sim_state_file *f = st->map;
+
+    if (f == NULL || st->slot < 0 || gpu >= SIM_MAX_GPUS || bytes == 0)
+        return;
+    SUB(&f->slots[st->slot].used[gpu], bytes);
+    SUB(&f->devices[gpu].used_bytes, bytes);
+}
+
+uint64_t sim_state_used(const struct sim_state *st, unsigned int gpu)
+{
+    if (st->map == NULL || gpu >= SIM_MAX_GPUS)
+        return 0;
+    return LOAD(&st->map->devices[gpu].used_bytes);
+}
+
+void sim_state_count_launch(struct sim_state *st, unsigned int gpu, uint64_t blocks, bool graph)
+{
+    struct sim_state_device *d;
+
+    if (st->map == NULL || gpu >= SIM_MAX_GPUS)
+        return;
+    d = &st->map->devices[gpu];
+    if (graph) {
+        ADD(&d->graph_launches, 1);
+    } else {
+        ADD(&d->launches, 1);
+        ADD(&d->blocks, blocks);
+    }
+}
+
+void sim_state_for_each_process(const struct sim_state *st, unsigned int gpu,
+                                void (*fn)(int pid, uint64_t bytes, void *arg), void *arg)
+{
+    unsigned int s;
+
+    if (st->map == NULL || gpu >= SIM_MAX_GPUS)
+        return;
+    for (s = 0; s < SIM_STATE_SLOTS; s++) {
+        const struct sim_state_slot *slot = &st->map->slots[s];
+        int32_t pid = LOAD(&slot->pid);
+        uint64_t bytes = LOAD(&slot->used[gpu]);
+        if (pid > 0 && bytes > 0)
+            fn(pid, bytes, arg);
+    }
+}
