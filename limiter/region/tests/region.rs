@@ -1,0 +1,513 @@
+//! The writer: create/open/reopen, refusals, accounting across processes, the SIGKILL-safe lock, reaping,
+//! and the reader reading what the writer wrote.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vgpu_region::layout::{
+    MULTIPROCESS_SHARED_REGION_MAGIC_FLAG, RECENT_KERNEL_ACTIVE, REGION_FILE_SIZE, REGION_SIZE, v0,
+};
+use vgpu_region::{
+    Acquired, LaunchGate, LayoutVersion, MemoryKind, Region, RegionConfig, RegionError,
+    RegionReader, region_path_from_env,
+};
+
+const MIB: u64 = 1 << 20;
+const CHILD_ROLE_ENV: &str = "VGPU_REGION_TEST_CHILD";
+const CHILD_PATH_ENV: &str = "VGPU_REGION_TEST_PATH";
+
+fn config(limit0: u64) -> RegionConfig {
+    let mut c = RegionConfig::default();
+    c.limits[0] = limit0;
+    c.limits[1] = 2 * limit0;
+    c.sm_limits[0] = 50;
+    c
+}
+
+fn region_file(dir: &tempfile::TempDir) -> PathBuf {
+    dir.path().join("cudevshr.cache")
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Child processes: this test binary re-executed, filtered to `child_entry`, with a role in the environment.
+
+/// Entry point of the child processes; does nothing in a normal test run.
+#[test]
+fn child_entry() {
+    let Ok(role) = std::env::var(CHILD_ROLE_ENV) else {
+        return;
+    };
+    let path = PathBuf::from(std::env::var(CHILD_PATH_ENV).expect("child needs a region path"));
+    let region = Region::open_or_create(&path, &config(1 << 30)).expect("child opens the region");
+    let mut out = std::io::stdout();
+    match role.as_str() {
+        "account" => {
+            let slot = region.register_current_process().expect("child registers");
+            region
+                .add_usage(0, MemoryKind::Data, 100 * MIB)
+                .expect("add");
+            region.add_usage(1, MemoryKind::Context, MIB).expect("add");
+            writeln!(out, "READY slot={slot}").expect("stdout");
+            out.flush().expect("flush");
+            // Hold the slot until the parent closes our stdin, then exit cleanly (Drop releases the slot).
+            let mut line = String::new();
+            while std::io::stdin()
+                .read_line(&mut line)
+                .map(|n| n > 0)
+                .unwrap_or(false)
+            {}
+        }
+        "hold-lock" => {
+            let _lock = region.lock(Duration::from_secs(5)).expect("child locks");
+            writeln!(out, "READY locked").expect("stdout");
+            out.flush().expect("flush");
+            std::thread::sleep(Duration::from_secs(60));
+        }
+        "register-and-hang" => {
+            let slot = region.register_current_process().expect("child registers");
+            region.add_usage(0, MemoryKind::Data, 123).expect("add");
+            writeln!(out, "READY slot={slot}").expect("stdout");
+            out.flush().expect("flush");
+            std::thread::sleep(Duration::from_secs(60));
+        }
+        other => panic!("unknown child role {other}"),
+    }
+}
+
+struct ChildProc {
+    child: Child,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl ChildProc {
+    fn spawn(role: &str, path: &Path) -> Self {
+        let mut child = Command::new(std::env::current_exe().expect("test binary"))
+            .args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
+            .env(CHILD_ROLE_ENV, role)
+            .env(CHILD_PATH_ENV, path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn child");
+        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        Self { child, stdout }
+    }
+
+    /// Reads the child's output until its `READY …` line and returns the rest of that line.
+    fn wait_ready(&mut self) -> String {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = self.stdout.read_line(&mut line).expect("read child stdout");
+            assert!(n > 0, "child exited before it was ready");
+            // libtest prints "test child_entry ... " without a newline before the test's own output.
+            if let Some(at) = line.find("READY ") {
+                return line[at + "READY ".len()..].trim_end().to_owned();
+            }
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+}
+
+impl Drop for ChildProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+
+#[test]
+fn path_comes_from_env_value_or_hami_default() {
+    assert_eq!(
+        region_path_from_env(None),
+        PathBuf::from("/tmp/cudevshr.cache")
+    );
+    assert_eq!(
+        region_path_from_env(Some("".as_ref())),
+        PathBuf::from("/tmp/cudevshr.cache")
+    );
+    assert_eq!(
+        region_path_from_env(Some("/x/y.cache".as_ref())),
+        PathBuf::from("/x/y.cache")
+    );
+}
+
+#[test]
+fn creates_a_region_file_like_hami_core() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = region_file(&dir);
+    let mut cfg = config(4 << 30);
+    cfg.priority = 0;
+    let region = Region::open_or_create(&path, &cfg).expect("create");
+    assert!(region.open_report().initialized_here);
+    assert_eq!(region.open_report().limit_mismatch, None);
+
+    let meta = std::fs::metadata(&path).expect("stat");
+    assert_eq!(meta.len(), REGION_FILE_SIZE, "HAMi-core's sizeof + 1");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o666);
+
+    let snap = RegionReader::open(&path)
+        .expect("reader")
+        .snapshot()
+        .expect("snapshot");
+    assert_eq!(snap.version, LayoutVersion::V1 { minor: 2 });
+    assert_eq!(snap.limits, cfg.limits);
+    assert_eq!(snap.sm_limits, cfg.sm_limits);
+    assert_eq!(snap.priority, 0);
+    assert_eq!(snap.recent_kernel, RECENT_KERNEL_ACTIVE);
+    assert_eq!(snap.utilization_switch, 1);
+    assert_eq!(snap.proc_num, 0);
+    assert!(snap.last_kernel_time.is_some_and(|t| t > 1_700_000_000));
+    let bytes = std::fs::read(&path).expect("read");
+    assert_eq!(
+        i32::from_ne_bytes(bytes[0..4].try_into().expect("4")),
+        MULTIPROCESS_SHARED_REGION_MAGIC_FLAG
+    );
+}
+
+#[test]
+fn reopening_keeps_the_files_limits_and_reports_a_disagreement() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = region_file(&dir);
+    drop(Region::open_or_create(&path, &config(MIB)).expect("create"));
+
+    let same = Region::open_or_create(&path, &config(MIB)).expect("reopen");
+    assert!(!same.open_report().initialized_here);
+    assert_eq!(same.open_report().limit_mismatch, None);
+    drop(same);
+
+    let other = Region::open_or_create(&path, &config(7 * MIB)).expect("reopen with other limits");
+    let mismatch = other
+        .open_report()
+        .limit_mismatch
+        .clone()
+        .expect("mismatch reported");
+    assert_eq!(mismatch.file_limits[0], MIB);
+    assert_eq!(mismatch.requested_limits[0], 7 * MIB);
+    assert_eq!(other.limit(0).expect("limit"), MIB, "the file's limits win");
+    assert_eq!(other.sm_limit(0).expect("sm"), 50);
+}
+
+#[test]
+fn accepts_a_file_of_exactly_the_layout_size_and_a_blank_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = region_file(&dir);
+    drop(Region::open_or_create(&path, &config(MIB)).expect("create"));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open")
+        .set_len(REGION_SIZE as u64)
+        .expect("trim");
+    let region = Region::open_or_create(&path, &config(MIB)).expect("sizeof-sized file");
+    assert!(!region.open_report().initialized_here);
+    drop(region);
+
+    let blank = dir.path().join("blank.cache");
+    std::fs::write(&blank, vec![0u8; REGION_FILE_SIZE as usize]).expect("write");
+    let region =
+        Region::open_or_create(&blank, &config(3 * MIB)).expect("blank file is initialised");
+    assert!(region.open_report().initialized_here);
+    assert_eq!(region.limit(0).expect("limit"), 3 * MIB);
+}
+
+#[test]
+fn refuses_truncated_oversized_foreign_and_unknown_version_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cases: Vec<(&str, Vec<u8>)> = {
+        let mut foreign = vec![0u8; REGION_FILE_SIZE as usize];
+        foreign[..4].copy_from_slice(&0x1234_5678i32.to_ne_bytes());
+        let mut v2 = vec![0u8; REGION_FILE_SIZE as usize];
+        v2[..4].copy_from_slice(&MULTIPROCESS_SHARED_REGION_MAGIC_FLAG.to_ne_bytes());
+        v2[4..8].copy_from_slice(&2u32.to_ne_bytes());
+        let mut v1_1 = v2.clone();
+        v1_1[4..8].copy_from_slice(&1u32.to_ne_bytes());
+        v1_1[8..12].copy_from_slice(&1u32.to_ne_bytes());
+        let mut v0_file = vec![0u8; v0::REGION_FILE_SIZE as usize];
+        v0_file[..4].copy_from_slice(&MULTIPROCESS_SHARED_REGION_MAGIC_FLAG.to_ne_bytes());
+        vec![
+            ("truncated", vec![0u8; 1000]),
+            ("one byte short", vec![0u8; REGION_SIZE - 1]),
+            ("oversized", vec![0u8; REGION_FILE_SIZE as usize + 1]),
+            ("foreign", foreign),
+            ("major 2", v2),
+            ("v1.1", v1_1),
+            ("v0", v0_file),
+        ]
+    };
+    for (name, content) in cases {
+        let path = dir.path().join(format!("{name}.cache"));
+        std::fs::write(&path, &content).expect("write");
+        let err = Region::open_or_create(&path, &config(MIB)).expect_err(name);
+        match (name, &err) {
+            ("truncated" | "one byte short", RegionError::Truncated { .. })
+            | ("oversized", RegionError::Oversized { .. })
+            | ("foreign", RegionError::BadMagic { .. })
+            | ("major 2" | "v1.1", RegionError::UnsupportedVersion { .. })
+            | ("v0", RegionError::UnsupportedVersion { major: 0, .. }) => {}
+            _ => panic!("{name}: unexpected error {err}"),
+        }
+        assert_eq!(
+            std::fs::read(&path).expect("read"),
+            content,
+            "{name}: a refused file is left untouched"
+        );
+    }
+}
+
+#[test]
+fn accounts_per_device_and_kind_and_saturates_on_removal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = region_file(&dir);
+    let region = Region::open_or_create(&path, &config(MIB)).expect("create");
+    assert!(matches!(
+        region.add_usage(0, MemoryKind::Data, 1),
+        Err(RegionError::NotRegistered { .. })
+    ));
+
+    let slot = region.register_current_process().expect("register");
+    assert_eq!(
+        region.register_current_process().expect("again"),
+        slot,
+        "idempotent"
+    );
+    region
+        .add_usage(0, MemoryKind::Context, 10 * MIB)
+        .expect("ctx");
+    region
+        .add_usage(0, MemoryKind::Data, 5 * MIB)
+        .expect("data");
+    region
+        .add_usage(3, MemoryKind::Module, MIB)
+        .expect("module");
+    region
+        .remove_usage(0, MemoryKind::Data, 2 * MIB)
+        .expect("rm");
+    assert_eq!(region.device_usage(0).expect("usage"), 13 * MIB);
+    assert_eq!(region.process_usage(3).expect("usage"), MIB);
+    assert!(matches!(
+        region.add_usage(16, MemoryKind::Data, 1),
+        Err(RegionError::DeviceOutOfRange { device: 16 })
+    ));
+
+    // Removing more than recorded clamps at zero instead of wrapping to 16 EiB (HAMi-core#200).
+    region
+        .remove_usage(3, MemoryKind::Module, 5 * MIB)
+        .expect("rm");
+    assert_eq!(region.device_usage(3).expect("usage"), 0);
+
+    region
+        .set_device_info(&["GPU-11111111-2222-3333-4444-555555555555", "GPU-b"])
+        .expect("uuids");
+    let snap = RegionReader::open(&path)
+        .expect("reader")
+        .snapshot()
+        .expect("snapshot");
+    assert_eq!(snap.device_num, 2);
+    assert_eq!(
+        snap.uuid(0),
+        Some("GPU-11111111-2222-3333-4444-555555555555")
+    );
+    assert_eq!(
+        snap.uuid_label(0),
+        Some("GPU-11111111-2222-3333-4444-555555555555")
+    );
+    assert_eq!(snap.uuid(1), Some("GPU-b"));
+    assert_eq!(snap.uuid(2), None);
+    assert_eq!(snap.processes.len(), 1);
+    let me = &snap.processes[0];
+    assert_eq!(
+        (me.slot, me.pid, me.hostpid, me.status),
+        (slot, std::process::id() as i32, 0, 1)
+    );
+    let usage = snap.device_usage(0);
+    assert_eq!(
+        (usage.context, usage.module, usage.data, usage.total),
+        (10 * MIB, 0, 3 * MIB, 13 * MIB)
+    );
+    assert_eq!(snap.limit(0), Some(MIB));
+    assert_eq!(snap.sm_limit(0), Some(50));
+
+    region.unregister();
+    assert_eq!(
+        region.device_usage(0).expect("usage"),
+        0,
+        "an exited slot no longer counts"
+    );
+    let snap = RegionReader::open(&path)
+        .expect("reader")
+        .snapshot()
+        .expect("snapshot");
+    assert!(snap.processes.is_empty());
+}
+
+#[test]
+fn kernel_launches_follow_the_monitors_write_backs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = region_file(&dir);
+    let region = Region::open_or_create(&path, &config(MIB)).expect("create");
+    let monitor = RegionReader::open_writable(&path).expect("monitor");
+
+    // The monitor's round: 2 → 1 → 0, and it stays at 0.
+    assert_eq!(monitor.decay_recent_kernel().expect("decay"), 1);
+    assert_eq!(monitor.decay_recent_kernel().expect("decay"), 0);
+    assert_eq!(monitor.decay_recent_kernel().expect("decay"), 0);
+    assert_eq!(
+        region.record_kernel_launch(2_000_000_000),
+        LaunchGate::Proceed
+    );
+    assert_eq!(region.recent_kernel(), RECENT_KERNEL_ACTIVE);
+    assert_eq!(region.last_kernel_time(), 2_000_000_000);
+
+    monitor.set_recent_kernel(-1).expect("block");
+    assert_eq!(
+        region.record_kernel_launch(2_000_000_001),
+        LaunchGate::Blocked
+    );
+    assert_eq!(
+        region.recent_kernel(),
+        -1,
+        "a blocked launch does not overwrite the monitor's −1"
+    );
+    monitor.set_recent_kernel(0).expect("unblock");
+    assert_eq!(
+        region.record_kernel_launch(2_000_000_001),
+        LaunchGate::Proceed
+    );
+    assert_eq!(region.last_kernel_time(), 2_000_000_001);
+
+    monitor.set_utilization_switch(0).expect("switch");
+    assert_eq!(region.utilization_switch(), 0);
+    let snap = monitor.snapshot().expect("snapshot");
+    assert_eq!((snap.utilization_switch, snap.recent_kernel), (0, 2));
+
+    let read_only = RegionReader::open(&path).expect("reader");
+    assert!(matches!(
+        read_only.set_utilization_switch(1),
+        Err(RegionError::ReadOnly { .. })
+    ));
+}
+
+#[test]
+fn two_processes_account_into_one_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = region_file(&dir);
+    let region = Region::open_or_create(&path, &config(1 << 30)).expect("create");
+    region.register_current_process().expect("register");
+    region
+        .add_usage(0, MemoryKind::Data, 50 * MIB)
+        .expect("add");
+
+    let mut child = ChildProc::spawn("account", &path);
+    let ready = child.wait_ready();
+    assert_eq!(ready, "slot=1");
+    assert_eq!(region.device_usage(0).expect("usage"), 150 * MIB);
+    assert_eq!(region.device_usage(1).expect("usage"), MIB);
+
+    let snap = RegionReader::open(&path)
+        .expect("reader")
+        .snapshot()
+        .expect("snapshot");
+    let mut pids: Vec<i32> = snap.processes.iter().map(|p| p.pid).collect();
+    pids.sort_unstable();
+    let mut expected = vec![std::process::id() as i32, child.pid()];
+    expected.sort_unstable();
+    assert_eq!(pids, expected);
+    assert_eq!(snap.device_usage(0).data, 150 * MIB);
+
+    // Closing the child's stdin lets it exit normally; its slot is released on the way out.
+    drop(child.child.stdin.take());
+    let status = child.child.wait().expect("wait");
+    assert!(status.success(), "child failed: {status}");
+    assert_eq!(region.device_usage(0).expect("usage"), 50 * MIB);
+    assert_eq!(region.device_usage(1).expect("usage"), 0);
+}
+
+#[test]
+fn lock_held_by_a_sigkilled_process_is_taken_over_within_a_second() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = region_file(&dir);
+    let region = Region::open_or_create(&path, &config(MIB)).expect("create");
+    let mut child = ChildProc::spawn("hold-lock", &path);
+    child.wait_ready();
+    let child_pid = child.pid();
+    assert!(
+        matches!(region.lock(Duration::from_millis(200)), Err(RegionError::LockTimeout { owner_pid, .. }) if owner_pid == child_pid),
+        "a live holder keeps the lock"
+    );
+
+    // SIGKILL, and deliberately do not reap yet: the holder is a zombie, which still answers kill(pid, 0).
+    child.child.kill().expect("SIGKILL");
+    let started = Instant::now();
+    let lock = region
+        .lock(Duration::from_secs(1))
+        .expect("lock after the holder died");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(lock.acquired(), Acquired::FromDeadOwner(child_pid));
+    drop(lock);
+    assert_eq!(
+        region
+            .lock(Duration::from_millis(100))
+            .expect("free again")
+            .acquired(),
+        Acquired::Free
+    );
+}
+
+#[test]
+fn dead_processes_slots_are_reaped_and_live_slots_never_move() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = region_file(&dir);
+    let region = Region::open_or_create(&path, &config(MIB)).expect("create");
+    assert_eq!(region.register_current_process().expect("register"), 0);
+    region.add_usage(0, MemoryKind::Data, 1000).expect("add");
+
+    let mut doomed = ChildProc::spawn("register-and-hang", &path);
+    assert_eq!(doomed.wait_ready(), "slot=1");
+    let mut survivor = ChildProc::spawn("register-and-hang", &path);
+    assert_eq!(survivor.wait_ready(), "slot=2");
+    assert_eq!(region.device_usage(0).expect("usage"), 1000 + 123 + 123);
+
+    doomed.child.kill().expect("SIGKILL");
+    doomed.child.wait().expect("reap the child process");
+    assert_eq!(
+        region.device_usage(0).expect("usage"),
+        1000 + 246,
+        "not reaped yet"
+    );
+    assert_eq!(region.reap_dead_slots().expect("reap"), 1);
+    assert_eq!(region.device_usage(0).expect("usage"), 1000 + 123);
+    assert_eq!(
+        region.proc_num(),
+        3,
+        "the survivor in slot 2 keeps its place"
+    );
+    let snap = RegionReader::open(&path)
+        .expect("reader")
+        .snapshot()
+        .expect("snapshot");
+    let slots: Vec<(usize, i32)> = snap.processes.iter().map(|p| (p.slot, p.pid)).collect();
+    assert_eq!(
+        slots,
+        vec![(0, std::process::id() as i32), (2, survivor.pid())]
+    );
+
+    // The hole is reused by the next registration; killing the survivor lets proc_num shrink.
+    survivor.child.kill().expect("SIGKILL");
+    survivor.child.wait().expect("reap");
+    assert_eq!(region.reap_dead_slots().expect("reap"), 1);
+    assert_eq!(region.proc_num(), 1);
+    assert_eq!(region.device_usage(0).expect("usage"), 1000);
+}

@@ -1,0 +1,248 @@
+//! The environment HAMi's device plugin sets, read exactly as HAMi-core reads it — but only on the
+//! first CUDA/NVML call (never at load), through libc `getenv` (no allocation, no std env lock).
+//!
+//! * `CUDA_DEVICE_MEMORY_LIMIT_<i>` (i = 0..15) and the fallback `CUDA_DEVICE_MEMORY_LIMIT`:
+//!   `strtoul(value, base 0)` times a one-letter suffix `g`/`m`/`k` (either case; none = bytes).
+//!   `0` means "no limit", as in HAMi-core. Unlike HAMi-core, a malformed or overflowing value is
+//!   reported once and **fails closed** (a cap of 0 bytes) instead of silently meaning unlimited.
+//!   An empty value counts as unset.
+//! * `CUDA_DEVICE_MEMORY_SHARED_CACHE` (default `/tmp/cudevshr.cache`): the shared-region path,
+//!   read here for the region crate; this skeleton never creates the file.
+//! * `LIBCUDA_LOG_LEVEL`: see [`crate::log`].
+
+use std::ffi::{CStr, c_char};
+
+/// Devices HAMi-core supports (`CUDA_DEVICE_MAX_COUNT`).
+pub(crate) const MAX_DEVICES: usize = 16;
+
+/// HAMi-core's default shared-region path.
+pub(crate) const DEFAULT_SHARED_CACHE: &CStr = c"/tmp/cudevshr.cache";
+
+/// What one limit variable says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Limit {
+    /// Unset, empty or `0`.
+    Unlimited,
+    /// A cap in bytes (a malformed value yields `Bytes(0)`).
+    Bytes(u64),
+}
+
+/// Why a limit value was rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LimitError {
+    NoDigits,
+    TrailingGarbage,
+    Negative,
+    Overflow,
+}
+
+impl LimitError {
+    pub(crate) fn describe(self) -> &'static str {
+        match self {
+            Self::NoDigits => "no number",
+            Self::TrailingGarbage => {
+                "unexpected characters after the number and optional g/m/k suffix"
+            }
+            Self::Negative => "negative",
+            Self::Overflow => "too large for 64 bits",
+        }
+    }
+}
+
+/// Parses one limit value: `strtoul(…, 0)` (decimal, `0x` hex, leading-`0` octal, leading
+/// whitespace and `+` allowed) followed by at most one of `g G m M k K`.
+pub(crate) fn parse_limit(value: &[u8]) -> Result<Limit, LimitError> {
+    let mut s = value;
+    while let [first, rest @ ..] = s {
+        if first.is_ascii_whitespace() {
+            s = rest;
+        } else {
+            break;
+        }
+    }
+    if s.is_empty() {
+        return Ok(Limit::Unlimited);
+    }
+    match s[0] {
+        b'-' => return Err(LimitError::Negative),
+        b'+' => s = &s[1..],
+        _ => {}
+    }
+    let (multiplier, digits) = match s.last() {
+        Some(b'g' | b'G') => (1u64 << 30, &s[..s.len() - 1]),
+        Some(b'm' | b'M') => (1u64 << 20, &s[..s.len() - 1]),
+        Some(b'k' | b'K') => (1u64 << 10, &s[..s.len() - 1]),
+        _ => (1, s),
+    };
+    let (radix, body) = if digits.len() > 2 && digits[0] == b'0' && (digits[1] | 0x20) == b'x' {
+        (16, &digits[2..])
+    } else if digits.len() > 1 && digits[0] == b'0' {
+        (8, &digits[1..])
+    } else {
+        (10, digits)
+    };
+    if body.is_empty() {
+        return Err(LimitError::NoDigits);
+    }
+    let mut n: u64 = 0;
+    for &b in body {
+        let d = match (b as char).to_digit(radix) {
+            Some(d) => u64::from(d),
+            None => return Err(LimitError::TrailingGarbage),
+        };
+        n = n
+            .checked_mul(u64::from(radix))
+            .and_then(|n| n.checked_add(d))
+            .ok_or(LimitError::Overflow)?;
+    }
+    let bytes = n.checked_mul(multiplier).ok_or(LimitError::Overflow)?;
+    Ok(if bytes == 0 {
+        Limit::Unlimited
+    } else {
+        Limit::Bytes(bytes)
+    })
+}
+
+/// `getenv(name)` as bytes; `None` when unset.
+///
+/// Only called from the lazy initialisation, never concurrently with our own `setenv` (we never
+/// call it); a concurrent `setenv` in the application is the usual POSIX caveat.
+pub(crate) fn getenv(name: &CStr) -> Option<&'static [u8]> {
+    // SAFETY: `name` is NUL-terminated; getenv returns NULL or a pointer into the environment,
+    // which stays valid until the application modifies that variable.
+    let p: *const c_char = unsafe { libc::getenv(name.as_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: getenv returned a NUL-terminated string (see above).
+    Some(unsafe { CStr::from_ptr(p) }.to_bytes())
+}
+
+/// The per-device limits: `CUDA_DEVICE_MEMORY_LIMIT_<i>` wins over `CUDA_DEVICE_MEMORY_LIMIT`.
+/// Each malformed variable is reported once, through `report`.
+pub(crate) fn limits_from(
+    lookup: impl Fn(&CStr) -> Option<&'static [u8]>,
+    mut report: impl FnMut(&str, &[u8], LimitError),
+) -> [Limit; MAX_DEVICES] {
+    let mut parse = |name: &CStr| -> Option<Limit> {
+        let value = lookup(name)?;
+        Some(match parse_limit(value) {
+            Ok(limit) => limit,
+            Err(e) => {
+                report(name.to_str().unwrap_or("?"), value, e);
+                Limit::Bytes(0)
+            }
+        })
+    };
+    let fallback = parse(c"CUDA_DEVICE_MEMORY_LIMIT").unwrap_or(Limit::Unlimited);
+    let mut limits = [fallback; MAX_DEVICES];
+    for (i, limit) in limits.iter_mut().enumerate() {
+        if let Some(l) = parse(PER_DEVICE_NAMES[i]) {
+            *limit = l;
+        }
+    }
+    limits
+}
+
+const PER_DEVICE_NAMES: [&CStr; MAX_DEVICES] = [
+    c"CUDA_DEVICE_MEMORY_LIMIT_0",
+    c"CUDA_DEVICE_MEMORY_LIMIT_1",
+    c"CUDA_DEVICE_MEMORY_LIMIT_2",
+    c"CUDA_DEVICE_MEMORY_LIMIT_3",
+    c"CUDA_DEVICE_MEMORY_LIMIT_4",
+    c"CUDA_DEVICE_MEMORY_LIMIT_5",
+    c"CUDA_DEVICE_MEMORY_LIMIT_6",
+    c"CUDA_DEVICE_MEMORY_LIMIT_7",
+    c"CUDA_DEVICE_MEMORY_LIMIT_8",
+    c"CUDA_DEVICE_MEMORY_LIMIT_9",
+    c"CUDA_DEVICE_MEMORY_LIMIT_10",
+    c"CUDA_DEVICE_MEMORY_LIMIT_11",
+    c"CUDA_DEVICE_MEMORY_LIMIT_12",
+    c"CUDA_DEVICE_MEMORY_LIMIT_13",
+    c"CUDA_DEVICE_MEMORY_LIMIT_14",
+    c"CUDA_DEVICE_MEMORY_LIMIT_15",
+];
+
+/// `CUDA_DEVICE_MEMORY_SHARED_CACHE` or the default path. Not used by the in-process budget; the
+/// shared-region backend will open it.
+#[allow(dead_code)]
+pub(crate) fn shared_cache_path() -> &'static CStr {
+    match getenv(c"CUDA_DEVICE_MEMORY_SHARED_CACHE") {
+        Some(v) if !v.is_empty() => {
+            // SAFETY: `v` is getenv's NUL-terminated string without its NUL, so `v.len() + 1`
+            // bytes are readable and the last one is the terminator.
+            let with_nul = unsafe { std::slice::from_raw_parts(v.as_ptr(), v.len() + 1) };
+            CStr::from_bytes_with_nul(with_nul).unwrap_or(DEFAULT_SHARED_CACHE)
+        }
+        _ => DEFAULT_SHARED_CACHE,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn suffixes_and_plain_bytes_parse_like_hami() {
+        assert_eq!(parse_limit(b"1g"), Ok(Limit::Bytes(GIB)));
+        assert_eq!(parse_limit(b"1G"), Ok(Limit::Bytes(GIB)));
+        assert_eq!(parse_limit(b"1024m"), Ok(Limit::Bytes(GIB)));
+        assert_eq!(parse_limit(b"1048576k"), Ok(Limit::Bytes(GIB)));
+        assert_eq!(parse_limit(b"1073741824"), Ok(Limit::Bytes(GIB)));
+        assert_eq!(parse_limit(b"0x40000000"), Ok(Limit::Bytes(GIB)));
+        assert_eq!(parse_limit(b"010"), Ok(Limit::Bytes(8)));
+        assert_eq!(parse_limit(b" +2m"), Ok(Limit::Bytes(2 << 20)));
+    }
+
+    #[test]
+    fn zero_and_empty_mean_unlimited() {
+        assert_eq!(parse_limit(b"0"), Ok(Limit::Unlimited));
+        assert_eq!(parse_limit(b"0m"), Ok(Limit::Unlimited));
+        assert_eq!(parse_limit(b""), Ok(Limit::Unlimited));
+    }
+
+    #[test]
+    fn malformed_values_are_errors() {
+        assert_eq!(parse_limit(b"abc"), Err(LimitError::TrailingGarbage));
+        assert_eq!(parse_limit(b"1gb"), Err(LimitError::TrailingGarbage));
+        assert_eq!(parse_limit(b"1Gi"), Err(LimitError::TrailingGarbage));
+        assert_eq!(parse_limit(b"g"), Err(LimitError::NoDigits));
+        assert_eq!(parse_limit(b"-1"), Err(LimitError::Negative));
+        assert_eq!(parse_limit(b"0x"), Err(LimitError::TrailingGarbage));
+        assert_eq!(
+            parse_limit(b"99999999999999999999"),
+            Err(LimitError::Overflow)
+        );
+        assert_eq!(parse_limit(b"17179869184g"), Err(LimitError::Overflow));
+        assert_eq!(parse_limit(b"08"), Err(LimitError::TrailingGarbage));
+    }
+
+    #[test]
+    fn per_device_overrides_fallback_and_malformed_fails_closed() {
+        let env = |name: &CStr| -> Option<&'static [u8]> {
+            match name.to_bytes() {
+                b"CUDA_DEVICE_MEMORY_LIMIT" => Some(b"2g"),
+                b"CUDA_DEVICE_MEMORY_LIMIT_1" => Some(b"512m"),
+                b"CUDA_DEVICE_MEMORY_LIMIT_2" => Some(b"lots"),
+                b"CUDA_DEVICE_MEMORY_LIMIT_3" => Some(b"0"),
+                _ => None,
+            }
+        };
+        let mut reports = Vec::new();
+        let limits = limits_from(env, |name, _, e| reports.push((name.to_owned(), e)));
+        assert_eq!(limits[0], Limit::Bytes(2 * GIB));
+        assert_eq!(limits[1], Limit::Bytes(512 << 20));
+        assert_eq!(limits[2], Limit::Bytes(0));
+        assert_eq!(limits[3], Limit::Unlimited);
+        assert_eq!(limits[15], Limit::Bytes(2 * GIB));
+        assert_eq!(
+            reports,
+            vec![(
+                "CUDA_DEVICE_MEMORY_LIMIT_2".to_owned(),
+                LimitError::TrailingGarbage
+            )]
+        );
+    }
+}

@@ -1,0 +1,223 @@
+//! CUDA ordinal → container device index (the `i` of `CUDA_DEVICE_MEMORY_LIMIT_<i>`, which is the
+//! NVML index inside the container).
+//!
+//! Without `CUDA_VISIBLE_DEVICES` they are equal. With it, CUDA ordinal `k` is the `k`-th entry:
+//! an integer is that index, a `GPU-…` UUID (or a unique prefix, as CUDA accepts) is looked up
+//! among NVML's devices. Entries CUDA would stop at (`MIG-…`, garbage) end the list; unmapped
+//! ordinals fall back to the identity. HAMi-core maps UUIDs to 0 (`atoi`); this does not.
+//!
+//! Computed once, on the first allocation after `cuInit` (it needs `cuDeviceGetCount`).
+
+use crate::config::{self, MAX_DEVICES};
+use crate::ffi::{CUDA_SUCCESS, CUdevice, NVML_SUCCESS, NVML_UUID_BUFFER};
+use crate::log::{WARN, log_at};
+use crate::table::real;
+use std::ffi::{CStr, c_char, c_int, c_uint};
+use std::sync::atomic::{AtomicU8, Ordering};
+
+const NOT_STARTED: u8 = 0;
+const RUNNING: u8 = 1;
+const READY: u8 = 2;
+
+static STATE: AtomicU8 = AtomicU8::new(NOT_STARTED);
+static MAP: [AtomicU8; MAX_DEVICES] = [const { AtomicU8::new(0) }; MAX_DEVICES];
+
+/// The container index of CUDA ordinal `ordinal`; `None` beyond the 16 devices HAMi supports.
+pub(crate) fn container_index(ordinal: CUdevice) -> Option<usize> {
+    let o = usize::try_from(ordinal).ok().filter(|&o| o < MAX_DEVICES)?;
+    if STATE.load(Ordering::Acquire) != READY {
+        compute();
+    }
+    Some(if STATE.load(Ordering::Acquire) == READY {
+        usize::from(MAP[o].load(Ordering::Relaxed))
+    } else {
+        o
+    })
+}
+
+#[cold]
+fn compute() {
+    if STATE
+        .compare_exchange(NOT_STARTED, RUNNING, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
+        while STATE.load(Ordering::Acquire) == RUNNING {
+            std::hint::spin_loop();
+            // SAFETY: sched_yield has no preconditions.
+            unsafe { libc::sched_yield() };
+        }
+        return;
+    }
+    let mut count: c_int = 0;
+    let counted = real::cuDeviceGetCount().is_some_and(|f| {
+        // SAFETY: `count` is a valid out-pointer for cuDeviceGetCount.
+        unsafe { f(&mut count) == CUDA_SUCCESS }
+    });
+    if !counted {
+        // Not initialised yet: identity for now, try again next time.
+        STATE.store(NOT_STARTED, Ordering::Release);
+        return;
+    }
+    let count = usize::try_from(count).unwrap_or(0).min(MAX_DEVICES);
+    let visible = config::getenv(c"CUDA_VISIBLE_DEVICES");
+    let map = map_visible(visible, count, &mut NvmlUuids::default());
+    for (slot, v) in MAP.iter().zip(map) {
+        slot.store(v, Ordering::Relaxed);
+    }
+    STATE.store(READY, Ordering::Release);
+}
+
+/// Source of NVML device UUIDs in index order (a trait so the mapping is unit-testable).
+pub(crate) trait UuidSource {
+    fn index_of(&mut self, uuid_prefix: &[u8]) -> Option<u8>;
+}
+
+/// The pure mapping: entry `k` of `CUDA_VISIBLE_DEVICES` gives ordinal `k`'s index.
+pub(crate) fn map_visible(
+    visible: Option<&[u8]>,
+    count: usize,
+    uuids: &mut dyn UuidSource,
+) -> [u8; MAX_DEVICES] {
+    let mut map = [0u8; MAX_DEVICES];
+    for (i, m) in map.iter_mut().enumerate() {
+        *m = i as u8; // MAX_DEVICES = 16 fits
+    }
+    let Some(visible) = visible else {
+        return map;
+    };
+    for (ordinal, entry) in visible.split(|&b| b == b',').take(count).enumerate() {
+        let entry = entry.trim_ascii();
+        let index = if !entry.is_empty() && entry.iter().all(u8::is_ascii_digit) {
+            std::str::from_utf8(entry)
+                .ok()
+                .and_then(|s| s.parse::<u8>().ok())
+                .filter(|&n| usize::from(n) < MAX_DEVICES)
+        } else if entry.len() > 4 && entry[..4].eq_ignore_ascii_case(b"GPU-") {
+            let found = uuids.index_of(entry);
+            if found.is_none() {
+                log_at!(
+                    WARN,
+                    "CUDA_VISIBLE_DEVICES entry {:?} matches no NVML device; assuming index {ordinal}",
+                    String::from_utf8_lossy(entry)
+                );
+            }
+            found.or(Some(ordinal as u8))
+        } else {
+            None // CUDA stops parsing at the first entry it does not understand
+        };
+        match index {
+            Some(n) => map[ordinal] = n,
+            None => break,
+        }
+    }
+    map
+}
+
+/// UUIDs from the real NVML (initialised for the lookup and shut down afterwards).
+#[derive(Debug, Default)]
+struct NvmlUuids {
+    /// `None` until loaded; then up to 16 NUL-padded UUID strings.
+    loaded: Option<Vec<[u8; NVML_UUID_BUFFER]>>,
+}
+
+impl NvmlUuids {
+    fn load() -> Vec<[u8; NVML_UUID_BUFFER]> {
+        let mut out = Vec::new();
+        let (Some(init), Some(count_fn), Some(by_index), Some(uuid_fn)) = (
+            real::nvmlInit_v2(),
+            real::nvmlDeviceGetCount_v2(),
+            real::nvmlDeviceGetHandleByIndex_v2(),
+            real::nvmlDeviceGetUUID(),
+        ) else {
+            return out;
+        };
+        // SAFETY: nvmlInit_v2 takes no arguments.
+        if unsafe { init() } != NVML_SUCCESS {
+            return out;
+        }
+        let mut count: c_uint = 0;
+        // SAFETY: valid out-pointer.
+        if unsafe { count_fn(&mut count) } == NVML_SUCCESS {
+            for i in 0..count.min(MAX_DEVICES as c_uint) {
+                let mut handle = std::ptr::null_mut();
+                let mut buf = [0u8; NVML_UUID_BUFFER];
+                // SAFETY: valid out-pointers; the buffer length is passed.
+                let ok = unsafe {
+                    by_index(i, &mut handle) == NVML_SUCCESS
+                        && uuid_fn(
+                            handle,
+                            buf.as_mut_ptr().cast::<c_char>(),
+                            buf.len() as c_uint,
+                        ) == NVML_SUCCESS
+                };
+                if !ok {
+                    buf = [0; NVML_UUID_BUFFER];
+                }
+                out.push(buf);
+            }
+        }
+        if let Some(shutdown) = real::nvmlShutdown() {
+            // SAFETY: balances the nvmlInit_v2 above.
+            unsafe { shutdown() };
+        }
+        out
+    }
+}
+
+impl UuidSource for NvmlUuids {
+    fn index_of(&mut self, prefix: &[u8]) -> Option<u8> {
+        let uuids = self.loaded.get_or_insert_with(Self::load);
+        let mut matches = uuids.iter().enumerate().filter(|(_, u)| {
+            let s = CStr::from_bytes_until_nul(&u[..]).map_or(&[][..], CStr::to_bytes);
+            s.len() >= prefix.len() && s[..prefix.len()].eq_ignore_ascii_case(prefix)
+        });
+        let first = matches.next()?;
+        matches.next().is_none().then_some(first.0 as u8) // an ambiguous prefix matches nothing
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fake(&'static [&'static str]);
+    impl UuidSource for Fake {
+        fn index_of(&mut self, prefix: &[u8]) -> Option<u8> {
+            let p = std::str::from_utf8(prefix).ok()?.to_ascii_lowercase();
+            let hits: Vec<usize> = (0..self.0.len())
+                .filter(|&i| self.0[i].to_ascii_lowercase().starts_with(&p))
+                .collect();
+            (hits.len() == 1).then(|| hits[0] as u8)
+        }
+    }
+
+    const UUIDS: &[&str] = &[
+        "GPU-aaaaaaaa-0000-0000-0000-000000000000",
+        "GPU-bbbbbbbb-0000-0000-0000-000000000000",
+        "GPU-cccccccc-0000-0000-0000-000000000000",
+    ];
+
+    #[test]
+    fn unset_is_identity() {
+        let m = map_visible(None, 3, &mut Fake(UUIDS));
+        assert_eq!(&m[..3], &[0, 1, 2]);
+    }
+
+    #[test]
+    fn indices_and_uuids_both_map() {
+        let m = map_visible(
+            Some(b"2, GPU-aaaaaaaa-0000-0000-0000-000000000000"),
+            2,
+            &mut Fake(UUIDS),
+        );
+        assert_eq!(&m[..2], &[2, 0]);
+        let m = map_visible(Some(b"gpu-BBBB"), 1, &mut Fake(UUIDS));
+        assert_eq!(m[0], 1, "prefix, case-insensitive");
+    }
+
+    #[test]
+    fn parsing_stops_at_an_invalid_entry() {
+        let m = map_visible(Some(b"1,MIG-xyz,0"), 3, &mut Fake(UUIDS));
+        assert_eq!(&m[..3], &[1, 1, 2]);
+    }
+}

@@ -1,0 +1,666 @@
+//! Allocation and free hooks: the enforcement seam.
+//!
+//! On a capped device an allocation is charged to the [`Budget`](crate::budget::Budget) *before*
+//! the driver is called (refused with `CUDA_ERROR_OUT_OF_MEMORY` without calling it when it does
+//! not fit), given back if the driver fails, and recorded by pointer/handle on success. A free
+//! removes the record first (so an address the driver reuses at once cannot be confused with
+//! it), calls the driver, and credits the bytes on success — or restores the record on failure.
+//! Frees of pointers we never saw pass through untouched. Uncapped devices pass through.
+//!
+//! What is charged today (the later "reserved size" work refines it): the requested size for
+//! linear, managed, async and VMM allocations; `pitch × height` for pitched allocations; an
+//! element-size estimate for arrays. `cuMemAllocAsync`/`FromPoolAsync` are charged to the
+//! current context's device.
+
+use crate::budget::{ARRAYS, AllocTable, Charge, DEVICE_PTRS, VMM_HANDLES, budget};
+use crate::devices;
+use crate::ffi::*;
+use crate::hooks::current_device;
+use crate::log::{DEBUG, ERROR, log_at};
+use crate::real::{Lib, unavailable};
+use crate::state;
+use crate::table::real;
+use std::ffi::c_uint;
+
+/// Charges `bytes` on `dev`, runs `call` (which returns the driver's result and the new key),
+/// and records the key. `undo` frees a successful allocation that cannot be recorded.
+fn tracked_alloc<const N: usize>(
+    table: &AllocTable<N>,
+    dev: impl FnOnce() -> Option<usize>,
+    bytes: u64,
+    call: impl FnOnce() -> (CUresult, u64),
+    undo: impl FnOnce(u64),
+) -> CUresult {
+    state::ensure();
+    let b = budget();
+    let dev = if b.any_limit() {
+        dev().filter(|&d| b.limit(d).is_some())
+    } else {
+        None
+    };
+    let Some(dev) = dev else {
+        return call().0;
+    };
+    if let Err(over) = b.try_charge(dev, bytes) {
+        log_at!(
+            ERROR,
+            "Device {dev} OOM: {} + {bytes} bytes requested exceeds the limit of {} bytes",
+            over.usage,
+            over.limit
+        );
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    let (rc, key) = call();
+    if rc != CUDA_SUCCESS {
+        b.credit(dev, bytes);
+        return rc;
+    }
+    let charge = Charge {
+        dev: dev as u32,
+        bytes,
+    };
+    if !table.insert(key, charge) {
+        undo(key);
+        b.credit(dev, bytes);
+        log_at!(
+            ERROR,
+            "allocation table full; refusing {bytes} bytes on device {dev}"
+        );
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    log_at!(DEBUG, "device {dev}: +{bytes} bytes at {key:#x}");
+    CUDA_SUCCESS
+}
+
+/// Un-records `key`, runs the driver's free, and credits the charge if it succeeded.
+fn tracked_free<const N: usize>(
+    table: &AllocTable<N>,
+    key: u64,
+    call: impl FnOnce() -> CUresult,
+) -> CUresult {
+    let Some(charge) = table.remove(key) else {
+        log_at!(DEBUG, "free of untracked {key:#x}: passed through");
+        return call();
+    };
+    let rc = call();
+    log_at!(
+        DEBUG,
+        "device {}: -{} bytes at {key:#x} (driver rc {rc})",
+        charge.dev,
+        charge.bytes
+    );
+    if rc == CUDA_SUCCESS {
+        budget().credit(charge.dev as usize, charge.bytes);
+    } else {
+        table.insert(key, charge);
+    }
+    rc
+}
+
+/// Driver out-values widened to `u64` (`usize` has no `Into<u64>`).
+trait AsU64: Copy {
+    fn as_u64(self) -> u64;
+}
+impl AsU64 for u32 {
+    fn as_u64(self) -> u64 {
+        self.into()
+    }
+}
+impl AsU64 for u64 {
+    fn as_u64(self) -> u64 {
+        self
+    }
+}
+impl AsU64 for usize {
+    fn as_u64(self) -> u64 {
+        self as u64
+    }
+}
+
+/// Reads `*p` if the call succeeded and `p` is non-null.
+///
+/// # Safety
+/// `p` must be null or valid for reads.
+unsafe fn out<T: AsU64>(rc: CUresult, p: *const T) -> u64 {
+    if rc == CUDA_SUCCESS && !p.is_null() {
+        // SAFETY: non-null, and the driver just wrote it (caller contract).
+        unsafe { *p }.as_u64()
+    } else {
+        0
+    }
+}
+
+fn free_device_ptr(ptr: u64) {
+    if let Some(free) = real::cuMemFree_v2() {
+        // SAFETY: `ptr` was just returned by the driver's allocator.
+        unsafe { free(ptr) };
+    }
+}
+
+pub(crate) unsafe fn mem_alloc(dptr: *mut CUdeviceptr, bytesize: usize) -> CUresult {
+    let Some(real) = real::cuMemAlloc_v2() else {
+        return unavailable(Lib::Cuda);
+    };
+    tracked_alloc(
+        &DEVICE_PTRS,
+        current_device,
+        bytesize as u64,
+        || {
+            // SAFETY: the caller's arguments, forwarded.
+            let rc = unsafe { real(dptr, bytesize) };
+            // SAFETY: `dptr` is the caller's out-pointer.
+            (rc, unsafe { out(rc, dptr) })
+        },
+        free_device_ptr,
+    )
+}
+
+pub(crate) unsafe fn mem_alloc_v1(dptr: *mut CUdeviceptrV1, bytesize: c_uint) -> CUresult {
+    let Some(real) = real::cuMemAlloc() else {
+        return unavailable(Lib::Cuda);
+    };
+    tracked_alloc(
+        &DEVICE_PTRS,
+        current_device,
+        u64::from(bytesize),
+        || {
+            // SAFETY: the caller's arguments, forwarded.
+            let rc = unsafe { real(dptr, bytesize) };
+            // SAFETY: `dptr` is the caller's out-pointer.
+            (rc, unsafe { out(rc, dptr) })
+        },
+        free_device_ptr,
+    )
+}
+
+pub(crate) unsafe fn mem_free(dptr: CUdeviceptr) -> CUresult {
+    let Some(real) = real::cuMemFree_v2() else {
+        return unavailable(Lib::Cuda);
+    };
+    // SAFETY: the caller's argument, forwarded.
+    tracked_free(&DEVICE_PTRS, dptr, || unsafe { real(dptr) })
+}
+
+pub(crate) unsafe fn mem_free_v1(dptr: CUdeviceptrV1) -> CUresult {
+    let Some(real) = real::cuMemFree() else {
+        return unavailable(Lib::Cuda);
+    };
+    // SAFETY: the caller's argument, forwarded.
+    tracked_free(&DEVICE_PTRS, u64::from(dptr), || unsafe { real(dptr) })
+}
+
+/// Pitched allocations: charge `width × height` up front (a lower bound), then top up to the
+/// driver's `pitch × height`; if the top-up does not fit, free and refuse.
+fn pitched(
+    dev: Option<usize>,
+    width: u64,
+    height: u64,
+    call: impl FnOnce() -> (CUresult, u64, u64),
+) -> CUresult {
+    let mut pitch_out = 0;
+    let rc = tracked_alloc(
+        &DEVICE_PTRS,
+        || dev,
+        width.saturating_mul(height),
+        || {
+            let (rc, ptr, pitch) = call();
+            pitch_out = pitch;
+            (rc, ptr)
+        },
+        free_device_ptr,
+    );
+    let Some(dev) = dev else { return rc };
+    let extra = pitch_out.saturating_sub(width).saturating_mul(height);
+    if rc != CUDA_SUCCESS || extra == 0 || budget().limit(dev).is_none() {
+        return rc;
+    }
+    // Re-record with the full size (the key was inserted a moment ago by this thread).
+    if budget().try_charge(dev, extra).is_err() {
+        log_at!(
+            ERROR,
+            "Device {dev} OOM: pitched allocation needs {extra} more bytes"
+        );
+        return CUDA_ERROR_OUT_OF_MEMORY; // the caller's pointer is freed below
+    }
+    CUDA_SUCCESS
+}
+
+pub(crate) unsafe fn mem_alloc_pitch(
+    dptr: *mut CUdeviceptr,
+    pitch: *mut usize,
+    width: usize,
+    height: usize,
+    elem: c_uint,
+) -> CUresult {
+    let Some(real) = real::cuMemAllocPitch_v2() else {
+        return unavailable(Lib::Cuda);
+    };
+    let dev = current_device();
+    let mut ptr = 0;
+    let rc = pitched(dev, width as u64, height as u64, || {
+        // SAFETY: the caller's arguments, forwarded.
+        let rc = unsafe { real(dptr, pitch, width, height, elem) };
+        // SAFETY: the caller's out-pointers.
+        ptr = unsafe { out(rc, dptr) };
+        // SAFETY: as above.
+        (rc, ptr, unsafe { out(rc, pitch.cast_const()) })
+    });
+    settle_pitched(rc, ptr, width as u64, height as u64, pitch.cast_const())
+}
+
+pub(crate) unsafe fn mem_alloc_pitch_v1(
+    dptr: *mut CUdeviceptrV1,
+    pitch: *mut c_uint,
+    width: c_uint,
+    height: c_uint,
+    elem: c_uint,
+) -> CUresult {
+    let Some(real) = real::cuMemAllocPitch() else {
+        return unavailable(Lib::Cuda);
+    };
+    let dev = current_device();
+    let mut ptr = 0;
+    let rc = pitched(dev, u64::from(width), u64::from(height), || {
+        // SAFETY: the caller's arguments, forwarded.
+        let rc = unsafe { real(dptr, pitch, width, height, elem) };
+        // SAFETY: the caller's out-pointers.
+        ptr = unsafe { out(rc, dptr) };
+        // SAFETY: as above.
+        (rc, ptr, unsafe { out(rc, pitch.cast_const()) })
+    });
+    settle_pitched(
+        rc,
+        ptr,
+        u64::from(width),
+        u64::from(height),
+        pitch.cast_const(),
+    )
+}
+
+/// After [`pitched`]: on success fix the record's size to `pitch × height`; if the top-up was
+/// refused, free the allocation (which credits the lower bound) and report OOM.
+fn settle_pitched<T: AsU64>(
+    rc: CUresult,
+    ptr: u64,
+    width: u64,
+    height: u64,
+    pitch: *const T,
+) -> CUresult {
+    if ptr == 0 {
+        return rc;
+    }
+    let Some(charge) = DEVICE_PTRS.remove(ptr) else {
+        return rc;
+    };
+    if rc == CUDA_SUCCESS {
+        // SAFETY: the driver wrote the pitch (rc was success when `ptr` was set).
+        let pitch = unsafe { out(CUDA_SUCCESS, pitch) }.max(width);
+        DEVICE_PTRS.insert(
+            ptr,
+            Charge {
+                bytes: pitch.saturating_mul(height),
+                ..charge
+            },
+        );
+        rc
+    } else {
+        free_device_ptr(ptr);
+        budget().credit(charge.dev as usize, charge.bytes);
+        rc
+    }
+}
+
+pub(crate) unsafe fn mem_alloc_managed(
+    dptr: *mut CUdeviceptr,
+    bytesize: usize,
+    flags: c_uint,
+) -> CUresult {
+    let Some(real) = real::cuMemAllocManaged() else {
+        return unavailable(Lib::Cuda);
+    };
+    tracked_alloc(
+        &DEVICE_PTRS,
+        current_device,
+        bytesize as u64,
+        || {
+            // SAFETY: the caller's arguments, forwarded.
+            let rc = unsafe { real(dptr, bytesize, flags) };
+            // SAFETY: the caller's out-pointer.
+            (rc, unsafe { out(rc, dptr) })
+        },
+        free_device_ptr,
+    )
+}
+
+type AllocAsyncFn = unsafe extern "C" fn(*mut CUdeviceptr, usize, Handle) -> CUresult;
+type FreeAsyncFn = unsafe extern "C" fn(CUdeviceptr, Handle) -> CUresult;
+type AllocPoolFn = unsafe extern "C" fn(*mut CUdeviceptr, usize, Handle, Handle) -> CUresult;
+
+fn alloc_async(
+    real: Option<AllocAsyncFn>,
+    free: Option<FreeAsyncFn>,
+    dptr: *mut CUdeviceptr,
+    bytesize: usize,
+    stream: Handle,
+) -> CUresult {
+    let Some(real) = real else {
+        return unavailable(Lib::Cuda);
+    };
+    tracked_alloc(
+        &DEVICE_PTRS,
+        current_device,
+        bytesize as u64,
+        || {
+            // SAFETY: the caller's arguments, forwarded.
+            let rc = unsafe { real(dptr, bytesize, stream) };
+            // SAFETY: the caller's out-pointer.
+            (rc, unsafe { out(rc, dptr) })
+        },
+        |p| {
+            if let Some(free) = free {
+                // SAFETY: `p` was just allocated on `stream`.
+                unsafe { free(p, stream) };
+            }
+        },
+    )
+}
+
+fn free_async(real: Option<FreeAsyncFn>, dptr: CUdeviceptr, stream: Handle) -> CUresult {
+    let Some(real) = real else {
+        return unavailable(Lib::Cuda);
+    };
+    // SAFETY: the caller's arguments, forwarded.
+    tracked_free(&DEVICE_PTRS, dptr, || unsafe { real(dptr, stream) })
+}
+
+fn alloc_from_pool(
+    real: Option<AllocPoolFn>,
+    free: Option<FreeAsyncFn>,
+    dptr: *mut CUdeviceptr,
+    bytesize: usize,
+    pool: Handle,
+    stream: Handle,
+) -> CUresult {
+    let Some(real) = real else {
+        return unavailable(Lib::Cuda);
+    };
+    tracked_alloc(
+        &DEVICE_PTRS,
+        current_device,
+        bytesize as u64,
+        || {
+            // SAFETY: the caller's arguments, forwarded.
+            let rc = unsafe { real(dptr, bytesize, pool, stream) };
+            // SAFETY: the caller's out-pointer.
+            (rc, unsafe { out(rc, dptr) })
+        },
+        |p| {
+            if let Some(free) = free {
+                // SAFETY: `p` was just allocated on `stream`.
+                unsafe { free(p, stream) };
+            }
+        },
+    )
+}
+
+pub(crate) unsafe fn mem_alloc_async(d: *mut CUdeviceptr, n: usize, s: Handle) -> CUresult {
+    alloc_async(real::cuMemAllocAsync(), real::cuMemFreeAsync(), d, n, s)
+}
+pub(crate) unsafe fn mem_alloc_async_ptsz(d: *mut CUdeviceptr, n: usize, s: Handle) -> CUresult {
+    alloc_async(
+        real::cuMemAllocAsync_ptsz(),
+        real::cuMemFreeAsync_ptsz(),
+        d,
+        n,
+        s,
+    )
+}
+pub(crate) unsafe fn mem_free_async(d: CUdeviceptr, s: Handle) -> CUresult {
+    free_async(real::cuMemFreeAsync(), d, s)
+}
+pub(crate) unsafe fn mem_free_async_ptsz(d: CUdeviceptr, s: Handle) -> CUresult {
+    free_async(real::cuMemFreeAsync_ptsz(), d, s)
+}
+pub(crate) unsafe fn mem_alloc_from_pool(
+    d: *mut CUdeviceptr,
+    n: usize,
+    pool: Handle,
+    s: Handle,
+) -> CUresult {
+    alloc_from_pool(
+        real::cuMemAllocFromPoolAsync(),
+        real::cuMemFreeAsync(),
+        d,
+        n,
+        pool,
+        s,
+    )
+}
+pub(crate) unsafe fn mem_alloc_from_pool_ptsz(
+    d: *mut CUdeviceptr,
+    n: usize,
+    pool: Handle,
+    s: Handle,
+) -> CUresult {
+    alloc_from_pool(
+        real::cuMemAllocFromPoolAsync_ptsz(),
+        real::cuMemFreeAsync_ptsz(),
+        d,
+        n,
+        pool,
+        s,
+    )
+}
+
+/// `cuMemCreate`: only device-located physical memory is charged, to `prop->location.id`
+/// (host/NUMA locations pass through — HAMi-core#187).
+pub(crate) unsafe fn mem_create(
+    handle: *mut CUmemGenericAllocationHandle,
+    size: usize,
+    prop: *const CUmemAllocationPropHead,
+    flags: u64,
+) -> CUresult {
+    let Some(real) = real::cuMemCreate() else {
+        return unavailable(Lib::Cuda);
+    };
+    let location = if prop.is_null() {
+        None
+    } else {
+        // SAFETY: non-null `prop` points to the caller's CUmemAllocationProp, which starts with
+        // the fields of `CUmemAllocationPropHead`.
+        let head = unsafe { *prop };
+        (head.location_type == CU_MEM_LOCATION_TYPE_DEVICE).then_some(head.location_id)
+    };
+    let call = || {
+        // SAFETY: the caller's arguments, forwarded.
+        let rc = unsafe { real(handle, size, prop, flags) };
+        // SAFETY: the caller's out-pointer.
+        (rc, unsafe { out(rc, handle) })
+    };
+    let Some(ordinal) = location else {
+        return call().0;
+    };
+    tracked_alloc(
+        &VMM_HANDLES,
+        || devices::container_index(ordinal),
+        size as u64,
+        call,
+        |h| {
+            if let Some(release) = real::cuMemRelease() {
+                // SAFETY: `h` was just created.
+                unsafe { release(h) };
+            }
+        },
+    )
+}
+
+pub(crate) unsafe fn mem_release(handle: CUmemGenericAllocationHandle) -> CUresult {
+    let Some(real) = real::cuMemRelease() else {
+        return unavailable(Lib::Cuda);
+    };
+    // SAFETY: the caller's argument, forwarded.
+    tracked_free(&VMM_HANDLES, handle, || unsafe { real(handle) })
+}
+
+/// Estimated bytes of a `w × h × d` array of `channels` elements of `format`.
+fn array_bytes(w: u64, h: u64, d: u64, format: std::ffi::c_int, channels: c_uint) -> u64 {
+    let elem = array_format_bytes(format).unwrap_or(4) * u64::from(channels.max(1));
+    w.max(1)
+        .saturating_mul(h.max(1))
+        .saturating_mul(d.max(1))
+        .saturating_mul(elem)
+}
+
+fn array_alloc(
+    array: *mut Handle,
+    bytes: u64,
+    call: impl FnOnce() -> CUresult,
+    destroy: fn(Handle),
+) -> CUresult {
+    tracked_alloc(
+        &ARRAYS,
+        current_device,
+        bytes,
+        || {
+            let rc = call();
+            let key = if rc == CUDA_SUCCESS && !array.is_null() {
+                // SAFETY: the driver wrote the caller's out-pointer.
+                unsafe { *array as u64 }
+            } else {
+                0
+            };
+            (rc, key)
+        },
+        |h| destroy(h as Handle),
+    )
+}
+
+fn destroy_array(h: Handle) {
+    if let Some(f) = real::cuArrayDestroy() {
+        // SAFETY: `h` was just created.
+        unsafe { f(h) };
+    }
+}
+
+fn destroy_mipmapped(h: Handle) {
+    if let Some(f) = real::cuMipmappedArrayDestroy() {
+        // SAFETY: `h` was just created.
+        unsafe { f(h) };
+    }
+}
+
+pub(crate) unsafe fn array_create(array: *mut Handle, desc: *const ArrayDescriptor) -> CUresult {
+    let Some(real) = real::cuArrayCreate_v2() else {
+        return unavailable(Lib::Cuda);
+    };
+    // SAFETY: the caller's descriptor (checked for null).
+    let bytes = unsafe { desc.as_ref() }.map_or(0, |d| {
+        array_bytes(d.width as u64, d.height as u64, 1, d.format, d.num_channels)
+    });
+    // SAFETY: the caller's arguments, forwarded.
+    array_alloc(array, bytes, || unsafe { real(array, desc) }, destroy_array)
+}
+
+pub(crate) unsafe fn array_create_v1(
+    array: *mut Handle,
+    desc: *const ArrayDescriptorV1,
+) -> CUresult {
+    let Some(real) = real::cuArrayCreate() else {
+        return unavailable(Lib::Cuda);
+    };
+    // SAFETY: the caller's descriptor (checked for null).
+    let bytes = unsafe { desc.as_ref() }.map_or(0, |d| {
+        array_bytes(d.width.into(), d.height.into(), 1, d.format, d.num_channels)
+    });
+    // SAFETY: the caller's arguments, forwarded.
+    array_alloc(array, bytes, || unsafe { real(array, desc) }, destroy_array)
+}
+
+pub(crate) unsafe fn array3d_create(
+    array: *mut Handle,
+    desc: *const Array3DDescriptor,
+) -> CUresult {
+    let Some(real) = real::cuArray3DCreate_v2() else {
+        return unavailable(Lib::Cuda);
+    };
+    // SAFETY: the caller's descriptor (checked for null).
+    let bytes = unsafe { desc.as_ref() }.map_or(0, |d| {
+        array_bytes(
+            d.width as u64,
+            d.height as u64,
+            d.depth as u64,
+            d.format,
+            d.num_channels,
+        )
+    });
+    // SAFETY: the caller's arguments, forwarded.
+    array_alloc(array, bytes, || unsafe { real(array, desc) }, destroy_array)
+}
+
+pub(crate) unsafe fn array3d_create_v1(
+    array: *mut Handle,
+    desc: *const Array3DDescriptorV1,
+) -> CUresult {
+    let Some(real) = real::cuArray3DCreate() else {
+        return unavailable(Lib::Cuda);
+    };
+    // SAFETY: the caller's descriptor (checked for null).
+    let bytes = unsafe { desc.as_ref() }.map_or(0, |d| {
+        array_bytes(
+            d.width.into(),
+            d.height.into(),
+            d.depth.into(),
+            d.format,
+            d.num_channels,
+        )
+    });
+    // SAFETY: the caller's arguments, forwarded.
+    array_alloc(array, bytes, || unsafe { real(array, desc) }, destroy_array)
+}
+
+pub(crate) unsafe fn array_destroy(array: Handle) -> CUresult {
+    let Some(real) = real::cuArrayDestroy() else {
+        return unavailable(Lib::Cuda);
+    };
+    // SAFETY: the caller's argument, forwarded.
+    tracked_free(&ARRAYS, array as u64, || unsafe { real(array) })
+}
+
+/// Mipmapped arrays: the sum over `levels` of the halved extents.
+pub(crate) unsafe fn mipmapped_create(
+    array: *mut Handle,
+    desc: *const Array3DDescriptor,
+    levels: c_uint,
+) -> CUresult {
+    let Some(real) = real::cuMipmappedArrayCreate() else {
+        return unavailable(Lib::Cuda);
+    };
+    // SAFETY: the caller's descriptor (checked for null).
+    let bytes = unsafe { desc.as_ref() }.map_or(0, |d| {
+        (0..levels.clamp(1, 64)).fold(0u64, |sum, l| {
+            let level = |x: usize| ((x as u64) >> l).max(1);
+            sum.saturating_add(array_bytes(
+                level(d.width),
+                if d.height == 0 { 1 } else { level(d.height) },
+                if d.depth == 0 { 1 } else { level(d.depth) },
+                d.format,
+                d.num_channels,
+            ))
+        })
+    });
+    // SAFETY: the caller's arguments, forwarded.
+    array_alloc(
+        array,
+        bytes,
+        || unsafe { real(array, desc, levels) },
+        destroy_mipmapped,
+    )
+}
+
+pub(crate) unsafe fn mipmapped_destroy(array: Handle) -> CUresult {
+    let Some(real) = real::cuMipmappedArrayDestroy() else {
+        return unavailable(Lib::Cuda);
+    };
+    // SAFETY: the caller's argument, forwarded.
+    tracked_free(&ARRAYS, array as u64, || unsafe { real(array) })
+}

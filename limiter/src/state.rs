@@ -1,0 +1,79 @@
+//! Lazy, once-only initialisation, run by the first hook that needs it (never at load time):
+//! log level, limits from the environment into the budget, and the fork handler.
+//!
+//! A plain atomic state machine instead of `OnceLock`/`pthread_once`: the winner initialises, the
+//! others spin briefly; initialisation calls only `getenv`, `write(2)` and `pthread_atfork`, none
+//! of which re-enters a hook.
+
+use crate::budget;
+use crate::config;
+use crate::log::{self, ERROR, log_at};
+use std::ffi::c_int;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+const NOT_STARTED: u8 = 0;
+const RUNNING: u8 = 1;
+const DONE: u8 = 2;
+
+static STATE: AtomicU8 = AtomicU8::new(NOT_STARTED);
+
+unsafe extern "C" {
+    // glibc: in libpthread before 2.28 (the linker script pulls it from libc_nonshared.a later).
+    fn pthread_atfork(
+        prepare: Option<unsafe extern "C" fn()>,
+        parent: Option<unsafe extern "C" fn()>,
+        child: Option<unsafe extern "C" fn()>,
+    ) -> c_int;
+}
+
+/// Makes sure initialisation has happened; one atomic load once it has.
+#[inline]
+pub(crate) fn ensure() {
+    if STATE.load(Ordering::Acquire) != DONE {
+        init_slow();
+    }
+}
+
+#[cold]
+fn init_slow() {
+    if STATE
+        .compare_exchange(NOT_STARTED, RUNNING, Ordering::AcqRel, Ordering::Acquire)
+        .is_ok()
+    {
+        initialise();
+        STATE.store(DONE, Ordering::Release);
+    } else {
+        while STATE.load(Ordering::Acquire) != DONE {
+            std::hint::spin_loop();
+            // SAFETY: sched_yield has no preconditions.
+            unsafe { libc::sched_yield() };
+        }
+    }
+}
+
+fn initialise() {
+    log::set_level_from(config::getenv(c"LIBCUDA_LOG_LEVEL"));
+    let limits = config::limits_from(config::getenv, |name, value, err| {
+        log_at!(
+            ERROR,
+            "{name}={:?} is not a memory size ({}); expected bytes or a number with a g/m/k \
+             suffix, e.g. 2048m. Refusing all device memory on the affected devices.",
+            String::from_utf8_lossy(value),
+            err.describe()
+        );
+    });
+    budget::in_process().set_limits(&limits);
+    // SAFETY: `after_fork_in_child` is a valid `extern "C" fn()` that only touches atomics.
+    let rc = unsafe { pthread_atfork(None, None, Some(after_fork_in_child)) };
+    if rc != 0 {
+        log_at!(
+            ERROR,
+            "pthread_atfork failed ({rc}); forked children inherit usage"
+        );
+    }
+}
+
+/// Fork handler (child side): the child owns none of the parent's allocations. Atomics only.
+unsafe extern "C" fn after_fork_in_child() {
+    budget::reset_after_fork();
+}
