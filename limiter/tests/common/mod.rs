@@ -1,11 +1,12 @@
 //! Shared helpers: find the built `libvgpu.so`, compile the C programs in `tests/c/`, run them
 //! with and without the preload.
 //!
-//! Finding the cdylib: Cargo builds a package's library target before its integration tests, and
-//! that includes a cdylib-only library; the file lands in `target/<profile>/deps/libvgpu.so` and is
-//! copied ("uplifted") to `target/<profile>/libvgpu.so`. The test executable lives in
-//! `target/<profile>/deps/`, so both are found relative to `std::env::current_exe()` — no second
-//! cargo invocation, no lock. `VGPU_TEST_LIBRARY` overrides the path.
+//! Finding the cdylib: `cargo test` does not build a cdylib-only library for the package's
+//! integration tests (nothing can link it), so the first test that needs `libvgpu.so` builds it
+//! with a nested `cargo build -p vgpu-limiter` into its own target directory
+//! (`target/limiter-cdylib`, so the outer cargo's lock on `target/` is never waited for). Cargo is
+//! incremental, so later calls cost a fraction of a second and the library always matches the
+//! sources under test. `VGPU_TEST_LIBRARY` overrides the path (e.g. the glibc-2.17 build).
 
 #![allow(dead_code)] // each test file uses a subset
 
@@ -20,20 +21,44 @@ pub fn libvgpu() -> PathBuf {
     if let Some(path) = std::env::var_os("VGPU_TEST_LIBRARY") {
         return PathBuf::from(path);
     }
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT.get_or_init(build_libvgpu).clone()
+}
+
+fn build_libvgpu() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    let deps = exe.parent().expect("deps dir");
-    for candidate in [
-        deps.join("libvgpu.so"),
-        deps.parent().expect("profile dir").join("libvgpu.so"),
-    ] {
-        if candidate.is_file() {
-            return candidate;
-        }
+    // target/<profile>/deps/<test> -> target/
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
+    let release = profile_dir.file_name().is_some_and(|n| n == "release");
+    let target = profile_dir
+        .parent()
+        .expect("target dir")
+        .join("limiter-cdylib");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args([
+        "build",
+        "--quiet",
+        "-p",
+        "vgpu-limiter",
+        "--lib",
+        "--target-dir",
+    ])
+    .arg(&target)
+    .current_dir(env!("CARGO_MANIFEST_DIR"));
+    if release {
+        cmd.arg("--release");
     }
-    panic!(
-        "libvgpu.so not found next to {} — run the tests with `cargo test -p vgpu-limiter`, which builds it",
-        exe.display()
-    );
+    let status = cmd.status().expect("run cargo build -p vgpu-limiter");
+    assert!(status.success(), "cargo build -p vgpu-limiter failed");
+    let lib = target
+        .join(if release { "release" } else { "debug" })
+        .join("libvgpu.so");
+    assert!(lib.is_file(), "{} missing after the build", lib.display());
+    lib
 }
 
 /// Compiles `tests/c/<name>.c` into `dir` with `extra` linker arguments.
