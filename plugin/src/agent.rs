@@ -280,12 +280,10 @@ pub async fn serve(
         match tokio::net::TcpListener::bind(address).await {
             Ok(listener) => {
                 tracing::info!(%address, "serving /metrics, /healthz and /readyz");
-                let source = Arc::new(NodeSnapshot::new(
-                    nvml,
-                    Arc::clone(&inventory),
-                    health_rx.clone(),
-                    pod_cache,
-                ));
+                let source = Arc::new(
+                    NodeSnapshot::new(nvml, Arc::clone(&inventory), health_rx.clone(), pod_cache)
+                        .with_regions(config.cache_root(), Arc::clone(&metrics)),
+                );
                 background.push(tokio::spawn(vgpu_metrics::serve(
                     listener,
                     Arc::clone(&metrics),

@@ -1,12 +1,15 @@
-//! What the exporter reads at scrape time on this node: each GPU from NVML and the advertised health, and the
-//! vGPUs the scheduler has placed on it (from the pods bound here).
+//! What the exporter reads at scrape time on this node: each GPU from NVML and the advertised health, the
+//! vGPUs the scheduler has placed on it (from the pods bound here), and every container's use of its GPUs
+//! from the shared-region files in the one cache directory the Allocate side creates.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use nvml_wrapper::Nvml;
 use tokio::sync::watch;
-use vgpu_metrics::{GpuSample, Snapshot, SnapshotSource};
+use vgpu_metrics::{AgentMetrics, ContainerSample, GpuSample, Snapshot, SnapshotSource};
+use vgpu_region::reader::RegionReader;
 
 use crate::inventory::Inventory;
 use crate::pod_cache::PodCache;
@@ -19,6 +22,15 @@ pub struct NodeSnapshot {
     inventory: Arc<Inventory>,
     health: watch::Receiver<Vec<bool>>,
     pods: Option<(PodCache, String)>,
+    regions: Option<Regions>,
+}
+
+/// The per-container cache directories (`<pod-uid>_<container>`) and what to do about unreadable ones.
+struct Regions {
+    root: PathBuf,
+    metrics: Arc<AgentMetrics>,
+    /// Files already warned about, so a corrupt file costs one log line, not one per scrape.
+    warned: Mutex<HashSet<PathBuf>>,
 }
 
 impl std::fmt::Debug for NodeSnapshot {
@@ -42,7 +54,98 @@ impl NodeSnapshot {
             inventory,
             health,
             pods,
+            regions: None,
         }
+    }
+
+    /// Also reports every container's region found under `cache_root` (needs the pod cache for names).
+    pub fn with_regions(mut self, cache_root: PathBuf, metrics: Arc<AgentMetrics>) -> Self {
+        self.regions = Some(Regions {
+            root: cache_root,
+            metrics,
+            warned: Mutex::default(),
+        });
+        self
+    }
+
+    /// One sample per container and GPU, for containers whose pod is still on this node; a pod that is gone
+    /// has no series.
+    fn containers(&self) -> Vec<ContainerSample> {
+        let (Some(regions), Some((pods, _))) = (&self.regions, &self.pods) else {
+            return Vec::new();
+        };
+        let by_uid: HashMap<String, (String, String)> = pods
+            .cached()
+            .iter()
+            .filter_map(|p| {
+                let m = &p.metadata;
+                Some((
+                    m.uid.clone()?,
+                    (m.namespace.clone().unwrap_or_default(), m.name.clone()?),
+                ))
+            })
+            .collect();
+        let Ok(entries) = std::fs::read_dir(&regions.root) else {
+            return Vec::new();
+        };
+        let mut samples = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some((uid, container)) = name.split_once('_') else {
+                continue;
+            };
+            let Some((namespace, pod)) = by_uid.get(uid) else {
+                continue;
+            };
+            let Some(file) = newest_cache_file(&entry.path()) else {
+                continue;
+            };
+            match RegionReader::open(&file).and_then(|r| r.snapshot()) {
+                Ok(region) => {
+                    for device in 0..region.device_num {
+                        let uuid = region.uuid_label(device).unwrap_or_default().to_owned();
+                        let gpu_index = self
+                            .inventory
+                            .gpus
+                            .iter()
+                            .position(|g| !uuid.is_empty() && g.uuid.starts_with(&uuid))
+                            .unwrap_or(device) as u32;
+                        let usage = region.device_usage(device);
+                        samples.push(ContainerSample {
+                            namespace: namespace.clone(),
+                            pod: pod.clone(),
+                            container: container.to_owned(),
+                            gpu_uuid: uuid,
+                            gpu_index,
+                            memory_used_bytes: usage.total,
+                            memory_context_bytes: usage.context,
+                            memory_module_bytes: usage.module,
+                            memory_data_bytes: usage.data,
+                            memory_offset_bytes: usage.offset,
+                            memory_limit_bytes: region.limit(device).unwrap_or(0),
+                            sm_utilization_percent: region.device_sm_util(device),
+                            sm_limit_percent: region.sm_limit(device).unwrap_or(0),
+                            allocations_refused: 0,
+                            last_kernel_unix: region
+                                .last_kernel_time
+                                .and_then(|t| i64::try_from(t).ok()),
+                        });
+                    }
+                }
+                Err(error) => {
+                    regions.metrics.region_read_error();
+                    let first = regions
+                        .warned
+                        .lock()
+                        .map(|mut w| w.insert(file.clone()))
+                        .unwrap_or(false);
+                    if first {
+                        tracing::warn!(file = %file.display(), %error, "container region unreadable; skipped");
+                    }
+                }
+            }
+        }
+        samples
     }
 
     /// vGPUs per GPU UUID held by pods on this node that are still Pending or Running.
@@ -104,11 +207,21 @@ impl SnapshotSource for NodeSnapshot {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
-        // Per-container series come from the containers' shared regions, read once the limiter writes them.
         Snapshot {
             gpus,
-            containers: Vec::new(),
+            containers: self.containers(),
             now_unix,
         }
     }
+}
+
+/// The region file of a cache directory: the newest `*.cache` (every Allocate draws a fresh name).
+fn newest_cache_file(dir: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".cache"))
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .max()
+        .map(|(_, path)| path)
 }

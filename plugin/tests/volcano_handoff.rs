@@ -1015,4 +1015,62 @@ async fn metrics_show_the_gpus_the_allocations_and_readiness() {
         .is_some()
     );
     assert!(value("vgpu_agent_node_writes_total", &[]).is_some_and(|w| w >= 1.0));
+
+    // The container's limiter writes its shared region into the cache directory Allocate created.
+    let uid = c.pod("p1").await.metadata.uid.unwrap();
+    let dir = c.cache_root().join(format!("{uid}_cuda"));
+    let mut config = vgpu_region::RegionConfig::default();
+    config.limits[0] = 1000 << 20;
+    let region = vgpu_region::Region::open_or_create(&dir.join("x.cache"), &config).unwrap();
+    region.set_device_info(&[&b]).unwrap();
+    region.register_current_process().unwrap();
+    region
+        .add_usage(0, vgpu_region::MemoryKind::Data, 300 << 20)
+        .unwrap();
+    // A foreign file in another pod's directory is never a crash.
+    let stray = c.cache_root().join(format!("{uid}_other"));
+    std::fs::create_dir_all(&stray).unwrap();
+    std::fs::write(stray.join("y.cache"), b"garbage").unwrap();
+
+    let (_, body) = tokio::task::spawn_blocking(move || http_get(port, "/metrics"))
+        .await
+        .unwrap();
+    let value = |name: &str, labels: &[(&str, &str)]| vgpu_metrics::find_value(&body, name, labels);
+    let legacy = [
+        ("podnamespace", NS),
+        ("podname", "p1"),
+        ("ctrname", "cuda"),
+        ("vdeviceid", "1"),
+        ("deviceuuid", &b),
+        ("zone", "vGPU"),
+    ];
+    assert_eq!(
+        value("vGPU_device_memory_usage_in_bytes", &legacy),
+        Some((300u64 << 20) as f64),
+        "{body}"
+    );
+    assert_eq!(
+        value("vGPU_device_memory_limit_in_bytes", &legacy),
+        Some((1000u64 << 20) as f64)
+    );
+    let clean = [
+        ("namespace", NS),
+        ("pod", "p1"),
+        ("container", "cuda"),
+        ("gpu_uuid", &b),
+        ("gpu_index", "1"),
+    ];
+    assert_eq!(
+        value("vgpu_container_memory_used_bytes", &clean),
+        Some((300u64 << 20) as f64)
+    );
+    assert_eq!(
+        value("vgpu_container_memory_limit_bytes", &clean),
+        Some((1000u64 << 20) as f64)
+    );
+    assert_eq!(
+        value("vgpu_agent_region_read_errors_total", &[]),
+        Some(1.0),
+        "the garbage file"
+    );
 }
