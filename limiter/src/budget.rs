@@ -1,16 +1,37 @@
 //! The enforcement seam: who decides whether an allocation fits, and what is in use.
 //!
 //! Hooks talk only to [`Budget`] (through [`budget()`]) and to the [`AllocTable`]s that remember
-//! what each successful allocation charged. Today the backend is [`InProcessBudget`]: per-device
-//! atomics holding this process's usage against the caps from the environment. The shared region
-//! (crate `vgpu-region`, HAMi-core's per-container file summed over all processes) will replace it
-//! behind the same trait; the hooks do not change.
+//! what each successful allocation charged. The backend is [`SharedBudget`]: the container's
+//! HAMi-core shared region (crate `vgpu-region`), so the cap holds for the sum over every process
+//! that maps the same file, and HAMi's monitor (or our metrics) sees per-process usage.
+//!
+//! * **Lazy.** The region is opened (created if missing, with the caps from the environment) the
+//!   first time a capped device's limit or usage is needed — an allocation, a memory query — never
+//!   at load and never in a process without a cap (`CUDA_DEVICE_MEMORY_LIMIT*` unset or 0: no file
+//!   is created and every hook passes through). The process takes a slot on its first charge.
+//! * **The file's limits win** (HAMi-core's "Limit inconsistency" rule): a region created by an
+//!   earlier process keeps its caps; a disagreement is reported once.
+//! * **Fails closed.** If the region cannot be opened (permissions, a foreign or corrupt file, no
+//!   free slot), one line goes to stderr (always, like HAMi-core's errors) and every allocation on
+//!   a capped device is refused with `CUDA_ERROR_OUT_OF_MEMORY`.
+//! * **Admission** is [`vgpu_region::Region::try_add_usage`]: charge the own slot, re-check the
+//!   container total, roll back on overflow (race-free across processes; the proof is there). On
+//!   a would-be refusal the dead processes' slots are reaped and the charge retried once
+//!   (HAMi-core's `oom_check`). A refusal increments the slot's "allocations refused" counter.
+//! * **Fork.** The child forgets the parent's slot (atomics only) and registers on its first
+//!   charge; an `atexit` handler frees the slot at a normal exit (a SIGKILLed process's slot is
+//!   reaped by the others).
 //!
 //! Device indices here are *container* device indices (what `CUDA_DEVICE_MEMORY_LIMIT_<i>` and
 //! NVML count), not CUDA ordinals; [`crate::devices`] maps one to the other.
 
-use crate::config::{Limit, MAX_DEVICES};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use crate::config::{self, Limit, MAX_DEVICES};
+use crate::log::{ERROR, WARN, log_at};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use vgpu_region::{MemoryKind, Region, RegionConfig};
 
 /// An allocation that does not fit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,10 +46,10 @@ pub(crate) trait Budget: Sync {
     fn limit(&self, dev: usize) -> Option<u64>;
     /// Whether any device is capped (when none is, hooks skip the device lookup entirely).
     fn any_limit(&self) -> bool;
-    /// Bytes charged on `dev`.
+    /// Bytes charged on `dev` (by the whole container).
     fn usage(&self, dev: usize) -> u64;
-    /// Charges `bytes` on `dev` if `usage + bytes <= limit` (atomically: two threads can never
-    /// both squeeze under the cap). Unlimited devices always succeed.
+    /// Charges `bytes` on `dev` if `usage + bytes <= limit` (atomically: two threads or processes
+    /// can never both squeeze under the cap). Unlimited devices always succeed.
     fn try_charge(&self, dev: usize, bytes: u64) -> Result<(), OverCap>;
     /// Gives `bytes` back on `dev` (saturating at 0).
     fn credit(&self, dev: usize, bytes: u64);
@@ -39,88 +60,269 @@ pub(crate) trait Budget: Sync {
 
 const UNLIMITED: u64 = u64::MAX;
 
-/// This process's usage against the environment's caps.
+const NOT_OPENED: u8 = 0;
+const OPENING: u8 = 1;
+const OPENED: u8 = 2;
+
+/// The container's budget, kept in the shared region.
 #[derive(Debug)]
-pub(crate) struct InProcessBudget {
+pub(crate) struct SharedBudget {
+    /// Caps in force (`UNLIMITED` = none): the environment's, then the region file's.
     limits: [AtomicU64; MAX_DEVICES],
-    used: [AtomicU64; MAX_DEVICES],
+    /// Whether the environment capped any device (decides whether the region is opened at all).
+    env_capped: AtomicBool,
+    open_state: AtomicU8,
+    /// The mapped region, leaked for the process's lifetime; null when it could not be opened.
+    region: AtomicPtr<Region>,
+    registration_reported: AtomicBool,
+    device_info_written: AtomicBool,
+    atexit_installed: AtomicBool,
 }
 
-impl InProcessBudget {
+impl SharedBudget {
     pub(crate) const fn new() -> Self {
         Self {
             limits: [const { AtomicU64::new(UNLIMITED) }; MAX_DEVICES],
-            used: [const { AtomicU64::new(0) }; MAX_DEVICES],
+            env_capped: AtomicBool::new(false),
+            open_state: AtomicU8::new(NOT_OPENED),
+            region: AtomicPtr::new(std::ptr::null_mut()),
+            registration_reported: AtomicBool::new(false),
+            device_info_written: AtomicBool::new(false),
+            atexit_installed: AtomicBool::new(false),
         }
     }
 
-    /// Installs the caps (once, during initialisation).
+    /// Installs the environment's caps (once, during initialisation).
     pub(crate) fn set_limits(&self, limits: &[Limit; MAX_DEVICES]) {
+        let mut any = false;
         for (slot, limit) in self.limits.iter().zip(limits) {
             let v = match *limit {
                 Limit::Unlimited => UNLIMITED,
-                Limit::Bytes(b) => b.min(UNLIMITED - 1),
+                Limit::Bytes(b) => {
+                    any = true;
+                    b.min(UNLIMITED - 1)
+                }
             };
             slot.store(v, Ordering::Release);
+        }
+        self.env_capped.store(any, Ordering::Release);
+    }
+
+    /// The region, opening it on first use; `None` without a cap or when it cannot be opened.
+    fn region(&self) -> Option<&'static Region> {
+        if !self.env_capped.load(Ordering::Acquire) {
+            return None;
+        }
+        if self.open_state.load(Ordering::Acquire) != OPENED {
+            self.open_slow();
+        }
+        let p = self.region.load(Ordering::Acquire);
+        // SAFETY: non-null pointers come from `Box::leak` in `open_slow` and are never freed.
+        unsafe { p.as_ref() }
+    }
+
+    #[cold]
+    fn open_slow(&self) {
+        if self
+            .open_state
+            .compare_exchange(NOT_OPENED, OPENING, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            while self.open_state.load(Ordering::Acquire) != OPENED {
+                std::hint::spin_loop();
+                // SAFETY: sched_yield has no preconditions.
+                unsafe { libc::sched_yield() };
+            }
+            return;
+        }
+        let path = Path::new(OsStr::from_bytes(config::shared_cache_path().to_bytes()));
+        let mut cfg = RegionConfig::default();
+        for (dst, src) in cfg.limits.iter_mut().zip(&self.limits) {
+            let v = src.load(Ordering::Acquire);
+            *dst = if v == UNLIMITED { 0 } else { v };
+        }
+        match Region::open_or_create(path, &cfg) {
+            Ok(region) => {
+                if let Some(m) = &region.open_report().limit_mismatch
+                    && m.file_limits != m.requested_limits
+                {
+                    log_at!(
+                        WARN,
+                        "Limit inconsistency: {} holds memory limits {:?}, the environment asks for                          {:?}; the file's limits are in force",
+                        path.display(),
+                        nonzero(&m.file_limits),
+                        nonzero(&m.requested_limits)
+                    );
+                }
+                for (d, slot) in self.limits.iter().enumerate() {
+                    // A malformed variable's cap of 0 (fail closed) is this process's alone: the
+                    // file cannot say "0 bytes" (0 means unlimited there), so it is kept.
+                    if slot.load(Ordering::Acquire) == 0 {
+                        continue;
+                    }
+                    if let Ok(l) = region.limit(d) {
+                        slot.store(if l == 0 { UNLIMITED } else { l }, Ordering::Release);
+                    }
+                }
+                self.region
+                    .store(Box::into_raw(Box::new(region)), Ordering::Release);
+            }
+            Err(e) => log_at!(
+                ERROR,
+                "cannot use the shared region: {e}; refusing device memory on capped devices                  (check CUDA_DEVICE_MEMORY_SHARED_CACHE and the file's permissions)"
+            ),
+        }
+        self.open_state.store(OPENED, Ordering::Release);
+    }
+
+    /// The region with this process registered in a slot; `None` (reported once) otherwise.
+    fn registered(&self) -> Option<&'static Region> {
+        let region = self.region()?;
+        if region.slot_index().is_some() {
+            return Some(region);
+        }
+        match region.register_current_process() {
+            Ok(_) => {
+                if !self.atexit_installed.swap(true, Ordering::AcqRel) {
+                    // SAFETY: `release_slot_at_exit` is a valid `extern "C" fn()`.
+                    unsafe { libc::atexit(release_slot_at_exit) };
+                }
+                if !self.device_info_written.swap(true, Ordering::AcqRel) {
+                    write_device_info(region);
+                }
+                Some(region)
+            }
+            Err(e) => {
+                if !self.registration_reported.swap(true, Ordering::AcqRel) {
+                    log_at!(
+                        ERROR,
+                        "cannot take a slot in the shared region: {e}; refusing device memory on \
+                         capped devices"
+                    );
+                }
+                None
+            }
         }
     }
 }
 
-impl Budget for InProcessBudget {
+fn nonzero(limits: &[u64]) -> Vec<(usize, u64)> {
+    limits
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| **l != 0)
+        .map(|(d, l)| (d, *l))
+        .collect()
+}
+
+/// Writes the visible devices' UUIDs (container index order) into the region, as HAMi-core does
+/// at initialisation; best effort, from the driver's `cuDeviceGetUuid`.
+fn write_device_info(region: &Region) {
+    let uuids = crate::devices::visible_uuids();
+    if uuids.is_empty() {
+        return;
+    }
+    let refs: Vec<&str> = uuids.iter().map(String::as_str).collect();
+    if let Err(e) = region.set_device_info(&refs) {
+        log_at!(WARN, "cannot record device UUIDs in the shared region: {e}");
+    }
+}
+
+/// `atexit`: frees this process's slot (atomics only; a no-op when it holds none, e.g. a forked
+/// child that never used CUDA).
+extern "C" fn release_slot_at_exit() {
+    let _ = std::panic::catch_unwind(|| {
+        let p = SHARED.region.load(Ordering::Acquire);
+        // SAFETY: non-null pointers come from `Box::leak` and are never freed.
+        if let Some(region) = unsafe { p.as_ref() } {
+            region.unregister();
+        }
+    });
+}
+
+impl Budget for SharedBudget {
     fn limit(&self, dev: usize) -> Option<u64> {
+        let _ = self.region(); // the file's limits replace the environment's once opened
         let v = self.limits.get(dev)?.load(Ordering::Acquire);
         (v != UNLIMITED).then_some(v)
     }
 
     fn any_limit(&self) -> bool {
-        self.limits
-            .iter()
-            .any(|l| l.load(Ordering::Relaxed) != UNLIMITED)
+        self.env_capped.load(Ordering::Acquire)
     }
 
     fn usage(&self, dev: usize) -> u64 {
-        self.used.get(dev).map_or(0, |u| u.load(Ordering::Acquire))
+        self.region()
+            .and_then(|r| r.device_usage(dev).ok())
+            .unwrap_or(0)
     }
 
     fn try_charge(&self, dev: usize, bytes: u64) -> Result<(), OverCap> {
         let Some(limit) = self.limit(dev) else {
             return Ok(());
         };
-        let Some(used) = self.used.get(dev) else {
-            return Ok(());
+        let Some(region) = self.registered() else {
+            return Err(OverCap { usage: 0, limit });
         };
-        used.fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
-            u.checked_add(bytes).filter(|&n| n <= limit)
-        })
-        .map(|_| ())
-        .map_err(|usage| OverCap { usage, limit })
+        let attempt = || {
+            region
+                .try_add_usage(dev, MemoryKind::Data, bytes, limit)
+                .unwrap_or(Err(0))
+        };
+        let mut result = attempt();
+        if result.is_err() && region.reap_dead_slots().is_ok_and(|n| n > 0) {
+            result = attempt();
+        }
+        match result {
+            Ok(_) => Ok(()),
+            Err(usage) => {
+                let _ = region.add_refused();
+                Err(OverCap { usage, limit })
+            }
+        }
     }
 
     fn credit(&self, dev: usize, bytes: u64) {
-        if let Some(used) = self.used.get(dev) {
-            let _ = used.fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
-                Some(u.saturating_sub(bytes))
-            });
+        if let Some(region) = self.region() {
+            let _ = region.remove_usage(dev, MemoryKind::Data, bytes);
         }
     }
 
     fn reset_after_fork(&self) {
-        for u in &self.used {
-            u.store(0, Ordering::Relaxed);
+        let p = self.region.load(Ordering::Acquire);
+        // SAFETY: non-null pointers come from `Box::leak` and are never freed.
+        if let Some(region) = unsafe { p.as_ref() } {
+            region.forget_slot_after_fork();
         }
     }
 }
 
-static IN_PROCESS: InProcessBudget = InProcessBudget::new();
+static SHARED: SharedBudget = SharedBudget::new();
 
 /// The active backend.
 pub(crate) fn budget() -> &'static dyn Budget {
-    &IN_PROCESS
+    &SHARED
 }
 
-/// The in-process backend, for initialisation (limits come from the environment).
-pub(crate) fn in_process() -> &'static InProcessBudget {
-    &IN_PROCESS
+/// The shared backend, for initialisation (limits come from the environment).
+pub(crate) fn shared() -> &'static SharedBudget {
+    &SHARED
+}
+
+/// The size the driver really reserves for a linear allocation (`cuMemAlloc*`, managed,
+/// stream-ordered, arrays) of `bytes` — a documented approximation of the allocator: 512-byte
+/// rounding, and whole 2 MiB pages from 1 MiB up (gpu-sim's model of the driver; real drivers
+/// also put allocations of 1 MiB and more in 2 MiB pages). Small allocations share pages in the
+/// driver; they are charged at their 512-byte-rounded size, so many tiny allocations can use
+/// up to one 2 MiB page more than charged per device.
+pub(crate) fn linear_reserved(bytes: u64) -> u64 {
+    const SMALL: u64 = 1 << 20;
+    const PAGE: u64 = 2 << 20;
+    if bytes >= SMALL {
+        bytes.div_ceil(PAGE).saturating_mul(PAGE)
+    } else {
+        bytes.div_ceil(512) * 512
+    }
 }
 
 /// What one tracked allocation charged.
@@ -240,61 +442,16 @@ pub(crate) fn reset_after_fork() {
 mod tests {
     use super::*;
 
-    fn capped(limit: u64) -> InProcessBudget {
-        let b = InProcessBudget::new();
-        let mut limits = [Limit::Unlimited; MAX_DEVICES];
-        limits[0] = Limit::Bytes(limit);
-        b.set_limits(&limits);
-        b
-    }
-
     #[test]
-    fn charges_up_to_exactly_the_cap() {
-        let b = capped(100);
-        assert_eq!(b.try_charge(0, 60), Ok(()));
-        assert_eq!(b.try_charge(0, 40), Ok(()));
-        assert_eq!(
-            b.try_charge(0, 1),
-            Err(OverCap {
-                usage: 100,
-                limit: 100
-            })
-        );
-        b.credit(0, 40);
-        assert_eq!(b.usage(0), 60);
-        b.credit(0, 1000);
-        assert_eq!(b.usage(0), 0, "credit saturates");
-    }
-
-    #[test]
-    fn unlimited_devices_always_fit() {
-        let b = capped(100);
-        assert_eq!(b.limit(1), None);
-        assert_eq!(b.try_charge(1, u64::MAX), Ok(()));
-        assert_eq!(
-            b.try_charge(99, 1),
-            Ok(()),
-            "out-of-range device is unlimited"
-        );
-    }
-
-    #[test]
-    fn concurrent_charges_never_exceed_the_cap() {
-        let b = capped(1000);
-        let granted = AtomicU64::new(0);
-        std::thread::scope(|s| {
-            for _ in 0..8 {
-                s.spawn(|| {
-                    for _ in 0..100 {
-                        if b.try_charge(0, 7).is_ok() {
-                            granted.fetch_add(7, Ordering::Relaxed);
-                        }
-                    }
-                });
-            }
-        });
-        assert_eq!(granted.load(Ordering::Relaxed), 994);
-        assert_eq!(b.usage(0), 994);
+    fn linear_allocations_are_charged_at_the_reserved_size() {
+        assert_eq!(linear_reserved(1), 512);
+        assert_eq!(linear_reserved(512), 512);
+        assert_eq!(linear_reserved(513), 1024);
+        assert_eq!(linear_reserved((1 << 20) - 1), 1 << 20);
+        assert_eq!(linear_reserved(1 << 20), 2 << 20);
+        assert_eq!(linear_reserved((2 << 20) + 1), 4 << 20);
+        assert_eq!(linear_reserved(256 << 20), 256 << 20);
+        assert_eq!(linear_reserved(u64::MAX), u64::MAX, "saturates");
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //!   reported once and **fails closed** (a cap of 0 bytes) instead of silently meaning unlimited.
 //!   An empty value counts as unset.
 //! * `CUDA_DEVICE_MEMORY_SHARED_CACHE` (default `/tmp/cudevshr.cache`): the shared-region path,
-//!   read here for the region crate; this skeleton never creates the file.
+//!   read here for the region crate; opened (created if missing) only by a process with a cap.
 //! * `LIBCUDA_LOG_LEVEL`: see [`crate::log`].
 
 use std::ffi::{CStr, c_char};
@@ -163,9 +163,7 @@ const PER_DEVICE_NAMES: [&CStr; MAX_DEVICES] = [
     c"CUDA_DEVICE_MEMORY_LIMIT_15",
 ];
 
-/// `CUDA_DEVICE_MEMORY_SHARED_CACHE` or the default path. Not used by the in-process budget; the
-/// shared-region backend will open it.
-#[allow(dead_code)]
+/// `CUDA_DEVICE_MEMORY_SHARED_CACHE` or the default path (opened by [`crate::budget`]).
 pub(crate) fn shared_cache_path() -> &'static CStr {
     match getenv(c"CUDA_DEVICE_MEMORY_SHARED_CACHE") {
         Some(v) if !v.is_empty() => {

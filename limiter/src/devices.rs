@@ -67,6 +67,51 @@ fn compute() {
     STATE.store(READY, Ordering::Release);
 }
 
+/// The UUIDs (`GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`) of the devices CUDA sees, indexed by
+/// container index, for the shared region's `uuids`; empty before `cuInit` or without
+/// `cuDeviceGetUuid`. Indices no visible ordinal maps to are left empty.
+pub(crate) fn visible_uuids() -> Vec<String> {
+    let (Some(count_fn), Some(uuid_fn)) = (real::cuDeviceGetCount(), real::cuDeviceGetUuid())
+    else {
+        return Vec::new();
+    };
+    let mut count: c_int = 0;
+    // SAFETY: valid out-pointer.
+    if unsafe { count_fn(&mut count) } != CUDA_SUCCESS {
+        return Vec::new();
+    }
+    let mut out: Vec<String> = Vec::new();
+    for ordinal in 0..count.clamp(0, MAX_DEVICES as c_int) {
+        let Some(index) = container_index(ordinal) else {
+            continue;
+        };
+        let mut raw = [0u8; 16];
+        // SAFETY: `raw` is a valid 16-byte out-buffer (`CUuuid`).
+        if unsafe { uuid_fn(&mut raw, ordinal) } != CUDA_SUCCESS {
+            continue;
+        }
+        if out.len() <= index {
+            out.resize(index + 1, String::new());
+        }
+        out[index] = format_uuid(&raw);
+    }
+    out
+}
+
+/// NVML's spelling of a `CUuuid`.
+pub(crate) fn format_uuid(b: &[u8; 16]) -> String {
+    let hex =
+        |r: std::ops::Range<usize>| b[r].iter().map(|x| format!("{x:02x}")).collect::<String>();
+    format!(
+        "GPU-{}-{}-{}-{}-{}",
+        hex(0..4),
+        hex(4..6),
+        hex(6..8),
+        hex(8..10),
+        hex(10..16)
+    )
+}
+
 /// Source of NVML device UUIDs in index order (a trait so the mapping is unit-testable).
 pub(crate) trait UuidSource {
     fn index_of(&mut self, uuid_prefix: &[u8]) -> Option<u8>;
@@ -219,5 +264,17 @@ mod tests {
     fn parsing_stops_at_an_invalid_entry() {
         let m = map_visible(Some(b"1,MIG-xyz,0"), 3, &mut Fake(UUIDS));
         assert_eq!(&m[..3], &[1, 1, 2]);
+    }
+
+    #[test]
+    fn uuids_are_spelled_like_nvml() {
+        let raw = [
+            0x0f, 0xc3, 0xed, 0xa5, 0xe9, 0x8b, 0xa2, 0x5b, 0x5b, 0x0d, 0xcf, 0x5c, 0x85, 0x5d,
+            0x14, 0x48,
+        ];
+        assert_eq!(
+            super::format_uuid(&raw),
+            "GPU-0fc3eda5-e98b-a25b-5b0d-cf5c855d1448"
+        );
     }
 }

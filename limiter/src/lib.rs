@@ -9,7 +9,7 @@
 //!   [`hooks::meminfo`] and [`hooks::nvml`] (virtualised totals), [`hooks::procaddr`]
 //!   (`cuGetProcAddress`), [`hooks::launch`] (the hot path), [`hooks::init`].
 //! * [`dlsym`] — our `dlsym`, for programs that `dlopen` the driver.
-//! * [`budget`] — the per-device budget behind a trait; in-process today, the shared region later.
+//! * [`budget`] — the per-device budget behind a trait, kept in the container's shared region.
 //! * [`real`] — the real `dlsym`, the driver libraries, atomic symbol slots.
 //! * [`state`], [`config`], [`devices`], [`log`], [`guard`] — lazy init, environment, device
 //!   mapping, stderr diagnostics, panic containment.

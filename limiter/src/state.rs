@@ -1,5 +1,6 @@
 //! Lazy, once-only initialisation, run by the first hook that needs it (never at load time):
-//! log level, limits from the environment into the budget, and the fork handler.
+//! log level, limits from the environment into the budget, and the fork handler. (The shared
+//! region itself is opened later still, on the first use of a capped device: see [`budget`].)
 //!
 //! A plain atomic state machine instead of `OnceLock`/`pthread_once`: the winner initialises, the
 //! others spin briefly; initialisation calls only `getenv`, `write(2)` and `pthread_atfork`, none
@@ -62,7 +63,7 @@ fn initialise() {
             err.describe()
         );
     });
-    budget::in_process().set_limits(&limits);
+    budget::shared().set_limits(&limits);
     // SAFETY: `after_fork_in_child` is a valid `extern "C" fn()` that only touches atomics.
     let rc = unsafe { pthread_atfork(None, None, Some(after_fork_in_child)) };
     if rc != 0 {

@@ -220,6 +220,9 @@ interpose! {
     calls {
         Cuda fn cuCtxGetDevice(*mut CUdevice) -> CUresult;
         Cuda fn cuDeviceGetCount(*mut c_int) -> CUresult;
+        Cuda fn cuDeviceGetUuid(*mut [u8; 16], CUdevice) -> CUresult;
+        Cuda fn cuMemGetAllocationGranularity(*mut usize, *const CUmemAllocationPropHead, c_int)
+            -> CUresult;
         Nvml fn nvmlDeviceGetIndex(Handle, *mut c_uint) -> NvmlReturn;
         Nvml fn nvmlDeviceGetCount_v2(*mut c_uint) -> NvmlReturn;
         Nvml fn nvmlDeviceGetHandleByIndex_v2(c_uint, *mut Handle) -> NvmlReturn;

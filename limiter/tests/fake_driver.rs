@@ -27,7 +27,10 @@ fn memcap(dir: &Path) -> PathBuf {
 fn command(prog: &Path, node: &SimNode, mode: &str, env: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(prog);
     let (k, v) = gpu_sim::library_path_env();
+    // A private shared region per simulated node (never the default /tmp/cudevshr.cache).
+    let region = node.dir().join("cudevshr.cache");
     cmd.arg(mode)
+        .env("CUDA_DEVICE_MEMORY_SHARED_CACHE", region)
         .envs(node.env())
         .env(k, v)
         .envs(env.iter().copied());

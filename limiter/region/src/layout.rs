@@ -123,9 +123,15 @@ pub struct ProcSlot {
     pub status: AtomicI32,
     /// Bumped before and after every usage update (odd while a write is in progress).
     pub seqlock: AtomicU64,
-    /// Reserved.
+    /// Reserved in HAMi-core (never read or written there). We use word [`SLOT_REFUSED_WORD`] as the
+    /// slot's "allocations refused" counter (monotonic while the slot is owned; zeroed with the slot's other
+    /// counters when it is taken or freed); the other word stays reserved.
     pub unused: [AtomicU64; 2],
 }
+
+/// Index in [`ProcSlot::unused`] of the per-process "allocations refused by the limiter" counter (byte
+/// offset 1944 in the slot). HAMi-core leaves the word zero, so its processes read as 0 refusals.
+pub const SLOT_REFUSED_WORD: usize = 0;
 
 /// `shared_region_t` (v1.2): the whole mapped file.
 #[repr(C)]

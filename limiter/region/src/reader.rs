@@ -56,6 +56,8 @@ struct Offsets {
     util_stride: usize,
     util_sm: usize,
     slot_status: usize,
+    /// The refused-allocations word (v1 only; see [`layout::SLOT_REFUSED_WORD`]).
+    slot_refused: Option<usize>,
     proc_num: usize,
     utilization_switch: usize,
     recent_kernel: usize,
@@ -83,6 +85,7 @@ const V1: Offsets = {
         util_stride: size_of::<DeviceUtil>(),
         util_sm: offset_of!(DeviceUtil, sm_util),
         slot_status: offset_of!(ProcSlot, status),
+        slot_refused: Some(offset_of!(ProcSlot, unused) + 8 * layout::SLOT_REFUSED_WORD),
         proc_num: offset_of!(SharedRegion, proc_num),
         utilization_switch: offset_of!(SharedRegion, utilization_switch),
         recent_kernel: offset_of!(SharedRegion, recent_kernel),
@@ -111,6 +114,7 @@ const V0: Offsets = {
         util_stride: size_of::<DeviceUtil>(),
         util_sm: offset_of!(DeviceUtil, sm_util),
         slot_status: offset_of!(ProcSlot, status),
+        slot_refused: None,
         proc_num: offset_of!(SharedRegion, proc_num),
         utilization_switch: offset_of!(SharedRegion, utilization_switch),
         recent_kernel: offset_of!(SharedRegion, recent_kernel),
@@ -176,6 +180,9 @@ pub struct ProcessUsage {
     pub monitor_used: [u64; CUDA_DEVICE_MAX_COUNT],
     /// SM utilisation per device, percent.
     pub sm_util: [u64; CUDA_DEVICE_MAX_COUNT],
+    /// Allocations the limiter refused to this process (all devices; see [`layout::SLOT_REFUSED_WORD`]).
+    /// 0 for HAMi-core processes and v0 files. Resets when the process exits (the slot is zeroed).
+    pub refused: u64,
 }
 
 /// Everything the metrics side reads from one region, copied at one moment.
@@ -523,6 +530,7 @@ fn parse(path: &Path, file_size: u64, bytes: &[u8]) -> Result<RegionSnapshot> {
                 sm_util: std::array::from_fn(|d| {
                     u64_or_0(base + o.slot_device_util + d * o.util_stride + o.util_sm)
                 }),
+                refused: o.slot_refused.map_or(0, |off| u64_or_0(base + off)),
             })
         })
         .collect();

@@ -432,9 +432,11 @@ impl Region {
         zero_slot_counters(slot);
         slot.hostpid.store(0, Ordering::Relaxed);
         slot.pid.store(pid, Ordering::Release);
-        slot.status.store(SLOT_STATUS_RUNNING, Ordering::Release);
+        // SeqCst (not just Release): [`Region::try_add_usage`]'s proof needs a checker that comes after
+        // this slot's first charge in the SeqCst order to see the slot.
+        slot.status.store(SLOT_STATUS_RUNNING, Ordering::SeqCst);
         if index == proc_num {
-            r.proc_num.store((proc_num + 1) as i32, Ordering::Release);
+            r.proc_num.store((proc_num + 1) as i32, Ordering::SeqCst);
         }
         self.slot_pid.store(pid, Ordering::Relaxed);
         self.slot.store(index, Ordering::Release);
@@ -507,9 +509,80 @@ impl Region {
         let mem = &slot.used[device];
         slot.seqlock.fetch_add(1, Ordering::AcqRel);
         saturating_sub(kind_counter(mem, kind), bytes);
-        saturating_sub(&mem.total, bytes);
+        // SeqCst: ordered with the checks of [`Region::try_add_usage`].
+        saturating_sub_seqcst(&mem.total, bytes);
         slot.seqlock.fetch_add(1, Ordering::Release);
         Ok(())
+    }
+
+    /// Admission control: charges `bytes` of `kind` on `device` to this process's slot **only if** the
+    /// container's usage of `device` (all live slots, [`Region::device_usage`]) stays within `limit`
+    /// afterwards. Returns `Ok(Ok(usage_after))` when charged, `Ok(Err(usage_seen))` when refused (nothing
+    /// changed). Lock-free; no region lock, no reaping (callers reap and retry, as HAMi-core's `oom_check`).
+    ///
+    /// # Why two processes can never together exceed `limit`
+    ///
+    /// Charge optimistically, then check: `fetch_add` to the own slot's `total`, then sum all slots'
+    /// `total`s, and if the sum exceeds `limit` undo the add and refuse. All these operations are `SeqCst`, so
+    /// they lie in one total order S consistent with each thread's program order. Suppose at some moment the
+    /// admitted, not yet released charges c₁…cₙ sum to more than `limit`. Let cₖ be the one whose add comes
+    /// last in S. Every other cᵢ's add precedes cₖ's add, which precedes cₖ's check (program order); and no cᵢ
+    /// has been released (subtracted) before that moment, which is after cₖ's check. So cₖ's check read every
+    /// cᵢ's contribution (SeqCst loads see the latest value in S of each counter; a slot's counter can only
+    /// have *more* than its admitted charges, from in-flight charges not yet rolled back) and saw a sum
+    /// greater than `limit` — it would have refused. Contradiction. The price is conservative: an in-flight charge that
+    /// will be rolled back can make a concurrent one be refused too (both then see the other); never the
+    /// reverse. Reaping a dead slot only lowers sums. Frees that race with a check make it see *more* than
+    /// is held, again only conservative.
+    ///
+    /// HAMi-core processes writing the same file do not follow this protocol (they check, then add under
+    /// their lock); a mixed container is as exact as HAMi-core alone.
+    pub fn try_add_usage(
+        &self,
+        device: usize,
+        kind: MemoryKind,
+        bytes: u64,
+        limit: u64,
+    ) -> Result<std::result::Result<u64, u64>> {
+        let device = check_device(device)?;
+        let slot = self.own_slot()?;
+        let mem = &slot.used[device];
+        slot.seqlock.fetch_add(1, Ordering::AcqRel);
+        mem.total.fetch_add(bytes, Ordering::SeqCst);
+        let usage = self.device_usage_seqcst(device);
+        let result = if usage <= limit && usage >= bytes {
+            kind_counter(mem, kind).fetch_add(bytes, Ordering::Relaxed);
+            Ok(usage)
+        } else {
+            saturating_sub_seqcst(&mem.total, bytes);
+            Err(usage.saturating_sub(bytes))
+        };
+        slot.seqlock.fetch_add(1, Ordering::Release);
+        Ok(result)
+    }
+
+    /// Counts one allocation refused to this process (the slot's [`crate::layout::SLOT_REFUSED_WORD`]
+    /// word). Lock-free.
+    pub fn add_refused(&self) -> Result<()> {
+        let slot = self.own_slot()?;
+        slot.unused[crate::layout::SLOT_REFUSED_WORD].fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Allocations refused to this process so far.
+    pub fn refused(&self) -> Result<u64> {
+        Ok(self.own_slot()?.unused[crate::layout::SLOT_REFUSED_WORD].load(Ordering::Relaxed))
+    }
+
+    fn device_usage_seqcst(&self, device: usize) -> u64 {
+        let r = self.shared();
+        let proc_num = clamp_proc_num(r.proc_num.load(Ordering::SeqCst));
+        r.procs[..proc_num]
+            .iter()
+            .filter(|s| s.status.load(Ordering::SeqCst) != SLOT_STATUS_EXITED)
+            .fold(0u64, |sum, s| {
+                sum.saturating_add(s.used[device].total.load(Ordering::SeqCst))
+            })
     }
 
     /// This process's `used[device].total`.
@@ -682,7 +755,16 @@ fn saturating_sub(counter: &AtomicU64, bytes: u64) {
     });
 }
 
+fn saturating_sub_seqcst(counter: &AtomicU64, bytes: u64) {
+    let _ = counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
+        Some(v.saturating_sub(bytes))
+    });
+}
+
 fn zero_slot_counters(slot: &ProcSlot) {
+    for w in &slot.unused {
+        w.store(0, Ordering::Relaxed);
+    }
     for mem in &slot.used {
         for c in [
             &mem.context_size,

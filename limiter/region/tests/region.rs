@@ -511,3 +511,63 @@ fn dead_processes_slots_are_reaped_and_live_slots_never_move() {
     assert_eq!(region.proc_num(), 1);
     assert_eq!(region.device_usage(0).expect("usage"), 1000);
 }
+
+#[test]
+fn admission_never_exceeds_the_limit_and_refusals_are_counted_for_readers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = region_file(&dir);
+    let region = Region::open_or_create(&path, &config(10 * MIB)).expect("create");
+    region.register_current_process().expect("register");
+    assert_eq!(
+        region
+            .try_add_usage(0, MemoryKind::Data, 10 * MIB, 10 * MIB)
+            .expect("charge"),
+        Ok(10 * MIB)
+    );
+    assert_eq!(
+        region
+            .try_add_usage(0, MemoryKind::Data, 1, 10 * MIB)
+            .expect("charge"),
+        Err(10 * MIB),
+        "one byte over is refused and nothing changes"
+    );
+    assert_eq!(region.device_usage(0).expect("usage"), 10 * MIB);
+    region
+        .remove_usage(0, MemoryKind::Data, 10 * MIB)
+        .expect("remove");
+
+    // 8 threads race 3 MiB charges against a 10 MiB limit; the held total never passes it.
+    let held = std::sync::atomic::AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| {
+                for _ in 0..500 {
+                    if let Ok(Ok(_)) = region.try_add_usage(0, MemoryKind::Data, 3 * MIB, 10 * MIB)
+                    {
+                        let now = held.fetch_add(3 * MIB, std::sync::atomic::Ordering::SeqCst);
+                        assert!(now + 3 * MIB <= 10 * MIB, "over the limit: {now}");
+                        held.fetch_sub(3 * MIB, std::sync::atomic::Ordering::SeqCst);
+                        region
+                            .remove_usage(0, MemoryKind::Data, 3 * MIB)
+                            .expect("remove");
+                    } else {
+                        region.add_refused().expect("refused");
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(region.device_usage(0).expect("usage"), 0);
+    let refused = region.refused().expect("refused");
+    let snapshot = RegionReader::open(&path)
+        .expect("reader")
+        .snapshot()
+        .expect("snapshot");
+    let me = snapshot
+        .processes
+        .iter()
+        .find(|p| p.pid == std::process::id() as i32)
+        .expect("our slot");
+    assert_eq!(me.refused, refused);
+    assert_eq!(snapshot.device_usage(0).total, 0);
+}

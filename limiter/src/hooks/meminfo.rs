@@ -1,5 +1,5 @@
 //! Virtualised memory queries. On a capped device: `total = min(cap, physical total)`,
-//! `used = charged bytes`, `free = min(total − used, physical free)` clamped at 0 (never the
+//! `used = the container's charged bytes (shared region)`, `free = min(total − used, physical free)` clamped at 0 (never the
 //! underflow of HAMi-core#200). The real function is always called first, so its errors (no
 //! context, bad device) reach the caller unchanged. Uncapped devices pass through.
 

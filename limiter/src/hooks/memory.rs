@@ -7,12 +7,23 @@
 //! it), calls the driver, and credits the bytes on success — or restores the record on failure.
 //! Frees of pointers we never saw pass through untouched. Uncapped devices pass through.
 //!
-//! What is charged today (the later "reserved size" work refines it): the requested size for
-//! linear, managed, async and VMM allocations; `pitch × height` for pitched allocations; an
-//! element-size estimate for arrays. `cuMemAllocAsync`/`FromPoolAsync` are charged to the
-//! current context's device.
+//! What is charged: the size the driver reserves, approximated. Linear, managed, stream-ordered
+//! allocations and arrays: [`linear_reserved`] of the requested size (512 B rounding, whole 2 MiB
+//! pages from 1 MiB); pitched allocations: `linear_reserved(pitch × height)`; arrays: an
+//! element-size estimate, then the same rounding; `cuMemCreate`: the size rounded up to
+//! `cuMemGetAllocationGranularity(MINIMUM)` (the driver rejects other sizes anyway).
+//! `cuMemAllocAsync`/`FromPoolAsync` are charged to the current context's device.
+//!
+//! Context memory is **not** charged (decision): HAMi-core adds a primary-context size it
+//! measured once (a `cuMemGetInfo` difference, racy against other processes) per retained
+//! primary context and ignores `cuCtxCreate` contexts and modules (reference §3.6), so its number
+//! is neither exact nor what HAMi's users size their caps by; the cap here bounds what the
+//! application allocates. Per-context overhead (gpu-sim: 300 MiB) thus sits outside the cap, as
+//! module and driver-internal memory do in HAMi-core.
 
-use crate::budget::{ARRAYS, AllocTable, Charge, DEVICE_PTRS, VMM_HANDLES, budget};
+use crate::budget::{
+    ARRAYS, AllocTable, Charge, DEVICE_PTRS, VMM_HANDLES, budget, linear_reserved,
+};
 use crate::devices;
 use crate::ffi::*;
 use crate::hooks::current_device;
@@ -144,7 +155,7 @@ pub(crate) unsafe fn mem_alloc(dptr: *mut CUdeviceptr, bytesize: usize) -> CUres
     tracked_alloc(
         &DEVICE_PTRS,
         current_device,
-        bytesize as u64,
+        linear_reserved(bytesize as u64),
         || {
             // SAFETY: the caller's arguments, forwarded.
             let rc = unsafe { real(dptr, bytesize) };
@@ -162,7 +173,7 @@ pub(crate) unsafe fn mem_alloc_v1(dptr: *mut CUdeviceptrV1, bytesize: c_uint) ->
     tracked_alloc(
         &DEVICE_PTRS,
         current_device,
-        u64::from(bytesize),
+        linear_reserved(u64::from(bytesize)),
         || {
             // SAFETY: the caller's arguments, forwarded.
             let rc = unsafe { real(dptr, bytesize) };
@@ -210,7 +221,8 @@ fn pitched(
         free_device_ptr,
     );
     let Some(dev) = dev else { return rc };
-    let extra = pitch_out.saturating_sub(width).saturating_mul(height);
+    let full = linear_reserved(pitch_out.max(width).saturating_mul(height));
+    let extra = full.saturating_sub(width.saturating_mul(height));
     if rc != CUDA_SUCCESS || extra == 0 || budget().limit(dev).is_none() {
         return rc;
     }
@@ -298,7 +310,7 @@ fn settle_pitched<T: AsU64>(
         DEVICE_PTRS.insert(
             ptr,
             Charge {
-                bytes: pitch.saturating_mul(height),
+                bytes: linear_reserved(pitch.saturating_mul(height)),
                 ..charge
             },
         );
@@ -321,7 +333,7 @@ pub(crate) unsafe fn mem_alloc_managed(
     tracked_alloc(
         &DEVICE_PTRS,
         current_device,
-        bytesize as u64,
+        linear_reserved(bytesize as u64),
         || {
             // SAFETY: the caller's arguments, forwarded.
             let rc = unsafe { real(dptr, bytesize, flags) };
@@ -349,7 +361,7 @@ fn alloc_async(
     tracked_alloc(
         &DEVICE_PTRS,
         current_device,
-        bytesize as u64,
+        linear_reserved(bytesize as u64),
         || {
             // SAFETY: the caller's arguments, forwarded.
             let rc = unsafe { real(dptr, bytesize, stream) };
@@ -387,7 +399,7 @@ fn alloc_from_pool(
     tracked_alloc(
         &DEVICE_PTRS,
         current_device,
-        bytesize as u64,
+        linear_reserved(bytesize as u64),
         || {
             // SAFETY: the caller's arguments, forwarded.
             let rc = unsafe { real(dptr, bytesize, pool, stream) };
@@ -480,10 +492,23 @@ pub(crate) unsafe fn mem_create(
     let Some(ordinal) = location else {
         return call().0;
     };
+    let granularity = real::cuMemGetAllocationGranularity().map_or(0, |f| {
+        let mut g: usize = 0;
+        // SAFETY: valid out-pointer; `prop` is the caller's, non-null here.
+        let rc = unsafe { f(&mut g, prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM) };
+        if rc == CUDA_SUCCESS { g as u64 } else { 0 }
+    });
+    let bytes = if granularity > 1 {
+        (size as u64)
+            .div_ceil(granularity)
+            .saturating_mul(granularity)
+    } else {
+        size as u64
+    };
     tracked_alloc(
         &VMM_HANDLES,
         || devices::container_index(ordinal),
-        size as u64,
+        bytes,
         call,
         |h| {
             if let Some(release) = real::cuMemRelease() {
@@ -520,7 +545,7 @@ fn array_alloc(
     tracked_alloc(
         &ARRAYS,
         current_device,
-        bytes,
+        linear_reserved(bytes),
         || {
             let rc = call();
             let key = if rc == CUDA_SUCCESS && !array.is_null() {

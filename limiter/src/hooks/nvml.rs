@@ -2,8 +2,8 @@
 //! on a capped device, `total = min(cap, physical)`, `used = charged bytes`,
 //! `free = total − used` clamped at 0 (`reserved` of v2 untouched, as in HAMi-core).
 //!
-//! With the in-process budget, "charged bytes" are this process's only: `nvidia-smi` in the pod
-//! shows the cap as total but its own (zero) usage until the shared region replaces the budget.
+//! "Charged bytes" are the container's, summed over the shared region's live slots, so
+//! `nvidia-smi` in the pod sees what the other processes hold.
 
 use crate::budget::budget;
 use crate::ffi::*;
