@@ -125,7 +125,7 @@ impl NodeSnapshot {
                             memory_limit_bytes: region.limit(device).unwrap_or(0),
                             sm_utilization_percent: region.device_sm_util(device),
                             sm_limit_percent: region.sm_limit(device).unwrap_or(0),
-                            allocations_refused: 0,
+                            allocations_refused: region.processes.iter().map(|p| p.refused).sum(),
                             last_kernel_unix: region
                                 .last_kernel_time
                                 .and_then(|t| i64::try_from(t).ok()),

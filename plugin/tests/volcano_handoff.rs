@@ -1027,6 +1027,7 @@ async fn metrics_show_the_gpus_the_allocations_and_readiness() {
     region
         .add_usage(0, vgpu_region::MemoryKind::Data, 300 << 20)
         .unwrap();
+    region.add_refused().unwrap();
     // A foreign file in another pod's directory is never a crash.
     let stray = c.cache_root().join(format!("{uid}_other"));
     std::fs::create_dir_all(&stray).unwrap();
@@ -1067,6 +1068,10 @@ async fn metrics_show_the_gpus_the_allocations_and_readiness() {
     assert_eq!(
         value("vgpu_container_memory_limit_bytes", &clean),
         Some((1000u64 << 20) as f64)
+    );
+    assert_eq!(
+        value("vgpu_container_allocations_refused", &clean),
+        Some(1.0)
     );
     assert_eq!(
         value("vgpu_agent_region_read_errors_total", &[]),
