@@ -110,6 +110,19 @@ impl Cluster {
             .cloned()
     }
 
+    /// Waits until the agent's watches are up and have had time to deliver what exists now.
+    async fn wait_until_watched(&self) {
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while self.api.active_watches() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the agent never watched"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
     fn cache_root(&self) -> PathBuf {
         self.dir.path().join("hook/vgpu/containers")
     }
@@ -875,12 +888,7 @@ async fn back_to_back_allocates_of_one_pod_do_not_trust_a_lagging_watch() {
     bind_v115(&c, "p1", &containers, &queue, 1_787_220_000).await;
     let id = c.kubelet.resource(NUMBER).unwrap().devices[0].id.clone();
     // Let the agent's cache see the pod, then make its watch lag: every watch reconnect now waits 300 ms.
-    let deadline = std::time::Instant::now() + PATIENCE;
-    while c.api.active_watches() == 0 {
-        assert!(std::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.wait_until_watched().await;
     c.api.set_latency(Duration::from_millis(300));
     c.api.close_watches();
     // No pause between the calls: the kubelet allocates a pod's containers one right after the other.
@@ -920,12 +928,7 @@ async fn a_hung_apiserver_times_allocate_out_and_changes_nothing() {
         1_787_220_000,
     )
     .await;
-    let deadline = std::time::Instant::now() + PATIENCE;
-    while c.api.active_watches() == 0 {
-        assert!(std::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.wait_until_watched().await;
     c.api.set_latency(Duration::from_secs(30));
     let id = c.kubelet.resource(NUMBER).unwrap().devices[0].id.clone();
     let status = c
