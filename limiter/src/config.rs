@@ -164,6 +164,11 @@ const PER_DEVICE_NAMES: [&CStr; MAX_DEVICES] = [
 ];
 
 /// `CUDA_DEVICE_MEMORY_SHARED_CACHE` or the default path (opened by [`crate::budget`]).
+/// `CUDA_OVERSUBSCRIBE`: `true` (any case) or `1` enables the managed-memory fallback.
+pub(crate) fn oversubscribe_from(value: Option<&[u8]>) -> bool {
+    value.is_some_and(|v| v.eq_ignore_ascii_case(b"true") || v == b"1")
+}
+
 pub(crate) fn shared_cache_path() -> &'static CStr {
     match getenv(c"CUDA_DEVICE_MEMORY_SHARED_CACHE") {
         Some(v) if !v.is_empty() => {
@@ -192,6 +197,17 @@ mod tests {
         assert_eq!(parse_limit(b"0x40000000"), Ok(Limit::Bytes(GIB)));
         assert_eq!(parse_limit(b"010"), Ok(Limit::Bytes(8)));
         assert_eq!(parse_limit(b" +2m"), Ok(Limit::Bytes(2 << 20)));
+    }
+
+    #[test]
+    fn oversubscribe_values() {
+        assert!(oversubscribe_from(Some(b"true")));
+        assert!(oversubscribe_from(Some(b"TRUE")));
+        assert!(oversubscribe_from(Some(b"1")));
+        for v in [&b"false"[..], b"", b"0", b"yes"] {
+            assert!(!oversubscribe_from(Some(v)));
+        }
+        assert!(!oversubscribe_from(None));
     }
 
     #[test]

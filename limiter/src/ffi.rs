@@ -21,6 +21,8 @@ pub(crate) type CUmemGenericAllocationHandle = u64;
 
 pub(crate) const CUDA_SUCCESS: CUresult = 0;
 pub(crate) const CUDA_ERROR_OUT_OF_MEMORY: CUresult = 2;
+/// `CU_MEM_ATTACH_GLOBAL` for `cuMemAllocManaged`.
+pub(crate) const CU_MEM_ATTACH_GLOBAL: c_uint = 1;
 pub(crate) const CUDA_ERROR_NOT_INITIALIZED: CUresult = 3;
 pub(crate) const CUDA_ERROR_NOT_SUPPORTED: CUresult = 801;
 /// `CUDA_ERROR_UNKNOWN` (999) and `NVML_ERROR_UNKNOWN` (999) happen to be equal: one value for

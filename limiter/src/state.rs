@@ -10,7 +10,7 @@ use crate::budget;
 use crate::config;
 use crate::log::{self, ERROR, log_at};
 use std::ffi::c_int;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 const NOT_STARTED: u8 = 0;
 const RUNNING: u8 = 1;
@@ -52,8 +52,16 @@ fn init_slow() {
     }
 }
 
+/// `CUDA_OVERSUBSCRIBE=true`: allocations the driver refuses for lack of physical memory fall
+/// back to managed memory (set once in [`initialise`]).
+pub(crate) static OVERSUBSCRIBE: AtomicBool = AtomicBool::new(false);
+
 fn initialise() {
     log::set_level_from(config::getenv(c"LIBCUDA_LOG_LEVEL"));
+    OVERSUBSCRIBE.store(
+        config::oversubscribe_from(config::getenv(c"CUDA_OVERSUBSCRIBE")),
+        Ordering::Relaxed,
+    );
     let limits = config::limits_from(config::getenv, |name, value, err| {
         log_at!(
             ERROR,

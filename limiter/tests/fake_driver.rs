@@ -197,3 +197,54 @@ fn malformed_limit_fails_closed() {
         out.stderr
     );
 }
+
+/// `CUDA_OVERSUBSCRIBE=true` on a 2 GiB GPU with an 8 GiB cap: when the driver runs out of
+/// physical memory, the hook retries with `cuMemAllocManaged(CU_MEM_ATTACH_GLOBAL)`. The gpu-sim
+/// fake charges managed memory against the device too, so the retry fails here as well; what is
+/// checked is that it is attempted only with the variable set, that the refusal is the driver's
+/// (same chunk count as without the variable), and that the charge is given back (the region
+/// ends empty).
+#[test]
+fn oversubscribe_retries_with_managed_memory() {
+    let node = SimNode::new(NodeSpec::new(vec![GpuSpec::new(
+        "NVIDIA A100-SXM4-80GB",
+        2048,
+        0,
+    )]))
+    .expect("sim node");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let prog = memcap(dir.path());
+    let go = |oversubscribe: bool| {
+        let mut env = vec![
+            ("CUDA_DEVICE_MEMORY_LIMIT", "8g"),
+            ("LIBCUDA_LOG_LEVEL", "4"),
+        ];
+        if oversubscribe {
+            env.push(("CUDA_OVERSUBSCRIBE", "true"));
+        }
+        run(command(&prog, &node, "direct", &env), true)
+    };
+    let plain = go(false);
+    let over = go(true);
+    assert_eq!(plain.code, Some(0), "{plain:?}");
+    assert_eq!(over.code, Some(0), "{over:?}");
+    // 2048 MiB − 300 MiB context = 6 chunks of 256 MiB; the 7th is refused by the driver.
+    let chunks = "allocated 6 chunks, then rc 2";
+    assert_eq!(line_starting(&plain.stdout, "allocated"), chunks);
+    assert_eq!(line_starting(&over.stdout, "allocated"), chunks);
+    assert!(
+        !plain.stderr.contains("managed fallback"),
+        "{}",
+        plain.stderr
+    );
+    assert!(
+        over.stderr.contains("managed fallback rc 2"),
+        "{}",
+        over.stderr
+    );
+    // Usage back at zero: the same view as after the run that never tried the fallback.
+    assert_eq!(
+        line_starting(&over.stdout, "empty:"),
+        line_starting(&plain.stdout, "empty:")
+    );
+}

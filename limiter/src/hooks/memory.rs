@@ -32,6 +32,7 @@ use crate::real::{Lib, unavailable};
 use crate::state;
 use crate::table::real;
 use std::ffi::c_uint;
+use std::sync::atomic::Ordering;
 
 /// Charges `bytes` on `dev`, runs `call` (which returns the driver's result and the new key),
 /// and records the key. `undo` frees a successful allocation that cannot be recorded.
@@ -158,12 +159,32 @@ pub(crate) unsafe fn mem_alloc(dptr: *mut CUdeviceptr, bytesize: usize) -> CUres
         linear_reserved(bytesize as u64),
         || {
             // SAFETY: the caller's arguments, forwarded.
-            let rc = unsafe { real(dptr, bytesize) };
+            let mut rc = unsafe { real(dptr, bytesize) };
+            if rc == CUDA_ERROR_OUT_OF_MEMORY && state::OVERSUBSCRIBE.load(Ordering::Relaxed) {
+                rc = managed_fallback(dptr, bytesize);
+            }
             // SAFETY: `dptr` is the caller's out-pointer.
             (rc, unsafe { out(rc, dptr) })
         },
         free_device_ptr,
     )
+}
+
+/// `CUDA_OVERSUBSCRIBE=true`: the cap allowed `bytesize` but the device cannot hold it, so it is
+/// allocated as managed memory (`CU_MEM_ATTACH_GLOBAL`), which the driver may page out to host
+/// memory. The charge taken for the linear allocation stands (it is counted like any other), and
+/// `cuMemFree` frees managed memory, so the record and the credit on free are unchanged.
+fn managed_fallback(dptr: *mut CUdeviceptr, bytesize: usize) -> CUresult {
+    let Some(managed) = real::cuMemAllocManaged() else {
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    };
+    // SAFETY: the caller's out-pointer and size, as for cuMemAlloc_v2.
+    let rc = unsafe { managed(dptr, bytesize, CU_MEM_ATTACH_GLOBAL) };
+    log_at!(
+        DEBUG,
+        "cuMemAlloc_v2({bytesize}) out of device memory: managed fallback rc {rc}"
+    );
+    rc
 }
 
 pub(crate) unsafe fn mem_alloc_v1(dptr: *mut CUdeviceptrV1, bytesize: c_uint) -> CUresult {

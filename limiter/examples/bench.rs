@@ -1,0 +1,168 @@
+//! Benchmark (not a test): the cost `libvgpu.so` adds per `cuLaunchKernel` and per
+//! `cuMemAlloc_v2` + `cuMemFree_v2` pair, on the gpu-sim fake driver, for the three ways programs
+//! reach the driver (direct link, `dlopen` + `dlsym`, `cuGetProcAddress`).
+//!
+//! `cargo run --release -p vgpu-limiter --example bench [-- <runs> <launches> <pairs>]`
+//!
+//! Builds `libvgpu.so` in release (nested `cargo build --release -p vgpu-limiter --lib
+//! --target-dir target/limiter-cdylib`), compiles `benches/c/bench.c` with `cc -O2`, and runs it
+//! `runs` times (default 5) per path and variant, interleaved: without the preload, with the
+//! preload and no cap, with the preload and a cap (80 GiB, a private shared region). Prints the
+//! median ns/op of each variant and the median minus the no-preload median ("added").
+
+use gpu_sim::{GpuSpec, NodeSpec, SimNode};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const PATHS: [&str; 3] = ["direct", "dlsym", "procaddr"];
+const VARIANTS: [&str; 3] = ["no preload", "preload, no cap", "preload, cap"];
+
+fn build_libvgpu(workspace_target: &Path) -> PathBuf {
+    let target = workspace_target.join("limiter-cdylib");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "--quiet",
+            "--release",
+            "-p",
+            "vgpu-limiter",
+            "--lib",
+            "--target-dir",
+        ])
+        .arg(&target)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("run cargo build");
+    assert!(
+        status.success(),
+        "cargo build --release -p vgpu-limiter failed"
+    );
+    target.join("release/libvgpu.so")
+}
+
+fn compile(dir: &Path) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/c/bench.c");
+    let lib_dir = gpu_sim::cuda_library().parent().expect("fake driver dir");
+    let out = dir.join("bench");
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_owned());
+    let status = Command::new(&cc)
+        .args(["-std=gnu11", "-O2", "-Wall", "-Werror", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .arg("-L")
+        .arg(lib_dir)
+        .args(["-lcuda", "-ldl"])
+        .status()
+        .expect("run cc");
+    assert!(status.success(), "compiling {} failed", src.display());
+    out
+}
+
+/// One run: (ns per launch, ns per alloc/free pair).
+fn run_once(
+    prog: &Path,
+    node: &SimNode,
+    lib: &Path,
+    path: &str,
+    variant: usize,
+    counts: (u64, u64),
+) -> (f64, f64) {
+    let (k, v) = gpu_sim::library_path_env();
+    let mut cmd = Command::new(prog);
+    cmd.args([path, &counts.0.to_string(), &counts.1.to_string()])
+        .envs(node.env())
+        .env(k, v)
+        .env_remove("LD_PRELOAD")
+        .env_remove("CUDA_DEVICE_MEMORY_LIMIT")
+        .env(
+            "CUDA_DEVICE_MEMORY_SHARED_CACHE",
+            node.dir().join("cudevshr.cache"),
+        );
+    if variant > 0 {
+        cmd.env("LD_PRELOAD", lib);
+    }
+    if variant == 2 {
+        cmd.env("CUDA_DEVICE_MEMORY_LIMIT", "80g");
+    }
+    let out = cmd.output().expect("spawn bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench {path} variant {variant} failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let field = |name: &str| -> f64 {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {stdout}"))
+    };
+    (field("launch_ns"), field("alloc_free_ns"))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let args: Vec<u64> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse().expect("numeric argument"))
+        .collect();
+    let runs = args.first().copied().unwrap_or(5).max(1);
+    let counts = (
+        args.get(1).copied().unwrap_or(300_000),
+        args.get(2).copied().unwrap_or(50_000),
+    );
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/examples/bench -> target/
+    let workspace_target = exe
+        .ancestors()
+        .nth(3)
+        .expect("target directory")
+        .to_path_buf();
+    let lib = build_libvgpu(&workspace_target);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let prog = compile(dir.path());
+    let node = SimNode::new(NodeSpec::uniform(1, GpuSpec::a100_80gb)).expect("sim node");
+
+    println!(
+        "libvgpu.so: {}\n{runs} runs per cell, {} launches and {} alloc/free pairs (1 MiB) per run; medians in ns/op\n",
+        lib.display(),
+        counts.0,
+        counts.1
+    );
+    println!(
+        "{:<9} {:<16} {:>10} {:>10} {:>12} {:>10}",
+        "path", "variant", "launch", "added", "alloc+free", "added"
+    );
+    for path in PATHS {
+        let mut samples = vec![(Vec::new(), Vec::new()); VARIANTS.len()];
+        for _ in 0..runs {
+            for (variant, s) in samples.iter_mut().enumerate() {
+                let (l, a) = run_once(&prog, &node, &lib, path, variant, counts);
+                s.0.push(l);
+                s.1.push(a);
+            }
+        }
+        let medians: Vec<(f64, f64)> = samples
+            .into_iter()
+            .map(|(l, a)| (median(l), median(a)))
+            .collect();
+        let (base_l, base_a) = medians[0];
+        for (variant, (l, a)) in medians.iter().enumerate() {
+            println!(
+                "{:<9} {:<16} {:>10.1} {:>+10.1} {:>12.1} {:>+10.1}",
+                path,
+                VARIANTS[variant],
+                l,
+                l - base_l,
+                a,
+                a - base_a
+            );
+        }
+    }
+}
