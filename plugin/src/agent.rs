@@ -234,6 +234,14 @@ pub async fn serve(
         (Some(client), Some(node)) => {
             let (pods, pod_task) = PodCache::start(client.clone(), node);
             pod_cache = Some((pods.clone(), node.clone()));
+            background.push(tokio::spawn(crate::cache_cleanup::run(
+                pods.clone(),
+                config.cache_root(),
+                config.cache_grace,
+                config
+                    .cache_grace
+                    .clamp(Duration::from_millis(200), Duration::from_secs(30)),
+            )));
             background.push(pod_task);
             background.push(tokio::spawn(node_annotations::publish(
                 client.clone(),

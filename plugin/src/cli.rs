@@ -86,6 +86,10 @@ pub struct Flags {
     #[arg(long, env = "VGPU_CACHE_ROOT")]
     cache_root: Option<PathBuf>,
 
+    /// How long a pod must be gone from the node before its cache directories are removed.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    cache_grace_period: std::time::Duration,
+
     /// HAMi-core's host lock directory, mounted at /tmp/vgpulock.
     #[arg(long, env = "VGPU_LOCK_DIR", default_value = "/tmp/vgpulock")]
     lock_dir: PathBuf,
@@ -133,6 +137,7 @@ impl Flags {
             hook_path: self.hook_path,
             lock_dir: self.lock_dir,
             cache_root: self.cache_root,
+            cache_grace: self.cache_grace_period,
             explicit: ExplicitFlags {
                 split_count: self.device_split_count,
                 memory_factor: self.gpu_memory_factor,

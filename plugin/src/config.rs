@@ -223,6 +223,8 @@ pub struct AgentConfig {
     pub container_features: [bool; 3],
     /// Health checking.
     pub health: HealthSettings,
+    /// How long a pod must be gone before its cache directories are removed.
+    pub cache_grace: Duration,
     /// Where `/metrics`, `/healthz` and `/readyz` are served; `None` turns the listener off.
     pub metrics_address: Option<std::net::SocketAddr>,
 }

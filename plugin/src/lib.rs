@@ -10,6 +10,7 @@
 
 pub mod agent;
 pub mod allocate;
+pub mod cache_cleanup;
 pub mod cli;
 pub mod cluster;
 pub mod config;

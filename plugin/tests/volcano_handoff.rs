@@ -1082,3 +1082,54 @@ async fn metrics_show_the_gpus_the_allocations_and_readiness() {
         "the garbage file"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_directories_of_pods_that_are_gone_are_removed_after_the_grace_period() {
+    let c = Cluster::start(
+        NodeSpec::uniform(2, GpuSpec::t4),
+        &["--cache-grace-period", "1s"],
+    )
+    .await;
+    let (a, b) = (c.uuid(0), c.uuid(1));
+    bind_v115(
+        &c,
+        "gone",
+        &[("cuda", Some(1), Some(1000), None)],
+        &dev(&a, 1000, 0),
+        1_787_220_000,
+    )
+    .await;
+    admit_ok(&c, NUMBER, 1).await;
+    bind_v115(
+        &c,
+        "stays",
+        &[("cuda", Some(1), Some(1000), None)],
+        &dev(&b, 1000, 0),
+        1_787_220_001,
+    )
+    .await;
+    admit_ok(&c, NUMBER, 1).await;
+    let gone_dir = c.cache_root().join(format!(
+        "{}_cuda",
+        c.pod("gone").await.metadata.uid.unwrap()
+    ));
+    let stays_dir = c.cache_root().join(format!(
+        "{}_cuda",
+        c.pod("stays").await.metadata.uid.unwrap()
+    ));
+    assert!(gone_dir.is_dir() && stays_dir.is_dir());
+
+    assert!(c.api.delete_object("pods", Some(NS), "gone").is_some());
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while gone_dir.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never removed:\n{}",
+            c.agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Several more sweeps: the live pod's directory is never touched.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(stays_dir.is_dir(), "a running pod's directory must stay");
+}
