@@ -131,6 +131,9 @@ impl Cluster {
 /// A container: name, vgpu-number, vgpu-memory, vgpu-cores limits (None = absent).
 type Ctr<'a> = (&'a str, Option<u64>, Option<u64>, Option<u64>);
 
+/// The pod most tests bind: one container `cuda` with 1 vGPU of 1000 MiB.
+const ONE_VGPU: &[Ctr<'static>] = &[("cuda", Some(1), Some(1000), None)];
+
 fn pod_json(name: &str, containers: &[Ctr<'_>]) -> Value {
     let containers: Vec<Value> = containers
         .iter()
@@ -396,14 +399,7 @@ async fn memory_only_container_is_handed_off_by_the_memory_endpoint_once() {
     );
 
     // A container with a count and memory: the memory endpoint answers empty, the number endpoint works.
-    bind_v115(
-        &c,
-        "p2",
-        &[("cuda", Some(1), Some(1000), None)],
-        &dev(&a, 1000, 0),
-        1_787_220_001,
-    )
-    .await;
+    bind_v115(&c, "p2", ONE_VGPU, &dev(&a, 1000, 0), 1_787_220_001).await;
     let empty = admit_ok(&c, MEMORY, 1000).await;
     assert!(empty.envs.is_empty() && empty.mounts.is_empty());
     assert_eq!(
@@ -418,14 +414,7 @@ async fn memory_only_container_is_handed_off_by_the_memory_endpoint_once() {
 async fn two_pods_bound_in_the_same_second_each_get_their_own_devices() {
     let c = Cluster::start(NodeSpec::uniform(2, GpuSpec::t4), &[]).await;
     let (a, b) = (c.uuid(0), c.uuid(1));
-    bind_v115(
-        &c,
-        "first",
-        &[("cuda", Some(1), Some(1000), None)],
-        &dev(&a, 1000, 0),
-        1_787_220_000,
-    )
-    .await;
+    bind_v115(&c, "first", ONE_VGPU, &dev(&a, 1000, 0), 1_787_220_000).await;
     tokio::time::sleep(Duration::from_millis(1100)).await; // distinct creation timestamps
     bind_v115(
         &c,
@@ -455,14 +444,7 @@ async fn two_pods_bound_in_the_same_second_each_get_their_own_devices() {
 async fn preferred_allocation_names_the_scheduler_s_gpu() {
     let c = Cluster::start(NodeSpec::uniform(4, GpuSpec::t4), &[]).await;
     let d = c.uuid(3);
-    bind_v115(
-        &c,
-        "p1",
-        &[("cuda", Some(1), Some(1000), None)],
-        &dev(&d, 1000, 0),
-        1_787_220_000,
-    )
-    .await;
+    bind_v115(&c, "p1", ONE_VGPU, &dev(&d, 1000, 0), 1_787_220_000).await;
     let view = c.kubelet.resource(NUMBER).unwrap();
     assert!(view.options.unwrap().get_preferred_allocation_available);
     let available: Vec<String> = view.devices.iter().map(|d| d.id.clone()).collect();
@@ -496,14 +478,7 @@ async fn no_pending_pod_is_a_clear_error_and_the_agent_keeps_serving() {
         status.message()
     );
     let a = c.uuid(0);
-    bind_v115(
-        &c,
-        "p1",
-        &[("cuda", Some(1), Some(1000), None)],
-        &dev(&a, 1000, 0),
-        1_787_220_000,
-    )
-    .await;
+    bind_v115(&c, "p1", ONE_VGPU, &dev(&a, 1000, 0), 1_787_220_000).await;
     admit_ok(&c, NUMBER, 1).await;
 }
 
@@ -514,7 +489,7 @@ async fn malformed_queue_fails_the_pod_with_an_event_and_others_still_allocate()
     bind_v115(
         &c,
         "bad",
-        &[("cuda", Some(1), Some(1000), None)],
+        ONE_VGPU,
         &format!("{a},NVIDIA,-1,0:"),
         1_787_220_000,
     )
@@ -543,14 +518,7 @@ async fn malformed_queue_fails_the_pod_with_an_event_and_others_still_allocate()
             .any(|e| e.to_string().contains("VGPUAllocateFailed") && e.to_string().contains("bad")),
         "{events:?}"
     );
-    bind_v115(
-        &c,
-        "good",
-        &[("cuda", Some(1), Some(1000), None)],
-        &dev(&a, 1000, 0),
-        1_787_220_001,
-    )
-    .await;
+    bind_v115(&c, "good", ONE_VGPU, &dev(&a, 1000, 0), 1_787_220_001).await;
     admit_ok(&c, NUMBER, 1).await;
     assert_eq!(
         c.annotation("good", "volcano.sh/bind-phase")
@@ -754,14 +722,7 @@ async fn an_apiserver_that_is_down_fails_allocate_clearly_and_recovers() {
         status.message()
     );
     c.api.set_down(false).await;
-    bind_v115(
-        &c,
-        "p1",
-        &[("cuda", Some(1), Some(1000), None)],
-        &dev(&a, 1000, 0),
-        1_787_220_000,
-    )
-    .await;
+    bind_v115(&c, "p1", ONE_VGPU, &dev(&a, 1000, 0), 1_787_220_000).await;
     admit_ok(&c, NUMBER, 1).await;
 }
 
@@ -769,14 +730,7 @@ async fn an_apiserver_that_is_down_fails_allocate_clearly_and_recovers() {
 async fn allocate_never_lists_every_pod_in_the_cluster() {
     let c = Cluster::start(NodeSpec::uniform(1, GpuSpec::t4), &[]).await;
     let a = c.uuid(0);
-    bind_v115(
-        &c,
-        "p1",
-        &[("cuda", Some(1), Some(1000), None)],
-        &dev(&a, 1000, 0),
-        1_787_220_000,
-    )
-    .await;
+    bind_v115(&c, "p1", ONE_VGPU, &dev(&a, 1000, 0), 1_787_220_000).await;
     admit_ok(&c, NUMBER, 1).await;
     for r in c.api.requests() {
         if r.method == "GET" && r.path.ends_with("/pods") {
@@ -800,14 +754,7 @@ async fn the_scheduler_s_node_lock_is_released_after_allocation() {
         .await
         .unwrap();
     let a = c.uuid(0);
-    bind_v115(
-        &c,
-        "p1",
-        &[("cuda", Some(1), Some(1000), None)],
-        &dev(&a, 1000, 0),
-        1_787_220_000,
-    )
-    .await;
+    bind_v115(&c, "p1", ONE_VGPU, &dev(&a, 1000, 0), 1_787_220_000).await;
     admit_ok(&c, NUMBER, 1).await;
     let annotations = nodes
         .get(NODE)
@@ -850,14 +797,7 @@ async fn config_map_in_volcano_system_and_node_config_filters_are_honoured() {
 async fn a_slow_apiserver_only_slows_allocate_down() {
     let c = Cluster::start(NodeSpec::uniform(1, GpuSpec::t4), &[]).await;
     let a = c.uuid(0);
-    bind_v115(
-        &c,
-        "p1",
-        &[("cuda", Some(1), Some(1000), None)],
-        &dev(&a, 1000, 0),
-        1_787_220_000,
-    )
-    .await;
+    bind_v115(&c, "p1", ONE_VGPU, &dev(&a, 1000, 0), 1_787_220_000).await;
     c.api.set_latency(Duration::from_millis(300));
     let started = std::time::Instant::now();
     admit_ok(&c, NUMBER, 1).await;
@@ -920,14 +860,7 @@ async fn back_to_back_allocates_of_one_pod_do_not_trust_a_lagging_watch() {
 async fn a_hung_apiserver_times_allocate_out_and_changes_nothing() {
     let c = Cluster::start(NodeSpec::uniform(1, GpuSpec::t4), &[]).await;
     let a = c.uuid(0);
-    bind_v115(
-        &c,
-        "p1",
-        &[("cuda", Some(1), Some(1000), None)],
-        &dev(&a, 1000, 0),
-        1_787_220_000,
-    )
-    .await;
+    bind_v115(&c, "p1", ONE_VGPU, &dev(&a, 1000, 0), 1_787_220_000).await;
     c.wait_until_watched().await;
     c.api.set_latency(Duration::from_secs(30));
     let id = c.kubelet.resource(NUMBER).unwrap().devices[0].id.clone();
@@ -967,14 +900,7 @@ async fn metrics_show_the_gpus_the_allocations_and_readiness() {
     )
     .await;
     let b = c.uuid(1);
-    bind_v115(
-        &c,
-        "p1",
-        &[("cuda", Some(1), Some(1000), None)],
-        &dev(&b, 1000, 0),
-        1_787_220_000,
-    )
-    .await;
+    bind_v115(&c, "p1", ONE_VGPU, &dev(&b, 1000, 0), 1_787_220_000).await;
     admit_ok(&c, NUMBER, 1).await;
 
     let (status, _) = tokio::task::spawn_blocking(move || http_get(port, "/readyz"))
@@ -1091,23 +1017,9 @@ async fn cache_directories_of_pods_that_are_gone_are_removed_after_the_grace_per
     )
     .await;
     let (a, b) = (c.uuid(0), c.uuid(1));
-    bind_v115(
-        &c,
-        "gone",
-        &[("cuda", Some(1), Some(1000), None)],
-        &dev(&a, 1000, 0),
-        1_787_220_000,
-    )
-    .await;
+    bind_v115(&c, "gone", ONE_VGPU, &dev(&a, 1000, 0), 1_787_220_000).await;
     admit_ok(&c, NUMBER, 1).await;
-    bind_v115(
-        &c,
-        "stays",
-        &[("cuda", Some(1), Some(1000), None)],
-        &dev(&b, 1000, 0),
-        1_787_220_001,
-    )
-    .await;
+    bind_v115(&c, "stays", ONE_VGPU, &dev(&b, 1000, 0), 1_787_220_001).await;
     admit_ok(&c, NUMBER, 1).await;
     let gone_dir = c.cache_root().join(format!(
         "{}_cuda",
