@@ -11,11 +11,18 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::{env, fs};
 
-const LIBRARY_SOURCES: &[&str] = &["sim_node.c", "sim_state.c", "nvml.c"];
-const CUDA_SOURCES: &[&str] = &["sim_node.c", "sim_state.c", "cuda_procs.c", "cuda.c"];
+const LIBRARY_SOURCES: &[&str] = &["sim_node.c", "sim_state.c", "timeline.c", "nvml.c"];
+const CUDA_SOURCES: &[&str] = &[
+    "sim_node.c",
+    "sim_state.c",
+    "timeline.c",
+    "cuda_procs.c",
+    "cuda.c",
+];
 const HEADERS: &[&str] = &[
     "sim_node.h",
     "sim_state.h",
+    "timeline.h",
     "nvml_api.h",
     "cuda_api.h",
     "cuda_procs.h",

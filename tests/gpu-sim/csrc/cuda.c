@@ -20,6 +20,7 @@
 #include "cuda_procs.h"
 #include "sim_node.h"
 #include "sim_state.h"
+#include "timeline.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -71,11 +72,15 @@ struct CUctx_st {
     bool alive;
     unsigned int flags;
     CUresult sticky;          /* a sticky error (the GPU fell off the bus), or 0 */
+    struct sim_tl_queue *tl_legacy; /* the legacy default stream's pending kernels */
+    struct sim_tl_mark tl_last; /* the last kernel this process queued in the context */
 };
 
 struct CUstream_st {
     struct CUctx_st *ctx;
     unsigned int flags;
+    struct sim_tl_queue *tl_queue; /* pending kernels (NULL until the first timed launch) */
+    struct CUgraph_st *capture; /* the graph being captured into (stream capture), or NULL */
 };
 
 struct CUmod_st {
@@ -85,6 +90,8 @@ struct CUmod_st {
 struct CUfunc_st {
     struct CUmod_st *mod;
     char *name;
+    uint64_t wave_ns;         /* time per wave ("@wave_ns=N" or GPU_SIM_WAVE_NS) */
+    uint64_t kernel_ns;       /* fixed time per launch ("@kernel_ns=N"); 0: by waves */
 };
 
 struct CUmemPoolHandle_st {
@@ -118,6 +125,7 @@ enum alloc_kind {
     A_ARRAY,        /* cuArrayCreate*, cuArray3DCreate* */
     A_MIPMAP,       /* cuMipmappedArrayCreate */
     A_VMM,          /* cuMemCreate */
+    A_GRAPH,        /* a launched graph allocation not freed inside its graph (graph memory) */
 };
 
 struct alloc {
@@ -153,6 +161,8 @@ struct device {
     unsigned int primary_flags;
     uint64_t small_sum;       /* bytes of small allocations (packed into 2 MiB pages) */
     struct CUmemPoolHandle_st *default_pool;
+    uint64_t graph_reserved;  /* graph memory pool: physical bytes held (charged) */
+    uint64_t graph_in_use;    /* ... of which used by live graph allocations */
 };
 
 /* Per-GPU model numbers for cuDeviceGetAttribute, picked by product name. */
@@ -178,18 +188,24 @@ static CUresult g_init_result;
 static bool g_forked;                 /* this is a child forked after cuInit */
 static struct sim_node *g_node;
 static struct sim_state g_state;
+static struct sim_tl g_tl;            /* the node's kernel timelines (timeline.h) */
+static uint64_t g_wave_ns;            /* GPU_SIM_WAVE_NS: default time per wave */
+static uint64_t g_graph_ns;           /* GPU_SIM_GRAPH_NS: time of a graph launch */
+static int g_host_pid;                /* getpid() + GPU_SIM_HOST_PID_OFFSET, what NVML reports */
 static unsigned int g_dev_count;
 static struct device g_devs[SIM_MAX_GPUS];
 static struct alloc *g_allocs;
 static struct reservation *g_reservations;
 static struct mapping *g_mappings;
 static struct registry g_contexts, g_streams, g_modules, g_functions, g_pools;
+static struct registry g_graphs, g_graph_nodes, g_graph_execs;
 static uint64_t g_next_va = VA_BASE;
 static uint32_t g_next_va32 = VA32_BASE;
 static uint64_t g_next_handle = 0x1000;
 
 static __thread struct CUctx_st *t_stack[CTX_STACK_DEPTH];
 static __thread int t_depth;
+static __thread struct sim_tl_queue *t_ptds_queue; /* this thread's per-thread default stream */
 
 /* ------------------------------------------------------------------------ */
 /* Small helpers                                                             */
@@ -259,6 +275,22 @@ static CUresult leave(CUresult r)
 {
     unlock();
     return r;
+}
+
+/*
+ * Waits until the kernel of mark (and so every earlier one of this process on that GPU) has
+ * completed, sleeping without the driver lock; the lock is held again on return.
+ */
+static void wait_for(const struct sim_tl_mark *mark)
+{
+    struct sim_tl_mark m = *mark; /* the owner may be freed while we sleep */
+    uint64_t hint;
+
+    while ((hint = sim_tl_wait_hint(&g_tl, &m, sim_tl_now_ns())) != 0) {
+        unlock();
+        sim_tl_sleep_until(hint);
+        lock();
+    }
 }
 
 static struct sim_gpu *gpu_of(int dev)
@@ -347,7 +379,7 @@ static struct alloc *find_alloc(uint64_t key, bool (*kind_ok)(enum alloc_kind))
 
 static bool is_linear(enum alloc_kind k)
 {
-    return k == A_LINEAR || k == A_LINEAR_V1 || k == A_MANAGED || k == A_ASYNC;
+    return k == A_LINEAR || k == A_LINEAR_V1 || k == A_MANAGED || k == A_ASYNC || k == A_GRAPH;
 }
 
 static bool is_array(enum alloc_kind k)
@@ -397,6 +429,23 @@ static CUresult new_device_object(struct CUctx_st *ctx, int dev, enum alloc_kind
     if (bytes > MAX_REQUEST)
         return CUDA_ERROR_OUT_OF_MEMORY;
     size = round_up(bytes, ALLOC_ALIGN);
+    if (kind == A_MANAGED) {
+        /* Managed memory lives in host pages until the device touches them (it may exceed
+         * the device's memory and pages migrate/spill on demand); no kernel ever runs here,
+         * so none of it is resident: nothing is charged to the device, it is only counted. */
+        a = calloc(1, sizeof *a);
+        if (a == NULL)
+            return CUDA_ERROR_OUT_OF_MEMORY;
+        sim_state_add_managed(&g_state, d->gpu, size);
+        a->kind = kind;
+        a->size = size;
+        a->dev = dev;
+        a->ctx = ctx;
+        a->next = g_allocs;
+        g_allocs = a;
+        *out = a;
+        return CUDA_SUCCESS;
+    }
     small = size < SMALL_LIMIT;
     cost = small ? round_up(d->small_sum + size, PAGE) - round_up(d->small_sum, PAGE)
                  : round_up(size, PAGE);
@@ -424,7 +473,12 @@ static CUresult new_device_object(struct CUctx_st *ctx, int dev, enum alloc_kind
 
 static void free_object(struct alloc *a)
 {
-    if (a->dev >= 0) {
+    if (a->kind == A_MANAGED) {
+        sim_state_sub_managed(&g_state, g_devs[a->dev].gpu, a->size);
+    } else if (a->kind == A_GRAPH) {
+        /* Back to the device's graph pool, which keeps it until cuDeviceGraphMemTrim. */
+        g_devs[a->dev].graph_in_use -= a->size;
+    } else if (a->dev >= 0) {
         struct device *d = &g_devs[a->dev];
         if (a->small) {
             uint64_t before = round_up(d->small_sum, PAGE);
@@ -532,6 +586,7 @@ static void ctx_destroy(struct CUctx_st *c)
         struct CUstream_st *s = g_streams.items[i];
         if (s->ctx == c) {
             reg_remove(&g_streams, s);
+            free(s->tl_queue);
             free(s);
         }
     }
@@ -664,10 +719,49 @@ static void apply_visible_devices(void)
     }
 }
 
+/*
+ * A decimal environment variable of the kernel time model (unset or empty: 0). False after
+ * one line on stderr naming it when it is not a number up to max.
+ */
+static bool env_number(const char *name, unsigned long long max, const char *unit,
+                       unsigned long long *out)
+{
+    const char *v = getenv(name);
+    char *end;
+
+    *out = 0;
+    if (v == NULL || v[0] == '\0')
+        return true;
+    errno = 0;
+    *out = strtoull(v, &end, 10);
+    if (v[0] < '0' || v[0] > '9' || *end != '\0' || errno != 0 || *out > max) {
+        report("gpu-sim: %s='%s': expected a decimal number of %s from 0 to %llu", name, v,
+               unit, max);
+        return false;
+    }
+    return true;
+}
+
+static bool read_time_env(void)
+{
+    unsigned long long wave, graph, offset;
+
+    if (!env_number("GPU_SIM_WAVE_NS", SIM_TL_HORIZON_MAX_NS, "nanoseconds", &wave) ||
+        !env_number("GPU_SIM_GRAPH_NS", SIM_TL_HORIZON_MAX_NS, "nanoseconds", &graph) ||
+        !env_number("GPU_SIM_HOST_PID_OFFSET", 1000000000ull, "pids", &offset))
+        return false;
+    g_wave_ns = wave;
+    g_graph_ns = graph;
+    g_host_pid = (int)getpid() + (int)offset;
+    return true;
+}
+
 static CUresult do_init(void)
 {
     struct sim_node *node = NULL;
 
+    if (!read_time_env())
+        return CUDA_ERROR_UNKNOWN;
     switch (sim_node_load_from_env(&node)) {
     case SIM_LOAD_OK:
         break;
@@ -701,6 +795,16 @@ static CUresult do_init(void)
         g_node = NULL;
         return CUDA_ERROR_OPERATING_SYSTEM;
     }
+    if (sim_tl_open(node->node_path, true, node->utilization_period_ns, &g_tl) != 0) {
+        report("gpu-sim: %s%s: cannot open the kernel timeline: %s", node->node_path,
+               SIM_TL_SUFFIX, strerror(errno));
+        sim_state_detach(&g_state);
+        sim_state_close(&g_state);
+        sim_node_free(node);
+        g_node = NULL;
+        return CUDA_ERROR_OPERATING_SYSTEM;
+    }
+    sim_tl_attach(&g_tl, g_state.slot, (int)getpid(), g_host_pid);
     pthread_atfork(NULL, NULL, after_fork_in_child);
     return CUDA_SUCCESS;
 }
@@ -1337,7 +1441,10 @@ CUresult cuCtxSynchronize(void)
 
     if (r != CUDA_SUCCESS)
         return r;
-    return leave(current_ctx(&c));
+    r = current_ctx(&c);
+    if (r == CUDA_SUCCESS)
+        wait_for(&c->tl_last); /* every kernel this process queued in the context */
+    return leave(r);
 }
 
 CUresult cuDevicePrimaryCtxRetain(CUcontext *pctx, CUdevice dev)
@@ -1617,8 +1724,9 @@ CUresult cuMemAllocPitch_v2(CUdeviceptr *dptr, size_t *pPitch, size_t WidthInByt
     return leave(r);
 }
 
-/* Counts against the current device's memory like cuMemAlloc; the pointer is real host
- * memory (the host can touch managed memory). */
+/* Host-backed (the host can touch managed memory) and not charged to the device: like the
+ * real driver, managed allocations may exceed the device's memory (pages migrate on demand).
+ * Counted node-wide in the state file's managed_bytes. */
 CUresult cuMemAllocManaged(CUdeviceptr *dptr, size_t bytesize, unsigned int flags)
 {
     uint64_t addr = 0;
@@ -1646,6 +1754,14 @@ CUresult cuMemAllocManaged(CUdeviceptr *dptr, size_t bytesize, unsigned int flag
  * stream-ordered allocation costs exactly what cuMemAlloc would, on the pool's
  * device, from allocation to free. A pool's maxSize caps what it hands out.
  */
+static CUresult graph_alloc_node(struct CUgraph_st *g, int dev, uint64_t bytes, uint64_t *dptr);
+static CUresult graph_free_node(struct CUgraph_st *g, uint64_t dptr);
+
+static struct CUgraph_st *capturing(CUstream s)
+{
+    return s != NULL && s != CU_STREAM_LEGACY && s != CU_STREAM_PER_THREAD ? s->capture : NULL;
+}
+
 static CUresult alloc_async(CUdeviceptr *dptr, size_t bytesize, struct CUmemPoolHandle_st *pool,
                             bool explicit_pool, CUstream stream)
 {
@@ -1663,6 +1779,14 @@ static CUresult alloc_async(CUdeviceptr *dptr, size_t bytesize, struct CUmemPool
     r = check_stream(stream);
     if (r != CUDA_SUCCESS)
         return r;
+    if (capturing(stream) != NULL) {
+        /* Captured: becomes a memory-allocation node of the graph (no memory yet). */
+        uint64_t va = 0;
+        r = graph_alloc_node(capturing(stream), explicit_pool ? pool->dev : c->dev, bytesize, &va);
+        if (r == CUDA_SUCCESS)
+            *dptr = va;
+        return r;
+    }
     if (!explicit_pool) {
         pool = default_pool(c->dev);
         if (pool == NULL)
@@ -1710,6 +1834,8 @@ static CUresult free_async(CUdeviceptr dptr, CUstream stream)
 {
     CUresult r = check_stream(stream);
 
+    if (r == CUDA_SUCCESS && capturing(stream) != NULL)
+        return graph_free_node(capturing(stream), dptr); /* a memory-free node */
     return r ? r : mem_free(dptr);
 }
 
@@ -1977,6 +2103,420 @@ CUresult cuMemUnmap(CUdeviceptr ptr, size_t size)
         }
     }
     return leave(any ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Graph memory                                                              */
+/* ------------------------------------------------------------------------ */
+
+/*
+ * Graphs model what memory accounting sees, nothing else: memory-allocation
+ * and memory-free nodes (no other node kinds), stream capture of
+ * cuMemAllocAsync/cuMemFreeAsync, instantiation and launch. As in the driver:
+ *   - an allocation node gets its device address when it is added (or
+ *     captured); no physical memory is taken then;
+ *   - a launch takes physical memory for the graph's allocations from the
+ *     device's graph memory pool, growing the pool (charged to the device,
+ *     CUDA_ERROR_OUT_OF_MEMORY when there is no room) only beyond what it
+ *     already holds; allocations freed inside the graph return to the pool
+ *     at the end of the launch, the others stay live until cuMemFree or
+ *     cuMemFreeAsync (launching again while one is live is
+ *     CUDA_ERROR_INVALID_VALUE);
+ *   - the pool keeps its memory until cuDeviceGraphMemTrim gives back what
+ *     no live allocation uses.
+ * Limits: a free node must free an allocation node of the same graph; a
+ * launch completes at once; dependencies are only checked to belong to the
+ * graph.
+ */
+
+struct graph_alloc {
+    struct graph_alloc *next;
+    uint64_t dptr;
+    uint64_t size;            /* rounded up to whole 2 MiB pages */
+    int dev;
+    bool freed_in_graph;      /* a free node of the same graph frees it */
+};
+
+struct CUgraph_st {
+    struct graph_alloc *allocs;
+    uint64_t kernel_ns;         /* time of the kernels captured into it (kernel time model) */
+};
+
+struct CUgraphNode_st {
+    struct CUgraph_st *graph;
+};
+
+struct CUgraphExec_st {
+    struct graph_alloc *allocs; /* a copy of the graph's at instantiation */
+    uint64_t kernel_ns;         /* the graph's kernel time at instantiation */
+};
+
+static void graph_allocs_free(struct graph_alloc *a)
+{
+    while (a != NULL) {
+        struct graph_alloc *next = a->next;
+        free(a);
+        a = next;
+    }
+}
+
+static CUresult graph_alloc_node(struct CUgraph_st *g, int dev, uint64_t bytes, uint64_t *dptr)
+{
+    struct graph_alloc *a;
+
+    if (bytes == 0)
+        return CUDA_ERROR_INVALID_VALUE;
+    if (bytes > MAX_REQUEST)
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    a = calloc(1, sizeof *a);
+    if (a == NULL)
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    a->size = round_up(bytes, PAGE);
+    a->dptr = next_va(a->size, PAGE);
+    a->dev = dev;
+    a->next = g->allocs;
+    g->allocs = a;
+    *dptr = a->dptr;
+    return CUDA_SUCCESS;
+}
+
+static CUresult graph_free_node(struct CUgraph_st *g, uint64_t dptr)
+{
+    struct graph_alloc *a;
+
+    for (a = g->allocs; a != NULL; a = a->next) {
+        if (a->dptr == dptr && !a->freed_in_graph) {
+            a->freed_in_graph = true;
+            return CUDA_SUCCESS;
+        }
+    }
+    return CUDA_ERROR_INVALID_VALUE;
+}
+
+static CUresult new_node(CUgraphNode *out, struct CUgraph_st *g, const CUgraphNode *deps,
+                         size_t ndeps)
+{
+    struct CUgraphNode_st *n;
+    size_t i;
+
+    if (out == NULL || !reg_has(&g_graphs, g) || (ndeps > 0 && deps == NULL))
+        return CUDA_ERROR_INVALID_VALUE;
+    for (i = 0; i < ndeps; i++) {
+        if (!reg_has(&g_graph_nodes, deps[i]) || deps[i]->graph != g)
+            return CUDA_ERROR_INVALID_VALUE;
+    }
+    n = calloc(1, sizeof *n);
+    if (n == NULL || !reg_add(&g_graph_nodes, n)) {
+        free(n);
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    n->graph = g;
+    *out = n;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuGraphCreate(CUgraph *phGraph, unsigned int flags)
+{
+    struct CUgraph_st *g;
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (phGraph == NULL || flags != 0)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    g = calloc(1, sizeof *g);
+    if (g == NULL || !reg_add(&g_graphs, g)) {
+        free(g);
+        return leave(CUDA_ERROR_OUT_OF_MEMORY);
+    }
+    *phGraph = g;
+    return leave(CUDA_SUCCESS);
+}
+
+/* Live allocations made by launches stay valid. */
+CUresult cuGraphDestroy(CUgraph hGraph)
+{
+    size_t i;
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (!reg_has(&g_graphs, hGraph))
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    for (i = g_graph_nodes.count; i-- > 0;) {
+        struct CUgraphNode_st *n = g_graph_nodes.items[i];
+        if (n->graph == hGraph) {
+            reg_remove(&g_graph_nodes, n);
+            free(n);
+        }
+    }
+    graph_allocs_free(hGraph->allocs);
+    reg_remove(&g_graphs, hGraph);
+    free(hGraph);
+    return leave(CUDA_SUCCESS);
+}
+
+CUresult cuGraphAddMemAllocNode(CUgraphNode *phGraphNode, CUgraph hGraph,
+                                const CUgraphNode *dependencies, size_t numDependencies,
+                                CUDA_MEM_ALLOC_NODE_PARAMS *nodeParams)
+{
+    struct CUctx_st *c;
+    uint64_t va = 0;
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    r = current_ctx(&c);
+    if (r != CUDA_SUCCESS)
+        return leave(r);
+    if (nodeParams == NULL || nodeParams->bytesize == 0 ||
+        nodeParams->poolProps.allocType != CU_MEM_ALLOCATION_TYPE_PINNED ||
+        nodeParams->poolProps.location.type != CU_MEM_LOCATION_TYPE_DEVICE ||
+        (nodeParams->accessDescCount > 0 && nodeParams->accessDescs == NULL))
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    if (!valid_dev(nodeParams->poolProps.location.id))
+        return leave(CUDA_ERROR_INVALID_DEVICE);
+    r = new_node(phGraphNode, hGraph, dependencies, numDependencies);
+    if (r != CUDA_SUCCESS)
+        return leave(r);
+    r = graph_alloc_node(hGraph, nodeParams->poolProps.location.id, nodeParams->bytesize, &va);
+    if (r != CUDA_SUCCESS) {
+        reg_remove(&g_graph_nodes, *phGraphNode);
+        free(*phGraphNode);
+        return leave(r);
+    }
+    nodeParams->dptr = va;
+    return leave(CUDA_SUCCESS);
+}
+
+CUresult cuGraphAddMemFreeNode(CUgraphNode *phGraphNode, CUgraph hGraph,
+                               const CUgraphNode *dependencies, size_t numDependencies,
+                               CUdeviceptr dptr)
+{
+    struct graph_alloc *a;
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (!reg_has(&g_graphs, hGraph))
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    for (a = hGraph->allocs; a != NULL; a = a->next) {
+        if (a->dptr == dptr && !a->freed_in_graph)
+            break;
+    }
+    if (a == NULL)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    r = new_node(phGraphNode, hGraph, dependencies, numDependencies);
+    if (r == CUDA_SUCCESS)
+        a->freed_in_graph = true;
+    return leave(r);
+}
+
+CUresult cuGraphInstantiateWithFlags(CUgraphExec *phGraphExec, CUgraph hGraph,
+                                     unsigned long long flags)
+{
+    struct CUgraphExec_st *e;
+    struct graph_alloc *a;
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    /* CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH (1) is the only flag modelled. */
+    if (phGraphExec == NULL || !reg_has(&g_graphs, hGraph) || (flags & ~1ull) != 0)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    e = calloc(1, sizeof *e);
+    if (e == NULL)
+        return leave(CUDA_ERROR_OUT_OF_MEMORY);
+    for (a = hGraph->allocs; a != NULL; a = a->next) {
+        struct graph_alloc *copy = malloc(sizeof *copy);
+        if (copy == NULL) {
+            graph_allocs_free(e->allocs);
+            free(e);
+            return leave(CUDA_ERROR_OUT_OF_MEMORY);
+        }
+        *copy = *a;
+        copy->next = e->allocs;
+        e->allocs = copy;
+    }
+    e->kernel_ns = hGraph->kernel_ns;
+    if (!reg_add(&g_graph_execs, e)) {
+        graph_allocs_free(e->allocs);
+        free(e);
+        return leave(CUDA_ERROR_OUT_OF_MEMORY);
+    }
+    *phGraphExec = e;
+    return leave(CUDA_SUCCESS);
+}
+
+CUresult cuGraphExecDestroy(CUgraphExec hGraphExec)
+{
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (!reg_has(&g_graph_execs, hGraphExec))
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    reg_remove(&g_graph_execs, hGraphExec);
+    graph_allocs_free(hGraphExec->allocs);
+    free(hGraphExec);
+    return leave(CUDA_SUCCESS);
+}
+
+/*
+ * The memory side of launching an instantiated graph in context c: all or
+ * nothing. Called by graph_launch for executables made by
+ * cuGraphInstantiateWithFlags (other non-NULL handles carry no memory).
+ */
+static CUresult graph_exec_memory(struct CUgraphExec_st *e, struct CUctx_st *c)
+{
+    uint64_t need[SIM_MAX_GPUS] = {0}, grown[SIM_MAX_GPUS] = {0};
+    struct graph_alloc *a;
+    unsigned int d;
+
+    for (a = e->allocs; a != NULL; a = a->next) {
+        if (find_alloc(a->dptr, is_linear) != NULL)
+            return CUDA_ERROR_INVALID_VALUE; /* still live from an earlier launch */
+        need[a->dev] += a->size;
+    }
+    for (d = 0; d < g_dev_count; d++) {
+        struct device *dv = &g_devs[d];
+        uint64_t want = dv->graph_in_use + need[d];
+        if (want > dv->graph_reserved) {
+            if (charge((int)d, want - dv->graph_reserved) != CUDA_SUCCESS) {
+                while (d-- > 0) {
+                    uncharge((int)d, grown[d]);
+                    g_devs[d].graph_reserved -= grown[d];
+                }
+                return CUDA_ERROR_OUT_OF_MEMORY;
+            }
+            grown[d] = want - dv->graph_reserved;
+            dv->graph_reserved = want;
+        }
+    }
+    for (a = e->allocs; a != NULL; a = a->next) {
+        struct alloc *live;
+        if (a->freed_in_graph)
+            continue; /* used and returned to the pool within the launch */
+        live = calloc(1, sizeof *live);
+        if (live == NULL)
+            continue; /* host out of memory: the pool keeps it */
+        g_devs[a->dev].graph_in_use += a->size;
+        live->kind = A_GRAPH;
+        live->key = a->dptr;
+        live->size = a->size;
+        live->dev = a->dev;
+        live->ctx = c;
+        live->next = g_allocs;
+        g_allocs = live;
+    }
+    return CUDA_SUCCESS;
+}
+
+/* Gives the graph memory pool's unused physical memory back to the device. */
+CUresult cuDeviceGraphMemTrim(CUdevice device)
+{
+    struct device *d;
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (!valid_dev(device))
+        return leave(CUDA_ERROR_INVALID_DEVICE);
+    d = &g_devs[device];
+    uncharge(device, d->graph_reserved - d->graph_in_use);
+    d->graph_reserved = d->graph_in_use;
+    return leave(CUDA_SUCCESS);
+}
+
+static CUresult begin_capture(CUstream s, CUstreamCaptureMode mode)
+{
+    struct CUctx_st *c;
+    struct CUgraph_st *g;
+    CUresult r = current_ctx(&c);
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (mode != CU_STREAM_CAPTURE_MODE_GLOBAL && mode != CU_STREAM_CAPTURE_MODE_THREAD_LOCAL &&
+        mode != CU_STREAM_CAPTURE_MODE_RELAXED)
+        return CUDA_ERROR_INVALID_VALUE;
+    /* The legacy default stream cannot be captured (the per-thread one can in the driver; it
+     * is not modelled here). */
+    if (s == NULL || s == CU_STREAM_LEGACY || s == CU_STREAM_PER_THREAD)
+        return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+    if (!reg_has(&g_streams, s))
+        return CUDA_ERROR_INVALID_HANDLE;
+    if (s->capture != NULL)
+        return CUDA_ERROR_ILLEGAL_STATE;
+    g = calloc(1, sizeof *g);
+    if (g == NULL || !reg_add(&g_graphs, g)) {
+        free(g);
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    s->capture = g;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuStreamBeginCapture_v2(CUstream hStream, CUstreamCaptureMode mode)
+{
+    CUresult r = enter();
+    return r ? r : leave(begin_capture(hStream, mode));
+}
+
+CUresult cuStreamBeginCapture_v2_ptsz(CUstream hStream, CUstreamCaptureMode mode)
+{
+    CUresult r = enter();
+    return r ? r : leave(begin_capture(hStream, mode));
+}
+
+static CUresult end_capture(CUstream s, CUgraph *graph)
+{
+    if (graph == NULL)
+        return CUDA_ERROR_INVALID_VALUE;
+    if (s == NULL || s == CU_STREAM_LEGACY || s == CU_STREAM_PER_THREAD)
+        return CUDA_ERROR_ILLEGAL_STATE;
+    if (!reg_has(&g_streams, s))
+        return CUDA_ERROR_INVALID_HANDLE;
+    if (s->capture == NULL)
+        return CUDA_ERROR_ILLEGAL_STATE;
+    *graph = s->capture;
+    s->capture = NULL;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuStreamEndCapture(CUstream hStream, CUgraph *phGraph)
+{
+    CUresult r = enter();
+    return r ? r : leave(end_capture(hStream, phGraph));
+}
+
+CUresult cuStreamEndCapture_ptsz(CUstream hStream, CUgraph *phGraph)
+{
+    CUresult r = enter();
+    return r ? r : leave(end_capture(hStream, phGraph));
+}
+
+static CUresult is_capturing(CUstream s, CUstreamCaptureStatus *status)
+{
+    CUresult r = check_stream(s);
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (status == NULL)
+        return CUDA_ERROR_INVALID_VALUE;
+    *status = capturing(s) != NULL ? CU_STREAM_CAPTURE_STATUS_ACTIVE : CU_STREAM_CAPTURE_STATUS_NONE;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuStreamIsCapturing(CUstream hStream, CUstreamCaptureStatus *captureStatus)
+{
+    CUresult r = enter();
+    return r ? r : leave(is_capturing(hStream, captureStatus));
+}
+
+CUresult cuStreamIsCapturing_ptsz(CUstream hStream, CUstreamCaptureStatus *captureStatus)
+{
+    CUresult r = enter();
+    return r ? r : leave(is_capturing(hStream, captureStatus));
 }
 
 /* ------------------------------------------------------------------------ */
@@ -2262,6 +2802,46 @@ CUresult cuModuleUnload(CUmodule hmod)
     return leave(CUDA_SUCCESS);
 }
 
+/*
+ * The kernel time model's cost of a function, from its name: "...@wave_ns=N" (time per wave)
+ * or "...@kernel_ns=N" (time per launch, whatever the grid); otherwise GPU_SIM_WAVE_NS per
+ * wave. False (after one line on stderr) for a malformed number.
+ */
+static bool function_cost(struct CUfunc_st *f)
+{
+    const char *at = strrchr(f->name, '@');
+    const char *digits;
+    uint64_t *field;
+    char *end;
+    unsigned long long n;
+
+    f->wave_ns = g_wave_ns;
+    f->kernel_ns = 0;
+    if (at == NULL)
+        return true;
+    if (strncmp(at, "@wave_ns=", 9) == 0) {
+        digits = at + 9;
+        field = &f->wave_ns;
+    } else if (strncmp(at, "@kernel_ns=", 11) == 0) {
+        digits = at + 11;
+        field = &f->kernel_ns;
+    } else {
+        return true; /* an '@' that is not a cost */
+    }
+    errno = 0;
+    n = strtoull(digits, &end, 10);
+    if (digits[0] < '0' || digits[0] > '9' || *end != '\0' || errno != 0) {
+        report("gpu-sim: cuModuleGetFunction(\"%s\"): bad cost '%s': expected decimal "
+               "nanoseconds, as in \"name@kernel_ns=1000000\"",
+               f->name, digits);
+        return false;
+    }
+    *field = n;
+    if (field == &f->kernel_ns)
+        f->wave_ns = 0;
+    return true;
+}
+
 /* Every name exists; asking twice for one name gives the same handle. */
 CUresult cuModuleGetFunction(CUfunction *hfunc, CUmodule hmod, const char *name)
 {
@@ -2290,6 +2870,12 @@ CUresult cuModuleGetFunction(CUfunction *hfunc, CUmodule hmod, const char *name)
             free(f->name);
         free(f);
         return leave(CUDA_ERROR_OUT_OF_MEMORY);
+    }
+    if (!function_cost(f)) {
+        reg_remove(&g_functions, f);
+        free(f->name);
+        free(f);
+        return leave(CUDA_ERROR_NOT_FOUND);
     }
     f->mod = hmod;
     *hfunc = f;
@@ -2329,6 +2915,7 @@ static CUresult stream_destroy(CUstream s)
     if (!reg_has(&g_streams, s))
         return CUDA_ERROR_INVALID_HANDLE;
     reg_remove(&g_streams, s);
+    free(s->tl_queue);
     free(s);
     return CUDA_SUCCESS;
 }
@@ -2345,8 +2932,9 @@ CUresult cuStreamDestroy_v2(CUstream hStream)
     return r ? r : leave(stream_destroy(hStream));
 }
 
-/* Nothing is ever pending. A created stream carries its context; the default streams need
- * a current one. */
+/* Waits for the kernels this process queued on the stream. A created stream carries its
+ * context; the default streams need a current one (legacy: the context's; per-thread: the
+ * calling thread's). */
 static CUresult stream_sync(CUstream s)
 {
     struct CUctx_st *c;
@@ -2354,9 +2942,22 @@ static CUresult stream_sync(CUstream s)
 
     if (r != CUDA_SUCCESS)
         return r;
-    if (s != NULL && s != CU_STREAM_LEGACY && s != CU_STREAM_PER_THREAD)
-        return ctx_health(s->ctx);
-    return current_ctx(&c);
+    if (s != NULL && s != CU_STREAM_LEGACY && s != CU_STREAM_PER_THREAD) {
+        r = ctx_health(s->ctx);
+        if (r == CUDA_SUCCESS && s->tl_queue != NULL)
+            wait_for(&s->tl_queue->last);
+        return r;
+    }
+    r = current_ctx(&c);
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (s == CU_STREAM_PER_THREAD) {
+        if (t_ptds_queue != NULL)
+            wait_for(&t_ptds_queue->last);
+    } else if (c->tl_legacy != NULL) {
+        wait_for(&c->tl_legacy->last);
+    }
+    return CUDA_SUCCESS;
 }
 
 CUresult cuStreamSynchronize(CUstream hStream)
@@ -2376,14 +2977,93 @@ CUresult cuStreamSynchronize_ptsz(CUstream hStream)
 /* ------------------------------------------------------------------------ */
 
 /*
- * Validates a launch the way the driver does before it queues anything, then
- * counts it (and its blocks) for the current context's GPU in the node state.
+ * The pending-kernel queue of a stream in context c, allocated on first use (NULL when out
+ * of memory): a created stream's own, the context's legacy stream, or the calling thread's
+ * per-thread default stream.
+ */
+static struct sim_tl_queue *queue_of(struct CUctx_st *c, CUstream stream)
+{
+    struct sim_tl_queue **slot;
+
+    if (stream == CU_STREAM_PER_THREAD)
+        slot = &t_ptds_queue;
+    else if (stream == NULL || stream == CU_STREAM_LEGACY)
+        slot = &c->tl_legacy;
+    else
+        slot = &stream->tl_queue;
+    if (*slot == NULL)
+        *slot = calloc(1, sizeof **slot);
+    return *slot;
+}
+
+/*
+ * Queues duration_ns of device work from context c on stream, behind this process's earlier
+ * kernels on the GPU's timeline (timeline.h). Blocks (sleeping without the driver lock) while
+ * the stream has SIM_TL_STREAM_DEPTH kernels pending or the timeline refuses more (horizon,
+ * lanes); the context and stream are checked again after each wait, since another thread may
+ * have destroyed them.
+ */
+static CUresult queue_work(struct CUctx_st *c, CUstream stream, uint64_t duration_ns)
+{
+    for (;;) {
+        struct sim_tl_queue *q = queue_of(c, stream);
+        const struct sim_tl_mark *oldest;
+        struct sim_tl_mark mark;
+        uint64_t wait;
+        CUresult r;
+
+        if (q == NULL)
+            return CUDA_ERROR_OUT_OF_MEMORY;
+        oldest = sim_tl_queue_full(&g_tl, q);
+        if (oldest != NULL) {
+            wait_for(oldest); /* the stream's queue is full: wait for its oldest kernel */
+        } else {
+            wait = sim_tl_enqueue(&g_tl, g_devs[c->dev].gpu, g_state.slot, (int)getpid(),
+                                  g_host_pid, duration_ns, sim_tl_now_ns(), &mark);
+            if (wait == 0) {
+                sim_tl_queue_push(q, &mark);
+                c->tl_last = mark;
+                return CUDA_SUCCESS;
+            }
+            unlock();
+            sim_tl_sleep_until(wait);
+            lock();
+        }
+        if (!c->alive)
+            return CUDA_ERROR_INVALID_CONTEXT;
+        r = ctx_health(c);
+        if (r == CUDA_SUCCESS)
+            r = check_stream(stream);
+        if (r != CUDA_SUCCESS)
+            return r;
+    }
+}
+
+/* Blocks of a launch's shape that fit on one SM at once (at least 1). */
+static uint64_t blocks_per_sm(int dev, uint64_t threads_per_block, unsigned int shared_mem)
+{
+    const struct model *m = model_of(gpu_of(dev));
+    bool turing = m->cc_major == 7 && m->cc_minor == 5;
+    uint64_t fit = turing ? 16 : 32;
+
+    if ((uint64_t)m->threads_per_sm / threads_per_block < fit)
+        fit = (uint64_t)m->threads_per_sm / threads_per_block;
+    if (shared_mem > 0 && (uint64_t)m->smem_per_sm / shared_mem < fit)
+        fit = (uint64_t)m->smem_per_sm / shared_mem;
+    return fit > 0 ? fit : 1;
+}
+
+/*
+ * Validates a launch the way the driver does before it queues anything, queues its time on
+ * the current context's GPU (the kernel time model in README.md) and counts it (and its
+ * blocks) in the node state.
  */
 static CUresult launch(CUfunction f, unsigned int gx, unsigned int gy, unsigned int gz,
-                       unsigned int bx, unsigned int by, unsigned int bz, CUstream stream,
-                       void **params, void **extra)
+                       unsigned int bx, unsigned int by, unsigned int bz, unsigned int smem,
+                       bool cooperative, CUstream stream, void **params, void **extra)
 {
     struct CUctx_st *c;
+    uint64_t blocks, per_wave, duration;
     CUresult r = current_ctx(&c);
 
     if (r != CUDA_SUCCESS)
@@ -2400,7 +3080,30 @@ static CUresult launch(CUfunction f, unsigned int gx, unsigned int gy, unsigned 
     r = check_stream(stream);
     if (r != CUDA_SUCCESS)
         return r;
-    sim_state_count_launch(&g_state, g_devs[c->dev].gpu, (uint64_t)gx * gy * gz, false);
+    blocks = (uint64_t)gx * gy * gz;
+    per_wave = (uint64_t)model_of(gpu_of(c->dev))->sms *
+               blocks_per_sm(c->dev, (uint64_t)bx * by * bz, smem);
+    if (cooperative && blocks > per_wave)
+        return CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE; /* all blocks must be resident at once */
+    if (f->kernel_ns > 0) {
+        duration = f->kernel_ns;
+    } else {
+        uint64_t waves = (blocks + per_wave - 1) / per_wave;
+        /* Saturates: the timeline caps a kernel at its horizon anyway. */
+        duration = f->wave_ns > UINT64_MAX / waves ? UINT64_MAX : waves * f->wave_ns;
+    }
+    if (stream != NULL && stream != CU_STREAM_LEGACY && stream != CU_STREAM_PER_THREAD &&
+        stream->capture != NULL) {
+        /* Captured, not run: the kernel becomes part of the graph's time. */
+        stream->capture->kernel_ns += duration;
+        return CUDA_SUCCESS;
+    }
+    if (duration > 0) {
+        r = queue_work(c, stream, duration);
+        if (r != CUDA_SUCCESS)
+            return r;
+    }
+    sim_state_count_launch(&g_state, g_devs[c->dev].gpu, blocks, false);
     return CUDA_SUCCESS;
 }
 
@@ -2411,10 +3114,9 @@ CUresult cuLaunchKernel(CUfunction f, unsigned int gridDimX, unsigned int gridDi
 {
     CUresult r = enter();
 
-    (void)sharedMemBytes;
     return r ? r
              : leave(launch(f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ,
-                            hStream, kernelParams, extra));
+                            sharedMemBytes, false, hStream, kernelParams, extra));
 }
 
 CUresult cuLaunchKernel_ptsz(CUfunction f, unsigned int gridDimX, unsigned int gridDimY,
@@ -2424,23 +3126,29 @@ CUresult cuLaunchKernel_ptsz(CUfunction f, unsigned int gridDimX, unsigned int g
 {
     CUresult r = enter();
 
-    (void)sharedMemBytes;
     return r ? r
              : leave(launch(f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ,
-                            hStream, kernelParams, extra));
+                            sharedMemBytes, false, hStream, kernelParams, extra));
 }
 
 static CUresult launch_ex(const CUlaunchConfig *config, CUfunction f, void **params, void **extra)
 {
     struct CUctx_st *c;
+    bool cooperative = false;
+    unsigned int i;
     CUresult r = current_ctx(&c);
 
     if (r != CUDA_SUCCESS)
         return r;
     if (config == NULL || (config->numAttrs > 0 && config->attrs == NULL))
         return CUDA_ERROR_INVALID_VALUE;
+    for (i = 0; i < config->numAttrs; i++) {
+        if (config->attrs[i].id == CU_LAUNCH_ATTRIBUTE_COOPERATIVE)
+            cooperative = config->attrs[i].value.cooperative != 0;
+    }
     return launch(f, config->gridDimX, config->gridDimY, config->gridDimZ, config->blockDimX,
-                  config->blockDimY, config->blockDimZ, config->hStream, params, extra);
+                  config->blockDimY, config->blockDimZ, config->sharedMemBytes, cooperative,
+                  config->hStream, params, extra);
 }
 
 CUresult cuLaunchKernelEx(const CUlaunchConfig *config, CUfunction f, void **kernelParams,
@@ -2465,10 +3173,9 @@ CUresult cuLaunchCooperativeKernel(CUfunction f, unsigned int gridDimX, unsigned
 {
     CUresult r = enter();
 
-    (void)sharedMemBytes;
     return r ? r
              : leave(launch(f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ,
-                            hStream, kernelParams, NULL));
+                            sharedMemBytes, true, hStream, kernelParams, NULL));
 }
 
 CUresult cuLaunchCooperativeKernel_ptsz(CUfunction f, unsigned int gridDimX, unsigned int gridDimY,
@@ -2479,16 +3186,17 @@ CUresult cuLaunchCooperativeKernel_ptsz(CUfunction f, unsigned int gridDimX, uns
 {
     CUresult r = enter();
 
-    (void)sharedMemBytes;
     return r ? r
              : leave(launch(f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ,
-                            hStream, kernelParams, NULL));
+                            sharedMemBytes, true, hStream, kernelParams, NULL));
 }
 
-/* Graphs are not modelled: any non-NULL executable graph "runs" and is counted. */
+/* Any non-NULL executable graph runs as one item on the timeline and is counted: its captured
+ * kernels' time (for one made by cuGraphInstantiateWithFlags) plus GPU_SIM_GRAPH_NS. */
 static CUresult graph_launch(CUgraphExec exec, CUstream stream)
 {
     struct CUctx_st *c;
+    uint64_t duration = g_graph_ns;
     CUresult r = current_ctx(&c);
 
     if (r != CUDA_SUCCESS)
@@ -2498,6 +3206,17 @@ static CUresult graph_launch(CUgraphExec exec, CUstream stream)
     r = check_stream(stream);
     if (r != CUDA_SUCCESS)
         return r;
+    if (reg_has(&g_graph_execs, exec)) {
+        r = graph_exec_memory(exec, c); /* graph memory nodes */
+        if (r != CUDA_SUCCESS)
+            return r;
+        duration += exec->kernel_ns;
+    }
+    if (duration > 0) {
+        r = queue_work(c, stream, duration);
+        if (r != CUDA_SUCCESS)
+            return r;
+    }
     sim_state_count_launch(&g_state, g_devs[c->dev].gpu, 0, true);
     return CUDA_SUCCESS;
 }

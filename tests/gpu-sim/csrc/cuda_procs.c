@@ -126,6 +126,21 @@ const struct cuda_proc cuda_procs[] = {
     ROW("cuLaunchCooperativeKernel", 9000, PROC_PTDS, cuLaunchCooperativeKernel_ptsz),
     ROW("cuGraphLaunch", 10000, PROC_LEGACY, cuGraphLaunch),
     ROW("cuGraphLaunch", 10000, PROC_PTDS, cuGraphLaunch_ptsz),
+
+    /* Graph memory */
+    ONE(cuGraphCreate, 10000),
+    ONE(cuGraphDestroy, 10000),
+    ONE(cuGraphAddMemAllocNode, 11040),
+    ONE(cuGraphAddMemFreeNode, 11040),
+    ONE(cuGraphInstantiateWithFlags, 11040),
+    ONE(cuGraphExecDestroy, 10000),
+    ONE(cuDeviceGraphMemTrim, 11040),
+    ROW("cuStreamBeginCapture", 10010, PROC_LEGACY, cuStreamBeginCapture_v2),
+    ROW("cuStreamBeginCapture", 10010, PROC_PTDS, cuStreamBeginCapture_v2_ptsz),
+    ROW("cuStreamEndCapture", 10000, PROC_LEGACY, cuStreamEndCapture),
+    ROW("cuStreamEndCapture", 10000, PROC_PTDS, cuStreamEndCapture_ptsz),
+    ROW("cuStreamIsCapturing", 10000, PROC_LEGACY, cuStreamIsCapturing),
+    ROW("cuStreamIsCapturing", 10000, PROC_PTDS, cuStreamIsCapturing_ptsz),
 };
 
 const unsigned int cuda_proc_count = sizeof cuda_procs / sizeof cuda_procs[0];

@@ -18,6 +18,7 @@
 
 #include "sim_node.h"
 #include "sim_state.h"
+#include "timeline.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -53,6 +54,7 @@ static struct sim_node *g_node;              /* non-NULL exactly when g_init_cou
 static struct nvmlDevice_st g_devices[SIM_MAX_GPUS];
 static struct nvmlEventSet_st *g_sets;       /* every live event set */
 static struct sim_state g_cuda;              /* the node's CUDA device state, once it exists */
+static struct sim_tl g_tl;                   /* the node's kernel timelines, once they exist */
 
 static const unsigned long long kind_bits[SIM_EVENT_KIND_COUNT] = {
     [SIM_EVENT_XID] = nvmlEventTypeXidCriticalError,
@@ -242,6 +244,7 @@ nvmlReturn_t nvmlShutdown(void)
          * UNINITIALIZED (or INVALID_ARGUMENT after a new init). */
         free_all_sets();
         sim_state_close(&g_cuda);
+        sim_tl_close(&g_tl);
         sim_node_free(g_node);
         g_node = NULL;
     }
@@ -638,7 +641,41 @@ nvmlReturn_t nvmlDeviceGetNumaNodeId(nvmlDevice_t device, unsigned int *node)
     return ret;
 }
 
-/* With MIG enabled the parent GPU has no meaningful utilisation: NOT_SUPPORTED, as on A100. */
+/*
+ * The kernel timelines (lock held): they appear when the first CUDA process initialises,
+ * so they are looked for on every query until found.
+ */
+static bool timeline_ready(void)
+{
+    return g_tl.map != NULL || sim_tl_open(g_node->node_path, false, 0, &g_tl) == 0;
+}
+
+/*
+ * Percent of the last completed sample periods covering one second (at least one period)
+ * during which a kernel ran on the GPU, rounded down; 0 before any CUDA process.
+ */
+static unsigned int timeline_utilization(const struct sim_gpu *gpu)
+{
+    uint64_t period, now_period, window, busy, pct;
+
+    if (!timeline_ready())
+        return 0;
+    period = g_tl.map->period_ns;
+    now_period = sim_tl_now_ns() / period;
+    window = (1000000000ull + period / 2) / period;
+    if (window == 0)
+        window = 1;
+    busy = sim_tl_device_busy(&g_tl, (unsigned int)(gpu - g_node->gpus), now_period - window,
+                              now_period);
+    pct = busy * 100 / (window * period);
+    return pct > 100 ? 100 : (unsigned int)pct;
+}
+
+/*
+ * gpu: from the kernel timeline (README "Kernel time model"), with the node file's
+ * utilization_gpu as a floor (work the simulator does not run); memory: the node file's.
+ * With MIG enabled the parent GPU has no meaningful utilisation: NOT_SUPPORTED, as on A100.
+ */
 nvmlReturn_t nvmlDeviceGetUtilizationRates(nvmlDevice_t device, nvmlUtilization_t *utilization)
 {
     struct sim_gpu *gpu;
@@ -649,8 +686,80 @@ nvmlReturn_t nvmlDeviceGetUtilizationRates(nvmlDevice_t device, nvmlUtilization_
     if (ret == NVML_SUCCESS && gpu->mig == SIM_MIG_ENABLED)
         ret = NVML_ERROR_NOT_SUPPORTED;
     if (ret == NVML_SUCCESS) {
-        utilization->gpu = gpu->utilization_gpu;
+        unsigned int measured = timeline_utilization(gpu);
+        utilization->gpu = measured > gpu->utilization_gpu ? measured : gpu->utilization_gpu;
         utilization->memory = gpu->utilization_memory;
+    }
+    unlock();
+    return ret;
+}
+
+#define MAX_SAMPLES (SIM_TL_HISTORY * SIM_TL_PROCS)
+
+struct sample_list {
+    nvmlProcessUtilizationSample_t items[MAX_SAMPLES];
+    unsigned int count;
+    uint64_t period_ns;
+    unsigned long long last_seen;
+};
+
+static void add_sample(uint64_t period, int pid, uint64_t busy_ns, void *arg)
+{
+    struct sample_list *list = arg;
+    unsigned long long stamp = (period + 1) * list->period_ns / 1000ull; /* period end, in us */
+    uint64_t pct = (busy_ns * 100 + list->period_ns / 2) / list->period_ns;
+    nvmlProcessUtilizationSample_t *out;
+
+    if (stamp <= list->last_seen || list->count == MAX_SAMPLES)
+        return;
+    out = &list->items[list->count++];
+    out->pid = (unsigned int)pid;
+    out->timeStamp = stamp;
+    out->smUtil = pct > 100 ? 100 : (unsigned int)pct;
+    out->memUtil = 0;
+    out->encUtil = 0;
+    out->decUtil = 0;
+}
+
+/*
+ * One sample per (completed sample period, process that ran kernels in it), oldest first,
+ * newer than lastSeenTimeStamp (microseconds since the epoch; 0: all that are kept).
+ * *processSamplesCount is the capacity in and the count out; too small (or no buffer) →
+ * INSUFFICIENT_SIZE with the count needed; no samples → NOT_FOUND with 0.
+ */
+nvmlReturn_t nvmlDeviceGetProcessUtilization(nvmlDevice_t device,
+                                             nvmlProcessUtilizationSample_t *utilization,
+                                             unsigned int *processSamplesCount,
+                                             unsigned long long lastSeenTimeStamp)
+{
+    static struct sample_list list; /* large; used under the lock only */
+    struct sim_gpu *gpu;
+    nvmlReturn_t ret;
+
+    lock();
+    ret = use_device(device, processSamplesCount != NULL, &gpu);
+    if (ret == NVML_SUCCESS && gpu->mig == SIM_MIG_ENABLED)
+        ret = NVML_ERROR_NOT_SUPPORTED;
+    if (ret == NVML_SUCCESS) {
+        list.count = 0;
+        if (timeline_ready()) {
+            uint64_t now_period;
+            list.period_ns = g_tl.map->period_ns;
+            list.last_seen = lastSeenTimeStamp;
+            now_period = sim_tl_now_ns() / list.period_ns;
+            sim_tl_for_each_sample(&g_tl, (unsigned int)(gpu - g_node->gpus),
+                                   now_period - SIM_TL_HISTORY, now_period, add_sample, &list);
+        }
+        if (list.count == 0) {
+            *processSamplesCount = 0;
+            ret = NVML_ERROR_NOT_FOUND;
+        } else if (utilization == NULL || *processSamplesCount < list.count) {
+            *processSamplesCount = list.count;
+            ret = NVML_ERROR_INSUFFICIENT_SIZE;
+        } else {
+            memcpy(utilization, list.items, list.count * sizeof *utilization);
+            *processSamplesCount = list.count;
+        }
     }
     unlock();
     return ret;
@@ -671,7 +780,9 @@ static void add_cuda_process(int pid, uint64_t bytes, void *arg)
 {
     struct process_list *list = arg;
 
-    list->items[list->count].pid = (unsigned int)pid;
+    /* NVML reports host pids (GPU_SIM_HOST_PID_OFFSET simulates a container's namespace). */
+    list->items[list->count].pid =
+        (unsigned int)(timeline_ready() ? sim_tl_host_pid(&g_tl, pid) : pid);
     list->items[list->count].used_bytes = bytes;
     list->count++;
 }

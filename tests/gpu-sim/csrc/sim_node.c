@@ -249,6 +249,7 @@ enum global_key {
     GK_CUDA_DRIVER_VERSION,
     GK_NVML_VERSION,
     GK_CUDA_CONTEXT_MIB,
+    GK_UTILIZATION_PERIOD_US,
     GK_COUNT
 };
 
@@ -257,6 +258,7 @@ static const char *const global_keys[GK_COUNT] = {
     "cuda_driver_version",
     "nvml_version",
     "cuda_context_mib",
+    "utilization_period_us",
 };
 
 enum gpu_key {
@@ -331,7 +333,8 @@ static bool set_global(struct parser *p, const char *key, const char *value)
     if (k == GK_COUNT) {
         sim_report(p->path, p->line,
                    "unknown key '%s' before the first [gpu] section (expected one of "
-                   "driver_version, cuda_driver_version, nvml_version, cuda_context_mib)",
+                   "driver_version, cuda_driver_version, nvml_version, cuda_context_mib, "
+                   "utilization_period_us)",
                    key);
         return false;
     }
@@ -358,6 +361,12 @@ static bool set_global(struct parser *p, const char *key, const char *value)
         if (!parse_decimal(value, MAX_MEMORY_MIB, &n))
             return bad_value(p, key, value, "a decimal number of MiB");
         node->cuda_context_bytes = n * SIM_MIB;
+        return true;
+    case GK_UTILIZATION_PERIOD_US:
+        if (!parse_decimal(value, 1000000, &n) || n < 10000)
+            return bad_value(p, key, value,
+                             "a decimal number of microseconds from 10000 to 1000000");
+        node->utilization_period_ns = n * 1000ull;
         return true;
     case GK_COUNT:
         break;
@@ -685,6 +694,8 @@ static enum sim_load_status parse_node_file(struct sim_node *node)
         node->cuda_driver_version = DEFAULT_CUDA_DRIVER_VERSION;
     if (p.global_line[GK_CUDA_CONTEXT_MIB] == 0)
         node->cuda_context_bytes = SIM_DEFAULT_CUDA_CONTEXT_MIB * SIM_MIB;
+    if (p.global_line[GK_UTILIZATION_PERIOD_US] == 0)
+        node->utilization_period_ns = SIM_DEFAULT_UTILIZATION_PERIOD_NS;
     if (node->nvml_version[0] == '\0') {
         /* Real NVML reports "<CUDA major>.<driver version>", e.g. "12.550.54.15". */
         char version[SIM_VERSION_SIZE + 16];

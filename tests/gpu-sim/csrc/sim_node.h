@@ -36,6 +36,8 @@
 #define SIM_MIB (1024ULL * 1024ULL)
 /* Device memory a CUDA context costs unless the node file says otherwise. */
 #define SIM_DEFAULT_CUDA_CONTEXT_MIB 300ULL
+/* The kernel timeline's NVML sample period unless the node file says otherwise (1/6 s). */
+#define SIM_DEFAULT_UTILIZATION_PERIOD_NS 166666667ULL
 
 enum sim_mig {
     SIM_MIG_UNSUPPORTED = 0, /* the GPU is not MIG-capable */
@@ -93,6 +95,7 @@ struct sim_node {
     int cuda_driver_version;     /* e.g. 12040 for CUDA 12.4 */
     char nvml_version[SIM_VERSION_SIZE];
     unsigned long long cuda_context_bytes; /* device memory each CUDA context takes */
+    unsigned long long utilization_period_ns; /* NVML sample period of the kernel timeline */
 
     unsigned int gpu_count;
     struct sim_gpu *gpus;

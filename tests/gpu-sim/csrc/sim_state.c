@@ -248,6 +248,18 @@ uint64_t sim_state_used(const struct sim_state *st, unsigned int gpu)
     return LOAD(&st->map->devices[gpu].used_bytes);
 }
 
+void sim_state_add_managed(struct sim_state *st, unsigned int gpu, uint64_t bytes)
+{
+    if (st->map != NULL && gpu < SIM_MAX_GPUS)
+        ADD(&st->map->devices[gpu].managed_bytes, bytes);
+}
+
+void sim_state_sub_managed(struct sim_state *st, unsigned int gpu, uint64_t bytes)
+{
+    if (st->map != NULL && gpu < SIM_MAX_GPUS)
+        SUB(&st->map->devices[gpu].managed_bytes, bytes);
+}
+
 void sim_state_count_launch(struct sim_state *st, unsigned int gpu, uint64_t blocks, bool graph)
 {
     struct sim_state_device *d;

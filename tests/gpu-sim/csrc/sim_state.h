@@ -52,7 +52,8 @@ struct sim_state_device {
     uint64_t launches;        /* kernel launches (cuLaunchKernel*, cuLaunchCooperativeKernel*) */
     uint64_t blocks;          /* thread blocks launched (grid x*y*z summed) */
     uint64_t graph_launches;  /* cuGraphLaunch* */
-    uint64_t reserved[4];
+    uint64_t managed_bytes;   /* cuMemAllocManaged bytes live (host-backed, not in used_bytes) */
+    uint64_t reserved[3];
 };
 
 struct sim_state_slot {
@@ -119,6 +120,15 @@ void sim_state_uncharge(struct sim_state *st, unsigned int gpu, uint64_t bytes);
 
 /* Memory all processes hold on a GPU through the driver. */
 uint64_t sim_state_used(const struct sim_state *st, unsigned int gpu);
+
+/*
+ * Managed memory (cuMemAllocManaged) attached to a GPU, node-wide. It is host
+ * memory until the device touches it (the simulator runs no kernels), so it is
+ * not device memory in use and never limited by capacity: only counted, for
+ * tests and NVML-side queries. Not reaped when a process dies (informational).
+ */
+void sim_state_add_managed(struct sim_state *st, unsigned int gpu, uint64_t bytes);
+void sim_state_sub_managed(struct sim_state *st, unsigned int gpu, uint64_t bytes);
 
 /* Counts a launch of `blocks` thread blocks (graph: a graph launch). */
 void sim_state_count_launch(struct sim_state *st, unsigned int gpu, uint64_t blocks, bool graph);

@@ -301,12 +301,19 @@ static int alloc(void)
     printf("after_pitch=%zu\n", f0 - free_mem());
     OK(cuMemFree_v2(a));
 
-    /* Managed memory counts against the device and is usable from the host. */
+    /* Managed memory is usable from the host and takes no device memory until the device
+     * touches it, so it may exceed the device's free memory. */
     EXPECT(CUDA_ERROR_INVALID_VALUE, cuMemAllocManaged(&a, 4 * MIB, 0));
     OK(cuMemAllocManaged(&a, 6 * MIB, CU_MEM_ATTACH_GLOBAL));
     memset((void *)(uintptr_t)a, 0x5a, 6 * MIB);
     printf("after_managed=%zu\n", f0 - free_mem());
     OK(cuMemFree_v2(a));
+    {
+        size_t beyond = free_mem() + 64 * MIB;
+        OK(cuMemAllocManaged(&a, beyond, CU_MEM_ATTACH_GLOBAL));
+        printf("after_managed_beyond_free=%zu\n", f0 - free_mem());
+        OK(cuMemFree_v2(a));
+    }
 
     /* Stream-ordered: default pool and an explicit pool with a cap. */
     {
@@ -372,7 +379,9 @@ static int oom(void)
     OK(cuMemAlloc_v2(&a, f0)); /* exactly everything */
     CHECK(free_mem() == 0);
     EXPECT(CUDA_ERROR_OUT_OF_MEMORY, cuMemAlloc_v2(&b, 1));
-    EXPECT(CUDA_ERROR_OUT_OF_MEMORY, cuMemAllocManaged(&b, 1, CU_MEM_ATTACH_GLOBAL));
+    OK(cuMemAllocManaged(&b, f0, CU_MEM_ATTACH_GLOBAL)); /* host-backed: the device is full */
+    CHECK(free_mem() == 0);
+    OK(cuMemFree_v2(b));
     {
         CUcontext ctx2;
         EXPECT(CUDA_ERROR_OUT_OF_MEMORY, cuCtxCreate_v2(&ctx2, 0, 0)); /* contexts cost memory */
@@ -706,6 +715,83 @@ static int forked(void)
     return 0;
 }
 
+/* Graph memory: nodes take no memory, launches take it from the device's graph pool, which
+ * keeps it until cuDeviceGraphMemTrim; stream capture turns async alloc/free into nodes. */
+static int graphs(void)
+{
+    CUgraph g, cg;
+    CUgraphNode a, fr, b;
+    CUgraphExec e, ce;
+    CUstream s;
+    CUstreamCaptureStatus st;
+    CUdeviceptr p, q, live;
+    CUDA_MEM_ALLOC_NODE_PARAMS np;
+    size_t f0;
+
+    OK(cuInit(0));
+    context_on(0);
+    OK(cuStreamCreate(&s, 0));
+    f0 = free_mem();
+    memset(&np, 0, sizeof np);
+    np.poolProps.allocType = CU_MEM_ALLOCATION_TYPE_PINNED;
+    np.poolProps.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    np.poolProps.location.id = 0;
+    np.bytesize = 3 * MIB;
+    OK(cuGraphCreate(&g, 0));
+    EXPECT(CUDA_ERROR_INVALID_VALUE, cuGraphCreate(&g, 1));
+    OK(cuGraphAddMemAllocNode(&a, g, NULL, 0, &np));
+    p = np.dptr;
+    CHECK(p != 0 && p % (2 * MIB) == 0);
+    np.bytesize = 0;
+    EXPECT(CUDA_ERROR_INVALID_VALUE, cuGraphAddMemAllocNode(&b, g, NULL, 0, &np));
+    np.bytesize = 8 * MIB;
+    OK(cuGraphAddMemAllocNode(&b, g, &a, 1, &np)); /* not freed in the graph */
+    q = np.dptr;
+    OK(cuGraphAddMemFreeNode(&fr, g, &b, 1, p));
+    EXPECT(CUDA_ERROR_INVALID_VALUE, cuGraphAddMemFreeNode(&fr, g, NULL, 0, p)); /* twice */
+    printf("after_nodes=%zu\n", f0 - free_mem());
+    OK(cuGraphInstantiateWithFlags(&e, g, 0));
+    OK(cuGraphLaunch(e, s));
+    printf("after_launch=%zu\n", f0 - free_mem());
+    EXPECT(CUDA_ERROR_INVALID_VALUE, cuGraphLaunch(e, s)); /* q is still live */
+    OK(cuMemFree_v2(q));
+    printf("after_free=%zu\n", f0 - free_mem());
+    OK(cuGraphLaunch(e, s)); /* reuses the pool */
+    printf("after_relaunch=%zu\n", f0 - free_mem());
+    OK(cuMemFreeAsync(q, s));
+    OK(cuDeviceGraphMemTrim(0));
+    printf("after_trim=%zu\n", f0 - free_mem());
+    OK(cuGraphExecDestroy(e));
+    OK(cuGraphDestroy(g));
+    EXPECT(CUDA_ERROR_INVALID_VALUE, cuGraphDestroy(g));
+
+    /* Stream capture */
+    EXPECT(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,
+           cuStreamBeginCapture_v2(NULL, CU_STREAM_CAPTURE_MODE_GLOBAL));
+    EXPECT(CUDA_ERROR_ILLEGAL_STATE, cuStreamEndCapture(s, &cg));
+    OK(cuStreamBeginCapture_v2(s, CU_STREAM_CAPTURE_MODE_GLOBAL));
+    EXPECT(CUDA_ERROR_ILLEGAL_STATE, cuStreamBeginCapture_v2(s, CU_STREAM_CAPTURE_MODE_GLOBAL));
+    OK(cuStreamIsCapturing(s, &st));
+    CHECK(st == CU_STREAM_CAPTURE_STATUS_ACTIVE);
+    OK(cuMemAllocAsync(&live, 4 * MIB, s));
+    OK(cuMemAllocAsync(&p, 4 * MIB, s));
+    OK(cuMemFreeAsync(p, s));
+    printf("after_capture=%zu\n", f0 - free_mem());
+    OK(cuStreamEndCapture(s, &cg));
+    OK(cuStreamIsCapturing(s, &st));
+    CHECK(st == CU_STREAM_CAPTURE_STATUS_NONE);
+    OK(cuGraphInstantiateWithFlags(&ce, cg, 0));
+    OK(cuGraphLaunch(ce, s));
+    printf("after_capture_launch=%zu\n", f0 - free_mem());
+    OK(cuMemFree_v2(live));
+    OK(cuDeviceGraphMemTrim(0));
+    printf("after_capture_trim=%zu\n", f0 - free_mem());
+    OK(cuGraphExecDestroy(ce));
+    OK(cuGraphDestroy(cg));
+    printf("ok\n");
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     const char *what = argc > 1 ? argv[1] : "";
@@ -727,6 +813,8 @@ int main(int argc, char **argv)
         return vmm();
     if (strcmp(what, "arrays") == 0)
         return arrays();
+    if (strcmp(what, "graphs") == 0)
+        return graphs();
     if (strcmp(what, "launch") == 0 && argc == 3)
         return launch(atoi(argv[2]));
     if (strcmp(what, "failed-at-start") == 0)

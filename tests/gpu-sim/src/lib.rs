@@ -22,6 +22,12 @@
 //!   appends to it.
 //! * **[`SimNode`]**: a temporary directory holding both files, the environment a child process
 //!   needs ([`SimNode::env`]) and the fault-injection calls.
+//! * **The kernel time model**: kernels launched through the fake driver take a modelled time
+//!   (waves of the grid × a per-function cost chosen by the kernel's name) on one timeline per GPU
+//!   shared by every process of the node, where processes time-slice; launches are asynchronous
+//!   with a bounded queue and synchronisation waits. The fake NVML computes `nvmlDeviceGetUtilizationRates` and
+//!   `nvmlDeviceGetProcessUtilization` (with host pids) from it, and [`SimNode::timeline`] reads
+//!   the model's exact accounting ([`Timeline`]) for tests and benchmarks.
 //!
 //! Both file formats, and where the fake deliberately mimics real NVML behaviour, are documented
 //! in `tests/gpu-sim/README.md`.
@@ -56,6 +62,11 @@ use std::fmt::Write as _;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
+
+mod timeline;
+pub use timeline::{
+    DeviceTimeline, PeriodProcess, PeriodRecord, TIMELINE_SUFFIX, Timeline, TimelineProcess,
+};
 
 /// Environment variable naming the node file; read by the fake at `nvmlInit`.
 pub const ENV_NODE: &str = "GPU_SIM_NODE";
@@ -116,6 +127,9 @@ pub struct NodeSpec {
     /// Device memory each CUDA context costs in the fake `libcuda.so.1`, in MiB; `None` leaves
     /// the fake's default ([`NodeSpec::DEFAULT_CUDA_CONTEXT_MIB`]).
     pub cuda_context_mib: Option<u64>,
+    /// The kernel timeline's NVML sample period in µs (`utilization_period_us`, 10,000 to
+    /// 1,000,000); `None` leaves the fake's default, 1/6 s (see [`Timeline`]).
+    pub utilization_period_us: Option<u64>,
     /// One entry per GPU; the NVML index is the position here, whatever the minor numbers.
     pub gpus: Vec<GpuSpec>,
 }
@@ -141,6 +155,7 @@ impl NodeSpec {
             cuda_driver_version: Self::DEFAULT_CUDA_DRIVER_VERSION,
             nvml_version: None,
             cuda_context_mib: None,
+            utilization_period_us: None,
             gpus,
         }
     }
@@ -154,6 +169,12 @@ impl NodeSpec {
     /// Sets the device memory a CUDA context costs (`cuda_context_mib` in the node file).
     pub fn with_cuda_context_mib(mut self, mib: u64) -> Self {
         self.cuda_context_mib = Some(mib);
+        self
+    }
+
+    /// Sets the kernel timeline's NVML sample period (`utilization_period_us` in the node file).
+    pub fn with_utilization_period_us(mut self, us: u64) -> Self {
+        self.utilization_period_us = Some(us);
         self
     }
 
@@ -199,6 +220,9 @@ impl NodeSpec {
         }
         if let Some(mib) = self.cuda_context_mib {
             kv("cuda_context_mib", &mib)?;
+        }
+        if let Some(us) = self.utilization_period_us {
+            kv("utilization_period_us", &us)?;
         }
         for gpu in &self.gpus {
             out.push_str("\n[gpu]\n");
@@ -624,6 +648,9 @@ pub struct CudaDeviceState {
     pub blocks: u64,
     /// `cuGraphLaunch*` calls.
     pub graph_launches: u64,
+    /// Managed memory (`cuMemAllocManaged`) live on this GPU, in bytes: host-backed until the
+    /// device touches it, so not part of `used_bytes` (not reaped when a process dies).
+    pub managed_bytes: u64,
 }
 
 /// A process holding a slot in the CUDA device state.
@@ -669,6 +696,7 @@ impl CudaState {
                     launches: u64_at(bytes, at + 8),
                     blocks: u64_at(bytes, at + 16),
                     graph_launches: u64_at(bytes, at + 24),
+                    managed_bytes: u64_at(bytes, at + 32),
                 }
             })
             .collect();
@@ -779,6 +807,24 @@ impl SimNode {
     pub fn cuda_state(&self) -> io::Result<Option<CudaState>> {
         match fs::read(self.cuda_state_file()) {
             Ok(bytes) => CudaState::parse(&bytes).map(Some),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The node's kernel timeline file (`<node file>.timeline`), created by the first process
+    /// that runs `cuInit` against the fake `libcuda.so.1`.
+    pub fn timeline_file(&self) -> PathBuf {
+        let mut path = self.node_file.clone().into_os_string();
+        path.push(TIMELINE_SUFFIX);
+        PathBuf::from(path)
+    }
+
+    /// A consistent snapshot of the kernel timelines (README "Kernel time model"); `None` before
+    /// any process initialised CUDA.
+    pub fn timeline(&self) -> io::Result<Option<Timeline>> {
+        match Timeline::read(&self.timeline_file()) {
+            Ok(t) => Ok(Some(t)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }

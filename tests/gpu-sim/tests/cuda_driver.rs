@@ -325,13 +325,45 @@ fn allocations_are_accounted_with_the_driver_granularity() {
     assert_eq!(num(&v, "after_free_most"), 2 * MIB);
     assert_eq!(num(&v, "pitch"), 1024);
     assert_eq!(num(&v, "after_pitch"), 4 * MIB);
-    assert_eq!(num(&v, "after_managed"), 6 * MIB);
+    assert_eq!(
+        num(&v, "after_managed"),
+        0,
+        "managed memory is not device memory"
+    );
+    assert_eq!(num(&v, "after_managed_beyond_free"), 0);
     assert_eq!(num(&v, "after_async"), 12 * MIB);
     assert_eq!(num(&v, "before_destroy_used"), 66 * MIB);
     // The process exited normally: it gave everything back.
     let state = node.cuda_state().unwrap().expect("state file");
     assert_eq!(state.devices[0].used_bytes, 0);
     assert!(state.processes.is_empty(), "{:?}", state.processes);
+}
+
+#[test]
+fn graph_memory_is_taken_at_launch_and_kept_by_the_pool_until_trimmed() {
+    let node = SimNode::new(NodeSpec::uniform(1, GpuSpec::a100_80gb)).unwrap();
+    let v = scenario(Some(&node), &["graphs"]);
+    assert_eq!(num(&v, "after_nodes"), 0, "nodes only reserve addresses");
+    // 3 MiB and 8 MiB nodes, in whole 2 MiB pages: 4 + 8.
+    assert_eq!(num(&v, "after_launch"), 12 * MIB);
+    assert_eq!(
+        num(&v, "after_free"),
+        12 * MIB,
+        "freed memory stays in the graph pool"
+    );
+    assert_eq!(
+        num(&v, "after_relaunch"),
+        12 * MIB,
+        "a relaunch reuses the pool"
+    );
+    assert_eq!(num(&v, "after_trim"), 0);
+    assert_eq!(
+        num(&v, "after_capture"),
+        0,
+        "captured allocations are nodes"
+    );
+    assert_eq!(num(&v, "after_capture_launch"), 8 * MIB);
+    assert_eq!(num(&v, "after_capture_trim"), 0);
 }
 
 #[test]
@@ -708,6 +740,44 @@ const PROCS: &[(&str, Rows, Rows)] = &[
         "cuGraphLaunch",
         &[(10000, "cuGraphLaunch")],
         &[(10000, "cuGraphLaunch_ptsz")],
+    ),
+    ("cuGraphCreate", &[(10000, "cuGraphCreate")], &[]),
+    ("cuGraphDestroy", &[(10000, "cuGraphDestroy")], &[]),
+    (
+        "cuGraphAddMemAllocNode",
+        &[(11040, "cuGraphAddMemAllocNode")],
+        &[],
+    ),
+    (
+        "cuGraphAddMemFreeNode",
+        &[(11040, "cuGraphAddMemFreeNode")],
+        &[],
+    ),
+    (
+        "cuGraphInstantiateWithFlags",
+        &[(11040, "cuGraphInstantiateWithFlags")],
+        &[],
+    ),
+    ("cuGraphExecDestroy", &[(10000, "cuGraphExecDestroy")], &[]),
+    (
+        "cuDeviceGraphMemTrim",
+        &[(11040, "cuDeviceGraphMemTrim")],
+        &[],
+    ),
+    (
+        "cuStreamBeginCapture",
+        &[(10010, "cuStreamBeginCapture_v2")],
+        &[(10010, "cuStreamBeginCapture_v2_ptsz")],
+    ),
+    (
+        "cuStreamEndCapture",
+        &[(10000, "cuStreamEndCapture")],
+        &[(10000, "cuStreamEndCapture_ptsz")],
+    ),
+    (
+        "cuStreamIsCapturing",
+        &[(10000, "cuStreamIsCapturing")],
+        &[(10000, "cuStreamIsCapturing_ptsz")],
     ),
 ];
 
