@@ -8,8 +8,8 @@
 //! * [`Region`]: open-or-create and map a region the way HAMi-core does, register the process into a slot,
 //!   account bytes per device and kind lock-free, record kernel launches, reap dead processes' slots. The
 //!   cross-process lock is described in [`lock`].
-//! * [`reader`]: a `pread`-based snapshot of v0/v1 files for metrics, and the monitor's write-backs of
-//!   `recent_kernel` and `utilization_switch`.
+//! * [`reader`]: a `pread`-based snapshot of v0/v1 files for metrics, and the monitor's `pread`/`pwrite`
+//!   feedback: `priority`, `recent_kernel` and `utilization_switch`.
 //!
 //! Start at [`Region::open_or_create`] (limiter side) or [`RegionReader::open`] (metrics side).
 //! Linux only: the file layout is x86_64/aarch64 glibc's.
@@ -23,7 +23,9 @@ mod region;
 
 pub use error::{RegionError, Result};
 pub use lock::Acquired;
-pub use reader::{DeviceUsage, LayoutVersion, ProcessUsage, RegionReader, RegionSnapshot};
+pub use reader::{
+    DeviceUsage, FeedbackFields, LayoutVersion, ProcessUsage, RegionReader, RegionSnapshot,
+};
 pub use region::{
     DEFAULT_LOCK_TIMEOUT, LaunchGate, LimitMismatch, MemoryKind, OpenReport, Region, RegionConfig,
     RegionLock, region_path_from_env,

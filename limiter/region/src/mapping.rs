@@ -4,7 +4,6 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
-use std::sync::atomic::AtomicI32;
 
 /// `len` bytes of a file mapped read-write and shared, starting at offset 0. Unmapped on drop.
 #[derive(Debug)]
@@ -48,17 +47,6 @@ impl Mapping {
 
     pub(crate) fn len(&self) -> usize {
         self.len
-    }
-
-    /// The i32 at `offset` as an atomic; `None` when out of bounds or misaligned.
-    pub(crate) fn atomic_i32_at(&self, offset: usize) -> Option<&AtomicI32> {
-        if !offset.is_multiple_of(4) || offset.checked_add(4)? > self.len {
-            return None;
-        }
-        // SAFETY: in bounds and 4-aligned (the mapping is page-aligned); the bytes live as long as `self`, and
-        // every access to them from this process is atomic. Other processes access them as C `_Atomic int` or
-        // aligned plain stores, which the hardware does not tear.
-        Some(unsafe { AtomicI32::from_ptr(self.as_ptr().add(offset).cast::<i32>()) })
     }
 }
 

@@ -1,28 +1,33 @@
-//! A read-only view of a region file for the metrics side, and the monitor's two write-backs.
+//! A read-only view of a region file for the metrics side, and the monitor's write-backs.
 //!
-//! Reads copy the layout's bytes with `pread` into a [`RegionSnapshot`] instead of mapping the file: a
-//! container can truncate its region file at any moment, and touching a mapping past the new end raises
-//! SIGBUS in the node agent, while `pread` just returns fewer bytes. Version detection follows the monitors
+//! Reads copy bytes with `pread` instead of mapping the file: a container can truncate its region file at any
+//! moment, and touching a mapping past the new end raises SIGBUS in the node agent, while `pread` just returns
+//! fewer bytes. Only the bytes that mean something are copied: the header, the tail, and the `proc_num` process
+//! slots in use (a few KiB for a typical container instead of the whole 2 MB layout), which is what keeps a
+//! scrape of a hundred containers in the low milliseconds. Version detection follows the monitors
 //! (`volcano-contract.md` §7.2): a file of exactly 1 197 897 (or 1 197 896) bytes is v0; otherwise the magic must
 //! be at offset 0 and `major_version` must be 1 (any minor, as the monitors accept). Unlike the monitors we
 //! refuse sizes other than the layout or layout + 1 byte and never read more than the layout.
 //!
-//! The write-backs ([`RegionReader::set_recent_kernel`], [`RegionReader::set_utilization_switch`],
-//! [`RegionReader::decay_recent_kernel`]) map the layout briefly and store with atomics, as HAMi's monitor
-//! stores into its mapping (`feedback.go`).
+//! The monitor's priority feedback reads [`RegionReader::feedback`] (header and tail only) and writes back
+//! with [`RegionReader::set_recent_kernel`], [`RegionReader::set_utilization_switch`] and
+//! [`RegionReader::decay_recent_kernel`]. These use `pread`/`pwrite` of the one aligned 4-byte word too, never a
+//! mapping, for the same SIGBUS reason: a hostile container truncating its file in a loop must not be able to
+//! crash the node agent. The page cache is shared with the containers' mappings, so they see the stores at
+//! once. The cost is that the decay is a read-then-write rather than a compare-and-swap: a launch that stores 2
+//! in the microseconds between is overwritten with the decayed value, exactly as with HAMi's monitor, which does
+//! a plain load and store on its mapping; the next launch restores it.
 
 use std::fs::{File, OpenOptions};
 use std::mem::offset_of;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI32, Ordering};
 
 use crate::error::{RegionError, Result};
 use crate::layout::{
     self, CUDA_DEVICE_MAX_COUNT, MAJOR_VERSION, MULTIPROCESS_SHARED_REGION_MAGIC_FLAG,
     SHARED_REGION_MAX_PROCESS_NUM, SLOT_STATUS_EXITED, UUID_LABEL_LEN, UUID_LEN, v0,
 };
-use crate::mapping::Mapping;
 
 /// Which layout a file has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -217,7 +222,24 @@ pub struct RegionSnapshot {
 impl RegionSnapshot {
     /// Parses a whole region file's bytes (`bytes.len()` is taken as the file size). Never panics.
     pub fn parse(bytes: &[u8]) -> Result<Self> {
-        parse(Path::new("<bytes>"), bytes.len() as u64, bytes)
+        let path = Path::new("<bytes>");
+        let version = detect(path, bytes.len() as u64, bytes)?;
+        let size = version.offsets().size;
+        if bytes.len() < size {
+            return Err(RegionError::Truncated {
+                path: path.to_path_buf(),
+                size: bytes.len() as u64,
+                expected: size as u64,
+            });
+        }
+        let view = View {
+            head: bytes,
+            slots: &[],
+            slots_at: 0,
+            tail: &[],
+            tail_at: 0,
+        };
+        parse(path, version, &view)
     }
 
     /// Usage of `device` summed over live processes (saturating); zero for an out-of-range device.
@@ -287,20 +309,45 @@ impl RegionReader {
         Self::open_with(path, true)
     }
 
+    /// Opens `path` read-only and copies its snapshot: [`Self::open`] then [`Self::snapshot`] in the fewest
+    /// system calls (open, fstat, three `pread`s, close), for scrapes over many containers.
+    pub fn read_snapshot(path: &Path) -> Result<RegionSnapshot> {
+        let (reader, size) = Self::open_file(path, false)?;
+        reader.snapshot_at_size(size)
+    }
+
     fn open_with(path: &Path, writable: bool) -> Result<Self> {
+        let (reader, size) = Self::open_file(path, writable)?;
+        reader.detect_at_size(size)?;
+        Ok(reader)
+    }
+
+    /// Opens a regular file (never a symlink, never blocking on a FIFO); returns it with its size.
+    fn open_file(path: &Path, writable: bool) -> Result<(Self, u64)> {
+        // The file lives in a directory the container can write: never follow a symlink it planted, and never
+        // block on a FIFO it put there (O_NONBLOCK changes nothing for a regular file).
         let file = OpenOptions::new()
             .read(true)
             .write(writable)
-            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(path)
             .map_err(|e| RegionError::io("open", path, e))?;
+        let metadata = file
+            .metadata()
+            .map_err(|e| RegionError::io("stat", path, e))?;
+        if !metadata.is_file() {
+            return Err(RegionError::io(
+                "open",
+                path,
+                std::io::Error::other("not a regular file"),
+            ));
+        }
         let reader = Self {
             path: path.to_path_buf(),
             file,
             writable,
         };
-        reader.detect()?;
-        Ok(reader)
+        Ok((reader, metadata.len()))
     }
 
     /// The file read.
@@ -310,7 +357,10 @@ impl RegionReader {
 
     /// Layout of the file now (re-checked on every call: the file can be replaced or truncated).
     pub fn detect(&self) -> Result<LayoutVersion> {
-        let size = self.size()?;
+        self.detect_at_size(self.size()?)
+    }
+
+    fn detect_at_size(&self, size: u64) -> Result<LayoutVersion> {
         let mut head = [0u8; 12];
         let n = read_at_most(&self.file, &mut head, 0)
             .map_err(|e| RegionError::io("read", &self.path, e))?;
@@ -325,81 +375,205 @@ impl RegionReader {
             .len())
     }
 
-    /// Copies the region's layout bytes and parses them.
+    /// Copies the region's meaningful bytes (header, tail, the process slots in use) and parses them.
     pub fn snapshot(&self) -> Result<RegionSnapshot> {
+        self.snapshot_at_size(self.size()?)
+    }
+
+    fn snapshot_at_size(&self, size: u64) -> Result<RegionSnapshot> {
+        // The header of either layout in one read; the version is detected from its first bytes.
+        let mut header = vec![0u8; V1.procs.max(V0.procs)];
+        let n = self.read(&mut header, 0)?;
+        let version = detect(&self.path, size, &header[..n])?;
+        let o = version.offsets();
+        // A short read means the file shrank since the stat: report its size now.
+        let truncated = || RegionError::Truncated {
+            path: self.path.clone(),
+            size: self.size().unwrap_or(size),
+            expected: o.size as u64,
+        };
+        if n < o.procs {
+            return Err(truncated());
+        }
+        header.truncate(o.procs);
+        let mut tail = vec![0u8; o.size - o.proc_num];
+        let n = self.read(&mut tail, o.proc_num as u64)?;
+        if n < tail.len() {
+            return Err(truncated());
+        }
+        // Only `procs[0..proc_num)` mean anything; `parse` rejects an out-of-range `proc_num` itself.
+        let proc_num = i32_at(&tail, 0)
+            .and_then(|p| usize::try_from(p).ok())
+            .filter(|p| *p <= SHARED_REGION_MAX_PROCESS_NUM)
+            .unwrap_or(0);
+        let mut slots = vec![0u8; proc_num * o.slot_size];
+        let n = self.read(&mut slots, o.procs as u64)?;
+        if n < slots.len() {
+            return Err(truncated());
+        }
+        let view = View {
+            head: &header,
+            slots: &slots,
+            slots_at: o.procs,
+            tail: &tail,
+            tail_at: o.proc_num,
+        };
+        parse(&self.path, version, &view)
+    }
+
+    /// The fields the monitor's priority feedback needs (header and tail only; no process slots).
+    pub fn feedback(&self) -> Result<FeedbackFields> {
         let size = self.size()?;
         let mut head = [0u8; 12];
-        let n = read_at_most(&self.file, &mut head, 0)
-            .map_err(|e| RegionError::io("read", &self.path, e))?;
+        let n = self.read(&mut head, 0)?;
         let version = detect(&self.path, size, &head[..n])?;
-        let mut bytes = vec![0u8; version.offsets().size];
-        let n = read_at_most(&self.file, &mut bytes, 0)
-            .map_err(|e| RegionError::io("read", &self.path, e))?;
-        // A file that shrank since the stat yields fewer bytes, which `parse` reports as truncated.
-        bytes.truncate(n);
-        parse(&self.path, size, &bytes)
+        let o = version.offsets();
+        let mut header = vec![0u8; o.limit];
+        // proc_num … priority, and last_kernel_time where the layout has it.
+        let tail_len = o.last_kernel_time.map_or(16, |t| t + 8 - o.proc_num);
+        let mut tail = vec![0u8; tail_len];
+        let (h, t) = (
+            self.read(&mut header, 0)?,
+            self.read(&mut tail, o.proc_num as u64)?,
+        );
+        if h < header.len() || t < tail.len() {
+            return Err(RegionError::Truncated {
+                path: self.path.clone(),
+                size,
+                expected: o.size as u64,
+            });
+        }
+        let device_num = u64_at(&header, o.device_num).unwrap_or(0);
+        if device_num > CUDA_DEVICE_MAX_COUNT as u64 {
+            return Err(RegionError::Corrupt {
+                path: self.path.clone(),
+                field: "device_num",
+                value: i64::try_from(device_num).unwrap_or(i64::MAX),
+                max: CUDA_DEVICE_MAX_COUNT as i64,
+            });
+        }
+        let uuids = (0..device_num as usize)
+            .filter_map(|d| {
+                let start = o.uuids + d * UUID_LEN;
+                nul_terminated_str(header.get(start..start + UUID_LEN)?).map(str::to_owned)
+            })
+            .collect();
+        let field = |off: usize| i32_at(&tail, off - o.proc_num).unwrap_or(0);
+        Ok(FeedbackFields {
+            version,
+            uuids,
+            utilization_switch: field(o.utilization_switch),
+            recent_kernel: field(o.recent_kernel),
+            priority: field(o.priority),
+            last_kernel_time: o
+                .last_kernel_time
+                .and_then(|off| u64_at(&tail, off - o.proc_num)),
+        })
     }
 
     /// Sets `recent_kernel` (the monitor writes −1 to block a lower-priority container's launches and 0 to
     /// unblock it).
     pub fn set_recent_kernel(&self, value: i32) -> Result<()> {
-        self.with_tail_field(|o| o.recent_kernel, |a| a.store(value, Ordering::Relaxed))
+        let at = self.tail_field(|o| o.recent_kernel)?;
+        self.write_i32(at, value)
     }
 
     /// Sets `utilization_switch` (the monitor writes 1 = throttle under contention, 0 = run free).
     pub fn set_utilization_switch(&self, value: i32) -> Result<()> {
-        self.with_tail_field(
-            |o| o.utilization_switch,
-            |a| a.store(value, Ordering::Relaxed),
-        )
+        let at = self.tail_field(|o| o.utilization_switch)?;
+        self.write_i32(at, value)
     }
 
-    /// The monitor's per-round decay: if `recent_kernel > 0`, decrement it (atomically, so a concurrent
-    /// launch's store of 2 is not lost). Returns the value after the step; the container counts as active
-    /// when it is still > 0.
+    /// The monitor's per-round decay: if `recent_kernel > 0`, decrement it. Returns the value after the step;
+    /// the container counts as active when it is still > 0. (A read then a write; see the module doc.)
     pub fn decay_recent_kernel(&self) -> Result<i32> {
-        self.with_tail_field(
-            |o| o.recent_kernel,
-            |a| match a.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-                (v > 0).then(|| v - 1)
-            }) {
-                Ok(previous) => previous - 1,
-                Err(current) => current,
-            },
-        )
+        let at = self.tail_field(|o| o.recent_kernel)?;
+        let mut word = [0u8; 4];
+        if self.read(&mut word, at)? < word.len() {
+            return Err(RegionError::Truncated {
+                path: self.path.clone(),
+                size: at,
+                expected: at + 4,
+            });
+        }
+        let current = i32::from_ne_bytes(word);
+        if current <= 0 {
+            return Ok(current);
+        }
+        self.write_i32(at, current - 1)?;
+        Ok(current - 1)
     }
 
-    fn with_tail_field<T>(
-        &self,
-        field: fn(&Offsets) -> usize,
-        op: impl FnOnce(&AtomicI32) -> T,
-    ) -> Result<T> {
+    /// The file offset of a tail field, after checking the file is (still) a region we may write to.
+    fn tail_field(&self, field: fn(&Offsets) -> usize) -> Result<u64> {
         if !self.writable {
             return Err(RegionError::ReadOnly {
                 path: self.path.clone(),
             });
         }
-        let version = self.detect()?;
-        let offsets = version.offsets();
-        let map = Mapping::map(&self.file, offsets.size)
-            .map_err(|e| RegionError::io("mmap", &self.path, e))?;
-        let magic = map.atomic_i32_at(0).map(|a| a.load(Ordering::Relaxed));
-        if magic != Some(MULTIPROCESS_SHARED_REGION_MAGIC_FLAG) {
-            return Err(RegionError::BadMagic {
-                path: self.path.clone(),
-                found: magic.unwrap_or(0),
-                expected: MULTIPROCESS_SHARED_REGION_MAGIC_FLAG,
-            });
+        Ok(field(self.detect()?.offsets()) as u64)
+    }
+
+    /// One aligned 4-byte store. If the file was truncated since [`Self::detect`], this extends it (sparsely)
+    /// rather than fault: harmless, and nothing here can raise SIGBUS.
+    fn write_i32(&self, at: u64, value: i32) -> Result<()> {
+        self.file
+            .write_all_at(&value.to_ne_bytes(), at)
+            .map_err(|e| RegionError::io("write", &self.path, e))
+    }
+
+    fn read(&self, buf: &mut [u8], at: u64) -> Result<usize> {
+        read_at_most(&self.file, buf, at).map_err(|e| RegionError::io("read", &self.path, e))
+    }
+}
+
+/// What the monitor's priority feedback reads from one region.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeedbackFields {
+    /// Layout found.
+    pub version: LayoutVersion,
+    /// The non-empty UTF-8 UUIDs of devices `0..device_num`, in order.
+    pub uuids: Vec<String>,
+    /// `utilization_switch`.
+    pub utilization_switch: i32,
+    /// `recent_kernel`.
+    pub recent_kernel: i32,
+    /// `priority` (HAMi: 0 high, 1 low; any value is read as found).
+    pub priority: i32,
+    /// `last_kernel_time` (unix seconds); `None` in v0.
+    pub last_kernel_time: Option<u64>,
+}
+
+/// The bytes of a region that were read: the header from offset 0, the used process slots at `slots_at`, the
+/// tail at `tail_at`. A whole file is a `head` with nothing else.
+struct View<'a> {
+    head: &'a [u8],
+    slots: &'a [u8],
+    slots_at: usize,
+    tail: &'a [u8],
+    tail_at: usize,
+}
+
+impl View<'_> {
+    fn get(&self, off: usize, len: usize) -> Option<&[u8]> {
+        let end = off.checked_add(len)?;
+        if end <= self.head.len() {
+            return self.head.get(off..end);
         }
-        let cell = map
-            .atomic_i32_at(field(offsets))
-            .ok_or_else(|| RegionError::Corrupt {
-                path: self.path.clone(),
-                field: "layout offset",
-                value: field(offsets) as i64,
-                max: offsets.size as i64,
-            })?;
-        Ok(op(cell))
+        for (at, part) in [(self.slots_at, self.slots), (self.tail_at, self.tail)] {
+            if off >= at && end - at <= part.len() {
+                return part.get(off - at..end - at);
+            }
+        }
+        None
+    }
+
+    fn i32_at(&self, off: usize) -> Option<i32> {
+        Some(i32::from_ne_bytes(self.get(off, 4)?.try_into().ok()?))
+    }
+
+    fn u64_at(&self, off: usize) -> Option<u64> {
+        Some(u64::from_ne_bytes(self.get(off, 8)?.try_into().ok()?))
     }
 }
 
@@ -459,18 +633,10 @@ fn detect(path: &Path, size: u64, head: &[u8]) -> Result<LayoutVersion> {
     Ok(LayoutVersion::V1 { minor })
 }
 
-fn parse(path: &Path, file_size: u64, bytes: &[u8]) -> Result<RegionSnapshot> {
-    let version = detect(path, file_size, bytes)?;
+fn parse(path: &Path, version: LayoutVersion, bytes: &View<'_>) -> Result<RegionSnapshot> {
     let o = version.offsets();
-    if bytes.len() < o.size {
-        return Err(RegionError::Truncated {
-            path: path.to_path_buf(),
-            size: bytes.len() as u64,
-            expected: o.size as u64,
-        });
-    }
-    let u64_or_0 = |off: usize| u64_at(bytes, off).unwrap_or(0);
-    let i32_or_0 = |off: usize| i32_at(bytes, off).unwrap_or(0);
+    let u64_or_0 = |off: usize| bytes.u64_at(off).unwrap_or(0);
+    let i32_or_0 = |off: usize| bytes.i32_at(off).unwrap_or(0);
 
     let raw_device_num = u64_or_0(o.device_num);
     if raw_device_num > CUDA_DEVICE_MAX_COUNT as u64 {
@@ -495,7 +661,7 @@ fn parse(path: &Path, file_size: u64, bytes: &[u8]) -> Result<RegionSnapshot> {
     let uuids = std::array::from_fn(|d| {
         let start = o.uuids + d * UUID_LEN;
         let mut uuid = [0u8; UUID_LEN];
-        if let Some(src) = bytes.get(start..start + UUID_LEN) {
+        if let Some(src) = bytes.get(start, UUID_LEN) {
             uuid.copy_from_slice(src);
         }
         uuid

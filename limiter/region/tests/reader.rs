@@ -220,3 +220,169 @@ proptest! {
         }
     }
 }
+
+/// A v1.2 file with three slots (one exited) and two devices, every field the reader copies non-zero.
+fn busy_v1() -> Vec<u8> {
+    let mut b = valid_v1(true);
+    put_u64(&mut b, offset_of!(SharedRegion, device_num), 2);
+    b[offset_of!(SharedRegion, uuids)..][..9].copy_from_slice(b"GPU-aaaa0");
+    b[offset_of!(SharedRegion, uuids) + layout::UUID_LEN..][..9].copy_from_slice(b"GPU-bbbb1");
+    put_u64(&mut b, offset_of!(SharedRegion, limit) + 8, 7 << 30);
+    put_u64(&mut b, offset_of!(SharedRegion, sm_limit) + 8, 40);
+    put_i32(&mut b, offset_of!(SharedRegion, proc_num), 3);
+    put_i32(&mut b, offset_of!(SharedRegion, utilization_switch), 0);
+    put_i32(&mut b, offset_of!(SharedRegion, recent_kernel), -1);
+    put_i32(&mut b, offset_of!(SharedRegion, priority), 0);
+    put_u64(
+        &mut b,
+        offset_of!(SharedRegion, last_kernel_time),
+        1_700_000_000,
+    );
+    let procs = offset_of!(SharedRegion, procs);
+    for (slot, status) in [1, 0, 2].into_iter().enumerate() {
+        let base = procs + slot * layout::PROC_SLOT_SIZE;
+        put_i32(&mut b, base, 100 + slot as i32);
+        put_i32(&mut b, base + offset_of!(layout::ProcSlot, status), status);
+        let used = base + offset_of!(layout::ProcSlot, used) + size_of::<layout::DeviceMemory>();
+        put_u64(&mut b, used + 32, (slot as u64 + 1) << 20);
+        let util = base
+            + offset_of!(layout::ProcSlot, device_util)
+            + size_of::<layout::DeviceUtil>()
+            + offset_of!(layout::DeviceUtil, sm_util);
+        put_u64(&mut b, util, 10 + slot as u64);
+        put_u64(&mut b, base + offset_of!(layout::ProcSlot, unused), 3);
+    }
+    // Garbage beyond proc_num must never be read.
+    let beyond = procs + 3 * layout::PROC_SLOT_SIZE;
+    put_i32(&mut b, beyond + offset_of!(layout::ProcSlot, status), 1);
+    b
+}
+
+#[test]
+fn a_file_reads_exactly_like_its_whole_bytes_while_copying_only_the_used_slots() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (name, bytes) in [("v1.cache", busy_v1()), ("v0.cache", v0_file())] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, &bytes).expect("write");
+        let from_file = RegionReader::open(&path)
+            .expect("open")
+            .snapshot()
+            .expect("snapshot");
+        assert_eq!(
+            from_file,
+            RegionSnapshot::parse(&bytes).expect("parse"),
+            "{name}"
+        );
+        assert_eq!(
+            RegionReader::read_snapshot(&path).expect("read_snapshot"),
+            from_file
+        );
+    }
+    let snap = RegionSnapshot::parse(&busy_v1()).expect("parse");
+    let pids: Vec<i32> = snap.processes.iter().map(|p| p.pid).collect();
+    assert_eq!(
+        pids,
+        [100, 102],
+        "the exited slot and the slot past proc_num are skipped"
+    );
+    assert_eq!(snap.device_usage(1).total, (1 << 20) + (3 << 20));
+    assert_eq!(snap.device_sm_util(1), 10 + 12);
+    assert_eq!(snap.limit(1), Some(7 << 30));
+    assert_eq!(snap.last_kernel_time, Some(1_700_000_000));
+    assert_eq!(snap.processes.iter().map(|p| p.refused).sum::<u64>(), 6);
+}
+
+#[test]
+fn feedback_reads_uuids_priority_and_the_two_monitor_words() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let v1 = dir.path().join("v1.cache");
+    std::fs::write(&v1, busy_v1()).expect("write");
+    let f = RegionReader::open(&v1)
+        .expect("open")
+        .feedback()
+        .expect("feedback");
+    assert_eq!(f.version, LayoutVersion::V1 { minor: 2 });
+    assert_eq!(f.uuids, ["GPU-aaaa0", "GPU-bbbb1"]);
+    assert_eq!(f.last_kernel_time, Some(1_700_000_000));
+    assert_eq!(
+        (f.priority, f.recent_kernel, f.utilization_switch),
+        (0, -1, 0)
+    );
+
+    let v0 = dir.path().join("v0.cache");
+    std::fs::write(&v0, v0_file()).expect("write");
+    let f = RegionReader::open(&v0)
+        .expect("open")
+        .feedback()
+        .expect("feedback");
+    assert_eq!(f.version, LayoutVersion::V0);
+    assert_eq!(f.uuids, ["GPU-old0"]);
+    assert_eq!(f.last_kernel_time, None);
+    assert_eq!(
+        (f.priority, f.recent_kernel, f.utilization_switch),
+        (1, 2, 1)
+    );
+}
+
+#[test]
+fn a_region_truncated_under_the_monitor_is_an_error_never_a_fault() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("shrinks.cache");
+    std::fs::write(&path, busy_v1()).expect("write");
+    let monitor = RegionReader::open_writable(&path).expect("open");
+    // The container truncates its file between two monitor rounds (a mapping would SIGBUS here).
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open")
+        .set_len(4096)
+        .expect("truncate");
+    assert!(matches!(
+        monitor.decay_recent_kernel(),
+        Err(RegionError::Truncated { size: 4096, .. })
+    ));
+    assert!(matches!(
+        monitor.set_utilization_switch(1),
+        Err(RegionError::Truncated { .. })
+    ));
+    assert!(matches!(
+        monitor.snapshot(),
+        Err(RegionError::Truncated { .. })
+    ));
+    assert!(matches!(
+        monitor.feedback(),
+        Err(RegionError::Truncated { .. })
+    ));
+    assert_eq!(
+        std::fs::metadata(&path).expect("stat").len(),
+        4096,
+        "a refused write-back never grows the file"
+    );
+}
+
+#[test]
+fn a_fifo_or_a_symlink_in_place_of_a_region_is_refused_without_blocking() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fifo = dir.path().join("fifo.cache");
+    let status = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo");
+    assert!(status.success());
+    // A blocking open of a FIFO without a writer would hang here forever.
+    assert!(matches!(
+        RegionReader::open(&fifo),
+        Err(RegionError::Io { op: "open", .. })
+    ));
+    assert!(RegionReader::open_writable(&fifo).is_err());
+
+    let target = dir.path().join("target.cache");
+    std::fs::write(&target, busy_v1()).expect("write");
+    let link = dir.path().join("link.cache");
+    std::os::unix::fs::symlink(&target, &link).expect("symlink");
+    assert!(RegionReader::open(&target).is_ok());
+    assert!(matches!(
+        RegionReader::open_writable(&link),
+        Err(RegionError::Io { op: "open", .. })
+    ));
+}
