@@ -48,11 +48,23 @@ pub(crate) trait Budget: Sync {
     fn any_limit(&self) -> bool;
     /// Bytes charged on `dev` (by the whole container).
     fn usage(&self, dev: usize) -> u64;
-    /// Charges `bytes` on `dev` if `usage + bytes <= limit` (atomically: two threads or processes
-    /// can never both squeeze under the cap). Unlimited devices always succeed.
-    fn try_charge(&self, dev: usize, bytes: u64) -> Result<(), OverCap>;
-    /// Gives `bytes` back on `dev` (saturating at 0).
-    fn credit(&self, dev: usize, bytes: u64);
+    /// Charges `bytes` of `kind` on `dev` if `usage + bytes <= limit` (atomically: two threads or
+    /// processes can never both squeeze under the cap). Unlimited devices always succeed.
+    fn try_charge_kind(&self, dev: usize, kind: MemoryKind, bytes: u64) -> Result<(), OverCap>;
+    /// Gives `bytes` of `kind` back on `dev` (saturating at 0).
+    fn credit_kind(&self, dev: usize, kind: MemoryKind, bytes: u64);
+    /// [`Budget::try_charge_kind`] for application data (allocations).
+    fn try_charge(&self, dev: usize, bytes: u64) -> Result<(), OverCap> {
+        self.try_charge_kind(dev, MemoryKind::Data, bytes)
+    }
+    /// [`Budget::credit_kind`] for application data (allocations).
+    fn credit(&self, dev: usize, bytes: u64) {
+        self.credit_kind(dev, MemoryKind::Data, bytes);
+    }
+    /// The smallest context charge any live process of the container holds on `dev` (each holds
+    /// at least one context when it is non-zero): the best container-wide estimate of one
+    /// context's size, `None` when nobody has one yet.
+    fn context_estimate(&self, dev: usize) -> Option<u64>;
     /// Called in the child after `fork()`: the child owns none of the parent's allocations.
     /// Must only touch atomics.
     fn reset_after_fork(&self);
@@ -110,7 +122,7 @@ impl SharedBudget {
 
     /// The region, opening it on first use; `None` without a cap or when it cannot be opened.
     fn region(&self) -> Option<&'static Region> {
-        if !self.env_capped.load(Ordering::Acquire) {
+        if !self.env_capped.load(Ordering::Acquire) && !crate::sm::wants_region() {
             return None;
         }
         if self.open_state.load(Ordering::Acquire) != OPENED {
@@ -137,6 +149,7 @@ impl SharedBudget {
         }
         let path = Path::new(OsStr::from_bytes(config::shared_cache_path().to_bytes()));
         let mut cfg = RegionConfig::default();
+        crate::sm::fill_region_config(&mut cfg);
         for (dst, src) in cfg.limits.iter_mut().zip(&self.limits) {
             let v = src.load(Ordering::Acquire);
             *dst = if v == UNLIMITED { 0 } else { v };
@@ -257,7 +270,7 @@ impl Budget for SharedBudget {
             .unwrap_or(0)
     }
 
-    fn try_charge(&self, dev: usize, bytes: u64) -> Result<(), OverCap> {
+    fn try_charge_kind(&self, dev: usize, kind: MemoryKind, bytes: u64) -> Result<(), OverCap> {
         let Some(limit) = self.limit(dev) else {
             return Ok(());
         };
@@ -266,7 +279,7 @@ impl Budget for SharedBudget {
         };
         let attempt = || {
             region
-                .try_add_usage(dev, MemoryKind::Data, bytes, limit)
+                .try_add_usage(dev, kind, bytes, limit)
                 .unwrap_or(Err(0))
         };
         let mut result = attempt();
@@ -282,10 +295,23 @@ impl Budget for SharedBudget {
         }
     }
 
-    fn credit(&self, dev: usize, bytes: u64) {
+    fn credit_kind(&self, dev: usize, kind: MemoryKind, bytes: u64) {
         if let Some(region) = self.region() {
-            let _ = region.remove_usage(dev, MemoryKind::Data, bytes);
+            let _ = region.remove_usage(dev, kind, bytes);
         }
+    }
+
+    fn context_estimate(&self, dev: usize) -> Option<u64> {
+        let region = self.region()?;
+        let shared = region.layout();
+        let n = (shared.proc_num.load(Ordering::Acquire).max(0) as usize).min(shared.procs.len());
+        shared.procs[..n]
+            .iter()
+            .filter(|s| s.status.load(Ordering::Acquire) != vgpu_region::layout::SLOT_STATUS_EXITED)
+            .filter_map(|s| s.used.get(dev))
+            .map(|m| m.context_size.load(Ordering::Acquire))
+            .filter(|&c| c > 0)
+            .min()
     }
 
     fn reset_after_fork(&self) {
@@ -304,7 +330,16 @@ pub(crate) fn budget() -> &'static dyn Budget {
     &SHARED
 }
 
-/// The shared backend, for initialisation (limits come from the environment).
+/// The container's region with this process registered in a slot, for the SM cap and the
+/// priority protocol; `None` without any cap (memory or SM) or when it cannot be used.
+pub(crate) fn registered_region() -> Option<&'static Region> {
+    SHARED.registered()
+}
+
+/// The shared backend: for initialisation (limits come from the environment), and for the
+/// allocation hooks, which call it statically dispatched (inlined) rather than through
+/// [`budget()`].
+#[inline]
 pub(crate) fn shared() -> &'static SharedBudget {
     &SHARED
 }
@@ -429,6 +464,8 @@ pub(crate) static DEVICE_PTRS: AllocTable<32768> = AllocTable::new();
 pub(crate) static VMM_HANDLES: AllocTable<4096> = AllocTable::new();
 /// `CUarray` and `CUmipmappedArray` handles.
 pub(crate) static ARRAYS: AllocTable<4096> = AllocTable::new();
+/// Contexts made by `cuCtxCreate*` (primary contexts are counted per device instead).
+pub(crate) static CONTEXTS: AllocTable<1024> = AllocTable::new();
 
 /// The fork-child reset: usage and every table. Only atomics.
 pub(crate) fn reset_after_fork() {
@@ -436,6 +473,9 @@ pub(crate) fn reset_after_fork() {
     DEVICE_PTRS.clear();
     VMM_HANDLES.clear();
     ARRAYS.clear();
+    CONTEXTS.clear();
+    crate::hooks::context::reset_after_fork();
+    crate::hooks::graph::reset_after_fork();
 }
 
 #[cfg(test)]

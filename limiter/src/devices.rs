@@ -21,6 +21,22 @@ const READY: u8 = 2;
 
 static STATE: AtomicU8 = AtomicU8::new(NOT_STARTED);
 static MAP: [AtomicU8; MAX_DEVICES] = [const { AtomicU8::new(0) }; MAX_DEVICES];
+/// How many devices CUDA sees (valid once `STATE` is `READY`).
+static COUNT: AtomicU8 = AtomicU8::new(0);
+
+/// The container index of the only device CUDA sees, when it sees exactly one (the usual vGPU
+/// pod): every allocation of the process lands there, so the allocation hooks need not ask the
+/// driver for the current context's device. `None` with several devices or before `cuInit`.
+#[inline]
+pub(crate) fn only_device() -> Option<usize> {
+    if STATE.load(Ordering::Acquire) != READY {
+        compute();
+        if STATE.load(Ordering::Acquire) != READY {
+            return None;
+        }
+    }
+    (COUNT.load(Ordering::Relaxed) == 1).then(|| usize::from(MAP[0].load(Ordering::Relaxed)))
+}
 
 /// The container index of CUDA ordinal `ordinal`; `None` beyond the 16 devices HAMi supports.
 pub(crate) fn container_index(ordinal: CUdevice) -> Option<usize> {
@@ -64,6 +80,7 @@ fn compute() {
     for (slot, v) in MAP.iter().zip(map) {
         slot.store(v, Ordering::Relaxed);
     }
+    COUNT.store(count as u8, Ordering::Relaxed);
     STATE.store(READY, Ordering::Release);
 }
 

@@ -52,6 +52,27 @@ pub(crate) struct CUmemAllocationPropHead {
     pub(crate) location_id: c_int,
 }
 
+/// `CUDA_MEM_ALLOC_NODE_PARAMS_v1` (`cuGraphAddMemAllocNode`): a `CUmemPoolProps` (88 bytes, of
+/// which only `allocType`, `handleTypes` and `location` are named here), the access
+/// descriptors, the size, and the device address the driver writes back.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MemAllocNodeParams {
+    pub(crate) alloc_type: c_int,
+    pub(crate) handle_types: c_int,
+    pub(crate) location_type: c_int,
+    pub(crate) location_id: c_int,
+    /// `win32SecurityAttributes`, `maxSize`, `usage`, `reserved[54]`.
+    pub(crate) pool_rest: [u8; 72],
+    pub(crate) access_descs: *const c_void,
+    pub(crate) access_desc_count: usize,
+    pub(crate) bytesize: usize,
+    pub(crate) dptr: CUdeviceptr,
+}
+
+/// `CU_STREAM_CAPTURE_STATUS_ACTIVE` (`cuStreamIsCapturing`).
+pub(crate) const CU_STREAM_CAPTURE_STATUS_ACTIVE: c_int = 1;
+
 /// `CUDA_ARRAY_DESCRIPTOR` (`_v2`, `size_t` extents).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
@@ -145,5 +166,9 @@ mod tests {
         assert_eq!(offset_of!(NvmlMemoryV2, total), 8);
         assert_eq!(offset_of!(NvmlMemoryV2, used), 32);
         assert_eq!(size_of::<NvmlMemoryV2>(), 40);
+        assert_eq!(offset_of!(MemAllocNodeParams, access_descs), 88);
+        assert_eq!(offset_of!(MemAllocNodeParams, bytesize), 104);
+        assert_eq!(offset_of!(MemAllocNodeParams, dptr), 112);
+        assert_eq!(size_of::<MemAllocNodeParams>(), 120);
     }
 }

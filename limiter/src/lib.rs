@@ -31,5 +31,6 @@ pub(crate) mod guard;
 pub(crate) mod hooks;
 pub(crate) mod log;
 pub(crate) mod real;
+pub(crate) mod sm;
 pub(crate) mod state;
 pub(crate) mod table;

@@ -21,6 +21,7 @@ pub(crate) fn set_level_from(value: Option<&[u8]>) {
     }
 }
 
+#[inline]
 pub(crate) fn enabled(level: i32) -> bool {
     level == ERROR || LEVEL.load(Ordering::Relaxed) >= level
 }
@@ -85,10 +86,15 @@ pub(crate) fn emit(level: i32, args: fmt::Arguments<'_>) {
     let _ = unsafe { libc::write(2, line.buf.as_ptr().cast(), line.len) };
 }
 
+/// Logs at `level`; the arguments are only formatted (and evaluated) when the level is enabled,
+/// so a disabled per-allocation debug line costs one atomic load.
 macro_rules! log_at {
-    ($level:expr, $($arg:tt)*) => {
-        $crate::log::emit($level, format_args!($($arg)*))
-    };
+    ($level:expr, $($arg:tt)*) => {{
+        let level = $level;
+        if $crate::log::enabled(level) {
+            $crate::log::emit(level, format_args!($($arg)*))
+        }
+    }};
 }
 pub(crate) use log_at;
 

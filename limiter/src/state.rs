@@ -85,4 +85,5 @@ fn initialise() {
 /// Fork handler (child side): the child owns none of the parent's allocations. Atomics only.
 unsafe extern "C" fn after_fork_in_child() {
     budget::reset_after_fork();
+    crate::sm::reset_after_fork();
 }

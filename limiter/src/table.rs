@@ -12,7 +12,7 @@
 #![allow(clippy::missing_safety_doc)] // the exports are called by C with the driver's contract
 
 use crate::ffi::*;
-use crate::hooks::{init, launch, meminfo, memory, nvml, procaddr};
+use crate::hooks::{context, graph, init, launch, meminfo, memory, nvml, procaddr};
 use crate::real::Lib;
 use std::ffi::{CStr, c_char, c_int, c_uint, c_void};
 use std::sync::atomic::AtomicUsize;
@@ -169,6 +169,44 @@ interpose! {
         Cuda fn cuMemRelease(handle: CUmemGenericAllocationHandle) -> CUresult
             ["cuMemRelease", 10020, false] => memory::mem_release;
 
+        Cuda fn cuCtxCreate(pctx: *mut Handle, flags: c_uint, dev: CUdevice) -> CUresult
+            ["cuCtxCreate", 2000, false] => context::ctx_create_v1;
+        Cuda fn cuCtxCreate_v2(pctx: *mut Handle, flags: c_uint, dev: CUdevice) -> CUresult
+            ["cuCtxCreate", 3020, false] => context::ctx_create_v2;
+        Cuda fn cuCtxCreate_v3(pctx: *mut Handle, params: *mut c_void, num: c_int, flags: c_uint,
+                dev: CUdevice) -> CUresult
+            ["cuCtxCreate", 11040, false] => context::ctx_create_v3;
+        Cuda fn cuCtxCreate_v4(pctx: *mut Handle, params: *mut c_void, flags: c_uint,
+                dev: CUdevice) -> CUresult
+            ["cuCtxCreate", 12050, false] => context::ctx_create_v4;
+        Cuda fn cuCtxDestroy(ctx: Handle) -> CUresult
+            ["cuCtxDestroy", 2000, false] => context::ctx_destroy_v1;
+        Cuda fn cuCtxDestroy_v2(ctx: Handle) -> CUresult
+            ["cuCtxDestroy", 4000, false] => context::ctx_destroy_v2;
+        Cuda fn cuDevicePrimaryCtxRetain(pctx: *mut Handle, dev: CUdevice) -> CUresult
+            ["cuDevicePrimaryCtxRetain", 7000, false] => context::primary_retain;
+        Cuda fn cuDevicePrimaryCtxRelease(dev: CUdevice) -> CUresult
+            ["cuDevicePrimaryCtxRelease", 7000, false] => context::primary_release_v1;
+        Cuda fn cuDevicePrimaryCtxRelease_v2(dev: CUdevice) -> CUresult
+            ["cuDevicePrimaryCtxRelease", 11000, false] => context::primary_release_v2;
+        Cuda fn cuDevicePrimaryCtxReset(dev: CUdevice) -> CUresult
+            ["cuDevicePrimaryCtxReset", 7000, false] => context::primary_reset_v1;
+        Cuda fn cuDevicePrimaryCtxReset_v2(dev: CUdevice) -> CUresult
+            ["cuDevicePrimaryCtxReset", 11000, false] => context::primary_reset_v2;
+
+        Cuda fn cuGraphAddMemAllocNode(node: *mut Handle, graph: Handle, deps: *const Handle,
+                ndeps: usize, params: *mut MemAllocNodeParams) -> CUresult
+            ["cuGraphAddMemAllocNode", 11040, false] => graph::add_mem_alloc_node;
+        Cuda fn cuGraphAddMemFreeNode(node: *mut Handle, graph: Handle, deps: *const Handle,
+                ndeps: usize, dptr: CUdeviceptr) -> CUresult
+            ["cuGraphAddMemFreeNode", 11040, false] => graph::add_mem_free_node;
+        Cuda fn cuGraphDestroy(graph: Handle) -> CUresult
+            ["cuGraphDestroy", 10000, false] => graph::graph_destroy;
+        Cuda fn cuStreamEndCapture(stream: Handle, graph: *mut Handle) -> CUresult
+            ["cuStreamEndCapture", 10000, false] => graph::stream_end_capture;
+        Cuda fn cuStreamEndCapture_ptsz(stream: Handle, graph: *mut Handle) -> CUresult
+            ["cuStreamEndCapture", 10000, true] => graph::stream_end_capture_ptsz;
+
         Cuda fn cuArrayCreate(array: *mut Handle, desc: *const ArrayDescriptorV1) -> CUresult
             ["cuArrayCreate", 2000, false] => memory::array_create_v1;
         Cuda fn cuArrayCreate_v2(array: *mut Handle, desc: *const ArrayDescriptor) -> CUresult
@@ -202,6 +240,24 @@ interpose! {
                 by: c_uint, bz: c_uint, shmem: c_uint, stream: Handle,
                 params: *mut *mut c_void, extra: *mut *mut c_void) -> CUresult
             ["cuLaunchKernel", 7000, true] => launch::launch_kernel_ptsz;
+        Cuda fn cuLaunchKernelEx(config: *const launch::LaunchConfig, f: Handle,
+                params: *mut *mut c_void, extra: *mut *mut c_void) -> CUresult
+            ["cuLaunchKernelEx", 11060, false] => launch::launch_kernel_ex;
+        Cuda fn cuLaunchKernelEx_ptsz(config: *const launch::LaunchConfig, f: Handle,
+                params: *mut *mut c_void, extra: *mut *mut c_void) -> CUresult
+            ["cuLaunchKernelEx", 11060, true] => launch::launch_kernel_ex_ptsz;
+        Cuda fn cuLaunchCooperativeKernel(f: Handle, gx: c_uint, gy: c_uint, gz: c_uint,
+                bx: c_uint, by: c_uint, bz: c_uint, shmem: c_uint, stream: Handle,
+                params: *mut *mut c_void) -> CUresult
+            ["cuLaunchCooperativeKernel", 9000, false] => launch::launch_cooperative;
+        Cuda fn cuLaunchCooperativeKernel_ptsz(f: Handle, gx: c_uint, gy: c_uint, gz: c_uint,
+                bx: c_uint, by: c_uint, bz: c_uint, shmem: c_uint, stream: Handle,
+                params: *mut *mut c_void) -> CUresult
+            ["cuLaunchCooperativeKernel", 9000, true] => launch::launch_cooperative_ptsz;
+        Cuda fn cuGraphLaunch(exec: Handle, stream: Handle) -> CUresult
+            ["cuGraphLaunch", 10000, false] => launch::graph_launch;
+        Cuda fn cuGraphLaunch_ptsz(exec: Handle, stream: Handle) -> CUresult
+            ["cuGraphLaunch", 10000, true] => launch::graph_launch_ptsz;
 
         Cuda fn cuGetProcAddress(symbol: *const c_char, pfn: *mut *mut c_void, version: c_int,
                 flags: u64) -> CUresult
@@ -219,6 +275,8 @@ interpose! {
     }
     calls {
         Cuda fn cuCtxGetDevice(*mut CUdevice) -> CUresult;
+        Cuda fn cuStreamIsCapturing(Handle, *mut c_int) -> CUresult;
+        Cuda fn cuStreamIsCapturing_ptsz(Handle, *mut c_int) -> CUresult;
         Cuda fn cuDeviceGetCount(*mut c_int) -> CUresult;
         Cuda fn cuDeviceGetUuid(*mut [u8; 16], CUdevice) -> CUresult;
         Cuda fn cuMemGetAllocationGranularity(*mut usize, *const CUmemAllocationPropHead, c_int)
@@ -228,6 +286,10 @@ interpose! {
         Nvml fn nvmlDeviceGetHandleByIndex_v2(c_uint, *mut Handle) -> NvmlReturn;
         Nvml fn nvmlDeviceGetUUID(Handle, *mut c_char, c_uint) -> NvmlReturn;
         Nvml fn nvmlShutdown() -> NvmlReturn;
+        Nvml fn nvmlDeviceGetProcessUtilization(Handle, *mut crate::sm::watcher::ProcessSample,
+            *mut c_uint, u64) -> NvmlReturn;
+        Nvml fn nvmlDeviceGetUtilizationRates(Handle, *mut crate::sm::watcher::Utilization)
+            -> NvmlReturn;
     }
 }
 

@@ -1,49 +1,54 @@
-//! `cuLaunchKernel` and its per-thread-default-stream twin: the hot path. One atomic load and a
-//! call; no initialisation check, no allocation, no lock. (The SM limiter will hook in here.)
+//! Every launch entry point: `cuLaunchKernel`, `cuLaunchKernelEx`, `cuLaunchCooperativeKernel`,
+//! `cuGraphLaunch`, each with its per-thread-default-stream (`_ptsz`) twin. The hot path: the real
+//! function's slot (one atomic load), [`sm::before_launch`] (one atomic load in a process without
+//! any cap; the priority protocol and the SM gate otherwise), the call. No allocation, no lock.
 
-#![allow(clippy::too_many_arguments)] // the driver's signature
+#![allow(clippy::too_many_arguments)] // the driver's signatures
 
 use crate::ffi::{CUresult, Handle};
 use crate::real::{Lib, unavailable};
+use crate::sm;
 use crate::table::real;
 use std::ffi::{c_uint, c_void};
 
-pub(crate) unsafe fn launch_kernel(
-    f: Handle,
-    gx: c_uint,
-    gy: c_uint,
-    gz: c_uint,
-    bx: c_uint,
-    by: c_uint,
-    bz: c_uint,
-    shmem: c_uint,
-    stream: Handle,
-    params: *mut *mut c_void,
-    extra: *mut *mut c_void,
-) -> CUresult {
-    match real::cuLaunchKernel() {
-        // SAFETY: forwarding the caller's arguments unchanged.
-        Some(real) => unsafe { real(f, gx, gy, gz, bx, by, bz, shmem, stream, params, extra) },
-        None => unavailable(Lib::Cuda),
-    }
+/// `CUlaunchConfig` (only ever passed through; its layout is the driver's business).
+pub(crate) type LaunchConfig = c_void;
+
+/// Defines a hook body that runs the SM gate, then forwards its arguments unchanged.
+macro_rules! gated {
+    ($(#[$doc:meta])* $body:ident => $real:ident ( $($arg:ident : $ty:ty),* )) => {
+        $(#[$doc])*
+        pub(crate) unsafe fn $body($($arg: $ty),*) -> CUresult {
+            match real::$real() {
+                Some(real) => {
+                    sm::before_launch();
+                    // SAFETY: forwarding the caller's arguments unchanged.
+                    unsafe { real($($arg),*) }
+                }
+                None => unavailable(Lib::Cuda),
+            }
+        }
+    };
 }
 
-pub(crate) unsafe fn launch_kernel_ptsz(
-    f: Handle,
-    gx: c_uint,
-    gy: c_uint,
-    gz: c_uint,
-    bx: c_uint,
-    by: c_uint,
-    bz: c_uint,
-    shmem: c_uint,
-    stream: Handle,
-    params: *mut *mut c_void,
-    extra: *mut *mut c_void,
-) -> CUresult {
-    match real::cuLaunchKernel_ptsz() {
-        // SAFETY: forwarding the caller's arguments unchanged.
-        Some(real) => unsafe { real(f, gx, gy, gz, bx, by, bz, shmem, stream, params, extra) },
-        None => unavailable(Lib::Cuda),
-    }
-}
+gated!(launch_kernel => cuLaunchKernel(f: Handle, gx: c_uint, gy: c_uint, gz: c_uint, bx: c_uint,
+    by: c_uint, bz: c_uint, shmem: c_uint, stream: Handle, params: *mut *mut c_void,
+    extra: *mut *mut c_void));
+gated!(launch_kernel_ptsz => cuLaunchKernel_ptsz(f: Handle, gx: c_uint, gy: c_uint, gz: c_uint,
+    bx: c_uint, by: c_uint, bz: c_uint, shmem: c_uint, stream: Handle, params: *mut *mut c_void,
+    extra: *mut *mut c_void));
+gated!(launch_kernel_ex => cuLaunchKernelEx(config: *const LaunchConfig, f: Handle,
+    params: *mut *mut c_void, extra: *mut *mut c_void));
+gated!(launch_kernel_ex_ptsz => cuLaunchKernelEx_ptsz(config: *const LaunchConfig, f: Handle,
+    params: *mut *mut c_void, extra: *mut *mut c_void));
+gated!(launch_cooperative => cuLaunchCooperativeKernel(f: Handle, gx: c_uint, gy: c_uint,
+    gz: c_uint, bx: c_uint, by: c_uint, bz: c_uint, shmem: c_uint, stream: Handle,
+    params: *mut *mut c_void));
+gated!(launch_cooperative_ptsz => cuLaunchCooperativeKernel_ptsz(f: Handle, gx: c_uint,
+    gy: c_uint, gz: c_uint, bx: c_uint, by: c_uint, bz: c_uint, shmem: c_uint, stream: Handle,
+    params: *mut *mut c_void));
+gated!(
+    /// A graph launch is one launch to the gate: its cost is the device time it is measured to take,
+    /// like any kernel's, so graphs are capped like everything else (HAMi#1445).
+    graph_launch => cuGraphLaunch(exec: Handle, stream: Handle));
+gated!(graph_launch_ptsz => cuGraphLaunch_ptsz(exec: Handle, stream: Handle));

@@ -14,25 +14,31 @@
 //! `cuMemGetAllocationGranularity(MINIMUM)` (the driver rejects other sizes anyway).
 //! `cuMemAllocAsync`/`FromPoolAsync` are charged to the current context's device.
 //!
-//! Context memory is **not** charged (decision): HAMi-core adds a primary-context size it
-//! measured once (a `cuMemGetInfo` difference, racy against other processes) per retained
-//! primary context and ignores `cuCtxCreate` contexts and modules (reference §3.6), so its number
-//! is neither exact nor what HAMi's users size their caps by; the cap here bounds what the
-//! application allocates. Per-context overhead (gpu-sim: 300 MiB) thus sits outside the cap, as
-//! module and driver-internal memory do in HAMi-core.
+//! Context overhead is charged in [`crate::hooks::context`], graph memory nodes (including
+//! stream-ordered allocations made during stream capture) in [`crate::hooks::graph`]. With a
+//! single visible device the allocation hooks do not ask the driver for the current context's
+//! device ([`alloc_device`]).
 
 use crate::budget::{
-    ARRAYS, AllocTable, Charge, DEVICE_PTRS, VMM_HANDLES, budget, linear_reserved,
+    ARRAYS, AllocTable, Budget, Charge, DEVICE_PTRS, VMM_HANDLES, linear_reserved, shared as budget,
 };
 use crate::devices;
 use crate::ffi::*;
-use crate::hooks::current_device;
+use crate::hooks::{current_device, graph};
 use crate::log::{DEBUG, ERROR, log_at};
 use crate::real::{Lib, unavailable};
 use crate::state;
 use crate::table::real;
 use std::ffi::c_uint;
 use std::sync::atomic::Ordering;
+
+/// The device an allocation in the current context lands on: with a single visible device that
+/// one, without asking the driver (if no context is current the driver refuses the allocation and
+/// the charge is given back — only the error may then be OOM instead of `INVALID_CONTEXT` when
+/// the cap is also full); otherwise the current context's device (`cuCtxGetDevice`).
+fn alloc_device() -> Option<usize> {
+    devices::only_device().or_else(current_device)
+}
 
 /// Charges `bytes` on `dev`, runs `call` (which returns the driver's result and the new key),
 /// and records the key. `undo` frees a successful allocation that cannot be recorded.
@@ -84,14 +90,23 @@ fn tracked_alloc<const N: usize>(
     CUDA_SUCCESS
 }
 
-/// Un-records `key`, runs the driver's free, and credits the charge if it succeeded.
+/// Un-records `key`, runs the driver's free, and credits the charge if it succeeded. A key the
+/// table does not know is passed through — for device pointers (`graph_memory`) after checking
+/// whether it is graph memory that outlived its launch.
 fn tracked_free<const N: usize>(
     table: &AllocTable<N>,
     key: u64,
+    graph_memory: bool,
     call: impl FnOnce() -> CUresult,
 ) -> CUresult {
+    if !budget().any_limit() {
+        return call(); // nothing is ever recorded without a cap
+    }
     let Some(charge) = table.remove(key) else {
         log_at!(DEBUG, "free of untracked {key:#x}: passed through");
+        if graph_memory {
+            return graph::free_escaped(key, call);
+        }
         return call();
     };
     let rc = call();
@@ -155,7 +170,7 @@ pub(crate) unsafe fn mem_alloc(dptr: *mut CUdeviceptr, bytesize: usize) -> CUres
     };
     tracked_alloc(
         &DEVICE_PTRS,
-        current_device,
+        alloc_device,
         linear_reserved(bytesize as u64),
         || {
             // SAFETY: the caller's arguments, forwarded.
@@ -193,7 +208,7 @@ pub(crate) unsafe fn mem_alloc_v1(dptr: *mut CUdeviceptrV1, bytesize: c_uint) ->
     };
     tracked_alloc(
         &DEVICE_PTRS,
-        current_device,
+        alloc_device,
         linear_reserved(u64::from(bytesize)),
         || {
             // SAFETY: the caller's arguments, forwarded.
@@ -210,7 +225,7 @@ pub(crate) unsafe fn mem_free(dptr: CUdeviceptr) -> CUresult {
         return unavailable(Lib::Cuda);
     };
     // SAFETY: the caller's argument, forwarded.
-    tracked_free(&DEVICE_PTRS, dptr, || unsafe { real(dptr) })
+    tracked_free(&DEVICE_PTRS, dptr, true, || unsafe { real(dptr) })
 }
 
 pub(crate) unsafe fn mem_free_v1(dptr: CUdeviceptrV1) -> CUresult {
@@ -218,7 +233,9 @@ pub(crate) unsafe fn mem_free_v1(dptr: CUdeviceptrV1) -> CUresult {
         return unavailable(Lib::Cuda);
     };
     // SAFETY: the caller's argument, forwarded.
-    tracked_free(&DEVICE_PTRS, u64::from(dptr), || unsafe { real(dptr) })
+    tracked_free(&DEVICE_PTRS, u64::from(dptr), true, || unsafe {
+        real(dptr)
+    })
 }
 
 /// Pitched allocations: charge `width × height` up front (a lower bound), then top up to the
@@ -268,7 +285,7 @@ pub(crate) unsafe fn mem_alloc_pitch(
     let Some(real) = real::cuMemAllocPitch_v2() else {
         return unavailable(Lib::Cuda);
     };
-    let dev = current_device();
+    let dev = alloc_device();
     let mut ptr = 0;
     let rc = pitched(dev, width as u64, height as u64, || {
         // SAFETY: the caller's arguments, forwarded.
@@ -291,7 +308,7 @@ pub(crate) unsafe fn mem_alloc_pitch_v1(
     let Some(real) = real::cuMemAllocPitch() else {
         return unavailable(Lib::Cuda);
     };
-    let dev = current_device();
+    let dev = alloc_device();
     let mut ptr = 0;
     let rc = pitched(dev, u64::from(width), u64::from(height), || {
         // SAFETY: the caller's arguments, forwarded.
@@ -353,7 +370,7 @@ pub(crate) unsafe fn mem_alloc_managed(
     };
     tracked_alloc(
         &DEVICE_PTRS,
-        current_device,
+        alloc_device,
         linear_reserved(bytesize as u64),
         || {
             // SAFETY: the caller's arguments, forwarded.
@@ -369,9 +386,33 @@ type AllocAsyncFn = unsafe extern "C" fn(*mut CUdeviceptr, usize, Handle) -> CUr
 type FreeAsyncFn = unsafe extern "C" fn(CUdeviceptr, Handle) -> CUresult;
 type AllocPoolFn = unsafe extern "C" fn(*mut CUdeviceptr, usize, Handle, Handle) -> CUresult;
 
+/// A stream-ordered allocation on a capturing stream is an allocation node of the graph being
+/// captured (see [`graph`]): `Some(result)` when it was handled so.
+fn captured(
+    stream: Handle,
+    per_thread: bool,
+    dptr: *mut CUdeviceptr,
+    bytesize: usize,
+    call: impl FnOnce() -> CUresult,
+) -> Result<CUresult, impl FnOnce() -> CUresult> {
+    state::ensure();
+    if !budget().any_limit() || !graph::capturing(stream, per_thread) {
+        return Err(call);
+    }
+    let Some(dev) = graph::capped_current_device() else {
+        return Err(call);
+    };
+    Ok(graph::captured_alloc(dev, stream, bytesize as u64, || {
+        let rc = call();
+        // SAFETY: the caller's out-pointer.
+        (rc, unsafe { out(rc, dptr) })
+    }))
+}
+
 fn alloc_async(
     real: Option<AllocAsyncFn>,
     free: Option<FreeAsyncFn>,
+    per_thread: bool,
     dptr: *mut CUdeviceptr,
     bytesize: usize,
     stream: Handle,
@@ -379,13 +420,18 @@ fn alloc_async(
     let Some(real) = real else {
         return unavailable(Lib::Cuda);
     };
+    // SAFETY: the caller's arguments, forwarded.
+    let call = move || unsafe { real(dptr, bytesize, stream) };
+    let call = match captured(stream, per_thread, dptr, bytesize, call) {
+        Ok(rc) => return rc,
+        Err(call) => call,
+    };
     tracked_alloc(
         &DEVICE_PTRS,
-        current_device,
+        alloc_device,
         linear_reserved(bytesize as u64),
         || {
-            // SAFETY: the caller's arguments, forwarded.
-            let rc = unsafe { real(dptr, bytesize, stream) };
+            let rc = call();
             // SAFETY: the caller's out-pointer.
             (rc, unsafe { out(rc, dptr) })
         },
@@ -398,17 +444,27 @@ fn alloc_async(
     )
 }
 
-fn free_async(real: Option<FreeAsyncFn>, dptr: CUdeviceptr, stream: Handle) -> CUresult {
+fn free_async(
+    real: Option<FreeAsyncFn>,
+    per_thread: bool,
+    dptr: CUdeviceptr,
+    stream: Handle,
+) -> CUresult {
     let Some(real) = real else {
         return unavailable(Lib::Cuda);
     };
     // SAFETY: the caller's arguments, forwarded.
-    tracked_free(&DEVICE_PTRS, dptr, || unsafe { real(dptr, stream) })
+    let call = || unsafe { real(dptr, stream) };
+    if graph::is_graph_alloc(dptr) && graph::capturing(stream, per_thread) {
+        return graph::captured_free(dptr, call);
+    }
+    tracked_free(&DEVICE_PTRS, dptr, true, call)
 }
 
 fn alloc_from_pool(
     real: Option<AllocPoolFn>,
     free: Option<FreeAsyncFn>,
+    per_thread: bool,
     dptr: *mut CUdeviceptr,
     bytesize: usize,
     pool: Handle,
@@ -417,13 +473,18 @@ fn alloc_from_pool(
     let Some(real) = real else {
         return unavailable(Lib::Cuda);
     };
+    // SAFETY: the caller's arguments, forwarded.
+    let call = move || unsafe { real(dptr, bytesize, pool, stream) };
+    let call = match captured(stream, per_thread, dptr, bytesize, call) {
+        Ok(rc) => return rc,
+        Err(call) => call,
+    };
     tracked_alloc(
         &DEVICE_PTRS,
-        current_device,
+        alloc_device,
         linear_reserved(bytesize as u64),
         || {
-            // SAFETY: the caller's arguments, forwarded.
-            let rc = unsafe { real(dptr, bytesize, pool, stream) };
+            let rc = call();
             // SAFETY: the caller's out-pointer.
             (rc, unsafe { out(rc, dptr) })
         },
@@ -437,22 +498,30 @@ fn alloc_from_pool(
 }
 
 pub(crate) unsafe fn mem_alloc_async(d: *mut CUdeviceptr, n: usize, s: Handle) -> CUresult {
-    alloc_async(real::cuMemAllocAsync(), real::cuMemFreeAsync(), d, n, s)
+    alloc_async(
+        real::cuMemAllocAsync(),
+        real::cuMemFreeAsync(),
+        false,
+        d,
+        n,
+        s,
+    )
 }
 pub(crate) unsafe fn mem_alloc_async_ptsz(d: *mut CUdeviceptr, n: usize, s: Handle) -> CUresult {
     alloc_async(
         real::cuMemAllocAsync_ptsz(),
         real::cuMemFreeAsync_ptsz(),
+        true,
         d,
         n,
         s,
     )
 }
 pub(crate) unsafe fn mem_free_async(d: CUdeviceptr, s: Handle) -> CUresult {
-    free_async(real::cuMemFreeAsync(), d, s)
+    free_async(real::cuMemFreeAsync(), false, d, s)
 }
 pub(crate) unsafe fn mem_free_async_ptsz(d: CUdeviceptr, s: Handle) -> CUresult {
-    free_async(real::cuMemFreeAsync_ptsz(), d, s)
+    free_async(real::cuMemFreeAsync_ptsz(), true, d, s)
 }
 pub(crate) unsafe fn mem_alloc_from_pool(
     d: *mut CUdeviceptr,
@@ -463,6 +532,7 @@ pub(crate) unsafe fn mem_alloc_from_pool(
     alloc_from_pool(
         real::cuMemAllocFromPoolAsync(),
         real::cuMemFreeAsync(),
+        false,
         d,
         n,
         pool,
@@ -478,6 +548,7 @@ pub(crate) unsafe fn mem_alloc_from_pool_ptsz(
     alloc_from_pool(
         real::cuMemAllocFromPoolAsync_ptsz(),
         real::cuMemFreeAsync_ptsz(),
+        true,
         d,
         n,
         pool,
@@ -545,7 +616,7 @@ pub(crate) unsafe fn mem_release(handle: CUmemGenericAllocationHandle) -> CUresu
         return unavailable(Lib::Cuda);
     };
     // SAFETY: the caller's argument, forwarded.
-    tracked_free(&VMM_HANDLES, handle, || unsafe { real(handle) })
+    tracked_free(&VMM_HANDLES, handle, false, || unsafe { real(handle) })
 }
 
 /// Estimated bytes of a `w × h × d` array of `channels` elements of `format`.
@@ -565,7 +636,7 @@ fn array_alloc(
 ) -> CUresult {
     tracked_alloc(
         &ARRAYS,
-        current_device,
+        alloc_device,
         linear_reserved(bytes),
         || {
             let rc = call();
@@ -669,7 +740,7 @@ pub(crate) unsafe fn array_destroy(array: Handle) -> CUresult {
         return unavailable(Lib::Cuda);
     };
     // SAFETY: the caller's argument, forwarded.
-    tracked_free(&ARRAYS, array as u64, || unsafe { real(array) })
+    tracked_free(&ARRAYS, array as u64, false, || unsafe { real(array) })
 }
 
 /// Mipmapped arrays: the sum over `levels` of the halved extents.
@@ -708,5 +779,5 @@ pub(crate) unsafe fn mipmapped_destroy(array: Handle) -> CUresult {
         return unavailable(Lib::Cuda);
     };
     // SAFETY: the caller's argument, forwarded.
-    tracked_free(&ARRAYS, array as u64, || unsafe { real(array) })
+    tracked_free(&ARRAYS, array as u64, false, || unsafe { real(array) })
 }

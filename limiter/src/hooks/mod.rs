@@ -3,6 +3,8 @@
 //! Every body takes the exact C arguments and is `unsafe`: the caller's pointers are trusted as
 //! the real driver would trust them.
 
+pub(crate) mod context;
+pub(crate) mod graph;
 pub(crate) mod init;
 pub(crate) mod launch;
 pub(crate) mod meminfo;

@@ -2,17 +2,30 @@
  * Modes (argv[1]):
  *   hold N        allocate up to N chunks of 256 MiB; print "held K rc R"; wait for EOF on stdin;
  *                 free them and exit 0
+ *   cycle N       like hold, but after the first line on stdin frees them, prints "freed F" (F =
+ *                 frees that returned 0) and waits for EOF
+ *   pairs T N     T threads each do N alloc/free pairs of 64 MiB; a shared counter of the bytes
+ *                 held (added after a successful allocation, subtracted before its free, so it
+ *                 never exceeds what the cap admitted) tracks its maximum; prints
+ *                 "pairs ok X refused R max_held M" and waits for EOF
+ *   steady        alloc/free pairs of 64 MiB until stdin reaches EOF, timing every call
+ *                 (CLOCK_MONOTONIC); prints "steady pairs X refused R max_ns L"
+ *   churn         alloc/free pairs of 64 MiB forever (200 µs apart); prints "churning" after
+ *                 the first one
  *   info          print the virtualised cuMemGetInfo / cuDeviceTotalMem / nvmlDeviceGetMemoryInfo
- *   burst T B P   T threads, B bursts; in each burst every thread does P alloc/free pairs of
+ *   burst T B P   prints "READY", waits for a line; T threads, B bursts; in each burst every thread does P alloc/free pairs of
  *                 64 MiB, then allocates 64 MiB chunks until refused and holds them; the main
  *                 thread prints "BURST b held H" and waits for a line on stdin; then everything
  *                 is freed. At the end "END pairs_ok X refused R" and wait for EOF. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <pthread.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 typedef unsigned long long devptr;
 int cuInit(unsigned int);
@@ -55,6 +68,23 @@ static int hold(int n)
     wait_eof();
     while (k > 0)
         cuMemFree_v2(p[--k]);
+    return 0;
+}
+
+static int cycle(int n)
+{
+    devptr p[1024];
+    int k = 0, rc = 0, freed = 0;
+    while (k < n && k < 1024 && (rc = cuMemAlloc_v2(&p[k], CHUNK)) == 0)
+        k++;
+    printf("held %d rc %d\n", k, rc);
+    fflush(stdout);
+    wait_line();
+    while (k > 0)
+        freed += cuMemFree_v2(p[--k]) == 0;
+    printf("freed %d\n", freed);
+    fflush(stdout);
+    wait_eof();
     return 0;
 }
 
@@ -122,6 +152,10 @@ static void *worker(void *arg)
 static int burst(void)
 {
     pthread_t t[64];
+    /* Every process of the race has its context before anybody grabs memory. */
+    printf("READY\n");
+    fflush(stdout);
+    wait_line();
     pthread_barrier_init(&barrier, NULL, (unsigned)nthreads + 1);
     for (int i = 0; i < nthreads; i++)
         pthread_create(&t[i], NULL, worker, NULL);
@@ -142,6 +176,113 @@ static int burst(void)
     return 0;
 }
 
+#define PAIR ((size_t)64 << 20)
+
+static long long held_now, held_max;
+static unsigned long long n_ok, n_refused;
+
+static void *pair_worker(void *arg)
+{
+    long n = (long)arg;
+    unsigned long long ok = 0, no = 0;
+    cuCtxSetCurrent(ctx);
+    for (long i = 0; i < n; i++) {
+        devptr d;
+        if (cuMemAlloc_v2(&d, PAIR) != 0) {
+            no++;
+            continue;
+        }
+        long long now = __atomic_add_fetch(&held_now, (long long)PAIR, __ATOMIC_SEQ_CST);
+        long long seen = __atomic_load_n(&held_max, __ATOMIC_RELAXED);
+        while (now > seen &&
+               !__atomic_compare_exchange_n(&held_max, &seen, now, false, __ATOMIC_SEQ_CST,
+                                            __ATOMIC_RELAXED))
+            ;
+        __atomic_sub_fetch(&held_now, (long long)PAIR, __ATOMIC_SEQ_CST);
+        cuMemFree_v2(d);
+        ok++;
+    }
+    __atomic_add_fetch(&n_ok, ok, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&n_refused, no, __ATOMIC_RELAXED);
+    return NULL;
+}
+
+static int pairs(int threads, long n)
+{
+    pthread_t t[64];
+    for (int i = 0; i < threads; i++)
+        pthread_create(&t[i], NULL, pair_worker, (void *)n);
+    for (int i = 0; i < threads; i++)
+        pthread_join(t[i], NULL);
+    printf("pairs ok %llu refused %llu max_held %lld\n", n_ok, n_refused, held_max);
+    fflush(stdout);
+    wait_eof();
+    return 0;
+}
+
+static volatile int stop;
+
+static void *stdin_watcher(void *arg)
+{
+    (void)arg;
+    wait_eof();
+    stop = 1;
+    return NULL;
+}
+
+static long long now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static int steady(void)
+{
+    pthread_t w;
+    unsigned long long ok = 0, no = 0;
+    long long max_ns = 0;
+    pthread_create(&w, NULL, stdin_watcher, NULL);
+    printf("steady\n");
+    fflush(stdout);
+    while (!stop) {
+        devptr d;
+        long long t0 = now_ns();
+        int rc = cuMemAlloc_v2(&d, PAIR);
+        long long t1 = now_ns();
+        if (t1 - t0 > max_ns)
+            max_ns = t1 - t0;
+        if (rc != 0) {
+            no++;
+            continue;
+        }
+        cuMemFree_v2(d);
+        t0 = now_ns();
+        if (t0 - t1 > max_ns)
+            max_ns = t0 - t1;
+        ok++;
+    }
+    pthread_join(w, NULL);
+    printf("steady pairs %llu refused %llu max_ns %lld\n", ok, no, max_ns);
+    return 0;
+}
+
+static __attribute__((noreturn)) int churn(void)
+{
+    int announced = 0;
+    for (;;) {
+        devptr d;
+        if (cuMemAlloc_v2(&d, PAIR) == 0)
+            cuMemFree_v2(d);
+        usleep(200); /* keep allocating without starving the measured processes of CPU */
+        if (!announced) {
+            printf("churning\n");
+            fflush(stdout);
+            announced = 1;
+        }
+    }
+}
+
 int main(int argc, char **argv)
 {
     const char *mode = argc > 1 ? argv[1] : "info";
@@ -154,6 +295,14 @@ int main(int argc, char **argv)
     }
     if (strcmp(mode, "hold") == 0 && argc > 2)
         return hold(atoi(argv[2]));
+    if (strcmp(mode, "cycle") == 0 && argc > 2)
+        return cycle(atoi(argv[2]));
+    if (strcmp(mode, "pairs") == 0 && argc > 3 && atoi(argv[2]) >= 1 && atoi(argv[2]) <= 64)
+        return pairs(atoi(argv[2]), atol(argv[3]));
+    if (strcmp(mode, "steady") == 0)
+        return steady();
+    if (strcmp(mode, "churn") == 0)
+        return churn();
     if (strcmp(mode, "info") == 0)
         return info();
     if (strcmp(mode, "burst") == 0 && argc > 4) {

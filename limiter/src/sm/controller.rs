@@ -1,0 +1,254 @@
+//! The SM-cap controller: measured utilisation in, launch spacing out. Pure arithmetic, no I/O, so
+//! it is tested against a simulated GPU below.
+//!
+//! The output is `step_ns`, the wall time the launch gate ([`super::gate`]) spaces this process's
+//! launches on one device by (0 = no pacing). The input, once per tick (~100 ms), is what NVML
+//! measured over the tick: this process's share of the device's time, the container's share (all
+//! its processes, through their host PIDs), how many launches this process made, and whether the
+//! gate made any launch wait.
+//!
+//! * **First limitation.** While the container stays under its cap nothing is paced. The first
+//!   tick over the cap sets `step = cost / target`, with `cost` = the GPU time per launch just
+//!   measured (own busy time ÷ own launches) and `target` = this process's part of the cap (the
+//!   cap × its share of the container's use). This is what makes the cap independent of kernel
+//!   shape: a launch costs the time it kept the GPU busy, whatever its grid.
+//! * **Then an integral controller in log space**: each tick in which the container is over the
+//!   cap, or this process was held back by the gate, `step *= (container / cap)^gain` (each tick's
+//!   factor bounded to [¼, 4]; the gain is smaller for speeding up than for slowing down). At the fixed point the container's use equals the cap; a process
+//!   that is not held back and under the cap keeps its step (no wind-up from idle time). Each
+//!   process scales its own step by the same container-wide ratio, so the processes of one
+//!   container converge together on the container's cap.
+//!
+//! Nothing here depends on the SM count (HAMi-core's token step grows with its square).
+
+/// Integral gain in log space when over the cap: 0.5 halves the (log) error per tick without
+/// overshoot even when the measurement lags the gate by a tick.
+const GAIN: f64 = 0.5;
+/// Gain when under the cap and held back, i.e. speeding up: smaller, because a shortfall can also
+/// come from outside the gate (the process was descheduled, the GPU was busy with a neighbour),
+/// and over-correcting it overshoots the cap once the disturbance ends. Exceeding the cap costs
+/// the neighbours; falling short only costs this tenant a little time.
+const SPEED_UP_GAIN: f64 = 0.25;
+/// Bounds of one tick's multiplicative change.
+const MAX_FACTOR: f64 = 4.0;
+/// Bounds of the step: 1 µs (finer pacing is below what the gate can enforce anyway) to 10 s.
+pub(crate) const MIN_STEP_NS: f64 = 1_000.0;
+pub(crate) const MAX_STEP_NS: f64 = 10_000_000_000.0;
+
+/// One tick's measurements.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Measurement {
+    /// Wall time covered, ns.
+    pub(crate) window_ns: u64,
+    /// This process's share of the device's time over the window, 0..=1.
+    pub(crate) own: f64,
+    /// The container's share (all its processes), 0..=1; ≥ `own`.
+    pub(crate) container: f64,
+    /// This process's launches on the device during the window.
+    pub(crate) launches: u64,
+    /// Whether the gate made a launch of this process wait during the window.
+    pub(crate) throttled: bool,
+}
+
+/// Per-process, per-device controller state.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Controller {
+    /// The cap, 0 < cap < 1.
+    cap: f64,
+    /// Current spacing, ns (0 = not pacing yet).
+    step_ns: f64,
+}
+
+impl Controller {
+    pub(crate) fn new(cap_percent: u8) -> Self {
+        Self {
+            cap: f64::from(cap_percent.clamp(1, 99)) / 100.0,
+            step_ns: 0.0,
+        }
+    }
+
+    /// The spacing in force.
+    pub(crate) fn step_ns(&self) -> u64 {
+        self.step_ns as u64
+    }
+
+    /// Feeds one tick; returns the new spacing.
+    pub(crate) fn tick(&mut self, m: &Measurement) -> u64 {
+        let container = m.container.max(m.own);
+        if self.step_ns == 0.0 {
+            if container > self.cap && m.launches > 0 && m.own > 0.0 {
+                let cost_ns = m.own * m.window_ns as f64 / m.launches as f64;
+                let target = self.cap * (m.own / container);
+                self.step_ns = (cost_ns / target).clamp(MIN_STEP_NS, MAX_STEP_NS);
+            }
+        } else if container > self.cap || m.throttled {
+            let gain = if container > self.cap {
+                GAIN
+            } else {
+                SPEED_UP_GAIN
+            };
+            let factor = if container > 0.0 {
+                (container / self.cap)
+                    .powf(gain)
+                    .clamp(1.0 / MAX_FACTOR, MAX_FACTOR)
+            } else {
+                // Held back yet nothing measured: the step is far too long (e.g. a kernel became
+                // much shorter). Speed up as fast as allowed.
+                1.0 / MAX_FACTOR
+            };
+            self.step_ns = (self.step_ns * factor).clamp(MIN_STEP_NS, MAX_STEP_NS);
+        }
+        self.step_ns()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TICK: u64 = 100_000_000;
+
+    /// A GPU shared by processes that each want to launch kernels of `cost` ns back to back
+    /// (`demand` launches per second at most), paced by their step. Kernels of all processes
+    /// serialise; when the sum of wishes exceeds the device, each gets a proportional slice.
+    struct Plant {
+        costs: Vec<f64>,
+        demand: Vec<f64>,
+    }
+
+    impl Plant {
+        /// Utilisation of each process over one tick with the given steps (0 = unpaced).
+        fn run(&self, steps: &[u64]) -> Vec<(f64, u64, bool)> {
+            let wish: Vec<f64> = self
+                .costs
+                .iter()
+                .zip(&self.demand)
+                .zip(steps)
+                .map(|((&c, &d), &s)| {
+                    let paced = if s == 0 {
+                        f64::INFINITY
+                    } else {
+                        1e9 / s as f64
+                    };
+                    (d.min(paced) * c / 1e9).min(1.0)
+                })
+                .collect();
+            let total: f64 = wish.iter().sum();
+            let scale = if total > 1.0 { 1.0 / total } else { 1.0 };
+            wish.iter()
+                .zip(&self.costs)
+                .zip(steps)
+                .zip(&self.demand)
+                .map(|(((&w, &c), &s), &d)| {
+                    let u = w * scale;
+                    let launches = (u * TICK as f64 / c) as u64;
+                    let paced_below_demand = s != 0 && 1e9 / (s as f64) < d;
+                    (u, launches, paced_below_demand)
+                })
+                .collect()
+        }
+    }
+
+    /// Runs `ticks` ticks for one container of the plant's processes; returns the container's
+    /// utilisation per tick.
+    fn simulate(plant: &Plant, cap: u8, ticks: usize) -> Vec<f64> {
+        let mut ctls: Vec<Controller> = plant.costs.iter().map(|_| Controller::new(cap)).collect();
+        let mut history = Vec::new();
+        for _ in 0..ticks {
+            let steps: Vec<u64> = ctls.iter().map(Controller::step_ns).collect();
+            let out = plant.run(&steps);
+            let container: f64 = out.iter().map(|o| o.0).sum();
+            history.push(container);
+            for (ctl, &(own, launches, throttled)) in ctls.iter_mut().zip(&out) {
+                ctl.tick(&Measurement {
+                    window_ns: TICK,
+                    own,
+                    container,
+                    launches,
+                    throttled,
+                });
+            }
+        }
+        history
+    }
+
+    #[test]
+    fn one_saturating_process_settles_on_every_cap_within_two_seconds() {
+        for cap in (10..=90).step_by(10) {
+            let plant = Plant {
+                costs: vec![1e6],
+                demand: vec![f64::INFINITY],
+            };
+            let h = simulate(&plant, cap, 50);
+            let target = f64::from(cap) / 100.0;
+            for (t, u) in h.iter().enumerate().skip(20) {
+                assert!((u - target).abs() < 0.01, "cap {cap}, tick {t}: {u}");
+            }
+        }
+    }
+
+    #[test]
+    fn cost_is_time_not_grid_size_so_short_and_long_kernels_settle_alike() {
+        // 10 µs kernels and 20 ms kernels: same cap, same steady state.
+        for cost in [1e4, 2e7] {
+            let plant = Plant {
+                costs: vec![cost],
+                demand: vec![f64::INFINITY],
+            };
+            let h = simulate(&plant, 30, 40);
+            assert!((h[39] - 0.30).abs() < 0.01, "cost {cost}: {}", h[39]);
+        }
+    }
+
+    #[test]
+    fn two_processes_of_one_container_share_its_cap() {
+        let plant = Plant {
+            costs: vec![1e6, 3e6],
+            demand: vec![f64::INFINITY, f64::INFINITY],
+        };
+        let h = simulate(&plant, 50, 60);
+        assert!((h[59] - 0.5).abs() < 0.02, "{}", h[59]);
+    }
+
+    #[test]
+    fn a_process_under_its_cap_is_never_paced() {
+        let plant = Plant {
+            costs: vec![1e6],
+            demand: vec![200.0], // 20 % of the device
+        };
+        let mut ctl = Controller::new(50);
+        for _ in 0..20 {
+            let out = plant.run(&[ctl.step_ns()]);
+            ctl.tick(&Measurement {
+                window_ns: TICK,
+                own: out[0].0,
+                container: out[0].0,
+                launches: out[0].1,
+                throttled: out[0].2,
+            });
+        }
+        assert_eq!(ctl.step_ns(), 0);
+    }
+
+    #[test]
+    fn a_held_back_process_with_no_measurement_speeds_up() {
+        let mut ctl = Controller::new(50);
+        ctl.tick(&Measurement {
+            window_ns: TICK,
+            own: 1.0,
+            container: 1.0,
+            launches: 100,
+            throttled: false,
+        });
+        let before = ctl.step_ns();
+        assert_eq!(before, 2_000_000, "1 ms per launch at 50 %");
+        ctl.tick(&Measurement {
+            window_ns: TICK,
+            own: 0.0,
+            container: 0.0,
+            launches: 1,
+            throttled: true,
+        });
+        assert_eq!(ctl.step_ns(), before / 4);
+    }
+}

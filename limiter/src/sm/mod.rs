@@ -1,0 +1,301 @@
+//! The SM (core) cap: `CUDA_DEVICE_SM_LIMIT[_<i>]` percent of each device's time for the whole
+//! container, on every launch path (`cuLaunchKernel`, `cuLaunchKernelEx`,
+//! `cuLaunchCooperativeKernel`, `cuGraphLaunch`, each with its `_ptsz` twin).
+//!
+//! * [`before_launch`] is what every launch hook calls. In a process with no cap of any kind (no
+//!   memory cap, no SM cap: no shared region) it is one atomic load. Otherwise, in HAMi-core's
+//!   original `rate_limiter` order: the priority gate first (wait while the monitor holds
+//!   `recent_kernel` at −1, then mark the container active and stamp `last_kernel_time`), then, if
+//!   the launch's device is capped, the device's [`gate::Gate`] — which only counts the launch
+//!   while the policy says not to cap now (`utilization_switch` off), so that utilisation is still
+//!   measured and written for the monitor.
+//! * The gates are driven by [`watcher`], one thread per process started on the first capped
+//!   launch (never in a process that does not launch under a cap), which every [`watcher::TICK`]
+//!   reads NVML's per-process utilisation for the container's host PIDs ([`hostpid`]) and feeds
+//!   [`controller`].
+//! * The launch's device is the current context's device; a process that sees one device caches
+//!   it, others ask `cuCtxGetDevice` on capped launches.
+//! * The caps come from the region's `sm_limit` once the region is open (an existing file's values
+//!   win, like the memory limits), else from the environment ([`config`]).
+
+pub(crate) mod config;
+pub(crate) mod controller;
+pub(crate) mod gate;
+pub(crate) mod hostpid;
+pub(crate) mod watcher;
+
+use crate::budget;
+use crate::config::{MAX_DEVICES, getenv};
+use crate::ffi::{CUDA_SUCCESS, CUdevice};
+use crate::log::{ERROR, log_at};
+use crate::table::real;
+use config::Policy;
+use gate::Gate;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU8, Ordering};
+use std::time::Duration;
+use vgpu_region::{LaunchGate, Region, RegionConfig};
+
+const UNKNOWN: u8 = 0;
+const DECIDING: u8 = 1;
+/// No region and no cap: launches pass straight through.
+const OFF: u8 = 2;
+/// A region (priority protocol) and/or SM caps.
+const ON: u8 = 3;
+
+static MODE: AtomicU8 = AtomicU8::new(UNKNOWN);
+/// Effective cap per container device index, percent; 0 = none.
+pub(crate) static CAPS: [AtomicU8; MAX_DEVICES] = [const { AtomicU8::new(0) }; MAX_DEVICES];
+static POLICY: AtomicU8 = AtomicU8::new(0);
+/// The container index of the only device this process sees; −1 = several (ask the driver).
+static SINGLE_DEVICE: AtomicI32 = AtomicI32::new(-1);
+/// One gate per container device index.
+pub(crate) static GATES: [Gate; MAX_DEVICES] = [const { Gate::new() }; MAX_DEVICES];
+
+/// How often a launch blocked by a higher-priority task asks again (HAMi-core: 1 s).
+const PRIORITY_POLL: Duration = Duration::from_millis(100);
+
+/// The environment's SM settings, read once.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SmEnv {
+    pub(crate) caps: [Option<u8>; MAX_DEVICES],
+    pub(crate) policy: Policy,
+    pub(crate) priority: i32,
+}
+
+static ENV_STATE: AtomicU8 = AtomicU8::new(0);
+static ENV_CAPS: [AtomicU8; MAX_DEVICES] = [const { AtomicU8::new(0) }; MAX_DEVICES];
+static ENV_PRIORITY: AtomicI32 = AtomicI32::new(1);
+static ENV_ANY_CAP: AtomicBool = AtomicBool::new(false);
+/// The region (leaked by the budget, never freed), cached for the launch path; null = none.
+static REGION: AtomicPtr<Region> = AtomicPtr::new(std::ptr::null_mut());
+
+/// The SM environment (read on first use; reports malformed values once).
+pub(crate) fn env() -> SmEnv {
+    if ENV_STATE.load(Ordering::Acquire) != 2 {
+        read_env();
+    }
+    SmEnv {
+        caps: std::array::from_fn(|d| match ENV_CAPS[d].load(Ordering::Relaxed) {
+            0 => None,
+            c => Some(c),
+        }),
+        policy: policy_of(POLICY.load(Ordering::Relaxed)),
+        priority: ENV_PRIORITY.load(Ordering::Relaxed),
+    }
+}
+
+#[cold]
+fn read_env() {
+    if ENV_STATE
+        .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
+        while ENV_STATE.load(Ordering::Acquire) != 2 {
+            std::hint::spin_loop();
+            // SAFETY: sched_yield has no preconditions.
+            unsafe { libc::sched_yield() };
+        }
+        return;
+    }
+    let caps = config::sm_limits_from(getenv, |name, value, err| {
+        log_at!(
+            ERROR,
+            "{name}={:?} is not an SM limit ({}); expected a whole percentage 0-100, e.g. 30 \
+             (0 or 100 = no cap). Capping the affected devices at {}%.",
+            String::from_utf8_lossy(value),
+            err.describe(),
+            config::FAIL_CLOSED_PERCENT
+        );
+    });
+    for (slot, cap) in ENV_CAPS.iter().zip(caps) {
+        slot.store(cap.unwrap_or(0), Ordering::Relaxed);
+    }
+    ENV_ANY_CAP.store(caps.iter().any(Option::is_some), Ordering::Relaxed);
+    let policy = config::policy_from(getenv(c"GPU_CORE_UTILIZATION_POLICY"));
+    POLICY.store(policy as u8, Ordering::Relaxed);
+    ENV_PRIORITY.store(
+        config::priority_from(getenv(c"CUDA_TASK_PRIORITY")),
+        Ordering::Relaxed,
+    );
+    ENV_STATE.store(2, Ordering::Release);
+}
+
+fn policy_of(v: u8) -> Policy {
+    match v {
+        x if x == Policy::Force as u8 => Policy::Force,
+        x if x == Policy::Disable as u8 => Policy::Disable,
+        _ => Policy::Default,
+    }
+}
+
+/// Whether the environment caps any device's SM time (then the region is opened even without a
+/// memory cap, as HAMi-core always has one).
+pub(crate) fn wants_region() -> bool {
+    if ENV_STATE.load(Ordering::Acquire) != 2 {
+        read_env();
+    }
+    ENV_ANY_CAP.load(Ordering::Relaxed)
+}
+
+/// Fills the SM fields of the config a new region is created with: `sm_limit` (100 = uncapped,
+/// HAMi-core's value for an unset limit) and `priority`.
+pub(crate) fn fill_region_config(cfg: &mut RegionConfig) {
+    let env = env();
+    for (dst, cap) in cfg.sm_limits.iter_mut().zip(env.caps) {
+        *dst = cap.map_or(100, u64::from);
+    }
+    cfg.priority = env.priority;
+}
+
+/// Called by every launch hook before the real launch.
+#[inline(always)]
+pub(crate) fn before_launch() {
+    if MODE.load(Ordering::Acquire) != OFF {
+        launch_slow();
+    }
+}
+
+#[inline(never)]
+fn launch_slow() {
+    if MODE.load(Ordering::Acquire) != ON {
+        decide();
+        if MODE.load(Ordering::Acquire) != ON {
+            return;
+        }
+    }
+    let region = region();
+    if let Some(region) = region {
+        // HAMi-core's original order: the priority gate and the activity mark come before any
+        // cap or switch check, so uncapped and switched-off containers still take part.
+        while region.record_kernel_launch(coarse_unix_secs()) == LaunchGate::Blocked {
+            std::thread::sleep(PRIORITY_POLL);
+        }
+    }
+    let Some(dev) = launch_device() else {
+        return;
+    };
+    if CAPS[dev].load(Ordering::Relaxed) == 0 {
+        return;
+    }
+    watcher::ensure_started();
+    if !capping_now(region) {
+        // Measured (for `sm_util`), not paced: the monitor says the GPU is not shared.
+        GATES[dev].count();
+        return;
+    }
+    let wait = GATES[dev].admit(gate::monotonic_ns());
+    if wait > 0 {
+        std::thread::sleep(Duration::from_nanos(wait));
+    }
+}
+
+/// The region cached for the launch path, if any.
+pub(crate) fn region() -> Option<&'static Region> {
+    // SAFETY: non-null pointers are the budget's leaked region, never freed.
+    unsafe { REGION.load(Ordering::Acquire).as_ref() }
+}
+
+/// Whether the policy caps at this moment.
+pub(crate) fn capping_now(region: Option<&Region>) -> bool {
+    match policy_of(POLICY.load(Ordering::Relaxed)) {
+        Policy::Force => true,
+        Policy::Disable => false,
+        Policy::Default => region.is_none_or(|r| r.utilization_switch() != 0),
+    }
+}
+
+#[cold]
+fn decide() {
+    if MODE
+        .compare_exchange(UNKNOWN, DECIDING, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
+        while MODE.load(Ordering::Acquire) == DECIDING {
+            std::hint::spin_loop();
+            // SAFETY: sched_yield has no preconditions.
+            unsafe { libc::sched_yield() };
+        }
+        return;
+    }
+    crate::state::ensure();
+    let env = env();
+    let region = budget::registered_region();
+    let mut any_cap = false;
+    for (d, slot) in CAPS.iter().enumerate() {
+        let cap = match region.and_then(|r| r.sm_limit(d).ok()) {
+            Some(file) => match file {
+                1..=99 => Some(file as u8),
+                _ => None,
+            },
+            None => env.caps[d],
+        };
+        any_cap |= cap.is_some();
+        slot.store(cap.unwrap_or(0), Ordering::Relaxed);
+    }
+    if let Some(r) = region
+        && let Some(m) = &r.open_report().limit_mismatch
+        && m.file_sm_limits != m.requested_sm_limits
+    {
+        let differing: Vec<(usize, u64, u64)> = (0..MAX_DEVICES)
+            .filter(|&d| m.file_sm_limits[d] != m.requested_sm_limits[d])
+            .map(|d| (d, m.file_sm_limits[d], m.requested_sm_limits[d]))
+            .collect();
+        log_at!(
+            crate::log::WARN,
+            "Limit inconsistency: {} holds other SM limits than the environment asks for \
+             (device, file, environment): {differing:?}; the file's limits are in force",
+            r.path().display()
+        );
+    }
+    SINGLE_DEVICE.store(single_device(), Ordering::Relaxed);
+    if let Some(r) = region {
+        REGION.store(std::ptr::from_ref(r).cast_mut(), Ordering::Release);
+    }
+    let mode = if region.is_some() || (any_cap && env.policy != Policy::Disable) {
+        ON
+    } else {
+        OFF
+    };
+    MODE.store(mode, Ordering::Release);
+}
+
+/// The container index of the only device CUDA shows this process, or −1.
+fn single_device() -> i32 {
+    let Some(count_fn) = real::cuDeviceGetCount() else {
+        return -1;
+    };
+    let mut count = 0;
+    // SAFETY: valid out-pointer.
+    if unsafe { count_fn(&mut count) } != CUDA_SUCCESS || count != 1 {
+        return -1;
+    }
+    crate::devices::container_index(0 as CUdevice).map_or(-1, |i| i as i32)
+}
+
+/// The container index of the device a launch runs on.
+#[inline]
+fn launch_device() -> Option<usize> {
+    match SINGLE_DEVICE.load(Ordering::Relaxed) {
+        d if d >= 0 => Some(d as usize),
+        _ => crate::hooks::current_device(),
+    }
+}
+
+/// Unix seconds from `CLOCK_REALTIME_COARSE` (vDSO; `last_kernel_time` has 1 s resolution).
+fn coarse_unix_secs() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer; the clock exists on every Linux since 2.6.32.
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) };
+    ts.tv_sec.max(0) as u64
+}
+
+/// Fork child: no watcher thread exists, the gates start over. Atomics only.
+pub(crate) fn reset_after_fork() {
+    watcher::reset_after_fork();
+    for g in &GATES {
+        g.reset();
+    }
+}

@@ -1,0 +1,274 @@
+//! The SM cap end to end: `tests/c/sm_load.c` launches 1 ms kernels (synchronising every 16, like
+//! training steps) under `LD_PRELOAD=libvgpu.so` on the gpu-sim, whose kernels take simulated time
+//! on a timeline shared by every process of the node. Utilisation is read from the simulator's own
+//! busy-time accounting over each run minus its first seconds (the settling time), never from
+//! wall-clock timing in the test. Tolerance ±10 points (the ±5 goal is what
+//! `examples/sm_bench.rs` reports; a loaded 2-core CI box adds scheduling noise). The tests of this
+//! file run one at a time (they share the machine's two cores).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+mod sm_support;
+
+use gpu_sim::SimNode;
+use sm_support::{Load, Outcome, achieved, node, region, run_all};
+use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+const SETTLE: Duration = Duration::from_secs(2);
+const TOLERANCE: f64 = 10.0;
+const RUN_S: f64 = 5.0;
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn assert_near(what: &str, got: f64, want: f64) {
+    eprintln!("{what}: achieved {got:.1} % (want {want} %)");
+    assert!(
+        (got - want).abs() <= TOLERANCE,
+        "{what}: achieved {got:.1} %, want {want} % (±{TOLERANCE})"
+    );
+}
+
+/// A tenant on GPU `gpu` of the node, seeing only that GPU (so its CUDA ordinal 0 is container
+/// device `gpu`, as `CUDA_VISIBLE_DEVICES` makes it).
+fn on_gpu(node: &SimNode, name: &str, gpu: usize) -> Load<'static> {
+    Load::new(region(node, name), RUN_S)
+        .env("CUDA_VISIBLE_DEVICES", &gpu.to_string())
+        .sync_every(16)
+}
+
+fn share(node: &SimNode, gpu: usize, o: &Outcome) -> f64 {
+    achieved(node, gpu, o.pid, o, SETTLE)
+}
+
+#[test]
+fn caps_from_10_to_90_hold_for_a_lone_forced_tenant() {
+    let _serial = serial();
+    let caps = [10u32, 30, 50, 70, 90];
+    let node = node(caps.len());
+    let loads: Vec<Load<'_>> = caps
+        .iter()
+        .enumerate()
+        .map(|(i, &cap)| on_gpu(&node, &format!("c{i}"), i).capped(cap))
+        .collect();
+    let out = run_all(&node, &loads);
+    for (i, (o, cap)) in out.iter().zip(caps).enumerate() {
+        assert_near(&format!("cap {cap}"), share(&node, i, o), f64::from(cap));
+    }
+}
+
+#[test]
+fn every_launch_entry_point_is_capped_through_every_access_path() {
+    let _serial = serial();
+    let cases = [
+        ("kernel", "direct"),
+        ("kernel_ptsz", "dlsym"),
+        ("ex", "procaddr"),
+        ("ex_ptsz", "direct"),
+        ("coop", "procaddr"),
+        ("coop_ptsz", "dlsym"),
+        ("graph", "procaddr"),
+        ("graph_ptsz", "direct"),
+    ];
+    let node = node(cases.len());
+    let loads: Vec<Load<'_>> = cases
+        .iter()
+        .enumerate()
+        .map(|(i, &(entry, access))| {
+            let mut l = on_gpu(&node, &format!("p{i}"), i)
+                .capped(40)
+                // A graph launch takes GPU_SIM_GRAPH_NS; kernels their name's 1 ms.
+                .env("GPU_SIM_GRAPH_NS", "1000000");
+            l.entry = entry;
+            l.access = access;
+            l
+        })
+        .collect();
+    let out = run_all(&node, &loads);
+    for (i, (o, (entry, access))) in out.iter().zip(cases).enumerate() {
+        assert!(
+            o.via.ends_with("libvgpu.so"),
+            "{entry} via {access} resolved to {}, not the limiter's hook",
+            o.via
+        );
+        assert_near(&format!("{entry} via {access}"), share(&node, i, o), 40.0);
+    }
+}
+
+#[test]
+fn a_13200_block_kernel_costs_what_a_10_block_kernel_of_the_same_time_costs() {
+    let _serial = serial();
+    let node = node(2);
+    // A100, 256-thread blocks: 864 blocks per wave; 10 blocks = 1 wave of 1 ms, 13,200 blocks =
+    // 16 waves of 62.5 µs = 1 ms.
+    let mut small = on_gpu(&node, "small", 0).capped(30);
+    small.function = "small@wave_ns=1000000";
+    small.grid = 10;
+    let mut large = on_gpu(&node, "large", 1).capped(30);
+    large.function = "large@wave_ns=62500";
+    large.grid = 13_200;
+    let out = run_all(&node, &[small, large]);
+    let (s, l) = (share(&node, 0, &out[0]), share(&node, 1, &out[1]));
+    assert_near("10 blocks", s, 30.0);
+    assert_near("13,200 blocks", l, 30.0);
+    let ratio = out[0].launches as f64 / out[1].launches as f64;
+    assert!(
+        (0.8..1.25).contains(&ratio),
+        "launch counts {} vs {}",
+        out[0].launches,
+        out[1].launches
+    );
+}
+
+#[test]
+fn two_tenants_share_one_gpu_30_70_and_50_50() {
+    let _serial = serial();
+    let node = node(2);
+    let loads = [
+        on_gpu(&node, "a30", 0).capped(30),
+        on_gpu(&node, "b70", 0).capped(70),
+        on_gpu(&node, "c50", 1).capped(50),
+        on_gpu(&node, "d50", 1).capped(50),
+    ];
+    let out = run_all(&node, &loads);
+    assert_near("tenant at 30 beside 70", share(&node, 0, &out[0]), 30.0);
+    assert_near("tenant at 70 beside 30", share(&node, 0, &out[1]), 70.0);
+    assert_near("first tenant at 50", share(&node, 1, &out[2]), 50.0);
+    assert_near("second tenant at 50", share(&node, 1, &out[3]), 50.0);
+}
+
+#[test]
+fn a_capped_tenant_beside_an_uncapped_one_keeps_its_cap_and_the_other_gets_the_rest() {
+    let _serial = serial();
+    let node = node(1);
+    let loads = [
+        on_gpu(&node, "capped", 0).capped(30),
+        on_gpu(&node, "free", 0),
+    ];
+    let out = run_all(&node, &loads);
+    let capped = share(&node, 0, &out[0]);
+    let free = share(&node, 0, &out[1]);
+    assert_near("capped tenant", capped, 30.0);
+    assert!(free >= 50.0, "the uncapped tenant got only {free:.1} %");
+    assert!(
+        !node.dir().join("free.cache").exists(),
+        "a process without any cap created a region"
+    );
+}
+
+#[test]
+fn a_cap_change_between_runs_takes_effect() {
+    let _serial = serial();
+    let node = node(1);
+    let first = run_all(&node, &[on_gpu(&node, "run1", 0).capped(30)]);
+    let second = run_all(&node, &[on_gpu(&node, "run2", 0).capped(70)]);
+    assert_near("first run at 30", share(&node, 0, &first[0]), 30.0);
+    assert_near("second run at 70", share(&node, 0, &second[0]), 70.0);
+}
+
+#[test]
+fn the_default_policy_follows_the_monitors_switch_and_disable_never_caps() {
+    let _serial = serial();
+    let node = node(3);
+    // A region whose monitor has switched throttling off (the container is alone on its GPU); it
+    // turns it on mid-run (a second tenant arrived).
+    let off = region(&node, "switch-off");
+    let r = vgpu_region::Region::open_or_create(
+        &off,
+        &vgpu_region::RegionConfig {
+            sm_limits: [30; 16],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    r.layout().utilization_switch.store(0, Ordering::SeqCst);
+    let mut alone = on_gpu(&node, "unused", 0).env("CUDA_DEVICE_SM_LIMIT", "30");
+    alone.region = off.clone();
+    alone.seconds = 7.0;
+    let shared = on_gpu(&node, "switch-on", 1).env("CUDA_DEVICE_SM_LIMIT", "30");
+    let disabled = on_gpu(&node, "disabled", 2)
+        .env("CUDA_DEVICE_SM_LIMIT", "30")
+        .env("GPU_CORE_UTILIZATION_POLICY", "disable");
+    let children: Vec<_> = [&alone, &shared, &disabled]
+        .iter()
+        .map(|l| l.spawn(&node))
+        .collect();
+    std::thread::sleep(Duration::from_millis(2500));
+    let snap = vgpu_region::RegionReader::open(&off)
+        .unwrap()
+        .snapshot()
+        .unwrap();
+    let measured = snap
+        .processes
+        .iter()
+        .map(|p| p.sm_util[0])
+        .max()
+        .unwrap_or(0);
+    let flipped = SystemTime::now();
+    r.layout().utilization_switch.store(1, Ordering::SeqCst);
+    let out: Vec<Outcome> = children.into_iter().map(sm_support::finish).collect();
+
+    assert!(
+        measured >= 60,
+        "switched off: sm_util {measured} % not recorded"
+    );
+    let t = node.timeline().unwrap().unwrap();
+    let at = |ns: u64| t.period_at(UNIX_EPOCH + Duration::from_nanos(ns));
+    let before =
+        t.process_utilization(0, out[0].pid, at(out[0].start_ns) + 5..t.period_at(flipped));
+    let after = t.process_utilization(
+        0,
+        out[0].pid,
+        t.period_at(flipped + SETTLE) + 1..at(out[0].end_ns),
+    );
+    assert!(before >= 60.0, "switched off, yet capped: {before:.1} %");
+    assert_near("after the switch turned on", after, 30.0);
+    assert_near("default policy, switch on", share(&node, 1, &out[1]), 30.0);
+    let disabled = share(&node, 2, &out[2]);
+    assert!(
+        disabled >= 60.0,
+        "policy disable, yet capped: {disabled:.1} %"
+    );
+}
+
+#[test]
+fn a_container_is_capped_per_gpu_and_its_processes_share_each_cap() {
+    let _serial = serial();
+    let node = node(3);
+    // Container X sees GPUs 0 and 1 (CUDA ordinals 0 and 1, cuCtxGetDevice on each launch), with
+    // a different cap on each; one process per GPU.
+    let x = region(&node, "x");
+    let per_gpu = |device: u32| {
+        let mut l = Load::new(x.clone(), RUN_S)
+            .env("CUDA_VISIBLE_DEVICES", "0,1")
+            .env("CUDA_DEVICE_SM_LIMIT_0", "30")
+            .env("CUDA_DEVICE_SM_LIMIT_1", "60")
+            .env("GPU_CORE_UTILIZATION_POLICY", "force")
+            .sync_every(16);
+        l.device = device;
+        l
+    };
+    // Container Y: two processes on GPU 2 under one 50 % cap.
+    let y = region(&node, "y");
+    let shared = || {
+        Load::new(y.clone(), RUN_S)
+            .env("CUDA_VISIBLE_DEVICES", "2")
+            .capped(50)
+            .sync_every(16)
+    };
+    let out = run_all(&node, &[per_gpu(0), per_gpu(1), shared(), shared()]);
+    assert_near("container X on GPU 0", share(&node, 0, &out[0]), 30.0);
+    assert_near("container X on GPU 1", share(&node, 1, &out[1]), 60.0);
+    let (y1, y2) = (share(&node, 2, &out[2]), share(&node, 2, &out[3]));
+    assert_near("container Y's two processes together", y1 + y2, 50.0);
+    assert!(
+        y1 > 10.0 && y2 > 10.0,
+        "one process starved: {y1:.1} / {y2:.1} %"
+    );
+}
