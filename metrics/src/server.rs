@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use crate::exposition::{AgentMetrics, SnapshotSource};
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const TEXT_004: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// `:9394` (all interfaces), `127.0.0.1:9394` or `[::1]:9394`, as `--metrics-bind-address` takes it.
 pub fn parse_bind_address(text: &str) -> Result<SocketAddr, String> {
@@ -96,11 +97,27 @@ async fn route(
     }
     match request.uri().path() {
         "/metrics" => {
+            // Prometheus asks for OpenMetrics; everything else (curl, promtool, older scrapers) gets the text
+            // format 0.0.4, as from the Go monitor.
+            let openmetrics = request
+                .headers()
+                .get_all(hyper::header::ACCEPT)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .any(|v| v.contains("application/openmetrics-text"));
             // NVML and the region files are read on a blocking thread, never on the runtime.
-            let encoded =
-                tokio::task::spawn_blocking(move || metrics.encode(&source.snapshot())).await;
+            let encoded = tokio::task::spawn_blocking(move || {
+                let snapshot = source.snapshot();
+                if openmetrics {
+                    metrics.encode(&snapshot)
+                } else {
+                    metrics.encode_text(&snapshot)
+                }
+            })
+            .await;
+            let content_type = if openmetrics { OPENMETRICS } else { TEXT_004 };
             match encoded {
-                Ok(Ok(body)) => text(StatusCode::OK, OPENMETRICS, body),
+                Ok(Ok(body)) => text(StatusCode::OK, content_type, body),
                 _ => text(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "text/plain",
@@ -153,8 +170,14 @@ mod tests {
     }
 
     async fn get(addr: SocketAddr, path: &str) -> String {
+        get_accepting(addr, path, "*/*").await
+    }
+
+    async fn get_accepting(addr: SocketAddr, path: &str, accept: &str) -> String {
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
+        );
         stream.write_all(request.as_bytes()).await.unwrap();
         let mut out = String::new();
         stream.read_to_string(&mut out).await.unwrap();
@@ -194,13 +217,25 @@ mod tests {
             },
         ));
 
-        let metrics = get(addr, "/metrics").await;
+        // What Prometheus sends.
+        let accept = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;\
+                      version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        let metrics = get_accepting(addr, "/metrics", accept).await;
         assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
         assert!(metrics.contains("application/openmetrics-text"));
         assert!(
             metrics.contains("vgpu_gpu_memory_total_bytes{gpu_uuid=\"GPU-a\",gpu_index=\"0\"} 10"),
             "{metrics}"
         );
+        assert!(metrics.contains("# TYPE vgpu_agent_build info") && metrics.ends_with("# EOF\n"));
+        // What curl and promtool get.
+        let plain = get(addr, "/metrics").await;
+        assert!(plain.contains("text/plain; version=0.0.4"), "{plain}");
+        assert!(
+            plain.contains("vgpu_gpu_memory_total_bytes{gpu_uuid=\"GPU-a\",gpu_index=\"0\"} 10")
+        );
+        assert!(plain.contains("# TYPE vgpu_agent_build_info gauge\nvgpu_agent_build_info{"));
+        assert!(!plain.contains("# EOF"), "{plain}");
         assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
         let not_ready = get(addr, "/readyz").await;
         assert!(

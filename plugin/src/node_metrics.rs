@@ -2,9 +2,10 @@
 //! vGPUs the scheduler has placed on it (from the pods bound here), and every container's use of its GPUs
 //! from the shared-region files in the one cache directory the Allocate side creates.
 
-use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use nvml_wrapper::Nvml;
 use tokio::sync::watch;
@@ -12,6 +13,7 @@ use vgpu_metrics::{AgentMetrics, ContainerSample, GpuSample, Snapshot, SnapshotS
 use vgpu_region::reader::RegionReader;
 
 use crate::inventory::Inventory;
+use crate::monitor::{RateLimitedWarnings, RegionDirs, WARN_EVERY, region_files};
 use crate::pod_cache::PodCache;
 use crate::volcano::pod_devices::PodDevices;
 use crate::volcano::{VGPU_IDS_NEW, VGPU_NODE};
@@ -29,8 +31,10 @@ pub struct NodeSnapshot {
 struct Regions {
     root: PathBuf,
     metrics: Arc<AgentMetrics>,
-    /// Files already warned about, so a corrupt file costs one log line, not one per scrape.
-    warned: Mutex<HashSet<PathBuf>>,
+    /// A corrupt file costs one log line every few minutes, not one per scrape.
+    warned: Mutex<RateLimitedWarnings>,
+    /// Which file each container directory holds, re-listed only when the directory changes.
+    dirs: Mutex<RegionDirs>,
 }
 
 impl std::fmt::Debug for NodeSnapshot {
@@ -63,7 +67,8 @@ impl NodeSnapshot {
         self.regions = Some(Regions {
             root: cache_root,
             metrics,
-            warned: Mutex::default(),
+            warned: Mutex::new(RateLimitedWarnings::new(WARN_EVERY)),
+            dirs: Mutex::default(),
         });
         self
     }
@@ -85,36 +90,33 @@ impl NodeSnapshot {
                 ))
             })
             .collect();
-        let Ok(entries) = std::fs::read_dir(&regions.root) else {
-            return Vec::new();
-        };
         let mut samples = Vec::new();
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Some((uid, container)) = name.split_once('_') else {
+        let files = match regions.dirs.lock() {
+            Ok(mut dirs) => dirs.files(&regions.root),
+            Err(_) => region_files(&regions.root),
+        };
+        for (uid, container, file) in files {
+            let Some((namespace, pod)) = by_uid.get(&uid) else {
                 continue;
             };
-            let Some((namespace, pod)) = by_uid.get(uid) else {
-                continue;
-            };
-            let Some(file) = newest_cache_file(&entry.path()) else {
-                continue;
-            };
-            match RegionReader::open(&file).and_then(|r| r.snapshot()) {
+            match RegionReader::read_snapshot(&file) {
                 Ok(region) => {
                     for device in 0..region.device_num {
-                        let uuid = region.uuid_label(device).unwrap_or_default().to_owned();
+                        // The monitors skip a device whose UUID slot is empty or not UTF-8.
+                        let Some(uuid) = region.uuid_label(device).map(str::to_owned) else {
+                            continue;
+                        };
                         let gpu_index = self
                             .inventory
                             .gpus
                             .iter()
-                            .position(|g| !uuid.is_empty() && g.uuid.starts_with(&uuid))
+                            .position(|g| g.uuid.starts_with(&uuid))
                             .unwrap_or(device) as u32;
                         let usage = region.device_usage(device);
                         samples.push(ContainerSample {
                             namespace: namespace.clone(),
                             pod: pod.clone(),
-                            container: container.to_owned(),
+                            container: container.clone(),
                             gpu_uuid: uuid,
                             gpu_index,
                             memory_used_bytes: usage.total,
@@ -129,6 +131,9 @@ impl NodeSnapshot {
                             last_kernel_unix: region
                                 .last_kernel_time
                                 .and_then(|t| i64::try_from(t).ok()),
+                            priority: region.priority,
+                            launches_blocked: region.recent_kernel < 0,
+                            sm_limit_enforced: region.utilization_switch == 1,
                         });
                     }
                 }
@@ -137,7 +142,7 @@ impl NodeSnapshot {
                     let first = regions
                         .warned
                         .lock()
-                        .map(|mut w| w.insert(file.clone()))
+                        .map(|mut w| w.should_warn(&file, Instant::now()))
                         .unwrap_or(false);
                     if first {
                         tracing::warn!(file = %file.display(), %error, "container region unreadable; skipped");
@@ -213,15 +218,4 @@ impl SnapshotSource for NodeSnapshot {
             now_unix,
         }
     }
-}
-
-/// The region file of a cache directory: the newest `*.cache` (every Allocate draws a fresh name).
-fn newest_cache_file(dir: &Path) -> Option<PathBuf> {
-    std::fs::read_dir(dir)
-        .ok()?
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".cache"))
-        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
-        .max()
-        .map(|(_, path)| path)
 }
