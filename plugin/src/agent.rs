@@ -1,6 +1,10 @@
 //! The node agent's lifecycle: load NVML, discover GPUs, plan the three device lists, start the health
 //! monitor, then serve and register the endpoints, and serve and register them again whenever the kubelet
 //! restarts, until shutdown.
+//!
+//! The metrics listener comes up first, so that while NVML cannot be initialised (no driver yet, NVIDIA
+//! runtime not the default) `/readyz` says why and `vgpu_agent_nvml_up` is 0; NVML is retried with backoff
+//! ([`crate::nvml_diagnostics`]) and start-up continues when it appears, without a restart.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -16,6 +20,7 @@ use tokio::sync::watch;
 use kube::Client;
 
 use crate::allocate::{Allocator, HandoffSettings};
+use crate::cdi::{self, CdiError, SpecInputs};
 use crate::cluster::{self, ClusterError};
 use crate::config::{AgentConfig, InvalidSetting};
 use crate::device_config::{self, VolcanoConfig, apply_filter};
@@ -45,16 +50,16 @@ pub enum AgentError {
     #[error(transparent)]
     Setting(#[from] InvalidSetting),
     /// NVML could not be loaded or initialised.
-    #[error(
-        "cannot initialise NVML from {lib}: {source}; check that the NVIDIA driver is installed and that the \
-         container runs with the NVIDIA runtime (or set --nvml-lib / NVML_LIB to the library's path)"
-    )]
+    #[error("{}", crate::nvml_diagnostics::diagnosis(lib, source))]
     Nvml {
         /// The library path or name tried.
         lib: PathBuf,
         /// NVML's error.
         source: NvmlError,
     },
+    /// The CDI spec could not be written.
+    #[error(transparent)]
+    Cdi(#[from] CdiError),
     /// No usable GPU.
     #[error("GPU discovery failed: {0}")]
     Discovery(#[from] DiscoveryError),
@@ -149,6 +154,74 @@ pub async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
+    config.delivery.validate()?;
+    warn_about_ineffective_flags(&config.delivery);
+    let metrics = Arc::new(AgentMetrics::new(env!("CARGO_PKG_VERSION")));
+    let (ready_tx, ready_rx) = watch::channel(Err("starting".to_owned()));
+    let source = Arc::new(LateSource::default());
+    let mut early_tasks = Vec::new();
+    if let Some(address) = config.metrics_address {
+        match tokio::net::TcpListener::bind(address).await {
+            Ok(listener) => {
+                tracing::info!(%address, "serving /metrics, /healthz and /readyz");
+                early_tasks.push(tokio::spawn(vgpu_metrics::serve(
+                    listener,
+                    Arc::clone(&metrics),
+                    Arc::clone(&source) as Arc<dyn vgpu_metrics::SnapshotSource>,
+                    ready_rx,
+                    std::future::pending(),
+                )));
+            }
+            // The endpoints matter more than the metrics: say so and keep serving the kubelet.
+            Err(error) => {
+                tracing::error!(%address, %error, "cannot listen for metrics; serving without them")
+            }
+        }
+    }
+    let early = Early {
+        metrics,
+        ready: ready_tx,
+        source,
+    };
+    let result = run_with(config, early, shutdown).await;
+    for task in early_tasks {
+        task.abort();
+    }
+    result
+}
+
+/// Flags that are valid but change nothing in the chosen combination: said once at start.
+fn warn_about_ineffective_flags(delivery: &crate::config::DeliverySettings) {
+    if delivery.pass_device_specs && delivery.strategies.cdi_only() {
+        tracing::warn!(
+            "--pass-device-specs has no effect with a CDI-only --device-list-strategy: the device nodes come from the CDI spec"
+        );
+    }
+}
+
+/// What [`run`] sets up before NVML: the metrics listener's state.
+struct Early {
+    metrics: Arc<AgentMetrics>,
+    ready: watch::Sender<Result<(), String>>,
+    source: Arc<LateSource>,
+}
+
+/// The metrics listener's data source, set once the GPUs are known; empty until then.
+#[derive(Default)]
+struct LateSource(std::sync::OnceLock<Arc<dyn vgpu_metrics::SnapshotSource>>);
+
+impl vgpu_metrics::SnapshotSource for LateSource {
+    fn snapshot(&self) -> vgpu_metrics::Snapshot {
+        self.0.get().map(|s| s.snapshot()).unwrap_or_default()
+    }
+}
+
+async fn run_with(
+    config: AgentConfig,
+    early: Early,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    tokio::pin!(shutdown);
     let client = match &config.node_name {
         Some(_) => match cluster::client().await {
             Ok(client) => Some(client),
@@ -185,20 +258,56 @@ pub async fn run(
             )
         }
     };
-    let prepared = {
-        let config = config.clone();
-        tokio::task::spawn_blocking(move || prepare(&config, volcano))
-            .await
-            .expect("prepare does not panic")?
+    let mut backoff = crate::nvml_diagnostics::BACKOFF_START;
+    let mut last_reason = None;
+    let prepared = loop {
+        let attempt = {
+            let (config, volcano) = (config.clone(), volcano.clone());
+            tokio::task::spawn_blocking(move || prepare(&config, volcano))
+                .await
+                .expect("prepare does not panic")
+        };
+        let error = match attempt {
+            Ok(prepared) => break prepared,
+            Err(AgentError::Nvml { lib, source }) if !config.fail_on_init_error => (lib, source),
+            Err(error) => return Err(error),
+        };
+        let (lib, source) = error;
+        let reason = crate::nvml_diagnostics::reason(&source);
+        let library = lib.display().to_string();
+        early.metrics.nvml_status(Err((reason, &library)));
+        let _ = early.ready.send_replace(Err(format!(
+            "NVML unavailable ({reason}) from {library}; retrying"
+        )));
+        if last_reason != Some(reason) {
+            tracing::error!(
+                retry_in_s = backoff.as_secs(),
+                "{}",
+                crate::nvml_diagnostics::diagnosis(&lib, &source)
+            );
+            last_reason = Some(reason);
+        } else {
+            tracing::warn!(%library, error = %source, retry_in_s = backoff.as_secs(), "NVML still unavailable");
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = &mut shutdown => return Ok(()),
+        }
+        backoff = crate::nvml_diagnostics::next_backoff(backoff);
     };
-    serve(config, client, prepared, shutdown).await
+    if last_reason.is_some() {
+        tracing::info!("NVML is available now; continuing start-up");
+    }
+    early.metrics.nvml_status(Ok(()));
+    serve(config, client, prepared, early, shutdown).await
 }
 
 /// The serving half of [`run`], after [`prepare`].
-pub async fn serve(
+async fn serve(
     config: AgentConfig,
     client: Option<Client>,
     prepared: Prepared,
+    early: Early,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let Prepared {
@@ -214,8 +323,26 @@ pub async fn serve(
     for warning in warnings {
         tracing::warn!("{warning}");
     }
-    let metrics = Arc::new(AgentMetrics::new(env!("CARGO_PKG_VERSION")));
-    let (ready_tx, ready_rx) = watch::channel(Err("registering with the kubelet".to_owned()));
+    let Early {
+        metrics,
+        ready: ready_tx,
+        source: late_source,
+    } = early;
+    let _ = ready_tx.send_replace(Err("registering with the kubelet".to_owned()));
+    let cdi_inputs = SpecInputs {
+        delivery: config.delivery.clone(),
+        hook_path: config.hook_path.clone(),
+        lock_dir: config.lock_dir.clone(),
+    };
+    if config.delivery.strategies.any_cdi() {
+        // Before any endpoint is served: Allocate may hand out CDI names as soon as it is.
+        let spec = cdi::build_spec(&cdi_inputs, &inventory, &vec![true; inventory.gpus.len()]);
+        cdi::write_spec(&config.delivery.cdi_spec_dir, &spec)?;
+        tracing::info!(
+            path = %config.delivery.cdi_spec_dir.join(cdi::SPEC_FILE).display(), kind = cdi::KIND,
+            strategies = ?config.delivery.strategies.iter().collect::<Vec<_>>(), "CDI spec written"
+        );
+    }
     let (health_tx, health_rx) = watch::channel(vec![true; inventory.gpus.len()]);
     let stop_health = Arc::new(AtomicBool::new(false));
     let monitor = spawn_monitor(
@@ -229,6 +356,23 @@ pub async fn serve(
     .map_err(AgentError::HealthThread)?;
 
     let mut background = Vec::new();
+    // The limiters in containers ask it for their host PIDs (the SM cap); see `pid_broker`.
+    background.push(tokio::spawn(crate::pid_broker::run(
+        config.lock_dir.clone(),
+    )));
+    // HAMi's monitor duty: priority feedback into every container's shared region (aborted at shutdown).
+    background.push(tokio::spawn(crate::monitor::run(
+        config.cache_root(),
+        crate::monitor::FEEDBACK_PERIOD,
+    )));
+    if config.delivery.strategies.any_cdi() {
+        background.push(tokio::spawn(cdi::keep_current(
+            cdi_inputs,
+            Arc::clone(&inventory),
+            health_rx.clone(),
+            cdi::REFRESH,
+        )));
+    }
     let mut pod_cache = None;
     let allocator = match (&client, &config.node_name) {
         (Some(client), Some(node)) => {
@@ -266,6 +410,12 @@ pub async fn serve(
                 gdrcopy: config.container_features[0],
                 gds: config.container_features[1],
                 mofed: config.container_features[2],
+                delivery: config.delivery.clone(),
+                gpu_minors: inventory
+                    .gpus
+                    .iter()
+                    .map(|gpu| (gpu.uuid.clone(), gpu.minor))
+                    .collect(),
             };
             let settings = HandoffSettings {
                 config: Arc::clone(&volcano),
@@ -284,27 +434,12 @@ pub async fn serve(
         _ => None,
     };
 
-    if let Some(address) = config.metrics_address {
-        match tokio::net::TcpListener::bind(address).await {
-            Ok(listener) => {
-                tracing::info!(%address, "serving /metrics, /healthz and /readyz");
-                let source = Arc::new(
-                    NodeSnapshot::new(nvml, Arc::clone(&inventory), health_rx.clone(), pod_cache)
-                        .with_regions(config.cache_root(), Arc::clone(&metrics)),
-                );
-                background.push(tokio::spawn(vgpu_metrics::serve(
-                    listener,
-                    Arc::clone(&metrics),
-                    source,
-                    ready_rx,
-                    std::future::pending(),
-                )));
-            }
-            // The endpoints matter more than the metrics: say so and keep serving the kubelet.
-            Err(error) => {
-                tracing::error!(%address, %error, "cannot listen for metrics; serving without them")
-            }
-        }
+    if config.metrics_address.is_some() {
+        let source = Arc::new(
+            NodeSnapshot::new(nvml, Arc::clone(&inventory), health_rx.clone(), pod_cache)
+                .with_regions(config.cache_root(), Arc::clone(&metrics)),
+        );
+        let _ = late_source.0.set(source);
     }
 
     let shared = Shared {

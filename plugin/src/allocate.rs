@@ -302,6 +302,17 @@ impl Allocator {
             .unwrap_or_default();
         let mut queue = PodDevices::decode(DEVICES_TO_ALLOCATE, &old).map_err(|e| e.to_string())?;
         let devices = queue.take_segment(a.segment);
+        // A GPU this node does not serve would reach the container as an unknown UUID, an unresolvable CDI
+        // name or a missing device node: refuse it here, with the reason on the pod.
+        if let Some(unknown) = devices
+            .iter()
+            .find(|d| !self.inventory.gpus.iter().any(|g| g.uuid == d.uuid))
+        {
+            return Err(format!(
+                "{DEVICES_TO_ALLOCATE} assigns GPU {} to container {}, but this node serves no such GPU",
+                unknown.uuid, container.name
+            ));
+        }
         let new = queue.encode();
         let path = format!(
             "/metadata/annotations/{}",

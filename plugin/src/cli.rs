@@ -10,7 +10,10 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use crate::agent::{self, error_chain};
-use crate::config::{AgentConfig, ClusterSettings, HandshakeMode, HealthSettings, parse_duration};
+use crate::config::{
+    AgentConfig, ClusterSettings, DeliverySettings, DeviceListStrategies, DriverPaths,
+    HandshakeMode, HealthSettings, parse_device_list_strategies, parse_duration,
+};
 use crate::device_config::ExplicitFlags;
 
 /// Volcano vGPU device plugin: serves volcano.sh/vgpu-number, -memory and -cores to the kubelet.
@@ -110,6 +113,50 @@ pub struct Flags {
     #[arg(long, env = "METRICS_BIND_ADDRESS", default_value = ":9394", value_parser = parse_metrics_address)]
     metrics_bind_address: MetricsAddress,
 
+    /// How containers are told their GPUs: envvar, volume-mounts, cdi-annotations, cdi-cri, or a
+    /// comma-separated list of them.
+    #[arg(long, env = "DEVICE_LIST_STRATEGY", default_value = "envvar", value_parser = parse_device_list_strategies)]
+    device_list_strategy: DeviceListStrategies,
+
+    /// Return the GPU device nodes (/dev/nvidia*) in Allocate, for nodes without the NVIDIA runtime.
+    #[arg(long, env = "PASS_DEVICE_SPECS", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pass_device_specs: bool,
+
+    /// The root under which /dev/nvidia* are found on the host (and in the agent's container).
+    #[arg(long, env = "NVIDIA_DEV_ROOT", default_value = "/")]
+    dev_root: PathBuf,
+
+    /// A host directory of driver libraries (lib64/, lib/) and binaries (bin/) to mount read-only into every
+    /// GPU container (the GCP plugin's -host-path), e.g. /home/kubernetes/bin/nvidia.
+    #[arg(long, env = "DRIVER_HOST_PATH")]
+    driver_host_path: Option<PathBuf>,
+
+    /// Where containers see --driver-host-path (the GCP plugin's -container-path).
+    #[arg(
+        long,
+        env = "DRIVER_CONTAINER_PATH",
+        default_value = "/usr/local/nvidia"
+    )]
+    driver_container_path: PathBuf,
+
+    /// With --driver-host-path, also set PATH in containers (the driver bin directory first); this
+    /// replaces the image's PATH.
+    #[arg(long, env = "DRIVER_SET_PATH", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    driver_set_path: bool,
+
+    /// Where the CDI spec for this node's GPUs is written (cdi-annotations, cdi-cri).
+    #[arg(long, env = "CDI_SPEC_DIR", default_value = "/var/run/cdi")]
+    cdi_spec_dir: PathBuf,
+
+    /// The prefix of the CDI annotation key (cdi-annotations).
+    #[arg(long, env = "CDI_ANNOTATION_PREFIX", default_value = "cdi.k8s.io/")]
+    cdi_annotation_prefix: String,
+
+    /// Exit when NVML cannot be initialised, instead of retrying with backoff (1 s to 60 s) while serving
+    /// /metrics and a not-ready /readyz.
+    #[arg(long, env = "FAIL_ON_INIT_ERROR", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    fail_on_init_error: bool,
+
     /// Root of sysfs (for NUMA nodes NVML cannot report).
     #[arg(long, default_value = "/sys", hide = true)]
     sysfs_root: PathBuf,
@@ -152,6 +199,19 @@ impl Flags {
             },
             container_features: [self.gdrcopy_enabled, self.gds_enabled, self.mofed_enabled],
             metrics_address: self.metrics_bind_address.0,
+            delivery: DeliverySettings {
+                strategies: self.device_list_strategy,
+                pass_device_specs: self.pass_device_specs,
+                dev_root: self.dev_root,
+                driver: self.driver_host_path.map(|host| DriverPaths {
+                    host,
+                    container: self.driver_container_path,
+                    set_path: self.driver_set_path,
+                }),
+                cdi_spec_dir: self.cdi_spec_dir,
+                cdi_annotation_prefix: self.cdi_annotation_prefix,
+            },
+            fail_on_init_error: self.fail_on_init_error,
             health: HealthSettings {
                 disable: self.disable_healthchecks,
                 enable: self.enable_healthchecks,

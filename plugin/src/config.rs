@@ -195,6 +195,199 @@ impl Default for ClusterSettings {
     }
 }
 
+/// One `--device-list-strategy` value: how a container is told which GPUs it got (the Go plugin's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DeviceListStrategy {
+    /// `NVIDIA_VISIBLE_DEVICES=<uuid>,…`, read by the NVIDIA container runtime (the default).
+    Envvar,
+    /// One `/dev/null` mount per GPU under `/var/run/nvidia-container-devices`, read by the NVIDIA runtime
+    /// when `accept-nvidia-visible-devices-as-volume-mounts` is on (unprivileged pods cannot forge mounts).
+    VolumeMounts,
+    /// CDI device names in the `cdi.k8s.io/…` container annotation.
+    CdiAnnotations,
+    /// CDI device names in the `cdi_devices` field of the Allocate response (kubelet ≥ 1.28 with CDI).
+    CdiCri,
+}
+
+impl DeviceListStrategy {
+    /// Every value, as the flag spells them.
+    pub const ALL: [(&'static str, Self); 4] = [
+        ("envvar", Self::Envvar),
+        ("volume-mounts", Self::VolumeMounts),
+        ("cdi-annotations", Self::CdiAnnotations),
+        ("cdi-cri", Self::CdiCri),
+    ];
+}
+
+/// The set of strategies `--device-list-strategy` selected; never empty.
+///
+/// Like the Go plugin (whose helm chart passes a list), several may be combined, e.g. `envvar,cdi-annotations`
+/// for a runtime that may or may not do CDI: the response then carries both forms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceListStrategies(Vec<DeviceListStrategy>);
+
+impl Default for DeviceListStrategies {
+    fn default() -> Self {
+        Self(vec![DeviceListStrategy::Envvar])
+    }
+}
+
+impl DeviceListStrategies {
+    /// Whether `strategy` is one of the selected.
+    pub fn includes(&self, strategy: DeviceListStrategy) -> bool {
+        self.0.contains(&strategy)
+    }
+
+    /// A CDI spec is needed (either CDI strategy).
+    pub fn any_cdi(&self) -> bool {
+        self.includes(DeviceListStrategy::CdiAnnotations)
+            || self.includes(DeviceListStrategy::CdiCri)
+    }
+
+    /// Only CDI: the runtime gets devices, device nodes and the limiter from the CDI spec alone.
+    pub fn cdi_only(&self) -> bool {
+        !self.includes(DeviceListStrategy::Envvar)
+            && !self.includes(DeviceListStrategy::VolumeMounts)
+    }
+
+    /// The selected strategies, sorted.
+    pub fn iter(&self) -> impl Iterator<Item = DeviceListStrategy> + '_ {
+        self.0.iter().copied()
+    }
+}
+
+/// Parses `--device-list-strategy`: one value or a comma-separated list of `envvar`, `volume-mounts`,
+/// `cdi-annotations`, `cdi-cri`.
+pub fn parse_device_list_strategies(text: &str) -> Result<DeviceListStrategies, String> {
+    let mut chosen = Vec::new();
+    for item in text.split(',').map(str::trim) {
+        let Some((_, strategy)) = DeviceListStrategy::ALL
+            .iter()
+            .find(|(name, _)| *name == item)
+        else {
+            return Err(format!(
+                "unknown device list strategy {item:?}: expected envvar, volume-mounts, cdi-annotations or cdi-cri \
+                 (or a comma-separated list of them)"
+            ));
+        };
+        chosen.push(*strategy);
+    }
+    chosen.sort();
+    chosen.dedup();
+    Ok(DeviceListStrategies(chosen))
+}
+
+/// A host directory of driver libraries and binaries handed to every GPU container (nodes without the
+/// NVIDIA container runtime, such as GKE's Container-Optimized OS; the GCP plugin's `-host-path` and
+/// `-container-path`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriverPaths {
+    /// The directory on the host (`--driver-host-path`), e.g. `/home/kubernetes/bin/nvidia`.
+    pub host: PathBuf,
+    /// Where containers see it (`--driver-container-path`), `/usr/local/nvidia` by default: the directory
+    /// CUDA images already list in `LD_LIBRARY_PATH` and `PATH`.
+    pub container: PathBuf,
+    /// Also set `PATH` (`<container>/bin` first), which replaces the image's own `PATH`.
+    pub set_path: bool,
+}
+
+impl DriverPaths {
+    /// `LD_LIBRARY_PATH` for containers: the driver's `lib64` then `lib`.
+    pub fn ld_library_path(&self) -> String {
+        format!(
+            "{}:{}",
+            self.container.join("lib64").display(),
+            self.container.join("lib").display()
+        )
+    }
+
+    /// `PATH` for containers when [`Self::set_path`]: the driver's `bin`, CUDA's, then the usual image `PATH`.
+    pub fn path(&self) -> String {
+        format!(
+            "{}:/usr/local/cuda/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            self.container.join("bin").display()
+        )
+    }
+}
+
+/// How a container's GPUs, device nodes, limiter and driver reach it (contract §4, issue #8).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliverySettings {
+    /// `--device-list-strategy`.
+    pub strategies: DeviceListStrategies,
+    /// `--pass-device-specs`: return the device nodes as `DeviceSpec`s (no NVIDIA runtime on the node).
+    pub pass_device_specs: bool,
+    /// `--dev-root`: the root under which `/dev/nvidia*` are found on the host (and seen by the agent).
+    pub dev_root: PathBuf,
+    /// `--driver-host-path` / `--driver-container-path`.
+    pub driver: Option<DriverPaths>,
+    /// `--cdi-spec-dir`: where the CDI spec is written (`/var/run/cdi`).
+    pub cdi_spec_dir: PathBuf,
+    /// `--cdi-annotation-prefix`: `cdi.k8s.io/`.
+    pub cdi_annotation_prefix: String,
+}
+
+impl Default for DeliverySettings {
+    fn default() -> Self {
+        Self {
+            strategies: DeviceListStrategies::default(),
+            pass_device_specs: false,
+            dev_root: PathBuf::from("/"),
+            driver: None,
+            cdi_spec_dir: PathBuf::from("/var/run/cdi"),
+            cdi_annotation_prefix: "cdi.k8s.io/".to_owned(),
+        }
+    }
+}
+
+impl DeliverySettings {
+    /// Refuses settings that would produce paths or annotations a runtime rejects.
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        let absolute = |field: &'static str, path: &std::path::Path| {
+            if path.is_absolute() {
+                Ok(())
+            } else {
+                Err(InvalidSetting {
+                    field,
+                    value: path.display().to_string(),
+                    expected: "an absolute path",
+                })
+            }
+        };
+        absolute("--dev-root", &self.dev_root)?;
+        absolute("--cdi-spec-dir", &self.cdi_spec_dir)?;
+        if let Some(driver) = &self.driver {
+            absolute("--driver-host-path", &driver.host)?;
+            absolute("--driver-container-path", &driver.container)?;
+            if driver.container == std::path::Path::new("/") {
+                return Err(InvalidSetting {
+                    field: "--driver-container-path",
+                    value: "/".to_owned(),
+                    expected: "a directory other than / (such as /usr/local/nvidia)",
+                });
+            }
+        }
+        let prefix = &self.cdi_annotation_prefix;
+        let domain = prefix.strip_suffix('/').unwrap_or("");
+        if domain.is_empty()
+            || domain.len() > 253
+            || !domain.split('.').all(|label| {
+                !label.is_empty()
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            })
+        {
+            return Err(InvalidSetting {
+                field: "--cdi-annotation-prefix",
+                value: prefix.clone(),
+                expected: "a DNS domain followed by /, such as cdi.k8s.io/",
+            });
+        }
+        Ok(())
+    }
+}
+
 /// Everything `agent::run` needs.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -227,6 +420,10 @@ pub struct AgentConfig {
     pub cache_grace: Duration,
     /// Where `/metrics`, `/healthz` and `/readyz` are served; `None` turns the listener off.
     pub metrics_address: Option<std::net::SocketAddr>,
+    /// Device list strategy, CDI, device nodes and driver paths.
+    pub delivery: DeliverySettings,
+    /// `--fail-on-init-error`: exit when NVML cannot be initialised instead of retrying with backoff.
+    pub fail_on_init_error: bool,
 }
 
 impl AgentConfig {
@@ -328,6 +525,73 @@ mod tests {
         assert_eq!(ids(1.1), 110);
         assert_eq!(ids(0.29), 29);
         assert_eq!(ids(0.555), 55);
+    }
+
+    #[test]
+    fn device_list_strategies_parse_as_a_set_and_refuse_unknown_values() {
+        let s = parse_device_list_strategies("cdi-cri, envvar,cdi-cri").unwrap();
+        assert_eq!(
+            s.iter().collect::<Vec<_>>(),
+            vec![DeviceListStrategy::Envvar, DeviceListStrategy::CdiCri]
+        );
+        assert!(s.any_cdi() && !s.cdi_only());
+        let cdi = parse_device_list_strategies("cdi-annotations").unwrap();
+        assert!(cdi.any_cdi() && cdi.cdi_only());
+        let plain = DeviceListStrategies::default();
+        assert!(!plain.any_cdi() && !plain.cdi_only());
+        for bad in ["", "env-var", "envvar,", "CDI-CRI"] {
+            let err = parse_device_list_strategies(bad).unwrap_err();
+            assert!(
+                err.contains("expected envvar, volume-mounts, cdi-annotations or cdi-cri"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn delivery_settings_refuse_relative_paths_and_bad_prefixes() {
+        assert_eq!(DeliverySettings::default().validate(), Ok(()));
+        let err = DeliverySettings {
+            dev_root: "run/nvidia/driver".into(),
+            ..Default::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert_eq!(err.field, "--dev-root");
+        let err = DeliverySettings {
+            driver: Some(DriverPaths {
+                host: "/home/kubernetes/bin/nvidia".into(),
+                container: "/".into(),
+                set_path: false,
+            }),
+            ..Default::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert_eq!(err.field, "--driver-container-path");
+        for bad in ["cdi.k8s.io", "CDI.k8s.io/", "/", "a..b/"] {
+            let err = DeliverySettings {
+                cdi_annotation_prefix: bad.into(),
+                ..Default::default()
+            }
+            .validate()
+            .unwrap_err();
+            assert_eq!(err.field, "--cdi-annotation-prefix", "{bad}");
+        }
+    }
+
+    #[test]
+    fn driver_paths_put_lib64_first() {
+        let d = DriverPaths {
+            host: "/home/kubernetes/bin/nvidia".into(),
+            container: "/usr/local/nvidia".into(),
+            set_path: true,
+        };
+        assert_eq!(
+            d.ld_library_path(),
+            "/usr/local/nvidia/lib64:/usr/local/nvidia/lib"
+        );
+        assert!(d.path().starts_with("/usr/local/nvidia/bin:"));
     }
 
     #[test]

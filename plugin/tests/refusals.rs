@@ -40,7 +40,8 @@ fn missing_nvml_library() {
     let sim = SimNode::new(NodeSpec::uniform(1, GpuSpec::t4)).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = agent_command(&sim, &dir.path().join("kubelet.sock"));
-    cmd.env("NVML_LIB", dir.path().join("libnvidia-ml.so.1"));
+    cmd.env("NVML_LIB", dir.path().join("libnvidia-ml.so.1"))
+        .arg("--fail-on-init-error");
     let (status, log) = run_to_exit(cmd);
     assert_one_error(status, &log, &["NVML", "libnvidia-ml.so.1", "driver"]);
 }

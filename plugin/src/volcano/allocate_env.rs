@@ -1,16 +1,31 @@
-//! What Allocate returns for one container in hami-core mode with the `envvar` device-list strategy
-//! (contract §4): the envs HAMi-core's `libvgpu.so` reads, and the mounts that preload it and give it a
-//! per-container shared-region file.
+//! What Allocate returns for one container in hami-core mode (contract §4): the envs HAMi-core's
+//! `libvgpu.so` reads, the mounts that preload it and give it a per-container shared-region file, and the
+//! container's GPUs in the form `--device-list-strategy` selects:
+//! - `envvar`: `NVIDIA_VISIBLE_DEVICES=<uuid>,…`;
+//! - `volume-mounts`: `NVIDIA_VISIBLE_DEVICES=/var/run/nvidia-container-devices` and one `/dev/null` mount
+//!   per GPU at `/var/run/nvidia-container-devices/<uuid>` (the NVIDIA runtime's mount-based list);
+//! - `cdi-annotations` / `cdi-cri`: the CDI names `volcano.sh/vgpu=<uuid>` (and `…=hami-core-preload` unless
+//!   `CUDA_DISABLE_CONTROL`) in a `cdi.k8s.io/vgpu-device-plugin_<id>` annotation or in `cdi_devices`. With
+//!   CDI alone the limiter, device nodes and driver come from the spec ([`crate::cdi`]), and
+//!   `NVIDIA_VISIBLE_DEVICES=void` keeps an NVIDIA runtime that is still the default from handing the
+//!   container the image's `all`; combined with `envvar`/`volume-mounts` the response also carries the
+//!   classic form (CDI replaces same-path mounts and nodes, so nothing is injected twice).
+//!
+//! With `--pass-device-specs` the device nodes come back as `DeviceSpec`s, and with `--driver-host-path` the
+//! driver directory is mounted read-only with `LD_LIBRARY_PATH` (and optionally `PATH`) pointing into it.
+//! The per-container envs (limits, shared cache path) always come from here.
 //!
 //! Differences from the Go plugin, both deliberate: `CUDA_OVERSUBSCRIBE` follows the memory scaling (the Go
 //! plugin keys it to `deviceCoreScaling`, which has nothing to do with memory; HAMi upstream uses memory
 //! scaling too), and `GPU_CORE_UTILIZATION_POLICY=disable` is reachable through [`LimiterSettings`] (in the Go
 //! plugin nothing ever sets its switch).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use kubelet_api::v1beta1::{ContainerAllocateResponse, Mount};
+use kubelet_api::v1beta1::{CdiDevice, ContainerAllocateResponse, Mount};
+
+use crate::config::{DeliverySettings, DeviceListStrategy};
 
 use super::pod_devices::ContainerDevice;
 
@@ -22,6 +37,8 @@ pub const CONTAINER_CACHE_DIR: &str = "/tmp/vgpu";
 pub const CONTAINER_LOCK_DIR: &str = "/tmp/vgpulock";
 /// The preload file that injects `libvgpu.so` into every process of the container.
 pub const CONTAINER_LD_SO_PRELOAD: &str = "/etc/ld.so.preload";
+/// Where the NVIDIA runtime looks for the mount-based device list (`volume-mounts`).
+pub const VOLUME_MOUNTS_ROOT: &str = "/var/run/nvidia-container-devices";
 
 /// Node-wide limiter settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,6 +59,10 @@ pub struct LimiterSettings {
     pub gds: bool,
     /// `--mofed-enabled`.
     pub mofed: bool,
+    /// Device list strategy, device nodes, driver paths.
+    pub delivery: DeliverySettings,
+    /// Minor number of each GPU by UUID, for `/dev/nvidia<minor>`.
+    pub gpu_minors: BTreeMap<String, u32>,
 }
 
 impl Default for LimiterSettings {
@@ -57,6 +78,8 @@ impl Default for LimiterSettings {
             gdrcopy: true,
             gds: true,
             mofed: true,
+            delivery: DeliverySettings::default(),
+            gpu_minors: BTreeMap::new(),
         }
     }
 }
@@ -82,9 +105,30 @@ pub fn container_response(
     settings: &LimiterSettings,
     handoff: &Handoff<'_>,
 ) -> ContainerAllocateResponse {
+    let delivery = &settings.delivery;
+    let strategies = &delivery.strategies;
+    let classic = !strategies.cdi_only();
     let mut envs = HashMap::new();
     let uuids: Vec<&str> = handoff.devices.iter().map(|d| d.uuid.as_str()).collect();
-    envs.insert("NVIDIA_VISIBLE_DEVICES".to_owned(), uuids.join(","));
+    let mut mounts = Vec::new();
+    if strategies.includes(DeviceListStrategy::VolumeMounts) {
+        envs.insert(
+            "NVIDIA_VISIBLE_DEVICES".to_owned(),
+            VOLUME_MOUNTS_ROOT.to_owned(),
+        );
+        for uuid in &uuids {
+            mounts.push(Mount {
+                container_path: format!("{VOLUME_MOUNTS_ROOT}/{uuid}"),
+                host_path: "/dev/null".to_owned(),
+                read_only: true,
+            });
+        }
+    } else if strategies.includes(DeviceListStrategy::Envvar) {
+        envs.insert("NVIDIA_VISIBLE_DEVICES".to_owned(), uuids.join(","));
+    } else {
+        // CDI only: the devices come from the spec; `void` is the NVIDIA runtime's "no GPU".
+        envs.insert("NVIDIA_VISIBLE_DEVICES".to_owned(), "void".to_owned());
+    }
     for (i, device) in handoff.devices.iter().enumerate() {
         // u64: u32 units × u32 MiB per unit cannot overflow it.
         let mib = u64::from(device.used_mem) * u64::from(settings.memory_factor);
@@ -120,28 +164,67 @@ pub fn container_response(
         }
     }
 
-    let mut mounts = vec![
-        mount(
+    if classic {
+        mounts.push(mount(
             CONTAINER_LIBVGPU,
             &settings.hook_path.join("libvgpu.so"),
             true,
-        ),
-        mount(CONTAINER_CACHE_DIR, &handoff.cache_host_dir, false),
-        mount(CONTAINER_LOCK_DIR, &settings.lock_dir, false),
-    ];
-    if !handoff.disable_control {
-        mounts.push(mount(
-            CONTAINER_LD_SO_PRELOAD,
-            &settings.hook_path.join("ld.so.preload"),
-            true,
         ));
     }
+    mounts.push(mount(CONTAINER_CACHE_DIR, &handoff.cache_host_dir, false));
+    if classic {
+        mounts.push(mount(CONTAINER_LOCK_DIR, &settings.lock_dir, false));
+        if !handoff.disable_control {
+            mounts.push(mount(
+                CONTAINER_LD_SO_PRELOAD,
+                &settings.hook_path.join("ld.so.preload"),
+                true,
+            ));
+        }
+        if let Some(driver) = &delivery.driver {
+            mounts.push(mount(
+                &driver.container.to_string_lossy(),
+                &driver.host,
+                true,
+            ));
+            envs.insert("LD_LIBRARY_PATH".to_owned(), driver.ld_library_path());
+            if driver.set_path {
+                envs.insert("PATH".to_owned(), driver.path());
+            }
+        }
+    }
 
-    ContainerAllocateResponse {
+    let mut response = ContainerAllocateResponse {
         envs,
         mounts,
         ..Default::default()
+    };
+    if delivery.pass_device_specs && classic {
+        let minors: Vec<u32> = uuids
+            .iter()
+            .filter_map(|uuid| settings.gpu_minors.get(*uuid).copied())
+            .collect();
+        response.devices = crate::device_specs::device_specs(&delivery.dev_root, &minors);
     }
+    if strategies.any_cdi() {
+        let mut names: Vec<String> = uuids
+            .iter()
+            .map(|uuid| crate::cdi::qualified(uuid))
+            .collect();
+        if !handoff.disable_control {
+            names.push(crate::cdi::qualified(crate::cdi::PRELOAD_DEVICE));
+        }
+        if strategies.includes(DeviceListStrategy::CdiAnnotations) {
+            response.annotations.insert(
+                crate::cdi::annotation_key(&delivery.cdi_annotation_prefix),
+                names.join(","),
+            );
+        }
+        if strategies.includes(DeviceListStrategy::CdiCri) {
+            response.cdi_devices = names.into_iter().map(|name| CdiDevice { name }).collect();
+        }
+    }
+    response
 }
 
 /// The kubelet API carries paths as strings; a non-UTF-8 host path (which no setting of ours produces) is
@@ -341,6 +424,110 @@ mod tests {
                 .keys()
                 .any(|k| k.starts_with("CUDA_DEVICE_MEMORY_LIMIT"))
         );
+    }
+
+    fn with_strategies(list: &str) -> LimiterSettings {
+        LimiterSettings {
+            delivery: DeliverySettings {
+                strategies: crate::config::parse_device_list_strategies(list).unwrap(),
+                ..Default::default()
+            },
+            gpu_minors: [("GPU-a".to_owned(), 2), ("GPU-b".to_owned(), 6)].into(),
+            ..quiet()
+        }
+    }
+
+    fn container_paths(r: &ContainerAllocateResponse) -> Vec<&str> {
+        r.mounts.iter().map(|m| m.container_path.as_str()).collect()
+    }
+
+    #[test]
+    fn volume_mounts_list_each_gpu_as_a_dev_null_mount() {
+        let devices = [dev("GPU-a", 1, 0), dev("GPU-b", 1, 0)];
+        let r = container_response(&with_strategies("volume-mounts"), &handoff(&devices));
+        assert_eq!(r.envs["NVIDIA_VISIBLE_DEVICES"], VOLUME_MOUNTS_ROOT);
+        let lists: Vec<(&str, &str)> = r
+            .mounts
+            .iter()
+            .filter(|m| m.host_path == "/dev/null")
+            .map(|m| (m.container_path.as_str(), m.host_path.as_str()))
+            .collect();
+        assert_eq!(
+            lists,
+            vec![
+                ("/var/run/nvidia-container-devices/GPU-a", "/dev/null"),
+                ("/var/run/nvidia-container-devices/GPU-b", "/dev/null"),
+            ]
+        );
+        assert!(container_paths(&r).contains(&CONTAINER_LD_SO_PRELOAD));
+    }
+
+    #[test]
+    fn cdi_only_names_devices_and_leaves_the_limiter_to_the_spec() {
+        let devices = [dev("GPU-a", 1, 0), dev("GPU-b", 1, 0)];
+        let r = container_response(&with_strategies("cdi-cri"), &handoff(&devices));
+        let names: Vec<&str> = r.cdi_devices.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(
+            names,
+            vec![
+                "volcano.sh/vgpu=GPU-a",
+                "volcano.sh/vgpu=GPU-b",
+                "volcano.sh/vgpu=hami-core-preload"
+            ]
+        );
+        assert!(r.annotations.is_empty());
+        assert_eq!(r.envs["NVIDIA_VISIBLE_DEVICES"], "void");
+        assert_eq!(r.envs["CUDA_DEVICE_MEMORY_LIMIT_1"], "1m");
+        assert_eq!(container_paths(&r), vec![CONTAINER_CACHE_DIR]);
+
+        let mut h = handoff(&devices[..1]);
+        h.disable_control = true;
+        let r = container_response(&with_strategies("cdi-annotations"), &h);
+        assert!(r.cdi_devices.is_empty());
+        let (key, value) = r.annotations.iter().next().unwrap();
+        assert!(key.starts_with("cdi.k8s.io/vgpu-device-plugin_"), "{key}");
+        assert_eq!(value, "volcano.sh/vgpu=GPU-a");
+    }
+
+    #[test]
+    fn envvar_with_cdi_carries_both_forms() {
+        let devices = [dev("GPU-b", 1, 0)];
+        let r = container_response(
+            &with_strategies("envvar,cdi-annotations"),
+            &handoff(&devices),
+        );
+        assert_eq!(r.envs["NVIDIA_VISIBLE_DEVICES"], "GPU-b");
+        assert_eq!(r.annotations.len(), 1);
+        assert_eq!(r.mounts.len(), 4);
+    }
+
+    #[test]
+    fn driver_directory_is_mounted_read_only_with_its_library_path() {
+        let devices = [dev("GPU-a", 1, 0)];
+        let mut settings = with_strategies("envvar");
+        settings.delivery.driver = Some(crate::config::DriverPaths {
+            host: "/home/kubernetes/bin/nvidia".into(),
+            container: "/usr/local/nvidia".into(),
+            set_path: false,
+        });
+        let r = container_response(&settings, &handoff(&devices));
+        let driver = r
+            .mounts
+            .iter()
+            .find(|m| m.container_path == "/usr/local/nvidia")
+            .unwrap();
+        assert_eq!(
+            (driver.host_path.as_str(), driver.read_only),
+            ("/home/kubernetes/bin/nvidia", true)
+        );
+        assert_eq!(
+            r.envs["LD_LIBRARY_PATH"],
+            "/usr/local/nvidia/lib64:/usr/local/nvidia/lib"
+        );
+        assert!(!r.envs.contains_key("PATH"));
+        settings.delivery.driver.as_mut().unwrap().set_path = true;
+        let r = container_response(&settings, &handoff(&devices));
+        assert!(r.envs["PATH"].starts_with("/usr/local/nvidia/bin:"));
     }
 
     #[test]

@@ -25,6 +25,14 @@ pub fn agent_command(sim: &SimNode, kubelet_socket: &Path) -> Command {
     cmd.envs(sim.env())
         .env("NVML_LIB", gpu_sim::nvml_library())
         .env("KUBELET_SOCKET", kubelet_socket)
+        // The host-PID broker's socket goes under the lock directory: keep it in the test's own directory.
+        .env(
+            "VGPU_LOCK_DIR",
+            kubelet_socket
+                .parent()
+                .unwrap_or(Path::new("/tmp"))
+                .join("vgpulock"),
+        )
         .env("RUST_LOG", "info")
         .env("METRICS_BIND_ADDRESS", "127.0.0.1:0")
         .env_remove("DP_DISABLE_HEALTHCHECKS")

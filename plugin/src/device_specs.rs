@@ -1,0 +1,111 @@
+//! The NVIDIA device nodes a GPU container needs, found under `--dev-root` (contract §4, "Device specs"):
+//! the control nodes `/dev/nvidiactl`, `/dev/nvidia-uvm`, `/dev/nvidia-uvm-tools` and `/dev/nvidia-modeset`
+//! where present, and `/dev/nvidia<minor>` for each assigned GPU.
+//!
+//! Used twice: as kubelet `DeviceSpec`s with `--pass-device-specs` (nodes without the NVIDIA runtime), and as
+//! the CDI spec's `deviceNodes` ([`crate::cdi`]).
+
+use std::path::{Path, PathBuf};
+
+use kubelet_api::v1beta1::DeviceSpec;
+
+/// The driver's control devices, in the order they are returned; each only when present under the dev root
+/// (`nvidia-uvm-tools` and `nvidia-modeset` are missing on many nodes, `nvidia-uvm` until its module loads).
+pub const CONTROL_DEVICES: [&str; 4] = [
+    "/dev/nvidiactl",
+    "/dev/nvidia-uvm",
+    "/dev/nvidia-uvm-tools",
+    "/dev/nvidia-modeset",
+];
+
+/// One device node: where the container sees it, and where it is on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceNode {
+    /// `/dev/...` in the container.
+    pub container_path: String,
+    /// The same node under the dev root on the host.
+    pub host_path: PathBuf,
+}
+
+/// `container_path` (absolute, under `/dev`) under `dev_root`.
+fn node(dev_root: &Path, container_path: &str) -> DeviceNode {
+    DeviceNode {
+        container_path: container_path.to_owned(),
+        host_path: dev_root.join(container_path.trim_start_matches('/')),
+    }
+}
+
+/// The control devices present under `dev_root`.
+pub fn control_nodes(dev_root: &Path) -> Vec<DeviceNode> {
+    CONTROL_DEVICES
+        .iter()
+        .map(|path| node(dev_root, path))
+        .filter(|n| n.host_path.exists())
+        .collect()
+}
+
+/// `/dev/nvidia<minor>` of one GPU. Always returned: the GPU exists (NVML reported it), and a node missing on
+/// the host must fail the container's start loudly rather than hand it a GPU-less container.
+pub fn gpu_node(dev_root: &Path, minor: u32) -> DeviceNode {
+    node(dev_root, &format!("/dev/nvidia{minor}"))
+}
+
+/// The kubelet `DeviceSpec`s for a container with the GPUs of these minor numbers: control nodes first,
+/// then one per GPU, each `rw` (the Go plugin's set and permissions).
+pub fn device_specs(dev_root: &Path, minors: &[u32]) -> Vec<DeviceSpec> {
+    control_nodes(dev_root)
+        .into_iter()
+        .chain(minors.iter().map(|&minor| gpu_node(dev_root, minor)))
+        .map(|n| DeviceSpec {
+            container_path: n.container_path,
+            host_path: n.host_path.to_string_lossy().into_owned(),
+            permissions: "rw".to_owned(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_present_control_nodes_and_every_assigned_gpu() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("dev")).unwrap();
+        for name in ["nvidiactl", "nvidia-uvm", "nvidia3"] {
+            std::fs::write(root.path().join("dev").join(name), b"").unwrap();
+        }
+        let specs = device_specs(root.path(), &[3, 5]);
+        let got: Vec<(&str, String, &str)> = specs
+            .iter()
+            .map(|s| {
+                (
+                    s.container_path.as_str(),
+                    s.host_path.clone(),
+                    s.permissions.as_str(),
+                )
+            })
+            .collect();
+        let host = |n: &str| root.path().join("dev").join(n).display().to_string();
+        assert_eq!(
+            got,
+            vec![
+                ("/dev/nvidiactl", host("nvidiactl"), "rw"),
+                ("/dev/nvidia-uvm", host("nvidia-uvm"), "rw"),
+                ("/dev/nvidia3", host("nvidia3"), "rw"),
+                ("/dev/nvidia5", host("nvidia5"), "rw"),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_default_root_maps_dev_to_itself() {
+        assert_eq!(
+            gpu_node(Path::new("/"), 7),
+            DeviceNode {
+                container_path: "/dev/nvidia7".into(),
+                host_path: PathBuf::from("/dev/nvidia7"),
+            }
+        );
+    }
+}
