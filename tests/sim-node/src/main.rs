@@ -1,22 +1,25 @@
 //! `sim-node`: the node agent on simulated GPUs, with a fake kubelet, on a machine with no GPU and no cluster.
 //!
-//! * `sim-node run` (the default) writes a gpu-sim node, starts a fake kubelet, starts the agent, and prints
-//!   what the kubelet sees, then every health change, until Ctrl-C.
+//! * `sim-node run` (the default) runs the whole flow for one pod on simulated GPUs and prints it (see
+//!   `sim_node::flow`): registration, a Volcano bind, Allocate, a CUDA program refused at its memory cap and
+//!   paced at its SM cap, the pod's metrics. `--keep-running` then keeps the agent up until Ctrl-C.
 //! * `sim-node bench` prints the agent's figures: start-up time, idle memory, message sizes, re-registration.
 //! * `sim-node agent …` is the agent itself (the same code as `vgpu-device-plugin`); `run` and `bench` start
 //!   it as a child process so the gpu-sim's environment applies to it alone.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::path::PathBuf;
+use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use gpu_sim::{GpuSpec, NodeSpec, SimNode};
 use harness::{FakeKubelet, ResourceView};
 use kubelet_api::v1beta1::HEALTHY;
+use sim_node::agent::{AgentBinary, ChildGuard, agent_command};
+use sim_node::flow::{self, FlowOptions};
 
 const RESOURCES: [&str; 3] = [
     "volcano.sh/vgpu-number",
@@ -36,7 +39,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Run the agent on a simulated node and show what the kubelet sees (the default).
+    /// The whole flow for one pod on simulated GPUs, printed (the default).
     Run(RunArgs),
     /// Measure the agent and print the figures.
     Bench(BenchArgs),
@@ -59,12 +62,12 @@ enum Model {
 }
 
 impl Model {
-    fn gpu(self, minor: u32) -> GpuSpec {
+    fn spec(self) -> fn(u32) -> GpuSpec {
         match self {
-            Model::T4 => GpuSpec::t4(minor),
-            Model::A100_40gb => GpuSpec::a100_40gb(minor),
-            Model::A100_80gb => GpuSpec::a100_80gb(minor),
-            Model::H100_80gb => GpuSpec::h100_80gb(minor),
+            Model::T4 => GpuSpec::t4,
+            Model::A100_40gb => GpuSpec::a100_40gb,
+            Model::A100_80gb => GpuSpec::a100_80gb,
+            Model::H100_80gb => GpuSpec::h100_80gb,
         }
     }
 }
@@ -77,9 +80,21 @@ struct RunArgs {
     /// Their model.
     #[arg(long, value_enum, default_value = "t4")]
     model: Model,
-    /// Stop once all three resources are registered and listed (for scripts and CI).
+    /// The example pod to bind, a file of volcano-config/examples/.
+    #[arg(long, default_value = "pod-one-vgpu.yaml")]
+    example: String,
+    /// The libvgpu.so to install [default: built now with cargo, in release].
     #[arg(long)]
-    exit_after_registration: bool,
+    libvgpu: Option<PathBuf>,
+    /// Modelled duration of each kernel the CUDA program launches, in microseconds.
+    #[arg(long, default_value_t = 2000)]
+    kernel_us: u64,
+    /// How long the CUDA program launches kernels, in milliseconds.
+    #[arg(long, default_value_t = 1500)]
+    run_ms: u64,
+    /// After the flow, keep the agent running (metrics, fault injection) until Ctrl-C.
+    #[arg(long)]
+    keep_running: bool,
     /// Show the agent's own log lines instead of writing them to a file.
     #[arg(long)]
     verbose: bool,
@@ -111,13 +126,19 @@ struct HandshakeArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let command = cli.command.unwrap_or(Cmd::Run(RunArgs {
-        gpus: 8,
-        model: Model::T4,
-        exit_after_registration: false,
-        verbose: false,
-        agent_args: Vec::new(),
-    }));
+    let command = cli.command.unwrap_or_else(|| {
+        Cmd::Run(RunArgs {
+            gpus: 8,
+            model: Model::T4,
+            example: "pod-one-vgpu.yaml".to_owned(),
+            libvgpu: None,
+            kernel_us: 2000,
+            run_ms: 1500,
+            keep_running: false,
+            verbose: false,
+            agent_args: Vec::new(),
+        })
+    });
     let run = |future: std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>>>>| {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -144,209 +165,61 @@ fn main() -> ExitCode {
     }
 }
 
-/// The agent as a child process on `sim`, registering with the kubelet at `socket`.
-fn agent_command(sim: &SimNode, socket: &Path, agent: &AgentBinary) -> Command {
-    let mut cmd = match agent {
-        AgentBinary::Real(path) => Command::new(path),
-        AgentBinary::Embedded(path) => {
-            let mut cmd = Command::new(path);
-            cmd.arg("agent");
-            cmd
-        }
-    };
-    cmd.envs(sim.env())
-        .env("NVML_LIB", gpu_sim::nvml_library())
-        .env("KUBELET_SOCKET", socket)
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .stdin(Stdio::null());
-    cmd
-}
-
-/// Which executable runs the agent: the real `vgpu-device-plugin` when it was built next to us, otherwise
-/// this binary's `agent` subcommand (the same library code).
-#[derive(Debug)]
-enum AgentBinary {
-    Real(PathBuf),
-    Embedded(PathBuf),
-}
-
-impl AgentBinary {
-    fn find() -> anyhow::Result<Self> {
-        let me = std::env::current_exe().context("locate sim-node")?;
-        let real = me.with_file_name("vgpu-device-plugin");
-        Ok(if real.is_file() {
-            Self::Real(real)
-        } else {
-            Self::Embedded(me)
-        })
-    }
-
-    fn describe(&self) -> String {
-        match self {
-            Self::Real(p) => p.display().to_string(),
-            Self::Embedded(p) => format!(
-                "{} agent (vgpu-device-plugin not built beside it)",
-                p.display()
-            ),
-        }
-    }
-}
-
-/// Kills the agent on drop, so an error path never leaves it running.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl ChildGuard {
-    fn terminate(mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
-        let pid = self.0.id().to_string();
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .context("send SIGTERM")?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.0.try_wait()? {
-                return Ok(status);
-            }
-            if Instant::now() > deadline {
-                bail!("agent did not exit within {timeout:?} of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-fn summarize(view: &ResourceView) -> (usize, usize) {
-    let healthy = view.devices.iter().filter(|d| d.health == HEALTHY).count();
-    (view.devices.len(), healthy)
-}
-
 async fn run_node(args: RunArgs) -> anyhow::Result<()> {
-    let sim = SimNode::new(NodeSpec::uniform(args.gpus, |m| args.model.gpu(m)))
-        .context("write the gpu-sim node")?;
-    let dir = tempfile::Builder::new().prefix("sim-node-").tempdir()?;
-    let kubelet = FakeKubelet::start(dir.path()).await?;
-    let agent_bin = AgentBinary::find()?;
-    let log_path = dir.path().join("agent.log");
-
-    let first = &sim.spec().gpus[0];
-    println!(
-        "gpu-sim   {} × {} ({} MiB each); node file {}",
-        args.gpus,
-        first.name,
-        first.memory_mib,
-        sim.node_file().display()
-    );
-    println!("kubelet   fake kubelet on {}", kubelet.socket().display());
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let mut cmd = agent_command(&sim, kubelet.socket(), &agent_bin);
-    cmd.env("METRICS_BIND_ADDRESS", format!("127.0.0.1:{metrics_port}"))
-        .args(&args.agent_args);
-    if !args.verbose {
-        cmd.stderr(std::fs::File::create(&log_path)?);
-    }
-    println!(
-        "agent     {} {}",
-        agent_bin.describe(),
-        args.agent_args.join(" ")
-    );
-    if !args.verbose {
-        println!("          log: {}", log_path.display());
-    }
-    let started = Instant::now();
-    let agent = ChildGuard(cmd.spawn().context("start the agent")?);
-
-    let views = tokio::select! {
-        views = kubelet.wait_for_resources(&RESOURCES, Duration::from_secs(20)) => views,
-        exited = wait_exit(agent.0.id()) => {
-            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-            bail!("the agent exited before registering ({exited}):\n{log}");
-        }
-    }?;
-    println!("registered in {} ms:", started.elapsed().as_millis());
-    for resource in RESOURCES {
-        let view = &views[resource];
-        let (total, healthy) = summarize(view);
-        let endpoint = view
-            .registration
-            .as_ref()
-            .map(|r| r.endpoint.as_str())
-            .unwrap_or("?");
-        let example = view.devices.first().map(|d| d.id.as_str()).unwrap_or("-");
-        println!(
-            "  {resource:<24} {total:>7} devices, {healthy:>7} healthy  via {endpoint:<26} e.g. {example}"
-        );
-    }
-    if args.exit_after_registration {
-        let status = agent.terminate(Duration::from_secs(10))?;
+    let mut options = FlowOptions::new(AgentBinary::find()?);
+    options.gpus = args.gpus;
+    options.model = args.model.spec();
+    options.example = args.example;
+    options.libvgpu = args.libvgpu;
+    options.kernel_ns = args.kernel_us.saturating_mul(1000);
+    options.run_ms = args.run_ms;
+    options.verbose = args.verbose;
+    options.extra_agent_args = args.agent_args;
+    let mut say = |line: String| println!("{line}");
+    let (report, running) = flow::run(options, &mut say).await?;
+    if !args.keep_running {
+        let status = running.stop()?;
         println!("agent stopped on SIGTERM: {status}");
         return Ok(());
     }
     println!(
-        "Metrics: curl http://127.0.0.1:{metrics_port}/metrics   (health: /healthz, readiness: /readyz)"
+        "Metrics: curl http://127.0.0.1:{}/metrics   (health: /healthz, readiness: /readyz)",
+        running.metrics_port
     );
+    let first = report.gpus.first().cloned().unwrap_or_default();
     println!("Inject a fault from another shell, for example:");
     println!(
-        "  echo 'xid {} 79' >> {}",
-        first.uuid,
-        sim.control_file().display()
-    );
-    println!(
-        "  echo 'fail {}' >> {}   (then 'recover …')",
-        first.uuid,
-        sim.control_file().display()
+        "  echo 'xid {first} 79' >> {}",
+        running.sim.control_file().display()
     );
     println!("Ctrl-C to stop.");
-
-    let mut last: HashMap<String, (usize, usize)> = RESOURCES
-        .iter()
-        .map(|r| (r.to_string(), summarize(&views[*r])))
-        .collect();
+    let mut last: HashMap<String, (usize, usize)> = HashMap::new();
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
-        for resource in RESOURCES {
-            if let Some(view) = kubelet.resource(resource) {
+        for resource in flow::RESOURCES {
+            if let Some(view) = running.kubelet.resource(resource) {
                 let now = summarize(&view);
-                if last.get(resource) != Some(&now) {
+                if last.get(resource).is_some_and(|l| *l != now) {
                     println!(
                         "  {resource:<24} {:>7} devices, {:>7} healthy",
                         now.0, now.1
                     );
-                    last.insert(resource.to_string(), now);
                 }
+                last.insert(resource.to_string(), now);
             }
         }
     }
-    let status = agent.terminate(Duration::from_secs(10))?;
+    let status = running.stop()?;
     println!("agent stopped on SIGTERM: {status}");
     Ok(())
 }
 
-/// Resolves when the process exits (polling /proc, so the child handle stays with its guard).
-async fn wait_exit(pid: u32) -> String {
-    let path = PathBuf::from(format!("/proc/{pid}/stat"));
-    loop {
-        match std::fs::read_to_string(&path) {
-            Ok(stat) if !stat.contains(") Z ") => {
-                tokio::time::sleep(Duration::from_millis(20)).await
-            }
-            _ => return "exited".into(),
-        }
-    }
+fn summarize(view: &ResourceView) -> (usize, usize) {
+    let healthy = view.devices.iter().filter(|d| d.health == HEALTHY).count();
+    (view.devices.len(), healthy)
 }
 
 fn rss_kib(pid: u32) -> anyhow::Result<u64> {
@@ -579,6 +452,10 @@ async fn bench_allocate(agent_bin: &AgentBinary, args: &BenchArgs) -> anyhow::Re
         })
         .count();
     println!("  pod LISTs without a field selector: {unscoped}");
+    println!(
+        "  agent resident memory after them, 1,000 pods on the node in its watch cache: {:.1} MiB",
+        rss_kib(agent.0.id())? as f64 / 1024.0
+    );
 
     // Node writes at rest: after start-up, with a current scheduler (nobody touches the handshake).
     let node_path = format!("/api/v1/nodes/{NODE}");

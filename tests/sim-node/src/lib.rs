@@ -1,0 +1,12 @@
+//! `sim-node`'s library: the whole system on simulated GPUs, on a machine with no GPU and no cluster.
+//!
+//! * [`flow`] runs what a GPU node does for one pod, end to end: the agent as the shipped DaemonSet
+//!   configures it, a stand-in kubelet and apiserver, a simulated Volcano bind of one of the shipped example
+//!   pods, the Allocate that follows, and a CUDA program launched with exactly what Allocate returned.
+//!   `sim-node run` prints it; `tests/flow.rs` checks every step.
+//! * [`manifests`] reads the shipped manifests in `volcano-config/` (also checked by `tests/manifests.rs`).
+//! * [`agent`] starts the agent as a child process on a gpu-sim node.
+
+pub mod agent;
+pub mod flow;
+pub mod manifests;
