@@ -31,8 +31,9 @@ use crate::log::{ERROR, log_at};
 use crate::table::real;
 use config::Policy;
 use gate::Gate;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU8, AtomicU32, Ordering};
 use std::time::Duration;
+use vgpu_region::layout::RECENT_KERNEL_ACTIVE;
 use vgpu_region::{LaunchGate, Region, RegionConfig};
 
 const UNKNOWN: u8 = 0;
@@ -68,6 +69,9 @@ static ENV_PRIORITY: AtomicI32 = AtomicI32::new(1);
 static ENV_ANY_CAP: AtomicBool = AtomicBool::new(false);
 /// The region (leaked by the budget, never freed), cached for the launch path; null = none.
 static REGION: AtomicPtr<Region> = AtomicPtr::new(std::ptr::null_mut());
+/// The region's `recent_kernel` word, so the launch path reads it without going through the
+/// `Region` (one cache line and page fewer per launch); set together with [`REGION`].
+static RECENT_KERNEL: AtomicPtr<AtomicI32> = AtomicPtr::new(std::ptr::null_mut());
 
 /// The SM environment (read on first use; reports malformed values once).
 pub(crate) fn env() -> SmEnv {
@@ -163,12 +167,20 @@ fn launch_slow() {
             return;
         }
     }
+    // SAFETY: non-null pointers point into the budget's leaked region mapping, never unmapped.
+    let recent = unsafe { RECENT_KERNEL.load(Ordering::Acquire).as_ref() };
+    let mark_fresh = recent.is_some_and(|r| r.load(Ordering::Relaxed) == RECENT_KERNEL_ACTIVE);
     let region = region();
     if let Some(region) = region {
         // HAMi-core's original order: the priority gate and the activity mark come before any
         // cap or switch check, so uncapped and switched-off containers still take part.
-        while region.record_kernel_launch(coarse_unix_secs()) == LaunchGate::Blocked {
-            std::thread::sleep(PRIORITY_POLL);
+        // While the mark is still fresh (the monitor has not aged it since) and no refresh of
+        // `last_kernel_time` is due, one load of `recent_kernel` is all a launch costs; a block
+        // (−1) or an aged mark always takes the full path.
+        if !mark_fresh || refresh_due() {
+            while region.record_kernel_launch(coarse_unix_secs()) == LaunchGate::Blocked {
+                std::thread::sleep(PRIORITY_POLL);
+            }
         }
     }
     let Some(dev) = launch_device() else {
@@ -249,6 +261,10 @@ fn decide() {
     }
     SINGLE_DEVICE.store(single_device(), Ordering::Relaxed);
     if let Some(r) = region {
+        RECENT_KERNEL.store(
+            std::ptr::from_ref(&r.layout().recent_kernel).cast_mut(),
+            Ordering::Release,
+        );
         REGION.store(std::ptr::from_ref(r).cast_mut(), Ordering::Release);
     }
     let mode = if region.is_some() || (any_cap && env.policy != Policy::Disable) {
@@ -279,6 +295,20 @@ fn launch_device() -> Option<usize> {
         d if d >= 0 => Some(d as usize),
         _ => crate::hooks::current_device(),
     }
+}
+
+/// Launches between two refreshes of `last_kernel_time` while the activity mark stays fresh. The
+/// monitor ages the mark every 5 s, which forces a refresh on the next launch anyway, so the stamp
+/// lags by at most this many launches or one feedback period, whichever comes first.
+const REFRESH_EVERY: u32 = 256;
+
+/// Whether this launch should refresh `last_kernel_time`. A plain load and store, not a
+/// read-modify-write: two threads may count one launch between them, which only shifts a refresh.
+fn refresh_due() -> bool {
+    static LAUNCHES: AtomicU32 = AtomicU32::new(0);
+    let n = LAUNCHES.load(Ordering::Relaxed);
+    LAUNCHES.store(n.wrapping_add(1), Ordering::Relaxed);
+    n.is_multiple_of(REFRESH_EVERY)
 }
 
 /// Unix seconds from `CLOCK_REALTIME_COARSE` (vDSO; `last_kernel_time` has 1 s resolution).
