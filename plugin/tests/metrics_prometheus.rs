@@ -73,16 +73,10 @@ impl Node {
     async fn start() -> Self {
         let sim = SimNode::new(NodeSpec::uniform(2, GpuSpec::t4)).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let kubelet_dir = dir.path().join("device-plugins");
-        std::fs::create_dir_all(&kubelet_dir).unwrap();
-        let kubelet = FakeKubelet::start(&kubelet_dir).await.unwrap();
-        let api = FakeApiServer::start().await.unwrap();
-        let kubeconfig = dir.path().join("kubeconfig");
-        api.write_kubeconfig(&kubeconfig, None).unwrap();
-        api.create("/api/v1/nodes", json!({"metadata": {"name": NODE}}))
-            .unwrap();
+        let plane = ControlPlane::start(dir.path(), NODE).await;
         let gpu = sim.spec().gpus[1].uuid.clone();
-        let pod = api
+        let pod = plane
+            .api
             .create(
                 "/api/v1/namespaces/ml/pods",
                 json!({
@@ -114,17 +108,10 @@ impl Node {
         std::mem::forget(region);
 
         let port = free_port();
-        let mut cmd = agent_command(&sim, kubelet.socket());
-        cmd.env("KUBECONFIG", &kubeconfig)
-            .env("NODE_NAME", NODE)
-            .env("METRICS_BIND_ADDRESS", format!("127.0.0.1:{port}"))
-            .arg("--hook-path")
-            .arg(dir.path().join("hook"))
-            .arg("--lock-dir")
-            .arg(dir.path().join("vgpulock"))
-            .arg("--node-config")
-            .arg(dir.path().join("node-config.json"));
+        let mut cmd = plane.agent_command(&sim, dir.path(), NODE);
+        cmd.env("METRICS_BIND_ADDRESS", format!("127.0.0.1:{port}"));
         let agent = Agent::spawn(cmd);
+        let ControlPlane { kubelet, api, .. } = plane;
         kubelet
             .wait_for_resources(&ALL, PATIENCE)
             .await

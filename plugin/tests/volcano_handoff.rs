@@ -46,34 +46,13 @@ impl Cluster {
     ) -> Self {
         let sim = SimNode::new(spec).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let kubelet_dir = dir.path().join("device-plugins");
-        std::fs::create_dir_all(&kubelet_dir).unwrap();
-        let kubelet = FakeKubelet::start(&kubelet_dir).await.unwrap();
-        let api = FakeApiServer::start().await.unwrap();
-        let kubeconfig = dir.path().join("kubeconfig");
-        api.write_kubeconfig(&kubeconfig, None).unwrap();
-        api.create("/api/v1/nodes", json!({"metadata": {"name": NODE}}))
-            .unwrap();
-        setup(&api, dir.path());
-        let config = kube::config::Kubeconfig::read_from(&kubeconfig).unwrap();
-        let client = Client::try_from(
-            kube::Config::from_custom_kubeconfig(config, &Default::default())
-                .await
-                .unwrap(),
-        )
-        .unwrap();
-
-        let mut cmd = agent_command(&sim, kubelet.socket());
-        cmd.env("KUBECONFIG", &kubeconfig)
-            .env("NODE_NAME", NODE)
-            .arg("--hook-path")
-            .arg(dir.path().join("hook"))
-            .arg("--lock-dir")
-            .arg(dir.path().join("vgpulock"))
-            .arg("--node-config")
-            .arg(dir.path().join("node-config.json"))
-            .args(args);
+        let plane = ControlPlane::start(dir.path(), NODE).await;
+        setup(&plane.api, dir.path());
+        let client = plane.client().await;
+        let mut cmd = plane.agent_command(&sim, dir.path(), NODE);
+        cmd.args(args);
         let agent = Agent::spawn(cmd);
+        let ControlPlane { kubelet, api, .. } = plane;
         kubelet
             .wait_for_resources(&ALL, PATIENCE)
             .await

@@ -164,3 +164,58 @@ pub fn http_get(port: u16, path: &str) -> (String, String) {
         body.to_owned(),
     )
 }
+
+/// What an agent bound to a node talks to: a fake kubelet in `<dir>/device-plugins` and a fake apiserver
+/// that holds the node, reached through `<dir>/kubeconfig`.
+pub struct ControlPlane {
+    pub kubelet: harness::FakeKubelet,
+    pub api: harness::apiserver::FakeApiServer,
+    pub kubeconfig: PathBuf,
+}
+
+impl ControlPlane {
+    pub async fn start(dir: &Path, node: &str) -> Self {
+        let kubelet_dir = dir.join("device-plugins");
+        std::fs::create_dir_all(&kubelet_dir).unwrap();
+        let kubelet = FakeKubelet::start(&kubelet_dir).await.unwrap();
+        let api = harness::apiserver::FakeApiServer::start().await.unwrap();
+        let kubeconfig = dir.join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig, None).unwrap();
+        api.create(
+            "/api/v1/nodes",
+            serde_json::json!({"metadata": {"name": node}}),
+        )
+        .unwrap();
+        Self {
+            kubelet,
+            api,
+            kubeconfig,
+        }
+    }
+
+    /// A kube-rs client of the fake apiserver, as the tests' side of the cluster.
+    pub async fn client(&self) -> kube::Client {
+        let config = kube::config::Kubeconfig::read_from(&self.kubeconfig).unwrap();
+        kube::Client::try_from(
+            kube::Config::from_custom_kubeconfig(config, &Default::default())
+                .await
+                .unwrap(),
+        )
+        .unwrap()
+    }
+
+    /// The agent as a node runs it (`NODE_NAME`, the kubeconfig), with its hook path, lock directory and
+    /// node config under `dir`.
+    pub fn agent_command(&self, sim: &SimNode, dir: &Path, node: &str) -> Command {
+        let mut cmd = agent_command(sim, self.kubelet.socket());
+        cmd.env("KUBECONFIG", &self.kubeconfig)
+            .env("NODE_NAME", node)
+            .arg("--hook-path")
+            .arg(dir.join("hook"))
+            .arg("--lock-dir")
+            .arg(dir.join("vgpulock"))
+            .arg("--node-config")
+            .arg(dir.join("node-config.json"));
+        cmd
+    }
+}

@@ -45,33 +45,13 @@ impl SimCluster {
         for sub in ["lib64", "bin"] {
             std::fs::create_dir_all(dir.path().join("driver").join(sub)).unwrap();
         }
-        let kubelet_dir = dir.path().join("device-plugins");
-        std::fs::create_dir_all(&kubelet_dir).unwrap();
-        let kubelet = FakeKubelet::start(&kubelet_dir).await.unwrap();
-        let api = FakeApiServer::start().await.unwrap();
-        let kubeconfig = dir.path().join("kubeconfig");
-        api.write_kubeconfig(&kubeconfig, None).unwrap();
-        api.create("/api/v1/nodes", json!({"metadata": {"name": NODE}}))
-            .unwrap();
-        let config = kube::config::Kubeconfig::read_from(&kubeconfig).unwrap();
-        let client = Client::try_from(
-            kube::Config::from_custom_kubeconfig(config, &Default::default())
-                .await
-                .unwrap(),
-        )
-        .unwrap();
+        let plane = ControlPlane::start(dir.path(), NODE).await;
+        let client = plane.client().await;
         let root = dir.path().display().to_string();
-        let mut cmd = agent_command(&sim, kubelet.socket());
-        cmd.env("KUBECONFIG", &kubeconfig)
-            .env("NODE_NAME", NODE)
-            .arg("--hook-path")
-            .arg(dir.path().join("hook"))
-            .arg("--lock-dir")
-            .arg(dir.path().join("vgpulock"))
-            .arg("--node-config")
-            .arg(dir.path().join("node-config.json"))
-            .args(args.iter().map(|a| a.replace("{root}", &root)));
+        let mut cmd = plane.agent_command(&sim, dir.path(), NODE);
+        cmd.args(args.iter().map(|a| a.replace("{root}", &root)));
         let agent = Agent::spawn(cmd);
+        let ControlPlane { kubelet, api, .. } = plane;
         kubelet
             .wait_for_resources(&ALL, PATIENCE)
             .await
