@@ -11,53 +11,15 @@
 //! median ns/op of each variant and the median minus the no-preload median ("added").
 
 use gpu_sim::{GpuSpec, NodeSpec, SimNode};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 const PATHS: [&str; 3] = ["direct", "dlsym", "procaddr"];
 const VARIANTS: [&str; 3] = ["no preload", "preload, no cap", "preload, cap"];
 
-fn build_libvgpu(workspace_target: &Path) -> PathBuf {
-    let target = workspace_target.join("limiter-cdylib");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .args([
-            "build",
-            "--quiet",
-            "--release",
-            "-p",
-            "vgpu-limiter",
-            "--lib",
-            "--target-dir",
-        ])
-        .arg(&target)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .expect("run cargo build");
-    assert!(
-        status.success(),
-        "cargo build --release -p vgpu-limiter failed"
-    );
-    target.join("release/libvgpu.so")
-}
-
-fn compile(dir: &Path) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/c/bench.c");
-    let lib_dir = gpu_sim::cuda_library().parent().expect("fake driver dir");
-    let out = dir.join("bench");
-    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_owned());
-    let status = Command::new(&cc)
-        .args(["-std=gnu11", "-O2", "-Wall", "-Werror", "-o"])
-        .arg(&out)
-        .arg(&src)
-        .arg("-L")
-        .arg(lib_dir)
-        .args(["-lcuda", "-ldl"])
-        .status()
-        .expect("run cc");
-    assert!(status.success(), "compiling {} failed", src.display());
-    out
-}
+#[path = "support/mod.rs"]
+mod support;
+use support::{build_libvgpu, compile};
 
 /// One run: (ns per launch, ns per alloc/free pair).
 fn run_once(
@@ -126,7 +88,7 @@ fn main() {
         .to_path_buf();
     let lib = build_libvgpu(&workspace_target);
     let dir = tempfile::tempdir().expect("tempdir");
-    let prog = compile(dir.path());
+    let prog = compile(dir.path(), "benches/c/bench.c", "bench");
     let node = SimNode::new(NodeSpec::uniform(1, GpuSpec::a100_80gb)).expect("sim node");
 
     println!(

@@ -17,7 +17,7 @@
 //! (defaults 6 and 7; about 1.5 minutes).
 
 use gpu_sim::{GpuSpec, NodeSpec, SimNode};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -26,47 +26,9 @@ const STEADY_FROM: Duration = Duration::from_secs(3);
 /// NVML sample period of the simulated node (also the bench's time resolution).
 const PERIOD_US: u64 = 100_000;
 
-fn build_libvgpu(workspace_target: &Path) -> PathBuf {
-    let target = workspace_target.join("limiter-cdylib");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .args([
-            "build",
-            "--quiet",
-            "--release",
-            "-p",
-            "vgpu-limiter",
-            "--lib",
-            "--target-dir",
-        ])
-        .arg(&target)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .expect("run cargo build");
-    assert!(
-        status.success(),
-        "cargo build --release -p vgpu-limiter failed"
-    );
-    target.join("release/libvgpu.so")
-}
-
-fn compile(dir: &Path, src: &str, name: &str) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(src);
-    let lib_dir = gpu_sim::cuda_library().parent().expect("fake driver dir");
-    let out = dir.join(name);
-    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_owned());
-    let status = Command::new(&cc)
-        .args(["-std=gnu11", "-O2", "-Wall", "-Werror", "-o"])
-        .arg(&out)
-        .arg(&src)
-        .arg("-L")
-        .arg(lib_dir)
-        .args(["-lcuda", "-ldl"])
-        .status()
-        .expect("run cc");
-    assert!(status.success(), "compiling {} failed", src.display());
-    out
-}
+#[path = "support/mod.rs"]
+mod support;
+use support::{build_libvgpu, compile};
 
 fn base_command(prog: &Path, node: &SimNode, region: &Path) -> Command {
     let (k, v) = gpu_sim::library_path_env();
