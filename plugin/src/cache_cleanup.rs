@@ -7,6 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::monitor::container_dirs;
 use crate::pod_cache::PodCache;
 
 /// Removes orphaned cache directories every `interval`, after `grace`. Runs until aborted.
@@ -35,7 +36,7 @@ pub async fn sweep(
         .collect();
     let mut due = Vec::new();
     let mut seen = HashSet::new();
-    for (dir, uid) in cache_dirs(root) {
+    for (dir, uid, _) in container_dirs(root) {
         seen.insert(dir.clone());
         if cached.contains(&uid) {
             absent_since.remove(&dir);
@@ -76,20 +77,4 @@ pub async fn sweep(
         }
     }
     removed
-}
-
-/// `(dir, pod uid)` for every `<uid>_<container>` directory under `root`.
-fn cache_dirs(root: &Path) -> Vec<(PathBuf, String)> {
-    let Ok(entries) = std::fs::read_dir(root) else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let (uid, _) = name.split_once('_')?;
-            Some((e.path(), uid.to_owned()))
-        })
-        .collect()
 }

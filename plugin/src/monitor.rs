@@ -36,22 +36,28 @@ pub const FEEDBACK_PERIOD: Duration = Duration::from_secs(5);
 /// How often one unreadable region file may be warned about.
 pub const WARN_EVERY: Duration = Duration::from_secs(600);
 
-/// Every `<pod-uid>_<container>` directory under `root` that holds a region file, as `(pod uid, container,
-/// file)`; the file is the newest `*.cache` (every Allocate draws a fresh name). Unreadable entries are
-/// skipped.
-pub fn region_files(root: &Path) -> Vec<(String, String, PathBuf)> {
-    let Ok(entries) = std::fs::read_dir(root) else {
-        return Vec::new();
-    };
-    entries
+/// `(dir, pod uid, container)` for every `<pod-uid>_<container>` directory under `root` (the layout Allocate
+/// creates). Entries that are not directories (symlinks included) or whose name is not UTF-8 are skipped; an
+/// unreadable root has none.
+pub(crate) fn container_dirs(root: &Path) -> impl Iterator<Item = (PathBuf, String, String)> {
+    std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
         .flatten()
         .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
         .filter_map(|e| {
             let name = e.file_name().into_string().ok()?;
             let (uid, container) = name.split_once('_')?;
-            let file = newest_cache_file(&e.path())?;
-            Some((uid.to_owned(), container.to_owned(), file))
+            Some((e.path(), uid.to_owned(), container.to_owned()))
         })
+}
+
+/// Every `<pod-uid>_<container>` directory under `root` that holds a region file, as `(pod uid, container,
+/// file)`; the file is the newest `*.cache` (every Allocate draws a fresh name). Unreadable entries are
+/// skipped.
+pub fn region_files(root: &Path) -> Vec<(String, String, PathBuf)> {
+    container_dirs(root)
+        .filter_map(|(dir, uid, container)| Some((uid, container, newest_cache_file(&dir)?)))
         .collect()
 }
 
@@ -67,25 +73,11 @@ pub struct RegionDirs {
 impl RegionDirs {
     /// As [`region_files`].
     pub fn files(&mut self, root: &Path) -> Vec<(String, String, PathBuf)> {
-        let Ok(entries) = std::fs::read_dir(root) else {
-            self.known.clear();
-            return Vec::new();
-        };
         let now = SystemTime::now();
         let mut out = Vec::new();
         let mut seen = HashMap::with_capacity(self.known.len());
-        for entry in entries.flatten() {
-            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
-                continue;
-            }
-            let Ok(name) = entry.file_name().into_string() else {
-                continue;
-            };
-            let Some((uid, container)) = name.split_once('_') else {
-                continue;
-            };
-            let dir = entry.path();
-            let Ok(mtime) = entry.metadata().and_then(|m| m.modified()) else {
+        for (dir, uid, container) in container_dirs(root) {
+            let Ok(mtime) = std::fs::symlink_metadata(&dir).and_then(|m| m.modified()) else {
                 continue;
             };
             let settled = now
@@ -96,10 +88,11 @@ impl RegionDirs {
                 _ => newest_cache_file(&dir),
             };
             if let Some(file) = &file {
-                out.push((uid.to_owned(), container.to_owned(), file.clone()));
+                out.push((uid, container, file.clone()));
             }
             seen.insert(dir, (mtime, file));
         }
+        // Directories no longer listed (or an unreadable root) are forgotten.
         self.known = seen;
         out
     }
@@ -168,6 +161,8 @@ pub struct RoundReport {
 #[derive(Debug)]
 pub struct PriorityFeedback {
     root: PathBuf,
+    /// The container directories, re-listed only when one changes (this runs every few seconds).
+    dirs: RegionDirs,
     warnings: RateLimitedWarnings,
     activity_window: Duration,
 }
@@ -185,6 +180,7 @@ impl PriorityFeedback {
     pub fn new(root: PathBuf) -> Self {
         Self {
             root,
+            dirs: RegionDirs::default(),
             warnings: RateLimitedWarnings::new(WARN_EVERY),
             activity_window: 2 * FEEDBACK_PERIOD,
         }
@@ -210,7 +206,9 @@ impl PriorityFeedback {
 
     /// One round over every region under the root. Blocking file I/O; never panics on file contents.
     pub fn round(&mut self) -> RoundReport {
-        let files: Vec<PathBuf> = region_files(&self.root)
+        let files: Vec<PathBuf> = self
+            .dirs
+            .files(&self.root)
             .into_iter()
             .map(|(_, _, f)| f)
             .collect();
@@ -290,13 +288,10 @@ impl PriorityFeedback {
                 }
             };
             report.regions += 1;
-            let mut write = |what: &'static str, value: i32| {
-                let result = if what == "recent_kernel" {
-                    reader.set_recent_kernel(value)
-                } else {
-                    reader.set_utilization_switch(value)
-                };
-                match result {
+            let mut write = |what: &'static str,
+                             set: fn(&RegionReader, i32) -> vgpu_region::Result<()>,
+                             value: i32| {
+                match set(&reader, value) {
                     Ok(()) => {
                         report.writes += 1;
                         tracing::debug!(file = %path.display(), what, value, "priority feedback");
@@ -309,13 +304,17 @@ impl PriorityFeedback {
                 }
             };
             if blocked && now.recent_kernel >= 0 {
-                write("recent_kernel", -1);
+                write("recent_kernel", RegionReader::set_recent_kernel, -1);
             } else if !blocked && now.recent_kernel < 0 {
-                write("recent_kernel", 0);
+                write("recent_kernel", RegionReader::set_recent_kernel, 0);
             }
             let switch = i32::from(contended);
             if now.utilization_switch != switch {
-                write("utilization_switch", switch);
+                write(
+                    "utilization_switch",
+                    RegionReader::set_utilization_switch,
+                    switch,
+                );
             }
             if blocked {
                 report.blocked.push(path.to_path_buf());
@@ -409,6 +408,26 @@ mod tests {
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].2, b.join("1.cache"));
         assert_eq!(dirs.known.len(), 1, "forgotten with its directory");
+
+        // Everything above ran on directories modified just now, which are always listed again; a settled one
+        // is not. Prove it: add a file and put the directory's mtime back, and the old choice stands.
+        let past = SystemTime::now() - Duration::from_secs(10);
+        let set_mtime = |dir: &Path, at: SystemTime| {
+            std::fs::File::open(dir).unwrap().set_modified(at).unwrap();
+        };
+        set_mtime(&b, past);
+        assert_eq!(dirs.files(root.path())[0].2, b.join("1.cache"));
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(b.join("2.cache"), b"x").unwrap();
+        set_mtime(&b, past);
+        assert_eq!(
+            dirs.files(root.path())[0].2,
+            b.join("1.cache"),
+            "an unchanged, settled directory is not listed again"
+        );
+        // Its mtime changes (as creating a file does): listed again, the newer file found.
+        set_mtime(&b, SystemTime::now());
+        assert_eq!(dirs.files(root.path())[0].2, b.join("2.cache"));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use nvml_wrapper::Nvml;
@@ -13,7 +13,7 @@ use vgpu_metrics::{AgentMetrics, ContainerSample, GpuSample, Snapshot, SnapshotS
 use vgpu_region::reader::RegionReader;
 
 use crate::inventory::Inventory;
-use crate::monitor::{RateLimitedWarnings, RegionDirs, WARN_EVERY, region_files};
+use crate::monitor::{RateLimitedWarnings, RegionDirs, WARN_EVERY};
 use crate::pod_cache::PodCache;
 use crate::volcano::pod_devices::PodDevices;
 use crate::volcano::{VGPU_IDS_NEW, VGPU_NODE};
@@ -91,16 +91,24 @@ impl NodeSnapshot {
             })
             .collect();
         let mut samples = Vec::new();
-        let files = match regions.dirs.lock() {
-            Ok(mut dirs) => dirs.files(&regions.root),
-            Err(_) => region_files(&regions.root),
-        };
+        // A panic mid-listing leaves at worst a stale choice for one directory, re-checked when it changes.
+        let files = regions
+            .dirs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .files(&regions.root);
         for (uid, container, file) in files {
             let Some((namespace, pod)) = by_uid.get(&uid) else {
                 continue;
             };
             match RegionReader::read_snapshot(&file) {
                 Ok(region) => {
+                    // Per process, not per device: the same count on each of the container's GPUs. Saturating:
+                    // the words are the container's to write, and a plain sum overflows (a panic in debug).
+                    let refused = region
+                        .processes
+                        .iter()
+                        .fold(0u64, |sum, p| sum.saturating_add(p.refused));
                     for device in 0..region.device_num {
                         // The monitors skip a device whose UUID slot is empty or not UTF-8.
                         let Some(uuid) = region.uuid_label(device).map(str::to_owned) else {
@@ -127,7 +135,7 @@ impl NodeSnapshot {
                             memory_limit_bytes: region.limit(device).unwrap_or(0),
                             sm_utilization_percent: region.device_sm_util(device),
                             sm_limit_percent: region.sm_limit(device).unwrap_or(0),
-                            allocations_refused: region.processes.iter().map(|p| p.refused).sum(),
+                            allocations_refused: refused,
                             last_kernel_unix: region
                                 .last_kernel_time
                                 .and_then(|t| i64::try_from(t).ok()),

@@ -443,16 +443,9 @@ impl RegionReader {
                 expected: o.size as u64,
             });
         }
-        let device_num = u64_at(&header, o.device_num).unwrap_or(0);
-        if device_num > CUDA_DEVICE_MAX_COUNT as u64 {
-            return Err(RegionError::Corrupt {
-                path: self.path.clone(),
-                field: "device_num",
-                value: i64::try_from(device_num).unwrap_or(i64::MAX),
-                max: CUDA_DEVICE_MAX_COUNT as i64,
-            });
-        }
-        let uuids = (0..device_num as usize)
+        let device_num =
+            checked_device_num(&self.path, u64_at(&header, o.device_num).unwrap_or(0))?;
+        let uuids = (0..device_num)
             .filter_map(|d| {
                 let start = o.uuids + d * UUID_LEN;
                 nul_terminated_str(header.get(start..start + UUID_LEN)?).map(str::to_owned)
@@ -633,20 +626,25 @@ fn detect(path: &Path, size: u64, head: &[u8]) -> Result<LayoutVersion> {
     Ok(LayoutVersion::V1 { minor })
 }
 
+/// `device_num` as found, or [`RegionError::Corrupt`] beyond [`CUDA_DEVICE_MAX_COUNT`].
+fn checked_device_num(path: &Path, raw: u64) -> Result<usize> {
+    if raw > CUDA_DEVICE_MAX_COUNT as u64 {
+        return Err(RegionError::Corrupt {
+            path: path.to_path_buf(),
+            field: "device_num",
+            value: i64::try_from(raw).unwrap_or(i64::MAX),
+            max: CUDA_DEVICE_MAX_COUNT as i64,
+        });
+    }
+    Ok(raw as usize)
+}
+
 fn parse(path: &Path, version: LayoutVersion, bytes: &View<'_>) -> Result<RegionSnapshot> {
     let o = version.offsets();
     let u64_or_0 = |off: usize| bytes.u64_at(off).unwrap_or(0);
     let i32_or_0 = |off: usize| bytes.i32_at(off).unwrap_or(0);
 
-    let raw_device_num = u64_or_0(o.device_num);
-    if raw_device_num > CUDA_DEVICE_MAX_COUNT as u64 {
-        return Err(RegionError::Corrupt {
-            path: path.to_path_buf(),
-            field: "device_num",
-            value: i64::try_from(raw_device_num).unwrap_or(i64::MAX),
-            max: CUDA_DEVICE_MAX_COUNT as i64,
-        });
-    }
+    let device_num = checked_device_num(path, u64_or_0(o.device_num))?;
     let raw_proc_num = i32_or_0(o.proc_num);
     if !(0..=SHARED_REGION_MAX_PROCESS_NUM as i32).contains(&raw_proc_num) {
         return Err(RegionError::Corrupt {
@@ -703,7 +701,7 @@ fn parse(path: &Path, version: LayoutVersion, bytes: &View<'_>) -> Result<Region
 
     Ok(RegionSnapshot {
         version,
-        device_num: raw_device_num as usize,
+        device_num,
         uuids,
         limits,
         sm_limits,

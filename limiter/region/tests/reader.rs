@@ -322,6 +322,29 @@ fn feedback_reads_uuids_priority_and_the_two_monitor_words() {
         (f.priority, f.recent_kernel, f.utilization_switch),
         (1, 2, 1)
     );
+
+    // An out-of-range device_num is refused by the file paths as by `parse`, not clamped.
+    let mut corrupt = busy_v1();
+    put_u64(&mut corrupt, offset_of!(SharedRegion, device_num), 17);
+    let bad = dir.path().join("bad.cache");
+    std::fs::write(&bad, corrupt).expect("write");
+    let reader = RegionReader::open(&bad).expect("open");
+    for found in [
+        reader.feedback().map(|_| ()),
+        RegionReader::read_snapshot(&bad).map(|_| ()),
+    ] {
+        assert!(
+            matches!(
+                found,
+                Err(RegionError::Corrupt {
+                    field: "device_num",
+                    value: 17,
+                    ..
+                })
+            ),
+            "{found:?}"
+        );
+    }
 }
 
 #[test]
