@@ -37,6 +37,11 @@ use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use vgpu_device_plugin::config::ResourceNames;
+use vgpu_device_plugin::pod_cache::pod_view;
+use vgpu_device_plugin::volcano::node_register::decode_node_register;
+use vgpu_device_plugin::volcano::selection::ContainerLimits;
+use vgpu_device_plugin::volcano::{ContainerDevice, DEVICE_TYPE_NVIDIA, PodDevices};
 
 use crate::agent::{AgentBinary, ChildGuard, agent_command, wait_exit};
 use crate::manifests::{self, AgentDaemonSet};
@@ -260,7 +265,8 @@ pub fn compile_demo(dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(out)
 }
 
-/// One GPU of `volcano.sh/node-vgpu-register`, as the scheduler decodes it.
+/// One GPU of `volcano.sh/node-vgpu-register` (decoded with the plugin's copy of the scheduler's parser), with
+/// what the simulated scheduler has placed on it.
 #[derive(Debug, Clone)]
 struct SchedGpu {
     uuid: String,
@@ -272,24 +278,21 @@ struct SchedGpu {
 }
 
 fn decode_register(value: &str) -> anyhow::Result<Vec<SchedGpu>> {
-    let mut gpus = Vec::new();
-    for record in value.split(':').filter(|r| r.contains(',')) {
-        let f: Vec<&str> = record.split(',').collect();
-        ensure!(
-            f.len() >= 6,
-            "register record {record:?} has fewer than 6 fields"
-        );
-        gpus.push(SchedGpu {
-            uuid: f[0].to_owned(),
-            split: f[1].parse().unwrap_or(0),
-            memory: f[2].parse().unwrap_or(0),
+    let decoded = decode_node_register(value)
+        .ok_or_else(|| anyhow!("the scheduler would ignore the register annotation {value:?}"))?;
+    ensure!(!decoded.is_empty(), "no GPU in the register annotation");
+    Ok(decoded
+        .into_iter()
+        .map(|g| SchedGpu {
+            uuid: g.uuid,
+            // Go `Atoi` gives 0 for junk; a negative count or size places nothing either.
+            split: u64::try_from(g.number).unwrap_or(0),
+            memory: u64::try_from(g.memory).unwrap_or(0),
             used_num: 0,
             used_mem: 0,
             used_cores: 0,
-        });
-    }
-    ensure!(!gpus.is_empty(), "no GPU in the register annotation");
-    Ok(gpus)
+        })
+        .collect())
 }
 
 /// A container's vGPU request: (name, number, memory units, cores).
@@ -301,36 +304,34 @@ fn limit(container: &Value, resource: &str) -> Option<u64> {
         .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
 }
 
-/// The containers with a `vgpu-number` or `vgpu-memory` limit, in spec order (the scheduler's rule).
-fn requests(pod: &Value) -> Vec<Request> {
-    pod["spec"]["containers"]
-        .as_array()
+/// The containers the scheduler gives a segment (a `vgpu-number` or `vgpu-memory` limit), in spec order, as the
+/// agent's own pod view reads them; a missing number is one vGPU, missing cores none.
+fn requests(pod: &Value) -> anyhow::Result<Vec<Request>> {
+    let names = ResourceNames::default();
+    let parsed: Pod = serde_json::from_value(pod.clone()).context("the example is not a Pod")?;
+    let containers = &pod["spec"]["containers"];
+    Ok(pod_view(&parsed, &names)
+        .containers
         .into_iter()
-        .flatten()
-        .filter_map(|c| {
-            let number = limit(c, RESOURCES[0]);
-            let memory = limit(c, RESOURCES[1]);
-            if number.is_none() && memory.is_none() {
-                return None;
-            }
-            Some((
-                c["name"].as_str().unwrap_or_default().to_owned(),
-                number.unwrap_or(1),
-                memory,
-                limit(c, RESOURCES[2]).unwrap_or(0),
-            ))
+        .filter(ContainerLimits::has_vgpu)
+        .map(|c| {
+            let spec = containers
+                .as_array()
+                .and_then(|cs| cs.iter().find(|x| x["name"] == c.name.as_str()));
+            let cores = spec.and_then(|x| limit(x, &names.cores)).unwrap_or(0);
+            (c.name, c.count.unwrap_or(1), c.memory, cores)
         })
-        .collect()
+        .collect())
 }
 
 /// Places each request like Volcano's binpack policy (most used memory first, then index; contract §6) and
-/// encodes `devices-to-allocate`: one `;`-joined segment per container, `UUID,NVIDIA,mem,cores:` per device.
+/// encodes `devices-to-allocate` with the plugin's (the scheduler's) encoder: one segment per container.
 fn place(gpus: &mut [SchedGpu], requests: &[Request]) -> anyhow::Result<String> {
     let mut segments = Vec::new();
     for (name, number, memory, cores) in requests {
         let mut order: Vec<usize> = (0..gpus.len()).collect();
         order.sort_by_key(|&i| (std::cmp::Reverse(gpus[i].used_mem), i));
-        let mut segment = String::new();
+        let mut segment = Vec::new();
         let mut taken = 0;
         for i in order {
             if taken == *number {
@@ -344,7 +345,12 @@ fn place(gpus: &mut [SchedGpu], requests: &[Request]) -> anyhow::Result<String> 
             g.used_num += 1;
             g.used_mem += mem;
             g.used_cores += cores;
-            segment.push_str(&format!("{},NVIDIA,{mem},{cores}:", g.uuid));
+            segment.push(ContainerDevice {
+                uuid: g.uuid.clone(),
+                device_type: DEVICE_TYPE_NVIDIA.to_owned(),
+                used_mem: u32::try_from(mem)?,
+                used_cores: u32::try_from(*cores)?,
+            });
             taken += 1;
         }
         ensure!(
@@ -353,7 +359,7 @@ fn place(gpus: &mut [SchedGpu], requests: &[Request]) -> anyhow::Result<String> 
         );
         segments.push(segment);
     }
-    Ok(segments.join(";"))
+    Ok(PodDevices(segments).encode())
 }
 
 fn parse_program_line(line: &str) -> Option<(String, HashMap<String, String>)> {
@@ -476,7 +482,7 @@ fn load_inputs(example: &str) -> anyhow::Result<Inputs> {
         .as_str()
         .context("the example pod has no name")?
         .to_owned();
-    let requests = requests(&pod);
+    let requests = requests(&pod)?;
     ensure!(!requests.is_empty(), "{example} asks for no vGPU");
     Ok(Inputs {
         ds,

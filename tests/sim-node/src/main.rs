@@ -19,13 +19,7 @@ use gpu_sim::{GpuSpec, NodeSpec, SimNode};
 use harness::{FakeKubelet, ResourceView};
 use kubelet_api::v1beta1::HEALTHY;
 use sim_node::agent::{AgentBinary, ChildGuard, agent_command};
-use sim_node::flow::{self, FlowOptions};
-
-const RESOURCES: [&str; 3] = [
-    "volcano.sh/vgpu-number",
-    "volcano.sh/vgpu-memory",
-    "volcano.sh/vgpu-cores",
-];
+use sim_node::flow::{self, FlowOptions, RESOURCES};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -358,20 +352,62 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     bench_allocate(&agent_bin, &args).await
 }
 
+/// A gpu-sim node with a stand-in kubelet and an apiserver that holds node `node`, and the agent's command
+/// for them (`KUBECONFIG`, `NODE_NAME`, no node config, log discarded); `dir` holds their files.
+struct Cluster {
+    sim: SimNode,
+    dir: tempfile::TempDir,
+    kubelet: FakeKubelet,
+    api: harness::FakeApiServer,
+}
+
+async fn fake_cluster(
+    node: &str,
+    spec: NodeSpec,
+    agent_bin: &AgentBinary,
+) -> anyhow::Result<(Cluster, std::process::Command)> {
+    let sim = SimNode::new(spec)?;
+    let dir = tempfile::tempdir()?;
+    let kubelet = FakeKubelet::start(dir.path()).await?;
+    let api = harness::FakeApiServer::start().await?;
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig, None)?;
+    api.create(
+        "/api/v1/nodes",
+        serde_json::json!({"metadata": {"name": node}}),
+    )?;
+    let mut cmd = agent_command(&sim, kubelet.socket(), agent_bin);
+    cmd.env("KUBECONFIG", &kubeconfig)
+        .env("NODE_NAME", node)
+        .arg("--node-config")
+        .arg(dir.path().join("none.json"))
+        .stderr(Stdio::null());
+    Ok((
+        Cluster {
+            sim,
+            dir,
+            kubelet,
+            api,
+        },
+        cmd,
+    ))
+}
+
 /// Allocate latency with 1,000 pods on the node and 10,000 in the cluster, patches included, and the node
 /// writes the agent makes at rest.
 async fn bench_allocate(agent_bin: &AgentBinary, args: &BenchArgs) -> anyhow::Result<()> {
-    use harness::FakeApiServer;
     use serde_json::json;
 
     const NODE: &str = "bench-node";
-    let sim = SimNode::new(NodeSpec::uniform(8, GpuSpec::a100_80gb))?;
-    let dir = tempfile::tempdir()?;
-    let kubelet = FakeKubelet::start(dir.path()).await?;
-    let api = FakeApiServer::start().await?;
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig, None)?;
-    api.create("/api/v1/nodes", json!({"metadata": {"name": NODE}}))?;
+    let (
+        Cluster {
+            sim,
+            dir,
+            kubelet,
+            api,
+        },
+        mut cmd,
+    ) = fake_cluster(NODE, NodeSpec::uniform(8, GpuSpec::a100_80gb), agent_bin).await?;
     let uuid = sim.spec().gpus[0].uuid.clone();
     let pod = |name: &str, node: &str, annotations: serde_json::Value, phase: &str| {
         json!({
@@ -402,16 +438,10 @@ async fn bench_allocate(agent_bin: &AgentBinary, args: &BenchArgs) -> anyhow::Re
         )?;
     }
 
-    let mut cmd = agent_command(&sim, kubelet.socket(), agent_bin);
-    cmd.env("KUBECONFIG", &kubeconfig)
-        .env("NODE_NAME", NODE)
-        .args(["--gpu-memory-factor", "10", "--hook-path"])
+    cmd.args(["--gpu-memory-factor", "10", "--hook-path"])
         .arg(dir.path().join("hook"))
         .arg("--lock-dir")
-        .arg(dir.path().join("lock"))
-        .arg("--node-config")
-        .arg(dir.path().join("none.json"))
-        .stderr(Stdio::null());
+        .arg(dir.path().join("lock"));
     let agent = ChildGuard(cmd.spawn()?);
     let views = kubelet
         .wait_for_resources(&RESOURCES, Duration::from_secs(30))
@@ -475,26 +505,21 @@ async fn bench_allocate(agent_bin: &AgentBinary, args: &BenchArgs) -> anyhow::Re
 /// Plays Volcano v1.15.0's handshake rule (contract §2.3) on every node update, with another writer updating
 /// the node now and then, and counts the agent's node writes.
 async fn bench_handshake(args: HandshakeArgs) -> anyhow::Result<()> {
-    use harness::FakeApiServer;
     use serde_json::json;
     use vgpu_device_plugin::volcano::handshake::format_scheduler_time;
 
     const NODE: &str = "old-scheduler-node";
     const KEY: &str = "volcano.sh/node-vgpu-handshake";
     let agent_bin = AgentBinary::find()?;
-    let sim = SimNode::new(NodeSpec::uniform(2, GpuSpec::t4))?;
-    let dir = tempfile::tempdir()?;
-    let kubelet = FakeKubelet::start(dir.path()).await?;
-    let api = FakeApiServer::start().await?;
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig, None)?;
-    api.create("/api/v1/nodes", json!({"metadata": {"name": NODE}}))?;
-    let mut cmd = agent_command(&sim, kubelet.socket(), &agent_bin);
-    cmd.env("KUBECONFIG", &kubeconfig)
-        .env("NODE_NAME", NODE)
-        .arg("--node-config")
-        .arg(dir.path().join("none.json"))
-        .stderr(Stdio::null());
+    let (
+        Cluster {
+            sim: _sim,
+            dir: _dir,
+            kubelet,
+            api,
+        },
+        mut cmd,
+    ) = fake_cluster(NODE, NodeSpec::uniform(2, GpuSpec::t4), &agent_bin).await?;
     let agent = ChildGuard(cmd.spawn()?);
     kubelet
         .wait_for_resources(&RESOURCES, Duration::from_secs(30))
