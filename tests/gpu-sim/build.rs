@@ -63,20 +63,14 @@ fn main() -> Result<(), Box<dyn Error>> {
     let compiler = cc::Build::new().cargo_warnings(false).try_get_compiler()?;
 
     // libnvidia-ml.so.1, exporting only the symbols nvml.c marks visible.
-    let library = lib_dir.join("libnvidia-ml.so.1");
-    let mut cmd = compiler.to_command();
-    cmd.args(COMMON_FLAGS)
-        .args([
-            "-shared",
-            "-fPIC",
-            "-fvisibility=hidden",
-            "-Wl,-soname,libnvidia-ml.so.1",
-            "-Wl,-z,defs",
-        ])
-        .args(LIBRARY_SOURCES.iter().map(|f| csrc.join(f)))
-        .arg("-o")
-        .arg(&library);
-    run(cmd, "libnvidia-ml.so.1")?;
+    let library = shared_library(
+        &compiler,
+        &csrc,
+        &lib_dir,
+        "libnvidia-ml.so.1",
+        LIBRARY_SOURCES,
+        &[],
+    )?;
 
     // The unversioned development name, as the driver packages install it.
     dev_symlink(&lib_dir, "libnvidia-ml.so", "libnvidia-ml.so.1")?;
@@ -84,21 +78,14 @@ fn main() -> Result<(), Box<dyn Error>> {
     // libcuda.so.1, exporting only the CUDA driver entry points cuda.c marks visible. No identical
     // code folding: every exported name keeps its own address (as in the real driver), so a caller
     // can tell which variant cuGetProcAddress handed out.
-    let cuda = lib_dir.join("libcuda.so.1");
-    let mut cmd = compiler.to_command();
-    cmd.args(COMMON_FLAGS)
-        .args([
-            "-shared",
-            "-fPIC",
-            "-fvisibility=hidden",
-            "-fno-ipa-icf",
-            "-Wl,-soname,libcuda.so.1",
-            "-Wl,-z,defs",
-        ])
-        .args(CUDA_SOURCES.iter().map(|f| csrc.join(f)))
-        .arg("-o")
-        .arg(&cuda);
-    run(cmd, "libcuda.so.1")?;
+    let cuda = shared_library(
+        &compiler,
+        &csrc,
+        &lib_dir,
+        "libcuda.so.1",
+        CUDA_SOURCES,
+        &["-fno-ipa-icf"],
+    )?;
     dev_symlink(&lib_dir, "libcuda.so", "libcuda.so.1")?;
 
     // The raw-ABI checker, a separate program so it can dlopen the library with its own environment.
@@ -118,6 +105,30 @@ fn main() -> Result<(), Box<dyn Error>> {
         path_str(&abi_check)?
     );
     Ok(())
+}
+
+/// Links `lib_dir/soname` from `sources` (in `csrc`) as a shared object with that soname, hiding
+/// every symbol the sources do not mark visible.
+fn shared_library(
+    compiler: &cc::Tool,
+    csrc: &Path,
+    lib_dir: &Path,
+    soname: &str,
+    sources: &[&str],
+    extra_flags: &[&str],
+) -> Result<PathBuf, Box<dyn Error>> {
+    let library = lib_dir.join(soname);
+    let mut cmd = compiler.to_command();
+    cmd.args(COMMON_FLAGS)
+        .args(["-shared", "-fPIC", "-fvisibility=hidden"])
+        .args(extra_flags)
+        .arg(format!("-Wl,-soname,{soname}"))
+        .arg("-Wl,-z,defs")
+        .args(sources.iter().map(|f| csrc.join(f)))
+        .arg("-o")
+        .arg(&library);
+    run(cmd, soname)?;
+    Ok(library)
 }
 
 fn run(mut cmd: Command, what: &str) -> Result<(), Box<dyn Error>> {

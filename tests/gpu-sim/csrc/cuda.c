@@ -1005,17 +1005,6 @@ CUresult cuDeviceGetName(char *name, int len, CUdevice dev)
     return leave(CUDA_SUCCESS);
 }
 
-static int hex_value(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
 static CUresult device_uuid(CUuuid *uuid, CUdevice dev)
 {
     CUresult r = enter();
@@ -1032,7 +1021,7 @@ static CUresult device_uuid(CUuuid *uuid, CUdevice dev)
     for (s = gpu_of(dev)->uuid + 4; *s != '\0' && i < 16; s++) {
         if (*s == '-')
             continue;
-        uuid->bytes[i] = (char)((hex_value(s[0]) << 4) | hex_value(s[1]));
+        uuid->bytes[i] = (char)((sim_hex_digit(s[0]) << 4) | sim_hex_digit(s[1]));
         s++;
         i++;
     }

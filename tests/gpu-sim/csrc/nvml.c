@@ -112,16 +112,23 @@ static nvmlReturn_t use_device(nvmlDevice_t device, int args_ok, struct sim_gpu 
 }
 
 /*
- * Memory processes hold through the fake libcuda.so.1 on this GPU (lock held). The
- * state file appears when the first CUDA process initialises, so it is looked for
- * on every query until found; processes that died are reclaimed first, as the
- * driver does.
+ * The node's CUDA device state (lock held), with processes that died reclaimed first, as
+ * the driver does. The state file appears when the first CUDA process initialises, so it
+ * is looked for on every query until found; false while there is none.
  */
-static unsigned long long cuda_used_bytes(const struct sim_gpu *gpu)
+static bool cuda_state_ready(void)
 {
     if (g_cuda.map == NULL && sim_state_open(g_node->node_path, false, &g_cuda) != 0)
-        return 0;
+        return false;
     sim_state_reap(&g_cuda);
+    return true;
+}
+
+/* Memory processes hold through the fake libcuda.so.1 on this GPU (lock held). */
+static unsigned long long cuda_used_bytes(const struct sim_gpu *gpu)
+{
+    if (!cuda_state_ready())
+        return 0;
     return sim_state_used(&g_cuda, (unsigned int)(gpu - g_node->gpus));
 }
 
@@ -795,8 +802,7 @@ static void collect_processes(const struct sim_gpu *gpu, struct process_list *li
     list->count = 0;
     for (i = 0; i < gpu->process_count; i++)
         list->items[list->count++] = gpu->processes[i];
-    if (g_cuda.map != NULL || sim_state_open(g_node->node_path, false, &g_cuda) == 0) {
-        sim_state_reap(&g_cuda);
+    if (cuda_state_ready()) {
         sim_state_for_each_process(&g_cuda, (unsigned int)(gpu - g_node->gpus),
                                    add_cuda_process, list);
     }

@@ -13,6 +13,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -63,7 +65,7 @@ static char *trim(char *s)
     return s;
 }
 
-static int hex_digit(char c)
+int sim_hex_digit(char c)
 {
     if (c >= '0' && c <= '9')
         return c - '0';
@@ -104,7 +106,7 @@ static bool parse_hex_or_decimal(const char *s, unsigned long long max, unsigned
         if (*s == '\0')
             return false;
         for (; *s != '\0'; s++) {
-            int d = hex_digit(*s);
+            int d = sim_hex_digit(*s);
             if (d < 0 || value > (ULLONG_MAX >> 4))
                 return false;
             value = (value << 4) | (unsigned long long)d;
@@ -137,7 +139,7 @@ static bool parse_hex_field(const char **s, unsigned long long *out)
     int digits = 0;
     int d;
 
-    while ((d = hex_digit(**s)) >= 0) {
+    while ((d = sim_hex_digit(**s)) >= 0) {
         if (++digits > 8)
             return false;
         value = (value << 4) | (unsigned long long)d;
@@ -932,4 +934,68 @@ unsigned long long sim_gpu_allocated_bytes(const struct sim_gpu *gpu)
     for (i = 0; i < gpu->process_count; i++)
         total += gpu->processes[i].used_bytes;
     return total;
+}
+
+int sim_map_node_file(const char *node_path, const char *suffix, size_t size, bool create,
+                      bool (*init)(void *map, void *arg), bool (*check)(const void *map),
+                      void *arg, void **out)
+{
+    char path[SIM_PATH_SIZE + 32];
+    struct stat st;
+    void *map;
+    int fd, saved;
+
+    *out = NULL;
+    if (node_path == NULL || node_path[0] == '\0') {
+        errno = ENOENT;
+        return -1;
+    }
+    if ((size_t)snprintf(path, sizeof path, "%s%s", node_path, suffix) >= sizeof path) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    fd = open(path, O_RDWR | O_CLOEXEC | (create ? O_CREAT : 0), 0666);
+    if (fd < 0)
+        return -1;
+    /* Creators serialise on the file lock: the first one sizes and stamps it. */
+    if (flock(fd, LOCK_EX) != 0)
+        goto fail;
+    if (fstat(fd, &st) != 0)
+        goto fail_unlock;
+    if (st.st_size == 0) {
+        if (!create) {
+            errno = ENOENT; /* being created right now: not there yet */
+            goto fail_unlock;
+        }
+        if (ftruncate(fd, (off_t)size) != 0)
+            goto fail_unlock;
+    } else if ((size_t)st.st_size != size) {
+        errno = EINVAL;
+        goto fail_unlock;
+    }
+    map = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (map == MAP_FAILED)
+        goto fail_unlock;
+    if (st.st_size == 0 ? !init(map, arg) : !check(map)) {
+        munmap(map, size);
+        if (st.st_size == 0 && ftruncate(fd, 0) != 0) {
+            /* left empty or not, the next creator starts over */
+        }
+        errno = EINVAL;
+        goto fail_unlock;
+    }
+    flock(fd, LOCK_UN);
+    close(fd); /* the mapping stays */
+    *out = map;
+    return 0;
+
+fail_unlock:
+    saved = errno;
+    flock(fd, LOCK_UN);
+    errno = saved;
+fail:
+    saved = errno;
+    close(fd);
+    errno = saved;
+    return -1;
 }

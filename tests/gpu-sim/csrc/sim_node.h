@@ -155,4 +155,20 @@ bool sim_parse_pci_address(const char *text, unsigned int *domain, unsigned int 
 /* Memory allocated on the GPU (processes plus the extra "used" amount), in bytes. */
 unsigned long long sim_gpu_allocated_bytes(const struct sim_gpu *gpu);
 
+/* Value of a hex digit (any case), or -1. */
+int sim_hex_digit(char c);
+
+/*
+ * Maps "<node_path><suffix>", a node-wide shared file of exactly `size` bytes,
+ * read-write and shared. Creators serialise on flock: with create, the first
+ * one sizes the file and calls init(map, arg), which must stamp the header
+ * last; if init returns false the file is emptied again (the next creator
+ * starts over) and the call fails with EINVAL. An existing file must have
+ * exactly `size` bytes and pass check(map). Returns 0 with *out set, or -1
+ * with errno set (ENOENT when !create and there is no file yet).
+ */
+int sim_map_node_file(const char *node_path, const char *suffix, size_t size, bool create,
+                      bool (*init)(void *map, void *arg), bool (*check)(const void *map),
+                      void *arg, void **out);
+
 #endif /* GPU_SIM_SIM_NODE_H */

@@ -9,9 +9,7 @@
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
-#include <sys/file.h>
 #include <sys/mman.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #define LOAD(p) __atomic_load_n((p), __ATOMIC_SEQ_CST)
@@ -23,8 +21,10 @@
     __atomic_compare_exchange_n((p), (expected), (desired), false, __ATOMIC_SEQ_CST,         \
                                 __ATOMIC_SEQ_CST)
 
-static bool header_ok(const struct sim_state_file *f)
+static bool header_ok(const void *map)
 {
+    const struct sim_state_file *f = map;
+
     return memcmp(f->magic, SIM_STATE_MAGIC, 8) == 0 && f->version == SIM_STATE_VERSION &&
            f->header_size == offsetof(struct sim_state_file, devices) &&
            f->max_gpus == SIM_MAX_GPUS && f->slot_count == SIM_STATE_SLOTS &&
@@ -32,74 +32,34 @@ static bool header_ok(const struct sim_state_file *f)
            f->slot_size == sizeof(struct sim_state_slot);
 }
 
+static bool header_init(void *map_, void *arg)
+{
+    struct sim_state_file *map = map_;
+
+    (void)arg;
+    map->version = SIM_STATE_VERSION;
+    map->header_size = offsetof(struct sim_state_file, devices);
+    map->max_gpus = SIM_MAX_GPUS;
+    map->slot_count = SIM_STATE_SLOTS;
+    map->device_size = sizeof(struct sim_state_device);
+    map->slot_size = sizeof(struct sim_state_slot);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    memcpy(map->magic, SIM_STATE_MAGIC, 8); /* last: marks the file complete */
+    return true;
+}
+
 int sim_state_open(const char *node_path, bool create, struct sim_state *out)
 {
-    char path[SIM_PATH_SIZE + sizeof SIM_STATE_SUFFIX];
-    struct stat st;
-    struct sim_state_file *map;
-    int fd, saved;
+    void *map;
 
     out->map = NULL;
     out->slot = -1;
     out->owner_pid = 0;
-    if (node_path == NULL || node_path[0] == '\0') {
-        errno = ENOENT;
+    if (sim_map_node_file(node_path, SIM_STATE_SUFFIX, sizeof(struct sim_state_file), create,
+                          header_init, header_ok, NULL, &map) != 0)
         return -1;
-    }
-    if ((size_t)snprintf(path, sizeof path, "%s%s", node_path, SIM_STATE_SUFFIX) >= sizeof path) {
-        errno = ENAMETOOLONG;
-        return -1;
-    }
-    fd = open(path, O_RDWR | O_CLOEXEC | (create ? O_CREAT : 0), 0666);
-    if (fd < 0)
-        return -1;
-    /* Creators serialise on the file lock: the first one sizes and stamps it. */
-    if (flock(fd, LOCK_EX) != 0)
-        goto fail;
-    if (fstat(fd, &st) != 0)
-        goto fail_unlock;
-    if (st.st_size == 0) {
-        if (!create) {
-            errno = ENOENT; /* being created right now: not there yet */
-            goto fail_unlock;
-        }
-        if (ftruncate(fd, (off_t)sizeof(struct sim_state_file)) != 0)
-            goto fail_unlock;
-    } else if ((size_t)st.st_size != sizeof(struct sim_state_file)) {
-        errno = EINVAL;
-        goto fail_unlock;
-    }
-    map = mmap(NULL, sizeof *map, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    if (map == MAP_FAILED)
-        goto fail_unlock;
-    if (st.st_size == 0) {
-        map->version = SIM_STATE_VERSION;
-        map->header_size = offsetof(struct sim_state_file, devices);
-        map->max_gpus = SIM_MAX_GPUS;
-        map->slot_count = SIM_STATE_SLOTS;
-        map->device_size = sizeof(struct sim_state_device);
-        map->slot_size = sizeof(struct sim_state_slot);
-        __atomic_thread_fence(__ATOMIC_SEQ_CST);
-        memcpy(map->magic, SIM_STATE_MAGIC, 8); /* last: marks the file complete */
-    } else if (!header_ok(map)) {
-        munmap(map, sizeof *map);
-        errno = EINVAL;
-        goto fail_unlock;
-    }
-    flock(fd, LOCK_UN);
-    close(fd); /* the mapping stays */
     out->map = map;
     return 0;
-
-fail_unlock:
-    saved = errno;
-    flock(fd, LOCK_UN);
-    errno = saved;
-fail:
-    saved = errno;
-    close(fd);
-    errno = saved;
-    return -1;
 }
 
 void sim_state_close(struct sim_state *st)

@@ -9,9 +9,7 @@
 #include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
-#include <sys/file.h>
 #include <sys/mman.h>
-#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -37,8 +35,10 @@ void sim_tl_sleep_until(uint64_t deadline_ns)
     }
 }
 
-static bool header_ok(const struct sim_tl_file *f)
+static bool header_ok(const void *map)
 {
+    const struct sim_tl_file *f = map;
+
     return memcmp(f->magic, SIM_TL_MAGIC, 8) == 0 && f->version == SIM_TL_VERSION &&
            f->header_size == offsetof(struct sim_tl_file, devices) &&
            f->max_gpus == SIM_MAX_GPUS && f->slot_count == SIM_TL_SLOTS &&
@@ -67,88 +67,43 @@ static bool init_mutexes(struct sim_tl_file *f)
     return ok;
 }
 
+/* Stamps a new file for this period; false (the file is emptied again) if the period is out of
+ * range or the mutexes cannot be set up. */
+static bool header_init(void *map_, void *arg)
+{
+    struct sim_tl_file *map = map_;
+    uint64_t period_ns = *(const uint64_t *)arg;
+    uint64_t horizon = SIM_TL_HORIZON_PERIODS * period_ns;
+
+    if (period_ns < SIM_TL_MIN_PERIOD_NS || period_ns > SIM_TL_MAX_PERIOD_NS ||
+        !init_mutexes(map))
+        return false;
+    map->version = SIM_TL_VERSION;
+    map->header_size = offsetof(struct sim_tl_file, devices);
+    map->max_gpus = SIM_MAX_GPUS;
+    map->slot_count = SIM_TL_SLOTS;
+    map->device_size = sizeof(struct sim_tl_device);
+    map->slot_size = sizeof(struct sim_tl_slot);
+    map->period_count = SIM_TL_PERIODS;
+    map->procs_per_period = SIM_TL_PROCS;
+    map->period_ns = period_ns;
+    map->horizon_ns = horizon < SIM_TL_HORIZON_MAX_NS ? horizon : SIM_TL_HORIZON_MAX_NS;
+    map->slice_ns = SIM_TL_SLICE_NS;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    memcpy(map->magic, SIM_TL_MAGIC, 8); /* last: marks the file complete */
+    return true;
+}
+
 int sim_tl_open(const char *node_path, bool create, uint64_t period_ns, struct sim_tl *out)
 {
-    char path[SIM_PATH_SIZE + sizeof SIM_TL_SUFFIX];
-    struct stat st;
-    struct sim_tl_file *map;
-    int fd, saved;
+    void *map;
 
     out->map = NULL;
-    if (node_path == NULL || node_path[0] == '\0') {
-        errno = ENOENT;
+    if (sim_map_node_file(node_path, SIM_TL_SUFFIX, sizeof(struct sim_tl_file), create,
+                          header_init, header_ok, &period_ns, &map) != 0)
         return -1;
-    }
-    if ((size_t)snprintf(path, sizeof path, "%s%s", node_path, SIM_TL_SUFFIX) >= sizeof path) {
-        errno = ENAMETOOLONG;
-        return -1;
-    }
-    fd = open(path, O_RDWR | O_CLOEXEC | (create ? O_CREAT : 0), 0666);
-    if (fd < 0)
-        return -1;
-    /* Creators serialise on the file lock: the first one sizes and stamps it. */
-    if (flock(fd, LOCK_EX) != 0)
-        goto fail;
-    if (fstat(fd, &st) != 0)
-        goto fail_unlock;
-    if (st.st_size == 0) {
-        if (!create) {
-            errno = ENOENT;
-            goto fail_unlock;
-        }
-        if (ftruncate(fd, (off_t)sizeof(struct sim_tl_file)) != 0)
-            goto fail_unlock;
-    } else if ((size_t)st.st_size != sizeof(struct sim_tl_file)) {
-        errno = EINVAL;
-        goto fail_unlock;
-    }
-    map = mmap(NULL, sizeof *map, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    if (map == MAP_FAILED)
-        goto fail_unlock;
-    if (st.st_size == 0) {
-        uint64_t horizon = SIM_TL_HORIZON_PERIODS * period_ns;
-
-        if (period_ns < SIM_TL_MIN_PERIOD_NS || period_ns > SIM_TL_MAX_PERIOD_NS ||
-            !init_mutexes(map)) {
-            munmap(map, sizeof *map);
-            if (ftruncate(fd, 0) != 0) {
-                /* left empty or not, the next creator starts over */
-            }
-            errno = EINVAL;
-            goto fail_unlock;
-        }
-        map->version = SIM_TL_VERSION;
-        map->header_size = offsetof(struct sim_tl_file, devices);
-        map->max_gpus = SIM_MAX_GPUS;
-        map->slot_count = SIM_TL_SLOTS;
-        map->device_size = sizeof(struct sim_tl_device);
-        map->slot_size = sizeof(struct sim_tl_slot);
-        map->period_count = SIM_TL_PERIODS;
-        map->procs_per_period = SIM_TL_PROCS;
-        map->period_ns = period_ns;
-        map->horizon_ns = horizon < SIM_TL_HORIZON_MAX_NS ? horizon : SIM_TL_HORIZON_MAX_NS;
-        map->slice_ns = SIM_TL_SLICE_NS;
-        __atomic_thread_fence(__ATOMIC_SEQ_CST);
-        memcpy(map->magic, SIM_TL_MAGIC, 8); /* last: marks the file complete */
-    } else if (!header_ok(map)) {
-        munmap(map, sizeof *map);
-        errno = EINVAL;
-        goto fail_unlock;
-    }
-    flock(fd, LOCK_UN);
-    close(fd);
     out->map = map;
     return 0;
-
-fail_unlock:
-    saved = errno;
-    flock(fd, LOCK_UN);
-    errno = saved;
-fail:
-    saved = errno;
-    close(fd);
-    errno = saved;
-    return -1;
 }
 
 void sim_tl_close(struct sim_tl *tl)
@@ -464,18 +419,29 @@ static const struct sim_tl_period *period_for_read(const struct sim_tl_device *d
     return e->epoch == p + 1 ? e : NULL;
 }
 
-uint64_t sim_tl_device_busy(struct sim_tl *tl, unsigned int gpu, uint64_t from, uint64_t to)
+/* GPU gpu's device, locked and brought up to now for reading its periods; NULL if there is none. */
+static struct sim_tl_device *lock_current(struct sim_tl *tl, unsigned int gpu)
 {
     struct sim_tl_device *d;
-    uint64_t p, busy = 0;
 
     if (tl->map == NULL || gpu >= SIM_MAX_GPUS)
-        return 0;
+        return NULL;
     d = &tl->map->devices[gpu];
     dev_lock(d);
     begin_write(d);
     advance(tl->map, gpu, sim_tl_now_ns());
     end_write(d);
+    return d;
+}
+
+uint64_t sim_tl_device_busy(struct sim_tl *tl, unsigned int gpu, uint64_t from, uint64_t to)
+{
+    struct sim_tl_device *d;
+    uint64_t p, busy = 0;
+
+    d = lock_current(tl, gpu);
+    if (d == NULL)
+        return 0;
     for (p = from; p < to; p++) {
         const struct sim_tl_period *e = period_for_read(d, p);
         if (e != NULL)
@@ -493,13 +459,9 @@ void sim_tl_for_each_sample(struct sim_tl *tl, unsigned int gpu, uint64_t from, 
     uint64_t p;
     uint32_t i;
 
-    if (tl->map == NULL || gpu >= SIM_MAX_GPUS)
+    d = lock_current(tl, gpu);
+    if (d == NULL)
         return;
-    d = &tl->map->devices[gpu];
-    dev_lock(d);
-    begin_write(d);
-    advance(tl->map, gpu, sim_tl_now_ns());
-    end_write(d);
     for (p = from; p < to; p++) {
         const struct sim_tl_period *e = period_for_read(d, p);
         if (e == NULL)

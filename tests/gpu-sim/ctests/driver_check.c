@@ -10,6 +10,7 @@
  */
 #define _GNU_SOURCE
 #include "cuda_api.h"
+#include "check.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -18,24 +19,6 @@
 #include <unistd.h>
 
 #define MIB (1024ull * 1024ull)
-
-#define EXPECT(expected, expr)                                                                 \
-    do {                                                                                       \
-        CUresult r_ = (expr);                                                                  \
-        if (r_ != (CUresult)(expected)) {                                                      \
-            fprintf(stderr, "%s:%d: %s returned %d, expected %d\n", __FILE__, __LINE__, #expr, \
-                    (int)r_, (int)(expected));                                                 \
-            exit(1);                                                                           \
-        }                                                                                      \
-    } while (0)
-#define OK(expr) EXPECT(CUDA_SUCCESS, expr)
-#define CHECK(cond)                                                                            \
-    do {                                                                                       \
-        if (!(cond)) {                                                                         \
-            fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond);           \
-            exit(1);                                                                           \
-        }                                                                                      \
-    } while (0)
 
 static size_t free_mem(void)
 {

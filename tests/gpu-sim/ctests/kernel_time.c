@@ -15,6 +15,7 @@
 #include "cuda_api.h"
 #include "nvml_api.h"
 #include "timeline.h"
+#include "check.h"
 
 #include <fcntl.h>
 #include <pthread.h>
@@ -26,24 +27,6 @@
 #include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
-
-#define EXPECT(expected, expr)                                                                 \
-    do {                                                                                       \
-        int r_ = (int)(expr);                                                                  \
-        if (r_ != (int)(expected)) {                                                           \
-            fprintf(stderr, "%s:%d: %s returned %d, expected %d\n", __FILE__, __LINE__, #expr, \
-                    r_, (int)(expected));                                                      \
-            exit(1);                                                                           \
-        }                                                                                      \
-    } while (0)
-#define OK(expr) EXPECT(0, expr)
-#define CHECK(cond)                                                                            \
-    do {                                                                                       \
-        if (!(cond)) {                                                                         \
-            fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond);           \
-            exit(1);                                                                           \
-        }                                                                                      \
-    } while (0)
 
 static uint64_t now_ns(void)
 {

@@ -13,6 +13,7 @@
  */
 #define _GNU_SOURCE
 #include "cuda_api.h"
+#include "check.h"
 
 #include <dlfcn.h>
 #include <stdio.h>
@@ -22,14 +23,6 @@
 typedef CUresult (*get_proc_t)(const char *, void **, int, cuuint64_t);
 typedef CUresult (*get_proc_v2_t)(const char *, void **, int, cuuint64_t,
                                   CUdriverProcAddressQueryResult *);
-
-#define CHECK(cond)                                                                            \
-    do {                                                                                       \
-        if (!(cond)) {                                                                         \
-            fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond);           \
-            exit(1);                                                                           \
-        }                                                                                      \
-    } while (0)
 
 static void *lib;
 static get_proc_t get_proc;

@@ -16,7 +16,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::MAX_GPUS;
+use crate::{MAX_GPUS, u32_at, u64_at};
 
 /// What the fake `libcuda.so.1` appends to the node file path for the kernel timelines.
 pub const TIMELINE_SUFFIX: &str = ".timeline";
@@ -110,18 +110,6 @@ pub struct Timeline {
 
 fn bad(why: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, why)
-}
-
-fn u32_at(bytes: &[u8], at: usize) -> u32 {
-    let mut b = [0u8; 4];
-    b.copy_from_slice(&bytes[at..at + 4]);
-    u32::from_le_bytes(b)
-}
-
-fn u64_at(bytes: &[u8], at: usize) -> u64 {
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&bytes[at..at + 8]);
-    u64::from_le_bytes(b)
 }
 
 /// Nanoseconds since the epoch (the timeline's clock).
