@@ -161,7 +161,8 @@ impl SharedBudget {
                 {
                     log_at!(
                         WARN,
-                        "Limit inconsistency: {} holds memory limits {:?}, the environment asks for                          {:?}; the file's limits are in force",
+                        "Limit inconsistency: {} holds memory limits {:?}, the environment asks for \
+                         {:?}; the file's limits are in force",
                         path.display(),
                         nonzero(&m.file_limits),
                         nonzero(&m.requested_limits)
@@ -182,7 +183,8 @@ impl SharedBudget {
             }
             Err(e) => log_at!(
                 ERROR,
-                "cannot use the shared region: {e}; refusing device memory on capped devices                  (check CUDA_DEVICE_MEMORY_SHARED_CACHE and the file's permissions)"
+                "cannot use the shared region: {e}; refusing device memory on capped devices \
+                 (check CUDA_DEVICE_MEMORY_SHARED_CACHE and the file's permissions)"
             ),
         }
         self.open_state.store(OPENED, Ordering::Release);
@@ -214,6 +216,37 @@ impl SharedBudget {
                     );
                 }
                 None
+            }
+        }
+    }
+
+    /// [`Budget::try_charge_kind`] on a device whose cap `limit` the caller has just read with
+    /// [`Budget::limit`] (the allocation hooks do, to decide whether to track at all): spares the
+    /// hot path a second lookup.
+    pub(crate) fn try_charge_within(
+        &self,
+        dev: usize,
+        kind: MemoryKind,
+        bytes: u64,
+        limit: u64,
+    ) -> Result<(), OverCap> {
+        let Some(region) = self.registered() else {
+            return Err(OverCap { usage: 0, limit });
+        };
+        let attempt = || {
+            region
+                .try_add_usage(dev, kind, bytes, limit)
+                .unwrap_or(Err(0))
+        };
+        let mut result = attempt();
+        if result.is_err() && region.reap_dead_slots().is_ok_and(|n| n > 0) {
+            result = attempt();
+        }
+        match result {
+            Ok(_) => Ok(()),
+            Err(usage) => {
+                let _ = region.add_refused();
+                Err(OverCap { usage, limit })
             }
         }
     }
@@ -271,27 +304,9 @@ impl Budget for SharedBudget {
     }
 
     fn try_charge_kind(&self, dev: usize, kind: MemoryKind, bytes: u64) -> Result<(), OverCap> {
-        let Some(limit) = self.limit(dev) else {
-            return Ok(());
-        };
-        let Some(region) = self.registered() else {
-            return Err(OverCap { usage: 0, limit });
-        };
-        let attempt = || {
-            region
-                .try_add_usage(dev, kind, bytes, limit)
-                .unwrap_or(Err(0))
-        };
-        let mut result = attempt();
-        if result.is_err() && region.reap_dead_slots().is_ok_and(|n| n > 0) {
-            result = attempt();
-        }
-        match result {
-            Ok(_) => Ok(()),
-            Err(usage) => {
-                let _ = region.add_refused();
-                Err(OverCap { usage, limit })
-            }
+        match self.limit(dev) {
+            Some(limit) => self.try_charge_within(dev, kind, bytes, limit),
+            None => Ok(()),
         }
     }
 

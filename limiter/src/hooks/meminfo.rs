@@ -16,12 +16,15 @@ use std::ffi::c_uint;
 fn virtual_info(dev: Option<usize>, free: u64, total: u64) -> (u64, u64) {
     let b = budget();
     match dev.and_then(|d| Some((d, b.limit(d)?))) {
-        Some((d, cap)) => {
-            let total = cap.min(total);
-            (total.saturating_sub(b.usage(d)).min(free), total)
-        }
+        Some((d, cap)) => capped_info(cap, b.usage(d), free, total),
         None => (free, total),
     }
+}
+
+/// `(free, total)` on a device capped at `cap` with `used` bytes charged, given the physical values.
+fn capped_info(cap: u64, used: u64, free: u64, total: u64) -> (u64, u64) {
+    let total = cap.min(total);
+    (total.saturating_sub(used).min(free), total)
 }
 
 pub(crate) unsafe fn mem_get_info(free: *mut usize, total: *mut usize) -> CUresult {
@@ -104,10 +107,20 @@ pub(crate) unsafe fn device_total_mem_v1(bytes: *mut c_uint, dev: CUdevice) -> C
 
 #[cfg(test)]
 mod tests {
+    use super::capped_info;
+
     #[test]
     fn free_never_underflows_and_total_is_the_cap() {
-        // virtual_info reads the global budget; exercise the arithmetic it relies on instead.
         let (cap, used, phys_free) = (100u64, 150u64, 1000u64);
-        assert_eq!(cap.saturating_sub(used).min(phys_free), 0);
+        assert_eq!(capped_info(cap, used, phys_free, 80_000), (0, cap));
+        assert_eq!(capped_info(cap, 30, phys_free, 80_000), (70, cap));
+    }
+
+    #[test]
+    fn physical_values_bound_the_virtual_ones() {
+        // Less physically free than the cap leaves: the physical free wins.
+        assert_eq!(capped_info(100, 30, 50, 80_000), (50, 100));
+        // A cap above the device's memory: the physical total wins.
+        assert_eq!(capped_info(1_000, 0, 500, 800), (500, 800));
     }
 }

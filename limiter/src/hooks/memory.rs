@@ -31,6 +31,7 @@ use crate::state;
 use crate::table::real;
 use std::ffi::c_uint;
 use std::sync::atomic::Ordering;
+use vgpu_region::MemoryKind;
 
 /// The device an allocation in the current context lands on: with a single visible device that
 /// one, without asking the driver (if no context is current the driver refuses the allocation and
@@ -51,15 +52,15 @@ fn tracked_alloc<const N: usize>(
 ) -> CUresult {
     state::ensure();
     let b = budget();
-    let dev = if b.any_limit() {
-        dev().filter(|&d| b.limit(d).is_some())
+    let capped = if b.any_limit() {
+        dev().and_then(|d| Some((d, b.limit(d)?)))
     } else {
         None
     };
-    let Some(dev) = dev else {
+    let Some((dev, limit)) = capped else {
         return call().0;
     };
-    if let Err(over) = b.try_charge(dev, bytes) {
+    if let Err(over) = b.try_charge_within(dev, MemoryKind::Data, bytes, limit) {
         log_at!(
             ERROR,
             "Device {dev} OOM: {} + {bytes} bytes requested exceeds the limit of {} bytes",
@@ -239,13 +240,15 @@ pub(crate) unsafe fn mem_free_v1(dptr: CUdeviceptrV1) -> CUresult {
 }
 
 /// Pitched allocations: charge `width × height` up front (a lower bound), then top up to the
-/// driver's `pitch × height`; if the top-up does not fit, free and refuse.
-fn pitched(
-    dev: Option<usize>,
-    width: u64,
-    height: u64,
-    call: impl FnOnce() -> (CUresult, u64, u64),
-) -> CUresult {
+/// driver's `pitch × height`; if the top-up does not fit, free and refuse. Without any cap the
+/// device is not looked up (as in [`tracked_alloc`]).
+fn pitched(width: u64, height: u64, call: impl FnOnce() -> (CUresult, u64, u64)) -> CUresult {
+    state::ensure();
+    let dev = if budget().any_limit() {
+        alloc_device()
+    } else {
+        None
+    };
     let mut pitch_out = 0;
     let rc = tracked_alloc(
         &DEVICE_PTRS,
@@ -285,9 +288,8 @@ pub(crate) unsafe fn mem_alloc_pitch(
     let Some(real) = real::cuMemAllocPitch_v2() else {
         return unavailable(Lib::Cuda);
     };
-    let dev = alloc_device();
     let mut ptr = 0;
-    let rc = pitched(dev, width as u64, height as u64, || {
+    let rc = pitched(width as u64, height as u64, || {
         // SAFETY: the caller's arguments, forwarded.
         let rc = unsafe { real(dptr, pitch, width, height, elem) };
         // SAFETY: the caller's out-pointers.
@@ -308,9 +310,8 @@ pub(crate) unsafe fn mem_alloc_pitch_v1(
     let Some(real) = real::cuMemAllocPitch() else {
         return unavailable(Lib::Cuda);
     };
-    let dev = alloc_device();
     let mut ptr = 0;
-    let rc = pitched(dev, u64::from(width), u64::from(height), || {
+    let rc = pitched(u64::from(width), u64::from(height), || {
         // SAFETY: the caller's arguments, forwarded.
         let rc = unsafe { real(dptr, pitch, width, height, elem) };
         // SAFETY: the caller's out-pointers.
@@ -409,19 +410,17 @@ fn captured(
     }))
 }
 
-fn alloc_async(
-    real: Option<AllocAsyncFn>,
+/// A stream-ordered allocation (`cuMemAllocAsync`, `cuMemAllocFromPoolAsync`): a graph node when
+/// `stream` is capturing, otherwise charged like any linear allocation; `call` is the driver's
+/// allocation, `free` the matching `cuMemFreeAsync` (to undo one that cannot be recorded).
+fn stream_ordered(
     free: Option<FreeAsyncFn>,
     per_thread: bool,
     dptr: *mut CUdeviceptr,
     bytesize: usize,
     stream: Handle,
+    call: impl FnOnce() -> CUresult,
 ) -> CUresult {
-    let Some(real) = real else {
-        return unavailable(Lib::Cuda);
-    };
-    // SAFETY: the caller's arguments, forwarded.
-    let call = move || unsafe { real(dptr, bytesize, stream) };
     let call = match captured(stream, per_thread, dptr, bytesize, call) {
         Ok(rc) => return rc,
         Err(call) => call,
@@ -442,6 +441,23 @@ fn alloc_async(
             }
         },
     )
+}
+
+fn alloc_async(
+    real: Option<AllocAsyncFn>,
+    free: Option<FreeAsyncFn>,
+    per_thread: bool,
+    dptr: *mut CUdeviceptr,
+    bytesize: usize,
+    stream: Handle,
+) -> CUresult {
+    let Some(real) = real else {
+        return unavailable(Lib::Cuda);
+    };
+    // SAFETY: the caller's arguments, forwarded.
+    stream_ordered(free, per_thread, dptr, bytesize, stream, move || unsafe {
+        real(dptr, bytesize, stream)
+    })
 }
 
 fn free_async(
@@ -474,27 +490,9 @@ fn alloc_from_pool(
         return unavailable(Lib::Cuda);
     };
     // SAFETY: the caller's arguments, forwarded.
-    let call = move || unsafe { real(dptr, bytesize, pool, stream) };
-    let call = match captured(stream, per_thread, dptr, bytesize, call) {
-        Ok(rc) => return rc,
-        Err(call) => call,
-    };
-    tracked_alloc(
-        &DEVICE_PTRS,
-        alloc_device,
-        linear_reserved(bytesize as u64),
-        || {
-            let rc = call();
-            // SAFETY: the caller's out-pointer.
-            (rc, unsafe { out(rc, dptr) })
-        },
-        |p| {
-            if let Some(free) = free {
-                // SAFETY: `p` was just allocated on `stream`.
-                unsafe { free(p, stream) };
-            }
-        },
-    )
+    stream_ordered(free, per_thread, dptr, bytesize, stream, move || unsafe {
+        real(dptr, bytesize, pool, stream)
+    })
 }
 
 pub(crate) unsafe fn mem_alloc_async(d: *mut CUdeviceptr, n: usize, s: Handle) -> CUresult {

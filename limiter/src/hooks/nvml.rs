@@ -48,6 +48,15 @@ fn capped(device: Handle) -> Option<(u64, u64)> {
     Some((b.limit(dev)?, b.usage(dev)))
 }
 
+/// On a capped device: `total = min(cap, physical)`, `used = charged`, `free = total − used`.
+fn virtualise(device: Handle, total: &mut u64, used: &mut u64, free: &mut u64) {
+    if let Some((cap, charged)) = capped(device) {
+        *total = cap.min(*total);
+        *used = charged;
+        *free = total.saturating_sub(charged);
+    }
+}
+
 pub(crate) unsafe fn device_memory_info(device: Handle, memory: *mut NvmlMemory) -> NvmlReturn {
     let Some(real) = real::nvmlDeviceGetMemoryInfo() else {
         return unavailable(Lib::Nvml);
@@ -57,13 +66,9 @@ pub(crate) unsafe fn device_memory_info(device: Handle, memory: *mut NvmlMemory)
     if rc != NVML_SUCCESS || memory.is_null() {
         return rc;
     }
-    if let Some((cap, used)) = capped(device) {
-        // SAFETY: non-null, just filled by NVML.
-        let m = unsafe { &mut *memory };
-        m.total = cap.min(m.total);
-        m.used = used;
-        m.free = m.total.saturating_sub(used);
-    }
+    // SAFETY: non-null, just filled by NVML.
+    let m = unsafe { &mut *memory };
+    virtualise(device, &mut m.total, &mut m.used, &mut m.free);
     rc
 }
 
@@ -79,12 +84,8 @@ pub(crate) unsafe fn device_memory_info_v2(
     if rc != NVML_SUCCESS || memory.is_null() {
         return rc;
     }
-    if let Some((cap, used)) = capped(device) {
-        // SAFETY: non-null, just filled by NVML.
-        let m = unsafe { &mut *memory };
-        m.total = cap.min(m.total);
-        m.used = used;
-        m.free = m.total.saturating_sub(used);
-    }
+    // SAFETY: non-null, just filled by NVML.
+    let m = unsafe { &mut *memory };
+    virtualise(device, &mut m.total, &mut m.used, &mut m.free);
     rc
 }

@@ -13,8 +13,8 @@
 //!   launch (never in a process that does not launch under a cap), which every [`watcher::TICK`]
 //!   reads NVML's per-process utilisation for the container's host PIDs ([`hostpid`]) and feeds
 //!   [`controller`].
-//! * The launch's device is the current context's device; a process that sees one device caches
-//!   it, others ask `cuCtxGetDevice` on capped launches.
+//! * The launch's device is the current context's device; a process that sees one device uses
+//!   it ([`crate::devices::only_device`]), others ask `cuCtxGetDevice` on capped launches.
 //! * The caps come from the region's `sm_limit` once the region is open (an existing file's values
 //!   win, like the memory limits), else from the environment ([`config`]).
 
@@ -26,9 +26,7 @@ pub(crate) mod watcher;
 
 use crate::budget;
 use crate::config::{MAX_DEVICES, getenv};
-use crate::ffi::{CUDA_SUCCESS, CUdevice};
 use crate::log::{ERROR, log_at};
-use crate::table::real;
 use config::Policy;
 use gate::Gate;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU8, AtomicU32, Ordering};
@@ -47,8 +45,6 @@ static MODE: AtomicU8 = AtomicU8::new(UNKNOWN);
 /// Effective cap per container device index, percent; 0 = none.
 pub(crate) static CAPS: [AtomicU8; MAX_DEVICES] = [const { AtomicU8::new(0) }; MAX_DEVICES];
 static POLICY: AtomicU8 = AtomicU8::new(0);
-/// The container index of the only device this process sees; −1 = several (ask the driver).
-static SINGLE_DEVICE: AtomicI32 = AtomicI32::new(-1);
 /// One gate per container device index.
 pub(crate) static GATES: [Gate; MAX_DEVICES] = [const { Gate::new() }; MAX_DEVICES];
 
@@ -259,7 +255,6 @@ fn decide() {
             r.path().display()
         );
     }
-    SINGLE_DEVICE.store(single_device(), Ordering::Relaxed);
     if let Some(r) = region {
         RECENT_KERNEL.store(
             std::ptr::from_ref(&r.layout().recent_kernel).cast_mut(),
@@ -275,26 +270,11 @@ fn decide() {
     MODE.store(mode, Ordering::Release);
 }
 
-/// The container index of the only device CUDA shows this process, or −1.
-fn single_device() -> i32 {
-    let Some(count_fn) = real::cuDeviceGetCount() else {
-        return -1;
-    };
-    let mut count = 0;
-    // SAFETY: valid out-pointer.
-    if unsafe { count_fn(&mut count) } != CUDA_SUCCESS || count != 1 {
-        return -1;
-    }
-    crate::devices::container_index(0 as CUdevice).map_or(-1, |i| i as i32)
-}
-
-/// The container index of the device a launch runs on.
+/// The container index of the device a launch runs on: the only device this process sees (as
+/// for allocations, [`crate::devices::only_device`]), else the current context's device.
 #[inline]
 fn launch_device() -> Option<usize> {
-    match SINGLE_DEVICE.load(Ordering::Relaxed) {
-        d if d >= 0 => Some(d as usize),
-        _ => crate::hooks::current_device(),
-    }
+    crate::devices::only_device().or_else(crate::hooks::current_device)
 }
 
 /// Launches between two refreshes of `last_kernel_time` while the activity mark stays fresh. The
