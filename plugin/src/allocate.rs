@@ -4,10 +4,10 @@
 //! One call at a time (a mutex shared by the number and memory endpoints): find the pending pod whose next
 //! container the request fits (`volcano::selection`), take that container's segment off
 //! `volcano.sh/devices-to-allocate` with a JSON patch guarded by a `test` of the old value (so a concurrent
-//! writer makes us fail loudly rather than hand out a segment twice), read the result back from the patch
-//! response, mark the pod `success` when its queue is empty, and answer with `volcano::allocate_env`. Any
-//! failure after a pod was chosen marks it `failed`, records a Kubernetes Event on it, and answers the kubelet
-//! with an error naming the pod and the cause.
+//! writer makes us fail loudly rather than hand out a segment twice; the patch that empties the queue also
+//! marks the pod `success`), read the result back from the patch response, and answer with
+//! `volcano::allocate_env`. Any failure after a pod was chosen marks it `failed`, records a Kubernetes Event on
+//! it, and answers the kubelet with an error naming the pod and the cause.
 
 use std::collections::HashSet;
 use std::os::unix::fs::PermissionsExt;
@@ -30,7 +30,6 @@ use crate::pod_cache::{PodCache, pod_view};
 use crate::volcano::allocate_env::{
     Handoff, LimiterSettings, cache_dir_name, container_response, new_cache_file,
 };
-use crate::volcano::pod_devices::PodDevices;
 use crate::volcano::selection::{
     AllocatingEndpoint, Assignment, PodView, malformed_pods, matches, next_assignment,
     select_pending_pod,
@@ -240,6 +239,19 @@ impl Allocator {
         Ok(None)
     }
 
+    /// [`Self::find`] under [`API_TIMEOUT`]: both callers hold the serial lock while it runs.
+    async fn find_bounded(
+        &self,
+        endpoint: AllocatingEndpoint,
+        size: usize,
+    ) -> Result<Option<PodView>, AllocateError> {
+        tokio::time::timeout(API_TIMEOUT, self.find(endpoint, size))
+            .await
+            .map_err(|_| AllocateError::TimedOut {
+                node: self.node.clone(),
+            })?
+    }
+
     /// Allocates one container.
     pub async fn allocate(
         &self,
@@ -247,12 +259,7 @@ impl Allocator {
         size: usize,
     ) -> Result<Outcome, AllocateError> {
         let _one_at_a_time = self.serial.lock().await;
-        let found = tokio::time::timeout(API_TIMEOUT, self.find(endpoint, size))
-            .await
-            .map_err(|_| AllocateError::TimedOut {
-                node: self.node.clone(),
-            })?;
-        let Some(pod) = found? else {
+        let Some(pod) = self.find_bounded(endpoint, size).await? else {
             if endpoint == AllocatingEndpoint::Memory {
                 return Ok(Outcome::NotMine);
             }
@@ -300,8 +307,7 @@ impl Allocator {
             .get(DEVICES_TO_ALLOCATE)
             .cloned()
             .unwrap_or_default();
-        let mut queue = PodDevices::decode(DEVICES_TO_ALLOCATE, &old).map_err(|e| e.to_string())?;
-        let devices = queue.take_segment(a.segment);
+        let (devices, queue) = (&a.devices, &a.rest);
         // A GPU this node does not serve would reach the container as an unknown UUID, an unresolvable CDI
         // name or a missing device node: refuse it here, with the reason on the pod.
         if let Some(unknown) = devices
@@ -314,15 +320,27 @@ impl Allocator {
             ));
         }
         let new = queue.encode();
-        let path = format!(
-            "/metadata/annotations/{}",
-            DEVICES_TO_ALLOCATE.replace('~', "~0").replace('/', "~1")
-        );
-        let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
-            { "op": "test", "path": path, "value": old },
-            { "op": "replace", "path": path, "value": new },
-        ]))
-        .map_err(|e| format!("building the patch: {e}"))?;
+        let done = queue.remaining() == 0;
+        let pointer = |key: &str| {
+            format!(
+                "/metadata/annotations/{}",
+                key.replace('~', "~0").replace('/', "~1")
+            )
+        };
+        let path = pointer(DEVICES_TO_ALLOCATE);
+        let mut ops = vec![
+            serde_json::json!({ "op": "test", "path": path, "value": old }),
+            serde_json::json!({ "op": "replace", "path": path, "value": new }),
+        ];
+        // The last container also marks the pod done, in the same patch: one round-trip, and no window in
+        // which the queue is empty but the pod still reads `allocating`.
+        if done {
+            for (key, value) in [(BIND_PHASE, PHASE_SUCCESS), (VGPU_TIME, VGPU_TIME_DONE)] {
+                ops.push(serde_json::json!({ "op": "add", "path": pointer(key), "value": value }));
+            }
+        }
+        let patch: json_patch::Patch = serde_json::from_value(serde_json::Value::Array(ops))
+            .map_err(|e| format!("building the patch: {e}"))?;
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace);
         let updated = bounded(
             &format!("cannot advance {DEVICES_TO_ALLOCATE} from {old:?} to {new:?}"),
@@ -333,25 +351,14 @@ impl Allocator {
             ),
         )
         .await?;
-        let read_back = updated
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(DEVICES_TO_ALLOCATE));
+        let annotations = updated.metadata.annotations.unwrap_or_default();
+        let read_back = annotations.get(DEVICES_TO_ALLOCATE);
         if read_back != Some(&new) {
             return Err(format!(
                 "{DEVICES_TO_ALLOCATE} reads back as {read_back:?}, not {new:?}"
             ));
         }
-
-        if queue.remaining() == 0 {
-            let body = serde_json::json!({ "metadata": { "annotations": { BIND_PHASE: PHASE_SUCCESS, VGPU_TIME: VGPU_TIME_DONE } } });
-            let done = bounded(
-                &format!("cannot set {BIND_PHASE}={PHASE_SUCCESS}"),
-                pods.patch(&pod.name, &PatchParams::default(), &Patch::Merge(&body)),
-            )
-            .await?;
-            let annotations = done.metadata.annotations.unwrap_or_default();
+        if done {
             if annotations.get(BIND_PHASE).map(String::as_str) != Some(PHASE_SUCCESS)
                 || annotations.get(VGPU_TIME).map(String::as_str) != Some(VGPU_TIME_DONE)
             {
@@ -364,7 +371,7 @@ impl Allocator {
         let response = container_response(
             &self.limiter,
             &Handoff {
-                devices: &devices,
+                devices,
                 cache_host_dir,
                 cache_file: new_cache_file(),
                 disable_control: container.disable_control,
@@ -429,7 +436,7 @@ impl Allocator {
         let size = usize::try_from(request.allocation_size).unwrap_or(0);
         let assigned = {
             let _one_at_a_time = self.serial.lock().await;
-            match self.find(endpoint, size).await {
+            match self.find_bounded(endpoint, size).await {
                 Ok(Some(pod)) => next_assignment(&pod).ok().flatten(),
                 _ => None,
             }

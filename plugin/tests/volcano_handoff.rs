@@ -724,6 +724,37 @@ async fn allocate_never_lists_every_pod_in_the_cluster() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_container_advances_the_queue_and_marks_the_pod_done_in_one_write() {
+    let c = Cluster::start(NodeSpec::uniform(1, GpuSpec::t4), &[]).await;
+    let a = c.uuid(0);
+    bind_v115(&c, "p1", ONE_VGPU, &dev(&a, 1000, 0), 1_787_220_000).await;
+    c.api.clear_requests();
+    admit_ok(&c, NUMBER, 1).await;
+    let pod_writes: Vec<String> = c
+        .api
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "PATCH" && r.path.ends_with("/pods/p1"))
+        .map(|r| format!("{} {}", r.path, r.query))
+        .collect();
+    assert_eq!(pod_writes.len(), 1, "{pod_writes:#?}");
+    assert_eq!(
+        c.annotation("p1", "volcano.sh/bind-phase").await.as_deref(),
+        Some("success")
+    );
+    assert_eq!(
+        c.annotation("p1", "volcano.sh/vgpu-time").await.as_deref(),
+        Some(DONE)
+    );
+    assert_eq!(
+        c.annotation("p1", "volcano.sh/devices-to-allocate")
+            .await
+            .as_deref(),
+        Some("")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_scheduler_s_node_lock_is_released_after_allocation() {
     let c = Cluster::start(NodeSpec::uniform(1, GpuSpec::t4), &[]).await;
     let nodes: Api<Node> = Api::all(c.client.clone());
@@ -866,6 +897,39 @@ async fn a_hung_apiserver_times_allocate_out_and_changes_nothing() {
         Some("allocating"),
         "nothing changed"
     );
+    admit_ok(&c, NUMBER, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_apiserver_bounds_get_preferred_allocation_too() {
+    // The kubelet calls GetPreferredAllocation before Allocate, without a deadline, and it shares Allocate's
+    // lock: unbounded, a hung apiserver would hold every later container behind it.
+    let c = Cluster::start(NodeSpec::uniform(1, GpuSpec::t4), &[]).await;
+    let a = c.uuid(0);
+    bind_v115(&c, "p1", ONE_VGPU, &dev(&a, 1000, 0), 1_787_220_000).await;
+    c.wait_until_watched().await;
+    let available: Vec<String> = c
+        .kubelet
+        .resource(NUMBER)
+        .unwrap()
+        .devices
+        .iter()
+        .map(|d| d.id.clone())
+        .collect();
+    c.api.set_latency(Duration::from_secs(30));
+    let started = std::time::Instant::now();
+    let ids = tokio::time::timeout(
+        Duration::from_secs(20),
+        c.kubelet.preferred(NUMBER, &available, 1),
+    )
+    .await
+    .expect("GetPreferredAllocation waited on the hung apiserver")
+    .unwrap()
+    .expect("falls back to the kubelet's choice");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    assert!(available.contains(&ids[0]), "{ids:?}");
+    c.api.set_latency(Duration::ZERO);
     admit_ok(&c, NUMBER, 1).await;
 }
 

@@ -85,6 +85,8 @@ pub struct Assignment {
     pub container: usize,
     /// The segment's NVIDIA devices.
     pub devices: Vec<ContainerDevice>,
+    /// The whole queue with [`Self::devices`] taken off: what `devices-to-allocate` becomes.
+    pub rest: PodDevices,
 }
 
 /// Indices of the containers with a count or a memory limit: segment k belongs to the k-th of these.
@@ -107,7 +109,7 @@ pub fn next_assignment(pod: &PodView) -> Result<Option<Assignment>, AnnotationEr
     let Some(value) = pod.annotations.get(DEVICES_TO_ALLOCATE) else {
         return Ok(None);
     };
-    let devices = PodDevices::decode(DEVICES_TO_ALLOCATE, value)?;
+    let mut devices = PodDevices::decode(DEVICES_TO_ALLOCATE, value)?;
     let Some(segment) = devices.next_segment() else {
         return Ok(None);
     };
@@ -124,7 +126,7 @@ pub fn next_assignment(pod: &PodView) -> Result<Option<Assignment>, AnnotationEr
             "one segment per container with a vgpu-number or vgpu-memory limit",
         ));
     }
-    let (Some(&container), Some(list)) = (gpu.get(segment), devices.0.get(segment)) else {
+    let Some(&container) = gpu.get(segment) else {
         // Unreachable given the length check, but an error is cheaper than a proof.
         return Err(AnnotationError::new(
             DEVICES_TO_ALLOCATE,
@@ -136,7 +138,8 @@ pub fn next_assignment(pod: &PodView) -> Result<Option<Assignment>, AnnotationEr
     Ok(Some(Assignment {
         segment,
         container,
-        devices: list.iter().filter(|d| d.is_nvidia()).cloned().collect(),
+        devices: devices.take_segment(segment),
+        rest: devices,
     }))
 }
 

@@ -1,6 +1,6 @@
 //! A fake kubelet device manager; see the crate docs.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -266,8 +266,11 @@ impl FakeKubelet {
             }))
     }
 
-    /// What the kubelet does for one container and one resource: ask for the preferred IDs among the healthy
-    /// ones when the plugin offers it (else take the first healthy ones), then `Allocate` them.
+    /// What the kubelet's device manager does for one container and one resource (`devicesToAllocate`, no
+    /// topology): refuse when fewer than `size` IDs are healthy; ask the plugin for its preferred IDs among the
+    /// healthy ones when it offers it, and keep only those that are healthy, at most `size`, in sorted order (a
+    /// set); fill up from the sorted healthy IDs; then `Allocate` them. A plugin cannot get unknown IDs, or a
+    /// wrong count, past a real kubelet, so it cannot here either.
     pub async fn admit(
         &self,
         resource: &str,
@@ -276,25 +279,35 @@ impl FakeKubelet {
         let view = self
             .resource(resource)
             .with_context(|| format!("{resource} is not registered"))?;
-        let healthy: Vec<String> = view
+        let healthy: BTreeSet<String> = view
             .devices
             .iter()
             .filter(|d| d.health == "Healthy")
             .map(|d| d.id.clone())
             .collect();
+        if healthy.len() < size {
+            return Ok(Err(Status::resource_exhausted(format!(
+                "requested number of devices unavailable for {resource}. Requested: {size}, Available: {}",
+                healthy.len()
+            ))));
+        }
         let offers_preferred = view
             .options
             .as_ref()
             .is_some_and(|o| o.get_preferred_allocation_available);
-        let ids = if offers_preferred {
-            match self.preferred(resource, &healthy, size).await? {
-                Ok(ids) => ids,
+        let mut chosen = BTreeSet::new();
+        if offers_preferred {
+            let available: Vec<String> = healthy.iter().cloned().collect();
+            let preferred = match self.preferred(resource, &available, size).await? {
+                Ok(ids) => ids.into_iter().collect::<BTreeSet<String>>(),
                 Err(status) => return Ok(Err(status)),
-            }
-        } else {
-            healthy.into_iter().take(size).collect()
-        };
-        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+            };
+            chosen.extend(preferred.intersection(&healthy).take(size).cloned());
+        }
+        let missing = size - chosen.len();
+        let fill: Vec<String> = healthy.difference(&chosen).take(missing).cloned().collect();
+        chosen.extend(fill);
+        let ids: Vec<&str> = chosen.iter().map(String::as_str).collect();
         self.allocate(resource, &ids).await
     }
 
