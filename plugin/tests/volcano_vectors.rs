@@ -1,5 +1,5 @@
-//! The golden vectors of `../shared/vectors/volcano-vectors.json`, produced by running the upstream Go functions,
-//! against the `volcano` module. Each vector is checked field by field; where our behaviour differs from the Go
+//! The golden vectors of `tests/data/volcano-vectors.json` (where they came from: `tests/data/README.md`), produced
+//! by running the upstream Go functions, against the `volcano` module. Each vector is checked field by field; where our behaviour differs from the Go
 //! plugin on purpose (its selection bugs, its lenient decoder, its `CUDA_OVERSUBSCRIBE` keying), the test
 //! asserts our rule and says why next to the assertion.
 
@@ -19,7 +19,7 @@ use vgpu_device_plugin::volcano::*;
 
 const VECTORS: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../../shared/vectors/volcano-vectors.json"
+    "/../tests/data/volcano-vectors.json"
 );
 
 fn vectors() -> &'static Value {
@@ -27,8 +27,8 @@ fn vectors() -> &'static Value {
     CELL.get_or_init(|| {
         let text = std::fs::read_to_string(VECTORS).unwrap_or_else(|e| {
             panic!(
-                "cannot read the golden vectors at {VECTORS} ({e}): the shared folder must sit beside the \
-                 repository, i.e. ../shared next to this workspace, with vectors/volcano-vectors.json in it"
+                "cannot read the golden vectors at {VECTORS} ({e}): they are part of the repository \
+                 (tests/data/volcano-vectors.json); restore the file from git"
             )
         });
         serde_json::from_str(&text).unwrap()

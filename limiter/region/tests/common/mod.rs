@@ -205,9 +205,10 @@ impl Parser<'_> {
     }
 }
 
-/// `/work/shared/vectors/volcano-vectors.json`, found relative to this crate.
+/// The workspace's `tests/data/volcano-vectors.json` (its origin is in `tests/data/README.md`), found relative
+/// to this crate.
 pub fn vectors_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/vectors/volcano-vectors.json")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/volcano-vectors.json")
 }
 
 /// The parsed golden vectors; fails with a clear message when the file is missing.
@@ -215,8 +216,8 @@ pub fn load_vectors() -> Json {
     let path = vectors_path();
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
         panic!(
-            "cannot read the golden vectors at {} ({e}); they live in the shared spec checkout next to the \
-             workspace (shared/vectors/volcano-vectors.json)",
+            "cannot read the golden vectors at {} ({e}); they are part of the repository \
+             (tests/data/volcano-vectors.json): restore the file from git",
             path.display()
         )
     });
