@@ -17,6 +17,25 @@ use handoff::*;
 use serde_json::Value;
 
 const SPEC_FILE: &str = "cdi/volcano.sh-vgpu.json";
+/// Debian's packaged CDI reference library, which the checker is built against (GOPATH mode).
+const CDI_LIBRARY_PACKAGE: &str =
+    "golang-github-container-orchestrated-devices-container-device-interface-dev";
+const CDI_LIBRARY_DIR: &str = "/usr/share/gocode/src/github.com/container-orchestrated-devices/container-device-interface/pkg/cdi";
+/// `sh -c` body: `$1` the fake `dev` directory of links to `/dev/null`, `$2` the checker, then its arguments.
+/// A tmpfs over the directory, one empty file per link, `/dev/null` bound onto each: in this namespace only.
+const DEVICE_NODES_IN_A_NAMESPACE: &str = r#"set -e
+dev=$1 checker=$2
+shift 2
+names=$(ls "$dev")
+mount -t tmpfs none "$dev"
+for name in $names; do
+  : > "$dev/$name"
+  mount --bind /dev/null "$dev/$name"
+done
+exec "$checker" "$@""#;
+/// What a missing prerequisite's message tells the reader to run.
+const INSTALL: &str = "run tests/prereqs/install.sh (as root, or it prints the apt-get command), or \
+    `sudo apt-get install golang-go golang-github-container-orchestrated-devices-container-device-interface-dev`";
 
 fn data(path: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -60,13 +79,13 @@ fn assert_valid(spec: &Value) {
 
 /// The CDI reference library's registry (what containerd 1.7 and CRI-O use), run as `check/main.go`: loads
 /// `dir`, resolves `names` and returns what it injects. Built once per test binary with Go in GOPATH mode
-/// against Debian's packaged library (`.ci/run` installs both).
+/// against Debian's packaged library (both in `tests/prereqs/apt.txt`; `tests/prereqs/install.sh` installs
+/// them). A missing prerequisite fails the test with the command that installs it.
+///
+/// The library, like runc, accepts only real device nodes. Root gets them (`mknod`); without root the fake
+/// `--dev-root` holds links to `/dev/null`, and the checker runs in a user and mount namespace of its own where
+/// each is shadowed by a bind mount of `/dev/null`, a real character device (1:3, as root's nodes are).
 fn reference_library(c: &SimCluster, names: &[&str]) -> Value {
-    assert!(
-        real_device_nodes(&c.root()),
-        "the CDI reference library needs real device nodes in the fake --dev-root, which only root can make \
-         (mknod); run the tests as root, as CI does"
-    );
     let dir = c.root().join("cdi");
     static CHECKER: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
     let checker = CHECKER.get_or_init(|| {
@@ -75,6 +94,12 @@ fn reference_library(c: &SimCluster, names: &[&str]) -> Value {
         std::fs::create_dir_all(&src).unwrap();
         std::fs::copy(data("check/main.go"), src.join("main.go")).unwrap();
         let binary = work.join("cdicheck");
+        let library = Path::new(CDI_LIBRARY_DIR);
+        assert!(
+            library.is_dir(),
+            "{} is missing: the CDI checker builds against Debian's {CDI_LIBRARY_PACKAGE}; {INSTALL}",
+            library.display()
+        );
         let gopath = format!("{}:/usr/share/gocode", work.join("gopath").display());
         let built = std::process::Command::new("go")
             .args(["build", "-o"])
@@ -86,21 +111,41 @@ fn reference_library(c: &SimCluster, names: &[&str]) -> Value {
             .env("GOCACHE", work.join("gocache"))
             .env("GOFLAGS", "")
             .output()
-            .unwrap_or_else(|e| {
-                panic!("cannot run go ({e}): apt-get install golang-go golang-github-container-orchestrated-devices-container-device-interface-dev")
-            });
+            .unwrap_or_else(|e| panic!("cannot run go ({e}): the CDI checker needs golang-go; {INSTALL}"));
         assert!(
             built.status.success(),
-            "building the CDI checker failed (is golang-github-container-orchestrated-devices-container-device-interface-dev installed?):\n{}",
+            "building the CDI checker against {CDI_LIBRARY_DIR} failed:\n{}",
             String::from_utf8_lossy(&built.stderr)
         );
         binary
     });
-    let out = std::process::Command::new(checker)
-        .arg(&dir)
-        .args(names)
-        .output()
-        .unwrap();
+    let mut command = if real_device_nodes(&c.root()) {
+        std::process::Command::new(checker)
+    } else {
+        let mut unshare = std::process::Command::new("unshare");
+        unshare
+            .args([
+                "--user",
+                "--map-root-user",
+                "--mount",
+                "sh",
+                "-c",
+                DEVICE_NODES_IN_A_NAMESPACE,
+                "sh",
+            ])
+            .arg(c.root().join("devroot/dev"))
+            .arg(checker);
+        unshare
+    };
+    let out = command.arg(&dir).args(names).output().unwrap_or_else(|e| {
+        panic!("cannot run the CDI checker ({e}): unshare comes with util-linux; {INSTALL}")
+    });
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("unshare: "),
+        "without root the CDI checker runs in a user namespace, which this machine refuses: run the tests as \
+         root (as CI does), or allow unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let result: Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
     assert!(

@@ -1,11 +1,11 @@
-//! The agent's `/metrics` against the real Prometheus tools (Debian's `prometheus` package, installed by
-//! `.ci/run`): `promtool check metrics` on a real scrape, and a real Prometheus server on loopback scraping
+//! The agent's `/metrics` against the real Prometheus tools (Debian's `prometheus` package, listed in
+//! `tests/prereqs/apt.txt` and installed by `tests/prereqs/install.sh`, which the README's `tests/run` runs): `promtool check metrics` on a real scrape, and a real Prometheus server on loopback scraping
 //! the agent and answering per-container queries through its HTTP API.
 //!
 //! The agent runs as in production: the real binary on the gpu-sim, a fake kubelet, a fake apiserver holding
 //! one pod bound to the node, and that pod's container writing its shared region (made with the region crate,
-//! as the limiter makes it) into the cache directory. Without the binaries the tests skip with a message, except
-//! under `CI=true`, where they fail. The same node also shows the agent running the monitor's priority feedback.
+//! as the limiter makes it) into the cache directory. Without the binaries the tests fail with the command that
+//! installs them, on a user's machine as under `CI=true`: a test reported `ok` must have run. The same node also shows the agent running the monitor's priority feedback.
 
 #![allow(clippy::unwrap_used)]
 
@@ -37,24 +37,20 @@ const LEGACY: [&str; 7] = [
     "Device_last_kernel_of_container",
 ];
 
-/// `name` on PATH, or `None` (then the test skips, or fails under `CI=true`).
-fn tool(name: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|dir| dir.join(name))
-            .find(|p| p.is_file())
-    });
-    if found.is_none() {
-        let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-        assert!(
-            !ci,
-            "{name} is not installed; .ci/run installs Debian's prometheus package (CI=true: not skipping)"
-        );
-        eprintln!(
-            "SKIPPED: {name} not on PATH; install it with `apt-get install prometheus` to run this test"
-        );
-    }
-    found
+/// `name` on PATH; fails naming the command that installs it when it is missing (never a silent skip).
+fn tool(name: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|dir| dir.join(name))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} is not on PATH: this test needs Debian's prometheus package; run tests/prereqs/install.sh \
+                 (as root, or it prints the apt-get command), or `sudo apt-get install prometheus`"
+            )
+        })
 }
 
 /// The agent with one pod on the node whose container `cuda` uses GPU 1 through a real region file.
@@ -97,6 +93,8 @@ impl Node {
         std::fs::create_dir_all(&cache).unwrap();
         let mut config = vgpu_region::RegionConfig::default();
         config.limits[0] = LIMIT;
+        // A 30 % SM cap (vgpu-cores 30): the monitor's sm_limit_enforced is only reported for a capped container.
+        config.sm_limits[0] = 30;
         let region_file = cache.join("a.cache");
         let region = vgpu_region::Region::open_or_create(&region_file, &config).unwrap();
         region.set_device_info(&[&gpu]).unwrap();
@@ -202,9 +200,7 @@ fn without_legacy(exposition: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promtool_accepts_a_real_scrape() {
-    let Some(promtool) = tool("promtool") else {
-        return;
-    };
+    let promtool = tool("promtool");
     let node = Node::start().await;
     let body = node.scrape().await;
     for name in LEGACY {
@@ -318,9 +314,7 @@ async fn query(port: u16, promql: &str) -> Option<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_prometheus_scrapes_the_agent_and_answers_per_container_queries() {
-    let Some(prometheus) = tool("prometheus") else {
-        return;
-    };
+    let prometheus = tool("prometheus");
     let node = Node::start().await;
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("prometheus.yml");
