@@ -31,6 +31,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -126,6 +127,7 @@ enum alloc_kind {
     A_MIPMAP,       /* cuMipmappedArrayCreate */
     A_VMM,          /* cuMemCreate */
     A_GRAPH,        /* a launched graph allocation not freed inside its graph (graph memory) */
+    A_IPC,          /* another process's cuMemAlloc memory opened with cuIpcOpenMemHandle */
 };
 
 struct alloc {
@@ -139,6 +141,10 @@ struct alloc {
     struct CUctx_st *ctx;     /* owning context (freed with it); NULL for VMM */
     struct CUmemPoolHandle_st *pool;
     void *host;               /* managed memory's host backing */
+    void *contents;           /* linear memory's bytes, mapped at the first copy (else NULL) */
+    unsigned int ipc_refs;    /* A_IPC: cuIpcOpenMemHandle calls not yet closed */
+    int ipc_pid;              /* A_IPC: the exporting process */
+    uint64_t ipc_key;         /* A_IPC: the exporter's device address */
     unsigned int map_count;   /* VMM: live cuMemMap mappings */
     bool released;            /* VMM: cuMemRelease'd while still mapped */
 };
@@ -492,6 +498,8 @@ static void free_object(struct alloc *a)
         a->pool->used -= a->size;
     if (a->host != NULL)
         munmap(a->host, a->size);
+    if (a->contents != NULL)
+        munmap(a->contents, a->size);
     if (a->kind == A_ARRAY || a->kind == A_MIPMAP)
         free((void *)(uintptr_t)a->key);
     unlink_alloc(a);
@@ -752,7 +760,7 @@ static bool read_time_env(void)
         return false;
     g_wave_ns = wave;
     g_graph_ns = graph;
-    g_host_pid = (int)getpid() + (int)offset;
+    g_host_pid = sim_self_pid() + (int)offset;
     return true;
 }
 
@@ -804,7 +812,7 @@ static CUresult do_init(void)
         g_node = NULL;
         return CUDA_ERROR_OPERATING_SYSTEM;
     }
-    sim_tl_attach(&g_tl, g_state.slot, (int)getpid(), g_host_pid);
+    sim_tl_attach(&g_tl, g_state.slot, sim_self_pid(), g_host_pid);
     pthread_atfork(NULL, NULL, after_fork_in_child);
     return CUDA_SUCCESS;
 }
@@ -1138,6 +1146,10 @@ CUresult cuDeviceGetAttribute(int *pi, CUdevice_attribute attrib, CUdevice dev)
     case CU_DEVICE_ATTRIBUTE_MAX_REGISTERS_PER_MULTIPROCESSOR: v = 65536; break;
     case CU_DEVICE_ATTRIBUTE_MANAGED_MEMORY: v = 1; break;
     case CU_DEVICE_ATTRIBUTE_CONCURRENT_MANAGED_ACCESS: v = 1; break;
+    /* FP32:FP64 throughput: 2 on the data-centre parts (A100, H100, V100), 32 on a T4. */
+    case CU_DEVICE_ATTRIBUTE_SINGLE_TO_DOUBLE_PRECISION_PERF_RATIO:
+        v = m->cc_major == 7 && m->cc_minor == 5 ? 32 : 2;
+        break;
     case CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH: v = 1; break;
     case CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN: v = m->smem_optin; break;
     case CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED: v = 1; break;
@@ -1580,13 +1592,18 @@ static CUresult mem_free(uint64_t addr)
     struct alloc *a;
     CUresult r = current_ctx(&c);
 
-    if (r != CUDA_SUCCESS)
+    /* With unified addressing the driver finds the allocation by its address, so a thread
+     * with no current context (numba frees this way when it closes) still frees it; a
+     * broken or destroyed current context is still an error. */
+    if (r != CUDA_SUCCESS && !(r == CUDA_ERROR_INVALID_CONTEXT && top_ctx() == NULL))
         return r;
     if (addr == 0)
         return CUDA_SUCCESS;
     a = find_alloc(addr, is_linear);
     if (a == NULL)
         return CUDA_ERROR_INVALID_VALUE;
+    if (a->ctx != NULL && (r = ctx_health(a->ctx)) != CUDA_SUCCESS)
+        return r;
     free_object(a);
     return CUDA_SUCCESS;
 }
@@ -1653,6 +1670,279 @@ CUresult cuMemGetInfo_v2(size_t *free, size_t *total)
         *total = (size_t)t;
     }
     return leave(r);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Copies                                                                    */
+/* ------------------------------------------------------------------------ */
+
+/*
+ * Linear device memory keeps its bytes, so what a program copies in it copies back out
+ * (numba's to_device/copy_to_host, cuda-python's cuMemcpy*). The bytes live in a private
+ * anonymous mapping made at the first copy (MAP_NORESERVE: only pages written cost host
+ * memory); managed memory already has host pages. No kernel runs, so only copies change them.
+ */
+static bool copyable(enum alloc_kind k)
+{
+    return is_linear(k) || k == A_IPC;
+}
+
+/* The allocation holding [addr, addr + n) and its bytes there; NULL bytes: out of memory. */
+static CUresult device_span(uint64_t addr, uint64_t n, unsigned char **bytes)
+{
+    struct alloc *a;
+
+    for (a = g_allocs; a != NULL; a = a->next) {
+        if (copyable(a->kind) && addr >= a->key && addr - a->key < a->size)
+            break;
+    }
+    /* The whole range must lie in one allocation, as on the driver. */
+    if (a == NULL || n > a->size - (addr - a->key))
+        return CUDA_ERROR_INVALID_VALUE;
+    if (a->kind == A_MANAGED) {
+        *bytes = (unsigned char *)a->host + (addr - a->key);
+        return CUDA_SUCCESS;
+    }
+    if (a->contents == NULL) {
+        void *p = mmap(NULL, a->size, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (p == MAP_FAILED)
+            return CUDA_ERROR_OUT_OF_MEMORY;
+        a->contents = p;
+    }
+    *bytes = (unsigned char *)a->contents + (addr - a->key);
+    return CUDA_SUCCESS;
+}
+
+static CUresult stream_sync(CUstream s);
+
+enum copy_dir { HTOD, DTOH, DTOD };
+
+/*
+ * One copy. A synchronous copy is ordered on the default stream (legacy, or the thread's
+ * own with per_thread) and returns when done, so it first waits for the kernels queued
+ * there; an asynchronous one is ordered on `stream`, whose kernels never write memory in
+ * this model, so it copies at once. A context must be current.
+ */
+static CUresult copy(enum copy_dir dir, void *host, uint64_t dst, uint64_t src, uint64_t n,
+                     bool async, CUstream stream, bool per_thread)
+{
+    struct CUctx_st *c;
+    unsigned char *from = NULL, *to = NULL;
+    CUresult r = current_ctx(&c);
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    r = async ? check_stream(stream) : stream_sync(per_thread ? CU_STREAM_PER_THREAD : NULL);
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (n == 0)
+        return CUDA_SUCCESS;
+    if (dir != DTOD && host == NULL)
+        return CUDA_ERROR_INVALID_VALUE;
+    if (dir != DTOH && (r = device_span(dst, n, &to)) != CUDA_SUCCESS)
+        return r;
+    if (dir != HTOD && (r = device_span(src, n, &from)) != CUDA_SUCCESS)
+        return r;
+    memmove(dir == DTOH ? host : to, dir == HTOD ? host : from, n);
+    return CUDA_SUCCESS;
+}
+
+#define COPY_ENTRY(decl, call)                \
+    decl                                      \
+    {                                         \
+        CUresult r = enter();                 \
+        return r ? r : leave(call);           \
+    }
+
+COPY_ENTRY(CUresult cuMemcpyHtoD(CUdeviceptr_v1 dstDevice, const void *srcHost,
+                                 unsigned int ByteCount),
+           copy(HTOD, (void *)srcHost, dstDevice, 0, ByteCount, false, NULL, false))
+COPY_ENTRY(CUresult cuMemcpyHtoD_v2(CUdeviceptr dstDevice, const void *srcHost, size_t ByteCount),
+           copy(HTOD, (void *)srcHost, dstDevice, 0, ByteCount, false, NULL, false))
+COPY_ENTRY(CUresult cuMemcpyHtoD_v2_ptds(CUdeviceptr dstDevice, const void *srcHost,
+                                         size_t ByteCount),
+           copy(HTOD, (void *)srcHost, dstDevice, 0, ByteCount, false, NULL, true))
+COPY_ENTRY(CUresult cuMemcpyDtoH(void *dstHost, CUdeviceptr_v1 srcDevice, unsigned int ByteCount),
+           copy(DTOH, dstHost, 0, srcDevice, ByteCount, false, NULL, false))
+COPY_ENTRY(CUresult cuMemcpyDtoH_v2(void *dstHost, CUdeviceptr srcDevice, size_t ByteCount),
+           copy(DTOH, dstHost, 0, srcDevice, ByteCount, false, NULL, false))
+COPY_ENTRY(CUresult cuMemcpyDtoH_v2_ptds(void *dstHost, CUdeviceptr srcDevice, size_t ByteCount),
+           copy(DTOH, dstHost, 0, srcDevice, ByteCount, false, NULL, true))
+COPY_ENTRY(CUresult cuMemcpyDtoD(CUdeviceptr_v1 dstDevice, CUdeviceptr_v1 srcDevice,
+                                 unsigned int ByteCount),
+           copy(DTOD, NULL, dstDevice, srcDevice, ByteCount, false, NULL, false))
+COPY_ENTRY(CUresult cuMemcpyDtoD_v2(CUdeviceptr dstDevice, CUdeviceptr srcDevice,
+                                    size_t ByteCount),
+           copy(DTOD, NULL, dstDevice, srcDevice, ByteCount, false, NULL, false))
+COPY_ENTRY(CUresult cuMemcpyDtoD_v2_ptds(CUdeviceptr dstDevice, CUdeviceptr srcDevice,
+                                         size_t ByteCount),
+           copy(DTOD, NULL, dstDevice, srcDevice, ByteCount, false, NULL, true))
+COPY_ENTRY(CUresult cuMemcpyHtoDAsync(CUdeviceptr_v1 dstDevice, const void *srcHost,
+                                      unsigned int ByteCount, CUstream hStream),
+           copy(HTOD, (void *)srcHost, dstDevice, 0, ByteCount, true, hStream, false))
+COPY_ENTRY(CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dstDevice, const void *srcHost,
+                                         size_t ByteCount, CUstream hStream),
+           copy(HTOD, (void *)srcHost, dstDevice, 0, ByteCount, true, hStream, false))
+COPY_ENTRY(CUresult cuMemcpyHtoDAsync_v2_ptsz(CUdeviceptr dstDevice, const void *srcHost,
+                                              size_t ByteCount, CUstream hStream),
+           copy(HTOD, (void *)srcHost, dstDevice, 0, ByteCount, true, hStream, true))
+COPY_ENTRY(CUresult cuMemcpyDtoHAsync(void *dstHost, CUdeviceptr_v1 srcDevice,
+                                      unsigned int ByteCount, CUstream hStream),
+           copy(DTOH, dstHost, 0, srcDevice, ByteCount, true, hStream, false))
+COPY_ENTRY(CUresult cuMemcpyDtoHAsync_v2(void *dstHost, CUdeviceptr srcDevice, size_t ByteCount,
+                                         CUstream hStream),
+           copy(DTOH, dstHost, 0, srcDevice, ByteCount, true, hStream, false))
+COPY_ENTRY(CUresult cuMemcpyDtoHAsync_v2_ptsz(void *dstHost, CUdeviceptr srcDevice,
+                                              size_t ByteCount, CUstream hStream),
+           copy(DTOH, dstHost, 0, srcDevice, ByteCount, true, hStream, true))
+
+/* ------------------------------------------------------------------------ */
+/* Inter-process memory handles                                              */
+/* ------------------------------------------------------------------------ */
+
+/*
+ * What a handle carries (the real one is as opaque): the exporting process, the node GPU
+ * and the exporter's address and size. Opening maps the same physical memory, so nothing is
+ * charged; the bytes are not shared with the exporter (copies into an opened handle stay in
+ * the importer), which no test here relies on.
+ */
+struct ipc_wire {
+    char magic[8];
+    int32_t pid;
+    uint32_t gpu;
+    uint64_t key;
+    uint64_t size;
+};
+_Static_assert(sizeof(struct ipc_wire) <= sizeof(CUipcMemHandle), "ipc_wire fits a handle");
+static const char IPC_MAGIC[8] = "GPUSIMIP";
+
+/* Whether the process the driver knows as `pid` (sim_self_pid's identity: the host PID when
+ * GPU_SIM_HOST_PROC names the host's /proc) has exited. */
+static bool exporter_gone(int pid)
+{
+    const char *proc = getenv("GPU_SIM_HOST_PROC");
+    char path[4096];
+
+    if (proc == NULL || proc[0] != '/')
+        return kill(pid, 0) != 0 && errno == ESRCH;
+    if (snprintf(path, sizeof path, "%s/%d", proc, pid) >= (int)sizeof path)
+        return false;
+    return access(path, F_OK) != 0 && errno == ENOENT;
+}
+
+static CUresult ipc_get(CUipcMemHandle *handle, uint64_t dptr)
+{
+    struct CUctx_st *c;
+    struct ipc_wire w;
+    struct alloc *a;
+    CUresult r = current_ctx(&c);
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (handle == NULL)
+        return CUDA_ERROR_INVALID_VALUE;
+    /* Only the base of cuMemAlloc / cuMemAllocPitch memory can be exported this way
+     * (stream-ordered pools export through cuMemPoolExportPointer instead). */
+    a = find_alloc(dptr, is_linear);
+    if (a == NULL || (a->kind != A_LINEAR && a->kind != A_LINEAR_V1))
+        return CUDA_ERROR_INVALID_VALUE;
+    memset(handle, 0, sizeof *handle);
+    memcpy(w.magic, IPC_MAGIC, sizeof w.magic);
+    w.pid = (int32_t)sim_self_pid();
+    w.gpu = g_devs[a->dev].gpu;
+    w.key = a->key;
+    w.size = a->size;
+    memcpy(handle->reserved, &w, sizeof w);
+    return CUDA_SUCCESS;
+}
+
+CUresult cuIpcGetMemHandle(CUipcMemHandle *pHandle, CUdeviceptr dptr)
+{
+    CUresult r = enter();
+    return r ? r : leave(ipc_get(pHandle, dptr));
+}
+
+static CUresult ipc_open(CUdeviceptr *pdptr, const CUipcMemHandle *handle, unsigned int flags)
+{
+    struct CUctx_st *c;
+    struct ipc_wire w;
+    struct alloc *a;
+    CUresult r = current_ctx(&c);
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (pdptr == NULL || (flags & ~(unsigned int)CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS) != 0)
+        return CUDA_ERROR_INVALID_VALUE;
+    memcpy(&w, handle->reserved, sizeof w);
+    if (memcmp(w.magic, IPC_MAGIC, sizeof w.magic) != 0 || w.pid <= 0 || w.size == 0)
+        return CUDA_ERROR_INVALID_HANDLE;
+    /* A process cannot open its own handles. */
+    if (w.pid == (int32_t)sim_self_pid())
+        return CUDA_ERROR_INVALID_CONTEXT;
+    /* The exporter is gone, and its memory with it. */
+    if (exporter_gone(w.pid))
+        return CUDA_ERROR_INVALID_HANDLE;
+    /* Opened again in this context: the same address, one more reference. */
+    for (a = g_allocs; a != NULL; a = a->next) {
+        if (a->kind == A_IPC && a->ctx == c && a->ipc_pid == w.pid && a->ipc_key == w.key) {
+            a->ipc_refs++;
+            *pdptr = a->key;
+            return CUDA_SUCCESS;
+        }
+    }
+    a = calloc(1, sizeof *a);
+    if (a == NULL)
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    a->kind = A_IPC;
+    a->size = w.size;
+    a->dev = c->dev;
+    a->ctx = c;
+    a->ipc_refs = 1;
+    a->ipc_pid = w.pid;
+    a->ipc_key = w.key;
+    a->key = next_va(w.size, PAGE);
+    a->next = g_allocs;
+    g_allocs = a;
+    *pdptr = a->key;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuIpcOpenMemHandle(CUdeviceptr *pdptr, CUipcMemHandle handle, unsigned int Flags)
+{
+    CUresult r = enter();
+    return r ? r : leave(ipc_open(pdptr, &handle, Flags));
+}
+
+CUresult cuIpcOpenMemHandle_v2(CUdeviceptr *pdptr, CUipcMemHandle handle, unsigned int Flags)
+{
+    CUresult r = enter();
+    return r ? r : leave(ipc_open(pdptr, &handle, Flags));
+}
+
+static CUresult ipc_close(uint64_t dptr)
+{
+    struct CUctx_st *c;
+    struct alloc *a;
+    CUresult r = current_ctx(&c);
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    for (a = g_allocs; a != NULL; a = a->next) {
+        if (a->kind == A_IPC && a->key == dptr)
+            break;
+    }
+    if (a == NULL)
+        return CUDA_ERROR_INVALID_VALUE;
+    if (--a->ipc_refs == 0)
+        free_object(a);
+    return CUDA_SUCCESS;
+}
+
+CUresult cuIpcCloseMemHandle(CUdeviceptr dptr)
+{
+    CUresult r = enter();
+    return r ? r : leave(ipc_close(dptr));
 }
 
 /* Rows padded to 512 bytes; element size 4, 8 or 16. */
@@ -2064,6 +2354,44 @@ CUresult cuMemMap(CUdeviceptr ptr, size_t size, size_t offset, CUmemGenericAlloc
     m->next = g_mappings;
     g_mappings = m;
     a->map_count++;
+    return leave(CUDA_SUCCESS);
+}
+
+/*
+ * Grants access to mapped memory. The range must be covered by mappings with no hole (the
+ * driver refuses unmapped pages); each descriptor names a visible device and READ or
+ * READWRITE (PROT_NONE only revokes, which is accepted too). Access is not enforced: no
+ * kernel touches memory here.
+ */
+CUresult cuMemSetAccess(CUdeviceptr ptr, size_t size, const CUmemAccessDesc *desc, size_t count)
+{
+    uint64_t at = ptr;
+    size_t i;
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (size == 0 || size % PAGE != 0 || desc == NULL || count == 0)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    for (i = 0; i < count; i++) {
+        if (desc[i].location.type != CU_MEM_LOCATION_TYPE_DEVICE ||
+            !valid_dev(desc[i].location.id))
+            return leave(CUDA_ERROR_INVALID_DEVICE);
+        if (desc[i].flags != CU_MEM_ACCESS_FLAGS_PROT_NONE &&
+            desc[i].flags != CU_MEM_ACCESS_FLAGS_PROT_READ &&
+            desc[i].flags != CU_MEM_ACCESS_FLAGS_PROT_READWRITE)
+            return leave(CUDA_ERROR_INVALID_VALUE);
+    }
+    while (at < ptr + size) {
+        struct mapping *m;
+        for (m = g_mappings; m != NULL; m = m->next) {
+            if (at >= m->va && at < m->va + m->size)
+                break;
+        }
+        if (m == NULL)
+            return leave(CUDA_ERROR_INVALID_VALUE);
+        at = m->va + m->size;
+    }
     return leave(CUDA_SUCCESS);
 }
 
@@ -3007,7 +3335,7 @@ static CUresult queue_work(struct CUctx_st *c, CUstream stream, uint64_t duratio
         if (oldest != NULL) {
             wait_for(oldest); /* the stream's queue is full: wait for its oldest kernel */
         } else {
-            wait = sim_tl_enqueue(&g_tl, g_devs[c->dev].gpu, g_state.slot, (int)getpid(),
+            wait = sim_tl_enqueue(&g_tl, g_devs[c->dev].gpu, g_state.slot, sim_self_pid(),
                                   g_host_pid, duration_ns, sim_tl_now_ns(), &mark);
             if (wait == 0) {
                 sim_tl_queue_push(q, &mark);

@@ -75,6 +75,29 @@ const struct cuda_proc cuda_procs[] = {
     ROW("cuMemAllocPitch", 3020, PROC_ANY, cuMemAllocPitch_v2),
     ONE(cuMemAllocManaged, 6000),
 
+    /* Copies (synchronous ones have _ptds variants, asynchronous ones _ptsz) */
+    ROW("cuMemcpyHtoD", 2000, PROC_LEGACY, cuMemcpyHtoD),
+    ROW("cuMemcpyHtoD", 3020, PROC_LEGACY, cuMemcpyHtoD_v2),
+    ROW("cuMemcpyHtoD", 7000, PROC_PTDS, cuMemcpyHtoD_v2_ptds),
+    ROW("cuMemcpyDtoH", 2000, PROC_LEGACY, cuMemcpyDtoH),
+    ROW("cuMemcpyDtoH", 3020, PROC_LEGACY, cuMemcpyDtoH_v2),
+    ROW("cuMemcpyDtoH", 7000, PROC_PTDS, cuMemcpyDtoH_v2_ptds),
+    ROW("cuMemcpyDtoD", 2000, PROC_LEGACY, cuMemcpyDtoD),
+    ROW("cuMemcpyDtoD", 3020, PROC_LEGACY, cuMemcpyDtoD_v2),
+    ROW("cuMemcpyDtoD", 7000, PROC_PTDS, cuMemcpyDtoD_v2_ptds),
+    ROW("cuMemcpyHtoDAsync", 2000, PROC_LEGACY, cuMemcpyHtoDAsync),
+    ROW("cuMemcpyHtoDAsync", 3020, PROC_LEGACY, cuMemcpyHtoDAsync_v2),
+    ROW("cuMemcpyHtoDAsync", 7000, PROC_PTDS, cuMemcpyHtoDAsync_v2_ptsz),
+    ROW("cuMemcpyDtoHAsync", 2000, PROC_LEGACY, cuMemcpyDtoHAsync),
+    ROW("cuMemcpyDtoHAsync", 3020, PROC_LEGACY, cuMemcpyDtoHAsync_v2),
+    ROW("cuMemcpyDtoHAsync", 7000, PROC_PTDS, cuMemcpyDtoHAsync_v2_ptsz),
+
+    /* Inter-process memory handles */
+    ONE(cuIpcGetMemHandle, 4010),
+    ROW("cuIpcOpenMemHandle", 4010, PROC_ANY, cuIpcOpenMemHandle),
+    ROW("cuIpcOpenMemHandle", 11000, PROC_ANY, cuIpcOpenMemHandle_v2),
+    ONE(cuIpcCloseMemHandle, 4010),
+
     /* Stream-ordered allocator */
     ROW("cuMemAllocAsync", 11020, PROC_LEGACY, cuMemAllocAsync),
     ROW("cuMemAllocAsync", 11020, PROC_PTDS, cuMemAllocAsync_ptsz),
@@ -93,6 +116,7 @@ const struct cuda_proc cuda_procs[] = {
     ONE(cuMemAddressFree, 10020),
     ONE(cuMemMap, 10020),
     ONE(cuMemUnmap, 10020),
+    ONE(cuMemSetAccess, 10020),
 
     /* Arrays */
     ROW("cuArrayCreate", 2000, PROC_ANY, cuArrayCreate),

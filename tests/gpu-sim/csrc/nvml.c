@@ -1065,3 +1065,347 @@ nvmlReturn_t nvmlEventSetFree(nvmlEventSet_t set)
     unlock();
     return ret;
 }
+
+/* ------------------------------------------------------------------------ */
+/* What monitoring tools (nvitop, gpustat, nvidia-smi-alikes) ask besides     */
+/* ------------------------------------------------------------------------ */
+
+/*
+ * Per-product facts, picked by the product name like the CUDA side's model table: the
+ * application clocks' maxima (MHz) and the board's power limit and idle draw (mW), from
+ * NVIDIA's data sheets and what nvidia-smi -q shows on those boards. Data-centre boards are
+ * passively cooled (no fan to report) and run Linux's only driver model.
+ */
+struct board {
+    const char *match;
+    unsigned int graphics_mhz, mem_mhz, video_mhz;
+    unsigned int power_limit_mw, idle_power_mw;
+};
+
+static const struct board boards[] = {
+    {"H100 PCIe", 1755, 1593, 1590, 350000, 50000},
+    {"H100", 1980, 2619, 1755, 700000, 70000},
+    {"A100-PCIE-40GB", 1410, 1215, 1290, 250000, 35000},
+    {"A100-PCIE", 1410, 1512, 1290, 300000, 45000},
+    {"A100 80GB PCIe", 1410, 1512, 1290, 300000, 45000},
+    {"A100", 1410, 1593, 1290, 400000, 60000},
+    {"V100-PCIE", 1380, 877, 1237, 250000, 25000},
+    {"V100", 1530, 877, 1372, 300000, 40000},
+    {"T4", 1590, 5001, 1470, 70000, 10000},
+    {NULL, 1410, 1593, 1290, 400000, 60000}, /* default: an A100 SXM4 */
+};
+
+/* Idle clocks of the graphics/SM and video domains (memory stays at its maximum). */
+#define IDLE_GRAPHICS_MHZ 210u
+#define IDLE_VIDEO_MHZ 585u
+/* The encoder/decoder utilisation window the driver reports (µs). */
+#define CODEC_SAMPLING_US 167000u
+
+static const struct board *board_of(const struct sim_gpu *gpu)
+{
+    const struct board *b = boards;
+
+    while (b->match != NULL && strstr(gpu->name, b->match) == NULL)
+        b++;
+    return b;
+}
+
+/* The GPU's utilisation as nvmlDeviceGetUtilizationRates reports it (lock held). */
+static unsigned int gpu_busy_percent(const struct sim_gpu *gpu)
+{
+    unsigned int measured = timeline_utilization(gpu);
+
+    return measured > gpu->utilization_gpu ? measured : gpu->utilization_gpu;
+}
+
+nvmlReturn_t nvmlDeviceGetGraphicsRunningProcesses(nvmlDevice_t device, unsigned int *infoCount,
+                                                   nvmlProcessInfo_v1_t *infos)
+{
+    struct sim_gpu *gpu;
+    nvmlReturn_t ret;
+
+    (void)infos;
+    lock();
+    /* A headless compute GPU runs no graphics clients: always an empty list. */
+    ret = use_device(device, infoCount != NULL, &gpu);
+    if (ret == NVML_SUCCESS)
+        *infoCount = 0;
+    unlock();
+    return ret;
+}
+
+nvmlReturn_t nvmlDeviceGetGraphicsRunningProcesses_v2(nvmlDevice_t device, unsigned int *infoCount,
+                                                      nvmlProcessInfo_v2_t *infos)
+{
+    return nvmlDeviceGetGraphicsRunningProcesses(device, infoCount, (nvmlProcessInfo_v1_t *)infos);
+}
+
+nvmlReturn_t nvmlDeviceGetGraphicsRunningProcesses_v3(nvmlDevice_t device, unsigned int *infoCount,
+                                                      nvmlProcessInfo_t *infos)
+{
+    return nvmlDeviceGetGraphicsRunningProcesses(device, infoCount, (nvmlProcessInfo_v1_t *)infos);
+}
+
+/* A query answering one unsigned value computed from the GPU (lock taken here). */
+static nvmlReturn_t device_uint(nvmlDevice_t device, unsigned int *out,
+                                unsigned int (*value)(const struct sim_gpu *))
+{
+    struct sim_gpu *gpu;
+    nvmlReturn_t ret;
+
+    lock();
+    ret = use_device(device, out != NULL, &gpu);
+    if (ret == NVML_SUCCESS)
+        *out = value(gpu);
+    unlock();
+    return ret;
+}
+
+/* The same preamble for a query the hardware cannot answer: NOT_SUPPORTED after the checks. */
+static nvmlReturn_t device_not_supported(nvmlDevice_t device, bool args_ok)
+{
+    struct sim_gpu *gpu;
+    nvmlReturn_t ret;
+
+    lock();
+    ret = use_device(device, args_ok, &gpu);
+    unlock();
+    return ret == NVML_SUCCESS ? NVML_ERROR_NOT_SUPPORTED : ret;
+}
+
+static unsigned int zero(const struct sim_gpu *gpu)
+{
+    (void)gpu;
+    return 0;
+}
+
+static unsigned int one(const struct sim_gpu *gpu)
+{
+    (void)gpu;
+    return 1;
+}
+
+/* NVML_COMPUTEMODE_DEFAULT (0): what a Kubernetes node's GPUs run in. */
+nvmlReturn_t nvmlDeviceGetComputeMode(nvmlDevice_t device, nvmlComputeMode_t *mode)
+{
+    return device_uint(device, (unsigned int *)mode, zero);
+}
+
+/* NVML_PSTATE_0: a data-centre GPU with persistence mode on stays in P0. */
+nvmlReturn_t nvmlDeviceGetPerformanceState(nvmlDevice_t device, nvmlPstates_t *pState)
+{
+    return device_uint(device, (unsigned int *)pState, zero);
+}
+
+/* NVML_FEATURE_ENABLED: GPU nodes run nvidia-persistenced. */
+nvmlReturn_t nvmlDeviceGetPersistenceMode(nvmlDevice_t device, nvmlEnableState_t *mode)
+{
+    return device_uint(device, (unsigned int *)mode, one);
+}
+
+/* No display is attached to a data-centre GPU (nvidia-smi's "Disp.A Off"). */
+nvmlReturn_t nvmlDeviceGetDisplayActive(nvmlDevice_t device, nvmlEnableState_t *isActive)
+{
+    return device_uint(device, (unsigned int *)isActive, zero);
+}
+
+nvmlReturn_t nvmlDeviceGetDisplayMode(nvmlDevice_t device, nvmlEnableState_t *display)
+{
+    return device_uint(device, (unsigned int *)display, zero);
+}
+
+/* Driver models (WDDM/TCC) exist only on Windows. */
+nvmlReturn_t nvmlDeviceGetDriverModel(nvmlDevice_t device, nvmlDriverModel_t *current,
+                                      nvmlDriverModel_t *pending)
+{
+    return device_not_supported(device, current != NULL || pending != NULL);
+}
+
+/* Passively cooled boards have no fan NVML can read. */
+nvmlReturn_t nvmlDeviceGetFanSpeed(nvmlDevice_t device, unsigned int *speed)
+{
+    return device_not_supported(device, speed != NULL);
+}
+
+nvmlReturn_t nvmlDeviceGetFanSpeed_v2(nvmlDevice_t device, unsigned int fan, unsigned int *speed)
+{
+    (void)fan;
+    return device_not_supported(device, speed != NULL);
+}
+
+/* Confidential computing is off on these nodes, so there are no protected-memory sizes. */
+nvmlReturn_t nvmlDeviceGetConfComputeMemSizeInfo(nvmlDevice_t device,
+                                                 nvmlConfComputeMemSizeInfo_t *memInfo)
+{
+    return device_not_supported(device, memInfo != NULL);
+}
+
+/* A handle from nvmlDeviceGetHandleBy* is a whole GPU, never a MIG device. */
+nvmlReturn_t nvmlDeviceIsMigDeviceHandle(nvmlDevice_t device, unsigned int *isMigDevice)
+{
+    return device_uint(device, isMigDevice, zero);
+}
+
+static nvmlReturn_t codec_utilization(nvmlDevice_t device, unsigned int *utilization,
+                                      unsigned int *samplingPeriodUs)
+{
+    struct sim_gpu *gpu;
+    nvmlReturn_t ret;
+
+    lock();
+    ret = use_device(device, utilization != NULL && samplingPeriodUs != NULL, &gpu);
+    if (ret == NVML_SUCCESS) {
+        *utilization = 0; /* nothing here uses NVENC/NVDEC */
+        *samplingPeriodUs = CODEC_SAMPLING_US;
+    }
+    unlock();
+    return ret;
+}
+
+nvmlReturn_t nvmlDeviceGetEncoderUtilization(nvmlDevice_t device, unsigned int *utilization,
+                                             unsigned int *samplingPeriodUs)
+{
+    return codec_utilization(device, utilization, samplingPeriodUs);
+}
+
+nvmlReturn_t nvmlDeviceGetDecoderUtilization(nvmlDevice_t device, unsigned int *utilization,
+                                             unsigned int *samplingPeriodUs)
+{
+    return codec_utilization(device, utilization, samplingPeriodUs);
+}
+
+static unsigned int power_limit(const struct sim_gpu *gpu)
+{
+    return board_of(gpu)->power_limit_mw;
+}
+
+/* Idle draw plus the busy share of the rest of the budget. */
+static unsigned int power_usage(const struct sim_gpu *gpu)
+{
+    const struct board *b = board_of(gpu);
+
+    return b->idle_power_mw + (b->power_limit_mw - b->idle_power_mw) / 100u * gpu_busy_percent(gpu);
+}
+
+nvmlReturn_t nvmlDeviceGetPowerManagementLimit(nvmlDevice_t device, unsigned int *limit)
+{
+    return device_uint(device, limit, power_limit);
+}
+
+nvmlReturn_t nvmlDeviceGetPowerManagementDefaultLimit(nvmlDevice_t device, unsigned int *defaultLimit)
+{
+    return device_uint(device, defaultLimit, power_limit);
+}
+
+nvmlReturn_t nvmlDeviceGetEnforcedPowerLimit(nvmlDevice_t device, unsigned int *limit)
+{
+    return device_uint(device, limit, power_limit);
+}
+
+nvmlReturn_t nvmlDeviceGetPowerUsage(nvmlDevice_t device, unsigned int *power)
+{
+    return device_uint(device, power, power_usage);
+}
+
+/* The GPU die: ~30 °C idle in a cooled rack, rising with load. */
+nvmlReturn_t nvmlDeviceGetTemperature(nvmlDevice_t device, nvmlTemperatureSensors_t sensorType,
+                                      unsigned int *temp)
+{
+    struct sim_gpu *gpu;
+    nvmlReturn_t ret;
+
+    lock();
+    ret = use_device(device, temp != NULL && sensorType == NVML_TEMPERATURE_GPU, &gpu);
+    if (ret == NVML_SUCCESS)
+        *temp = 30u + gpu_busy_percent(gpu) * 35u / 100u;
+    unlock();
+    return ret;
+}
+
+static nvmlReturn_t clock_of(nvmlDevice_t device, nvmlClockType_t type, unsigned int *clock,
+                             bool max)
+{
+    struct sim_gpu *gpu;
+    nvmlReturn_t ret;
+
+    lock();
+    ret = use_device(device, clock != NULL && (unsigned int)type < NVML_CLOCK_COUNT, &gpu);
+    if (ret == NVML_SUCCESS) {
+        const struct board *b = board_of(gpu);
+        bool busy = max || gpu_busy_percent(gpu) > 0;
+        switch (type) {
+        case NVML_CLOCK_GRAPHICS:
+        case NVML_CLOCK_SM:
+            *clock = busy ? b->graphics_mhz : IDLE_GRAPHICS_MHZ;
+            break;
+        case NVML_CLOCK_MEM:
+            *clock = b->mem_mhz;
+            break;
+        default:
+            *clock = busy ? b->video_mhz : IDLE_VIDEO_MHZ;
+            break;
+        }
+    }
+    unlock();
+    return ret;
+}
+
+nvmlReturn_t nvmlDeviceGetClockInfo(nvmlDevice_t device, nvmlClockType_t type, unsigned int *clock)
+{
+    return clock_of(device, type, clock, false);
+}
+
+nvmlReturn_t nvmlDeviceGetMaxClockInfo(nvmlDevice_t device, nvmlClockType_t type,
+                                       unsigned int *clock)
+{
+    return clock_of(device, type, clock, true);
+}
+
+nvmlReturn_t nvmlDeviceGetEccMode(nvmlDevice_t device, nvmlEnableState_t *current,
+                                  nvmlEnableState_t *pending)
+{
+    struct sim_gpu *gpu;
+    nvmlReturn_t ret;
+
+    lock();
+    ret = use_device(device, current != NULL && pending != NULL, &gpu);
+    if (ret == NVML_SUCCESS)
+        *current = *pending = gpu->ecc ? NVML_FEATURE_ENABLED : NVML_FEATURE_DISABLED;
+    unlock();
+    return ret;
+}
+
+/*
+ * ECC error counts: the ecc-sbe (corrected) / ecc-dbe (uncorrected) lines injected through
+ * the control log for this GPU. Volatile and aggregate agree (the counters start with the
+ * log; no reboot is modelled). With ECC disabled the driver counts nothing: NOT_SUPPORTED.
+ */
+nvmlReturn_t nvmlDeviceGetTotalEccErrors(nvmlDevice_t device, nvmlMemoryErrorType_t errorType,
+                                         nvmlEccCounterType_t counterType,
+                                         unsigned long long *eccCounts)
+{
+    struct sim_gpu *gpu;
+    nvmlReturn_t ret;
+
+    lock();
+    ret = use_device(device,
+                     eccCounts != NULL && (unsigned int)errorType < NVML_MEMORY_ERROR_TYPE_COUNT &&
+                         (unsigned int)counterType < NVML_ECC_COUNTER_TYPE_COUNT,
+                     &gpu);
+    if (ret == NVML_SUCCESS && !gpu->ecc)
+        ret = NVML_ERROR_NOT_SUPPORTED;
+    if (ret == NVML_SUCCESS) {
+        enum sim_event_kind kind = errorType == NVML_MEMORY_ERROR_TYPE_CORRECTED
+                                       ? SIM_EVENT_ECC_SBE
+                                       : SIM_EVENT_ECC_DBE;
+        unsigned int index = (unsigned int)(gpu - g_node->gpus);
+        unsigned long long n = 0;
+        size_t i;
+
+        for (i = 0; i < g_node->event_count; i++)
+            n += g_node->events[i].gpu == index && g_node->events[i].kind == kind;
+        *eccCounts = n;
+    }
+    unlock();
+    return ret;
+}

@@ -8,6 +8,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -84,16 +85,59 @@ static void drain_slot(struct sim_state_file *f, struct sim_state_slot *slot)
     STORE(&slot->pid, 0);
 }
 
+/* The host's /proc when the caller runs in a PID namespace of its own (GPU_SIM_HOST_PROC), as a
+ * container does; NULL when the caller's own PIDs are the host's. */
+static const char *host_proc(void)
+{
+    const char *dir = getenv("GPU_SIM_HOST_PROC");
+
+    return dir != NULL && dir[0] == '/' ? dir : NULL;
+}
+
+int sim_self_pid(void)
+{
+    /* Cached per process: a forked child has another getpid() and looks again. */
+    static int cached_ns_pid, cached_host_pid;
+    const char *proc = host_proc();
+    char path[4096], target[32];
+    int ns_pid = (int)getpid();
+    ssize_t n;
+
+    if (proc == NULL)
+        return ns_pid;
+    if (LOAD(&cached_ns_pid) == ns_pid && ns_pid != 0)
+        return LOAD(&cached_host_pid);
+    /* The host procfs resolves "self" in its own PID namespace: the caller's host PID, which is what
+     * the kernel driver knows a process by. */
+    if (snprintf(path, sizeof path, "%s/self", proc) >= (int)sizeof path)
+        return ns_pid;
+    n = readlink(path, target, sizeof target - 1);
+    if (n <= 0)
+        return ns_pid;
+    target[n] = '\0';
+    STORE(&cached_host_pid, atoi(target) > 0 ? atoi(target) : ns_pid);
+    STORE(&cached_ns_pid, ns_pid);
+    return LOAD(&cached_host_pid);
+}
+
 static bool pid_gone(int pid)
 {
-    return kill((pid_t)pid, 0) != 0 && errno == ESRCH;
+    const char *proc = host_proc();
+    char path[4096];
+
+    if (proc == NULL)
+        return kill((pid_t)pid, 0) != 0 && errno == ESRCH;
+    /* Our kill() reaches only our own namespace; the host's /proc lists every process. */
+    if (snprintf(path, sizeof path, "%s/%d", proc, pid) >= (int)sizeof path)
+        return false;
+    return access(path, F_OK) != 0 && errno == ENOENT;
 }
 
 unsigned int sim_state_reap(struct sim_state *st)
 {
     struct sim_state_file *f = st->map;
     unsigned int s, reaped = 0;
-    int self = (int)getpid();
+    int self = sim_self_pid();
 
     if (f == NULL)
         return 0;
@@ -119,7 +163,7 @@ unsigned int sim_state_reap(struct sim_state *st)
 bool sim_state_attach(struct sim_state *st)
 {
     struct sim_state_file *f = st->map;
-    int self = (int)getpid();
+    int self = sim_self_pid();
     unsigned int s;
 
     if (f == NULL)
@@ -152,7 +196,7 @@ void sim_state_detach(struct sim_state *st)
     struct sim_state_slot *slot;
     int32_t pid;
 
-    if (f == NULL || st->slot < 0 || st->owner_pid != (int)getpid())
+    if (f == NULL || st->slot < 0 || st->owner_pid != sim_self_pid())
         return;
     slot = &f->slots[st->slot];
     pid = st->owner_pid;

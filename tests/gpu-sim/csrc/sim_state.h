@@ -99,6 +99,14 @@ int sim_state_open(const char *node_path, bool create, struct sim_state *out);
 /* Unmaps (without giving back the slot). */
 void sim_state_close(struct sim_state *st);
 
+/*
+ * The calling process's PID as the driver knows it: its host PID. With GPU_SIM_HOST_PROC naming the
+ * host's /proc mounted in a container (a PID namespace of its own), read from there; otherwise
+ * getpid(). Slots, liveness checks and NVML all use this PID, so processes of different containers
+ * never share an identity, as on a real node.
+ */
+int sim_self_pid(void);
+
 /* Takes a slot for the calling process. Returns false if all slots are in use. */
 bool sim_state_attach(struct sim_state *st);
 

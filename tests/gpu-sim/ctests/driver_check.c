@@ -775,6 +775,231 @@ static int graphs(void)
     return 0;
 }
 
+/*
+ * Copies keep what was written: host -> device -> device -> host round trips through every
+ * variant (legacy 32-bit, _v2, _v2_ptds, async _v2 and _v2_ptsz, managed memory seen from the
+ * host), offsets inside an allocation, and the driver's refusals.
+ */
+static int copies(void)
+{
+    enum { N = 4 * 1024 * 1024 };
+    unsigned char *src = malloc(N), *dst = malloc(N);
+    CUdeviceptr a = 0, b = 0, m = 0;
+    CUdeviceptr_v1 a32 = 0;
+    CUstream s = NULL;
+    CUcontext ctx, popped;
+    size_t i;
+
+    CHECK(src != NULL && dst != NULL);
+    for (i = 0; i < N; i++)
+        src[i] = (unsigned char)(i * 7 + 3);
+    OK(cuInit(0));
+    ctx = context_on(0);
+    OK(cuMemAlloc_v2(&a, N));
+    OK(cuMemAlloc_v2(&b, N));
+    OK(cuMemcpyHtoD_v2(a, src, N));
+    OK(cuMemcpyDtoD_v2(b, a, N));
+    memset(dst, 0, N);
+    OK(cuMemcpyDtoH_v2(dst, b, N));
+    CHECK(memcmp(src, dst, N) == 0);
+    /* Part of an allocation, at an offset; the rest is untouched. */
+    OK(cuMemcpyHtoD_v2_ptds(a + 100, src + 5000, 1000));
+    OK(cuMemcpyDtoH_v2_ptds(dst, a + 100, 1000));
+    CHECK(memcmp(dst, src + 5000, 1000) == 0);
+    OK(cuMemcpyDtoH_v2(dst, a, 100));
+    CHECK(memcmp(dst, src, 100) == 0);
+    OK(cuMemcpyDtoD_v2_ptds(b, a + 100, 1000));
+    OK(cuMemcpyDtoH_v2(dst, b, 1000));
+    CHECK(memcmp(dst, src + 5000, 1000) == 0);
+    /* Asynchronous copies on a created stream and the per-thread stream. */
+    OK(cuStreamCreate(&s, 0));
+    OK(cuMemcpyHtoDAsync_v2(b, src + 1, 4096, s));
+    OK(cuMemcpyDtoHAsync_v2_ptsz(dst, b, 4096, CU_STREAM_PER_THREAD));
+    OK(cuStreamSynchronize(s));
+    CHECK(memcmp(dst, src + 1, 4096) == 0);
+    EXPECT(CUDA_ERROR_INVALID_HANDLE, cuMemcpyHtoDAsync_v2(b, src, 16, (CUstream)&s));
+    /* The legacy 32-bit entry points. */
+    OK(cuMemAlloc(&a32, 8192));
+    OK(cuMemcpyHtoD(a32, src + 9, 8192));
+    OK(cuMemcpyDtoH(dst, a32, 8192));
+    CHECK(memcmp(dst, src + 9, 8192) == 0);
+    /* Managed memory: what a copy writes, the host reads at that address. */
+    OK(cuMemAllocManaged(&m, 4096, 1));
+    OK(cuMemcpyHtoD_v2(m, src + 77, 4096));
+    CHECK(memcmp((void *)(uintptr_t)m, src + 77, 4096) == 0);
+    /* Refusals: past the end of the allocation, an unknown address, no host buffer. */
+    EXPECT(CUDA_ERROR_INVALID_VALUE, cuMemcpyHtoD_v2(a + N - 10, src, 11));
+    EXPECT(CUDA_ERROR_INVALID_VALUE, cuMemcpyDtoH_v2(dst, b + N, 1));
+    EXPECT(CUDA_ERROR_INVALID_VALUE, cuMemcpyDtoH_v2(dst, 0x1234, 1));
+    EXPECT(CUDA_ERROR_INVALID_VALUE, cuMemcpyHtoD_v2(a, NULL, 1));
+    OK(cuMemcpyHtoD_v2(a, src, 0));
+    /* A freed allocation keeps nothing. */
+    OK(cuMemFree_v2(b));
+    EXPECT(CUDA_ERROR_INVALID_VALUE, cuMemcpyDtoH_v2(dst, b, 1));
+    /* Copies need a current context. */
+    OK(cuCtxPopCurrent_v2(&popped));
+    CHECK(popped == ctx);
+    EXPECT(CUDA_ERROR_INVALID_CONTEXT, cuMemcpyDtoH_v2(dst, a, 1));
+    OK(cuCtxPushCurrent_v2(ctx));
+    OK(cuCtxDestroy_v2(ctx));
+    free(src);
+    free(dst);
+    printf("ok\n");
+    return 0;
+}
+
+/*
+ * cuMemFree finds memory by its address, as the driver does with unified addressing: a thread
+ * without a current context frees it (numba's cuda.close() does this).
+ */
+static int free_without_context(void)
+{
+    CUdeviceptr a = 0, b = 0;
+    CUcontext ctx, popped;
+    size_t before, full;
+
+    OK(cuInit(0));
+    ctx = context_on(0);
+    before = free_mem();
+    OK(cuMemAlloc_v2(&a, 64 * MIB));
+    OK(cuMemAlloc_v2(&b, 64 * MIB));
+    full = free_mem();
+    OK(cuCtxPopCurrent_v2(&popped));
+    CHECK(popped == ctx);
+    OK(cuMemFree_v2(a));
+    OK(cuMemFree(0)); /* 0 is a no-op, with or without a context */
+    EXPECT(CUDA_ERROR_INVALID_VALUE, cuMemFree_v2(a)); /* already freed */
+    EXPECT(CUDA_ERROR_INVALID_VALUE, cuMemFree_v2(0x1234));
+    OK(cuCtxPushCurrent_v2(ctx));
+    printf("freed=%zu\n", free_mem() - full);
+    OK(cuMemFree_v2(b));
+    CHECK(free_mem() == before);
+    /* Memory goes with its context: after cuCtxDestroy its address is unknown. */
+    OK(cuMemAlloc_v2(&a, 64 * MIB));
+    OK(cuCtxDestroy_v2(ctx));
+    EXPECT(CUDA_ERROR_INVALID_VALUE, cuMemFree_v2(a));
+    printf("ok\n");
+    return 0;
+}
+
+static void print_handle(const CUipcMemHandle *h)
+{
+    size_t i;
+
+    printf("handle=");
+    for (i = 0; i < sizeof h->reserved; i++)
+        printf("%02x", (unsigned char)h->reserved[i]);
+    printf("\n");
+}
+
+static CUipcMemHandle parse_handle(const char *hex)
+{
+    CUipcMemHandle h;
+    size_t i;
+
+    memset(&h, 0, sizeof h);
+    CHECK(strlen(hex) == 2 * sizeof h.reserved);
+    for (i = 0; i < sizeof h.reserved; i++) {
+        unsigned int byte;
+        CHECK(sscanf(hex + 2 * i, "%2x", &byte) == 1);
+        h.reserved[i] = (char)byte;
+    }
+    return h;
+}
+
+/* Exports a 64 MiB cuMemAlloc allocation, prints its handle and holds it until told. */
+static int ipc_export(void)
+{
+    CUipcMemHandle h;
+    CUdeviceptr a = 0, managed = 0;
+    CUdeviceptr opened;
+
+    OK(cuInit(0));
+    (void)context_on(0);
+    OK(cuMemAlloc_v2(&a, 64 * MIB));
+    OK(cuIpcGetMemHandle(&h, a));
+    /* Only the base of cuMemAlloc memory can be exported. */
+    EXPECT(CUDA_ERROR_INVALID_VALUE, cuIpcGetMemHandle(&h, a + 512));
+    OK(cuMemAllocManaged(&managed, 4096, 1));
+    EXPECT(CUDA_ERROR_INVALID_VALUE, cuIpcGetMemHandle(&h, managed));
+    EXPECT(CUDA_ERROR_INVALID_VALUE, cuIpcGetMemHandle(NULL, a));
+    OK(cuIpcGetMemHandle(&h, a));
+    /* A process cannot open its own handle. */
+    EXPECT(CUDA_ERROR_INVALID_CONTEXT, cuIpcOpenMemHandle_v2(&opened, h, 1));
+    print_handle(&h);
+    wait_parent("exported");
+    printf("ok\n");
+    return 0;
+}
+
+/* Opens a handle from another process: no memory charged, one address per context, refcounted. */
+static int ipc_import(const char *hex, int exporter_alive)
+{
+    CUipcMemHandle h = parse_handle(hex), garbage;
+    CUdeviceptr p = 0, q = 0;
+    size_t before;
+
+    OK(cuInit(0));
+    (void)context_on(0);
+    before = free_mem();
+    if (!exporter_alive) {
+        EXPECT(CUDA_ERROR_INVALID_HANDLE, cuIpcOpenMemHandle_v2(&p, h, 1));
+        printf("ok\n");
+        return 0;
+    }
+    EXPECT(CUDA_ERROR_INVALID_VALUE, cuIpcOpenMemHandle_v2(&p, h, 2));
+    memset(&garbage, 0x5a, sizeof garbage);
+    EXPECT(CUDA_ERROR_INVALID_HANDLE, cuIpcOpenMemHandle_v2(&p, garbage, 1));
+    OK(cuIpcOpenMemHandle_v2(&p, h, 1));
+    OK(cuIpcOpenMemHandle(&q, h, 1));
+    CHECK(p == q && p != 0);
+    CHECK(free_mem() == before); /* the exporter's memory, already counted on the device */
+    EXPECT(CUDA_ERROR_INVALID_VALUE, cuMemFree_v2(p)); /* closed with cuIpcCloseMemHandle */
+    OK(cuIpcCloseMemHandle(p));
+    OK(cuIpcCloseMemHandle(p));
+    EXPECT(CUDA_ERROR_INVALID_VALUE, cuIpcCloseMemHandle(p));
+    printf("ok\n");
+    return 0;
+}
+
+/* cuMemSetAccess on mapped VMM memory, and its refusals. */
+static int set_access(void)
+{
+    CUmemAllocationProp prop;
+    CUmemAccessDesc desc;
+    CUmemGenericAllocationHandle h;
+    CUdeviceptr va;
+
+    OK(cuInit(0));
+    (void)context_on(0);
+    memset(&prop, 0, sizeof prop);
+    prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+    prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    prop.location.id = 0;
+    OK(cuMemCreate(&h, 4 * MIB, &prop, 0));
+    OK(cuMemAddressReserve(&va, 8 * MIB, 0, 0, 0));
+    OK(cuMemMap(va, 4 * MIB, 0, h, 0));
+    desc.location = prop.location;
+    desc.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+    OK(cuMemSetAccess(va, 4 * MIB, &desc, 1));
+    OK(cuMemSetAccess(va + 2 * MIB, 2 * MIB, &desc, 1));
+    /* The second half of the reservation is not mapped. */
+    EXPECT(CUDA_ERROR_INVALID_VALUE, cuMemSetAccess(va, 8 * MIB, &desc, 1));
+    EXPECT(CUDA_ERROR_INVALID_VALUE, cuMemSetAccess(va, 4 * MIB, &desc, 0));
+    EXPECT(CUDA_ERROR_INVALID_VALUE, cuMemSetAccess(va, 4 * MIB, NULL, 1));
+    desc.location.id = 7;
+    EXPECT(CUDA_ERROR_INVALID_DEVICE, cuMemSetAccess(va, 4 * MIB, &desc, 1));
+    desc.location.id = 0;
+    desc.flags = (CUmemAccess_flags)2;
+    EXPECT(CUDA_ERROR_INVALID_VALUE, cuMemSetAccess(va, 4 * MIB, &desc, 1));
+    OK(cuMemUnmap(va, 4 * MIB));
+    EXPECT(CUDA_ERROR_INVALID_VALUE, cuMemSetAccess(va, 4 * MIB, &desc, 1));
+    OK(cuMemRelease(h));
+    OK(cuMemAddressFree(va, 8 * MIB));
+    printf("ok\n");
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     const char *what = argc > 1 ? argv[1] : "";
@@ -808,6 +1033,16 @@ int main(int argc, char **argv)
         return visible();
     if (strcmp(what, "fork") == 0)
         return forked();
+    if (strcmp(what, "copies") == 0)
+        return copies();
+    if (strcmp(what, "free-without-context") == 0)
+        return free_without_context();
+    if (strcmp(what, "ipc-export") == 0)
+        return ipc_export();
+    if (strcmp(what, "ipc-import") == 0 && argc == 4)
+        return ipc_import(argv[2], strcmp(argv[3], "alive") == 0);
+    if (strcmp(what, "set-access") == 0)
+        return set_access();
     fprintf(stderr, "usage: driver-check <scenario> [args]\n");
     return 2;
 }

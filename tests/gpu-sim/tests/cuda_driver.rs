@@ -653,6 +653,41 @@ const PROCS: &[(&str, Rows, Rows)] = &[
     ),
     ("cuMemAllocManaged", &[(6000, "cuMemAllocManaged")], &[]),
     (
+        "cuMemcpyHtoD",
+        &[(2000, "cuMemcpyHtoD"), (3020, "cuMemcpyHtoD_v2")],
+        &[(7000, "cuMemcpyHtoD_v2_ptds")],
+    ),
+    (
+        "cuMemcpyDtoH",
+        &[(2000, "cuMemcpyDtoH"), (3020, "cuMemcpyDtoH_v2")],
+        &[(7000, "cuMemcpyDtoH_v2_ptds")],
+    ),
+    (
+        "cuMemcpyDtoD",
+        &[(2000, "cuMemcpyDtoD"), (3020, "cuMemcpyDtoD_v2")],
+        &[(7000, "cuMemcpyDtoD_v2_ptds")],
+    ),
+    (
+        "cuMemcpyHtoDAsync",
+        &[(2000, "cuMemcpyHtoDAsync"), (3020, "cuMemcpyHtoDAsync_v2")],
+        &[(7000, "cuMemcpyHtoDAsync_v2_ptsz")],
+    ),
+    (
+        "cuMemcpyDtoHAsync",
+        &[(2000, "cuMemcpyDtoHAsync"), (3020, "cuMemcpyDtoHAsync_v2")],
+        &[(7000, "cuMemcpyDtoHAsync_v2_ptsz")],
+    ),
+    ("cuIpcGetMemHandle", &[(4010, "cuIpcGetMemHandle")], &[]),
+    (
+        "cuIpcOpenMemHandle",
+        &[
+            (4010, "cuIpcOpenMemHandle"),
+            (11000, "cuIpcOpenMemHandle_v2"),
+        ],
+        &[],
+    ),
+    ("cuIpcCloseMemHandle", &[(4010, "cuIpcCloseMemHandle")], &[]),
+    (
         "cuMemAllocAsync",
         &[(11020, "cuMemAllocAsync")],
         &[(11020, "cuMemAllocAsync_ptsz")],
@@ -684,6 +719,7 @@ const PROCS: &[(&str, Rows, Rows)] = &[
     ("cuMemAddressFree", &[(10020, "cuMemAddressFree")], &[]),
     ("cuMemMap", &[(10020, "cuMemMap")], &[]),
     ("cuMemUnmap", &[(10020, "cuMemUnmap")], &[]),
+    ("cuMemSetAccess", &[(10020, "cuMemSetAccess")], &[]),
     (
         "cuArrayCreate",
         &[(2000, "cuArrayCreate"), (3020, "cuArrayCreate_v2")],
@@ -906,4 +942,44 @@ fn dlopen_and_dlsym_reach_every_entry_point() {
         .filter_map(|l| l.split_whitespace().nth(2))
         .collect();
     assert_eq!(exported, symbols);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Copies, frees without a context, IPC handles, access rights (what numba and cuda-python use)
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn copies_round_trip_through_every_variant_and_refuse_what_the_driver_refuses() {
+    let node = SimNode::new(NodeSpec::uniform(1, GpuSpec::a100_80gb)).unwrap();
+    scenario(Some(&node), &["copies"]);
+}
+
+#[test]
+fn cu_mem_free_without_a_current_context_frees_by_address() {
+    let node = SimNode::new(NodeSpec::uniform(1, GpuSpec::a100_80gb)).unwrap();
+    let v = scenario(Some(&node), &["free-without-context"]);
+    assert_eq!(num(&v, "freed"), 64 * MIB);
+}
+
+#[test]
+fn ipc_handles_open_in_another_process_without_a_charge_and_die_with_the_exporter() {
+    let node = SimNode::new(NodeSpec::uniform(1, GpuSpec::a100_80gb)).unwrap();
+    let mut exporter = Interactive::start(&node, &["ipc-export"]);
+    let handle = exporter.until("exported")["handle"].clone();
+    let used_by_exporter = node.cuda_state().unwrap().unwrap().devices[0].used_bytes;
+    scenario(Some(&node), &["ipc-import", &handle, "alive"]);
+    // The importer's context is gone with it; the exporter's memory was never charged twice.
+    assert_eq!(
+        node.cuda_state().unwrap().unwrap().devices[0].used_bytes,
+        used_by_exporter
+    );
+    exporter.proceed();
+    exporter.finish();
+    scenario(Some(&node), &["ipc-import", &handle, "gone"]);
+}
+
+#[test]
+fn cu_mem_set_access_needs_mapped_memory_and_a_valid_descriptor() {
+    let node = SimNode::new(NodeSpec::uniform(1, GpuSpec::a100_80gb)).unwrap();
+    scenario(Some(&node), &["set-access"]);
 }

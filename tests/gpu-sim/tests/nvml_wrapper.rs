@@ -956,3 +956,103 @@ fn abi_check() {
     );
     assert!(stdout.contains(", 0 failed"), "{stdout}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// What monitoring tools ask (nvitop, gpustat): answers of an A100 / H100 in a Kubernetes node
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn monitoring_queries_answer_like_a_datacentre_gpu() {
+    use nvml_wrapper::enum_wrappers::device::{
+        Clock, ComputeMode, EccCounter, MemoryError, PerformanceState, TemperatureSensor,
+    };
+    let spec = NodeSpec::new(vec![
+        GpuSpec::a100_80gb(0),
+        GpuSpec::h100_80gb(1),
+        GpuSpec::a100_80gb(2).with_ecc(false),
+    ]);
+    scenario(
+        "monitoring_queries_answer_like_a_datacentre_gpu",
+        &spec,
+        |spec| {
+            let nvml = init();
+            let not_supported = |what: &str, r: Result<u32, NvmlError>| {
+                assert!(
+                    matches!(r, Err(NvmlError::NotSupported)),
+                    "{what}: {r:?}, want NotSupported"
+                );
+            };
+            // (power limit W, max SM MHz, max memory MHz) from the boards' data sheets.
+            for (i, (limit_w, sm_mhz, mem_mhz)) in
+                [(400, 1410, 1593), (700, 1980, 2619), (400, 1410, 1593)]
+                    .into_iter()
+                    .enumerate()
+            {
+                let d = nvml.device_by_index(i as u32).unwrap();
+                let what = &spec.gpus[i].name;
+                assert!(d.running_graphics_processes().unwrap().is_empty(), "{what}");
+                assert!(matches!(d.compute_mode().unwrap(), ComputeMode::Default));
+                assert!(matches!(
+                    d.performance_state().unwrap(),
+                    PerformanceState::Zero
+                ));
+                assert!(d.is_in_persistent_mode().unwrap(), "{what}");
+                assert!(!d.is_display_active().unwrap(), "{what}");
+                assert!(!d.is_display_connected().unwrap(), "{what}");
+                not_supported("fan", d.fan_speed(0));
+                assert_eq!(
+                    d.power_management_limit().unwrap(),
+                    limit_w * 1000,
+                    "{what}"
+                );
+                assert_eq!(d.power_management_limit_default().unwrap(), limit_w * 1000);
+                assert_eq!(d.enforced_power_limit().unwrap(), limit_w * 1000);
+                let power = d.power_usage().unwrap();
+                assert!(
+                    power > 0 && power < limit_w * 1000,
+                    "{what}: idle draw {power} mW"
+                );
+                let temp = d.temperature(TemperatureSensor::Gpu).unwrap();
+                assert!((25..=45).contains(&temp), "{what}: idle {temp} C");
+                assert_eq!(d.max_clock_info(Clock::SM).unwrap(), sm_mhz, "{what}");
+                assert_eq!(d.max_clock_info(Clock::Graphics).unwrap(), sm_mhz, "{what}");
+                assert_eq!(d.max_clock_info(Clock::Memory).unwrap(), mem_mhz, "{what}");
+                // Idle (nothing runs): SM clocks down, memory clock fixed.
+                assert!(d.clock_info(Clock::SM).unwrap() < sm_mhz, "{what}");
+                assert_eq!(d.clock_info(Clock::Memory).unwrap(), mem_mhz, "{what}");
+                for codec in [
+                    d.encoder_utilization().unwrap(),
+                    d.decoder_utilization().unwrap(),
+                ] {
+                    assert_eq!(codec.utilization, 0, "{what}");
+                    assert!(codec.sampling_period > 0, "{what}");
+                }
+            }
+
+            // ECC: counts are the errors injected for that GPU; ECC off counts nothing.
+            let ecc = nvml.device_by_index(0).unwrap();
+            let count = |e: MemoryError, c: EccCounter| ecc.total_ecc_errors(e, c).unwrap();
+            assert!(ecc.is_ecc_enabled().unwrap().currently_enabled);
+            assert_eq!(count(MemoryError::Uncorrected, EccCounter::Volatile), 0);
+            control().inject_ecc_dbe(&spec.gpus[0].uuid).unwrap();
+            control().inject_ecc_sbe(&spec.gpus[0].uuid).unwrap();
+            control().inject_ecc_sbe(&spec.gpus[0].uuid).unwrap();
+            control().inject_ecc_sbe(&spec.gpus[1].uuid).unwrap();
+            assert_eq!(count(MemoryError::Uncorrected, EccCounter::Volatile), 1);
+            assert_eq!(count(MemoryError::Corrected, EccCounter::Volatile), 2);
+            assert_eq!(count(MemoryError::Corrected, EccCounter::Aggregate), 2);
+            let off = nvml.device_by_index(2).unwrap();
+            assert!(!off.is_ecc_enabled().unwrap().currently_enabled);
+            assert!(matches!(
+                off.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile),
+                Err(NvmlError::NotSupported)
+            ));
+
+            // A lost GPU answers GPU_IS_LOST like every other query.
+            control().fail_gpu(&spec.gpus[1].uuid).unwrap();
+            let lost = nvml.device_by_index(1).unwrap();
+            assert!(matches!(lost.power_usage(), Err(NvmlError::GpuLost)));
+            assert!(matches!(lost.fan_speed(0), Err(NvmlError::GpuLost)));
+        },
+    );
+}
