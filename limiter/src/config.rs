@@ -2,10 +2,14 @@
 //! first CUDA/NVML call (never at load), through libc `getenv` (no allocation, no std env lock).
 //!
 //! * `CUDA_DEVICE_MEMORY_LIMIT_<i>` (i = 0..15) and the fallback `CUDA_DEVICE_MEMORY_LIMIT`:
-//!   `strtoul(value, base 0)` times a one-letter suffix `g`/`m`/`k` (either case; none = bytes).
-//!   `0` means "no limit", as in HAMi-core. Unlike HAMi-core, a malformed or overflowing value is
-//!   reported once and **fails closed** (a cap of 0 bytes) instead of silently meaning unlimited.
-//!   An empty value counts as unset.
+//!   **decimal** digits (or `0x` hex) times a one-letter suffix `g`/`m`/`k` (either case; none =
+//!   bytes), surrounding whitespace ignored. `0` means "no limit", as in HAMi-core. HAMi-core's
+//!   `strtoul(value, base 0)` read `010g` as 8 GiB (octal): a leading zero here is just a zero
+//!   (`010g` = 10 GiB); `0x…` stays hex, which cannot be misread. Unlike HAMi-core, a malformed or
+//!   overflowing value is reported once and **fails closed** (a cap of 0 bytes) instead of
+//!   silently meaning unlimited. An empty (or all-blank) value counts as unset. An index the
+//!   container has no device for is reported and fails closed too: see
+//!   [`indexed_beyond`].
 //! * `CUDA_DEVICE_MEMORY_SHARED_CACHE` (default `/tmp/cudevshr.cache`): the shared-region path,
 //!   read here for the region crate; opened (created if missing) only by a process with a cap.
 //! * `LIBCUDA_LOG_LEVEL`: see [`crate::log`].
@@ -41,7 +45,7 @@ impl LimitError {
         match self {
             Self::NoDigits => "no number",
             Self::TrailingGarbage => {
-                "unexpected characters after the number and optional g/m/k suffix"
+                "characters other than decimal (or 0x hex) digits and one optional g/m/k suffix"
             }
             Self::Negative => "negative",
             Self::Overflow => "too large for 64 bits",
@@ -49,17 +53,42 @@ impl LimitError {
     }
 }
 
-/// Parses one limit value: `strtoul(…, 0)` (decimal, `0x` hex, leading-`0` octal, leading
-/// whitespace and `+` allowed) followed by at most one of `g G m M k K`.
-pub(crate) fn parse_limit(value: &[u8]) -> Result<Limit, LimitError> {
-    let mut s = value;
-    while let [first, rest @ ..] = s {
-        if first.is_ascii_whitespace() {
-            s = rest;
-        } else {
-            break;
-        }
+/// Decimal digits to a number; `None` without digits or with anything else, `Some(Err)` on
+/// overflow.
+fn decimal(digits: &[u8]) -> Option<Result<u64, ()>> {
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
     }
+    Some(digits.iter().try_fold(0u64, |n, &b| {
+        n.checked_mul(10)
+            .and_then(|n| n.checked_add(u64::from(b - b'0')))
+            .ok_or(())
+    }))
+}
+
+/// Decimal digits, or hex after `0x`/`0X` (unambiguous, and HAMi-core's `strtoul` base 0 took
+/// it); a leading `0` is just a zero, never octal.
+fn number(digits: &[u8]) -> Option<Result<u64, ()>> {
+    match digits {
+        [b'0', b'x' | b'X', hex @ ..] => {
+            if hex.is_empty() || !hex.iter().all(u8::is_ascii_hexdigit) {
+                return None;
+            }
+            Some(hex.iter().try_fold(0u64, |n, &b| {
+                let d = (b as char).to_digit(16).unwrap_or(0);
+                n.checked_mul(16)
+                    .and_then(|n| n.checked_add(u64::from(d)))
+                    .ok_or(())
+            }))
+        }
+        _ => decimal(digits),
+    }
+}
+
+/// Parses one limit value: optional `+`, a [`number`], at most one of `g G m M k K`; blanks
+/// around it are ignored.
+pub(crate) fn parse_limit(value: &[u8]) -> Result<Limit, LimitError> {
+    let mut s = value.trim_ascii();
     if s.is_empty() {
         return Ok(Limit::Unlimited);
     }
@@ -74,27 +103,12 @@ pub(crate) fn parse_limit(value: &[u8]) -> Result<Limit, LimitError> {
         Some(b'k' | b'K') => (1u64 << 10, &s[..s.len() - 1]),
         _ => (1, s),
     };
-    let (radix, body) = if digits.len() > 2 && digits[0] == b'0' && (digits[1] | 0x20) == b'x' {
-        (16, &digits[2..])
-    } else if digits.len() > 1 && digits[0] == b'0' {
-        (8, &digits[1..])
-    } else {
-        (10, digits)
+    let n = match number(digits) {
+        Some(Ok(n)) => n,
+        Some(Err(())) => return Err(LimitError::Overflow),
+        None if digits.is_empty() => return Err(LimitError::NoDigits),
+        None => return Err(LimitError::TrailingGarbage),
     };
-    if body.is_empty() {
-        return Err(LimitError::NoDigits);
-    }
-    let mut n: u64 = 0;
-    for &b in body {
-        let d = match (b as char).to_digit(radix) {
-            Some(d) => u64::from(d),
-            None => return Err(LimitError::TrailingGarbage),
-        };
-        n = n
-            .checked_mul(u64::from(radix))
-            .and_then(|n| n.checked_add(d))
-            .ok_or(LimitError::Overflow)?;
-    }
     let bytes = n.checked_mul(multiplier).ok_or(LimitError::Overflow)?;
     Ok(if bytes == 0 {
         Limit::Unlimited
@@ -163,6 +177,45 @@ const PER_DEVICE_NAMES: [&CStr; MAX_DEVICES] = [
     c"CUDA_DEVICE_MEMORY_LIMIT_15",
 ];
 
+/// A per-device variable (`CUDA_DEVICE_MEMORY_LIMIT_<i>` or `CUDA_DEVICE_SM_LIMIT_<i>`) that is
+/// set for an index `i` at or beyond `count`, the number of devices the container has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Beyond {
+    pub(crate) name: &'static CStr,
+    pub(crate) value: &'static [u8],
+    pub(crate) index: usize,
+    /// `true` for the memory limit, `false` for the SM limit.
+    pub(crate) memory: bool,
+}
+
+/// The per-device limit variables (non-blank) that name a device index `>= count`. Such a value
+/// cannot mean what it says; the caller reports each and applies its strictest meaning (a cap
+/// on every device) instead of ignoring it.
+pub(crate) fn indexed_beyond(
+    lookup: impl Fn(&CStr) -> Option<&'static [u8]>,
+    count: usize,
+) -> Vec<Beyond> {
+    let memory = PER_DEVICE_NAMES.iter().map(|n| (*n, true));
+    let sm = crate::sm::config::PER_DEVICE_NAMES
+        .iter()
+        .map(|n| (*n, false));
+    memory
+        .chain(sm)
+        .enumerate()
+        .map(|(i, (name, memory))| (i % MAX_DEVICES, name, memory))
+        .filter(|&(index, _, _)| index >= count)
+        .filter_map(|(index, name, memory)| {
+            let value = lookup(name).filter(|v| !v.trim_ascii().is_empty())?;
+            Some(Beyond {
+                name,
+                value,
+                index,
+                memory,
+            })
+        })
+        .collect()
+}
+
 /// `CUDA_DEVICE_MEMORY_SHARED_CACHE` or the default path (opened by [`crate::budget`]).
 /// `CUDA_OVERSUBSCRIBE`: `true` (any case) or `1` enables the managed-memory fallback.
 pub(crate) fn oversubscribe_from(value: Option<&[u8]>) -> bool {
@@ -194,9 +247,58 @@ mod tests {
         assert_eq!(parse_limit(b"1024m"), Ok(Limit::Bytes(GIB)));
         assert_eq!(parse_limit(b"1048576k"), Ok(Limit::Bytes(GIB)));
         assert_eq!(parse_limit(b"1073741824"), Ok(Limit::Bytes(GIB)));
-        assert_eq!(parse_limit(b"0x40000000"), Ok(Limit::Bytes(GIB)));
-        assert_eq!(parse_limit(b"010"), Ok(Limit::Bytes(8)));
         assert_eq!(parse_limit(b" +2m"), Ok(Limit::Bytes(2 << 20)));
+    }
+
+    #[test]
+    fn numbers_are_decimal_and_blanks_around_them_are_ignored() {
+        assert_eq!(
+            parse_limit(b"010g"),
+            Ok(Limit::Bytes(10 * GIB)),
+            "not octal"
+        );
+        assert_eq!(parse_limit(b"010"), Ok(Limit::Bytes(10)));
+        assert_eq!(
+            parse_limit(b"0009m"),
+            Ok(Limit::Bytes(9 << 20)),
+            "9 is no octal digit"
+        );
+        assert_eq!(parse_limit(b" 1g\n"), Ok(Limit::Bytes(GIB)));
+        assert_eq!(parse_limit(b"\t3000m  "), Ok(Limit::Bytes(3000 << 20)));
+        assert_eq!(parse_limit(b"   "), Ok(Limit::Unlimited), "blank = unset");
+        assert_eq!(
+            parse_limit(b"0x40000000"),
+            Ok(Limit::Bytes(GIB)),
+            "0x is hex"
+        );
+        assert_eq!(parse_limit(b"0x"), Err(LimitError::TrailingGarbage));
+        assert_eq!(parse_limit(b"0xg"), Err(LimitError::TrailingGarbage));
+        assert_eq!(parse_limit(b"1 g"), Err(LimitError::TrailingGarbage));
+    }
+
+    #[test]
+    fn per_device_variables_beyond_the_devices_are_found() {
+        let env = |name: &CStr| -> Option<&'static [u8]> {
+            match name.to_bytes() {
+                b"CUDA_DEVICE_MEMORY_LIMIT_0" => Some(b"1g"),
+                b"CUDA_DEVICE_MEMORY_LIMIT_1" => Some(b"2g"),
+                b"CUDA_DEVICE_MEMORY_LIMIT_3" => Some(b" "),
+                b"CUDA_DEVICE_SM_LIMIT_15" => Some(b"20"),
+                _ => None,
+            }
+        };
+        let found = indexed_beyond(env, 1);
+        assert_eq!(
+            found
+                .iter()
+                .map(|b| (b.name.to_bytes(), b.index, b.memory))
+                .collect::<Vec<_>>(),
+            vec![
+                (&b"CUDA_DEVICE_MEMORY_LIMIT_1"[..], 1, true),
+                (&b"CUDA_DEVICE_SM_LIMIT_15"[..], 15, false)
+            ]
+        );
+        assert!(indexed_beyond(env, 16).is_empty());
     }
 
     #[test]
@@ -230,7 +332,7 @@ mod tests {
             Err(LimitError::Overflow)
         );
         assert_eq!(parse_limit(b"17179869184g"), Err(LimitError::Overflow));
-        assert_eq!(parse_limit(b"08"), Err(LimitError::TrailingGarbage));
+        assert_eq!(parse_limit(b"8x"), Err(LimitError::TrailingGarbage));
     }
 
     #[test]

@@ -10,16 +10,14 @@
 
 use crate::config::{self, MAX_DEVICES};
 use crate::ffi::{CUDA_SUCCESS, CUdevice, NVML_SUCCESS, NVML_UUID_BUFFER};
-use crate::log::{WARN, log_at};
+use crate::log::{ERROR, WARN, log_at};
+use crate::sync::InitOnce;
 use crate::table::real;
 use std::ffi::{CStr, c_char, c_int, c_uint};
 use std::sync::atomic::{AtomicU8, Ordering};
 
-const NOT_STARTED: u8 = 0;
-const RUNNING: u8 = 1;
-const READY: u8 = 2;
-
-static STATE: AtomicU8 = AtomicU8::new(NOT_STARTED);
+/// Computed (fork- and re-entry-aware: see [`crate::sync`]). Until then ordinals map to themselves.
+static STATE: InitOnce = InitOnce::new();
 static MAP: [AtomicU8; MAX_DEVICES] = [const { AtomicU8::new(0) }; MAX_DEVICES];
 /// How many devices CUDA sees (valid once `STATE` is `READY`).
 static COUNT: AtomicU8 = AtomicU8::new(0);
@@ -29,9 +27,9 @@ static COUNT: AtomicU8 = AtomicU8::new(0);
 /// driver for the current context's device. `None` with several devices or before `cuInit`.
 #[inline]
 pub(crate) fn only_device() -> Option<usize> {
-    if STATE.load(Ordering::Acquire) != READY {
+    if !STATE.is_done() {
         compute();
-        if STATE.load(Ordering::Acquire) != READY {
+        if !STATE.is_done() {
             return None;
         }
     }
@@ -41,10 +39,10 @@ pub(crate) fn only_device() -> Option<usize> {
 /// The container index of CUDA ordinal `ordinal`; `None` beyond the 16 devices HAMi supports.
 pub(crate) fn container_index(ordinal: CUdevice) -> Option<usize> {
     let o = usize::try_from(ordinal).ok().filter(|&o| o < MAX_DEVICES)?;
-    if STATE.load(Ordering::Acquire) != READY {
+    if !STATE.is_done() {
         compute();
     }
-    Some(if STATE.load(Ordering::Acquire) == READY {
+    Some(if STATE.is_done() {
         usize::from(MAP[o].load(Ordering::Relaxed))
     } else {
         o
@@ -53,35 +51,75 @@ pub(crate) fn container_index(ordinal: CUdevice) -> Option<usize> {
 
 #[cold]
 fn compute() {
-    if STATE
-        .compare_exchange(NOT_STARTED, RUNNING, Ordering::AcqRel, Ordering::Acquire)
-        .is_err()
-    {
-        while STATE.load(Ordering::Acquire) == RUNNING {
-            std::hint::spin_loop();
-            // SAFETY: sched_yield has no preconditions.
-            unsafe { libc::sched_yield() };
-        }
+    // Done by another thread, or re-entered from inside this computation (the driver or NVML
+    // calling back into a hook): the caller uses the identity for now.
+    let Ok(claim) = STATE.claim() else {
         return;
-    }
+    };
     let mut count: c_int = 0;
     let counted = real::cuDeviceGetCount().is_some_and(|f| {
         // SAFETY: `count` is a valid out-pointer for cuDeviceGetCount.
         unsafe { f(&mut count) == CUDA_SUCCESS }
     });
     if !counted {
-        // Not initialised yet: identity for now, try again next time.
-        STATE.store(NOT_STARTED, Ordering::Release);
+        // Not initialised yet: identity for now, try again next time (dropping the claim).
         return;
     }
     let count = usize::try_from(count).unwrap_or(0).min(MAX_DEVICES);
     let visible = config::getenv(c"CUDA_VISIBLE_DEVICES");
+    if visible.is_none() && count > 0 {
+        // Without CUDA_VISIBLE_DEVICES, CUDA sees every device of the container.
+        enforce_indices_below(count);
+    }
     let map = map_visible(visible, count, &mut NvmlUuids::default());
     for (slot, v) in MAP.iter().zip(map) {
         slot.store(v, Ordering::Relaxed);
     }
     COUNT.store(count as u8, Ordering::Relaxed);
-    STATE.store(READY, Ordering::Release);
+    claim.finish();
+}
+
+/// A per-device limit variable naming index `i >= count` (the container has devices 0..count)
+/// cannot mean what it says — most likely an off-by-one or a variable meant for another pod — and
+/// ignoring it could leave the device it was meant for uncapped. So it is reported (one line
+/// naming the variable, the value and the accepted form) and applied with its strictest meaning:
+/// as a cap on every device (a malformed value: 0 bytes / the fail-closed SM share).
+fn enforce_indices_below(count: usize) {
+    for b in config::indexed_beyond(config::getenv, count) {
+        let name = b.name.to_str().unwrap_or("?");
+        let family = if b.memory {
+            "CUDA_DEVICE_MEMORY_LIMIT"
+        } else {
+            "CUDA_DEVICE_SM_LIMIT"
+        };
+        log_at!(
+            ERROR,
+            "{name}={:?} names device {}, but this container has {count} device(s); expected \
+             {family}_<i> with i from 0 to {}. Applying it to every device instead.",
+            String::from_utf8_lossy(b.value),
+            b.index,
+            count - 1
+        );
+        if b.memory {
+            let bytes = match config::parse_limit(b.value) {
+                Ok(config::Limit::Bytes(n)) => n,
+                Ok(config::Limit::Unlimited) => continue, // "no cap" restricts nothing
+                Err(_) => 0,
+            };
+            for dev in 0..count {
+                crate::budget::shared().tighten_limit(dev, bytes);
+            }
+        } else {
+            let percent = match crate::sm::config::parse_sm_limit(b.value) {
+                Ok(Some(p)) => p,
+                Ok(None) => continue,
+                Err(_) => crate::sm::config::FAIL_CLOSED_PERCENT,
+            };
+            for dev in 0..count {
+                crate::sm::tighten_env_cap(dev, percent);
+            }
+        }
+    }
 }
 
 /// The UUIDs (`GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`) of the devices CUDA sees, indexed by

@@ -3,9 +3,16 @@
 //!
 //! Messages are formatted into a stack buffer and written with one `write(2)`: no allocation, no
 //! locks, usable from any hook. Nothing is ever printed before the first CUDA/NVML call.
+//!
+//! **Refusals** (an allocation or context refused at the cap: the cap doing its job, decided by
+//! the tenant's own requests) go through [`log_refusal!`]: a warning, so `LIBCUDA_LOG_LEVEL` 0 or
+//! 1 silences them as HAMi-core's levels silence its warnings, and at most **one line per second
+//! per process**, the next line saying how many were left out. A program that retries a refused
+//! allocation in a loop once printed 677 MB of stderr; the exact count is in the region's
+//! refused counter (and the agent's metrics) anyway.
 
 use std::fmt::{self, Write as _};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
 pub(crate) const ERROR: i32 = 0;
 pub(crate) const WARN: i32 = 2;
@@ -98,9 +105,94 @@ macro_rules! log_at {
 }
 pub(crate) use log_at;
 
+/// When the last refusal line was written (`CLOCK_MONOTONIC_COARSE` ns; 0 = never).
+static LAST_REFUSAL_NS: AtomicU64 = AtomicU64::new(0);
+/// Refusals not written since the last line.
+static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
+/// The least time between two refusal lines.
+const REFUSAL_INTERVAL_NS: u64 = 1_000_000_000;
+
+fn monotonic_coarse_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer; the coarse clock exists on every Linux since 2.6.32 (vDSO).
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    (ts.tv_sec.max(0) as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec.max(0) as u64)
+        .max(1) // 0 means "never"
+}
+
+/// Whether a refusal seen at `now` (ns) may be written: at most one per [`REFUSAL_INTERVAL_NS`];
+/// `Some(n)` with the number left out since the last line, `None` when this one is left out.
+/// Lock-free: one thread wins the window with a compare-exchange, the others count themselves.
+fn refusal_window(now: u64) -> Option<u64> {
+    let last = LAST_REFUSAL_NS.load(Ordering::Relaxed);
+    if (last == 0 || now.saturating_sub(last) >= REFUSAL_INTERVAL_NS)
+        && LAST_REFUSAL_NS
+            .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+    {
+        return Some(SUPPRESSED.swap(0, Ordering::AcqRel));
+    }
+    SUPPRESSED.fetch_add(1, Ordering::Relaxed);
+    None
+}
+
+/// Writes one refusal line if the rate allows (see the module docs); call through
+/// [`log_refusal!`], which checks the level first.
+pub(crate) fn refusal(args: fmt::Arguments<'_>) {
+    let Some(left_out) = refusal_window(monotonic_coarse_ns()) else {
+        return;
+    };
+    if left_out == 0 {
+        emit(WARN, args);
+    } else {
+        emit(
+            WARN,
+            format_args!(
+                "{args} ({left_out} more refusals not shown: at most one line per second)"
+            ),
+        );
+    }
+}
+
+/// Logs a refusal at the cap: a warning, at most one line per second per process.
+macro_rules! log_refusal {
+    ($($arg:tt)*) => {{
+        if $crate::log::enabled($crate::log::WARN) {
+            $crate::log::refusal(format_args!($($arg)*))
+        }
+    }};
+}
+pub(crate) use log_refusal;
+
 #[cfg(test)]
 mod tests {
-    use super::atoi;
+    use super::*;
+
+    #[test]
+    fn refusals_get_one_line_per_second_and_count_the_rest() {
+        // One test drives the process-wide window (unit tests share the statics).
+        let t0 = 5_000_000_000;
+        assert_eq!(refusal_window(t0), Some(0), "the first is written");
+        for i in 1..=9 {
+            assert_eq!(
+                refusal_window(t0 + i * 10_000_000),
+                None,
+                "within the second"
+            );
+        }
+        assert_eq!(refusal_window(t0 + 999_999_999), None);
+        assert_eq!(
+            refusal_window(t0 + 1_000_000_000),
+            Some(10),
+            "the next second's line counts the ten left out"
+        );
+        assert_eq!(refusal_window(t0 + 3_000_000_000), Some(0));
+    }
 
     #[test]
     fn atoi_reads_like_c() {

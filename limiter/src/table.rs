@@ -48,6 +48,10 @@ macro_rules! interpose {
             $( $lib:ident fn $name:ident ( $($arg:ident : $ty:ty),* $(,)? ) -> $ret:ty
                 [$base:literal, $since:literal, $pt:literal] => $body:path; )*
         }
+        launches {
+            $( $llib:ident fn $lname:ident ( $($larg:ident : $lty:ty),* $(,)? ) -> $lret:ty
+                [$lbase:literal, $lsince:literal, $lpt:literal] => $lbody:path; )*
+        }
         calls {
             $( $ilib:ident fn $iname:ident ( $($ity:ty),* $(,)? ) -> $iret:ty; )*
         }
@@ -56,7 +60,7 @@ macro_rules! interpose {
         #[allow(non_camel_case_types, dead_code)]
         #[derive(Debug, Clone, Copy)]
         #[repr(usize)]
-        pub(crate) enum Sym { $($name,)* $($iname,)* }
+        pub(crate) enum Sym { $($name,)* $($lname,)* $($iname,)* }
 
         pub(crate) static ENTRIES: &[Entry] = &[
             $( Entry {
@@ -68,6 +72,14 @@ macro_rules! interpose {
                 per_thread: $pt,
             }, )*
             $( Entry {
+                name: cstr(concat!(stringify!($lname), "\0").as_bytes()),
+                lib: Lib::$llib,
+                hooked: true,
+                base: $lbase,
+                since: $lsince,
+                per_thread: $lpt,
+            }, )*
+            $( Entry {
                 name: cstr(concat!(stringify!($iname), "\0").as_bytes()),
                 lib: Lib::$ilib,
                 hooked: false,
@@ -77,7 +89,8 @@ macro_rules! interpose {
             }, )*
         ];
 
-        const COUNT: usize = [$(stringify!($name),)* $(stringify!($iname),)*].len();
+        const COUNT: usize =
+            [$(stringify!($name),)* $(stringify!($lname),)* $(stringify!($iname),)*].len();
 
         /// Real addresses: 0 = not resolved yet, 1 = missing, else the address.
         pub(crate) static SLOTS: [AtomicUsize; COUNT] = [const { AtomicUsize::new(0) }; COUNT];
@@ -99,6 +112,16 @@ macro_rules! interpose {
             )*
             $(
                 #[inline]
+                pub(crate) fn $lname() -> Option<unsafe extern "C" fn($($lty),*) -> $lret> {
+                    let addr = crate::real::resolve(Sym::$lname as usize);
+                    // SAFETY: as above — dlsym's address for this name and declared prototype.
+                    (addr != 0).then(|| unsafe {
+                        std::mem::transmute::<usize, unsafe extern "C" fn($($lty),*) -> $lret>(addr)
+                    })
+                }
+            )*
+            $(
+                #[inline]
                 pub(crate) fn $iname() -> Option<unsafe extern "C" fn($($ity),*) -> $iret> {
                     let addr = crate::real::resolve(Sym::$iname as usize);
                     // SAFETY: as above — dlsym's address for this name and declared prototype.
@@ -112,10 +135,30 @@ macro_rules! interpose {
         $(
             #[unsafe(no_mangle)]
             pub unsafe extern "C" fn $name($($arg: $ty),*) -> $ret {
+                crate::guard::hook(
+                    ERROR_UNKNOWN,
+                    || {
+                        // SAFETY: called by C with the driver's contract for this entry point,
+                        // which the body relies on exactly as the real function would.
+                        unsafe { $body($($arg),*) }
+                    },
+                    // Re-entered from inside one of our hooks: the real function, untouched.
+                    || match real::$name() {
+                        // SAFETY: the caller's arguments, forwarded under the same contract.
+                        Some(f) => unsafe { f($($arg),*) },
+                        None => crate::real::unavailable(Lib::$lib),
+                    },
+                )
+            }
+        )*
+
+        $(
+            #[unsafe(no_mangle)]
+            pub unsafe extern "C" fn $lname($($larg: $lty),*) -> $lret {
                 crate::guard::ffi(ERROR_UNKNOWN, || {
                     // SAFETY: called by C with the driver's contract for this entry point, which
                     // the body relies on exactly as the real function would.
-                    unsafe { $body($($arg),*) }
+                    unsafe { $lbody($($larg),*) }
                 })
             }
         )*
@@ -123,6 +166,7 @@ macro_rules! interpose {
         /// The address of our export for row `idx`, 0 for rows we do not export.
         pub(crate) fn hook_address(idx: usize) -> usize {
             $( if idx == Sym::$name as usize { return $name as *const () as usize; } )*
+            $( if idx == Sym::$lname as usize { return $lname as *const () as usize; } )*
             0
         }
     };
@@ -232,6 +276,22 @@ interpose! {
         Cuda fn cuDeviceTotalMem_v2(bytes: *mut usize, dev: CUdevice) -> CUresult
             ["cuDeviceTotalMem", 3020, false] => meminfo::device_total_mem;
 
+        Cuda fn cuGetProcAddress(symbol: *const c_char, pfn: *mut *mut c_void, version: c_int,
+                flags: u64) -> CUresult
+            ["cuGetProcAddress", 11030, false] => procaddr::get_proc_address;
+        Cuda fn cuGetProcAddress_v2(symbol: *const c_char, pfn: *mut *mut c_void, version: c_int,
+                flags: u64, status: *mut c_int) -> CUresult
+            ["cuGetProcAddress", 12000, false] => procaddr::get_proc_address_v2;
+
+        Nvml fn nvmlInit() -> NvmlReturn ["", 0, false] => nvml::init_v1;
+        Nvml fn nvmlInit_v2() -> NvmlReturn ["", 0, false] => nvml::init_v2;
+        Nvml fn nvmlDeviceGetMemoryInfo(device: Handle, memory: *mut NvmlMemory) -> NvmlReturn
+            ["", 0, false] => nvml::device_memory_info;
+        Nvml fn nvmlDeviceGetMemoryInfo_v2(device: Handle, memory: *mut NvmlMemoryV2) -> NvmlReturn
+            ["", 0, false] => nvml::device_memory_info_v2;
+    }
+    // The hot path: no re-entry flag (see `guard`); the SM gate's slow paths detect re-entry.
+    launches {
         Cuda fn cuLaunchKernel(f: Handle, gx: c_uint, gy: c_uint, gz: c_uint, bx: c_uint,
                 by: c_uint, bz: c_uint, shmem: c_uint, stream: Handle,
                 params: *mut *mut c_void, extra: *mut *mut c_void) -> CUresult
@@ -258,23 +318,10 @@ interpose! {
             ["cuGraphLaunch", 10000, false] => launch::graph_launch;
         Cuda fn cuGraphLaunch_ptsz(exec: Handle, stream: Handle) -> CUresult
             ["cuGraphLaunch", 10000, true] => launch::graph_launch_ptsz;
-
-        Cuda fn cuGetProcAddress(symbol: *const c_char, pfn: *mut *mut c_void, version: c_int,
-                flags: u64) -> CUresult
-            ["cuGetProcAddress", 11030, false] => procaddr::get_proc_address;
-        Cuda fn cuGetProcAddress_v2(symbol: *const c_char, pfn: *mut *mut c_void, version: c_int,
-                flags: u64, status: *mut c_int) -> CUresult
-            ["cuGetProcAddress", 12000, false] => procaddr::get_proc_address_v2;
-
-        Nvml fn nvmlInit() -> NvmlReturn ["", 0, false] => nvml::init_v1;
-        Nvml fn nvmlInit_v2() -> NvmlReturn ["", 0, false] => nvml::init_v2;
-        Nvml fn nvmlDeviceGetMemoryInfo(device: Handle, memory: *mut NvmlMemory) -> NvmlReturn
-            ["", 0, false] => nvml::device_memory_info;
-        Nvml fn nvmlDeviceGetMemoryInfo_v2(device: Handle, memory: *mut NvmlMemoryV2) -> NvmlReturn
-            ["", 0, false] => nvml::device_memory_info_v2;
     }
     calls {
         Cuda fn cuCtxGetDevice(*mut CUdevice) -> CUresult;
+        Cuda fn cuCtxGetCurrent(*mut Handle) -> CUresult;
         Cuda fn cuStreamIsCapturing(Handle, *mut c_int) -> CUresult;
         Cuda fn cuStreamIsCapturing_ptsz(Handle, *mut c_int) -> CUresult;
         Cuda fn cuDeviceGetCount(*mut c_int) -> CUresult;

@@ -27,19 +27,21 @@
 //! instead reads its process's NVML per-process usage once at start-up, which needs the host PID,
 //! and charges only primary contexts.
 //!
-//! Known gap: destroying a context frees what was allocated in it, but allocations are recorded
-//! by pointer, not by context, so their charges stay until the process exits.
+//! Destroying a context frees what was allocated in it: the allocation tables remember each
+//! allocation's context ([`crate::budget::context_destroyed`], `primary_context_gone`), so
+//! `cuCtxDestroy*` and the primary context's last release or reset credit them too.
 
 use crate::budget::{CONTEXTS, Charge, budget};
 use crate::config::MAX_DEVICES;
 use crate::devices;
 use crate::ffi::*;
-use crate::log::{DEBUG, ERROR, log_at};
+use crate::log::{DEBUG, ERROR, log_at, log_refusal};
 use crate::real::{Lib, unavailable};
 use crate::state;
+use crate::sync::{SpinGuard, SpinLock};
 use crate::table::real;
 use std::ffi::{c_int, c_uint, c_void};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use vgpu_region::MemoryKind;
 
 /// Charged when the size cannot be measured (no NVML): a typical CUDA 12 context on a
@@ -56,27 +58,17 @@ static PRIMARY_REFS: [AtomicU32; MAX_DEVICES] = [const { AtomicU32::new(0) }; MA
 static PRIMARY_CHARGE: [AtomicU64; MAX_DEVICES] = [const { AtomicU64::new(0) }; MAX_DEVICES];
 /// Serialises context creation/destruction on capped devices (rare calls), so a measurement is
 /// not confused by this process's other contexts and the primary reference count stays exact.
-/// A spin lock on an atomic (not a `Mutex`) so the fork handler can release it in the child, where
-/// the thread that held it at `fork` no longer exists.
-static LOCK: AtomicBool = AtomicBool::new(false);
+/// A [`SpinLock`] (not a `Mutex`): a fork child takes it over from a holder that does not exist
+/// there, and the fork handler releases it too.
+static LOCK: SpinLock = SpinLock::new();
 
-struct Locked;
-
-impl Drop for Locked {
-    fn drop(&mut self) {
-        LOCK.store(false, Ordering::Release);
-    }
-}
+/// Held [`LOCK`]; `None` inside when this thread already held it (cannot happen through the
+/// exports, which forward re-entered calls to the driver: see `crate::guard`), so that an inner
+/// use never releases the outer one's lock.
+struct Locked(#[allow(dead_code)] Option<SpinGuard<'static>>);
 
 fn lock() -> Locked {
-    while LOCK
-        .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
-        .is_err()
-    {
-        // SAFETY: sched_yield has no preconditions.
-        unsafe { libc::sched_yield() };
-    }
-    Locked
+    Locked(LOCK.lock().ok())
 }
 
 /// Fork child: the child has no contexts (the driver does not survive `fork`). Atomics only.
@@ -85,7 +77,7 @@ pub(crate) fn reset_after_fork() {
         r.store(0, Ordering::Relaxed);
         c.store(0, Ordering::Relaxed);
     }
-    LOCK.store(false, Ordering::Release);
+    LOCK.force_unlock();
 }
 
 /// The capped container device behind CUDA ordinal `ordinal`, if any.
@@ -190,8 +182,7 @@ fn charged_create(
 }
 
 fn refuse(dev: usize, usage: u64, bytes: u64, limit: u64) {
-    log_at!(
-        ERROR,
+    log_refusal!(
         "Device {dev} OOM: {usage} + {bytes} bytes of a new context exceeds the limit of {limit} bytes"
     );
 }
@@ -288,6 +279,7 @@ fn ctx_destroy(ctx: Handle, call: impl FnOnce() -> CUresult) -> CUresult {
     };
     let rc = call();
     if rc == CUDA_SUCCESS {
+        crate::budget::context_destroyed(key); // the driver freed what was allocated in it
         budget().credit_kind(charge.dev as usize, MemoryKind::Context, charge.bytes);
         log_at!(
             DEBUG,
@@ -362,6 +354,7 @@ fn primary_dropped(ordinal: CUdevice, drop_all: bool, call: impl FnOnce() -> CUr
     let left = if drop_all { 0 } else { refs - 1 };
     PRIMARY_REFS[dev].store(left, Ordering::Release);
     if left == 0 {
+        crate::budget::primary_context_gone(dev); // the driver freed what was allocated in it
         let bytes = PRIMARY_CHARGE[dev].swap(0, Ordering::AcqRel);
         if bytes > 0 {
             budget().credit_kind(dev, MemoryKind::Context, bytes);

@@ -29,11 +29,12 @@ use crate::budget::budget;
 use crate::devices;
 use crate::ffi::*;
 use crate::hooks::current_device;
-use crate::log::{DEBUG, ERROR, log_at};
+use crate::log::{DEBUG, log_at, log_refusal};
 use crate::real::{Lib, unavailable};
 use crate::state;
+use crate::sync::SpinLock;
 use crate::table::real;
-use std::sync::Mutex;
+use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 /// The granularity of the driver's graph memory pool.
@@ -51,11 +52,20 @@ struct GraphAlloc {
     epoch: u32,
 }
 
-static ALLOCS: Mutex<Vec<GraphAlloc>> = Mutex::new(Vec::new());
+/// Guarded by [`ALLOCS_LOCK`] (a [`SpinLock`], not a `Mutex`: a forked child takes it over from a
+/// holder that does not exist there, and a re-entering thread is told instead of waiting on
+/// itself). `UnsafeCell` access only through [`with_allocs`].
+struct Allocs(UnsafeCell<Vec<GraphAlloc>>);
+// SAFETY: the vector is only reached through `with_allocs`, which holds `ALLOCS_LOCK`.
+unsafe impl Sync for Allocs {}
+static ALLOCS: Allocs = Allocs(UnsafeCell::new(Vec::new()));
+static ALLOCS_LOCK: SpinLock = SpinLock::new();
 /// Live entries (a lock-free "are there any" for the free paths).
 static COUNT: AtomicUsize = AtomicUsize::new(0);
 /// Bumped in a forked child, whose entries from the parent are void (atomics only).
 static EPOCH: AtomicU32 = AtomicU32::new(0);
+/// The epoch the vector was last used in.
+static VEC_EPOCH: AtomicU32 = AtomicU32::new(0);
 
 /// Fork child: forget every graph allocation without taking the lock. Atomics only.
 pub(crate) fn reset_after_fork() {
@@ -63,11 +73,22 @@ pub(crate) fn reset_after_fork() {
     COUNT.store(0, Ordering::Release);
 }
 
-fn with_allocs<R>(f: impl FnOnce(&mut Vec<GraphAlloc>) -> R) -> R {
-    let mut v = ALLOCS.lock().unwrap_or_else(|e| e.into_inner());
+fn with_allocs<R: Default>(f: impl FnOnce(&mut Vec<GraphAlloc>) -> R) -> R {
+    // Re-entered while this thread holds the lock (not reachable through the exports, which
+    // forward re-entered calls to the driver): nothing is recorded or found.
+    let Ok(_held) = ALLOCS_LOCK.lock() else {
+        return R::default();
+    };
+    // SAFETY: `ALLOCS_LOCK` is held, so this is the only reference to the vector.
+    let v = unsafe { &mut *ALLOCS.0.get() };
     let epoch = EPOCH.load(Ordering::Acquire);
+    if VEC_EPOCH.swap(epoch, Ordering::AcqRel) != epoch {
+        // First use in a fork child: the parent's vector may have been half-way through a
+        // reallocation when another thread forked; leak it (once per fork) rather than read it.
+        std::mem::forget(std::mem::take(v));
+    }
     v.retain(|a| a.epoch == epoch);
-    let r = f(&mut v);
+    let r = f(v);
     COUNT.store(v.len(), Ordering::Release);
     r
 }
@@ -98,8 +119,7 @@ fn charged_node(
 ) -> CUresult {
     let bytes = graph_reserved(bytes);
     if let Err(over) = budget().try_charge(dev, bytes) {
-        log_at!(
-            ERROR,
+        log_refusal!(
             "Device {dev} OOM: {} + {bytes} bytes of graph memory requested exceeds the limit \
              of {} bytes",
             over.usage,

@@ -25,7 +25,7 @@ use crate::budget::{
 use crate::devices;
 use crate::ffi::*;
 use crate::hooks::{current_device, graph};
-use crate::log::{DEBUG, ERROR, log_at};
+use crate::log::{DEBUG, ERROR, log_at, log_refusal};
 use crate::real::{Lib, unavailable};
 use crate::state;
 use crate::table::real;
@@ -61,8 +61,7 @@ fn tracked_alloc<const N: usize>(
         return call().0;
     };
     if let Err(over) = b.try_charge_within(dev, MemoryKind::Data, bytes, limit) {
-        log_at!(
-            ERROR,
+        log_refusal!(
             "Device {dev} OOM: {} + {bytes} bytes requested exceeds the limit of {} bytes",
             over.usage,
             over.limit
@@ -81,9 +80,10 @@ fn tracked_alloc<const N: usize>(
     if !table.insert(key, charge) {
         undo(key);
         b.credit(dev, bytes);
+        crate::budget::count_refusal();
         log_at!(
             ERROR,
-            "allocation table full; refusing {bytes} bytes on device {dev}"
+            "cannot record the allocation (no memory to grow the allocation table); refusing {bytes} bytes on device {dev}"
         );
         return CUDA_ERROR_OUT_OF_MEMORY;
     }
@@ -269,10 +269,7 @@ fn pitched(width: u64, height: u64, call: impl FnOnce() -> (CUresult, u64, u64))
     }
     // Re-record with the full size (the key was inserted a moment ago by this thread).
     if budget().try_charge(dev, extra).is_err() {
-        log_at!(
-            ERROR,
-            "Device {dev} OOM: pitched allocation needs {extra} more bytes"
-        );
+        log_refusal!("Device {dev} OOM: pitched allocation needs {extra} more bytes");
         return CUDA_ERROR_OUT_OF_MEMORY; // the caller's pointer is freed below
     }
     CUDA_SUCCESS

@@ -1,10 +1,11 @@
 //! The SM-cap environment, read once by the lazy initialisation (never at load):
 //!
 //! * `CUDA_DEVICE_SM_LIMIT_<i>` (i = 0..15) over the fallback `CUDA_DEVICE_SM_LIMIT`: percent of the
-//!   device's time the container may use. `strtoul(value, base 0)` like HAMi-core, but only digits:
-//!   `0`, `100` and anything above 100 mean "no cap" (HAMi-core's `rate_limiter` fast exit); empty
-//!   counts as unset. Unlike HAMi-core, a malformed value (letters, a suffix, a sign, overflow) is
-//!   reported once and **fails closed** to [`FAIL_CLOSED_PERCENT`], as the memory limits do.
+//!   device's time the container may use, **decimal** digits (a leading zero is a zero, not
+//!   octal), blanks around them ignored: `0` and `100` mean "no cap" (HAMi-core's `rate_limiter`
+//!   fast exit); empty counts as unset. Unlike HAMi-core, a value that cannot be a percentage
+//!   (letters, a suffix, a sign, hex, more than 100) is reported once and **fails closed** to
+//!   [`FAIL_CLOSED_PERCENT`], as the memory limits do (HAMi-core read `150` as "no cap").
 //! * `GPU_CORE_UTILIZATION_POLICY`: `force`/`FORCE` caps always, `disable`/`DISABLE` never,
 //!   anything else (or unset) follows the region's `utilization_switch`, as HAMi-core.
 //! * `CUDA_TASK_PRIORITY`: `atoi`, default 1 (HAMi: 0 high, 1 low); written into a region this
@@ -24,21 +25,22 @@ pub(crate) enum SmLimitError {
     NoDigits,
     NotANumber,
     Negative,
-    Overflow,
+    /// Above 100 (including anything too large for 64 bits).
+    OutOfRange,
 }
 
 impl SmLimitError {
     pub(crate) fn describe(self) -> &'static str {
         match self {
             Self::NoDigits => "no number",
-            Self::NotANumber => "characters other than digits",
+            Self::NotANumber => "characters other than decimal digits",
             Self::Negative => "negative",
-            Self::Overflow => "too large for 64 bits",
+            Self::OutOfRange => "more than 100 percent",
         }
     }
 }
 
-/// Parses one value: `Ok(None)` = no cap (empty, 0, ≥ 100), `Ok(Some(p))` = cap of p percent
+/// Parses one value: `Ok(None)` = no cap (empty, 0, 100), `Ok(Some(p))` = cap of p percent
 /// (1..=99).
 pub(crate) fn parse_sm_limit(value: &[u8]) -> Result<Option<u8>, SmLimitError> {
     let s = value.trim_ascii();
@@ -50,30 +52,25 @@ pub(crate) fn parse_sm_limit(value: &[u8]) -> Result<Option<u8>, SmLimitError> {
         b'+' => &s[1..],
         _ => s,
     };
-    let (radix, body) = if s.len() > 2 && s[0] == b'0' && (s[1] | 0x20) == b'x' {
-        (16, &s[2..])
-    } else if s.len() > 1 && s[0] == b'0' {
-        (8, &s[1..])
-    } else {
-        (10, s)
-    };
-    if body.is_empty() {
+    if s.is_empty() {
         return Err(SmLimitError::NoDigits);
     }
-    let mut n: u64 = 0;
-    for &b in body {
-        let d = (b as char)
-            .to_digit(radix)
-            .ok_or(SmLimitError::NotANumber)?;
-        n = n
-            .checked_mul(u64::from(radix))
-            .and_then(|n| n.checked_add(u64::from(d)))
-            .ok_or(SmLimitError::Overflow)?;
+    if !s.iter().all(u8::is_ascii_digit) {
+        return Err(SmLimitError::NotANumber);
     }
-    Ok(match n {
-        1..=99 => Some(n as u8),
-        _ => None,
-    })
+    // Leading zeros first, so that `0050` is 50 and a long run of them is no overflow.
+    let significant = &s[s.iter().take_while(|&&b| b == b'0').count()..];
+    if significant.len() > 3 {
+        return Err(SmLimitError::OutOfRange);
+    }
+    let n = significant
+        .iter()
+        .fold(0u32, |n, &b| n * 10 + u32::from(b - b'0'));
+    match n {
+        0 | 100 => Ok(None),
+        1..=99 => Ok(Some(n as u8)),
+        _ => Err(SmLimitError::OutOfRange),
+    }
 }
 
 /// Per-device SM caps in percent (`None` = uncapped); the indexed variable wins. Each malformed
@@ -127,7 +124,7 @@ pub(crate) fn priority_from(value: Option<&[u8]>) -> i32 {
     value.map_or(vgpu_region::layout::DEFAULT_PRIORITY, atoi)
 }
 
-const PER_DEVICE_NAMES: [&CStr; MAX_DEVICES] = [
+pub(crate) const PER_DEVICE_NAMES: [&CStr; MAX_DEVICES] = [
     c"CUDA_DEVICE_SM_LIMIT_0",
     c"CUDA_DEVICE_SM_LIMIT_1",
     c"CUDA_DEVICE_SM_LIMIT_2",
@@ -151,16 +148,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn percentages_parse_and_0_or_100_or_more_mean_uncapped() {
+    fn percentages_parse_decimal_and_0_or_100_mean_uncapped() {
         assert_eq!(parse_sm_limit(b"30"), Ok(Some(30)));
         assert_eq!(parse_sm_limit(b" +50 "), Ok(Some(50)));
-        assert_eq!(parse_sm_limit(b"0x1e"), Ok(Some(30)));
-        assert_eq!(parse_sm_limit(b"010"), Ok(Some(8)));
+        assert_eq!(parse_sm_limit(b"\t50\n"), Ok(Some(50)));
+        assert_eq!(parse_sm_limit(b"010"), Ok(Some(10)), "decimal, not octal");
+        assert_eq!(parse_sm_limit(b"0000000000000000000000050"), Ok(Some(50)));
         assert_eq!(parse_sm_limit(b"1"), Ok(Some(1)));
         assert_eq!(parse_sm_limit(b"99"), Ok(Some(99)));
-        for v in [&b"0"[..], b"100", b"150", b"", b"  "] {
+        for v in [&b"0"[..], b"100", b"0100", b"", b"  "] {
             assert_eq!(parse_sm_limit(v), Ok(None), "{v:?}");
         }
+    }
+
+    #[test]
+    fn values_outside_0_to_100_are_rejected() {
+        for v in [&b"101"[..], b"150", b"1000", b"99999999999999999999"] {
+            assert_eq!(parse_sm_limit(v), Err(SmLimitError::OutOfRange), "{v:?}");
+        }
+        assert_eq!(
+            parse_sm_limit(b"0x1e"),
+            Err(SmLimitError::NotANumber),
+            "no hex"
+        );
     }
 
     #[test]
@@ -171,10 +181,6 @@ mod tests {
         assert_eq!(parse_sm_limit(b"-5"), Err(SmLimitError::Negative));
         assert_eq!(parse_sm_limit(b"0x"), Err(SmLimitError::NotANumber));
         assert_eq!(parse_sm_limit(b"+"), Err(SmLimitError::NoDigits));
-        assert_eq!(
-            parse_sm_limit(b"99999999999999999999"),
-            Err(SmLimitError::Overflow)
-        );
     }
 
     #[test]

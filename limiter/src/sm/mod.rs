@@ -27,6 +27,7 @@ pub(crate) mod watcher;
 use crate::budget;
 use crate::config::{MAX_DEVICES, getenv};
 use crate::log::{ERROR, log_at};
+use crate::sync::InitOnce;
 use config::Policy;
 use gate::Gate;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU8, AtomicU32, Ordering};
@@ -35,13 +36,14 @@ use vgpu_region::layout::RECENT_KERNEL_ACTIVE;
 use vgpu_region::{LaunchGate, Region, RegionConfig};
 
 const UNKNOWN: u8 = 0;
-const DECIDING: u8 = 1;
 /// No region and no cap: launches pass straight through.
 const OFF: u8 = 2;
 /// A region (priority protocol) and/or SM caps.
 const ON: u8 = 3;
 
 static MODE: AtomicU8 = AtomicU8::new(UNKNOWN);
+/// Guards [`decide`] (fork- and re-entry-aware; `MODE` stays `UNKNOWN` until it is done).
+static DECIDE: InitOnce = InitOnce::new();
 /// Effective cap per container device index, percent; 0 = none.
 pub(crate) static CAPS: [AtomicU8; MAX_DEVICES] = [const { AtomicU8::new(0) }; MAX_DEVICES];
 static POLICY: AtomicU8 = AtomicU8::new(0);
@@ -59,7 +61,7 @@ pub(crate) struct SmEnv {
     pub(crate) priority: i32,
 }
 
-static ENV_STATE: AtomicU8 = AtomicU8::new(0);
+static ENV_STATE: InitOnce = InitOnce::new();
 static ENV_CAPS: [AtomicU8; MAX_DEVICES] = [const { AtomicU8::new(0) }; MAX_DEVICES];
 static ENV_PRIORITY: AtomicI32 = AtomicI32::new(1);
 static ENV_ANY_CAP: AtomicBool = AtomicBool::new(false);
@@ -71,7 +73,7 @@ static RECENT_KERNEL: AtomicPtr<AtomicI32> = AtomicPtr::new(std::ptr::null_mut()
 
 /// The SM environment (read on first use; reports malformed values once).
 pub(crate) fn env() -> SmEnv {
-    if ENV_STATE.load(Ordering::Acquire) != 2 {
+    if !ENV_STATE.is_done() {
         read_env();
     }
     SmEnv {
@@ -86,17 +88,11 @@ pub(crate) fn env() -> SmEnv {
 
 #[cold]
 fn read_env() {
-    if ENV_STATE
-        .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
-        .is_err()
-    {
-        while ENV_STATE.load(Ordering::Acquire) != 2 {
-            std::hint::spin_loop();
-            // SAFETY: sched_yield has no preconditions.
-            unsafe { libc::sched_yield() };
-        }
+    // Reading the environment calls no hook, so re-entry cannot happen here; a fork child whose
+    // parent was half-way through reads it again (see `crate::sync`).
+    let Ok(claim) = ENV_STATE.claim() else {
         return;
-    }
+    };
     let caps = config::sm_limits_from(getenv, |name, value, err| {
         log_at!(
             ERROR,
@@ -117,7 +113,7 @@ fn read_env() {
         config::priority_from(getenv(c"CUDA_TASK_PRIORITY")),
         Ordering::Relaxed,
     );
-    ENV_STATE.store(2, Ordering::Release);
+    claim.finish();
 }
 
 fn policy_of(v: u8) -> Policy {
@@ -128,10 +124,25 @@ fn policy_of(v: u8) -> Policy {
     }
 }
 
+/// Lowers the environment's SM cap of container device `dev` to at most `percent` (a per-device
+/// variable naming a device the container does not have: see `crate::devices`). Runs before
+/// [`decide`], which makes sure of that by computing the device map first.
+pub(crate) fn tighten_env_cap(dev: usize, percent: u8) {
+    if !ENV_STATE.is_done() {
+        read_env();
+    }
+    if let Some(slot) = ENV_CAPS.get(dev) {
+        let _ = slot.fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
+            Some(if c == 0 { percent } else { c.min(percent) })
+        });
+        ENV_ANY_CAP.store(true, Ordering::Release);
+    }
+}
+
 /// Whether the environment caps any device's SM time (then the region is opened even without a
 /// memory cap, as HAMi-core always has one).
 pub(crate) fn wants_region() -> bool {
-    if ENV_STATE.load(Ordering::Acquire) != 2 {
+    if !ENV_STATE.is_done() {
         read_env();
     }
     ENV_ANY_CAP.load(Ordering::Relaxed)
@@ -214,18 +225,15 @@ pub(crate) fn capping_now(region: Option<&Region>) -> bool {
 
 #[cold]
 fn decide() {
-    if MODE
-        .compare_exchange(UNKNOWN, DECIDING, Ordering::AcqRel, Ordering::Acquire)
-        .is_err()
-    {
-        while MODE.load(Ordering::Acquire) == DECIDING {
-            std::hint::spin_loop();
-            // SAFETY: sched_yield has no preconditions.
-            unsafe { libc::sched_yield() };
-        }
+    // Decided by another thread, or re-entered (a launch from inside the driver while this thread
+    // opens the region): such a launch passes ungated, `MODE` is still `UNKNOWN`.
+    let Ok(claim) = DECIDE.claim() else {
         return;
-    }
+    };
     crate::state::ensure();
+    // The device map first: it applies per-device variables that name absent devices to the
+    // environment's caps read just below.
+    let _ = crate::devices::only_device();
     let env = env();
     let region = budget::registered_region();
     let mut any_cap = false;
@@ -268,6 +276,7 @@ fn decide() {
         OFF
     };
     MODE.store(mode, Ordering::Release);
+    claim.finish();
 }
 
 /// The container index of the device a launch runs on: the only device this process sees (as

@@ -1,5 +1,7 @@
-/* Calls our hooks (reached with RTLD_NEXT from the program, i.e. the preloaded exports) on a
- * machine without libcuda.so.1 / libnvidia-ml.so.1: each must return an error code. */
+/* Calls our hooks on a machine without libcuda.so.1 / libnvidia-ml.so.1: each must return an
+ * error code. They are reached as a directly linked program reaches them, through weak references
+ * the dynamic linker binds to the preloaded exports (not through dlsym(RTLD_NEXT, ...), which
+ * without a driver answers NULL, as it does without the preload). */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <stddef.h>
@@ -9,11 +11,15 @@ typedef int (*init_fn)(unsigned int);
 typedef int (*alloc_fn)(unsigned long long *, size_t);
 typedef int (*nvml_init_fn)(void);
 
+int cuInit(unsigned int) __attribute__((weak));
+int cuMemAlloc_v2(unsigned long long *, size_t) __attribute__((weak));
+int nvmlInit_v2(void) __attribute__((weak));
+
 int main(void)
 {
-    init_fn cu_init = (init_fn)dlsym(RTLD_NEXT, "cuInit");
-    alloc_fn cu_alloc = (alloc_fn)dlsym(RTLD_NEXT, "cuMemAlloc_v2");
-    nvml_init_fn nvml_init = (nvml_init_fn)dlsym(RTLD_NEXT, "nvmlInit_v2");
+    init_fn cu_init = cuInit;
+    alloc_fn cu_alloc = cuMemAlloc_v2;
+    nvml_init_fn nvml_init = nvmlInit_v2;
     unsigned long long p = 0;
     if (!cu_init || !cu_alloc || !nvml_init) {
         printf("hooks not reachable\n");
