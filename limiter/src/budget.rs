@@ -9,8 +9,13 @@
 //!   first time a capped device's limit or usage is needed — an allocation, a memory query — never
 //!   at load and never in a process without a cap (`CUDA_DEVICE_MEMORY_LIMIT*` unset or 0: no file
 //!   is created and every hook passes through). The process takes a slot on its first charge.
-//! * **The file's limits win** (HAMi-core's "Limit inconsistency" rule): a region created by an
-//!   earlier process keeps its caps; a disagreement is reported once.
+//! * **The strictest limit wins.** A process enforces the smaller of its own environment's cap and
+//!   the region's (read on every allocation, so a limit the node rewrites takes effect at once); a
+//!   region whose recorded limit is looser than (or missing from) a process's valid cap is lowered
+//!   to it when the process opens it, never raised. So the first process to create the region
+//!   does not decide the cap for the others (one with a malformed limit, or with only an SM cap,
+//!   records 0 = unlimited; the next process with a valid limit repairs it). A disagreement is
+//!   reported once.
 //! * **Fails closed.** If the region cannot be opened (permissions, a foreign or corrupt file, no
 //!   free slot), one line goes to stderr (always, like HAMi-core's errors) and every allocation on
 //!   a capped device is refused with `CUDA_ERROR_OUT_OF_MEMORY`.
@@ -30,7 +35,7 @@ use crate::log::{ERROR, WARN, log_at};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 use vgpu_region::{MemoryKind, Region, RegionConfig};
 
 /// An allocation that does not fit.
@@ -72,10 +77,6 @@ pub(crate) trait Budget: Sync {
 
 const UNLIMITED: u64 = u64::MAX;
 
-const NOT_OPENED: u8 = 0;
-const OPENING: u8 = 1;
-const OPENED: u8 = 2;
-
 /// The container's budget, kept in the shared region.
 #[derive(Debug)]
 pub(crate) struct SharedBudget {
@@ -83,7 +84,11 @@ pub(crate) struct SharedBudget {
     limits: [AtomicU64; MAX_DEVICES],
     /// Whether the environment capped any device (decides whether the region is opened at all).
     env_capped: AtomicBool,
-    open_state: AtomicU8,
+    /// Whether the region, once opened, holds a memory limit for any device (then those devices are
+    /// capped even where this process's environment says nothing).
+    file_capped: AtomicBool,
+    /// Opened (or failed); fork- and re-entry-aware, see `crate::sync`.
+    open_state: crate::sync::InitOnce,
     /// The mapped region, leaked for the process's lifetime; null when it could not be opened.
     region: AtomicPtr<Region>,
     registration_reported: AtomicBool,
@@ -96,7 +101,8 @@ impl SharedBudget {
         Self {
             limits: [const { AtomicU64::new(UNLIMITED) }; MAX_DEVICES],
             env_capped: AtomicBool::new(false),
-            open_state: AtomicU8::new(NOT_OPENED),
+            file_capped: AtomicBool::new(false),
+            open_state: crate::sync::InitOnce::new(),
             region: AtomicPtr::new(std::ptr::null_mut()),
             registration_reported: AtomicBool::new(false),
             device_info_written: AtomicBool::new(false),
@@ -120,12 +126,20 @@ impl SharedBudget {
         self.env_capped.store(any, Ordering::Release);
     }
 
+    /// Lowers device `dev`'s cap to at most `bytes`, never raising it (a per-device variable that
+    /// names a device the container does not have applies to every device: `crate::devices`).
+    pub(crate) fn tighten_limit(&self, dev: usize, bytes: u64) {
+        if let Some(slot) = self.limits.get(dev) {
+            slot.fetch_min(bytes.min(UNLIMITED - 1), Ordering::AcqRel);
+        }
+    }
+
     /// The region, opening it on first use; `None` without a cap or when it cannot be opened.
     fn region(&self) -> Option<&'static Region> {
         if !self.env_capped.load(Ordering::Acquire) && !crate::sm::wants_region() {
             return None;
         }
-        if self.open_state.load(Ordering::Acquire) != OPENED {
+        if !self.open_state.is_done() {
             self.open_slow();
         }
         let p = self.region.load(Ordering::Acquire);
@@ -135,18 +149,11 @@ impl SharedBudget {
 
     #[cold]
     fn open_slow(&self) {
-        if self
-            .open_state
-            .compare_exchange(NOT_OPENED, OPENING, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
-        {
-            while self.open_state.load(Ordering::Acquire) != OPENED {
-                std::hint::spin_loop();
-                // SAFETY: sched_yield has no preconditions.
-                unsafe { libc::sched_yield() };
-            }
+        // Opened by another thread, or re-entered from inside the opening (then: no region yet,
+        // capped devices refuse): never wait for ourselves or for a thread a fork left behind.
+        let Ok(claim) = self.open_state.claim() else {
             return;
-        }
+        };
         let path = Path::new(OsStr::from_bytes(config::shared_cache_path().to_bytes()));
         let mut cfg = RegionConfig::default();
         crate::sm::fill_region_config(&mut cfg);
@@ -156,28 +163,30 @@ impl SharedBudget {
         }
         match Region::open_or_create(path, &cfg) {
             Ok(region) => {
-                if let Some(m) = &region.open_report().limit_mismatch
+                let report = region.open_report();
+                if let Some(m) = &report.limit_mismatch
                     && m.file_limits != m.requested_limits
                 {
                     log_at!(
                         WARN,
                         "Limit inconsistency: {} holds memory limits {:?}, the environment asks for \
-                         {:?}; the file's limits are in force",
+                         {:?}; the stricter of the two is in force{}",
                         path.display(),
                         nonzero(&m.file_limits),
-                        nonzero(&m.requested_limits)
+                        nonzero(&m.requested_limits),
+                        if report.memory_limits_tightened.is_empty() {
+                            ""
+                        } else {
+                            " (the file was lowered to the environment's)"
+                        }
                     );
                 }
-                for (d, slot) in self.limits.iter().enumerate() {
-                    // A malformed variable's cap of 0 (fail closed) is this process's alone: the
-                    // file cannot say "0 bytes" (0 means unlimited there), so it is kept.
-                    if slot.load(Ordering::Acquire) == 0 {
-                        continue;
-                    }
-                    if let Ok(l) = region.limit(d) {
-                        slot.store(if l == 0 { UNLIMITED } else { l }, Ordering::Release);
-                    }
-                }
+                // A malformed variable's cap of 0 (fail closed) stays this process's alone: the file
+                // cannot say "0 bytes" (0 means unlimited there). Every other cap is combined with the
+                // file's on each use (`Budget::limit`).
+                let any_file_limit =
+                    (0..MAX_DEVICES).any(|d| region.limit(d).is_ok_and(|l| l != 0));
+                self.file_capped.store(any_file_limit, Ordering::Release);
                 self.region
                     .store(Box::into_raw(Box::new(region)), Ordering::Release);
             }
@@ -187,7 +196,7 @@ impl SharedBudget {
                  (check CUDA_DEVICE_MEMORY_SHARED_CACHE and the file's permissions)"
             ),
         }
-        self.open_state.store(OPENED, Ordering::Release);
+        claim.finish();
     }
 
     /// The region with this process registered in a slot; `None` (reported once) otherwise.
@@ -205,6 +214,7 @@ impl SharedBudget {
                 if !self.device_info_written.swap(true, Ordering::AcqRel) {
                     write_device_info(region);
                 }
+                record_host_pid(region);
                 Some(region)
             }
             Err(e) => {
@@ -233,6 +243,15 @@ impl SharedBudget {
         let Some(region) = self.registered() else {
             return Err(OverCap { usage: 0, limit });
         };
+        if bytes > limit {
+            // Absurd sizes (SIZE_MAX, a pitch × height that overflowed and saturated): refused
+            // before anything is written; reaping could not make them fit.
+            let _ = region.add_refused();
+            return Err(OverCap {
+                usage: region.device_usage(dev).unwrap_or(0),
+                limit,
+            });
+        }
         let attempt = || {
             region
                 .try_add_usage(dev, kind, bytes, limit)
@@ -287,14 +306,24 @@ extern "C" fn release_slot_at_exit() {
 }
 
 impl Budget for SharedBudget {
+    /// The stricter of the environment's cap and the region's (0 in the file = none). Read from the
+    /// region on every call: a tenant raising the file's word gains nothing (the environment still
+    /// bounds it) and the node lowering it takes effect at the next allocation.
     fn limit(&self, dev: usize) -> Option<u64> {
-        let _ = self.region(); // the file's limits replace the environment's once opened
-        let v = self.limits.get(dev)?.load(Ordering::Acquire);
-        (v != UNLIMITED).then_some(v)
+        let file = self
+            .region()
+            .and_then(|r| r.limit(dev).ok())
+            .filter(|&l| l != 0);
+        let env = self.limits.get(dev)?.load(Ordering::Acquire);
+        match (env, file) {
+            (UNLIMITED, file) => file,
+            (env, Some(file)) => Some(env.min(file)),
+            (env, None) => Some(env),
+        }
     }
 
     fn any_limit(&self) -> bool {
-        self.env_capped.load(Ordering::Acquire)
+        self.env_capped.load(Ordering::Acquire) || self.file_capped.load(Ordering::Acquire)
     }
 
     fn usage(&self, dev: usize) -> u64 {
@@ -339,6 +368,18 @@ impl Budget for SharedBudget {
 }
 
 static SHARED: SharedBudget = SharedBudget::new();
+
+/// Writes this process's host PID into its slot, as HAMi-core does at initialisation: the node's
+/// monitor, its metrics and its backstop know processes by host PID, memory-only containers included
+/// (the SM watcher, which also needs it, runs only under an SM cap). Asked once per slot taken, of the
+/// agent's broker (bounded by its timeout; a missing socket fails at once).
+fn record_host_pid(region: &Region) {
+    if let (Some(pid), Some(slot)) = (crate::sm::hostpid::resolve().pid(), region.slot_index())
+        && let Some(s) = region.layout().procs.get(slot)
+    {
+        s.hostpid.store(pid, Ordering::Release);
+    }
+}
 
 /// The active backend.
 pub(crate) fn budget() -> &'static dyn Budget {
@@ -386,101 +427,311 @@ const EMPTY: u64 = 0;
 const TOMBSTONE: u64 = u64::MAX;
 const BUSY: u64 = u64::MAX - 1;
 
-/// A fixed-capacity, lock-free open-addressing map from an allocation's key (device pointer, VMM
-/// handle, array handle) to what it charged. Keys 0, `u64::MAX` and `u64::MAX - 1` are reserved
-/// (no driver hands those out). Writers claim a slot by CAS to `BUSY`, fill the value, then
-/// publish the key with `Release`; readers treat `BUSY` like a tombstone.
+/// Context tag of an allocation made in the primary context of its device (`Charge::dev`).
+const PRIMARY_TAG: u64 = 1;
+
+/// Segments a table can grow to: segment `i` holds `N << i` entries, so the first segment's
+/// capacity times 2^18 − 1 in all (8.6 × 10⁹ allocations for [`DEVICE_PTRS`]) — far beyond what
+/// memory allows, so the only real bound is the process's memory (32 bytes per entry).
+const MAX_SEGMENTS: usize = 18;
+/// Positions probed per segment before the next segment is tried (or grown).
+const PROBE: usize = 32;
+
+/// One entry; all-zero is a valid empty entry, so a segment is `alloc_zeroed` memory.
+#[repr(C)]
+struct Entry {
+    key: AtomicU64,
+    bytes: AtomicU64,
+    /// The context the allocation was made in: [`PRIMARY_TAG`], or a `cuCtxCreate*` handle.
+    tag: AtomicU64,
+    dev: AtomicU32,
+}
+
+/// A growable, lock-free open-addressing map from an allocation's key (device pointer, VMM
+/// handle, array handle, context) to what it charged.
 ///
-/// Only allocation and free paths use it (never `cuLaunchKernel`), so a linear probe is fine.
+/// It never refuses for lack of room below the cap: when the probe window of every segment is
+/// full, a segment twice the size of the last is allocated (`alloc_zeroed`, never freed, so readers
+/// need no reclamation) — the old fixed `AllocTable<32768>` refused allocation 32,769 at 428 MiB
+/// of a 4 GiB cap. Only a failed allocation of a new segment (the process is out of memory)
+/// refuses an insert; the hooks then refuse the allocation, and it is counted in the slot's
+/// refused word like any refusal.
+///
+/// Keys 0, `u64::MAX` and `u64::MAX - 1` are reserved (no driver hands those out). Writers claim
+/// an entry by CAS to `BUSY`, fill the value, then publish the key with `Release`; readers treat
+/// `BUSY` like a tombstone. Tagged tables remember the context each allocation was made in, so a
+/// context's teardown can give its allocations back ([`context_destroyed`]).
 #[derive(Debug)]
 pub(crate) struct AllocTable<const N: usize> {
-    keys: [AtomicU64; N],
-    bytes: [AtomicU64; N],
-    devs: [AtomicU32; N],
+    segments: [AtomicPtr<Entry>; MAX_SEGMENTS],
+    tagged: bool,
+    /// Live entries (kept only for the context table, which allocations ask "any?").
+    counted: bool,
+    live: AtomicU64,
+}
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Entry")
+    }
 }
 
 impl<const N: usize> AllocTable<N> {
-    pub(crate) const fn new() -> Self {
-        assert!(N.is_power_of_two());
+    const fn with(tagged: bool, counted: bool) -> Self {
+        assert!(N.is_power_of_two() && N >= PROBE);
         Self {
-            keys: [const { AtomicU64::new(EMPTY) }; N],
-            bytes: [const { AtomicU64::new(0) }; N],
-            devs: [const { AtomicU32::new(0) }; N],
+            segments: [const { AtomicPtr::new(std::ptr::null_mut()) }; MAX_SEGMENTS],
+            tagged,
+            counted,
+            live: AtomicU64::new(0),
         }
     }
 
-    fn start(key: u64) -> usize {
-        // Fibonacci hashing; device pointers are aligned, so the low bits alone would cluster.
-        (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize & (N - 1)
+    pub(crate) const fn new() -> Self {
+        Self::with(false, false)
     }
 
-    /// Records `key`; `false` when the table is full or the key is reserved.
+    fn layout(seg: usize) -> Option<std::alloc::Layout> {
+        std::alloc::Layout::array::<Entry>(N << seg).ok()
+    }
+
+    /// Segment `seg`, or `None` when it has not been allocated.
+    fn segment(&self, seg: usize) -> Option<&[Entry]> {
+        let p = self.segments[seg].load(Ordering::Acquire);
+        // SAFETY: non-null pointers were stored by `grow` from `alloc_zeroed` of `N << seg`
+        // entries and are never freed; all-zero `Entry`s are valid atomics.
+        (!p.is_null()).then(|| unsafe { std::slice::from_raw_parts(p, N << seg) })
+    }
+
+    /// Allocates segment `seg` (or returns the one another thread allocated meanwhile).
+    #[cold]
+    fn grow(&self, seg: usize) -> Option<&[Entry]> {
+        let layout = Self::layout(seg)?;
+        // SAFETY: the layout has a non-zero size (N >= PROBE > 0).
+        let fresh = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<Entry>();
+        if fresh.is_null() {
+            return None;
+        }
+        if let Err(winner) = self.segments[seg].compare_exchange(
+            std::ptr::null_mut(),
+            fresh,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            // SAFETY: `fresh` came from `alloc_zeroed(layout)` just above and was never shared.
+            unsafe { std::alloc::dealloc(fresh.cast(), layout) };
+            let _ = winner;
+        }
+        self.segment(seg)
+    }
+
+    fn start(key: u64, len: usize) -> usize {
+        // Fibonacci hashing; device pointers are aligned, so the low bits alone would cluster.
+        (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 20) as usize & (len - 1)
+    }
+
+    /// Records `key`; `false` when the key is reserved or no segment can take it (out of memory).
+    #[inline]
     pub(crate) fn insert(&self, key: u64, charge: Charge) -> bool {
         if key == EMPTY || key >= BUSY {
             return false;
         }
-        let start = Self::start(key);
-        for i in 0..N {
-            let slot = (start + i) & (N - 1);
-            let current = self.keys[slot].load(Ordering::Acquire);
-            if (current == EMPTY || current == TOMBSTONE)
-                && self.keys[slot]
-                    .compare_exchange(current, BUSY, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-            {
-                self.bytes[slot].store(charge.bytes, Ordering::Relaxed);
-                self.devs[slot].store(charge.dev, Ordering::Relaxed);
-                self.keys[slot].store(key, Ordering::Release);
+        let tag = if self.tagged { context_tag() } else { 0 };
+        // The first segment inline (the common case: it is allocated and has room); the rest, and
+        // growing, out of line.
+        if let Some(entries) = self.segment(0)
+            && Self::claim(entries, key, charge, tag)
+        {
+            if self.counted {
+                self.live.fetch_add(1, Ordering::AcqRel);
+            }
+            return true;
+        }
+        self.insert_slow(key, charge, tag)
+    }
+
+    #[cold]
+    fn insert_slow(&self, key: u64, charge: Charge, tag: u64) -> bool {
+        for seg in 0..MAX_SEGMENTS {
+            let Some(entries) = self.segment(seg).or_else(|| self.grow(seg)) else {
+                return false;
+            };
+            if Self::claim(entries, key, charge, tag) {
+                if self.counted {
+                    self.live.fetch_add(1, Ordering::AcqRel);
+                }
                 return true;
             }
         }
         false
     }
 
-    /// Removes `key` and returns its charge; `None` when it was never recorded.
-    pub(crate) fn remove(&self, key: u64) -> Option<Charge> {
+    /// Puts `key` into a free entry of its probe window in `entries`, if there is one.
+    #[inline]
+    fn claim(entries: &[Entry], key: u64, charge: Charge, tag: u64) -> bool {
+        let len = entries.len();
+        let start = Self::start(key, len);
+        for i in 0..PROBE {
+            let e = &entries[(start + i) & (len - 1)];
+            let current = e.key.load(Ordering::Acquire);
+            if (current == EMPTY || current == TOMBSTONE)
+                && e.key
+                    .compare_exchange(current, BUSY, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            {
+                e.bytes.store(charge.bytes, Ordering::Relaxed);
+                e.dev.store(charge.dev, Ordering::Relaxed);
+                e.tag.store(tag, Ordering::Relaxed);
+                e.key.store(key, Ordering::Release);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The entry holding `key`, if recorded.
+    fn find(&self, key: u64) -> Option<&Entry> {
         if key == EMPTY || key >= BUSY {
             return None;
         }
-        let start = Self::start(key);
-        for i in 0..N {
-            let slot = (start + i) & (N - 1);
-            let current = self.keys[slot].load(Ordering::Acquire);
-            if current == EMPTY {
-                return None;
-            }
-            if current == key
-                && self.keys[slot]
-                    .compare_exchange(key, BUSY, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-            {
-                let charge = Charge {
-                    bytes: self.bytes[slot].load(Ordering::Relaxed),
-                    dev: self.devs[slot].load(Ordering::Relaxed),
-                };
-                self.keys[slot].store(TOMBSTONE, Ordering::Release);
-                return Some(charge);
-            }
-        }
-        None
+        (0..MAX_SEGMENTS)
+            .map_while(|seg| self.segment(seg))
+            .find_map(|entries| {
+                let len = entries.len();
+                let start = Self::start(key, len);
+                (0..PROBE)
+                    .map(|i| &entries[(start + i) & (len - 1)])
+                    .take_while(|e| e.key.load(Ordering::Acquire) != EMPTY)
+                    .find(|e| e.key.load(Ordering::Acquire) == key)
+            })
     }
 
-    /// Forgets everything (fork child). Atomics only.
-    pub(crate) fn clear(&self) {
-        for k in &self.keys {
-            k.store(EMPTY, Ordering::Relaxed);
+    /// Takes `e` (holding `key`) out of the table if `matches(dev, tag)` holds for what it holds
+    /// once claimed, and returns its charge; `None` if another thread took it first or it does not
+    /// match (then it is left as it was).
+    fn take_if(&self, e: &Entry, key: u64, matches: impl Fn(u32, u64) -> bool) -> Option<Charge> {
+        e.key
+            .compare_exchange(key, BUSY, Ordering::AcqRel, Ordering::Acquire)
+            .ok()?;
+        let charge = Charge {
+            bytes: e.bytes.load(Ordering::Relaxed),
+            dev: e.dev.load(Ordering::Relaxed),
+        };
+        if !matches(charge.dev, e.tag.load(Ordering::Relaxed)) {
+            e.key.store(key, Ordering::Release);
+            return None;
         }
+        e.key.store(TOMBSTONE, Ordering::Release);
+        if self.counted {
+            self.live.fetch_sub(1, Ordering::AcqRel);
+        }
+        Some(charge)
+    }
+
+    /// Removes `key` and returns its charge; `None` when it was never recorded.
+    pub(crate) fn remove(&self, key: u64) -> Option<Charge> {
+        let e = self.find(key)?;
+        self.take_if(e, key, |_, _| true)
+    }
+
+    /// Whether `key` is recorded.
+    pub(crate) fn contains(&self, key: u64) -> bool {
+        self.find(key).is_some()
+    }
+
+    /// Live entries (only for tables built with counting).
+    fn live(&self) -> u64 {
+        self.live.load(Ordering::Acquire)
+    }
+
+    /// Removes every entry for which `matches(dev, tag)` holds and hands each to `gone`. A scan of
+    /// the whole table: only for context teardown, which is rare.
+    fn remove_matching(&self, matches: impl Fn(u32, u64) -> bool, mut gone: impl FnMut(Charge)) {
+        for entries in (0..MAX_SEGMENTS).map_while(|seg| self.segment(seg)) {
+            for e in entries {
+                let key = e.key.load(Ordering::Acquire);
+                if key == EMPTY || key >= BUSY {
+                    continue;
+                }
+                if let Some(charge) = self.take_if(e, key, &matches) {
+                    gone(charge);
+                }
+            }
+        }
+    }
+
+    /// Forgets everything (fork child). Atomics only; segments stay allocated.
+    pub(crate) fn clear(&self) {
+        for entries in (0..MAX_SEGMENTS).map_while(|seg| self.segment(seg)) {
+            for e in entries {
+                e.key.store(EMPTY, Ordering::Relaxed);
+            }
+        }
+        self.live.store(0, Ordering::Relaxed);
+    }
+}
+
+/// The context an allocation being recorded now is made in. Without any `cuCtxCreate*` context in
+/// this process (the usual case: the runtime uses primary contexts only) every allocation on a
+/// device is in that device's primary context, and the driver is not asked; otherwise the current
+/// context (`cuCtxGetCurrent`): one of the created contexts, or a primary one.
+#[inline]
+fn context_tag() -> u64 {
+    if CONTEXTS.live() == 0 {
+        return PRIMARY_TAG;
+    }
+    current_context_tag()
+}
+
+#[cold]
+fn current_context_tag() -> u64 {
+    let Some(get) = crate::table::real::cuCtxGetCurrent() else {
+        return PRIMARY_TAG;
+    };
+    let mut ctx: crate::ffi::Handle = std::ptr::null_mut();
+    // SAFETY: a valid out-pointer; cuCtxGetCurrent has no other preconditions.
+    if unsafe { get(&mut ctx) } != crate::ffi::CUDA_SUCCESS {
+        return PRIMARY_TAG;
+    }
+    let h = ctx as u64;
+    if CONTEXTS.contains(h) { h } else { PRIMARY_TAG }
+}
+
+/// Gives back everything allocated in the context `ctx` (a `cuCtxCreate*` handle) after the driver
+/// destroyed it with its allocations. Called by `cuCtxDestroy*`.
+pub(crate) fn context_destroyed(ctx: u64) {
+    credit_matching(|_, tag| tag == ctx);
+}
+
+/// Gives back everything allocated in the primary context of container device `dev` after the
+/// driver destroyed it (last `cuDevicePrimaryCtxRelease`, or `cuDevicePrimaryCtxReset`).
+pub(crate) fn primary_context_gone(dev: usize) {
+    credit_matching(|d, tag| d as usize == dev && tag == PRIMARY_TAG);
+}
+
+fn credit_matching(matches: impl Fn(u32, u64) -> bool + Copy) {
+    let b = shared();
+    let mut credit = |c: Charge| b.credit(c.dev as usize, c.bytes);
+    DEVICE_PTRS.remove_matching(matches, &mut credit);
+    ARRAYS.remove_matching(matches, &mut credit);
+}
+
+/// Counts a refusal that did not come from the cap (an allocation table that could not grow) in
+/// the slot's refused word, the counter the agent's metrics read.
+pub(crate) fn count_refusal() {
+    if let Some(region) = SHARED.registered() {
+        let _ = region.add_refused();
     }
 }
 
 /// Device allocations (`cuMemAlloc*`, `cuMemAllocManaged`, `cuMemAllocAsync`, pools) by pointer.
-pub(crate) static DEVICE_PTRS: AllocTable<32768> = AllocTable::new();
-/// VMM physical allocations (`cuMemCreate`) by handle.
+pub(crate) static DEVICE_PTRS: AllocTable<32768> = AllocTable::with(true, false);
+/// VMM physical allocations (`cuMemCreate`) by handle (they outlive contexts).
 pub(crate) static VMM_HANDLES: AllocTable<4096> = AllocTable::new();
 /// `CUarray` and `CUmipmappedArray` handles.
-pub(crate) static ARRAYS: AllocTable<4096> = AllocTable::new();
+pub(crate) static ARRAYS: AllocTable<4096> = AllocTable::with(true, false);
 /// Contexts made by `cuCtxCreate*` (primary contexts are counted per device instead).
-pub(crate) static CONTEXTS: AllocTable<1024> = AllocTable::new();
+pub(crate) static CONTEXTS: AllocTable<1024> = AllocTable::with(false, true);
 
 /// The fork-child reset: usage and every table. Only atomics.
 pub(crate) fn reset_after_fork() {
@@ -511,12 +762,11 @@ mod tests {
 
     #[test]
     fn table_records_removes_and_reuses_slots() {
-        let t: AllocTable<8> = AllocTable::new();
+        let t: AllocTable<32> = AllocTable::new();
         let c = |bytes| Charge { dev: 1, bytes };
         for k in 1..=8u64 {
             assert!(t.insert(k << 20, c(k)));
         }
-        assert!(!t.insert(9 << 20, c(9)), "full");
         assert_eq!(t.remove(3 << 20), Some(c(3)));
         assert_eq!(t.remove(3 << 20), None, "second free is unknown");
         assert!(t.insert(9 << 20, c(9)), "tombstone reused");
@@ -525,5 +775,50 @@ mod tests {
         assert!(!t.insert(0, c(1)), "null is never tracked");
         t.clear();
         assert_eq!(t.remove(1 << 20), None);
+    }
+
+    #[test]
+    fn table_grows_instead_of_refusing_far_below_the_cap() {
+        // The old fixed table of 32,768 entries refused allocation 32,769; this one starts with 32
+        // entries and must take 100,000 (and give every one back exactly once).
+        let t: AllocTable<32> = AllocTable::new();
+        let key = |i: u64| 0x7f00_0000_0000 + (i << 9);
+        for i in 0..100_000u64 {
+            assert!(t.insert(key(i), Charge { dev: 0, bytes: i }), "insert {i}");
+        }
+        for i in (0..100_000u64).rev() {
+            assert_eq!(
+                t.remove(key(i)),
+                Some(Charge { dev: 0, bytes: i }),
+                "remove {i}"
+            );
+        }
+        assert_eq!(t.remove(key(5)), None);
+    }
+
+    #[test]
+    fn teardown_takes_exactly_the_entries_of_one_context() {
+        // Without created contexts every allocation is tagged with its device's primary context.
+        let t: AllocTable<32> = AllocTable::with(true, true);
+        for i in 1..=1000u64 {
+            assert!(t.insert(
+                i << 12,
+                Charge {
+                    dev: (i % 2) as u32,
+                    bytes: i
+                }
+            ));
+        }
+        assert_eq!(t.live(), 1000);
+        let mut got = Vec::new();
+        t.remove_matching(
+            |dev, tag| dev == 1 && tag == PRIMARY_TAG,
+            |c| got.push(c.bytes),
+        );
+        got.sort_unstable();
+        assert_eq!(got, (1..=1000).filter(|i| i % 2 == 1).collect::<Vec<_>>());
+        assert_eq!(t.live(), 500);
+        assert_eq!(t.remove(1 << 12), None, "taken by the teardown");
+        assert_eq!(t.remove(2 << 12), Some(Charge { dev: 0, bytes: 2 }));
     }
 }

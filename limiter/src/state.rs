@@ -9,14 +9,13 @@
 use crate::budget;
 use crate::config;
 use crate::log::{self, ERROR, log_at};
+use crate::sync::InitOnce;
 use std::ffi::c_int;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
-const NOT_STARTED: u8 = 0;
-const RUNNING: u8 = 1;
-const DONE: u8 = 2;
-
-static STATE: AtomicU8 = AtomicU8::new(NOT_STARTED);
+/// Fork- and re-entry-aware (see `crate::sync`): a fork child whose parent was initialising
+/// initialises afresh instead of waiting for a thread it does not have.
+static STATE: InitOnce = InitOnce::new();
 
 unsafe extern "C" {
     // glibc: in libpthread before 2.28 (the linker script pulls it from libc_nonshared.a later).
@@ -30,25 +29,18 @@ unsafe extern "C" {
 /// Makes sure initialisation has happened; one atomic load once it has.
 #[inline]
 pub(crate) fn ensure() {
-    if STATE.load(Ordering::Acquire) != DONE {
+    if !STATE.is_done() {
         init_slow();
     }
 }
 
 #[cold]
 fn init_slow() {
-    if STATE
-        .compare_exchange(NOT_STARTED, RUNNING, Ordering::AcqRel, Ordering::Acquire)
-        .is_ok()
-    {
+    // Err: done by another thread, or re-entered from inside `initialise` (nothing there calls a
+    // hook, so only a bug could): never wait for ourselves.
+    if let Ok(claim) = STATE.claim() {
         initialise();
-        STATE.store(DONE, Ordering::Release);
-    } else {
-        while STATE.load(Ordering::Acquire) != DONE {
-            std::hint::spin_loop();
-            // SAFETY: sched_yield has no preconditions.
-            unsafe { libc::sched_yield() };
-        }
+        claim.finish();
     }
 }
 
@@ -65,8 +57,8 @@ fn initialise() {
     let limits = config::limits_from(config::getenv, |name, value, err| {
         log_at!(
             ERROR,
-            "{name}={:?} is not a memory size ({}); expected bytes or a number with a g/m/k \
-             suffix, e.g. 2048m. Refusing all device memory on the affected devices.",
+            "{name}={:?} is not a memory size ({}); expected decimal bytes or a decimal number \
+             with a g/m/k suffix, e.g. 2048m. Refusing all device memory on the affected devices.",
             String::from_utf8_lossy(value),
             err.describe()
         );

@@ -134,6 +134,46 @@ pub enum RegionError {
         waited: Duration,
     },
 
+    /// The region path is a symbolic link. Region files are opened with `O_NOFOLLOW`: anybody who can write
+    /// the directory could otherwise point the (often root) CUDA process at any file.
+    #[error(
+        "{path} is a symbolic link; a region file is never opened through a link: remove the link \
+         (the next CUDA process recreates the region) or point CUDA_DEVICE_MEMORY_SHARED_CACHE at a real file"
+    )]
+    Symlink {
+        /// The region file.
+        path: PathBuf,
+    },
+
+    /// The region path names something other than a regular file with one link.
+    #[error(
+        "{path} is {found}, expected a regular file with one link: remove it \
+         (the next CUDA process recreates the region)"
+    )]
+    NotRegularFile {
+        /// The region file.
+        path: PathBuf,
+        /// What it is (`a directory`, `a FIFO`, `a regular file with 2 links`, ...).
+        found: String,
+    },
+
+    /// The directory of the region file could let another user replace the file under us.
+    #[error(
+        "{dir} has mode {mode:04o} and owner uid {owner}; the directory of a region file must belong to \
+         root or to uid {euid} and must not be writable by group or others without the sticky bit \
+         (e.g. 0755, or 1777 like /tmp): fix the directory or point CUDA_DEVICE_MEMORY_SHARED_CACHE elsewhere"
+    )]
+    UnsafeDirectory {
+        /// The directory.
+        dir: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+        /// Its owner.
+        owner: u32,
+        /// Our effective uid.
+        euid: u32,
+    },
+
     /// A write-back on a reader opened without write access.
     #[error("{path} was opened read-only; use RegionReader::open_writable for monitor write-backs")]
     ReadOnly {

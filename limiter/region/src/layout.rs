@@ -125,13 +125,21 @@ pub struct ProcSlot {
     pub seqlock: AtomicU64,
     /// Reserved in HAMi-core (never read or written there). We use word [`SLOT_REFUSED_WORD`] as the
     /// slot's "allocations refused" counter (monotonic while the slot is owned; zeroed with the slot's other
-    /// counters when it is taken or freed); the other word stays reserved.
+    /// counters when it is taken or freed) and word [`SLOT_START_TIME_WORD`] for the owner's start time.
     pub unused: [AtomicU64; 2],
 }
 
 /// Index in [`ProcSlot::unused`] of the per-process "allocations refused by the limiter" counter (byte
-/// offset 1944 in the slot). HAMi-core leaves the word zero, so its processes read as 0 refusals.
+/// offset 1944 in the slot). HAMi-core leaves the word zero, so its processes read as 0 refusals. It also
+/// counts allocations refused because the process's allocation table could not grow (the limiter's only
+/// bound besides the cap, see `limiter/README.md`).
 pub const SLOT_REFUSED_WORD: usize = 0;
+
+/// Index in [`ProcSlot::unused`] of the slot owner's start time (byte offset 1952 in the slot): field 22 of
+/// `/proc/<pid>/stat`, clock ticks since boot; 0 = unknown (a HAMi-core process, or `/proc` unreadable).
+/// A slot whose PID is alive but whose start time differs belongs to a dead process whose PID was reused:
+/// it is reaped like a dead one. HAMi-core never reads or writes this word.
+pub const SLOT_START_TIME_WORD: usize = 1;
 
 /// `shared_region_t` (v1.2): the whole mapped file.
 #[repr(C)]

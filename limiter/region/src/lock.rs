@@ -1,4 +1,7 @@
-//! The cross-process region lock (slot allocation and reaping only; never on the accounting hot path).
+//! The cross-process region lock: only for shrinking `proc_num` and ordering UUID writes. Nothing waits for
+//! it long: slots are taken and reaped lock-free (see [`crate::Region::register_current_process`]), shrinking
+//! only tries the lock, so a live holder that stopped (SIGSTOP, a debugger, a tenant writing a live PID here)
+//! delays nobody's allocations.
 //!
 //! # Design: an owner word with dead-owner takeover
 //!
@@ -48,7 +51,7 @@ pub(crate) fn owner_pid(word: u64) -> i32 {
 }
 
 /// Start time of `pid` in clock ticks since boot, from `/proc/<pid>/stat`.
-fn start_time(pid: i32) -> Option<u64> {
+pub(crate) fn start_time(pid: i32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may hold spaces and parentheses) start at field 3 (state).
     let rest = &stat[stat.rfind(')')? + 1..];
@@ -76,6 +79,18 @@ fn is_zombie(pid: i32) -> bool {
         .rfind(')')
         .and_then(|i| stat[i + 1..].split_whitespace().next());
     matches!(state, Some("Z" | "X"))
+}
+
+/// Whether the process that took a slot as `pid` with start time `start` (0 = unknown) is gone: dead, a
+/// zombie, or its PID now names a process that started at another time (the PID was reused).
+pub(crate) fn slot_owner_is_dead(pid: i32, start: u64) -> bool {
+    if process_is_dead(pid) {
+        return true;
+    }
+    match start_time(pid) {
+        Some(now) if start != 0 => now != start,
+        _ => false,
+    }
 }
 
 /// Whether the holder named by `word` can no longer release the lock.

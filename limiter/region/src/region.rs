@@ -1,29 +1,46 @@
-//! [`Region`]: a mapped v1.2 region file, opened or created the way HAMi-core does it, with lock-free
-//! accounting for the limiter's hot paths.
+//! [`Region`]: a mapped v1.2 region file, opened or created the way HAMi-core does it (but without following
+//! links), with lock-free accounting for the limiter's hot paths.
 //!
 //! # Which fields are updated how
 //!
 //! | field | writer | how |
 //! |---|---|---|
-//! | `procs[s].used[d].{context,module,data}_size`, `.total` | owner of slot `s` | atomic add / saturating CAS-sub, relaxed |
+//! | `procs[s].used[d].total` | owner of slot `s` | checked CAS add (never wraps), exact sub (saturating only if tampered), `SeqCst` |
+//! | `procs[s].used[d].{context,module,data}_size` | owner of slot `s` | saturating add / sub, relaxed |
 //! | `procs[s].seqlock` | owner of slot `s` | `fetch_add(1)` before and after each update (HAMi-core readers) |
-//! | `procs[s].{pid,status,hostpid}`, `proc_num` | region-lock holder (allocate, reap); slot owner (release) | atomic stores, release/acquire |
+//! | `procs[s].pid` | anybody | CAS only: `0 → pid` takes a free slot, `pid → −reaper` claims a dead one for freeing |
+//! | `procs[s].{status,hostpid}`, `unused[1]` (start time) | whoever holds `pid` (owner, or the reaper holding the mark) | atomic stores |
+//! | `proc_num` | registrants (`fetch_max`), the region-lock holder (CAS down over reserved free slots) | atomic |
 //! | `recent_kernel` | limiter on launch (CAS to 2 unless negative); monitor write-back | atomic |
 //! | `utilization_switch` | monitor write-back | atomic |
 //! | `last_kernel_time` | limiter on launch (`fetch_max`, at most once a second per process) | atomic |
-//! | `limit`, `sm_limit`, `priority`, versions | initialiser, under the whole-file OFD lock, before the magic | atomic stores, then magic with release |
-//! | `device_num`, `uuids` | [`Region::set_device_info`], under the region lock | atomic stores |
+//! | `limit`, `sm_limit` | initialiser (before the magic); any opener may only *lower* a limit ([`Region::tighten_limit`]) | CAS |
+//! | `priority`, versions | initialiser, under the whole-file OFD lock, before the magic | atomic stores, then magic with release |
+//! | `device_num`, `uuids` | [`Region::set_device_info`], ordered by the region lock when it is free | atomic stores |
 //! | `owner_pid` | the region lock, see [`crate::lock`] | CAS |
 //!
 //! Readers on the hot path ([`Region::device_usage`]) only do relaxed loads of `proc_num`, `status` and
 //! `used[d].total`: each value is exact, the sum is a moment's view, which is what HAMi-core's own check gives.
+//!
+//! # A hostile tenant
+//!
+//! Every process of the container can write the file. What a process guarantees from its own view, whatever
+//! the others write: it never admits a charge that makes the container's usage (the others' slots as found,
+//! its own as it knows it) pass the limit; a charge never wraps a counter (a refusal leaves every usage
+//! counter as it was); it counts its own charges in process memory (so zeroed words do not fool its own
+//! checks) and takes its slot back when somebody clears its status or frees it; a limit can only be lowered
+//! by an opener, never
+//! raised; a slot whose PID was reused by another process is reaped (start time in `unused[1]`). What it
+//! cannot do is stop a writer from lowering the others' usage words: that only the node can see and undo.
 
+use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::error::{RegionError, Result};
@@ -31,18 +48,50 @@ use crate::layout::{
     CUDA_DEVICE_MAX_COUNT, DEFAULT_PRIORITY, DeviceMemory, INITIAL_UTILIZATION_SWITCH,
     MAJOR_VERSION, MINOR_VERSION, MULTIPROCESS_SHARED_REGION_MAGIC_FLAG, ProcSlot,
     RECENT_KERNEL_ACTIVE, REGION_FILE_SIZE, REGION_SIZE, SHARED_CACHE_DEFAULT,
-    SHARED_REGION_MAX_PROCESS_NUM, SLOT_STATUS_EXITED, SLOT_STATUS_RUNNING, SharedRegion, UUID_LEN,
-    v0,
+    SHARED_REGION_MAX_PROCESS_NUM, SLOT_START_TIME_WORD, SLOT_STATUS_EXITED, SLOT_STATUS_RUNNING,
+    SharedRegion, UUID_LEN, v0,
 };
 use crate::lock::{self, Acquired};
 use crate::mapping::{Mapping, ofd_lock};
 
-/// Default wait for the region lock before [`RegionError::LockTimeout`] (HAMi-core: 10 s per attempt).
+/// Default wait for the region lock before [`RegionError::LockTimeout`] (HAMi-core: 10 s per attempt). Only
+/// explicit [`Region::lock`] callers wait this long; the writer's own operations never wait for the lock.
 pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long [`Region::set_device_info`] waits for the lock before writing without it (the values written by
+/// the processes of one container are the same, so an unordered write is harmless).
+const DEVICE_INFO_LOCK_WAIT: Duration = Duration::from_millis(50);
 
 /// Serialises `open_or_create` within this process: POSIX-style locks of one process never conflict with each
 /// other, and two threads initialising the same file would both write the limits.
-static OPEN_LOCK: Mutex<()> = Mutex::new(());
+/// The word holds the holder's pid instead of being a `Mutex`: a child forked while another thread of its
+/// parent was in here (a thread the fork did not copy) takes it over instead of waiting for ever.
+static OPEN_LOCK: AtomicI32 = AtomicI32::new(0);
+
+/// Holds [`OPEN_LOCK`]; released on drop.
+struct OpenGuard;
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        OPEN_LOCK.store(0, Ordering::Release);
+    }
+}
+
+fn open_lock() -> OpenGuard {
+    let me = std::process::id() as i32;
+    loop {
+        let held = OPEN_LOCK.load(Ordering::Acquire);
+        // Free, or held in the parent we were forked from: ours.
+        if held != me
+            && OPEN_LOCK
+                .compare_exchange(held, me, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            return OpenGuard;
+        }
+        std::thread::yield_now();
+    }
+}
 
 /// Sentinel for "no slot" in [`Region`]'s cached slot index.
 const NO_SLOT: usize = usize::MAX;
@@ -99,8 +148,13 @@ pub struct LimitMismatch {
 pub struct OpenReport {
     /// True when this call initialised the region (new, empty or never-finished file).
     pub initialized_here: bool,
-    /// Set when the file already held limits different from the caller's.
+    /// Set when the file already held limits different from the caller's (the values found, before repair).
     pub limit_mismatch: Option<LimitMismatch>,
+    /// Devices whose memory limit in the file was unlimited or looser than the caller's and was lowered to the
+    /// caller's (the stricter wins; a limit is never raised).
+    pub memory_limits_tightened: Vec<usize>,
+    /// Devices whose SM limit in the file was uncapped or looser than the caller's and was lowered.
+    pub sm_limits_tightened: Vec<usize>,
 }
 
 /// Whether a kernel launch may proceed (HAMi-core's `rate_limiter` priority gate).
@@ -134,33 +188,37 @@ pub struct Region {
     slot: AtomicUsize,
     /// PID the slot was taken for (0 = none).
     slot_pid: AtomicI32,
+    /// Set while a thread of this process takes a slot (an atomic, not a mutex: a fork child resets it).
+    registering: AtomicBool,
     /// Last `last_kernel_time` this process wrote, to write it at most once a second.
     last_kernel_time: AtomicU64,
+    /// Bytes this process has charged per device, by its own count in process memory: what it counts for
+    /// itself in admission whatever its slot in the file says, and restores there when the slot was tampered.
+    own_total: [AtomicU64; CUDA_DEVICE_MAX_COUNT],
+    /// The context part of [`Region::own_total`].
+    own_context: [AtomicU64; CUDA_DEVICE_MAX_COUNT],
+    /// How often this process found its slot tampered with and repaired it.
+    repairs: AtomicU64,
 }
 
 impl Region {
     /// Opens the region file at `path`, creating and initialising it if needed.
     ///
-    /// Protocol (compatible with HAMi-core's `try_create_shrreg`): create the file mode 0666 if missing; take a
-    /// whole-file OFD write lock (it conflicts with HAMi-core's `lockf`); check the size (0 → extend to 2 008 953
-    /// bytes like HAMi-core; 2 008 952 or 2 008 953 → fine; anything else → error); map exactly 2 008 952
-    /// bytes; if the magic is absent initialise versions, limits, semaphores, `utilization_switch = 1`,
-    /// `recent_kernel = 2`, `proc_num = 0`, priority, then store the magic last; otherwise check the version
-    /// and compare limits (the file's win). Always sets `last_kernel_time` to now.
+    /// Protocol (compatible with HAMi-core's `try_create_shrreg`): the directory must belong to root or to us
+    /// and must not be writable by others without the sticky bit; the file is created exclusively
+    /// (`O_CREAT | O_EXCL | O_NOFOLLOW`, then `fchmod` 0666 on the new descriptor, never through the path) or
+    /// opened with `O_NOFOLLOW` and must be a regular file with one link; a whole-file OFD write lock (it
+    /// conflicts with HAMi-core's `lockf`); the size (0 → extend to 2 008 953 bytes like HAMi-core; 2 008 952
+    /// or 2 008 953 → fine; anything else → error); map exactly 2 008 952 bytes; if the magic is absent
+    /// initialise versions, limits, semaphores, `utilization_switch = 1`, `recent_kernel = 2`, `proc_num = 0`,
+    /// priority, then store the magic last; otherwise check the version and compare limits: where the
+    /// caller's limit is stricter than the file's (or the file has none), the file is lowered to the caller's,
+    /// never raised. Always sets `last_kernel_time` to now.
     pub fn open_or_create(path: &Path, config: &RegionConfig) -> Result<Self> {
-        let _guard = OPEN_LOCK
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .mode(0o666)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(path)
-            .map_err(|e| RegionError::io("open", path, e))?;
+        let _guard = open_lock();
+        let (file, created) = open_region_file(path)?;
         ofd_lock(&file, true).map_err(|e| RegionError::io("lock (F_OFD_SETLKW)", path, e))?;
-        let result = Self::open_locked(path, file, config);
+        let result = Self::open_locked(path, file, created, config);
         // The lock goes with the file description: closing it on error releases it; on success release it now.
         if let Ok(region) = &result {
             ofd_lock(&region.file, false)
@@ -169,20 +227,24 @@ impl Region {
         result
     }
 
-    fn open_locked(path: &Path, file: File, config: &RegionConfig) -> Result<Self> {
+    fn open_locked(path: &Path, file: File, created: bool, config: &RegionConfig) -> Result<Self> {
         let size = file
             .metadata()
             .map_err(|e| RegionError::io("stat", path, e))?
             .len();
         if size == 0 {
-            // New file (ours, or one whose creator has not extended it yet). umask may have narrowed 0666;
-            // HAMi-core sets umask(0) for the same effect, which a library must not do.
+            // New file (ours, or one whose creator has not extended it yet).
             file.set_len(REGION_FILE_SIZE)
                 .map_err(|e| RegionError::io("extend", path, e))?;
-            file.set_permissions(std::fs::Permissions::from_mode(0o666))
-                .map_err(|e| RegionError::io("chmod", path, e))?;
         } else {
             check_region_file_size(path, size)?;
+        }
+        if created {
+            // umask may have narrowed 0666, and every uid of the container must be able to write the region.
+            // HAMi-core sets umask(0) for the same effect, which a library must not do. `fchmod` on the
+            // descriptor we created exclusively: never a chmod through a path somebody else could redirect.
+            file.set_permissions(std::fs::Permissions::from_mode(0o666))
+                .map_err(|e| RegionError::io("fchmod", path, e))?;
         }
         let map = Mapping::map(&file, REGION_SIZE).map_err(|e| RegionError::io("mmap", path, e))?;
         let mut region = Self {
@@ -192,10 +254,16 @@ impl Region {
             report: OpenReport {
                 initialized_here: false,
                 limit_mismatch: None,
+                memory_limits_tightened: Vec::new(),
+                sm_limits_tightened: Vec::new(),
             },
             slot: AtomicUsize::new(NO_SLOT),
             slot_pid: AtomicI32::new(0),
+            registering: AtomicBool::new(false),
             last_kernel_time: AtomicU64::new(0),
+            own_total: [const { AtomicU64::new(0) }; CUDA_DEVICE_MAX_COUNT],
+            own_context: [const { AtomicU64::new(0) }; CUDA_DEVICE_MAX_COUNT],
+            repairs: AtomicU64::new(0),
         };
         region.report = region.initialise_or_check(config)?;
         let now = unix_now();
@@ -233,9 +301,24 @@ impl Region {
                     file_sm_limits,
                     requested_sm_limits: config.sm_limits,
                 });
+            // The first process to create the region must not decide the cap for everyone after it (it may
+            // have had a malformed limit, recorded as 0 = unlimited, or only an SM cap): every opener with a
+            // stricter limit lowers the file's. A limit is never raised here; only the node may raise it.
+            let memory_limits_tightened = (0..CUDA_DEVICE_MAX_COUNT)
+                .filter(|&d| tighten(&r.limit[d], config.limits[d]))
+                .collect();
+            let sm_limits_tightened = (0..CUDA_DEVICE_MAX_COUNT)
+                .filter(|&d| {
+                    let wanted = config.sm_limits[d];
+                    // HAMi-core: 0 and >= 100 mean uncapped, so only 1..=99 can tighten.
+                    (1..100).contains(&wanted) && tighten_sm(&r.sm_limit[d], wanted)
+                })
+                .collect();
             return Ok(OpenReport {
                 initialized_here: false,
                 limit_mismatch,
+                memory_limits_tightened,
+                sm_limits_tightened,
             });
         }
         // Not initialised: accept only a blank file or one whose initialiser died after writing the versions
@@ -289,6 +372,8 @@ impl Region {
         Ok(OpenReport {
             initialized_here: true,
             limit_mismatch: None,
+            memory_limits_tightened: Vec::new(),
+            sm_limits_tightened: Vec::new(),
         })
     }
 
@@ -320,6 +405,18 @@ impl Region {
         Ok(self.shared().limit[check_device(device)?].load(Ordering::Relaxed))
     }
 
+    /// Lowers the memory limit of `device` in the file to `bytes` if the file has none (0) or a larger one;
+    /// never raises it. `bytes == 0` (no limit) changes nothing. Returns whether the file changed.
+    pub fn tighten_limit(&self, device: usize, bytes: u64) -> Result<bool> {
+        Ok(tighten(&self.shared().limit[check_device(device)?], bytes))
+    }
+
+    /// How often this process found its own slot tampered with (usage words lowered, status cleared, slot
+    /// freed or taken) and repaired it.
+    pub fn repairs(&self) -> u64 {
+        self.repairs.load(Ordering::Relaxed)
+    }
+
     /// SM limit of `device` in percent.
     pub fn sm_limit(&self, device: usize) -> Result<u64> {
         Ok(self.shared().sm_limit[check_device(device)?].load(Ordering::Relaxed))
@@ -345,12 +442,14 @@ impl Region {
         clamp_proc_num(self.shared().proc_num.load(Ordering::Acquire))
     }
 
-    /// Writes `device_num` and the UUIDs (NUL-padded, truncated to 95 bytes) under the region lock.
+    /// Writes `device_num` and the UUIDs (NUL-padded, truncated to 95 bytes). Ordered with other writers by the
+    /// region lock when it can be had within a few milliseconds; otherwise written anyway (every process of
+    /// a container writes the same values, and a stopped lock holder must not delay anybody).
     pub fn set_device_info(&self, uuids: &[&str]) -> Result<()> {
         if uuids.len() > CUDA_DEVICE_MAX_COUNT {
             return Err(RegionError::TooManyDevices { count: uuids.len() });
         }
-        let _lock = self.lock(DEFAULT_LOCK_TIMEOUT)?;
+        let _lock = self.lock(DEVICE_INFO_LOCK_WAIT).ok();
         let r = self.shared();
         for (dev, cell) in r.uuids.iter().enumerate() {
             let bytes = uuids.get(dev).map_or(&[][..], |u| u.as_bytes());
@@ -384,10 +483,14 @@ impl Region {
         }
     }
 
-    /// Takes a slot for the calling process (PID `getpid()`, host PID 0, status running) under the region
-    /// lock, after reaping dead processes' slots. Idempotent for this handle. A slot already carrying our PID
-    /// (left by an earlier process that had the same PID, HAMi-core's crash-loop case) is reused and zeroed;
-    /// otherwise the lowest free slot below `proc_num`, else a new one at `proc_num`.
+    /// Takes a slot for the calling process (PID `getpid()`, its start time in `unused[1]`, host PID 0,
+    /// status running), lock-free, after reaping dead processes' slots. Idempotent for this handle. A slot
+    /// already carrying our PID (left by an earlier process that had the same PID, HAMi-core's crash-loop
+    /// case) is taken over and zeroed; otherwise the lowest free slot below `proc_num`, else the first free
+    /// one above, and `proc_num` grows to cover it.
+    ///
+    /// A slot is taken by one CAS of its `pid` from 0 to ours, so two registrants never share one, and no lock
+    /// is needed: a process that holds the region lock and stopped (SIGSTOP, a debugger) delays nobody.
     ///
     /// One handle per process should register: two handles registering in one process share (and zero) the
     /// slot. After `fork`, the child must call [`Region::forget_slot_after_fork`] and register again.
@@ -397,51 +500,83 @@ impl Region {
         if cached != NO_SLOT && self.slot_pid.load(Ordering::Relaxed) == pid {
             return Ok(cached);
         }
-        let guard = self.lock(DEFAULT_LOCK_TIMEOUT)?;
-        // Another thread of this process may have registered while we waited for the lock.
+        while self
+            .registering
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            std::thread::yield_now();
+        }
+        let result = self.register_exclusive(pid);
+        self.registering.store(false, Ordering::Release);
+        result
+    }
+
+    fn register_exclusive(&self, pid: i32) -> Result<usize> {
+        // Another thread of this process may have registered while we waited.
         let cached = self.slot.load(Ordering::Acquire);
         if cached != NO_SLOT && self.slot_pid.load(Ordering::Relaxed) == pid {
             return Ok(cached);
         }
-        guard.reap_dead_slots();
+        let start = lock::start_time(pid).unwrap_or(0);
+        let r = self.shared();
+        self.reap_pass();
+        // A few rounds: a round fails only when every slot is taken (then reaping may free one) or when a
+        // reaper misjudged our fresh slot (see `free_if_dead`).
+        for _ in 0..4 {
+            let Some(index) = self.claim_slot(pid) else {
+                if self.reap_pass() == 0 {
+                    break;
+                }
+                continue;
+            };
+            let slot = &r.procs[index];
+            // The start time first: a reaper checking our PID now sees it alive with a matching start time.
+            slot.unused[SLOT_START_TIME_WORD].store(start, Ordering::SeqCst);
+            zero_slot_counters(slot);
+            slot.hostpid.store(0, Ordering::Relaxed);
+            // SeqCst (not just Release): [`Region::try_add_usage`]'s proof needs a checker that comes after
+            // this slot's first charge in the SeqCst order to see the slot.
+            slot.status.store(SLOT_STATUS_RUNNING, Ordering::SeqCst);
+            r.proc_num.fetch_max(index as i32 + 1, Ordering::SeqCst);
+            if slot.pid.load(Ordering::SeqCst) != pid {
+                continue; // freed under us by a reaper that read a stale start time: take another
+            }
+            self.slot_pid.store(pid, Ordering::Relaxed);
+            self.slot.store(index, Ordering::Release);
+            return Ok(index);
+        }
+        Err(RegionError::SlotsFull {
+            path: self.path.clone(),
+            pid,
+        })
+    }
+
+    /// Takes a slot for `pid` by CAS on its `pid` word: one already carrying `pid`, else a free one.
+    fn claim_slot(&self, pid: i32) -> Option<usize> {
         let r = self.shared();
         let proc_num = clamp_proc_num(r.proc_num.load(Ordering::Acquire));
-        let slots = &r.procs[..proc_num];
-        let index = match slots
+        if let Some(i) = r.procs[..proc_num]
             .iter()
             .position(|s| s.pid.load(Ordering::Acquire) == pid)
         {
-            Some(i) => i,
-            None => match slots
-                .iter()
-                .position(|s| s.pid.load(Ordering::Acquire) == 0)
-            {
-                Some(i) => i,
-                None if proc_num < SHARED_REGION_MAX_PROCESS_NUM => proc_num,
-                None => {
-                    return Err(RegionError::SlotsFull {
-                        path: self.path.clone(),
-                        pid,
-                    });
-                }
-            },
-        };
-        let slot = &r.procs[index];
-        // Order matters for a SIGKILL mid-way: counters, then pid (slot now ours, reapable), then status, then
-        // proc_num (slot now visible to readers).
-        zero_slot_counters(slot);
-        slot.hostpid.store(0, Ordering::Relaxed);
-        slot.pid.store(pid, Ordering::Release);
-        // SeqCst (not just Release): [`Region::try_add_usage`]'s proof needs a checker that comes after
-        // this slot's first charge in the SeqCst order to see the slot.
-        slot.status.store(SLOT_STATUS_RUNNING, Ordering::SeqCst);
-        if index == proc_num {
-            r.proc_num.store((proc_num + 1) as i32, Ordering::SeqCst);
+            return Some(i);
         }
-        self.slot_pid.store(pid, Ordering::Relaxed);
-        self.slot.store(index, Ordering::Release);
-        drop(guard);
-        Ok(index)
+        // Below proc_num first (holes), then above it; a slot above proc_num holding a dead process's
+        // reservation mark (a shrinker killed mid-way) is taken too.
+        (0..SHARED_REGION_MAX_PROCESS_NUM).find(|&i| {
+            let slot = &r.procs[i];
+            let current = slot.pid.load(Ordering::Acquire);
+            let takeable = current == 0
+                || (i >= proc_num
+                    && current < 0
+                    && lock::process_is_dead(current.saturating_neg()));
+            takeable
+                && slot
+                    .pid
+                    .compare_exchange(current, pid, Ordering::SeqCst, Ordering::Relaxed)
+                    .is_ok()
+        })
     }
 
     /// Index of this process's slot, if registered through this handle.
@@ -450,15 +585,20 @@ impl Region {
         (slot != NO_SLOT).then_some(slot)
     }
 
-    /// Forgets the slot without touching the region: for a `pthread_atfork` child handler (atomics only).
+    /// Forgets the slot and this process's own counts without touching the region: for a `pthread_atfork`
+    /// child handler (atomics only). The child owns none of the parent's charges.
     pub fn forget_slot_after_fork(&self) {
         self.slot.store(NO_SLOT, Ordering::Release);
         self.slot_pid.store(0, Ordering::Relaxed);
+        self.registering.store(false, Ordering::Release);
+        for c in self.own_total.iter().chain(&self.own_context) {
+            c.store(0, Ordering::Relaxed);
+        }
     }
 
-    /// Releases this process's slot (exit path): status 0, counters zeroed, then pid 0. Lock-free, so it can
-    /// run from an `atexit` handler even while another process holds the lock; `proc_num` shrinks at the next
-    /// locked operation.
+    /// Releases this process's slot (exit path): claimed for freeing by CAS (so a concurrent reaper cannot
+    /// free it twice), status 0, counters zeroed, then pid 0. Lock-free, so it can run from an `atexit`
+    /// handler even while another process holds the lock; `proc_num` shrinks at a later reap.
     pub fn unregister(&self) {
         let index = self.slot.swap(NO_SLOT, Ordering::AcqRel);
         let pid = self.slot_pid.swap(0, Ordering::Relaxed);
@@ -466,74 +606,176 @@ impl Region {
             return;
         }
         let slot = &self.shared().procs[index];
-        if slot.pid.load(Ordering::Acquire) != pid {
-            return; // reaped or reused meanwhile: not ours any more
+        if slot
+            .pid
+            .compare_exchange(
+                pid,
+                pid.saturating_neg(),
+                Ordering::SeqCst,
+                Ordering::Relaxed,
+            )
+            .is_ok()
+        {
+            free_claimed_slot(slot);
         }
-        free_slot(slot);
     }
 
-    /// Frees the slots of dead processes (`kill(pid, 0)` = `ESRCH`, or a zombie) under the region lock and
-    /// shrinks `proc_num` over trailing free slots. Live slots never move. Returns how many were freed.
+    /// Frees the slots of dead processes — `kill(pid, 0)` = `ESRCH`, a zombie, or a live PID whose start
+    /// time is not the one recorded in the slot (the PID was reused) — lock-free, then shrinks `proc_num` over
+    /// trailing free slots if the region lock is free at this moment (never waits for it). Live slots never
+    /// move. Returns how many were freed.
     pub fn reap_dead_slots(&self) -> Result<usize> {
-        let guard = self.lock(DEFAULT_LOCK_TIMEOUT)?;
-        Ok(guard.reap_dead_slots())
+        let freed = self.reap_pass();
+        if let Ok(guard) = self.lock(Duration::ZERO) {
+            guard.shrink_proc_num();
+        }
+        Ok(freed)
     }
 
-    fn own_slot(&self) -> Result<&ProcSlot> {
+    fn reap_pass(&self) -> usize {
+        let r = self.shared();
+        let own = std::process::id() as i32;
+        let proc_num = clamp_proc_num(r.proc_num.load(Ordering::Acquire));
+        r.procs[..proc_num]
+            .iter()
+            .filter(|slot| free_if_dead(slot, own))
+            .count()
+    }
+
+    /// This process's slot, checked: if somebody freed or took it, it is repaired (see
+    /// [`Region::repair_own_slot`]); a slot marked exited or hidden above `proc_num` is found by the
+    /// admission sum, which skips it ([`Region::device_usage_seqcst`]). One load and compare on the fast
+    /// path.
+    #[inline]
+    fn own_slot(&self) -> Result<(usize, &ProcSlot)> {
         let index = self.slot.load(Ordering::Acquire);
         if index == NO_SLOT {
             return Err(RegionError::NotRegistered {
                 path: self.path.clone(),
             });
         }
-        Ok(&self.shared().procs[index])
+        let slot = &self.shared().procs[index];
+        if slot.pid.load(Ordering::Relaxed) != self.slot_pid.load(Ordering::Relaxed) {
+            return self.repair_own_slot(index);
+        }
+        Ok((index, slot))
     }
 
-    /// Adds `bytes` of `kind` on `device` (NVML index) to this process's slot. Lock-free.
+    /// The own slot was freed or taken by somebody else: take a new slot and put the own counts there, so
+    /// the other processes see this process's charges again. (Called with the PID intact, it only marks
+    /// the slot running.)
+    #[cold]
+    fn repair_own_slot(&self, index: usize) -> Result<(usize, &ProcSlot)> {
+        self.repairs.fetch_add(1, Ordering::Relaxed);
+        let pid = self.slot_pid.load(Ordering::Relaxed);
+        let r = self.shared();
+        let slot = &r.procs[index];
+        let moved = slot.pid.load(Ordering::SeqCst) != pid;
+        let index = if moved {
+            self.slot.store(NO_SLOT, Ordering::Release);
+            self.slot_pid.store(0, Ordering::Relaxed);
+            self.register_current_process()?
+        } else {
+            // Still ours, only hidden: its words are what they were (a lowered word is handled by the
+            // own count in admission).
+            slot.status.store(SLOT_STATUS_RUNNING, Ordering::SeqCst);
+            r.proc_num.fetch_max(index as i32 + 1, Ordering::SeqCst);
+            index
+        };
+        let slot = &r.procs[index];
+        if moved {
+            // A fresh (zeroed) slot: put this process's charges back so the others see them again.
+            // (Charges of other threads in flight on the old slot are lost to the others' view, not to
+            // this process's own, which counts `own_total`.)
+            for (d, mem) in slot.used.iter().enumerate() {
+                let total = self.own_total[d].load(Ordering::Relaxed);
+                let context = self.own_context[d].load(Ordering::Relaxed).min(total);
+                saturating_add(&mem.total, total, Ordering::SeqCst);
+                saturating_add(&mem.context_size, context, Ordering::Relaxed);
+                saturating_add(&mem.data_size, total - context, Ordering::Relaxed);
+            }
+        }
+        Ok((index, slot))
+    }
+
+    /// Adds `bytes` of `kind` on `device` (NVML index) to this process's slot, saturating (never wraps).
+    /// Lock-free. Unconditional: admission control is [`Region::try_add_usage`].
     pub fn add_usage(&self, device: usize, kind: MemoryKind, bytes: u64) -> Result<()> {
         let device = check_device(device)?;
-        let slot = self.own_slot()?;
+        let (_, slot) = self.own_slot()?;
         let mem = &slot.used[device];
         slot.seqlock.fetch_add(1, Ordering::AcqRel);
-        kind_counter(mem, kind).fetch_add(bytes, Ordering::Relaxed);
-        mem.total.fetch_add(bytes, Ordering::Relaxed);
+        saturating_add(kind_counter(mem, kind), bytes, Ordering::Relaxed);
+        saturating_add(&mem.total, bytes, Ordering::SeqCst);
+        self.own_add(device, kind, bytes);
         slot.seqlock.fetch_add(1, Ordering::Release);
         Ok(())
     }
 
     /// Removes `bytes` of `kind` on `device` from this process's slot, saturating at 0 (HAMi-core's
-    /// unsigned underflow shows up as 17 TB in use, HAMi-core#200). Lock-free.
+    /// unsigned underflow shows up as 17 TB in use, HAMi-core#200; here only a tampered counter can be
+    /// smaller than what is removed). Lock-free.
+    #[inline]
     pub fn remove_usage(&self, device: usize, kind: MemoryKind, bytes: u64) -> Result<()> {
         let device = check_device(device)?;
-        let slot = self.own_slot()?;
+        let (_, slot) = self.own_slot()?;
         let mem = &slot.used[device];
         slot.seqlock.fetch_add(1, Ordering::AcqRel);
-        saturating_sub(kind_counter(mem, kind), bytes);
+        // The own count first, so it never exceeds the slot's total (a lower slot total means tampering).
+        own_sub(&self.own_total[device], bytes);
+        if kind == MemoryKind::Context {
+            own_sub(&self.own_context[device], bytes);
+        }
+        saturating_sub(kind_counter(mem, kind), bytes, Ordering::Relaxed);
         // SeqCst: ordered with the checks of [`Region::try_add_usage`].
-        saturating_sub_seqcst(&mem.total, bytes);
+        saturating_sub(&mem.total, bytes, Ordering::SeqCst);
         slot.seqlock.fetch_add(1, Ordering::Release);
         Ok(())
     }
 
+    /// Adds to the own count: process memory nobody else writes, holding only admitted charges (at
+    /// most the limit), so a plain `fetch_add` cannot wrap.
+    #[inline]
+    fn own_add(&self, device: usize, kind: MemoryKind, bytes: u64) {
+        self.own_total[device].fetch_add(bytes, Ordering::Relaxed);
+        if kind == MemoryKind::Context {
+            self.own_context[device].fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+
     /// Admission control: charges `bytes` of `kind` on `device` to this process's slot **only if** the
-    /// container's usage of `device` (all live slots, [`Region::device_usage`]) stays within `limit`
-    /// afterwards. Returns `Ok(Ok(usage_after))` when charged, `Ok(Err(usage_seen))` when refused (nothing
-    /// changed). Lock-free; no region lock, no reaping (callers reap and retry, as HAMi-core's `oom_check`).
+    /// container's usage of `device` stays within `limit` afterwards. Returns `Ok(Ok(usage_after))` when
+    /// charged, `Ok(Err(usage_seen))` when refused — and then every usage counter is exactly as it was.
+    /// Lock-free; no reaping (callers reap and retry, as HAMi-core's `oom_check`).
+    ///
+    /// # Arithmetic
+    ///
+    /// A request larger than `limit` is refused before anything is written. The charge is a CAS that fails
+    /// rather than wrap (a `fetch_add` of `u64::MAX` would leave `total − 1` for every reader to see, and
+    /// the old saturating rollback then cleared the slot: three rounds of `cuMemAlloc(SIZE_MAX)` turned a
+    /// 1 GiB cap into 2.7 GiB). The rollback subtracts exactly what was added: only this process adds to
+    /// its slot, and its own frees never take more than it holds, so the subtraction cannot underflow unless
+    /// somebody else wrote the word (then it saturates at 0, and the own count below restores the truth).
     ///
     /// # Why two processes can never together exceed `limit`
     ///
-    /// Charge optimistically, then check: `fetch_add` to the own slot's `total`, then sum all slots'
-    /// `total`s, and if the sum exceeds `limit` undo the add and refuse. All these operations are `SeqCst`, so
-    /// they lie in one total order S consistent with each thread's program order. Suppose at some moment the
-    /// admitted, not yet released charges c₁…cₙ sum to more than `limit`. Let cₖ be the one whose add comes
-    /// last in S. Every other cᵢ's add precedes cₖ's add, which precedes cₖ's check (program order); and no cᵢ
-    /// has been released (subtracted) before that moment, which is after cₖ's check. So cₖ's check read every
-    /// cᵢ's contribution (SeqCst loads see the latest value in S of each counter; a slot's counter can only
-    /// have *more* than its admitted charges, from in-flight charges not yet rolled back) and saw a sum
-    /// greater than `limit` — it would have refused. Contradiction. The price is conservative: an in-flight charge that
-    /// will be rolled back can make a concurrent one be refused too (both then see the other); never the
-    /// reverse. Reaping a dead slot only lowers sums. Frees that race with a check make it see *more* than
-    /// is held, again only conservative.
+    /// Charge optimistically, then check: add to the own slot's `total`, then sum all slots' `total`s, and if
+    /// the sum exceeds `limit` undo the add and refuse. All these operations are `SeqCst`, so they lie in one
+    /// total order S consistent with each thread's program order. Suppose at some moment the admitted, not
+    /// yet released charges c₁…cₙ sum to more than `limit`. Let cₖ be the one whose add comes last in S.
+    /// Every other cᵢ's add precedes cₖ's add, which precedes cₖ's check (program order); and no cᵢ has been
+    /// released (subtracted) before that moment, which is after cₖ's check. So cₖ's check read every cᵢ's
+    /// contribution (SeqCst loads see the latest value in S of each counter; a slot's counter can only have
+    /// *more* than its admitted charges, from in-flight charges not yet rolled back) and saw a sum greater
+    /// than `limit` — it would have refused. Contradiction. The price is conservative: an in-flight charge
+    /// that will be rolled back can make a concurrent one be refused too (both then see the other); never the
+    /// reverse. Reaping a dead slot only lowers sums. Frees that race with a check make it see *more* than is
+    /// held, again only conservative.
+    ///
+    /// Against tampering the check counts this process's own slot as the larger of what the file says and
+    /// what the process knows it holds (`own_total` plus this charge): a tenant zeroing the usage words
+    /// gains nothing in the processes that hold the memory. (The others then see the lowered word and may
+    /// admit more; only the node sees and undoes that.)
     ///
     /// HAMi-core processes writing the same file do not follow this protocol (they check, then add under
     /// their lock); a mixed container is as exact as HAMi-core alone.
@@ -545,17 +787,32 @@ impl Region {
         limit: u64,
     ) -> Result<std::result::Result<u64, u64>> {
         let device = check_device(device)?;
-        let slot = self.own_slot()?;
+        if bytes > limit {
+            return Ok(Err(self.device_usage(device)?));
+        }
+        let (index, slot) = self.own_slot()?;
         let mem = &slot.used[device];
         slot.seqlock.fetch_add(1, Ordering::AcqRel);
-        mem.total.fetch_add(bytes, Ordering::SeqCst);
-        let usage = self.device_usage_seqcst(device);
-        let result = if usage <= limit && usage >= bytes {
-            kind_counter(mem, kind).fetch_add(bytes, Ordering::Relaxed);
-            Ok(usage)
+        let result = if mem
+            .total
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_add(bytes))
+            .is_err()
+        {
+            // Only a tampered word can be this close to 2^64 (a real one is at most the limit).
+            Err(u64::MAX)
         } else {
-            saturating_sub_seqcst(&mem.total, bytes);
-            Err(usage.saturating_sub(bytes))
+            let own_floor = self.own_total[device]
+                .load(Ordering::Relaxed)
+                .saturating_add(bytes);
+            let usage = self.device_usage_seqcst(device, index, own_floor);
+            if usage <= limit {
+                saturating_add(kind_counter(mem, kind), bytes, Ordering::Relaxed);
+                self.own_add(device, kind, bytes);
+                Ok(usage)
+            } else {
+                saturating_sub(&mem.total, bytes, Ordering::SeqCst);
+                Err(usage.saturating_sub(bytes))
+            }
         };
         slot.seqlock.fetch_add(1, Ordering::Release);
         Ok(result)
@@ -564,31 +821,70 @@ impl Region {
     /// Counts one allocation refused to this process (the slot's [`crate::layout::SLOT_REFUSED_WORD`]
     /// word). Lock-free.
     pub fn add_refused(&self) -> Result<()> {
-        let slot = self.own_slot()?;
-        slot.unused[crate::layout::SLOT_REFUSED_WORD].fetch_add(1, Ordering::Relaxed);
+        let (_, slot) = self.own_slot()?;
+        saturating_add(
+            &slot.unused[crate::layout::SLOT_REFUSED_WORD],
+            1,
+            Ordering::Relaxed,
+        );
         Ok(())
     }
 
     /// Allocations refused to this process so far.
     pub fn refused(&self) -> Result<u64> {
-        Ok(self.own_slot()?.unused[crate::layout::SLOT_REFUSED_WORD].load(Ordering::Relaxed))
+        Ok(self.own_slot()?.1.unused[crate::layout::SLOT_REFUSED_WORD].load(Ordering::Relaxed))
     }
 
-    fn device_usage_seqcst(&self, device: usize) -> u64 {
+    /// The container's usage of `device` for admission: every live slot's `total` (`SeqCst`), this
+    /// process's own slot (`own`) counted as at least `own_floor` (what it knows it holds plus this
+    /// charge). The floor is not written back to the file: the own count and the slot word are two
+    /// atomics, and a free in another thread between reading one and the other would make a write-back
+    /// inflate the word for good; counting the larger is only conservative for this one check, like a
+    /// racing free. If the own slot is hidden above `proc_num` (somebody lowered it), `proc_num` is
+    /// raised again so the others see it.
+    fn device_usage_seqcst(&self, device: usize, own: usize, own_floor: u64) -> u64 {
         let r = self.shared();
         let proc_num = clamp_proc_num(r.proc_num.load(Ordering::SeqCst));
-        r.procs[..proc_num]
-            .iter()
-            .filter(|s| s.status.load(Ordering::SeqCst) != SLOT_STATUS_EXITED)
-            .fold(0u64, |sum, s| {
-                sum.saturating_add(s.used[device].total.load(Ordering::SeqCst))
-            })
+        let mut own_seen = false;
+        let mut sum = 0u64;
+        for (i, s) in r.procs[..proc_num].iter().enumerate() {
+            if s.status.load(Ordering::SeqCst) == SLOT_STATUS_EXITED {
+                continue;
+            }
+            let mut v = s.used[device].total.load(Ordering::SeqCst);
+            if i == own {
+                own_seen = true;
+                v = v.max(own_floor);
+            }
+            sum = sum.saturating_add(v);
+        }
+        if !own_seen {
+            self.unhide_own_slot(own);
+            sum = sum.saturating_add(own_floor);
+        }
+        sum
+    }
+
+    /// The own slot was skipped by the admission sum: marked exited, or above `proc_num`. Make it
+    /// visible again (its words are as they were; a lowered word is covered by the own count).
+    #[cold]
+    fn unhide_own_slot(&self, own: usize) {
+        self.repairs.fetch_add(1, Ordering::Relaxed);
+        let r = self.shared();
+        if r.procs[own].pid.load(Ordering::SeqCst) == self.slot_pid.load(Ordering::Relaxed) {
+            r.procs[own]
+                .status
+                .store(SLOT_STATUS_RUNNING, Ordering::SeqCst);
+        }
+        r.proc_num.fetch_max(own as i32 + 1, Ordering::SeqCst);
     }
 
     /// This process's `used[device].total`.
     pub fn process_usage(&self, device: usize) -> Result<u64> {
         let device = check_device(device)?;
-        Ok(self.own_slot()?.used[device].total.load(Ordering::Relaxed))
+        Ok(self.own_slot()?.1.used[device]
+            .total
+            .load(Ordering::Relaxed))
     }
 
     /// Bytes in use on `device` by the whole container: the sum of `used[device].total` over slots
@@ -668,27 +964,37 @@ impl RegionLock<'_> {
         self.acquired
     }
 
-    fn reap_dead_slots(&self) -> usize {
+    /// Lowers `proc_num` over trailing free slots. Each free slot is first reserved (CAS of its `pid` from 0 to
+    /// our negated PID), so a lock-free registrant cannot take it meanwhile; `proc_num` is lowered by CAS from
+    /// the value the scan started from, so a registrant that grew it meanwhile wins; then the reservations are
+    /// released. A holder killed half-way leaves reservations that [`Region::register_current_process`] and
+    /// the reapers recognise as a dead process's.
+    fn shrink_proc_num(&self) {
         let r = self.region.shared();
-        let own = std::process::id() as i32;
-        let proc_num = clamp_proc_num(r.proc_num.load(Ordering::Acquire));
-        let mut freed = 0;
-        for slot in &r.procs[..proc_num] {
-            let pid = slot.pid.load(Ordering::Acquire);
-            let abandoned = pid == 0 && slot.status.load(Ordering::Relaxed) != SLOT_STATUS_EXITED;
-            if abandoned || (pid != 0 && pid != own && lock::process_is_dead(pid)) {
-                free_slot(slot);
-                freed += 1;
-            }
-        }
+        let mark = (std::process::id() as i32).saturating_neg();
+        let proc_num = clamp_proc_num(r.proc_num.load(Ordering::SeqCst));
         let mut n = proc_num;
-        while n > 0 && r.procs[n - 1].pid.load(Ordering::Acquire) == 0 {
+        while n > 0
+            && r.procs[n - 1]
+                .pid
+                .compare_exchange(0, mark, Ordering::SeqCst, Ordering::Relaxed)
+                .is_ok()
+        {
             n -= 1;
         }
         if n != proc_num {
-            r.proc_num.store(n as i32, Ordering::Release);
+            let _ = r.proc_num.compare_exchange(
+                proc_num as i32,
+                n as i32,
+                Ordering::SeqCst,
+                Ordering::Relaxed,
+            );
         }
-        freed
+        for slot in &r.procs[n..proc_num] {
+            let _ = slot
+                .pid
+                .compare_exchange(mark, 0, Ordering::SeqCst, Ordering::Relaxed);
+        }
     }
 }
 
@@ -749,22 +1055,48 @@ fn kind_counter(mem: &DeviceMemory, kind: MemoryKind) -> &AtomicU64 {
     }
 }
 
-fn saturating_sub(counter: &AtomicU64, bytes: u64) {
-    let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-        Some(v.saturating_sub(bytes))
-    });
-}
-
-fn saturating_sub_seqcst(counter: &AtomicU64, bytes: u64) {
-    let _ = counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
-        Some(v.saturating_sub(bytes))
-    });
-}
-
-fn zero_slot_counters(slot: &ProcSlot) {
-    for w in &slot.unused {
-        w.store(0, Ordering::Relaxed);
+/// Subtracts from an own count: every credit matches an earlier charge, so it cannot go below 0; if a
+/// caller's bug made it, 0 (never a wrapped, huge count that would refuse everything).
+#[inline]
+fn own_sub(counter: &AtomicU64, bytes: u64) {
+    if counter.fetch_sub(bytes, Ordering::Relaxed) < bytes {
+        counter.store(0, Ordering::Relaxed);
     }
+}
+
+/// Adds without ever wrapping: a counter another process can also write may hold anything.
+#[inline]
+fn saturating_add(counter: &AtomicU64, bytes: u64, order: Ordering) {
+    let _ = counter.fetch_update(order, Ordering::Relaxed, |v| Some(v.saturating_add(bytes)));
+}
+
+#[inline]
+fn saturating_sub(counter: &AtomicU64, bytes: u64, order: Ordering) {
+    let _ = counter.fetch_update(order, Ordering::Relaxed, |v| Some(v.saturating_sub(bytes)));
+}
+
+/// Lowers `limit` to `wanted` when the file has none (0) or a larger one; `wanted == 0` changes nothing.
+fn tighten(limit: &AtomicU64, wanted: u64) -> bool {
+    wanted != 0
+        && limit
+            .fetch_update(Ordering::SeqCst, Ordering::Relaxed, |cur| {
+                (cur == 0 || cur > wanted).then_some(wanted)
+            })
+            .is_ok()
+}
+
+/// [`tighten`] for SM limits, where both 0 and 100 or more mean "uncapped" (HAMi-core).
+fn tighten_sm(limit: &AtomicU64, wanted: u64) -> bool {
+    limit
+        .fetch_update(Ordering::SeqCst, Ordering::Relaxed, |cur| {
+            (cur == 0 || cur > wanted).then_some(wanted)
+        })
+        .is_ok()
+}
+
+/// Zeroes a slot's counters (everything but `pid`, `status`, `hostpid` and the start time).
+fn zero_slot_counters(slot: &ProcSlot) {
+    slot.unused[crate::layout::SLOT_REFUSED_WORD].store(0, Ordering::Relaxed);
     for mem in &slot.used {
         for c in [
             &mem.context_size,
@@ -787,12 +1119,153 @@ fn zero_slot_counters(slot: &ProcSlot) {
     slot.seqlock.store(0, Ordering::Release);
 }
 
-/// Marks a slot exited (readers skip it), zeroes it, then frees it (pid 0) for reuse.
-fn free_slot(slot: &ProcSlot) {
-    slot.status.store(SLOT_STATUS_EXITED, Ordering::Release);
+/// Frees a slot whose `pid` holds this process's freeing mark: marked exited (readers skip it), zeroed, start
+/// time cleared, then pid 0 (free for the next registrant).
+fn free_claimed_slot(slot: &ProcSlot) {
+    slot.status.store(SLOT_STATUS_EXITED, Ordering::SeqCst);
     zero_slot_counters(slot);
+    slot.unused[SLOT_START_TIME_WORD].store(0, Ordering::Relaxed);
     slot.hostpid.store(0, Ordering::Relaxed);
     slot.pid.store(0, Ordering::Release);
+}
+
+/// Frees `slot` if its process is gone (see [`Region::reap_dead_slots`]); `own` is the caller's PID. The slot
+/// is claimed by CAS of its `pid` to the caller's negated PID first, so two reapers never free it twice and
+/// a registrant never takes it half-freed. Also frees a slot left "running" with pid 0 (HAMi-core's exit
+/// handler interrupted, or a tenant's edit) and finishes the job of a reaper that died half-way.
+fn free_if_dead(slot: &ProcSlot, own: i32) -> bool {
+    let mark = own.saturating_neg();
+    let pid = slot.pid.load(Ordering::Acquire);
+    let dead = match pid {
+        0 => slot.status.load(Ordering::Acquire) != SLOT_STATUS_EXITED,
+        p if p < 0 => p != mark && lock::process_is_dead(p.saturating_neg()),
+        p if p == own => false,
+        p => {
+            let start = slot.unused[SLOT_START_TIME_WORD].load(Ordering::Acquire);
+            lock::slot_owner_is_dead(p, start)
+        }
+    };
+    if !dead
+        || slot
+            .pid
+            .compare_exchange(pid, mark, Ordering::SeqCst, Ordering::Relaxed)
+            .is_err()
+    {
+        return false;
+    }
+    if pid > 0 {
+        // Between the check and the claim the slot may have been freed and taken by a new process that got
+        // the same PID (reuse within microseconds); its registration stored its start time first.
+        let start = slot.unused[SLOT_START_TIME_WORD].load(Ordering::SeqCst);
+        if !lock::slot_owner_is_dead(pid, start) {
+            let _ = slot
+                .pid
+                .compare_exchange(mark, pid, Ordering::SeqCst, Ordering::Relaxed);
+            return false;
+        }
+    }
+    free_claimed_slot(slot);
+    true
+}
+
+/// Opens (creating exclusively if absent) the region file without following links, after checking that its
+/// directory cannot be used by another user to swap the file. Returns the file and whether we created it.
+fn open_region_file(path: &Path) -> Result<(File, bool)> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| RegionError::NotRegularFile {
+            path: path.to_path_buf(),
+            found: "a path without a file name".to_owned(),
+        })?;
+    let dir_path = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let dir = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(dir_path)
+        .map_err(|e| RegionError::io("open directory", dir_path, e))?;
+    let meta = dir
+        .metadata()
+        .map_err(|e| RegionError::io("stat directory", dir_path, e))?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    let mode = meta.mode() & 0o7777;
+    let others_write = mode & 0o022 != 0;
+    let sticky = mode & 0o1000 != 0;
+    if (meta.uid() != 0 && meta.uid() != euid) || (others_write && !sticky) {
+        return Err(RegionError::UnsafeDirectory {
+            dir: dir_path.to_path_buf(),
+            mode,
+            owner: meta.uid(),
+            euid,
+        });
+    }
+    let cname = CString::new(name.as_bytes()).map_err(|_| RegionError::NotRegularFile {
+        path: path.to_path_buf(),
+        found: "a name with a NUL byte".to_owned(),
+    })?;
+    // A few rounds: the file can be removed between our EEXIST and the open of the existing file.
+    for _ in 0..8 {
+        let flags =
+            libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        // SAFETY: a valid directory fd and a NUL-terminated name; the mode is passed as the variadic third
+        // argument as open(2) requires with O_CREAT.
+        let fd = unsafe {
+            libc::openat(
+                dir.as_raw_fd(),
+                cname.as_ptr(),
+                flags,
+                0o666 as libc::c_uint,
+            )
+        };
+        if fd >= 0 {
+            // SAFETY: `fd` was just returned by openat and is owned by nobody else.
+            return Ok((unsafe { File::from_raw_fd(fd) }, true));
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EEXIST) {
+            return Err(RegionError::io("create", path, err));
+        }
+        let flags = libc::O_RDWR | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK;
+        // SAFETY: as above, without O_CREAT (no mode argument needed).
+        let fd = unsafe { libc::openat(dir.as_raw_fd(), cname.as_ptr(), flags) };
+        if fd < 0 {
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::ENOENT) => continue,
+                Some(libc::ELOOP) => {
+                    return Err(RegionError::Symlink {
+                        path: path.to_path_buf(),
+                    });
+                }
+                _ => return Err(RegionError::io("open", path, err)),
+            }
+        }
+        // SAFETY: `fd` was just returned by openat and is owned by nobody else.
+        let file = unsafe { File::from_raw_fd(fd) };
+        let meta = file
+            .metadata()
+            .map_err(|e| RegionError::io("stat", path, e))?;
+        if !meta.file_type().is_file() || meta.nlink() != 1 {
+            let found = if meta.file_type().is_file() {
+                format!("a regular file with {} links", meta.nlink())
+            } else {
+                format!("not a regular file (mode {:o})", meta.mode())
+            };
+            return Err(RegionError::NotRegularFile {
+                path: path.to_path_buf(),
+                found,
+            });
+        }
+        return Ok((file, false));
+    }
+    Err(RegionError::io(
+        "open",
+        path,
+        io::Error::other("the file kept disappearing between create and open"),
+    ))
 }
 
 fn unix_now() -> u64 {

@@ -571,3 +571,62 @@ fn admission_never_exceeds_the_limit_and_refusals_are_counted_for_readers() {
     assert_eq!(me.refused, refused);
     assert_eq!(snapshot.device_usage(0).total, 0);
 }
+
+#[test]
+fn a_stricter_opener_lowers_the_files_limits_and_a_looser_one_never_raises_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = region_file(&dir);
+    // The creator had no memory limit (malformed, or only an SM cap): 0 = unlimited in the file.
+    let mut none = RegionConfig::default();
+    none.sm_limits[0] = 100;
+    drop(Region::open_or_create(&path, &none).expect("create"));
+    let strict = Region::open_or_create(&path, &config(64 * MIB)).expect("reopen");
+    assert_eq!(strict.open_report().memory_limits_tightened, vec![0, 1]);
+    assert_eq!(strict.open_report().sm_limits_tightened, vec![0]);
+    assert_eq!(strict.limit(0).expect("limit"), 64 * MIB);
+    assert_eq!(strict.sm_limit(0).expect("sm"), 50);
+    drop(strict);
+    let loose = Region::open_or_create(&path, &config(GIB_FOR_TESTS)).expect("reopen");
+    assert!(loose.open_report().memory_limits_tightened.is_empty());
+    assert_eq!(loose.limit(0).expect("limit"), 64 * MIB, "never raised");
+    assert!(
+        !loose.tighten_limit(0, 0).expect("tighten"),
+        "0 asks for nothing"
+    );
+    assert!(loose.tighten_limit(0, MIB).expect("tighten"));
+    assert_eq!(loose.limit(0).expect("limit"), MIB);
+}
+
+const GIB_FOR_TESTS: u64 = 1 << 30;
+
+#[test]
+fn region_files_are_created_exclusively_and_never_opened_through_a_link() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = region_file(&dir);
+    drop(Region::open_or_create(&path, &config(MIB)).expect("create"));
+    let mode = std::fs::metadata(&path).expect("stat").permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o666, "every uid of the container may write it");
+
+    let link = dir.path().join("link.cache");
+    std::os::unix::fs::symlink(&path, &link).expect("symlink");
+    assert!(matches!(
+        Region::open_or_create(&link, &config(MIB)),
+        Err(RegionError::Symlink { .. })
+    ));
+    let dangling = dir.path().join("dangling.cache");
+    let target = dir.path().join("target");
+    std::os::unix::fs::symlink(&target, &dangling).expect("symlink");
+    assert!(matches!(
+        Region::open_or_create(&dangling, &config(MIB)),
+        Err(RegionError::Symlink { .. })
+    ));
+    assert!(!target.exists(), "nothing created through the link");
+
+    let sub = dir.path().join("open");
+    std::fs::create_dir(&sub).expect("mkdir");
+    std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    assert!(matches!(
+        Region::open_or_create(&sub.join("r.cache"), &config(MIB)),
+        Err(RegionError::UnsafeDirectory { mode: 0o777, .. })
+    ));
+}
