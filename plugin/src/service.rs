@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 
 use vgpu_metrics::{AgentMetrics, AllocateResult};
 
-use crate::allocate::{AllocateError, Allocator, Outcome};
+use crate::allocate::{AllocateError, Allocator, Outcome, validate_allocate, validate_preferred};
 use crate::devices::{DevicePlan, ResourceKind};
 use crate::inventory::Inventory;
 use crate::volcano::selection::AllocatingEndpoint;
@@ -93,6 +93,11 @@ impl ResourceService {
             self.resource_name
         ))
     }
+
+    /// A request this resource cannot have: named with the call and the resource.
+    fn invalid(&self, call: &str, cause: &str) -> Status {
+        Status::invalid_argument(format!("{call} on {}: {cause}", self.resource_name))
+    }
 }
 
 fn empty_responses(n: usize) -> Response<AllocateResponse> {
@@ -159,9 +164,20 @@ impl DevicePlugin for ResourceService {
         let Some(allocator) = &self.allocator else {
             return Err(self.standalone_error());
         };
-        let mut container_responses = Vec::new();
-        for container in &request.into_inner().container_requests {
-            let device_i_ds = allocator.preferred(endpoint, &self.plan, container).await;
+        let request = request.into_inner();
+        // Everything is checked before anything is looked up or allocated: a size or an ID list the node
+        // cannot have is the caller's mistake, refused with the field named (an allocation_size of 2^31 - 1
+        // once made the agent reserve memory for that many IDs and abort).
+        for container in &request.container_requests {
+            validate_preferred(&self.inventory, &self.plan, container)
+                .map_err(|e| self.invalid("GetPreferredAllocation", &e))?;
+        }
+        let healthy = self.health.borrow().clone();
+        let mut container_responses = Vec::with_capacity(request.container_requests.len());
+        for container in &request.container_requests {
+            let device_i_ds = allocator
+                .preferred(endpoint, &self.plan, container, &healthy)
+                .await;
             container_responses.push(ContainerPreferredAllocationResponse { device_i_ds });
         }
         Ok(Response::new(PreferredAllocationResponse {
@@ -174,6 +190,10 @@ impl DevicePlugin for ResourceService {
         request: Request<AllocateRequest>,
     ) -> Result<Response<AllocateResponse>, Status> {
         let request = request.into_inner();
+        for container in &request.container_requests {
+            validate_allocate(&self.inventory, &self.plan, &container.devices_ids)
+                .map_err(|e| self.invalid("Allocate", &e))?;
+        }
         // The cores resource only lends its count to the kubelet's bookkeeping.
         let Some(endpoint) = self.endpoint() else {
             return Ok(empty_responses(request.container_requests.len()));
@@ -187,17 +207,21 @@ impl DevicePlugin for ResourceService {
         let mut container_responses = Vec::with_capacity(request.container_requests.len());
         for container in &request.container_requests {
             let started = std::time::Instant::now();
+            // Read per container: a GPU marked unhealthy a moment ago is not handed out.
+            let healthy = self.health.borrow().clone();
             let outcome = allocator
-                .allocate(endpoint, container.devices_ids.len())
+                .allocate(endpoint, container.devices_ids.len(), &healthy)
                 .await;
             let result = match &outcome {
                 Ok(Outcome::Handoff(_)) => AllocateResult::handed_off,
                 Ok(Outcome::NotMine) => AllocateResult::empty,
                 Err(AllocateError::NoPendingPod { .. }) => AllocateResult::no_pending_pod,
                 Err(AllocateError::Pod { .. }) => AllocateResult::failed,
-                Err(AllocateError::Unreachable { .. } | AllocateError::TimedOut { .. }) => {
-                    AllocateResult::unavailable
-                }
+                Err(
+                    AllocateError::Unreachable { .. }
+                    | AllocateError::TimedOut { .. }
+                    | AllocateError::Stopping { .. },
+                ) => AllocateResult::unavailable,
             };
             self.metrics
                 .allocate(&self.resource_name, result, started.elapsed().as_secs_f64());
@@ -207,7 +231,9 @@ impl DevicePlugin for ResourceService {
                     container_responses.push(ContainerAllocateResponse::default())
                 }
                 Err(
-                    error @ (AllocateError::Unreachable { .. } | AllocateError::TimedOut { .. }),
+                    error @ (AllocateError::Unreachable { .. }
+                    | AllocateError::TimedOut { .. }
+                    | AllocateError::Stopping { .. }),
                 ) => {
                     return Err(Status::unavailable(error.to_string()));
                 }

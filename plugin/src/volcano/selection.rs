@@ -20,7 +20,8 @@ use std::collections::BTreeMap;
 
 use super::pod_devices::{ContainerDevice, PodDevices};
 use super::{
-    AnnotationError, BIND_PHASE, DEVICES_TO_ALLOCATE, PHASE_ALLOCATING, VGPU_NODE, VGPU_TIME,
+    AnnotationError, BIND_PHASE, DEVICE_TYPE_NVIDIA, DEVICES_TO_ALLOCATE, PHASE_ALLOCATING,
+    VGPU_NODE, VGPU_TIME,
 };
 
 /// `status.phase` of a pod the kubelet has not started yet.
@@ -143,70 +144,327 @@ pub fn next_assignment(pod: &PodView) -> Result<Option<Assignment>, AnnotationEr
     }))
 }
 
-/// Whether this pod is the one an Allocate call of `request_size` IDs on `endpoint` can be for: `Pending`,
-/// bound to `node` by the scheduler, still `allocating`, and its next container wants exactly this request.
+/// What one Allocate call asks for: the endpoint the kubelet called and how many of its IDs it sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request {
+    /// The endpoint.
+    pub endpoint: AllocatingEndpoint,
+    /// The number of device IDs: vGPUs on the number endpoint, memory units on the memory endpoint.
+    pub size: usize,
+}
+
+/// The call the kubelet makes to one of the two allocating endpoints for a container, from its limits alone.
 ///
-/// For [`AllocatingEndpoint::Number`] the next container has a count limit and its segment holds
-/// `request_size` devices; for [`AllocatingEndpoint::Memory`] it has no count limit and a memory limit of
-/// `request_size` units. A pod whose `spec.nodeName` names another node is never a candidate (the kubelet only
-/// admits its own pods); one with no `nodeName` yet still is, since a lister can lag behind the bind.
+/// The kubelet sends a container's own limit of a resource as the request size, on that resource's endpoint,
+/// and makes no call for a zero quantity. A container with a `vgpu-number` limit is served by the number
+/// endpoint (its memory call is answered empty); a memory-only container by the memory endpoint (#9).
+pub fn kubelet_request(container: &ContainerLimits) -> Option<Request> {
+    let (endpoint, size) = match (container.count, container.memory) {
+        (Some(count), _) => (AllocatingEndpoint::Number, count),
+        (None, Some(memory)) => (AllocatingEndpoint::Memory, memory),
+        (None, None) => return None,
+    };
+    if size == 0 {
+        return None;
+    }
+    Some(Request {
+        endpoint,
+        size: usize::try_from(size).ok()?,
+    })
+}
+
+/// What the agent knows of one of its GPUs when it checks an assignment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuFacts {
+    /// `GPU-…` UUID.
+    pub uuid: String,
+    /// Whether the agent currently reports it `Healthy`.
+    pub healthy: bool,
+    /// The memory units it advertises (`gpuMemoryFactor` units, after `deviceMemoryScaling`).
+    pub memory_units: u64,
+}
+
+/// What a pending pod is to one Allocate call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Its next container is what the call asks for, and its devices can be handed out.
+    Ready(Assignment),
+    /// It may be the pod the kubelet is admitting, but it cannot be served: the cause, naming the field.
+    Unusable(String),
+    /// A memory-endpoint call that is the memory call of this pod's next container (index into
+    /// [`PodView::containers`]): it has a `vgpu-number` limit, so the number endpoint hands it off and this call
+    /// is answered empty.
+    NotMine(usize),
+}
+
+/// The pod an Allocate call is for, and what to do with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Choice {
+    /// Index into the pods given to [`choose`].
+    pub index: usize,
+    /// Serve it or fail it.
+    pub verdict: Verdict,
+}
+
+/// The pod an Allocate call is for, whether or not it can be served.
+///
+/// Candidates are the pods `Pending` on `node`, still `allocating`, that may be the one the kubelet is
+/// admitting (see [`verdict`] for why the others provably are not). Among them the first in the serving order
+/// wins (smallest `vgpu-time`, then oldest, then namespace/name), **usable or not**: a pod that cannot be
+/// served is never skipped in favour of the next one, since the kubelet may be admitting exactly that pod and
+/// would then start it with another pod's GPUs and limits. The caller fails it instead, and this call with it.
+///
+/// `gpus` are this node's GPUs; `None` leaves out the checks against them (used where only the annotation
+/// contract is under test).
+pub fn choose(
+    pods: &[PodView],
+    node: &str,
+    gpus: Option<&[GpuFacts]>,
+    request: Request,
+) -> Option<Choice> {
+    pods.iter()
+        .enumerate()
+        .filter(|(_, pod)| is_allocating_on(pod, node))
+        .filter_map(|(index, pod)| verdict(pod, gpus, request).map(|v| (index, v)))
+        .min_by(|(a, _), (b, _)| order_key(&pods[*a]).cmp(&order_key(&pods[*b])))
+        .map(|(index, verdict)| Choice { index, verdict })
+}
+
+/// Whether this pod is the one an Allocate call of `request_size` IDs on `endpoint` can be for and can be
+/// served: `Pending`, bound to `node` by the scheduler, still `allocating`, its next container asks for exactly
+/// this request and its annotations are usable (GPU checks left out).
+///
+/// A pod whose `spec.nodeName` names another node is never a candidate (the kubelet only admits its own pods);
+/// one with no `nodeName` yet still is, since a lister can lag behind the bind.
 pub fn matches(
     pod: &PodView,
     node: &str,
     endpoint: AllocatingEndpoint,
     request_size: usize,
 ) -> bool {
-    if !is_allocating_on(pod, node) {
-        return false;
-    }
-    let Ok(Some(assignment)) = next_assignment(pod) else {
-        return false;
+    let request = Request {
+        endpoint,
+        size: request_size,
     };
-    let Some(container) = pod.containers.get(assignment.container) else {
-        return false;
-    };
-    match endpoint {
-        AllocatingEndpoint::Number => {
-            container.count.is_some() && assignment.devices.len() == request_size
-        }
-        AllocatingEndpoint::Memory => {
-            container.count.is_none()
-                && container.memory.is_some()
-                && container.memory == u64::try_from(request_size).ok()
-        }
-    }
+    is_allocating_on(pod, node) && matches!(verdict(pod, None, request), Some(Verdict::Ready(_)))
 }
 
-/// The pod an Allocate call is for, as an index into `pods`; see the module docs for the order.
+/// The pod an Allocate call is for, as an index into `pods`, usable or not; see [`choose`].
 pub fn select_pending_pod(
     pods: &[PodView],
     node: &str,
     endpoint: AllocatingEndpoint,
     request_size: usize,
 ) -> Option<usize> {
-    pods.iter()
-        .enumerate()
-        .filter(|(_, pod)| matches(pod, node, endpoint, request_size))
-        .min_by(|(_, a), (_, b)| order_key(a).cmp(&order_key(b)))
-        .map(|(index, _)| index)
+    let request = Request {
+        endpoint,
+        size: request_size,
+    };
+    choose(pods, node, None, request).map(|c| c.index)
 }
 
-/// The pods that would be candidates on `node` but whose annotations cannot be used, with the reason, so the
-/// caller can log each one instead of silently skipping it.
-pub fn malformed_pods(pods: &[PodView], node: &str) -> Vec<(usize, AnnotationError)> {
-    pods.iter()
+/// What `pod` (allocating on this node) is to `request`: `None` when it provably is not the pod the kubelet
+/// is admitting, else whether it can be served.
+///
+/// Why `None` is safe:
+/// - none of its vGPU containers asks for this request: the kubelet's request for a container is that
+///   container's own limit on that resource's endpoint ([`kubelet_request`]), so no container of this pod can
+///   produce it, whatever its annotations say;
+/// - its queue is usable and its next container asks for something else: the kubelet allocates a pod's
+///   containers in `spec.containers` order, one call per container and resource, and stops at the first
+///   failure; the queue is in the same order, is advanced only by us, one container per call under the
+///   Allocate lock, and every failed call marks the pod `failed`. So while the pod is `allocating`, the
+///   kubelet's next call for it is the next queue container's.
+///
+/// Everything else that may be this pod but cannot be served is [`Verdict::Unusable`]: an undecodable queue
+/// or one that does not line up with the vGPU containers, no NVIDIA device left while still `allocating`
+/// (empty, `;`-only, or other types only), a segment of another type only, a segment whose device count is
+/// not the container's limit, a container with devices but no request, the same GPU twice in one segment, a
+/// GPU this node does not serve or has marked unhealthy, more memory than the GPU has (cores over 100 are
+/// refused by the decoder), and a `vgpu-time` that cannot be read (its place in the order is unknown, so it is
+/// put first rather than risk being skipped).
+fn verdict(pod: &PodView, gpus: Option<&[GpuFacts]>, request: Request) -> Option<Verdict> {
+    let next = next_assignment(pod);
+    // The kubelet calls the memory endpoint for every container with a `vgpu-memory` limit, also for one the
+    // number endpoint serves. Such a call must take its place in the order too: answered empty when this pod
+    // comes first, so it never takes a later memory-only container's devices.
+    if let (AllocatingEndpoint::Memory, Ok(Some(a))) = (request.endpoint, &next) {
+        let container = &pod.containers[a.container];
+        if container.count.is_some_and(|n| n > 0)
+            && container.memory == u64::try_from(request.size).ok()
+        {
+            return Some(Verdict::NotMine(a.container));
+        }
+    }
+    let vgpu = gpu_containers(pod);
+    let asks = |c: usize| kubelet_request(&pod.containers[c]) == Some(request);
+    let &first_asking = vgpu.iter().find(|&&c| asks(c))?;
+    let unusable = |cause: String| Some(Verdict::Unusable(cause));
+    let assignment = match next {
+        Err(error) => return unusable(error.to_string()),
+        Ok(None) => {
+            let value = pod.annotations.get(DEVICES_TO_ALLOCATE).map(String::as_str);
+            let container = &pod.containers[first_asking];
+            return unusable(format!(
+                "annotation {DEVICES_TO_ALLOCATE}: {} is not a queue with an {DEVICE_TYPE_NVIDIA} device left, yet \
+                 {BIND_PHASE} is still {PHASE_ALLOCATING} and container {:?} asks for {} (expected the scheduler's \
+                 devices for every container with a vGPU limit)",
+                value.map_or_else(
+                    || "missing".to_owned(),
+                    |v| format!("{:?}", super::quote(v))
+                ),
+                container.name,
+                describe(request),
+            ));
+        }
+        Ok(Some(a)) => a,
+    };
+    // A segment with devices but none of them NVIDIA is skipped by the queue walk, which would hand its
+    // container's call the next container's devices.
+    if let Some((s, d)) = assignment
+        .rest
+        .0
+        .iter()
         .enumerate()
-        .filter(|(_, pod)| is_allocating_on(pod, node))
-        .filter_map(|(index, pod)| next_assignment(pod).err().map(|err| (index, err)))
-        .collect()
+        .filter(|(s, _)| *s != assignment.segment)
+        .find_map(|(s, seg)| {
+            (!seg.is_empty() && !seg.iter().any(ContainerDevice::is_nvidia)).then(|| (s, &seg[0]))
+        })
+    {
+        return unusable(format!(
+            "annotation {DEVICES_TO_ALLOCATE}, segment {s}, record 0, field 1 (type): {:?} is not \
+             {DEVICE_TYPE_NVIDIA}, the only type Volcano's vGPU scheduler writes and the agent hands out",
+            super::quote(&d.device_type)
+        ));
+    }
+    let container = &pod.containers[assignment.container];
+    let s = assignment.segment;
+    match kubelet_request(container) {
+        Some(r) if r == request => {}
+        Some(_) => return None,
+
+        None => {
+            return unusable(format!(
+                "annotation {DEVICES_TO_ALLOCATE}, segment {s}: {} device(s) is not what container {:?} asks for \
+                 (it has no vGPU limit the kubelet allocates, e.g. vgpu-number 0, so its devices could only go \
+                 to another container)",
+                assignment.devices.len(),
+                container.name
+            ));
+        }
+    }
+    if let Some(cause) = unreadable_time(pod) {
+        return unusable(cause);
+    }
+    let wanted = match request.endpoint {
+        AllocatingEndpoint::Number => request.size,
+        // The scheduler gives a memory-only container one GPU.
+        AllocatingEndpoint::Memory => 1,
+    };
+    if assignment.devices.len() != wanted {
+        return unusable(format!(
+            "annotation {DEVICES_TO_ALLOCATE}, segment {s}: {} device(s) is not the {wanted} GPU(s) container {:?} \
+             asks for ({})",
+            assignment.devices.len(),
+            container.name,
+            describe(request)
+        ));
+    }
+    let position = |r: usize, f: &str| {
+        format!("annotation {DEVICES_TO_ALLOCATE}, segment {s}, record {r}, field {f}")
+    };
+    for (r, device) in assignment.devices.iter().enumerate() {
+        if let Some(first) = assignment.devices[..r]
+            .iter()
+            .position(|d| d.uuid == device.uuid)
+        {
+            return unusable(format!(
+                "{}: {:?} is not a GPU distinct from record {first}'s (one container cannot hold the same GPU \
+                 twice)",
+                position(r, "0 (UUID)"),
+                device.uuid
+            ));
+        }
+        let Some(gpus) = gpus else { continue };
+        let Some(gpu) = gpus.iter().find(|g| g.uuid == device.uuid) else {
+            return unusable(format!(
+                "{}: {:?} is not one of this node's GPUs: this node serves no such GPU (it serves {})",
+                position(r, "0 (UUID)"),
+                device.uuid,
+                list_uuids(gpus)
+            ));
+        };
+        if !gpu.healthy {
+            return unusable(format!(
+                "{}: {:?} is not a healthy GPU: the agent has marked it Unhealthy (a critical XID, or it stopped \
+                 answering NVML) and the scheduler placed the pod before it saw that; delete the pod so it is placed \
+                 again",
+                position(r, "0 (UUID)"),
+                device.uuid
+            ));
+        }
+        if u64::from(device.used_mem) > gpu.memory_units {
+            return unusable(format!(
+                "{}: \"{}\" is not at most {}, the memory units GPU {} has",
+                position(r, "2 (used memory)"),
+                device.used_mem,
+                gpu.memory_units,
+                gpu.uuid
+            ));
+        }
+    }
+    Some(Verdict::Ready(assignment))
+}
+
+/// How a request reads in an error.
+fn describe(request: Request) -> String {
+    match request.endpoint {
+        AllocatingEndpoint::Number => format!("{} vGPU(s)", request.size),
+        AllocatingEndpoint::Memory => {
+            format!("{} memory units (memory-only container)", request.size)
+        }
+    }
+}
+
+/// Up to four UUIDs, for an error line.
+fn list_uuids(gpus: &[GpuFacts]) -> String {
+    let mut names: Vec<&str> = gpus.iter().take(4).map(|g| g.uuid.as_str()).collect();
+    if gpus.len() > 4 {
+        names.push("…");
+    }
+    if names.is_empty() {
+        return "no GPU".to_owned();
+    }
+    names.join(", ")
+}
+
+/// Why `vgpu-time` cannot place the pod in the serving order, if it cannot.
+fn unreadable_time(pod: &PodView) -> Option<String> {
+    let value = pod.annotations.get(VGPU_TIME);
+    if value.is_some_and(|t| parse_time(t).is_some()) {
+        return None;
+    }
+    Some(format!(
+        "annotation {VGPU_TIME}: {} is not a bind time in decimal Unix seconds (the order the agent serves \
+         pending pods in)",
+        value.map_or_else(
+            || "missing".to_owned(),
+            |v| format!("{:?}", super::quote(v))
+        )
+    ))
+}
+
+fn parse_time(text: &str) -> Option<u64> {
+    (!text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| text.parse().ok())
+        .flatten()
 }
 
 /// `vgpu-time` as the Go plugin reads it: missing or not a plain decimal `u64` counts as `u64::MAX` (last).
 pub fn vgpu_time(pod: &PodView) -> u64 {
     pod.annotations
         .get(VGPU_TIME)
-        .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
-        .and_then(|t| t.parse().ok())
+        .and_then(|t| parse_time(t))
         .unwrap_or(u64::MAX)
 }
 
@@ -218,10 +476,17 @@ fn is_allocating_on(pod: &PodView, node: &str) -> bool {
         && pod.annotations.get(BIND_PHASE).map(String::as_str) == Some(PHASE_ALLOCATING)
 }
 
-/// Smallest `vgpu-time`, then oldest (a missing timestamp sorts last), then namespace/name.
+/// Smallest `vgpu-time`, then oldest (a missing timestamp sorts last), then namespace/name. A `vgpu-time`
+/// that cannot be read sorts **first**: the pod's place is unknown, and a pod that could be the one the
+/// kubelet is admitting must never be skipped (it is refused, see [`verdict`]).
 fn order_key(pod: &PodView) -> (u64, i64, &str, &str) {
+    let time = pod
+        .annotations
+        .get(VGPU_TIME)
+        .and_then(|t| parse_time(t))
+        .unwrap_or(0);
     (
-        vgpu_time(pod),
+        time,
         pod.creation_timestamp.unwrap_or(i64::MAX),
         &pod.namespace,
         &pod.name,
@@ -480,8 +745,37 @@ mod tests {
         assert!(!matches(&no_queue, "node-a", AllocatingEndpoint::Number, 1));
     }
 
+    fn request(size: usize) -> Request {
+        Request {
+            endpoint: AllocatingEndpoint::Number,
+            size,
+        }
+    }
+
+    fn gpus() -> Vec<GpuFacts> {
+        [A, B]
+            .iter()
+            .map(|uuid| GpuFacts {
+                uuid: (*uuid).to_owned(),
+                healthy: true,
+                memory_units: 15360,
+            })
+            .collect()
+    }
+
+    /// The cause when `pods[index]` is chosen for `request` and cannot be served; panics otherwise.
+    fn refused(pods: &[PodView], gpus: &[GpuFacts], request: Request, index: usize) -> String {
+        match choose(pods, "node-a", Some(gpus), request) {
+            Some(Choice {
+                index: i,
+                verdict: Verdict::Unusable(cause),
+            }) if i == index => cause,
+            other => panic!("expected pod {index} refused, got {other:?}"),
+        }
+    }
+
     #[test]
-    fn malformed_pods_are_skipped_and_reported() {
+    fn a_malformed_oldest_pod_is_chosen_and_refused_never_skipped() {
         let bad = pod(
             "bad",
             "1",
@@ -489,20 +783,201 @@ mod tests {
             vec![limits("cuda", Some(1), None)],
         );
         let good = single("good", "2");
-        let pods = [bad, good];
+        let pods = [good.clone(), bad];
+        let cause = refused(&pods, &gpus(), request(1), 1);
+        assert!(
+            cause.contains("used memory") && cause.contains("\"-1\""),
+            "{cause}"
+        );
         assert_eq!(
             select_pending_pod(&pods, "node-a", AllocatingEndpoint::Number, 1),
             Some(1)
         );
-        let reported = malformed_pods(&pods, "node-a");
-        assert_eq!(reported.len(), 1);
-        assert_eq!(reported[0].0, 0);
-        assert!(
-            reported[0].1.position.contains("used memory"),
-            "{}",
-            reported[0].1
+        assert!(!matches(&pods[1], "node-a", AllocatingEndpoint::Number, 1));
+        // Once it is marked failed, the next pod is served.
+        let mut failed = pods.clone();
+        failed[1]
+            .annotations
+            .insert(BIND_PHASE.to_owned(), "failed".to_owned());
+        let choice = choose(&failed, "node-a", Some(&gpus()), request(1)).unwrap();
+        assert_eq!(choice.index, 0);
+        assert!(matches!(choice.verdict, Verdict::Ready(_)));
+    }
+
+    #[test]
+    fn a_malformed_pod_none_of_whose_containers_asks_this_size_is_provably_not_it() {
+        let bad = pod(
+            "bad",
+            "1",
+            &format!("{A},NVIDIA,-1,0:"),
+            vec![limits("cuda", Some(2), None)],
         );
-        assert!(malformed_pods(&pods, "node-b").is_empty());
+        let good = single("good", "2");
+        let pods = [bad, good];
+        let choice = choose(&pods, "node-a", Some(&gpus()), request(1)).unwrap();
+        assert_eq!(choice.index, 1);
+        assert!(matches!(choice.verdict, Verdict::Ready(_)));
+        // The request it could be for: refused.
+        assert!(refused(&pods, &gpus(), request(2), 0).contains("used memory"));
+    }
+
+    /// Every way a pod that may be the one the kubelet is admitting can be unusable: it is chosen ahead of an
+    /// older-by-nothing good pod (it is older) and refused with the field named.
+    #[test]
+    fn each_unusable_pod_class_is_refused_with_the_field_named() {
+        let cuda = || vec![limits("cuda", Some(1), Some(1000))];
+        let two = || vec![limits("cuda", Some(2), Some(1000))];
+        let mut sick = gpus();
+        sick[1].healthy = false;
+        let cases: Vec<(&str, PodView, Vec<GpuFacts>, usize, &str)> = vec![
+            (
+                "undecodable",
+                pod("p", "1", &format!("{A},NVIDIA,1,101:"), cuda()),
+                gpus(),
+                1,
+                "field 3 (used cores)",
+            ),
+            (
+                "unknown GPU",
+                pod("p", "1", &one("GPU-elsewhere", 1), cuda()),
+                gpus(),
+                1,
+                "serves no such GPU",
+            ),
+            (
+                "unhealthy GPU",
+                pod("p", "1", &one(B, 1), cuda()),
+                sick,
+                1,
+                "not a healthy GPU",
+            ),
+            (
+                "other type only",
+                pod(
+                    "p",
+                    "1",
+                    &format!("MLU-1,MLU,1,0:;{}", one(A, 1)),
+                    vec![limits("mlu", Some(1), None), limits("cuda", Some(1), None)],
+                ),
+                gpus(),
+                1,
+                "field 1 (type): \"MLU\" is not NVIDIA",
+            ),
+            (
+                "device count disagrees with the limit",
+                pod("p", "1", &one(A, 1), two()),
+                gpus(),
+                2,
+                "1 device(s) is not the 2 GPU(s)",
+            ),
+            (
+                "empty queue",
+                pod("p", "1", "", cuda()),
+                gpus(),
+                1,
+                "\"\" is not a queue with an NVIDIA device left",
+            ),
+            (
+                "separators only",
+                pod(
+                    "p",
+                    "1",
+                    ";",
+                    vec![limits("a", Some(1), None), limits("b", Some(1), None)],
+                ),
+                gpus(),
+                1,
+                "\";\" is not a queue with an NVIDIA device left",
+            ),
+            (
+                "more memory than the GPU has",
+                pod("p", "1", &one(A, 15361), cuda()),
+                gpus(),
+                1,
+                "\"15361\" is not at most 15360",
+            ),
+            (
+                "the same GPU twice",
+                pod("p", "1", &format!("{}{}", one(A, 1), one(A, 1)), two()),
+                gpus(),
+                2,
+                "not a GPU distinct from record 0's",
+            ),
+            (
+                "devices for a container that asks for none",
+                pod(
+                    "p",
+                    "1",
+                    &format!("{};{}", one(A, 1), one(B, 1)),
+                    vec![limits("zero", Some(0), None), limits("cuda", Some(1), None)],
+                ),
+                gpus(),
+                1,
+                "container \"zero\"",
+            ),
+            (
+                "unreadable vgpu-time",
+                pod("p", "soon", &one(A, 1), cuda()),
+                gpus(),
+                1,
+                "annotation volcano.sh/vgpu-time: \"soon\"",
+            ),
+        ];
+        for (name, bad, facts, size, expected) in cases {
+            let mut good = pod("good", "5", &one(A, 1), cuda());
+            if size == 2 {
+                good = pod("good", "5", &format!("{}{}", one(A, 1), one(B, 1)), two());
+            }
+            let pods = [good, bad];
+            let cause = refused(&pods, &facts, request(size), 1);
+            assert!(cause.contains(expected), "{name}: {cause}");
+            assert!(cause.contains("annotation volcano.sh/"), "{name}: {cause}");
+        }
+    }
+
+    #[test]
+    fn an_unreadable_vgpu_time_sorts_first_so_it_cannot_be_skipped() {
+        let good = single("good", "1");
+        let late = pod("late", "", &one(A, 1), vec![limits("cuda", Some(1), None)]);
+        let pods = [good, late];
+        assert!(refused(&pods, &gpus(), request(1), 1).contains("vgpu-time"));
+    }
+
+    #[test]
+    fn a_memory_call_never_takes_a_count_container_and_checks_a_memory_only_one() {
+        let both = single("both", "1");
+        let memory = Request {
+            endpoint: AllocatingEndpoint::Memory,
+            size: 1000,
+        };
+        // Its memory call takes its place in the order and is answered empty, so it cannot take a later
+        // memory-only container's devices.
+        let later = pod(
+            "later",
+            "2",
+            &one(B, 1000),
+            vec![limits("cuda", None, Some(1000))],
+        );
+        assert_eq!(
+            choose(&[later.clone(), both], "node-a", Some(&gpus()), memory),
+            Some(Choice {
+                index: 1,
+                verdict: Verdict::NotMine(0)
+            })
+        );
+        assert!(matches!(
+            choose(&[later], "node-a", Some(&gpus()), memory)
+                .unwrap()
+                .verdict,
+            Verdict::Ready(_)
+        ));
+        let two = pod(
+            "mem",
+            "1",
+            &format!("{}{}", one(A, 1000), one(B, 1000)),
+            vec![limits("cuda", None, Some(1000))],
+        );
+        assert!(refused(&[two], &gpus(), memory, 0).contains("1 GPU(s)"));
     }
 
     #[test]
