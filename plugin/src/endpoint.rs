@@ -13,8 +13,10 @@ use kubelet_api::v1beta1::{DevicePluginOptions, Empty};
 use tokio::net::UnixListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
 
+use crate::authority::AnyAuthority;
 use crate::devices::ResourceKind;
 use crate::registration::unix_channel;
 use crate::service::ResourceService;
@@ -46,6 +48,26 @@ pub enum EndpointError {
         /// What went wrong.
         reason: String,
     },
+}
+
+impl EndpointError {
+    /// Whether trying again can succeed without anyone changing the node. A restarting kubelet deletes every
+    /// socket in its directory, possibly between our bind and our self-check, and may re-create the directory
+    /// itself; those and a failed self-check are worth a retry. A path that is too long, a directory we may not
+    /// write or a read-only file system stays that way: the agent says so and exits.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::SelfCheck { .. } => true,
+            Self::Listen { source, .. } => matches!(
+                source.kind(),
+                std::io::ErrorKind::NotFound
+                    | std::io::ErrorKind::AddrInUse
+                    | std::io::ErrorKind::AlreadyExists
+                    | std::io::ErrorKind::Interrupted
+                    | std::io::ErrorKind::WouldBlock
+            ),
+        }
+    }
 }
 
 /// A serving endpoint.
@@ -92,9 +114,13 @@ impl RunningEndpoint {
         let server = tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(DevicePluginServer::new(service))
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
-                    let _ = shutdown.wait_for(|stop| *stop).await;
-                }),
+                // Any `:authority` a kubelet or gRPC client sends is served (see `authority`).
+                .serve_with_incoming_shutdown(
+                    UnixListenerStream::new(listener).map(|conn| conn.map(AnyAuthority::new)),
+                    async move {
+                        let _ = shutdown.wait_for(|stop| *stop).await;
+                    },
+                ),
         );
         let endpoint = Self {
             kind,

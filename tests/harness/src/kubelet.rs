@@ -1,5 +1,9 @@
 //! A fake kubelet device manager; see the crate docs.
 
+mod authority;
+
+pub use authority::AuthorityForm;
+
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -49,6 +53,8 @@ struct State {
 #[derive(Debug, Clone)]
 struct Shared {
     dir: PathBuf,
+    /// What the dial-back calls send as `:authority`.
+    authority: AuthorityForm,
     state: Arc<Mutex<State>>,
     changed: watch::Sender<u64>,
 }
@@ -69,11 +75,21 @@ pub struct FakeKubelet {
 }
 
 impl FakeKubelet {
-    /// Serves `Registration` on `<dir>/kubelet.sock`.
+    /// Serves `Registration` on `<dir>/kubelet.sock`; dials plugins back as kubelets from 1.26 do.
     pub async fn start(dir: &Path) -> anyhow::Result<Self> {
+        Self::start_with_authority(dir, AuthorityForm::Localhost).await
+    }
+
+    /// Like [`FakeKubelet::start`], with every dial-back call (`GetDevicePluginOptions`, `ListAndWatch`,
+    /// `GetPreferredAllocation`, `Allocate`) carrying `:authority` in the given form.
+    pub async fn start_with_authority(
+        dir: &Path,
+        authority: AuthorityForm,
+    ) -> anyhow::Result<Self> {
         let (changed, _) = watch::channel(0);
         let shared = Shared {
             dir: dir.to_path_buf(),
+            authority,
             state: Arc::default(),
             changed,
         };
@@ -235,7 +251,7 @@ impl FakeKubelet {
             .and_then(|v| v.registration)
             .map(|r| r.endpoint)
             .with_context(|| format!("{resource} is not registered"))?;
-        dial(&self.shared.dir.join(endpoint)).await
+        dial(&self.shared.dir.join(endpoint), self.shared.authority).await
     }
 
     /// Calls `GetPreferredAllocation` for one container, as the kubelet does before `Allocate` when the plugin
@@ -341,12 +357,25 @@ impl Drop for FakeKubelet {
     }
 }
 
-async fn dial(socket: &Path) -> anyhow::Result<Channel> {
-    Endpoint::from_shared(format!("unix://{}", socket.display()))?
+/// A connection to a plugin's socket. The URI only gives tonic's client the `localhost` authority; every form
+/// but that one is put on the wire by [`authority::RewriteAuthority`] under the client.
+async fn dial(socket: &Path, form: AuthorityForm) -> anyhow::Result<Channel> {
+    let path = socket.to_path_buf();
+    let value = form.value(socket);
+    Endpoint::from_static("http://localhost")
         .connect_timeout(Duration::from_secs(5))
-        .connect()
+        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+            let path = path.clone();
+            let value = value.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(&path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    authority::RewriteAuthority::new(stream, value),
+                ))
+            }
+        }))
         .await
-        .with_context(|| format!("dial {}", socket.display()))
+        .with_context(|| format!("dial {} with {form:?} :authority", socket.display()))
 }
 
 struct RegistrationService {
@@ -418,7 +447,7 @@ async fn watch_plugin(shared: Shared, request: RegisterRequest, socket: PathBuf)
             }
         });
     };
-    let channel = match dial(&socket).await {
+    let channel = match dial(&socket, shared.authority).await {
         Ok(c) => c,
         Err(e) => return fail(format!("{e:#}")),
     };
