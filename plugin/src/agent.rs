@@ -21,7 +21,7 @@ use kube::Client;
 
 use crate::allocate::{Allocator, HandoffSettings};
 use crate::cdi::{self, CdiError, SpecInputs};
-use crate::cluster::{self, ClusterError};
+use crate::cluster::{self, ApiClients, ClusterError};
 use crate::config::{AgentConfig, InvalidSetting};
 use crate::device_config::{self, VolcanoConfig, apply_filter};
 use crate::devices::{DevicePlan, MessageTooLarge, ResourceKind};
@@ -42,6 +42,11 @@ use vgpu_metrics::AgentMetrics;
 const REGISTER_RETRY_MAX: Duration = Duration::from_secs(5);
 /// How often our own sockets are checked for deletion behind our back.
 const SOCKET_CHECK: Duration = Duration::from_secs(2);
+/// Serving the endpoints again after a transient failure starts this fast and backs off to
+/// [`REGISTER_RETRY_MAX`].
+const ENDPOINT_RETRY_START: Duration = Duration::from_millis(50);
+/// How long a stop waits for an Allocate in flight: inside the pod's default 30 s termination grace.
+const DRAIN: Duration = Duration::from_secs(20);
 
 /// Why the agent cannot serve. Each variant's message says what to do.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +83,9 @@ pub enum AgentError {
          hami-core or run the Go plugin on MIG nodes"
     )]
     MigNotSupported,
+    /// `--node-name`, `--hook-path` or `--cache-root` cannot be used (checked at start, hand-off on).
+    #[error(transparent)]
+    StartCheck(#[from] crate::cli::StartCheckError),
     /// The health thread could not be started.
     #[error("cannot start the GPU health thread")]
     HealthThread(#[source] std::io::Error),
@@ -113,6 +121,9 @@ pub fn prepare(config: &AgentConfig, volcano: VolcanoConfig) -> Result<Prepared,
     if inventory.gpus.is_empty() {
         return Err(DiscoveryError::NoGpus.into());
     }
+    volcano
+        .sharing
+        .check_memory_factor(inventory.gpus.iter().map(|gpu| gpu.memory_mib()))?;
     for gpu in &inventory.gpus {
         tracing::info!(
             uuid = %gpu.uuid, model = %gpu.model, memory_mib = gpu.memory_mib(), minor = gpu.minor,
@@ -222,9 +233,9 @@ async fn run_with(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     tokio::pin!(shutdown);
-    let client = match &config.node_name {
-        Some(_) => match cluster::client().await {
-            Ok(client) => Some(client),
+    let clients = match &config.node_name {
+        Some(_) => match cluster::clients(config.cluster.api_bounds).await {
+            Ok(clients) => Some(clients),
             // No kubeconfig and no service account: still serve the device counts, and say loudly why the
             // hand-off is off, instead of crash-looping a node's device plugin.
             Err(error) => {
@@ -242,9 +253,19 @@ async fn run_with(
             None
         }
     };
+    let client = clients.as_ref().map(|c| c.requests.clone());
     let volcano = match &client {
         Some(client) => {
-            let volcano = cluster::load_config(client, &config).await?;
+            // Start-up reads are bounded by --apiserver-wait; SIGTERM meanwhile stops the agent at once.
+            let reads = async {
+                let volcano = cluster::load_config(client, &config).await?;
+                crate::cli::check_handoff_start(client, &config).await?;
+                Ok::<_, AgentError>(volcano)
+            };
+            let volcano = tokio::select! {
+                read = reads => read?,
+                () = &mut shutdown => return Ok(()),
+            };
             tracing::info!(node = ?config.node_name, "Volcano hand-off on: node and pod annotations are read and written");
             volcano
         }
@@ -299,13 +320,13 @@ async fn run_with(
         tracing::info!("NVML is available now; continuing start-up");
     }
     early.metrics.nvml_status(Ok(()));
-    serve(config, client, prepared, early, shutdown).await
+    serve(config, clients, prepared, early, shutdown).await
 }
 
 /// The serving half of [`run`], after [`prepare`].
 async fn serve(
     config: AgentConfig,
-    client: Option<Client>,
+    clients: Option<ApiClients>,
     prepared: Prepared,
     early: Early,
     shutdown: impl Future<Output = ()>,
@@ -316,6 +337,7 @@ async fn serve(
         plans,
         volcano,
     } = prepared;
+    let client: Option<Client> = clients.as_ref().map(|c| c.requests.clone());
     let (policy, warnings) = XidPolicy::from_env(
         config.health.disable.as_deref(),
         config.health.enable.as_deref(),
@@ -364,6 +386,11 @@ async fn serve(
     background.push(tokio::spawn(crate::monitor::run(
         config.cache_root(),
         crate::monitor::FEEDBACK_PERIOD,
+        crate::monitor::Reporting {
+            metrics: Some(Arc::clone(&metrics)),
+            client: client.clone(),
+            node: config.node_name.clone(),
+        },
     )));
     if config.delivery.strategies.any_cdi() {
         background.push(tokio::spawn(cdi::keep_current(
@@ -374,9 +401,15 @@ async fn serve(
         )));
     }
     let mut pod_cache = None;
-    let allocator = match (&client, &config.node_name) {
-        (Some(client), Some(node)) => {
-            let (pods, pod_task) = PodCache::start(client.clone(), node);
+    let allocator = match (&clients, &config.node_name) {
+        (Some(clients), Some(node)) => {
+            let client = &clients.requests;
+            let (pods, pod_task) = PodCache::start_bounded(
+                client.clone(),
+                clients.watches.clone(),
+                node,
+                clients.bounds,
+            );
             pod_cache = Some((pods.clone(), node.clone()));
             background.push(tokio::spawn(crate::cache_cleanup::run(
                 pods.clone(),
@@ -388,7 +421,7 @@ async fn serve(
             )));
             background.push(pod_task);
             background.push(tokio::spawn(node_annotations::publish(
-                client.clone(),
+                clients.clone(),
                 node.clone(),
                 Arc::clone(&inventory),
                 Arc::clone(&volcano),
@@ -483,13 +516,16 @@ async fn serve_until(
     tokio::pin!(shutdown);
     loop {
         let started = Instant::now();
-        let endpoints = start_endpoints(&dir, shared).await?;
+        let endpoints = tokio::select! {
+            started = start_endpoints_retrying(&dir, shared, ready) => started?,
+            () = &mut shutdown => return Ok(()),
+        };
         let registered = tokio::select! {
             id = register_all(config, &endpoints, &mut watch) => id,
             () = &mut shutdown => None,
         };
         let Some(kubelet) = registered else {
-            stop_all(endpoints).await;
+            drain_and_stop(endpoints, shared.allocator.as_deref()).await;
             return Ok(());
         };
         tracing::info!(
@@ -501,7 +537,7 @@ async fn serve_until(
         tokio::select! {
             () = &mut shutdown => {
                 tracing::info!("shutting down: stopping endpoints and removing their sockets");
-                stop_all(endpoints).await;
+                drain_and_stop(endpoints, shared.allocator.as_deref()).await;
                 return Ok(());
             }
             () = watch.changed_from(Some(kubelet)) => {
@@ -514,6 +550,61 @@ async fn serve_until(
         let _ = ready.send_replace(Err("registering with the kubelet again".to_owned()));
         stop_all(endpoints).await;
     }
+}
+
+/// [`start_endpoints`], again and again with backoff while what fails can pass by itself (a kubelet restart
+/// deleting our sockets mid-start, a self-check that did not get through); an error that cannot pass is
+/// returned, and the agent exits with it.
+async fn start_endpoints_retrying(
+    dir: &Path,
+    shared: &Shared<'_>,
+    ready: &watch::Sender<Result<(), String>>,
+) -> Result<Vec<RunningEndpoint>, AgentError> {
+    let mut backoff = ENDPOINT_RETRY_START;
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        match start_endpoints(dir, shared).await {
+            Ok(endpoints) => {
+                if attempt > 1 {
+                    tracing::info!(attempts = attempt, "endpoints serving again");
+                }
+                return Ok(endpoints);
+            }
+            Err(AgentError::Endpoint(error)) if error.is_transient() => {
+                let reason = error_chain(&error);
+                tracing::warn!(error = %reason, attempt, retry_in_ms = backoff.as_millis() as u64, "cannot serve the endpoints yet; retrying");
+                let _ =
+                    ready.send_replace(Err(format!("serving the endpoints: {reason}; retrying")));
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(REGISTER_RETRY_MAX);
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// Stops serving for good (SIGTERM): an Allocate in flight is finished first, within [`DRAIN`], so the
+/// kubelet's answer and the pod's annotations agree; later ones are refused meanwhile.
+async fn drain_and_stop(endpoints: Vec<RunningEndpoint>, allocator: Option<&Allocator>) {
+    if let Some(allocator) = allocator {
+        let started = Instant::now();
+        if allocator.drain(DRAIN).await {
+            let waited = started.elapsed();
+            if waited > Duration::from_millis(100) {
+                tracing::info!(
+                    waited_ms = waited.as_millis() as u64,
+                    "the Allocate in flight finished; stopping"
+                );
+            }
+        } else {
+            tracing::warn!(
+                bound_s = DRAIN.as_secs(),
+                "an Allocate was still running at the stop bound; stopping anyway"
+            );
+        }
+    }
+    stop_all(endpoints).await;
 }
 
 async fn start_endpoints(

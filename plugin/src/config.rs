@@ -15,6 +15,14 @@ pub const DEFAULT_MEMORY_RESOURCE: &str = "volcano.sh/vgpu-memory";
 /// Cores, 100 per GPU times the core scaling.
 pub const DEFAULT_CORES_RESOURCE: &str = "volcano.sh/vgpu-cores";
 
+/// `deviceSplitCount` (and `--device-split-count`) the agent serves. The upper end keeps the `vgpu-number` list of
+/// a node with 64 GPUs well inside the kubelet's 4 MiB message, so no value in the range can stop the agent.
+pub const SPLIT_COUNT_RANGE: std::ops::RangeInclusive<u32> = 1..=1000;
+/// `deviceCoreScaling` (and `--device-cores-scaling`): at most 1,000 `vgpu-cores` IDs per GPU, for the same reason.
+pub const CORE_SCALING_RANGE: std::ops::RangeInclusive<f64> = 0.01..=10.0;
+/// `deviceMemoryScaling`: physical memory × this is advertised.
+pub const MEMORY_SCALING_RANGE: std::ops::RangeInclusive<f64> = 0.01..=100.0;
+
 /// How the node's GPUs are cut into device-plugin IDs (contract §1.2).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SharingSettings {
@@ -55,11 +63,11 @@ pub struct InvalidSetting {
 impl SharingSettings {
     /// Refuses values that would divide by zero, advertise nothing, or overflow the kubelet's counters.
     pub fn validate(&self) -> Result<(), InvalidSetting> {
-        if self.split_count == 0 {
+        if !SPLIT_COUNT_RANGE.contains(&self.split_count) {
             return Err(InvalidSetting {
                 field: "--device-split-count (deviceSplitCount)",
                 value: self.split_count.to_string(),
-                expected: "a whole number of at least 1",
+                expected: "a whole number from 1 to 1000",
             });
         }
         if self.memory_factor == 0 {
@@ -69,12 +77,39 @@ impl SharingSettings {
                 expected: "a whole number of MiB of at least 1",
             });
         }
-        if !self.core_scaling.is_finite() || self.core_scaling < 0.01 || self.core_scaling > 1000.0
-        {
+        if !CORE_SCALING_RANGE.contains(&self.core_scaling) {
             return Err(InvalidSetting {
                 field: "--device-cores-scaling (deviceCoreScaling)",
                 value: self.core_scaling.to_string(),
-                expected: "a number from 0.01 to 1000 (1 = 100 core IDs per GPU)",
+                expected: "a number from 0.01 to 10 (1 = 100 core IDs per GPU)",
+            });
+        }
+        Ok(())
+    }
+
+    /// Refuses a `gpuMemoryFactor` larger than a GPU's (scaled) memory: that GPU would advertise no
+    /// `vgpu-memory` at all and register 0 memory with the scheduler. `memories_mib` are the served GPUs'.
+    /// Falling back to another factor is not an option: pods ask for memory in units of this one.
+    pub fn check_memory_factor(
+        &self,
+        memories_mib: impl IntoIterator<Item = u64>,
+    ) -> Result<(), InvalidSetting> {
+        let smallest = memories_mib.into_iter().min().unwrap_or(u64::MAX);
+        if self.memory_units(smallest) == 0 {
+            // The same GPU at factor 1: its (scaled) MiB, the largest factor that still works.
+            let advertised = SharingSettings {
+                memory_factor: 1,
+                ..*self
+            }
+            .memory_units(smallest);
+            return Err(InvalidSetting {
+                field: "--gpu-memory-factor (gpuMemoryFactor)",
+                value: format!(
+                    "{} (the smallest GPU advertises {advertised} MiB)",
+                    self.memory_factor
+                ),
+                expected: "at most the smallest GPU's memory in MiB (times deviceMemoryScaling), so every GPU \
+                           advertises vgpu-memory",
             });
         }
         Ok(())
@@ -92,7 +127,7 @@ impl SharingSettings {
 
     /// IDs per GPU on the cores resource: Go's `int(100 * scaling)`, i.e. truncation.
     pub fn core_ids_per_gpu(&self) -> u64 {
-        // Scaling is validated to 0.01..=1000, so the product is 1..=100_000 and the cast cannot overflow.
+        // Scaling is validated to 0.01..=10, so the product is 1..=1000 and the cast cannot overflow.
         // The small epsilon keeps 1.1 × 100 (= 110.00000000000001) and 0.29 × 100 (= 28.999999999999996) at
         // what an operator means; Go truncates the latter to 28, which no one asks for on purpose.
         (100.0 * self.core_scaling + 1e-9).floor() as u64
@@ -181,6 +216,8 @@ pub struct ClusterSettings {
     pub handshake: HandshakeMode,
     /// How long to keep retrying an unreachable apiserver at start before giving up.
     pub apiserver_wait: Duration,
+    /// How long each apiserver request and watch may stay silent (`crate::cluster::ApiBounds`).
+    pub api_bounds: crate::cluster::ApiBounds,
 }
 
 impl Default for ClusterSettings {
@@ -191,6 +228,7 @@ impl Default for ClusterSettings {
             node_config_path: PathBuf::from(crate::device_config::NODE_CONFIG_PATH),
             handshake: HandshakeMode::Auto,
             apiserver_wait: Duration::from_secs(60),
+            api_bounds: crate::cluster::ApiBounds::default(),
         }
     }
 }
@@ -501,7 +539,7 @@ mod tests {
         .validate()
         .unwrap_err();
         assert!(err.to_string().contains("gpuMemoryFactor"), "{err}");
-        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 5000.0] {
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 5000.0, 10.5] {
             let err = SharingSettings {
                 core_scaling: bad,
                 ..Default::default()
@@ -510,6 +548,45 @@ mod tests {
             .unwrap_err();
             assert!(err.to_string().contains("--device-cores-scaling"), "{err}");
         }
+    }
+
+    #[test]
+    fn split_counts_beyond_the_range_are_refused_and_its_ends_accepted() {
+        let split = |split_count| {
+            SharingSettings {
+                split_count,
+                ..Default::default()
+            }
+            .validate()
+        };
+        assert_eq!(split(1), Ok(()));
+        assert_eq!(split(1000), Ok(()));
+        let err = split(100_000).unwrap_err();
+        assert!(err.to_string().contains("from 1 to 1000"), "{err}");
+        let scaling = |core_scaling| {
+            SharingSettings {
+                core_scaling,
+                ..Default::default()
+            }
+            .validate()
+        };
+        assert_eq!(scaling(0.01), Ok(()));
+        assert_eq!(scaling(10.0), Ok(()));
+    }
+
+    #[test]
+    fn a_factor_that_leaves_a_gpu_without_memory_is_refused_by_name() {
+        let factor = |memory_factor| SharingSettings {
+            memory_factor,
+            ..Default::default()
+        };
+        assert_eq!(factor(16_384).check_memory_factor([16_384, 81_559]), Ok(()));
+        let err = factor(16_385)
+            .check_memory_factor([16_384, 81_559])
+            .unwrap_err();
+        assert_eq!(err.field, "--gpu-memory-factor (gpuMemoryFactor)");
+        assert_eq!(err.value, "16385 (the smallest GPU advertises 16384 MiB)");
+        assert!(err.expected.contains("smallest GPU"), "{err}");
     }
 
     #[test]

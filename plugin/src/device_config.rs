@@ -3,13 +3,17 @@
 //! then this node's entry of the per-node `config.json` (§5.3, values > 0 or non-empty only), then flags that
 //! were set explicitly. Every key is honoured, including the ones the Go plugin loads and ignores
 //! (`deviceMemoryScaling`, `disableCoreLimit`, `filterdevices`). A value the agent cannot serve is refused
-//! with the key, the value and what was expected.
+//! with the key, the value and what was expected, every such key is listed, and each leaves only its own key
+//! at the value below it: the good keys of the same document still apply (the scheduler reads them too).
 
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use crate::config::{InvalidSetting, ResourceNames, SharingSettings};
+use crate::config::{
+    CORE_SCALING_RANGE, InvalidSetting, MEMORY_SCALING_RANGE, ResourceNames, SPLIT_COUNT_RANGE,
+    SharingSettings,
+};
 use crate::inventory::Inventory;
 
 /// The config map's name and key.
@@ -191,85 +195,158 @@ pub fn parse_node_config(source_name: &str, json: &str) -> Result<NodeConfigFile
     })
 }
 
-fn positive_u32(
-    source: &str,
-    key: &'static str,
-    value: i64,
-    expected: &'static str,
-) -> Result<u32, ConfigError> {
-    u32::try_from(value)
-        .ok()
-        .filter(|v| *v > 0)
-        .ok_or_else(|| ConfigError::Value {
-            source_name: source.to_owned(),
-            setting: InvalidSetting {
-                field: key,
-                value: value.to_string(),
-                expected,
-            },
-        })
-}
+/// Every value of a configuration that could not be applied, each naming its key, value and expectation.
+#[derive(Debug, PartialEq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
 
-fn scaling(
-    source: &str,
-    key: &'static str,
-    value: f64,
-    min: f64,
-    max: f64,
-    expected: &'static str,
-) -> Result<f64, ConfigError> {
-    if value.is_finite() && (min..=max).contains(&value) {
-        Ok(value)
-    } else {
-        Err(ConfigError::Value {
-            source_name: source.to_owned(),
-            setting: InvalidSetting {
-                field: key,
-                value: value.to_string(),
-                expected,
-            },
-        })
+impl std::fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, error) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
     }
 }
 
-fn resource_name(source: &str, key: &'static str, value: &str) -> Result<String, ConfigError> {
-    // The Go plugin forces names under `volcano.sh/`; the scheduler uses the same rule.
-    let name = if value.contains('/') {
-        value.to_owned()
-    } else {
-        format!("volcano.sh/{value}")
-    };
-    let valid = name.split_once('/').is_some_and(|(d, n)| {
-        !d.is_empty()
-            && !n.is_empty()
-            && !n.contains('/')
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "./-_".contains(c))
-    });
-    if valid {
-        Ok(name)
-    } else {
-        Err(ConfigError::Value {
-            source_name: source.to_owned(),
+impl std::error::Error for ConfigErrors {}
+
+/// Collects what one merge refused, so every bad key is reported and every good key still applies.
+struct Checker<'a> {
+    source: &'a str,
+    refused: &'a mut Vec<ConfigError>,
+}
+
+impl Checker<'_> {
+    fn refuse(&mut self, field: &'static str, value: String, expected: &'static str) {
+        self.refused.push(ConfigError::Value {
+            source_name: self.source.to_owned(),
             setting: InvalidSetting {
-                field: key,
-                value: value.to_owned(),
-                expected: "an extended resource name such as volcano.sh/vgpu-number",
+                field,
+                value,
+                expected,
             },
-        })
+        });
+    }
+
+    fn split_count(&mut self, key: &'static str, value: i64) -> Option<u32> {
+        let accepted = u32::try_from(value)
+            .ok()
+            .filter(|v| SPLIT_COUNT_RANGE.contains(v));
+        if accepted.is_none() {
+            self.refuse(key, value.to_string(), "a whole number from 1 to 1000");
+        }
+        accepted
+    }
+
+    fn scaling(
+        &mut self,
+        key: &'static str,
+        value: f64,
+        range: &std::ops::RangeInclusive<f64>,
+        expected: &'static str,
+    ) -> Option<f64> {
+        if range.contains(&value) {
+            Some(value)
+        } else {
+            self.refuse(key, value.to_string(), expected);
+            None
+        }
+    }
+
+    fn resource_name(&mut self, key: &'static str, value: &str) -> Option<String> {
+        // The Go plugin forces names under `volcano.sh/`; the scheduler uses the same rule.
+        let name = if value.contains('/') {
+            value.to_owned()
+        } else {
+            format!("volcano.sh/{value}")
+        };
+        let valid = name.split_once('/').is_some_and(|(d, n)| {
+            !d.is_empty()
+                && !n.is_empty()
+                && !n.contains('/')
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "./-_".contains(c))
+        });
+        if valid {
+            Some(name)
+        } else {
+            self.refuse(
+                key,
+                value.to_owned(),
+                "an extended resource name such as volcano.sh/vgpu-number",
+            );
+            None
+        }
+    }
+
+    /// Two resources under one name (or one socket file: the name after `/` picks it) would make the second
+    /// endpoint replace the first in the kubelet. Both keys are refused and all three names stay at their
+    /// defaults, which are distinct.
+    fn distinct_names(&mut self, names: &mut ResourceNames, keys: [&'static str; 3]) {
+        let list = [
+            names.number.clone(),
+            names.memory.clone(),
+            names.cores.clone(),
+        ];
+        let short = |n: &str| n.rsplit('/').next().unwrap_or(n).to_owned();
+        let mut clash = false;
+        for i in 0..3 {
+            for j in i + 1..3 {
+                if list[i] == list[j] || short(&list[i]) == short(&list[j]) {
+                    clash = true;
+                    self.refuse(
+                        keys[j],
+                        format!("{} (the same as {} = {})", list[j], keys[i], list[i]),
+                        "a name of its own: each resource is served on its own kubelet socket, \
+                         nvidia-<name after the />.sock",
+                    );
+                }
+            }
+        }
+        if clash {
+            *names = ResourceNames::default();
+        }
     }
 }
 
-/// Merges defaults, the device config map, this node's entry of the node config and explicit flags.
+/// Merges defaults, the device config map, this node's entry of the node config and explicit flags, and
+/// refuses the result if any value could not be applied, listing every one.
 pub fn merge(
     device: Option<(&str, &DeviceConfigFile)>,
     node: Option<(&str, &NodeConfigFile)>,
     node_name: Option<&str>,
     flags: &ExplicitFlags,
-) -> Result<VolcanoConfig, ConfigError> {
+) -> Result<VolcanoConfig, ConfigErrors> {
+    let (config, refused) = merge_all(device, node, node_name, flags);
+    if refused.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigErrors(refused))
+    }
+}
+
+/// The merge, key by key: a value that cannot be served is listed and leaves that key at what the layer below
+/// set (the default, or the device config map under the node entry); every other key applies. Never half a
+/// document silently: the caller logs every refused key.
+pub fn merge_all(
+    device: Option<(&str, &DeviceConfigFile)>,
+    node: Option<(&str, &NodeConfigFile)>,
+    node_name: Option<&str>,
+    flags: &ExplicitFlags,
+) -> (VolcanoConfig, Vec<ConfigError>) {
     let mut out = VolcanoConfig::default();
+    let mut refused = Vec::new();
+    // The device config map's own gpuMemoryFactor: the one the scheduler reads from the same document.
+    let mut shared_factor = None;
     if let Some((source, file)) = device {
+        let mut check = Checker {
+            source,
+            refused: &mut refused,
+        };
         for key in file.other.keys() {
             if key != "nvidia" {
                 out.warnings.push(format!(
@@ -281,50 +358,64 @@ pub fn merge(
             for key in nv.unknown.keys() {
                 out.warnings.push(format!("{source}: unknown key nvidia.{key} ignored (keys are case-sensitive, e.g. disableCoreLimit)"));
             }
-            if let Some(v) = &nv.resource_count_name {
-                out.resources.number = resource_name(source, "nvidia.resourceCountName", v)?;
+            const KEYS: [&str; 3] = [
+                "nvidia.resourceCountName",
+                "nvidia.resourceMemoryName",
+                "nvidia.resourceCoreName",
+            ];
+            if let Some(v) = nv.resource_count_name.as_deref()
+                && let Some(name) = check.resource_name(KEYS[0], v)
+            {
+                out.resources.number = name;
             }
-            if let Some(v) = &nv.resource_memory_name {
-                out.resources.memory = resource_name(source, "nvidia.resourceMemoryName", v)?;
+            if let Some(v) = nv.resource_memory_name.as_deref()
+                && let Some(name) = check.resource_name(KEYS[1], v)
+            {
+                out.resources.memory = name;
             }
-            if let Some(v) = &nv.resource_core_name {
-                out.resources.cores = resource_name(source, "nvidia.resourceCoreName", v)?;
+            if let Some(v) = nv.resource_core_name.as_deref()
+                && let Some(name) = check.resource_name(KEYS[2], v)
+            {
+                out.resources.cores = name;
             }
-            if let Some(v) = nv.device_split_count {
-                out.sharing.split_count = positive_u32(
-                    source,
-                    "nvidia.deviceSplitCount",
-                    v,
-                    "a whole number of at least 1",
-                )?;
+            check.distinct_names(&mut out.resources, KEYS);
+            if let Some(v) = nv.device_split_count
+                && let Some(v) = check.split_count("nvidia.deviceSplitCount", v)
+            {
+                out.sharing.split_count = v;
             }
             if let Some(v) = nv.gpu_memory_factor {
-                out.sharing.memory_factor = positive_u32(
-                    source,
-                    "nvidia.gpuMemoryFactor",
-                    v,
-                    "a whole number of MiB of at least 1",
-                )?;
+                match u32::try_from(v).ok().filter(|v| *v > 0) {
+                    Some(v) => {
+                        out.sharing.memory_factor = v;
+                        shared_factor = Some(v);
+                    }
+                    None => check.refuse(
+                        "nvidia.gpuMemoryFactor",
+                        v.to_string(),
+                        "a whole number of MiB of at least 1",
+                    ),
+                }
             }
-            if let Some(v) = nv.device_core_scaling {
-                out.sharing.core_scaling = scaling(
-                    source,
+            if let Some(v) = nv.device_core_scaling
+                && let Some(v) = check.scaling(
                     "nvidia.deviceCoreScaling",
                     v,
-                    0.01,
-                    1000.0,
-                    "a number from 0.01 to 1000",
-                )?;
+                    &CORE_SCALING_RANGE,
+                    "a number from 0.01 to 10",
+                )
+            {
+                out.sharing.core_scaling = v;
             }
-            if let Some(v) = nv.device_memory_scaling {
-                out.memory_scaling = scaling(
-                    source,
+            if let Some(v) = nv.device_memory_scaling
+                && let Some(v) = check.scaling(
                     "nvidia.deviceMemoryScaling",
                     v,
-                    0.01,
-                    100.0,
+                    &MEMORY_SCALING_RANGE,
                     "a number from 0.01 to 100 (1 = physical memory)",
-                )?;
+                )
+            {
+                out.memory_scaling = v;
             }
             out.disable_core_limit = nv.disable_core_limit.unwrap_or(false);
             out.pass_device_specs = nv.pass_device_specs.unwrap_or(false);
@@ -333,47 +424,46 @@ pub fn merge(
     if let (Some((source, file)), Some(name)) = (node, node_name)
         && let Some(entry) = file.nodeconfig.iter().find(|e| e.name == name)
     {
+        let mut check = Checker {
+            source,
+            refused: &mut refused,
+        };
         // The Go plugin applies only values > 0 or non-empty.
         if let Some(mode) = entry.operatingmode.as_deref().filter(|m| !m.is_empty()) {
-            if mode != "hami-core" && mode != "mig" {
-                return Err(ConfigError::Value {
-                    source_name: source.to_owned(),
-                    setting: InvalidSetting {
-                        field: "nodeconfig[].operatingmode",
-                        value: mode.to_owned(),
-                        expected: "hami-core or mig",
-                    },
-                });
+            if mode == "hami-core" || mode == "mig" {
+                out.operating_mode = mode.to_owned();
+            } else {
+                check.refuse(
+                    "nodeconfig[].operatingmode",
+                    mode.to_owned(),
+                    "hami-core or mig",
+                );
             }
-            out.operating_mode = mode.to_owned();
         }
-        if let Some(v) = entry.devicesplitcount.filter(|v| *v > 0) {
-            out.sharing.split_count = positive_u32(
-                source,
-                "nodeconfig[].devicesplitcount",
-                v,
-                "a whole number of at least 1",
-            )?;
+        if let Some(v) = entry.devicesplitcount.filter(|v| *v > 0)
+            && let Some(v) = check.split_count("nodeconfig[].devicesplitcount", v)
+        {
+            out.sharing.split_count = v;
         }
-        if let Some(v) = entry.devicecorescaling.filter(|v| *v > 0.0) {
-            out.sharing.core_scaling = scaling(
-                source,
+        if let Some(v) = entry.devicecorescaling.filter(|v| *v > 0.0)
+            && let Some(v) = check.scaling(
                 "nodeconfig[].devicecorescaling",
                 v,
-                0.01,
-                1000.0,
-                "a number from 0.01 to 1000",
-            )?;
+                &CORE_SCALING_RANGE,
+                "a number from 0.01 to 10",
+            )
+        {
+            out.sharing.core_scaling = v;
         }
-        if let Some(v) = entry.devicememoryscaling.filter(|v| *v > 0.0) {
-            out.memory_scaling = scaling(
-                source,
+        if let Some(v) = entry.devicememoryscaling.filter(|v| *v > 0.0)
+            && let Some(v) = check.scaling(
                 "nodeconfig[].devicememoryscaling",
                 v,
-                0.01,
-                100.0,
+                &MEMORY_SCALING_RANGE,
                 "a number from 0.01 to 100",
-            )?;
+            )
+        {
+            out.memory_scaling = v;
         }
         if let Some(filter) = &entry.filterdevices {
             out.filter = filter.clone();
@@ -383,42 +473,44 @@ pub fn merge(
         out.sharing.split_count = v;
     }
     if let Some(v) = flags.memory_factor {
-        out.sharing.memory_factor = v;
+        match shared_factor {
+            // Pods ask for memory in units of the config map's factor: serving another one would give every
+            // container a different amount of memory than its pod asked for. The config map's stays.
+            Some(shared) if shared != v => Checker {
+                source: "flags",
+                refused: &mut refused,
+            }
+            .refuse(
+                "--gpu-memory-factor",
+                format!("{v} (the device config map's gpuMemoryFactor is {shared})"),
+                "the device config map's gpuMemoryFactor, which the scheduler reads too; change it there, or \
+                 leave the flag unset",
+            ),
+            _ => out.sharing.memory_factor = v,
+        }
     }
     if let Some(v) = flags.core_scaling {
         out.sharing.core_scaling = v;
     }
     out.sharing.memory_scaling = out.memory_scaling;
-    Ok(out)
+    (out, refused)
 }
 
-/// [`merge`], but a document that is invalid is reported (one error line naming the key, the value and the
-/// expectation) and left out, so the agent keeps serving with the defaults Volcano's scheduler also falls
-/// back to, instead of crash-looping. Invalid explicit flags are still refused, by `SharingSettings::validate`.
+/// [`merge_all`] for serving: every value that cannot be served is logged (one error line per key, naming the
+/// key, the value and what was expected) and left at the value below it, and every other key applies, so the
+/// agent keeps the names and settings the scheduler reads from the same document instead of crash-looping or
+/// dropping the whole document. Invalid explicit flags are still refused, by `SharingSettings::validate`.
 pub fn merge_lenient(
     device: Option<(&str, &DeviceConfigFile)>,
     node: Option<(&str, &NodeConfigFile)>,
     node_name: Option<&str>,
     flags: &ExplicitFlags,
 ) -> VolcanoConfig {
-    let mut device = device;
-    if let Err(error) = merge(device, None, None, &ExplicitFlags::default()) {
-        tracing::error!(%error, "device config ignored; using the built-in defaults for it");
-        device = None;
+    let (config, refused) = merge_all(device, node, node_name, flags);
+    for error in &refused {
+        tracing::error!(%error, "configuration value refused; that key keeps its default (or the device config map's value)");
     }
-    let mut node = node;
-    if let Err(error) = merge(device, node, node_name, &ExplicitFlags::default()) {
-        tracing::error!(%error, "node config ignored");
-        node = None;
-    }
-    match merge(device, node, node_name, flags) {
-        Ok(config) => config,
-        // Unreachable with both documents checked above, but never worth a panic.
-        Err(error) => {
-            tracing::error!(%error, "configuration ignored");
-            VolcanoConfig::default()
-        }
-    }
+    config
 }
 
 /// Removes the GPUs `filterdevices` names (by UUID or NVML index), logging each.
@@ -504,9 +596,10 @@ nvidia:
                 index: vec![3]
             }
         );
+        // A flag wins (a factor flag only when it agrees with the config map: see the test below).
         let flags = ExplicitFlags {
             split_count: Some(2),
-            memory_factor: Some(1),
+            memory_factor: Some(10),
             core_scaling: None,
         };
         let c = merge(
@@ -516,7 +609,7 @@ nvidia:
             &flags,
         )
         .unwrap();
-        assert_eq!((c.sharing.split_count, c.sharing.memory_factor), (2, 1));
+        assert_eq!((c.sharing.split_count, c.sharing.memory_factor), (2, 10));
     }
 
     #[test]
@@ -573,6 +666,126 @@ nvidia:
                 .iter()
                 .any(|w| w.contains("nvidia.disablecorelimit"))
         );
+    }
+
+    #[test]
+    fn one_bad_key_keeps_the_good_keys_and_every_bad_key_is_listed() {
+        let yaml = "nvidia:\n  resourceCountName: example.com/gpu-count\n  deviceSplitCount: 100000\n  \
+                    deviceCoreScaling: 1000\n  gpuMemoryFactor: 10\n  deviceMemoryScaling: -2\n";
+        let file = parse_device_config("kube-system/volcano-vgpu-device-config", yaml).unwrap();
+        let device = Some(("kube-system/volcano-vgpu-device-config", &file));
+        let (c, refused) = merge_all(device, None, None, &ExplicitFlags::default());
+        assert_eq!(
+            c.resources.number, "example.com/gpu-count",
+            "a good key applies"
+        );
+        assert_eq!(c.sharing.memory_factor, 10, "a good key applies");
+        assert_eq!(
+            (
+                c.sharing.split_count,
+                c.sharing.core_scaling,
+                c.memory_scaling
+            ),
+            (10, 1.0, 1.0),
+            "each bad key keeps its default"
+        );
+        let fields: Vec<&str> = refused
+            .iter()
+            .map(|e| match e {
+                ConfigError::Value { setting, .. } => setting.field,
+                ConfigError::Syntax { .. } => "syntax",
+            })
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "nvidia.deviceSplitCount",
+                "nvidia.deviceCoreScaling",
+                "nvidia.deviceMemoryScaling"
+            ]
+        );
+        let text = merge(device, None, None, &ExplicitFlags::default())
+            .unwrap_err()
+            .to_string();
+        for expected in ["100000", "from 1 to 1000", "1000", "from 0.01 to 10", "-2"] {
+            assert!(text.contains(expected), "{expected} in {text}");
+        }
+    }
+
+    #[test]
+    fn node_entry_keeps_the_device_value_for_a_bad_key() {
+        let file = parse_device_config("cm", "nvidia:\n  deviceSplitCount: 4\n").unwrap();
+        let node = parse_node_config(
+            "config.json",
+            r#"{"nodeconfig":[{"name":"n1","devicesplitcount":5000,"devicecorescaling":2,"operatingmode":"vgpu"}]}"#,
+        )
+        .unwrap();
+        let (c, refused) = merge_all(
+            Some(("cm", &file)),
+            Some(("config.json", &node)),
+            Some("n1"),
+            &ExplicitFlags::default(),
+        );
+        assert_eq!(c.sharing.split_count, 4, "the device config map's value");
+        assert_eq!(c.sharing.core_scaling, 2.0, "the good key of the entry");
+        assert_eq!(c.operating_mode, "hami-core");
+        assert_eq!(refused.len(), 2, "{refused:?}");
+    }
+
+    #[test]
+    fn two_resources_under_one_name_or_socket_are_refused() {
+        for (yaml, key) in [
+            (
+                "nvidia:\n  resourceMemoryName: volcano.sh/vgpu-number\n",
+                "nvidia.resourceMemoryName",
+            ),
+            (
+                "nvidia:\n  resourceCoreName: example.com/vgpu-memory\n",
+                "nvidia.resourceCoreName",
+            ),
+            (
+                "nvidia:\n  resourceCountName: a.io/gpu\n  resourceCoreName: gpu\n",
+                "nvidia.resourceCoreName",
+            ),
+        ] {
+            let file = parse_device_config("cm", yaml).unwrap();
+            let (c, refused) =
+                merge_all(Some(("cm", &file)), None, None, &ExplicitFlags::default());
+            assert_eq!(c.resources, ResourceNames::default(), "{yaml}");
+            assert_eq!(refused.len(), 1, "{yaml}: {refused:?}");
+            let text = refused[0].to_string();
+            assert!(
+                text.contains(key)
+                    && text.contains("the same as")
+                    && text.contains("its own kubelet socket"),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_factor_flag_that_contradicts_the_config_map_is_refused_and_the_config_map_s_kept() {
+        let file = parse_device_config("cm", "nvidia:\n  gpuMemoryFactor: 10\n").unwrap();
+        let flags = |memory_factor| ExplicitFlags {
+            memory_factor,
+            ..Default::default()
+        };
+        let merged = |f| merge_all(Some(("cm", &file)), None, None, &flags(f));
+        assert_eq!(merged(Some(10)).0.sharing.memory_factor, 10);
+        assert!(merged(Some(10)).1.is_empty());
+        let (c, refused) = merged(Some(5));
+        assert_eq!(
+            c.sharing.memory_factor, 10,
+            "the scheduler's factor is served"
+        );
+        let text = refused[0].to_string();
+        assert!(
+            text.contains("--gpu-memory-factor") && text.contains("gpuMemoryFactor is 10"),
+            "{text}"
+        );
+        // Without a factor in the config map the flag stands alone (the Go plugin's rule).
+        let (c, refused) = merge_all(None, None, None, &flags(Some(5)));
+        assert_eq!((c.sharing.memory_factor, refused.len()), (5, 0));
     }
 
     #[test]

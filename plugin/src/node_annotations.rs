@@ -10,12 +10,13 @@ use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
+use kube::Api;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client};
 use tokio::sync::watch;
 use vgpu_metrics::AgentMetrics;
 
+use crate::cluster::ApiClients;
 use crate::config::HandshakeMode;
 use crate::device_config::VolcanoConfig;
 use crate::inventory::Inventory;
@@ -64,9 +65,13 @@ pub fn handshake_reply(mode: HandshakeMode, current: Option<&str>, heartbeat_due
     }
 }
 
-/// Runs until aborted.
+/// Runs until aborted. Watches this Node on `clients.watches` (bounded, so a silent apiserver is noticed and
+/// the watch restarted) and writes on `clients.requests`. A write that fails or gets no answer is retried with
+/// backoff (at most [`crate::cluster::RETRY_MAX`] apart) until it lands, not left until the next change: a
+/// health change during an apiserver outage reaches the scheduler within
+/// [`crate::cluster::ApiBounds::write_recovery`] of the apiserver answering again.
 pub async fn publish(
-    client: Client,
+    clients: ApiClients,
     node: String,
     inventory: Arc<Inventory>,
     config: Arc<VolcanoConfig>,
@@ -74,23 +79,33 @@ pub async fn publish(
     mode: HandshakeMode,
     metrics: Arc<AgentMetrics>,
 ) {
-    let api: Api<Node> = Api::all(client);
+    let api: Api<Node> = Api::all(clients.requests.clone());
     let nodes = watcher(
-        api.clone(),
-        watcher::Config::default().fields(&format!("metadata.name={node}")),
+        Api::<Node>::all(clients.watches.clone()),
+        watcher::Config::default()
+            .fields(&format!("metadata.name={node}"))
+            .timeout(clients.bounds.watch_timeout_secs()),
     )
-    .default_backoff()
+    .backoff(crate::cluster::WatchBackoff::default())
     .applied_objects();
     let mut nodes = std::pin::pin!(nodes);
     let mut latest: Option<Node> = None;
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut watch_failing = false;
+    // Set while a write has failed: when to try again, and the pause after that.
+    let mut retry: Option<(tokio::time::Instant, Duration)> = None;
+    let mut heartbeat_pending = false;
+    let limit = clients.bounds.request;
     loop {
-        let mut heartbeat_due = false;
+        let retry_at = retry.map(|(at, _)| at);
         tokio::select! {
             event = nodes.next() => match event {
-                Some(Ok(n)) => { watch_failing = false; latest = Some(n); }
+                Some(Ok(n)) => {
+                    if watch_failing { tracing::info!("node watch recovered"); }
+                    watch_failing = false;
+                    latest = Some(n);
+                }
                 Some(Err(error)) => {
                     if !watch_failing { tracing::warn!(%error, "node watch failed; retrying with backoff"); }
                     watch_failing = true;
@@ -99,7 +114,8 @@ pub async fn publish(
                 None => return,
             },
             changed = health.changed() => if changed.is_err() { return },
-            _ = heartbeat.tick(), if mode == HandshakeMode::On => heartbeat_due = true,
+            _ = heartbeat.tick(), if mode == HandshakeMode::On => heartbeat_pending = true,
+            () = sleep_until_opt(retry_at), if retry_at.is_some() => {}
         }
         let Some(current) = latest.as_ref() else {
             continue;
@@ -113,7 +129,7 @@ pub async fn publish(
         if handshake_reply(
             mode,
             annotations.get(NODE_HANDSHAKE).map(String::as_str),
-            heartbeat_due,
+            heartbeat_pending,
         ) {
             patch.insert(
                 NODE_HANDSHAKE.to_owned(),
@@ -121,23 +137,48 @@ pub async fn publish(
             );
         }
         if patch.is_empty() {
+            retry = None;
+            heartbeat_pending = false;
             continue;
         }
         let keys: Vec<String> = patch.keys().cloned().collect();
         let body = serde_json::json!({ "metadata": { "annotations": patch } });
-        match api
-            .patch(&node, &PatchParams::default(), &Patch::Merge(&body))
-            .await
-        {
+        let written = crate::cluster::bounded(
+            "write node annotations",
+            limit,
+            api.patch(&node, &PatchParams::default(), &Patch::Merge(&body)),
+        )
+        .await;
+        match written {
             Ok(updated) => {
                 metrics.node_write();
-                tracing::info!(?keys, "node annotations written");
+                if retry.is_some() {
+                    tracing::info!(?keys, "node annotations written after retrying");
+                } else {
+                    tracing::info!(?keys, "node annotations written");
+                }
                 latest = Some(updated);
+                retry = None;
+                heartbeat_pending = false;
             }
             Err(error) => {
-                tracing::warn!(%error, ?keys, "cannot write node annotations; will retry on the next change")
+                let pause = retry.map_or(RETRY_START, |(_, pause)| {
+                    (pause * 2).min(crate::cluster::RETRY_MAX)
+                });
+                tracing::warn!(%error, ?keys, retry_in_ms = pause.as_millis() as u64, "cannot write node annotations; retrying");
+                retry = Some((tokio::time::Instant::now() + pause, pause));
             }
         }
+    }
+}
+
+/// The first pause before rewriting node annotations after a failed write.
+const RETRY_START: Duration = Duration::from_millis(500);
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -146,7 +187,7 @@ pub async fn publish(
 /// Returns whether it wrote.
 pub async fn release_node_lock(api: &Api<Node>, node: &str) -> bool {
     // Bounded like every apiserver call on the Allocate path: a lock we cannot release expires in 5 minutes.
-    let limit = crate::allocate::API_TIMEOUT;
+    let limit = crate::cluster::REQUEST_TIMEOUT;
     let has_lock = match tokio::time::timeout(limit, api.get_opt(node)).await {
         Ok(Ok(Some(n))) => n
             .metadata

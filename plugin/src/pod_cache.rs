@@ -14,6 +14,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tokio::task::JoinHandle;
 
+use crate::cluster::{ApiBounds, WatchBackoff};
 use crate::config::ResourceNames;
 use crate::volcano::selection::{ContainerLimits, PodView};
 
@@ -35,16 +36,29 @@ impl std::fmt::Debug for PodCache {
 }
 
 impl PodCache {
-    /// Starts the watch; the task runs until aborted and rides out apiserver outages with backoff.
+    /// Starts the watch on one client with the default bounds (benchmarks, tools); see [`Self::start_bounded`].
     pub fn start(client: Client, node: &str) -> (Self, JoinHandle<()>) {
-        let pods: Api<Pod> = Api::all(client);
+        Self::start_bounded(client.clone(), client, node, ApiBounds::default())
+    }
+
+    /// Starts the watch on `watches` (its LIST and WATCH) and reads directly on `requests`. The watch asks the
+    /// apiserver to end it after [`ApiBounds::watch_timeout`], so a stream silent for longer than that (plus
+    /// the way) is a dead one: the watches client's read bound fails it and the watcher starts again, resuming
+    /// from the last resourceVersion. The task runs until aborted and rides out apiserver outages with backoff.
+    pub fn start_bounded(
+        requests: Client,
+        watches: Client,
+        node: &str,
+        bounds: ApiBounds,
+    ) -> (Self, JoinHandle<()>) {
+        let pods: Api<Pod> = Api::all(requests);
         let (store, writer) = reflector::store();
         let selector = format!("spec.nodeName={node}");
-        let stream = reflector::reflector(
-            writer,
-            watcher(pods.clone(), watcher::Config::default().fields(&selector)),
-        )
-        .default_backoff();
+        let config = watcher::Config::default()
+            .fields(&selector)
+            .timeout(bounds.watch_timeout_secs());
+        let stream = reflector::reflector(writer, watcher(Api::all(watches), config))
+            .backoff(WatchBackoff::default());
         let task = tokio::spawn(async move {
             let mut failing = false;
             let mut stream = std::pin::pin!(stream);

@@ -86,6 +86,11 @@ impl Agent {
         assert!(status.success());
     }
 
+    /// The exit status if the agent has exited, without waiting.
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;
         loop {

@@ -112,7 +112,13 @@
 //! would; a request already being read when it went down is answered 503. Bringing it back
 //! up listens on the same port again. [`FakeApiServer::set_latency`] delays every response;
 //! [`FakeApiServer::fail_next`] answers one matching request with an error `Status` (note that
-//! kube-rs retries 429, 503 and 504 by itself).
+//! kube-rs retries 429, 503 and 504 by itself). [`FakeApiServer::set_hung`] makes it accept
+//! connections and read requests but never answer them, and silences every open watch (no
+//! bytes, no close at the deadline), as an apiserver stuck on etcd or a black-holed path does: a
+//! request or watch caught in the hang stays unanswered even after the hang ends, until the
+//! client gives up on it. [`FakeApiServer::silence_watches`] does that to the open watches only.
+//! [`FakeApiServer::hang_next`] and [`FakeApiServer::reset_next`] never answer, or drop the
+//! connection (TCP RST) instead of answering, one matching request.
 //!
 //! Scale: the store is a `BTreeMap` per resource behind one `std::sync::Mutex`; lists scan,
 //! but each stored object keeps its field-label values precomputed (as the watch cache does),
@@ -224,7 +230,18 @@ impl RecordedRequest {
 struct Fault {
     method: String,
     path_substring: String,
-    code: u16,
+    kind: FaultKind,
+}
+
+/// What an injected fault does to the request it matches.
+#[derive(Debug, Clone, Copy)]
+enum FaultKind {
+    /// An error `Status` with this code.
+    Status(u16),
+    /// No answer, ever (the connection stays open until the client closes it).
+    Hang,
+    /// The connection is dropped with a TCP RST instead of an answer.
+    Reset,
 }
 
 #[derive(Debug)]
@@ -235,6 +252,10 @@ struct Inner {
     latency: Mutex<Duration>,
     bookmark_interval: Mutex<Duration>,
     down: AtomicBool,
+    /// While true, requests are read and never answered and open watches send nothing.
+    hung: watch::Sender<bool>,
+    /// Bumped to silence every open watch for good.
+    silence_watches: watch::Sender<u64>,
     /// Bumped to drop every open connection.
     kill: watch::Sender<u64>,
     /// Bumped to end every open watch cleanly.
@@ -268,6 +289,9 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
+                // Without it a response's last small write can wait for the client's delayed ACK (40 ms on
+                // Linux): the fake's own latency would swamp what the benchmarks measure.
+                let _ = stream.set_nodelay(true);
                 tokio::spawn(serve_connection(Arc::clone(&inner), stream));
             }
             Err(e) => {
@@ -280,9 +304,14 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
 
 async fn serve_connection(inner: Arc<Inner>, stream: TcpStream) {
     let mut kill = inner.kill.subscribe();
+    // A `reset_next` fault drops this connection with an RST: SO_LINGER 0 on close does that.
+    let reset = Arc::new(tokio::sync::Notify::new());
+    let raw = socket2::SockRef::from(&stream).try_clone().ok();
+    let on_reset = Arc::clone(&reset);
     let svc = service_fn(move |req| {
         let inner = Arc::clone(&inner);
-        async move { Ok::<_, Infallible>(handle(inner, req).await) }
+        let reset = Arc::clone(&on_reset);
+        async move { Ok::<_, Infallible>(handle(inner, req, reset).await) }
     });
     let builder = auto::Builder::new(TokioExecutor::new());
     let conn = builder.serve_connection(TokioIo::new(stream), svc);
@@ -293,6 +322,11 @@ async fn serve_connection(inner: Arc<Inner>, stream: TcpStream) {
             }
         }
         _ = kill.changed() => {}
+        () = reset.notified() => {
+            if let Some(raw) = raw {
+                let _ = raw.set_linger(Some(Duration::ZERO));
+            }
+        }
     }
 }
 
@@ -304,6 +338,8 @@ impl FakeApiServer {
         let addr = listener.local_addr()?;
         let (kill, _) = watch::channel(0);
         let (close_watches, _) = watch::channel(0);
+        let (hung, _) = watch::channel(false);
+        let (silence_watches, _) = watch::channel(0);
         let inner = Arc::new(Inner {
             store: Mutex::new(Store::new()),
             log: Mutex::default(),
@@ -311,6 +347,8 @@ impl FakeApiServer {
             latency: Mutex::default(),
             bookmark_interval: Mutex::new(Duration::from_secs(60)),
             down: AtomicBool::new(false),
+            hung,
+            silence_watches,
             kill,
             close_watches,
             active_watches: Arc::default(),
@@ -630,6 +668,21 @@ impl FakeApiServer {
     /// whose path-and-query contains `path_substring` with `status_code` and a `Status` body
     /// of the matching reason. One-shot; several queue up in order.
     pub fn fail_next(&self, method: &str, path_substring: &str, status_code: u16) {
+        self.push_fault(method, path_substring, FaultKind::Status(status_code));
+    }
+
+    /// Like [`Self::fail_next`], but the request is never answered (the connection stays open).
+    pub fn hang_next(&self, method: &str, path_substring: &str) {
+        self.push_fault(method, path_substring, FaultKind::Hang);
+    }
+
+    /// Like [`Self::fail_next`], but the connection is dropped with a TCP RST instead of an
+    /// answer (every other request on that connection is lost with it, as in a real reset).
+    pub fn reset_next(&self, method: &str, path_substring: &str) {
+        self.push_fault(method, path_substring, FaultKind::Reset);
+    }
+
+    fn push_fault(&self, method: &str, path_substring: &str, kind: FaultKind) {
         self.inner
             .faults
             .lock()
@@ -637,8 +690,22 @@ impl FakeApiServer {
             .push(Fault {
                 method: method.to_ascii_uppercase(),
                 path_substring: path_substring.into(),
-                code: status_code,
+                kind,
             });
+    }
+
+    /// Hung (`true`): connections are accepted and requests read (and recorded), but none is
+    /// answered, and every open watch stops sending, deadline and bookmarks included. What was
+    /// caught in the hang stays unanswered after it ends (`false`); only new requests and
+    /// watches are served again.
+    pub fn set_hung(&self, hung: bool) {
+        self.inner.hung.send_replace(hung);
+    }
+
+    /// Every watch open now goes silent for good (no events, bookmarks or close) while the
+    /// connection stays up: what a client sees behind a proxy that lost the stream.
+    pub fn silence_watches(&self) {
+        self.inner.silence_watches.send_modify(|n| *n += 1);
     }
 }
 
@@ -943,7 +1010,11 @@ impl Req {
     }
 }
 
-async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
+async fn handle(
+    inner: Arc<Inner>,
+    req: Request<Incoming>,
+    reset: Arc<tokio::sync::Notify>,
+) -> Response<Body> {
     let (parts, body) = req.into_parts();
     let body = match body.collect().await {
         Ok(b) => b.to_bytes(),
@@ -971,6 +1042,10 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
             content_type: content_type.clone(),
             body: serde_json::from_slice(&body).ok(),
         });
+    if *inner.hung.borrow() {
+        // Never answered, even once the hang ends: the client has to give up on it.
+        std::future::pending::<()>().await;
+    }
     let latency = *inner.latency.lock().expect("fake apiserver latency");
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
@@ -998,7 +1073,14 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
         pos.map(|i| faults.remove(i))
     };
     if let Some(f) = fault {
-        return error_response(&ApiError::from_code(f.code, None));
+        match f.kind {
+            FaultKind::Status(code) => return error_response(&ApiError::from_code(code, None)),
+            FaultKind::Hang => std::future::pending::<()>().await,
+            FaultKind::Reset => {
+                reset.notify_one();
+                std::future::pending::<()>().await;
+            }
+        }
     }
     let req = Req {
         method: parts.method.clone(),
@@ -1427,6 +1509,10 @@ fn start_watch(
         .expect("fake apiserver bookmark interval");
     let close = inner.close_watches.subscribe();
     let kill = inner.kill.subscribe();
+    let mut hung = inner.hung.subscribe();
+    hung.mark_unchanged();
+    let mut silence = inner.silence_watches.subscribe();
+    silence.mark_unchanged();
     let count = Arc::clone(&inner.active_watches);
     count.fetch_add(1, Ordering::SeqCst);
     let w = WatchTask {
@@ -1438,6 +1524,8 @@ fn start_watch(
         tx,
         close,
         kill,
+        hung,
+        silence,
         count,
     };
     tokio::spawn(w.run(start));
@@ -1454,10 +1542,21 @@ struct WatchTask {
     tx: mpsc::Sender<Bytes>,
     close: watch::Receiver<u64>,
     kill: watch::Receiver<u64>,
+    hung: watch::Receiver<bool>,
+    silence: watch::Receiver<u64>,
     count: Arc<AtomicUsize>,
 }
 
 impl WatchTask {
+    /// A silenced watch sends nothing more and never closes by itself; it ends only when the
+    /// client drops the connection or the server is dropped or taken down.
+    async fn go_silent(mut self) {
+        tokio::select! {
+            _ = self.tx.closed() => {}
+            _ = self.kill.changed() => {}
+        }
+    }
+
     fn next_bookmark(&self) -> Option<Instant> {
         if !self.bookmarks {
             return None;
@@ -1482,6 +1581,9 @@ impl WatchTask {
 
     async fn run(mut self, mut start: store::WatchStart) {
         let _count = CountGuard(Arc::clone(&self.count));
+        if *self.hung.borrow() {
+            return self.go_silent().await;
+        }
         for obj in std::mem::take(&mut start.initial) {
             if self.tx.send(self.line("ADDED", &obj)).await.is_err() {
                 return;
@@ -1504,12 +1606,24 @@ impl WatchTask {
         let mut seen = start.after;
         let mut next_bookmark = self.next_bookmark();
         let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
+        let mut silent = false;
         loop {
+            if silent {
+                return self.go_silent().await;
+            }
             let bookmark_at = next_bookmark.unwrap_or(far);
             let line = tokio::select! {
                 _ = self.tx.closed() => return,
                 _ = self.close.changed() => return,
                 _ = self.kill.changed() => return,
+                _ = async { let _ = self.hung.wait_for(|h| *h).await; } => {
+                    silent = true;
+                    None
+                }
+                _ = self.silence.changed() => {
+                    silent = true;
+                    None
+                }
                 _ = tokio::time::sleep_until(self.deadline) => return,
                 _ = tokio::time::sleep_until(bookmark_at), if next_bookmark.is_some() => {
                     next_bookmark = self.next_bookmark();
