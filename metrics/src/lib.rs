@@ -16,4 +16,7 @@ mod server;
 pub use exposition::{
     AgentMetrics, AllocateResult, ContainerSample, GpuSample, Snapshot, SnapshotSource, find_value,
 };
-pub use server::{parse_bind_address, serve};
+pub use server::{
+    HEADER_READ_TIMEOUT, IDLE_TIMEOUT, Limits, MAX_CONNECTIONS, parse_bind_address, serve,
+    serve_with,
+};

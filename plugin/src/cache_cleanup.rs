@@ -2,12 +2,16 @@
 //! a directory is removed only when its pod has been gone from this node for the whole grace period, as seen
 //! by the pod watch **and** confirmed by a fresh node-scoped read just before removal, so a lagging or
 //! broken watch can never make the agent delete a directory a running container has mounted.
+//!
+//! The node's record of a container ([`crate::node_record`]) goes with its directory, and a record whose pod is
+//! confirmed gone goes too even without one (an Allocate that recorded and then failed).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::monitor::container_dirs;
+use crate::node_record::{RecordStore, records_of_gone_pods};
 use crate::pod_cache::PodCache;
 
 /// Removes orphaned cache directories every `interval`, after `grace`. Runs until aborted.
@@ -48,7 +52,15 @@ pub async fn sweep(
         }
     }
     absent_since.retain(|dir, _| seen.contains(dir));
-    if due.is_empty() {
+    let store = RecordStore::beside(root);
+    let records = store.load();
+    // Records without a directory whose pod the watch no longer has: confirmed below like directories.
+    let orphan_records = records_of_gone_pods(&records, &cached);
+    let orphan_records: Vec<String> = orphan_records
+        .into_iter()
+        .filter(|key| !seen.contains(&root.join(key)))
+        .collect();
+    if due.is_empty() && orphan_records.is_empty() {
         return Vec::new();
     }
     // Confirm with the apiserver before removing anything: the watch may lag or be down.
@@ -59,6 +71,14 @@ pub async fn sweep(
             return Vec::new();
         }
     };
+    for key in orphan_records {
+        if records
+            .get(&key)
+            .is_some_and(|r| !live.contains(&r.pod_uid))
+        {
+            store.remove(&key);
+        }
+    }
     let mut removed = Vec::new();
     for (dir, uid) in due {
         if live.contains(&uid) {
@@ -68,6 +88,9 @@ pub async fn sweep(
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {
                 tracing::info!(dir = %dir.display(), "removed the cache directory of a pod that is gone");
+                if let Some(key) = dir.file_name().and_then(|n| n.to_str()) {
+                    store.remove(key);
+                }
                 absent_since.remove(&dir);
                 removed.push(dir);
             }

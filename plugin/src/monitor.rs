@@ -23,12 +23,29 @@
 //! written with `pread`/`pwrite` of the few words involved (never a mapping: a container truncating its file
 //! must not be able to raise SIGBUS in the agent); a corrupt, truncated or foreign file is skipped with one
 //! warning per file every [`WARN_EVERY`].
+//!
+//! The agent runs the feedback [`PriorityFeedback::guarded`]: each round first checks every recorded
+//! container's region against the node's record ([`crate::node_record`]) and writes back what a tenant loosened,
+//! and the feedback then trusts only the record for a container's GPUs, its priority and its region file: a
+//! tenant writing GPU UUIDs or a priority into its region can neither block nor throttle a container on a GPU it
+//! was not given. A region claims at most HAMi-core's two priority levels (clamped), a `recent_kernel` above the
+//! `2` a launch stores counts as `2`, and a container without a record (allocated before the record existed)
+//! counts at the lowest priority, so it can be throttled but never block anyone.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::Client;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use vgpu_metrics::AgentMetrics;
+
 use vgpu_region::RegionReader;
+use vgpu_region::layout::RECENT_KERNEL_ACTIVE;
+
+use crate::node_record::{LOW_PRIORITY, RecordStore, RegionGuard, Tamper, clamp_priority};
 
 /// How often HAMi's monitor runs its feedback round (`Observe`, every 5 s: `hami-core-reference.md` §4.3).
 pub const FEEDBACK_PERIOD: Duration = Duration::from_secs(5);
@@ -53,12 +70,42 @@ pub(crate) fn container_dirs(root: &Path) -> impl Iterator<Item = (PathBuf, Stri
 }
 
 /// Every `<pod-uid>_<container>` directory under `root` that holds a region file, as `(pod uid, container,
-/// file)`; the file is the newest `*.cache` (every Allocate draws a fresh name). Unreadable entries are
+/// file)`: the file the node's record names for the container ([`crate::node_record`]; a tenant's decoy beside
+/// it is never taken), else the newest `*.cache` (every Allocate draws a fresh name). Unreadable entries are
 /// skipped.
 pub fn region_files(root: &Path) -> Vec<(String, String, PathBuf)> {
+    let recorded = recorded_files(root);
     container_dirs(root)
-        .filter_map(|(dir, uid, container)| Some((uid, container, newest_cache_file(&dir)?)))
+        .filter_map(|(dir, uid, container)| {
+            let file = match recorded.get(&dir_key(&dir)) {
+                Some(name) => regular_file(dir.join(name)),
+                None => newest_cache_file(&dir),
+            };
+            Some((uid, container, file?))
+        })
         .collect()
+}
+
+/// The region file name the node's record gives each recorded container directory.
+fn recorded_files(root: &Path) -> HashMap<String, String> {
+    RecordStore::beside(root)
+        .load()
+        .into_iter()
+        .map(|(key, record)| (key, record.cache_file))
+        .collect()
+}
+
+fn dir_key(dir: &Path) -> String {
+    dir.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// `path` if it is a regular file itself (not a symlink to one).
+fn regular_file(path: PathBuf) -> Option<PathBuf> {
+    std::fs::symlink_metadata(&path)
+        .is_ok_and(|m| m.file_type().is_file())
+        .then_some(path)
 }
 
 /// [`region_files`] for a caller that lists the same root again and again (the scrape): each container
@@ -68,15 +115,37 @@ pub fn region_files(root: &Path) -> Vec<(String, String, PathBuf)> {
 #[derive(Debug, Default)]
 pub struct RegionDirs {
     known: HashMap<PathBuf, (SystemTime, Option<PathBuf>)>,
+    /// The node's record: container directory → region file name, read again when the records directory
+    /// changes (or changed in the last two seconds).
+    recorded: HashMap<String, String>,
+    recorded_mtime: Option<SystemTime>,
 }
 
 impl RegionDirs {
     /// As [`region_files`].
     pub fn files(&mut self, root: &Path) -> Vec<(String, String, PathBuf)> {
         let now = SystemTime::now();
+        let records_mtime = std::fs::metadata(RecordStore::beside(root).dir())
+            .and_then(|m| m.modified())
+            .ok();
+        let records_settled = records_mtime.is_some_and(|m| {
+            now.duration_since(m)
+                .is_ok_and(|age| age >= Duration::from_secs(2))
+        });
+        if records_mtime != self.recorded_mtime || !records_settled {
+            self.recorded = recorded_files(root);
+            self.recorded_mtime = records_mtime;
+        }
         let mut out = Vec::new();
         let mut seen = HashMap::with_capacity(self.known.len());
         for (dir, uid, container) in container_dirs(root) {
+            if let Some(name) = self.recorded.get(&dir_key(&dir)) {
+                // One `lstat`: the recorded file or nothing, whatever else the tenant put beside it.
+                if let Some(file) = regular_file(dir.join(name)) {
+                    out.push((uid, container, file));
+                }
+                continue;
+            }
             let Ok(mtime) = std::fs::symlink_metadata(&dir).and_then(|m| m.modified()) else {
                 continue;
             };
@@ -155,6 +224,8 @@ pub struct RoundReport {
     pub enforced: Vec<PathBuf>,
     /// Words written (changes only).
     pub writes: usize,
+    /// What tenants changed in their regions against the node's record (guarded feedback only).
+    pub tampered: Vec<Tamper>,
 }
 
 /// The priority feedback over one cache root.
@@ -165,6 +236,16 @@ pub struct PriorityFeedback {
     dirs: RegionDirs,
     warnings: RateLimitedWarnings,
     activity_window: Duration,
+    /// The node's record and its check, when the agent runs the feedback.
+    guard: Option<RegionGuard>,
+}
+
+/// What the feedback believes about a region before reading it.
+#[derive(Debug, Clone)]
+struct Candidate {
+    path: PathBuf,
+    /// GPUs and priority from the node's record; `None`: from the region itself (untrusted).
+    trusted: Option<(Vec<String>, i32)>,
 }
 
 /// One container's region in a round. The file is opened again for the second pass rather than held, so a
@@ -183,7 +264,15 @@ impl PriorityFeedback {
             dirs: RegionDirs::default(),
             warnings: RateLimitedWarnings::new(WARN_EVERY),
             activity_window: 2 * FEEDBACK_PERIOD,
+            guard: None,
         }
+    }
+
+    /// Checks every recorded container's region against the node's record first, each round, and trusts only
+    /// the record for GPUs, priority and region file (see the module doc). What the agent runs.
+    pub fn guarded(mut self) -> Self {
+        self.guard = Some(RegionGuard::new(&self.root));
+        self
     }
 
     /// A container whose `last_kernel_time` is less than `window` old also counts as active (default: two
@@ -196,38 +285,108 @@ impl PriorityFeedback {
         self
     }
 
-    /// Whether `last_kernel_time` says the container launched within the window (a time in the future beyond
-    /// a minute of clock skew is garbage, not activity).
+    /// Whether `last_kernel_time` says the container launched within the window. Containers and the agent
+    /// read one kernel clock, so a time more than a few seconds ahead is a tenant keeping itself "active", not
+    /// skew: it does not count.
     fn launched_recently(&self, last_kernel_time: Option<u64>, now: u64) -> bool {
         let window = self.activity_window.as_secs();
         last_kernel_time
-            .is_some_and(|t| t > 0 && t <= now.saturating_add(60) && now.saturating_sub(t) < window)
+            .is_some_and(|t| t > 0 && t <= now.saturating_add(5) && now.saturating_sub(t) < window)
     }
 
     /// One round over every region under the root. Blocking file I/O; never panics on file contents.
     pub fn round(&mut self) -> RoundReport {
-        let files: Vec<PathBuf> = self
-            .dirs
-            .files(&self.root)
-            .into_iter()
-            .map(|(_, _, f)| f)
-            .collect();
-        self.round_over(&files)
+        let listed = self.dirs.files(&self.root);
+        let Some(guard) = self.guard.as_mut() else {
+            let files: Vec<PathBuf> = listed.into_iter().map(|(_, _, f)| f).collect();
+            return self.round_over(&files);
+        };
+        guard.reload();
+        let mut tampered = Vec::new();
+        let mut candidates = Vec::with_capacity(listed.len());
+        let mut recorded = std::collections::HashSet::new();
+        for (dir, uid, container) in container_dirs(&self.root) {
+            let key = format!("{uid}_{container}");
+            let Some(record) = guard.record(&key) else {
+                continue;
+            };
+            let path = dir.join(&record.cache_file);
+            let trusted = (
+                record
+                    .gpus
+                    .iter()
+                    .map(|g| g.uuid.split('[').next().unwrap_or(&g.uuid).to_owned())
+                    .collect(),
+                clamp_priority(record.priority),
+            );
+            recorded.insert(key.clone());
+            let (found, usable) = guard.check(&key, &dir);
+            for t in &found {
+                tracing::warn!(
+                    pod = %format!("{}/{}", t.namespace, t.pod), container = %t.container, kind = t.kind.as_str(),
+                    "a container changed its shared region against the node's record: {}", t.detail
+                );
+            }
+            tampered.extend(found);
+            if usable {
+                candidates.push(Candidate {
+                    path,
+                    trusted: Some(trusted),
+                });
+            }
+        }
+        // Containers without a record: the newest region file, believed for nothing but its own GPUs, at the
+        // lowest priority.
+        candidates.extend(
+            listed
+                .into_iter()
+                .filter(|(uid, container, _)| !recorded.contains(&format!("{uid}_{container}")))
+                .map(|(_, _, path)| Candidate {
+                    path,
+                    trusted: None,
+                }),
+        );
+        let mut report = self.round_candidates(&candidates, Some(LOW_PRIORITY));
+        report.tampered = tampered;
+        report
     }
 
-    /// One round over the given region files.
+    /// One round over the given region files, each believed for its own GPUs and (clamped) priority.
     pub fn round_over(&mut self, files: &[PathBuf]) -> RoundReport {
+        let candidates: Vec<Candidate> = files
+            .iter()
+            .map(|f| Candidate {
+                path: f.clone(),
+                trusted: None,
+            })
+            .collect();
+        self.round_candidates(&candidates, None)
+    }
+
+    /// One round. `untrusted_priority`: the priority of a region without a record (`None`: its own claim,
+    /// clamped to HAMi-core's range).
+    fn round_candidates(
+        &mut self,
+        candidates: &[Candidate],
+        untrusted_priority: Option<i32>,
+    ) -> RoundReport {
         let mut report = RoundReport::default();
         // Active containers per GPU UUID and priority.
         let mut active: HashMap<String, BTreeMap<i32, u32>> = HashMap::new();
-        let mut tenants = Vec::with_capacity(files.len());
+        let mut tenants = Vec::with_capacity(candidates.len());
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        for file in files {
+        for candidate in candidates {
+            let file = &candidate.path;
             let step = RegionReader::open_writable(file).and_then(|reader| {
                 let fields = reader.feedback()?;
-                let recent = if fields.recent_kernel > 0 {
+                let recent = if fields.recent_kernel > RECENT_KERNEL_ACTIVE {
+                    // A launch stores 2; more is a tenant keeping itself active for minutes: count it as one
+                    // launch, decayed once.
+                    reader.set_recent_kernel(RECENT_KERNEL_ACTIVE - 1)?;
+                    RECENT_KERNEL_ACTIVE - 1
+                } else if fields.recent_kernel > 0 {
                     reader.decay_recent_kernel()?
                 } else {
                     fields.recent_kernel
@@ -244,7 +403,13 @@ impl PriorityFeedback {
                     continue;
                 }
             };
-            let mut uuids = fields.uuids;
+            let (mut uuids, priority) = match &candidate.trusted {
+                Some((uuids, priority)) => (uuids.clone(), *priority),
+                None => (
+                    fields.uuids,
+                    untrusted_priority.unwrap_or_else(|| clamp_priority(fields.priority)),
+                ),
+            };
             uuids.sort_unstable();
             uuids.dedup();
             if recent > 0 || self.launched_recently(fields.last_kernel_time, now) {
@@ -252,14 +417,14 @@ impl PriorityFeedback {
                     *active
                         .entry(uuid.clone())
                         .or_default()
-                        .entry(fields.priority)
+                        .entry(priority)
                         .or_default() += 1;
                 }
             }
             tenants.push(Tenant {
                 path: file,
                 uuids,
-                priority: fields.priority,
+                priority,
             });
         }
 
@@ -327,10 +492,123 @@ impl PriorityFeedback {
     }
 }
 
-/// Runs the feedback every `period` until aborted (the agent aborts it at shutdown). Each round runs on a
-/// blocking thread.
-pub async fn run(root: PathBuf, period: Duration) {
-    let fresh = || PriorityFeedback::new(root.clone()).with_activity_window(2 * period);
+/// Where a round's tamper reports go besides the log: the agent's counter and Events on the pods.
+#[derive(Clone, Default)]
+pub struct Reporting {
+    /// Counts `vgpu_agent_region_tampering_total{kind}`.
+    pub metrics: Option<Arc<AgentMetrics>>,
+    /// Records a `VGPURegionTampered` Event on the pod (none without a cluster).
+    pub client: Option<Client>,
+    /// This node, as the Events' reporting instance.
+    pub node: Option<String>,
+}
+
+impl std::fmt::Debug for Reporting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reporting")
+            .field("events", &self.client.is_some())
+            .field("node", &self.node)
+            .finish()
+    }
+}
+
+/// How long one tamper Event may take to publish.
+const EVENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Tamper Events waiting to be published; more are dropped (the log line and the counter still say it). Events
+/// go out on their own task, so a slow or hung apiserver never delays a round's enforcement.
+const EVENT_QUEUE: usize = 256;
+
+/// Publishes tamper Events from a queue until dropped (then it is aborted with its owner).
+struct EventPublisher {
+    queue: tokio::sync::mpsc::Sender<Tamper>,
+    task: tokio::task::JoinHandle<()>,
+    dropped: u64,
+}
+
+impl Drop for EventPublisher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl EventPublisher {
+    fn start(recorder: Recorder) -> Self {
+        let (queue, mut pending) = tokio::sync::mpsc::channel::<Tamper>(EVENT_QUEUE);
+        let task = tokio::spawn(async move {
+            while let Some(t) = pending.recv().await {
+                publish_event(&recorder, &t).await;
+            }
+        });
+        Self {
+            queue,
+            task,
+            dropped: 0,
+        }
+    }
+
+    fn send(&mut self, tampered: &[Tamper]) {
+        for t in tampered {
+            if self.queue.try_send(t.clone()).is_err() {
+                self.dropped += 1;
+                if self.dropped.is_power_of_two() {
+                    tracing::warn!(
+                        dropped = self.dropped,
+                        "region change Events are not being published fast enough; dropping some (logged and counted still)"
+                    );
+                }
+            }
+        }
+    }
+}
+
+async fn publish_event(recorder: &Recorder, t: &Tamper) {
+    let reference = ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Pod".into()),
+        namespace: Some(t.namespace.clone()),
+        name: Some(t.pod.clone()),
+        uid: Some(t.pod_uid.clone()).filter(|u| !u.is_empty()),
+        ..Default::default()
+    };
+    let event = Event {
+        type_: EventType::Warning,
+        reason: "VGPURegionTampered".into(),
+        note: Some(format!(
+            "container {}: {} ({})",
+            t.container,
+            t.detail,
+            t.kind.as_str()
+        )),
+        action: "EnforceLimits".into(),
+        secondary: None,
+    };
+    match tokio::time::timeout(EVENT_TIMEOUT, recorder.publish(&event, &reference)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            tracing::warn!(%error, pod = %t.pod, "cannot record the region change as an event")
+        }
+        Err(_) => tracing::warn!(pod = %t.pod, "recording the region change as an event timed out"),
+    }
+}
+
+/// Runs the guarded feedback every `period` until aborted (the agent aborts it at shutdown). Each round runs on
+/// a blocking thread; its tamper reports are counted and published as Events after it.
+pub async fn run(root: PathBuf, period: Duration, reporting: Reporting) {
+    let fresh = || {
+        PriorityFeedback::new(root.clone())
+            .with_activity_window(2 * period)
+            .guarded()
+    };
+    let mut events = reporting.client.clone().map(|client| {
+        EventPublisher::start(Recorder::new(
+            client,
+            Reporter {
+                controller: "vgpu-device-plugin".into(),
+                instance: reporting.node.clone(),
+            },
+        ))
+    });
     let mut feedback = Some(fresh());
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -364,6 +642,14 @@ pub async fn run(root: PathBuf, period: Duration) {
                     seen_regions = report.regions;
                 }
                 feedback = Some(current);
+                if let Some(metrics) = &reporting.metrics {
+                    for t in &report.tampered {
+                        metrics.region_tampered(t.kind.as_str());
+                    }
+                }
+                if let Some(events) = events.as_mut() {
+                    events.send(&report.tampered);
+                }
             }
             // A panic in a round is a bug; the next round starts from a fresh state instead of stopping.
             Err(error) => tracing::error!(%error, "priority feedback round failed"),
@@ -446,5 +732,42 @@ mod tests {
             found,
             vec![("uid-1".to_owned(), "cuda".to_owned(), dir.join("new.cache"))]
         );
+    }
+
+    #[test]
+    fn a_recorded_container_is_read_from_its_recorded_file_never_a_decoy_or_a_link() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("uid-1_cuda");
+        std::fs::create_dir_all(&dir).unwrap();
+        let record = crate::node_record::ContainerRecord {
+            namespace: "ns".into(),
+            pod: "p".into(),
+            pod_uid: "uid-1".into(),
+            container: "cuda".into(),
+            cache_file: "real.cache".into(),
+            gpus: vec![],
+            sm_limit_percent: 100,
+            priority: 1,
+        };
+        RecordStore::beside(root.path())
+            .write("uid-1_cuda", &record)
+            .unwrap();
+        std::fs::write(dir.join("real.cache"), b"x").unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(dir.join("zz-decoy.cache"), b"x").unwrap();
+        let mut dirs = RegionDirs::default();
+        for found in [region_files(root.path()), dirs.files(root.path())] {
+            assert_eq!(found.len(), 1);
+            assert_eq!(
+                found[0].2,
+                dir.join("real.cache"),
+                "the newer decoy is ignored"
+            );
+        }
+        // A symlink in the recorded file's place: nothing is read.
+        std::fs::remove_file(dir.join("real.cache")).unwrap();
+        std::os::unix::fs::symlink("zz-decoy.cache", dir.join("real.cache")).unwrap();
+        assert!(region_files(root.path()).is_empty());
+        assert!(dirs.files(root.path()).is_empty());
     }
 }

@@ -161,16 +161,17 @@ fn a_multi_gpu_container_is_blocked_by_a_higher_priority_one_on_any_of_its_gpus(
 }
 
 #[test]
-fn priorities_beyond_hamis_two_levels_order_numerically_instead_of_crashing() {
-    // HAMi's monitor indexes a two-entry array by priority and panics on 5 or −1.
+fn priorities_beyond_hamis_two_levels_are_clamped_into_them_instead_of_crashing() {
+    // HAMi's monitor indexes a two-entry array by priority and panics on 5 or −1; here a claim outside HAMi-core's
+    // 0 (high) and 1 (low) counts as the nearest of the two, so −1 outranks nobody that 0 does not.
     let root = tempfile::tempdir().unwrap();
     let urgent = container(root.path(), "urgent", &[GPU_A], -1);
     let normal = container(root.path(), "normal", &[GPU_A], 0);
     let batch = container(root.path(), "batch", &[GPU_A], 5);
     let mut feedback = recent_kernel_only(root.path());
     rounds(&mut feedback, 1, &[&urgent, &normal, &batch]);
-    assert_eq!(state(&urgent), (1, 0));
-    assert_eq!(state(&normal), (-1, 1));
+    assert_eq!(state(&urgent), (1, 1), "two at the high level: both capped");
+    assert_eq!(state(&normal), (1, 1));
     assert_eq!(state(&batch), (-1, 1));
 }
 
@@ -245,9 +246,30 @@ async fn the_agents_periodic_task_writes_the_feedback_and_stops_when_aborted() {
     let root = tempfile::tempdir().unwrap();
     let high = container(root.path(), "high", &[GPU_A], 0);
     let low = container(root.path(), "low", &[GPU_A], 1);
+    // The agent's task believes only the node's record for priorities, so the two are recorded as Allocate
+    // records them.
+    for (name, priority) in [("high", 0), ("low", 1)] {
+        let record = vgpu_device_plugin::node_record::ContainerRecord {
+            namespace: "ns".into(),
+            pod: name.into(),
+            pod_uid: format!("uid-{name}"),
+            container: name.into(),
+            cache_file: "vgpu.cache".into(),
+            gpus: vec![vgpu_device_plugin::node_record::RecordedGpu {
+                uuid: GPU_A.into(),
+                memory_limit_bytes: 0,
+            }],
+            sm_limit_percent: 100,
+            priority,
+        };
+        vgpu_device_plugin::node_record::RecordStore::beside(root.path())
+            .write(&format!("uid-{name}_{name}"), &record)
+            .unwrap();
+    }
     let task = tokio::spawn(monitor::run(
         root.path().to_path_buf(),
         Duration::from_millis(50),
+        monitor::Reporting::default(),
     ));
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while low.recent_kernel() != -1 {
