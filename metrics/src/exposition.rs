@@ -48,6 +48,15 @@ pub struct AgentMetrics {
     node_writes: Counter,
     nvml_up: Gauge,
     nvml_errors: Family<NvmlErrorLabels, Gauge>,
+    region_tampering: Family<TamperLabels, Counter>,
+    /// `vgpu_container_allocations_refused_total`, kept across the exits of the processes that made them.
+    refused: std::sync::Mutex<RefusedTotals>,
+}
+
+/// What a container changed in its shared region against the node's record (`vgpu_agent_region_tampering`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TamperLabels {
+    kind: String,
 }
 
 /// Why NVML is unavailable (`vgpu_agent_nvml_error`).
@@ -99,6 +108,13 @@ impl AgentMetrics {
             "1 for the current reason NVML cannot be initialised, with the library tried; absent when it is up",
             nvml_errors.clone(),
         );
+        let region_tampering = Family::<TamperLabels, Counter>::default();
+        registry.register(
+            "vgpu_agent_region_tampering",
+            "Changes a container made to its shared region against the node's record (limits, gpus, priority, \
+             symlink, not_regular, truncated, deleted, replaced); the pod is named in the log and an Event",
+            region_tampering.clone(),
+        );
         registry.register(
             "vgpu_agent_build",
             "Build information of the node agent",
@@ -112,7 +128,18 @@ impl AgentMetrics {
             node_writes,
             nvml_up,
             nvml_errors,
+            region_tampering,
+            refused: std::sync::Mutex::default(),
         }
+    }
+
+    /// Records one change a container made to its region against the node's record, by kind.
+    pub fn region_tampered(&self, kind: &str) {
+        self.region_tampering
+            .get_or_create(&TamperLabels {
+                kind: kind.to_owned(),
+            })
+            .inc();
     }
 
     /// Records NVML's state: `Ok(())` when initialised, else `Err((reason, library))`.
@@ -164,7 +191,12 @@ impl AgentMetrics {
         // About 2.4 KiB per container and GPU, a few KiB for the rest.
         let mut out = String::with_capacity(16 * 1024 + snapshot.containers.len() * 2560);
         encode_registry(&mut out, &self.registry)?;
-        encode_scrape(&mut out, snapshot);
+        let refused = self
+            .refused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .update(snapshot);
+        encode_scrape(&mut out, snapshot, &refused);
         encode_eof(&mut out)?;
         Ok(out)
     }
@@ -218,6 +250,60 @@ pub fn openmetrics_to_text(openmetrics: &str) -> String {
     out
 }
 
+/// A container: namespace, pod, container.
+type ContainerKey = (String, String, String);
+
+/// Refusals per container as a counter. The limiter counts them per process slot of the region, not per GPU,
+/// and a slot is cleared when its process exits, so the region's sum goes down; a count that goes down is not a
+/// count (`increase()` would read it as a reset and miss what the new processes did). What the region lost since
+/// the last scrape is kept here, so the counter only resets when the agent restarts or the pod is gone.
+/// Refusals a process makes after the last scrape before it exits are not seen. One series per container, with
+/// no GPU labels: the count is not per GPU, and one series per GPU would show refusals on GPUs never used and
+/// count them twice in a sum.
+#[derive(Debug, Default)]
+struct RefusedTotals(std::collections::HashMap<ContainerKey, Refused>);
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Refused {
+    /// The region's sum at the last scrape.
+    last: u64,
+    /// Refusals of processes that have exited since the series appeared.
+    gone: u64,
+}
+
+impl RefusedTotals {
+    /// Folds this scrape's region sums in; returns the counter per series. Series the snapshot no longer has
+    /// (the pod left the node) are forgotten.
+    fn update(&mut self, snapshot: &Snapshot) -> std::collections::HashMap<ContainerKey, u64> {
+        let mut totals = std::collections::HashMap::with_capacity(snapshot.containers.len());
+        for c in &snapshot.containers {
+            let key = container_key(c);
+            if totals.contains_key(&key) {
+                continue;
+            }
+            let entry = self.0.entry(key.clone()).or_default();
+            if c.allocations_refused < entry.last {
+                entry.gone = entry
+                    .gone
+                    .saturating_add(entry.last - c.allocations_refused);
+            }
+            entry.last = c.allocations_refused;
+            totals.insert(key, entry.gone.saturating_add(entry.last));
+        }
+        self.0.retain(|key, _| totals.contains_key(key));
+        totals
+    }
+}
+
+fn container_key(c: &ContainerSample) -> ContainerKey {
+    (c.namespace.clone(), c.pod.clone(), c.container.clone())
+}
+
+/// The container's SM cap as a ratio, when it has one (`CUDA_DEVICE_SM_LIMIT` from 1 to 99).
+fn sm_cap(c: &ContainerSample) -> Option<f64> {
+    (c.sm_limit_percent > 0 && c.sm_limit_percent < 100).then(|| c.sm_limit_percent as f64 / 100.0)
+}
+
 /// One GPU at scrape time.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GpuSample {
@@ -266,7 +352,8 @@ pub struct ContainerSample {
     pub sm_utilization_percent: u64,
     /// The SM cap, percent (0 = none).
     pub sm_limit_percent: u64,
-    /// Allocations the limiter refused at the cap.
+    /// Allocations the limiter refused at the cap, summed over the region's live process slots (it goes down
+    /// when a process exits; the exposition turns it into a counter).
     pub allocations_refused: u64,
     /// Unix seconds of the last kernel launch, when known.
     pub last_kernel_unix: Option<i64>,
@@ -300,7 +387,11 @@ pub trait SnapshotSource: Send + Sync + 'static {
 /// afresh per scrape, so this skips the registry's per-series hash maps and label allocations: with 100
 /// containers it is several times faster than building a `Registry`, and the series come out in a stable order
 /// (GPUs by index, containers as read). Same OpenMetrics lines `prometheus-client` writes for gauges.
-fn encode_scrape(out: &mut String, s: &Snapshot) {
+fn encode_scrape(
+    out: &mut String,
+    s: &Snapshot,
+    refused: &std::collections::HashMap<ContainerKey, u64>,
+) {
     let mut w = Gauges { out };
 
     // Legacy per-GPU series (contract §7.1), then the clean per-GPU set.
@@ -379,12 +470,13 @@ fn encode_scrape(out: &mut String, s: &Snapshot) {
         w.sample("vgpu_gpu_vgpus_allocated", clean, g.vgpus_allocated as f64);
     }
 
-    // Per container: one series per container and GPU, even if a region lists a GPU twice.
+    // Per container: one series per container and GPU index, even if a region lists a GPU twice or under two
+    // spellings of its UUID.
     let mut seen = std::collections::HashSet::new();
     let containers: Vec<&ContainerSample> = s
         .containers
         .iter()
-        .filter(|c| seen.insert((&c.namespace, &c.pod, &c.container, &c.gpu_uuid)))
+        .filter(|c| seen.insert((&c.namespace, &c.pod, &c.container, c.gpu_index)))
         .collect();
     let legacy: Vec<String> = containers
         .iter()
@@ -508,26 +600,36 @@ fn encode_scrape(out: &mut String, s: &Snapshot) {
     }
     w.family(
         "vgpu_container_sm_limit_ratio",
-        "The container's SM cap (1 = none)",
+        "The container's SM cap; absent when it has none",
     );
     for (c, (_, l)) in each() {
-        let cap = if c.sm_limit_percent == 0 || c.sm_limit_percent >= 100 {
-            1.0
-        } else {
-            c.sm_limit_percent as f64 / 100.0
-        };
-        w.sample("vgpu_container_sm_limit_ratio", l, cap);
+        w.sample_opt("vgpu_container_sm_limit_ratio", l, sm_cap(c));
     }
-    w.family(
-        "vgpu_container_allocations_refused",
-        "Allocations the limiter refused at the cap since the region was created",
+    // A counter (`increase()` works on it), one series per container that has a memory cap on any of its GPUs,
+    // the only place the limiter refuses (see `RefusedTotals`).
+    let _ = write!(
+        w.out,
+        "# HELP vgpu_container_allocations_refused Allocations the limiter refused at the container's memory caps \
+         (the application saw an out-of-memory error), per container, kept across process exits.\n\
+         # TYPE vgpu_container_allocations_refused counter\n"
     );
-    for (c, (_, l)) in each() {
-        w.sample(
-            "vgpu_container_allocations_refused",
-            l,
-            c.allocations_refused as f64,
-        );
+    let mut written = std::collections::HashSet::new();
+    for c in &containers {
+        let key = container_key(c);
+        let capped = containers
+            .iter()
+            .any(|o| o.memory_limit_bytes > 0 && container_key(o) == key);
+        if !capped || written.contains(&key) {
+            continue;
+        }
+        let total = refused.get(&key).copied().unwrap_or(0);
+        let l = labels(&[
+            ("namespace", &c.namespace),
+            ("pod", &c.pod),
+            ("container", &c.container),
+        ]);
+        w.sample("vgpu_container_allocations_refused_total", &l, total as f64);
+        written.insert(key);
     }
     w.family(
         "vgpu_container_last_kernel_age_seconds",
@@ -556,14 +658,17 @@ fn encode_scrape(out: &mut String, s: &Snapshot) {
     }
     w.family(
         "vgpu_container_sm_limit_enforced",
-        "1 while the SM cap is enforced because the GPU is shared at this priority, 0 while it runs free",
+        "1 while the SM cap is enforced because the GPU is shared at this priority, 0 while it runs free; \
+         absent for a container without an SM cap",
     );
     for (c, (_, l)) in each() {
-        w.sample(
-            "vgpu_container_sm_limit_enforced",
-            l,
-            flag(c.sm_limit_enforced),
-        );
+        if sm_cap(c).is_some() {
+            w.sample(
+                "vgpu_container_sm_limit_enforced",
+                l,
+                flag(c.sm_limit_enforced),
+            );
+        }
     }
 }
 
@@ -748,12 +853,12 @@ mod tests {
             Some(0.3)
         );
         assert_eq!(
-            find_value(&text, "vgpu_container_sm_utilization_ratio", &c),
-            Some(0.25)
+            find_value(&text, "vgpu_container_allocations_refused_total", &c[..3]),
+            Some(7.0)
         );
         assert_eq!(
-            find_value(&text, "vgpu_container_allocations_refused", &c),
-            Some(7.0)
+            find_value(&text, "vgpu_container_sm_utilization_ratio", &c),
+            Some(0.25)
         );
         assert_eq!(
             find_value(&text, "vgpu_container_last_kernel_age_seconds", &c),
@@ -841,6 +946,97 @@ mod tests {
                     gpu_uuid=\"GPU-\\\"x\\\\\\n\",gpu_index=\"1\"} 3221225472\n";
         assert_eq!(text.matches(line).count(), 1, "{text}");
         assert_eq!(text.lines().filter(|l| l.is_empty()).count(), 0);
+    }
+
+    #[test]
+    fn refusals_are_a_counter_that_survives_the_exit_of_the_processes_that_made_them() {
+        let m = AgentMetrics::new("x");
+        let c = [("pod", "train"), ("container", "cuda")];
+        let scrape = |refused: u64| {
+            let mut s = snapshot();
+            s.containers[0].allocations_refused = refused;
+            m.encode(&s).unwrap()
+        };
+        let counter = |text: &str| find_value(text, "vgpu_container_allocations_refused_total", &c);
+        assert_eq!(counter(&scrape(7)), Some(7.0));
+        // The process exited: its slot, and its 7 refusals, left the region.
+        let text = scrape(0);
+        assert_eq!(counter(&text), Some(7.0), "{text}");
+        assert!(text.contains("# TYPE vgpu_container_allocations_refused counter\n"));
+        // A new process was refused twice.
+        assert_eq!(counter(&scrape(2)), Some(9.0));
+        let text = openmetrics_to_text(&scrape(3));
+        assert!(
+            text.contains("# TYPE vgpu_container_allocations_refused_total counter\n"),
+            "{text}"
+        );
+        assert_eq!(counter(&text), Some(10.0));
+        // The pod left the node: the series goes, and a pod of the same name later starts from 0.
+        let mut gone = snapshot();
+        gone.containers.clear();
+        assert_eq!(counter(&m.encode(&gone).unwrap()), None);
+        assert_eq!(counter(&scrape(0)), Some(0.0));
+    }
+
+    #[test]
+    fn refusals_are_one_series_per_container_and_none_without_a_memory_cap() {
+        let mut s = snapshot();
+        // The same container on a second GPU: the region's count is the container's, not this GPU's.
+        let mut other = s.containers[0].clone();
+        other.gpu_uuid = "GPU-c".into();
+        other.gpu_index = 2;
+        other.memory_used_bytes = 0;
+        s.containers.push(other);
+        // A container with no memory cap anywhere cannot be refused.
+        let mut uncapped = s.containers[0].clone();
+        uncapped.container = "free".into();
+        uncapped.memory_limit_bytes = 0;
+        s.containers.push(uncapped);
+        let text = AgentMetrics::new("x").encode(&s).unwrap();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("vgpu_container_allocations_refused_total{"))
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                "vgpu_container_allocations_refused_total{namespace=\"ml\",pod=\"train\",container=\"cuda\"} 7"
+            ],
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_container_without_an_sm_cap_has_no_sm_limit_series() {
+        for cap in [0, 100] {
+            let mut s = snapshot();
+            s.containers[0].sm_limit_percent = cap;
+            s.containers[0].sm_limit_enforced = true;
+            let text = AgentMetrics::new("x").encode(&s).unwrap();
+            assert!(!text.contains("vgpu_container_sm_limit_ratio{"), "{text}");
+            assert!(
+                !text.contains("vgpu_container_sm_limit_enforced{"),
+                "{text}"
+            );
+            assert!(text.contains("vgpu_container_sm_utilization_ratio{"));
+        }
+    }
+
+    #[test]
+    fn one_series_per_container_and_gpu_index() {
+        let mut s = snapshot();
+        // The same GPU read under a second spelling of its UUID (a truncated slot in the region).
+        let mut twice = s.containers[0].clone();
+        twice.gpu_uuid = "GPU-b-truncated".into();
+        twice.memory_used_bytes = 0;
+        s.containers.push(twice);
+        let text = AgentMetrics::new("x").encode(&s).unwrap();
+        let values: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("vgpu_container_memory_used_bytes{"))
+            .collect();
+        assert_eq!(values.len(), 1, "{text}");
+        assert!(values[0].contains("gpu_index=\"1\""));
     }
 
     #[test]

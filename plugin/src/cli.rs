@@ -36,24 +36,25 @@ pub struct Flags {
     #[arg(long, env = "HOOK_PATH", default_value = "/usr/local/vgpu")]
     hook_path: PathBuf,
 
-    /// How many containers may share one GPU (deviceSplitCount) [default: 10].
-    #[arg(long)]
+    /// How many containers may share one GPU (deviceSplitCount), 1 to 1000 [default: 10].
+    // Negative numbers reach the parser, so `-1` is refused with the range instead of "unexpected argument".
+    #[arg(long, allow_negative_numbers = true, value_parser = parse_split_count)]
     device_split_count: Option<u32>,
 
-    /// MiB per unit of volcano.sh/vgpu-memory (gpuMemoryFactor) [default: 1].
-    #[arg(long)]
+    /// MiB per unit of volcano.sh/vgpu-memory (gpuMemoryFactor), 1 to 4294967295 [default: 1].
+    #[arg(long, allow_negative_numbers = true, value_parser = parse_memory_factor)]
     gpu_memory_factor: Option<u32>,
 
-    /// Core IDs per GPU are 100 × this (deviceCoreScaling) [default: 1].
-    #[arg(long)]
+    /// Core IDs per GPU are 100 × this (deviceCoreScaling), 0.01 to 10 [default: 1].
+    #[arg(long, allow_negative_numbers = true, value_parser = parse_core_scaling)]
     device_cores_scaling: Option<f64>,
 
     /// How long a GPU must be free of critical XIDs, and answer NVML, before it is Healthy again.
-    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    #[arg(long, default_value = "5m", allow_hyphen_values = true, value_parser = parse_duration)]
     health_recovery_period: std::time::Duration,
 
     /// How often each GPU is probed through NVML for faults that raise no event.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, default_value = "5s", allow_hyphen_values = true, value_parser = parse_duration)]
     health_probe_interval: std::time::Duration,
 
     /// XIDs to ignore besides the default application XIDs, or `all`.
@@ -81,8 +82,12 @@ pub struct Flags {
     legacy_handshake: HandshakeMode,
 
     /// How long to retry an unreachable apiserver at start.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, default_value = "60s", allow_hyphen_values = true, value_parser = parse_duration)]
     apiserver_wait: std::time::Duration,
+
+    /// The bound on one apiserver request; watches are bounded by six of them (tests shorten it).
+    #[arg(long, default_value = "10s", hide = true, value_parser = parse_duration)]
+    apiserver_timeout: std::time::Duration,
 
     /// The host directory for per-container caches (mounted at /tmp/vgpu) [default: <hook-path>/vgpu/containers].
     /// HAMi's own monitor scans /tmp/vgpu/containers; set that to share the directory with it.
@@ -90,7 +95,7 @@ pub struct Flags {
     cache_root: Option<PathBuf>,
 
     /// How long a pod must be gone from the node before its cache directories are removed.
-    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    #[arg(long, default_value = "5m", allow_hyphen_values = true, value_parser = parse_duration)]
     cache_grace_period: std::time::Duration,
 
     /// HAMi-core's host lock directory, mounted at /tmp/vgpulock.
@@ -173,6 +178,161 @@ fn parse_metrics_address(text: &str) -> Result<MetricsAddress, String> {
     }
 }
 
+/// A whole number in `range`; the message gives the range and what the number counts, because clap itself
+/// only says "invalid digit found in string".
+fn whole_number(
+    text: &str,
+    range: std::ops::RangeInclusive<u32>,
+    meaning: &str,
+) -> Result<u32, String> {
+    text.trim()
+        .parse::<u32>()
+        .ok()
+        .filter(|n| range.contains(n))
+        .ok_or_else(|| {
+            format!(
+                "expected a whole number from {} to {} ({meaning})",
+                range.start(),
+                range.end()
+            )
+        })
+}
+
+/// `--device-split-count`: the range the config map's `deviceSplitCount` has, checked before anything starts.
+fn parse_split_count(text: &str) -> Result<u32, String> {
+    whole_number(
+        text,
+        crate::config::SPLIT_COUNT_RANGE,
+        "containers that may share one GPU",
+    )
+}
+
+/// `--gpu-memory-factor`: 0 would divide every GPU's memory by zero; the upper end depends on the GPUs and is
+/// checked once they are known.
+fn parse_memory_factor(text: &str) -> Result<u32, String> {
+    whole_number(text, 1..=u32::MAX, "MiB per unit of volcano.sh/vgpu-memory")
+}
+
+/// The range [`crate::config::SharingSettings::validate`] accepts for `deviceCoreScaling`.
+const CORE_SCALING: std::ops::RangeInclusive<f64> = crate::config::CORE_SCALING_RANGE;
+
+/// `--device-cores-scaling`: the cores resource advertises `floor(100 × scaling)` IDs per GPU.
+fn parse_core_scaling(text: &str) -> Result<f64, String> {
+    text.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|v| CORE_SCALING.contains(v))
+        .ok_or_else(|| {
+            format!(
+                "expected a number from {} to {} (vgpu-cores IDs per GPU are 100 × this)",
+                CORE_SCALING.start(),
+                CORE_SCALING.end()
+            )
+        })
+}
+
+/// A flag that names a node or a directory the agent cannot use, found at start before anything is served.
+#[derive(Debug, thiserror::Error)]
+pub enum StartCheckError {
+    /// `--hook-path` or `--cache-root` cannot be created, or the cache root cannot be written.
+    #[error(
+        "{flag} = {}: cannot {action}: {os_error}; mount a writable host directory there (the DaemonSet mounts \
+         /usr/local/vgpu) or point {flag} at one",
+        path.display()
+    )]
+    Directory {
+        /// The flag and its environment variable.
+        flag: &'static str,
+        /// The directory.
+        path: PathBuf,
+        /// What failed: creating it, or writing in it.
+        action: &'static str,
+        /// The OS error, in the message (not a `#[source]`, which would print it twice).
+        os_error: std::io::Error,
+    },
+    /// The apiserver answered that this node does not exist.
+    #[error(
+        "--node-name (NODE_NAME) = {node:?}: the apiserver has no Node of that name; in the DaemonSet it comes from \
+         the downward API (fieldRef spec.nodeName); run by hand, use a name `kubectl get nodes` lists"
+    )]
+    NoSuchNode {
+        /// The name given.
+        node: String,
+    },
+    /// The node could not be read (other than not existing) within `--apiserver-wait`.
+    #[error("--node-name (NODE_NAME) = {node:?}: cannot read the Node")]
+    NodeUnreadable {
+        /// The name given.
+        node: String,
+        /// Why.
+        #[source]
+        source: crate::cluster::ClusterError,
+    },
+}
+
+/// The start-up checks that only matter with the Volcano hand-off on (a node name and an apiserver): the node
+/// exists, and the directories Allocate hands to containers can be created and written. Run before the
+/// endpoints are served, so a typo is one clear line at start instead of failed pods later.
+pub async fn check_handoff_start(
+    client: &kube::Client,
+    config: &AgentConfig,
+) -> Result<(), StartCheckError> {
+    check_handoff_paths(config)?;
+    let Some(node) = config.node_name.as_deref() else {
+        return Ok(());
+    };
+    let api: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client.clone());
+    let what = format!("node {node}");
+    let found = crate::cluster::retry_unreachable(config.cluster.apiserver_wait, &what, || {
+        api.get_opt(node)
+    })
+    .await;
+    match found {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(StartCheckError::NoSuchNode {
+            node: node.to_owned(),
+        }),
+        Err(source) => Err(StartCheckError::NodeUnreadable {
+            node: node.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// `--hook-path` and `--cache-root` exist (created if needed), and the cache root takes new directories, as
+/// every Allocate makes one there.
+pub fn check_handoff_paths(config: &AgentConfig) -> Result<(), StartCheckError> {
+    let hook = &config.hook_path;
+    std::fs::create_dir_all(hook).map_err(|os_error| StartCheckError::Directory {
+        flag: "--hook-path (HOOK_PATH)",
+        path: hook.clone(),
+        action: "create the directory",
+        os_error,
+    })?;
+    let cache = config.cache_root();
+    let flag = "--cache-root (VGPU_CACHE_ROOT)";
+    std::fs::create_dir_all(&cache).map_err(|os_error| StartCheckError::Directory {
+        flag,
+        path: cache.clone(),
+        action: "create the directory",
+        os_error,
+    })?;
+    // A read-only mount passes create_dir_all when the directory exists; only a real directory proves it.
+    let probe = cache.join(format!(".start-check-{}", std::process::id()));
+    let made = match std::fs::create_dir(&probe) {
+        // Left by an earlier agent with the same PID that was killed mid-check.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        other => other,
+    };
+    made.and_then(|()| std::fs::remove_dir(&probe))
+        .map_err(|os_error| StartCheckError::Directory {
+            flag,
+            path: cache.clone(),
+            action: "create a container's directory in it",
+            os_error,
+        })
+}
+
 impl Flags {
     /// The agent configuration these flags describe.
     pub fn into_config(self) -> AgentConfig {
@@ -196,6 +356,7 @@ impl Flags {
                 node_config_path: self.node_config,
                 handshake: self.legacy_handshake,
                 apiserver_wait: self.apiserver_wait,
+                api_bounds: crate::cluster::ApiBounds::new(self.apiserver_timeout),
             },
             container_features: [self.gdrcopy_enabled, self.gds_enabled, self.mofed_enabled],
             metrics_address: self.metrics_bind_address.0,
@@ -277,5 +438,172 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The message clap prints for `args`, which must be refused.
+    fn refusal(args: &[&str]) -> String {
+        let argv = std::iter::once("vgpu-device-plugin").chain(args.iter().copied());
+        match Flags::try_parse_from(argv) {
+            Ok(flags) => panic!("{args:?} accepted: {flags:?}"),
+            Err(error) => error.to_string(),
+        }
+    }
+
+    #[test]
+    fn bad_sharing_flags_are_refused_with_the_flag_the_value_and_the_range() {
+        for (args, flag, value, range) in [
+            (
+                &["--device-split-count", "abc"][..],
+                "--device-split-count",
+                "abc",
+                "from 1 to 1000",
+            ),
+            (
+                &["--device-split-count", "0"],
+                "--device-split-count",
+                "0",
+                "from 1 to 1000",
+            ),
+            (
+                &["--device-split-count", "100000"],
+                "--device-split-count",
+                "100000",
+                "from 1 to 1000",
+            ),
+            (
+                &["--gpu-memory-factor", "-1"],
+                "--gpu-memory-factor",
+                "-1",
+                "from 1 to 4294967295",
+            ),
+            (
+                &["--gpu-memory-factor=-1"],
+                "--gpu-memory-factor",
+                "-1",
+                "from 1 to 4294967295",
+            ),
+            (
+                &["--gpu-memory-factor", "4294967296"],
+                "--gpu-memory-factor",
+                "4294967296",
+                "from 1 to 4294967295",
+            ),
+            (
+                &["--device-cores-scaling", "1000"],
+                "--device-cores-scaling",
+                "1000",
+                "from 0.01 to 10",
+            ),
+            (
+                &["--device-cores-scaling", "-2"],
+                "--device-cores-scaling",
+                "-2",
+                "from 0.01 to 10",
+            ),
+            (
+                &["--device-cores-scaling", "NaN"],
+                "--device-cores-scaling",
+                "NaN",
+                "from 0.01 to 10",
+            ),
+            (
+                &["--apiserver-wait", "-5s"],
+                "--apiserver-wait",
+                "-5s",
+                "ms, s, m or h",
+            ),
+            (
+                &["--health-probe-interval", "soon"],
+                "--health-probe-interval",
+                "soon",
+                "ms, s, m or h",
+            ),
+        ] {
+            let message = refusal(args);
+            for needle in [flag, &format!("'{value}'"), range] {
+                assert!(
+                    message.contains(needle),
+                    "{args:?}: {needle:?} missing from {message}"
+                );
+            }
+            assert!(
+                !message.contains("unexpected argument"),
+                "{args:?}: {message}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_edges_of_each_range_are_accepted() {
+        let flags = Flags::try_parse_from([
+            "vgpu-device-plugin",
+            "--device-split-count",
+            "1000",
+            "--gpu-memory-factor",
+            "4294967295",
+            "--device-cores-scaling",
+            "0.01",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(flags.device_split_count, Some(1000));
+        assert_eq!(flags.gpu_memory_factor, Some(u32::MAX));
+        assert_eq!(flags.device_cores_scaling, Some(0.01));
+    }
+
+    fn config_with(hook: &std::path::Path, cache: Option<PathBuf>) -> AgentConfig {
+        let argv = ["vgpu-device-plugin", "--hook-path"];
+        let mut flags = Flags::try_parse_from(argv.iter().copied().chain([hook.to_str().unwrap()]))
+            .unwrap_or_else(|e| panic!("{e}"));
+        flags.cache_root = cache;
+        flags.into_config()
+    }
+
+    #[test]
+    fn a_hook_path_that_cannot_be_created_names_the_flag_the_path_and_the_os_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, "").unwrap();
+        let hook = file.join("vgpu");
+        let error = check_handoff_paths(&config_with(&hook, None))
+            .expect_err("a path under a regular file cannot be created")
+            .to_string();
+        for needle in ["--hook-path", hook.to_str().unwrap(), "Not a directory"] {
+            assert!(error.contains(needle), "{needle:?} missing from {error}");
+        }
+    }
+
+    #[test]
+    fn a_cache_root_that_cannot_be_created_names_its_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, "").unwrap();
+        let cache = file.join("containers");
+        let error =
+            check_handoff_paths(&config_with(&dir.path().join("hook"), Some(cache.clone())))
+                .expect_err("a path under a regular file cannot be created")
+                .to_string();
+        for needle in ["--cache-root", cache.to_str().unwrap(), "Not a directory"] {
+            assert!(error.contains(needle), "{needle:?} missing from {error}");
+        }
+    }
+
+    #[test]
+    fn usable_paths_are_created_and_left_without_the_probe() {
+        let dir = tempfile::tempdir().unwrap();
+        let hook = dir.path().join("usr/local/vgpu");
+        let config = config_with(&hook, None);
+        check_handoff_paths(&config).unwrap_or_else(|e| panic!("{e}"));
+        let cache = hook.join("vgpu/containers");
+        assert!(cache.is_dir());
+        assert_eq!(
+            std::fs::read_dir(&cache).unwrap().count(),
+            0,
+            "probe removed"
+        );
     }
 }

@@ -65,7 +65,27 @@ fn split_count_of_zero() {
     let mut cmd = agent_command(&sim, &dir.path().join("kubelet.sock"));
     cmd.args(["--device-split-count", "0"]);
     let (status, log) = run_to_exit(cmd);
-    assert_one_error(status, &log, &["--device-split-count", "at least 1"]);
+    // Refused by the flag parser, before anything starts: clap's usage error (exit 2) names the flag,
+    // the value and the accepted range, and nothing is served.
+    assert_eq!(status.code(), Some(2), "log:\n{}", log.join("\n"));
+    let errors: Vec<&String> = log.iter().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(
+        errors.len(),
+        1,
+        "exactly one error line; log:\n{}",
+        log.join("\n")
+    );
+    for needle in ["'0'", "--device-split-count", "1 to 1000"] {
+        assert!(
+            errors[0].contains(needle),
+            "{needle:?} missing from {:?}",
+            errors[0]
+        );
+    }
+    assert!(
+        std::fs::read_dir(dir.path()).unwrap().next().is_none(),
+        "nothing was served"
+    );
 }
 
 #[test]

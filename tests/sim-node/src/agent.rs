@@ -58,14 +58,24 @@ impl AgentBinary {
         })
     }
 
-    /// For the output.
+    /// The command, for the output.
     pub fn describe(&self) -> String {
         match self {
             Self::Real(p) => p.display().to_string(),
-            Self::Embedded(p) => format!(
-                "{} agent (the same code; no current vgpu-device-plugin beside it)",
-                p.display()
-            ),
+            Self::Embedded(p) => format!("{} agent", p.display()),
+        }
+    }
+
+    /// What runs, in words, for a reader who expected `vgpu-device-plugin`.
+    pub fn explain(&self) -> &'static str {
+        match self {
+            Self::Real(_) => "the vgpu-device-plugin binary",
+            // `sim-node agent` calls the same entry point `vgpu-device-plugin`'s main does, so one build of
+            // sim-node is enough for the demo.
+            Self::Embedded(_) => {
+                "the agent's own entry point (vgpu_device_plugin::cli), built into sim-node so the run needs one \
+                 build; it parses the same flags as vgpu-device-plugin"
+            }
         }
     }
 }

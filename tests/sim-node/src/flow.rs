@@ -54,8 +54,8 @@ pub const RESOURCES: [&str; 3] = [
     "volcano.sh/vgpu-memory",
     "volcano.sh/vgpu-cores",
 ];
-const NAMESPACE: &str = "default";
-const PATIENCE: Duration = Duration::from_secs(30);
+pub(crate) const NAMESPACE: &str = "default";
+pub(crate) const PATIENCE: Duration = Duration::from_secs(30);
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -91,7 +91,9 @@ impl FlowOptions {
             agent,
             example: "pod-one-vgpu.yaml".to_owned(),
             libvgpu: None,
-            release_limiter: true,
+            // The profile this code was built in: `cargo run -p sim-node` (the test profile) then shares the
+            // limiter's build with the tests, a release build with the benchmarks.
+            release_limiter: !cfg!(debug_assertions),
             kernel_ns: 2_000_000,
             run_ms: 1500,
             verbose: false,
@@ -212,7 +214,7 @@ impl Flow {
 }
 
 /// `root` + an absolute host path.
-fn under(root: &Path, host_path: &str) -> PathBuf {
+pub(crate) fn under(root: &Path, host_path: &str) -> PathBuf {
     root.join(host_path.trim_start_matches('/'))
 }
 
@@ -246,13 +248,18 @@ pub fn build_libvgpu(release: bool) -> anyhow::Result<PathBuf> {
 
 /// Compiles `csrc/vgpu_demo.c` against the gpu-sim's `libcuda.so.1` into `dir`.
 pub fn compile_demo(dir: &Path) -> anyhow::Result<PathBuf> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("csrc/vgpu_demo.c");
     let lib_dir = gpu_sim::cuda_library()
         .parent()
         .context("the gpu-sim's library directory")?;
-    let out = dir.join("vgpu-demo");
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_owned());
-    let status = Command::new(&cc)
+    compile_demo_with(&cc, lib_dir, dir)
+}
+
+/// Compiles `csrc/vgpu_demo.c` with the compiler `cc` against the `libcuda.so` in `lib_dir` into `dir`.
+pub fn compile_demo_with(cc: &str, lib_dir: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("csrc/vgpu_demo.c");
+    let out = dir.join("vgpu-demo");
+    let status = Command::new(cc)
         .args(["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-o"])
         .arg(&out)
         .arg(&src)
@@ -362,7 +369,7 @@ fn place(gpus: &mut [SchedGpu], requests: &[Request]) -> anyhow::Result<String> 
     Ok(PodDevices(segments).encode())
 }
 
-fn parse_program_line(line: &str) -> Option<(String, HashMap<String, String>)> {
+pub(crate) fn parse_program_line(line: &str) -> Option<(String, HashMap<String, String>)> {
     let (step, rest) = line.split_once(' ')?;
     let fields = rest
         .split(' ')
@@ -373,7 +380,7 @@ fn parse_program_line(line: &str) -> Option<(String, HashMap<String, String>)> {
 }
 
 /// `GET /metrics` on the agent; the lines of the pod's series.
-fn scrape(port: u16, pod: &str) -> anyhow::Result<Vec<String>> {
+pub(crate) fn scrape(port: u16, pod: &str) -> anyhow::Result<Vec<String>> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -395,11 +402,10 @@ fn scrape(port: u16, pod: &str) -> anyhow::Result<Vec<String>> {
         .collect())
 }
 
-/// The pod's series, compactly: the clean set as `name value` under their common labels, the legacy set
-/// (Volcano's monitor names) by name only.
+/// The pod's series, compactly: the clean set as `name value` grouped under each label set (one group per GPU
+/// the container's region lists), the legacy set (Volcano's monitor names) by name only.
 fn say_series(lines: &[String], say: &mut (dyn FnMut(String) + Send)) {
-    let mut labels = None;
-    let mut clean = Vec::new();
+    let mut groups: Vec<(String, Vec<String>)> = Vec::new();
     let mut legacy = Vec::new();
     for line in lines {
         let Some((name, rest)) = line.split_once('{') else {
@@ -409,21 +415,21 @@ fn say_series(lines: &[String], say: &mut (dyn FnMut(String) + Send)) {
             continue;
         };
         if name.starts_with("vgpu_container_") {
-            labels.get_or_insert_with(|| label_text.to_owned());
             let value = value.trim().trim_end_matches(".0");
-            clean.push(format!(
-                "{} {value}",
-                name.trim_start_matches("vgpu_container_")
-            ));
-        } else {
-            legacy.push(name.to_owned());
+            let entry = format!("{} {value}", name.trim_start_matches("vgpu_container_"));
+            match groups.iter_mut().find(|(l, _)| l == label_text) {
+                Some((_, values)) => values.push(entry),
+                None => groups.push((label_text.to_owned(), vec![entry])),
+            }
+        } else if !legacy.contains(&name) {
+            legacy.push(name);
         }
     }
-    if let Some(labels) = labels {
+    for (labels, values) in &groups {
         say(format!("           vgpu_container_…{{{labels}}}:"));
-    }
-    for chunk in clean.chunks(4) {
-        say(format!("             {}", chunk.join(", ")));
+        for chunk in values.chunks(4) {
+            say(format!("             {}", chunk.join(", ")));
+        }
     }
     if !legacy.is_empty() {
         say(format!(
@@ -437,7 +443,10 @@ fn say_series(lines: &[String], say: &mut (dyn FnMut(String) + Send)) {
 }
 
 /// Waits for `f` to return `Some`, polling.
-async fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> anyhow::Result<T> {
+pub(crate) async fn eventually<T>(
+    what: &str,
+    mut f: impl FnMut() -> Option<T>,
+) -> anyhow::Result<T> {
     let deadline = Instant::now() + PATIENCE;
     loop {
         if let Some(v) = f() {
@@ -456,16 +465,16 @@ fn short(uuid: &str) -> &str {
 
 /// Runs the flow, printing readable lines through `say`; returns what it saw and the running system.
 /// The shipped files the flow runs from.
-struct Inputs {
-    ds: AgentDaemonSet,
-    device_cm: Value,
-    node_cm: Value,
-    pod: Value,
-    pod_name: String,
-    requests: Vec<Request>,
+pub(crate) struct Inputs {
+    pub(crate) ds: AgentDaemonSet,
+    pub(crate) device_cm: Value,
+    pub(crate) node_cm: Value,
+    pub(crate) pod: Value,
+    pub(crate) pod_name: String,
+    pub(crate) requests: Vec<Request>,
 }
 
-fn load_inputs(example: &str) -> anyhow::Result<Inputs> {
+pub(crate) fn load_inputs(example: &str) -> anyhow::Result<Inputs> {
     let dir = manifests::manifests_dir();
     let ds = manifests::agent_daemonset(&dir)?;
     let device_docs = manifests::load(&dir.join("device-config.yaml"))?;
@@ -542,7 +551,7 @@ fn install_hook(ds: &AgentDaemonSet, root: &Path, libvgpu: &Path) -> anyhow::Res
 /// The agent's command as the DaemonSet's `agent` container runs it: its environment (the downward API's
 /// `spec.nodeName` = [`NODE`]) and its flags, with every path mapped under `root` (the hook and lock paths
 /// are mounted at their host paths; the node config is the config map's file) and the metrics on
-/// `127.0.0.1:metrics_port`. Returns the command and the DaemonSet's flags as written.
+/// `127.0.0.1:metrics_port`. Returns the command and the flags exactly as passed to the agent.
 fn daemonset_agent(
     ds: &AgentDaemonSet,
     node_cm: &Value,
@@ -563,6 +572,7 @@ fn daemonset_agent(
         );
         cmd.env(name, NODE);
     }
+    let mut passed = Vec::new();
     for arg in &ds.agent.args {
         let translated = match arg.split_once('=') {
             Some(("--metrics-bind-address", _)) => {
@@ -594,14 +604,15 @@ fn daemonset_agent(
             }
             _ => arg.clone(),
         };
-        cmd.arg(translated);
+        cmd.arg(&translated);
+        passed.push(translated);
     }
-    Ok((cmd, ds.agent.args.clone()))
+    Ok((cmd, passed))
 }
 
 /// What Volcano v1.15 does at bind: reads the node's GPUs, places the pod (binpack), PATCHes the six
 /// annotations (strategic merge), then POSTs the Binding. Returns the queue and the pod's UID.
-async fn simulate_bind(
+pub(crate) async fn simulate_bind(
     api: &FakeApiServer,
     kubeconfig: &Path,
     inputs: &Inputs,
@@ -651,7 +662,7 @@ async fn simulate_bind(
 
 /// The kubelet's admission: `Allocate` on every resource each GPU container asks for (after
 /// `GetPreferredAllocation`), the responses merged per container as the kubelet merges them.
-async fn admit(
+pub(crate) async fn admit(
     kubelet: &FakeKubelet,
     inputs: &Inputs,
     agent_log: &Path,
@@ -846,7 +857,18 @@ pub async fn run(
     // 2. The init step.
     let libvgpu = match &opts.libvgpu {
         Some(path) => path.clone(),
-        None => build_libvgpu(opts.release_limiter)?,
+        None => {
+            say(format!(
+                "build      libvgpu.so: cargo build -p vgpu-limiter --lib{} into target/limiter-cdylib (shared with \
+                 the tests; under a minute the first time, instant after)",
+                if opts.release_limiter {
+                    " --release"
+                } else {
+                    ""
+                }
+            ));
+            build_libvgpu(opts.release_limiter)?
+        }
     };
     let hook = install_hook(ds, root.path(), &libvgpu)?;
     say(format!(
@@ -882,17 +904,33 @@ pub async fn run(
         .port();
     let mut cmd = agent_command(&sim, kubelet.socket(), &opts.agent);
     cmd.env("KUBECONFIG", &kubeconfig);
-    let (mut cmd, shown_args) =
+    let (mut cmd, passed_args) =
         daemonset_agent(ds, &inputs.node_cm, root.path(), cmd, metrics_port)?;
     cmd.args(&opts.extra_agent_args);
     let log_path = root.path().join("agent.log");
     if !opts.verbose {
         cmd.stderr(std::fs::File::create(&log_path)?);
     }
+    let root_text = root.path().display().to_string();
+    let shown: Vec<String> = passed_args
+        .iter()
+        .chain(&opts.extra_agent_args)
+        .map(|a| a.replace(&root_text, "<root>"))
+        .collect();
     say(format!(
-        "agent      {} {} (the DaemonSet's flags and env; host paths under the root)",
+        "agent      {} {}",
         opts.agent.describe(),
-        shown_args.join(" ")
+        shown.join(" ")
+    ));
+    say(format!(
+        "           {}; the DaemonSet's flags and env, with its host paths under <root> and its metrics port \
+         (:9394) on 127.0.0.1:{metrics_port}{}",
+        opts.agent.explain(),
+        if opts.verbose {
+            ""
+        } else {
+            "; its log goes to <root>/agent.log (--verbose shows it)"
+        }
     ));
     let started = Instant::now();
     let agent = ChildGuard(cmd.spawn().context("start the agent")?);
@@ -1005,6 +1043,7 @@ pub async fn run(
         .context("no container was allocated")?;
     let bin_dir = root.path().join("bin");
     std::fs::create_dir_all(&bin_dir)?;
+    say("build      the CUDA program csrc/vgpu_demo.c with cc".to_owned());
     let demo = compile_demo(&bin_dir)?;
     let translated = translate(&a)?;
     say(format!(
@@ -1059,6 +1098,106 @@ pub async fn run(
             root,
         },
     ))
+}
+
+/// What the run showed, in a few lines for a newcomer: the pod, its caps, what was refused, the SM share
+/// measured, and what to try next.
+pub fn summary(report: &FlowReport, example: &str) -> Vec<String> {
+    let mut out = vec![format!(
+        "Summary: pod {} (volcano-config/examples/{example}) was bound by the simulated Volcano scheduler, \
+         admitted by the stand-in kubelet through the agent's Allocate, and left bind-phase={}.",
+        report.pod,
+        report.bind_phase.as_deref().unwrap_or("(unchanged)")
+    )];
+    let index_of = |uuid: &str| {
+        report
+            .gpus
+            .iter()
+            .position(|g| g == uuid)
+            .map_or_else(|| "?".to_owned(), |i| i.to_string())
+    };
+    for a in &report.allocated {
+        let gpus: Vec<String> = a
+            .envs
+            .get("NVIDIA_VISIBLE_DEVICES")
+            .map(|v| {
+                v.split(',')
+                    .map(|u| format!("GPU {}", index_of(u)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let memory: Vec<&str> = a
+            .envs
+            .iter()
+            .filter(|(k, _)| k.starts_with("CUDA_DEVICE_MEMORY_LIMIT"))
+            .map(|(_, v)| v.as_str())
+            .collect();
+        let sm = match a.envs.get("CUDA_DEVICE_SM_LIMIT").map(String::as_str) {
+            None | Some("0") => "no SM cap".to_owned(),
+            Some(cap) => format!("SM cap {cap} %"),
+        };
+        out.push(format!(
+            "  container {}: {} with memory cap {} and {sm}",
+            a.container,
+            if gpus.is_empty() {
+                "no GPU".to_owned()
+            } else {
+                gpus.join(", ")
+            },
+            if memory.is_empty() {
+                "none".to_owned()
+            } else {
+                memory.join(", ")
+            },
+        ));
+    }
+    let field = |step: &str, key: &str| report.program.get(step).and_then(|f| f.get(key));
+    if let (Some(held), Some(refused), Some(name)) = (
+        field("alloc", "held_mib"),
+        field("alloc", "refused_mib"),
+        field("alloc", "name"),
+    ) {
+        out.push(format!(
+            "  memory: the CUDA program held {held} MiB under its cap; what it asked beyond (the last, {refused} MiB) \
+             was refused with {name}, the error an application sees in the container"
+        ));
+    }
+    let counted = report.metrics.iter().find_map(|l| {
+        l.strip_prefix("vgpu_container_allocations_refused_total{")
+            .and_then(|rest| rest.rsplit_once("} "))
+            .map(|(_, v)| v.trim().to_owned())
+    });
+    if let Some(counted) = counted {
+        out.push(format!(
+            "  metrics: the agent counted the refusals (vgpu_container_allocations_refused_total {counted})"
+        ));
+    }
+    match (
+        field("kernels", "nvml_gpu_pct"),
+        field("kernels", "sm_limit"),
+    ) {
+        (Some(pct), Some(cap)) if !matches!(cap.as_str(), "unset" | "0") => out.push(format!(
+            "  SM: NVML measured the GPU {pct} % busy over the last second against the {cap} % cap"
+        )),
+        (Some(pct), _) => out.push(format!(
+            "  SM: NVML measured the GPU {pct} % busy over the last second (no cap)"
+        )),
+        _ => {}
+    }
+    out.push(
+        "Try next (cargo run -p sim-node -- run <options>; -- run --help lists them all):"
+            .to_owned(),
+    );
+    for line in [
+        "  --keep-running                       keep the agent up: curl its /metrics, inject an XID, watch the kubelet's view",
+        "  --example pod-memory-only.yaml       a memory-only pod (its GPU and cap, no SM cap); also pod-several-vgpus.yaml,",
+        "                                       pod-two-gpu-containers-sidecar.yaml",
+        "  --gpus 2 --model a100-80gb           another node; -- --gpu-memory-factor 10 passes flags to the agent",
+        "  tests/run                            the whole test suite (what CI runs)",
+    ] {
+        out.push(line.to_owned());
+    }
+    out
 }
 
 /// The program's steps, readably.
@@ -1131,4 +1270,131 @@ fn say_program(
         },
         paced
     ));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn said(lines: &[&str]) -> Vec<String> {
+        let lines: Vec<String> = lines.iter().map(|l| (*l).to_owned()).collect();
+        let mut out = Vec::new();
+        say_series(&lines, &mut |l| out.push(l));
+        out
+    }
+
+    #[test]
+    fn each_gpus_series_are_shown_under_their_own_labels() {
+        let out = said(&[
+            r#"vgpu_container_memory_used_bytes{pod="p",gpu_index="0"} 5"#,
+            r#"vgpu_container_memory_used_bytes{pod="p",gpu_index="1"} 0"#,
+            r#"vgpu_container_memory_limit_bytes{pod="p",gpu_index="0"} 9"#,
+            r#"vgpu_container_memory_limit_bytes{pod="p",gpu_index="1"} 9"#,
+            r#"vGPU_device_memory_usage_in_bytes{podname="p",vdeviceid="0"} 5"#,
+            r#"vGPU_device_memory_usage_in_bytes{podname="p",vdeviceid="1"} 0"#,
+        ]);
+        assert_eq!(
+            out,
+            [
+                r#"           vgpu_container_…{pod="p",gpu_index="0"}:"#,
+                "             memory_used_bytes 5, memory_limit_bytes 9",
+                r#"           vgpu_container_…{pod="p",gpu_index="1"}:"#,
+                "             memory_used_bytes 0, memory_limit_bytes 9",
+                r#"           and the Volcano monitor's names (podname=…, zone="vGPU"): vGPU_device_memory_usage_in_bytes"#,
+            ]
+        );
+    }
+
+    fn report(envs: &[(&str, &str)], kernels: &[(&str, &str)]) -> FlowReport {
+        let fields = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        FlowReport {
+            root: PathBuf::from("/tmp/x"),
+            gpus: vec!["GPU-a".to_owned(), "GPU-b".to_owned()],
+            registered: Vec::new(),
+            node_register: String::new(),
+            pod: "default/vgpu-one".to_owned(),
+            pod_uid: "uid".to_owned(),
+            queue: String::new(),
+            allocated: vec![Allocated {
+                container: "cuda".to_owned(),
+                envs: envs
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+                ..Default::default()
+            }],
+            bind_phase: Some("success".to_owned()),
+            translated: BTreeMap::new(),
+            program: HashMap::from([
+                (
+                    "alloc".to_owned(),
+                    fields(&[
+                        ("held_mib", "2688"),
+                        ("refused_mib", "16"),
+                        ("name", "CUDA_ERROR_OUT_OF_MEMORY"),
+                    ]),
+                ),
+                ("kernels".to_owned(), fields(kernels)),
+            ]),
+            region_bytes: None,
+            metrics: vec![
+                r#"vgpu_container_allocations_refused_total{namespace="default",pod="vgpu-one",container="cuda"} 2"#
+                    .to_owned(),
+            ],
+            requests: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_summary_names_the_pod_its_caps_the_refusal_and_the_sm_share() {
+        let r = report(
+            &[
+                ("NVIDIA_VISIBLE_DEVICES", "GPU-b"),
+                ("CUDA_DEVICE_MEMORY_LIMIT_0", "3000m"),
+                ("CUDA_DEVICE_SM_LIMIT", "30"),
+            ],
+            &[("nvml_gpu_pct", "29"), ("sm_limit", "30")],
+        );
+        let text = summary(&r, "pod-one-vgpu.yaml").join("\n");
+        for needle in [
+            "pod default/vgpu-one",
+            "bind-phase=success",
+            "container cuda: GPU 1 with memory cap 3000m and SM cap 30 %",
+            "held 2688 MiB",
+            "CUDA_ERROR_OUT_OF_MEMORY",
+            "vgpu_container_allocations_refused_total 2",
+            "29 % busy over the last second against the 30 % cap",
+            "--keep-running",
+            "--example pod-memory-only.yaml",
+        ] {
+            assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
+        }
+    }
+
+    #[test]
+    fn the_summary_of_a_memory_only_pod_claims_no_sm_cap() {
+        let r = report(
+            &[
+                ("NVIDIA_VISIBLE_DEVICES", "GPU-a"),
+                ("CUDA_DEVICE_MEMORY_LIMIT_0", "1024m"),
+                ("CUDA_DEVICE_SM_LIMIT", "0"),
+            ],
+            &[("nvml_gpu_pct", "88"), ("sm_limit", "0")],
+        );
+        let text = summary(&r, "pod-memory-only.yaml").join("\n");
+        assert!(
+            text.contains("GPU 0 with memory cap 1024m and no SM cap"),
+            "{text}"
+        );
+        assert!(
+            text.contains("88 % busy over the last second (no cap)"),
+            "{text}"
+        );
+        assert!(!text.contains("against the"), "{text}");
+    }
 }

@@ -3,7 +3,8 @@
 //! * `sim-node run` (the default) runs the whole flow for one pod on simulated GPUs and prints it (see
 //!   `sim_node::flow`): registration, a Volcano bind, Allocate, a CUDA program refused at its memory cap and
 //!   paced at its SM cap, the pod's metrics. `--keep-running` then keeps the agent up until Ctrl-C.
-//! * `sim-node bench` prints the agent's figures: start-up time, idle memory, message sizes, re-registration.
+//! * `sim-node bench` prints the agent's figures: start-up time, idle memory, message sizes, re-registration;
+//!   `bench-handshake` the node writes against an old scheduler; `bench-scrape` the metrics scrape path.
 //! * `sim-node agent …` is the agent itself (the same code as `vgpu-device-plugin`); `run` and `bench` start
 //!   it as a child process so the gpu-sim's environment applies to it alone.
 
@@ -20,6 +21,8 @@ use harness::{FakeKubelet, ResourceView};
 use kubelet_api::v1beta1::HEALTHY;
 use sim_node::agent::{AgentBinary, ChildGuard, agent_command};
 use sim_node::flow::{self, FlowOptions, RESOURCES};
+
+mod scrape_bench;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -39,6 +42,8 @@ enum Cmd {
     Bench(BenchArgs),
     /// Node writes per hour against a simulated Volcano v1.15.0 scheduler that still uses the handshake.
     BenchHandshake(HandshakeArgs),
+    /// `/metrics` latency and the agent's memory with many containers' regions on 8 GPUs.
+    BenchScrape(ScrapeArgs),
     /// The agent itself, with `vgpu-device-plugin`'s flags.
     #[command(disable_help_flag = true)]
     Agent {
@@ -77,7 +82,7 @@ struct RunArgs {
     /// The example pod to bind, a file of volcano-config/examples/.
     #[arg(long, default_value = "pod-one-vgpu.yaml")]
     example: String,
-    /// The libvgpu.so to install [default: built now with cargo, in release].
+    /// The libvgpu.so to install [default: built now with cargo, in the profile sim-node was built in].
     #[arg(long)]
     libvgpu: Option<PathBuf>,
     /// Modelled duration of each kernel the CUDA program launches, in microseconds.
@@ -105,6 +110,19 @@ struct BenchArgs {
     /// Seconds of idling before resident memory is read.
     #[arg(long, default_value_t = 3)]
     idle_secs: u64,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct ScrapeArgs {
+    /// Scrapes to time.
+    #[arg(long, default_value_t = 10_000)]
+    scrapes: usize,
+    /// Containers on the node, each with its own region file.
+    #[arg(long, default_value_t = 100)]
+    containers: usize,
+    /// Scrapers at once, each on its own keep-alive connection (1: one scraper, as Prometheus).
+    #[arg(long, default_value_t = 1)]
+    concurrent: usize,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -156,6 +174,20 @@ fn main() -> ExitCode {
         Cmd::Run(args) => run(Box::pin(run_node(args))),
         Cmd::Bench(args) => run(Box::pin(bench(args))),
         Cmd::BenchHandshake(args) => run(Box::pin(bench_handshake(args))),
+        // Not in `run`'s runtime: the measuring child builds its own.
+        Cmd::BenchScrape(args) => {
+            match scrape_bench::run(args.scrapes, args.containers, args.concurrent) {
+                Ok(status) if status.success() => ExitCode::SUCCESS,
+                Ok(status) => {
+                    eprintln!("sim-node bench-scrape: the measuring process ended with {status}");
+                    ExitCode::FAILURE
+                }
+                Err(error) => {
+                    eprintln!("sim-node bench-scrape: {error:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 
@@ -169,15 +201,27 @@ async fn run_node(args: RunArgs) -> anyhow::Result<()> {
     options.run_ms = args.run_ms;
     options.verbose = args.verbose;
     options.extra_agent_args = args.agent_args;
+    let example = options.example.clone();
     let mut say = |line: String| println!("{line}");
     let (report, running) = flow::run(options, &mut say).await?;
+    println!();
+    for line in flow::summary(&report, &example) {
+        println!("{line}");
+    }
     if !args.keep_running {
         let status = running.stop()?;
-        println!("agent stopped on SIGTERM: {status}");
+        println!(
+            "agent stopped on SIGTERM ({status}); the simulated node and its files are removed."
+        );
         return Ok(());
     }
+    println!();
     println!(
-        "Metrics: curl http://127.0.0.1:{}/metrics   (health: /healthz, readiness: /readyz)",
+        "The agent keeps running. Metrics: curl http://127.0.0.1:{}/metrics   (health: /healthz, readiness: /readyz)",
+        running.metrics_port
+    );
+    println!(
+        "  the pod's refusals stay counted after its program exited: curl -s http://127.0.0.1:{}/metrics | grep allocations_refused",
         running.metrics_port
     );
     let first = report.gpus.first().cloned().unwrap_or_default();
@@ -207,7 +251,7 @@ async fn run_node(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     let status = running.stop()?;
-    println!("agent stopped on SIGTERM: {status}");
+    println!("agent stopped on SIGTERM ({status})");
     Ok(())
 }
 
@@ -236,8 +280,16 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let agent_bin = AgentBinary::find()?;
-    println!("agent binary: {}", agent_bin.describe());
+    println!(
+        "agent binary: {} ({})",
+        agent_bin.describe(),
+        agent_bin.explain()
+    );
     let sim = SimNode::new(NodeSpec::uniform(8, GpuSpec::a100_80gb))?;
+    println!(
+        "timing {} start-ups and kubelet restarts on 8 simulated A100-80GB…",
+        args.runs.max(1)
+    );
     let factor_args = ["--gpu-memory-factor", "10"];
 
     // 1. Start to all three endpoints registered, 8 GPUs.
@@ -288,6 +340,10 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     );
 
     // 2. Idle resident memory with 8 GPUs.
+    println!(
+        "idling {} s before reading resident memory…",
+        args.idle_secs
+    );
     let dir = tempfile::tempdir()?;
     let kubelet = FakeKubelet::start(dir.path()).await?;
     let mut cmd = agent_command(&sim, kubelet.socket(), &agent_bin);
@@ -418,6 +474,7 @@ async fn bench_allocate(agent_bin: &AgentBinary, args: &BenchArgs) -> anyhow::Re
         })
     };
     // 9,000 pods elsewhere, 1,000 finished vGPU pods here.
+    println!("creating 10,000 pods in the fake apiserver, 1,000 of them on this node…");
     for i in 0..9_000 {
         api.create(
             "/api/v1/namespaces/bench/pods",
@@ -491,6 +548,7 @@ async fn bench_allocate(agent_bin: &AgentBinary, args: &BenchArgs) -> anyhow::Re
     let node_path = format!("/api/v1/nodes/{NODE}");
     let before = api.count("PATCH", &node_path);
     let window = Duration::from_secs(args.idle_secs.max(10));
+    println!("counting node writes at rest for {} s…", window.as_secs());
     tokio::time::sleep(window).await;
     let writes = api.count("PATCH", &node_path) - before;
     println!(
@@ -501,6 +559,9 @@ async fn bench_allocate(agent_bin: &AgentBinary, args: &BenchArgs) -> anyhow::Re
     agent.terminate(Duration::from_secs(10))?;
     Ok(())
 }
+
+/// How often the long benchmarks say where they are.
+const PROGRESS_EVERY: Duration = Duration::from_secs(15);
 
 /// Plays Volcano v1.15.0's handshake rule (contract §2.3) on every node update, with another writer updating
 /// the node now and then, and counts the agent's node writes.
@@ -537,8 +598,24 @@ async fn bench_handshake(args: HandshakeArgs) -> anyhow::Result<()> {
     let mut last_rv = 0;
     let mut next_update = Instant::now() + Duration::from_secs(args.node_update_secs);
     let (mut scheduler_writes, mut dropped) = (0u64, 0u64);
+    println!(
+        "bench-handshake: {} s against a simulated Volcano v1.15.0 scheduler (the rule works on a 60 s clock), a \
+         progress line every {} s",
+        args.seconds,
+        PROGRESS_EVERY.as_secs()
+    );
+    let mut next_progress = Instant::now() + PROGRESS_EVERY;
     while start.elapsed() < Duration::from_secs(args.seconds) {
         tokio::time::sleep(Duration::from_millis(100)).await;
+        if Instant::now() >= next_progress {
+            println!(
+                "  {:>4} / {} s: agent {} node writes, scheduler {scheduler_writes}, node marked Deleted {dropped} times",
+                start.elapsed().as_secs(),
+                args.seconds,
+                api.count("PATCH", &node_path) - start_writes
+            );
+            next_progress += PROGRESS_EVERY;
+        }
         if Instant::now() >= next_update {
             api.patch_object(
                 "nodes",

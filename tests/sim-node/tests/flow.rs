@@ -253,7 +253,7 @@ fn the_pods_series_are_on_the_metrics_endpoint() {
     assert_eq!(limit, (MEMORY_MIB << 20) as f64);
     let used = series(&r.metrics, "vgpu_container_memory_used_bytes", &pod).unwrap();
     assert!(used > 0.0 && used <= limit, "used {used} of {limit}");
-    let refused = series(&r.metrics, "vgpu_container_allocations_refused", &pod).unwrap();
+    let refused = series(&r.metrics, "vgpu_container_allocations_refused_total", &pod).unwrap();
     assert!(refused >= 1.0, "the refusal is counted: {refused}");
     assert_eq!(
         series(&r.metrics, "vgpu_container_sm_limit_ratio", &pod),

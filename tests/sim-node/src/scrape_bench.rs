@@ -1,9 +1,13 @@
-//! Scrape benchmark (not a test): `/metrics` latency and the agent's resident memory with 100 containers on 8
-//! GPUs, through the agent's own scrape path.
+//! `sim-node bench-scrape` (not a test): `/metrics` latency and the agent's resident memory with 100 containers
+//! on 8 GPUs, through the agent's own scrape path.
 //!
 //! ```sh
-//! cargo run --release -p vgpu-device-plugin --example scrape_bench [-- <scrapes> <containers>]
+//! cargo build --release --workspace && target/release/sim-node bench-scrape [--scrapes N] [--containers N]
 //! ```
+//!
+//! A subcommand of sim-node rather than an example of the plugin: an example builds the plugin's
+//! dev-dependencies into the release profile, with other features, which rebuilt most of the workspace; here it
+//! reuses what `cargo build --release --workspace` built.
 //!
 //! Defaults: 10,000 scrapes, 100 containers. The node is the gpu-sim with 8 A100 80GB; the pods are in a fake
 //! apiserver (on loopback, in this process) and reach the agent's pod cache through its real watch; every
@@ -12,6 +16,7 @@
 //! `NodeSnapshot`), scraped over one keep-alive HTTP/1.1 connection as Prometheus does, asking for
 //! OpenMetrics. Prints latency percentiles and the process's RSS (start, end, max) across the run.
 
+// A measurement, not the agent: a failed setup step is a bug to see at once, with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -33,33 +38,45 @@ use vgpu_region::{MemoryKind, Region, RegionConfig};
 
 const NODE: &str = "bench-node";
 const GPUS: u32 = 8;
+/// Set in the child that measures (it inherits the gpu-sim's environment).
 const CHILD: &str = "SCRAPE_BENCH_CHILD";
 
-fn main() {
-    let args: Vec<usize> = std::env::args()
-        .skip(1)
-        .map(|a| a.parse().expect("arguments: <scrapes> <containers>"))
-        .collect();
-    let scrapes = args.first().copied().unwrap_or(10_000);
-    let containers = args.get(1).copied().unwrap_or(100);
+/// Runs the benchmark: in a child process of the same binary, with the gpu-sim's environment. `concurrent`
+/// scrapers at once (`--concurrent`), each on its own keep-alive connection, share the `scrapes`: what several
+/// Prometheus replicas, or a scrape storm, cost the agent.
+pub fn run(
+    scrapes: usize,
+    containers: usize,
+    concurrent: usize,
+) -> anyhow::Result<std::process::ExitStatus> {
+    anyhow::ensure!(
+        scrapes > 0 && containers > 0 && concurrent > 0,
+        "--scrapes, --containers and --concurrent: expected at least 1 each, got {scrapes}, {containers} and \
+         {concurrent}"
+    );
     if std::env::var_os(CHILD).is_some() {
-        bench(scrapes, containers);
-        return;
+        bench(scrapes, containers, concurrent);
+        return Ok(std::process::ExitStatus::default());
     }
     // The gpu-sim is found through the environment, which a Rust 2024 program may not set for itself: run the
-    // measurement in a child that inherits it.
-    let sim = SimNode::new(NodeSpec::uniform(GPUS, GpuSpec::a100_80gb)).expect("gpu-sim node");
-    let status = Command::new(std::env::current_exe().expect("own path"))
-        .args(std::env::args().skip(1))
+    // measurement in a child that inherits it. `sim` lives until the child is done and then removes its
+    // temporary directory (an early `process::exit` here once leaked `/tmp/gpu-sim-*`).
+    let sim = SimNode::new(NodeSpec::uniform(GPUS, GpuSpec::a100_80gb))?;
+    println!(
+        "bench-scrape: {containers} containers on {GPUS} simulated A100-80GB, {scrapes} scrapes (setting up the pods \
+         and their region files first)…"
+    );
+    let status = Command::new(std::env::current_exe()?)
+        .args(std::env::args_os().skip(1))
         .envs(sim.env())
         .env(CHILD, "1")
-        .status()
-        .expect("run the benchmark");
-    std::process::exit(status.code().unwrap_or(1));
+        .status()?;
+    drop(sim);
+    Ok(status)
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn bench(scrapes: usize, containers: usize) {
+async fn bench(scrapes: usize, containers: usize, concurrent: usize) {
     let nvml = Arc::new(
         Nvml::builder()
             .lib_path(gpu_sim::nvml_library().as_os_str())
@@ -151,9 +168,17 @@ async fn bench(scrapes: usize, containers: usize) {
         std::future::pending(),
     ));
 
-    let report = tokio::task::spawn_blocking(move || scrape_loop(addr, scrapes, containers))
-        .await
-        .expect("scrape loop");
+    let report = tokio::task::spawn_blocking(move || {
+        let mut report = scrape_loop(addr, if concurrent > 1 { 1 } else { scrapes }, containers);
+        if concurrent > 1 {
+            let (latency, rss_kib) = concurrent_scrapes(addr, scrapes, concurrent);
+            report.latency = latency;
+            report.rss_kib = rss_kib;
+        }
+        report
+    })
+    .await
+    .expect("scrape loop");
     // Where the time goes, outside HTTP (after the scrapes: directories settled, as on a node).
     let parts = {
         let (source, metrics) = (Arc::clone(&source), Arc::clone(&metrics));
@@ -185,9 +210,17 @@ async fn bench(scrapes: usize, containers: usize) {
 
     server.abort();
 
-    println!(
-        "scrape benchmark: {containers} containers on {GPUS} GPUs, {scrapes} scrapes over one keep-alive connection"
-    );
+    if concurrent > 1 {
+        println!(
+            "scrape benchmark: {containers} containers on {GPUS} GPUs, {scrapes} scrapes by {concurrent} scrapers at \
+             once, each on its own keep-alive connection"
+        );
+    } else {
+        println!(
+            "scrape benchmark: {containers} containers on {GPUS} GPUs, {scrapes} scrapes over one keep-alive \
+             connection"
+        );
+    }
     println!(
         "exposition: {} bytes, {} series ({} per-container)",
         report.bytes, report.series, report.container_series
@@ -215,11 +248,15 @@ async fn bench(scrapes: usize, containers: usize) {
         rss.iter().max().copied().unwrap_or(0),
         rss[rss.len() - 1] as i64 - rss[0] as i64,
     );
-    println!(
-        "  RSS every {} scrapes (KiB): {:?}",
-        (scrapes / 10).max(1),
-        rss
-    );
+    if concurrent > 1 {
+        println!("  RSS every 20 ms (KiB): {rss:?}");
+    } else {
+        println!(
+            "  RSS every {} scrapes (KiB): {:?}",
+            (scrapes / 10).max(1),
+            rss
+        );
+    }
     drop(regions);
 }
 
@@ -298,6 +335,80 @@ fn scrape_loop(addr: std::net::SocketAddr, scrapes: usize, containers: usize) ->
         series,
         container_series,
     }
+}
+
+/// `concurrent` threads, each scraping over its own keep-alive connection, `scrapes` in all; the process's RSS
+/// sampled every 20 ms meanwhile. Returns every scrape's latency and the RSS samples (the first before any).
+fn concurrent_scrapes(
+    addr: std::net::SocketAddr,
+    scrapes: usize,
+    concurrent: usize,
+) -> (Vec<Duration>, Vec<u64>) {
+    let per_thread = scrapes.div_ceil(concurrent);
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Arc::new(std::sync::Barrier::new(concurrent + 1));
+    let threads: Vec<_> = (0..concurrent)
+        .map(|_| {
+            let (done, start) = (Arc::clone(&done), Arc::clone(&start));
+            std::thread::spawn(move || {
+                let stream = TcpStream::connect(addr).expect("connect");
+                stream.set_nodelay(true).expect("nodelay");
+                let mut writer = stream.try_clone().expect("clone");
+                let mut reader = BufReader::new(stream);
+                start.wait();
+                let mut latency = Vec::with_capacity(per_thread);
+                for _ in 0..per_thread {
+                    let t = Instant::now();
+                    let body = scrape_once(&mut writer, &mut reader);
+                    latency.push(t.elapsed());
+                    assert!(!body.is_empty());
+                }
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                latency
+            })
+        })
+        .collect();
+    let mut rss_kib = vec![current_rss_kib()];
+    start.wait();
+    while done.load(std::sync::atomic::Ordering::SeqCst) < concurrent {
+        std::thread::sleep(Duration::from_millis(20));
+        rss_kib.push(current_rss_kib());
+    }
+    let latency = threads
+        .into_iter()
+        .flat_map(|t| t.join().expect("scraper"))
+        .collect();
+    (latency, rss_kib)
+}
+
+/// One `GET /metrics` asking for OpenMetrics on a keep-alive connection; the body.
+fn scrape_once(writer: &mut TcpStream, reader: &mut BufReader<TcpStream>) -> Vec<u8> {
+    writer
+        .write_all(
+            b"GET /metrics HTTP/1.1\r\nHost: bench\r\nAccept: application/openmetrics-text;version=1.0.0,\
+              text/plain;version=0.0.4;q=0.5\r\n\r\n",
+        )
+        .expect("send");
+    let mut length = 0usize;
+    let mut status = String::new();
+    reader.read_line(&mut status).expect("status");
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("header");
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            length = value.trim().parse().expect("content-length");
+        }
+    }
+    let mut body = vec![0u8; length];
+    reader.read_exact(&mut body).expect("body");
+    body
 }
 
 fn current_rss_kib() -> u64 {
