@@ -13,6 +13,7 @@
 
 pub mod agent;
 pub mod allocate;
+pub mod authority;
 pub mod cache_cleanup;
 pub mod cdi;
 pub mod cli;
@@ -28,6 +29,7 @@ pub mod kubelet_watch;
 pub mod monitor;
 pub mod node_annotations;
 pub mod node_metrics;
+pub mod node_record;
 pub mod nvml_diagnostics;
 pub mod pid_broker;
 pub mod pod_cache;

@@ -6,7 +6,11 @@
 //!   `sim-node run` prints it; `tests/flow.rs` checks every step.
 //! * [`manifests`] reads the shipped manifests in `volcano-config/` (also checked by `tests/manifests.rs`).
 //! * [`agent`] starts the agent as a child process on a gpu-sim node.
+//! * [`containers`] runs the same node in a real container engine: the shipped image, the DaemonSet's
+//!   containers as the manifest describes them, and workload containers that get the limiter through the
+//!   bind-mounted `/etc/ld.so.preload` (`docker/e2e.sh` builds the images and runs `tests/containers.rs`).
 
 pub mod agent;
+pub mod containers;
 pub mod flow;
 pub mod manifests;
