@@ -68,7 +68,11 @@ cleanup() {
     for _ in $(seq 1 100); do kill -0 "$dockerd_pid" 2>/dev/null || break; sleep 0.1; done
     kill -KILL "$dockerd_pid" 2>/dev/null || true
   fi
-  rm -rf "$run_dir"
+  # dockerd leaves its network-namespace bind mounts (exec/netns) behind; lazily unmount what is left.
+  awk -v d="$run_dir/" 'index($2, d) == 1 { print $2 }' /proc/mounts | sort -r | while read -r m; do
+    umount -l "$m" 2>/dev/null || true
+  done
+  rm -rf "$run_dir" 2>/dev/null || echo "warning: could not remove $run_dir" >&2
   exit "$rc"
 }
 trap cleanup EXIT
