@@ -86,7 +86,7 @@ pub struct Flags {
     apiserver_wait: std::time::Duration,
 
     /// The bound on one apiserver request; watches are bounded by six of them (tests shorten it).
-    #[arg(long, default_value = "10s", hide = true, value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", hide = true, value_parser = parse_apiserver_timeout)]
     apiserver_timeout: std::time::Duration,
 
     /// The host directory for per-container caches (mounted at /tmp/vgpu) [default: <hook-path>/vgpu/containers].
@@ -205,6 +205,18 @@ fn parse_split_count(text: &str) -> Result<u32, String> {
         crate::config::SPLIT_COUNT_RANGE,
         "containers that may share one GPU",
     )
+}
+
+/// `--apiserver-timeout`: 0 would fail every request at once, and past a minute a hung apiserver would hold
+/// Allocate for longer than the kubelet waits.
+fn parse_apiserver_timeout(text: &str) -> Result<std::time::Duration, String> {
+    let d = parse_duration(text)?;
+    if d < std::time::Duration::from_millis(100) || d > std::time::Duration::from_secs(60) {
+        return Err(format!(
+            "expected a duration from 100ms to 60s (the bound on one apiserver request), not {text:?}"
+        ));
+    }
+    Ok(d)
 }
 
 /// `--gpu-memory-factor`: 0 would divide every GPU's memory by zero; the upper end depends on the GPUs and is
@@ -522,6 +534,12 @@ mod tests {
                 "--health-probe-interval",
                 "soon",
                 "ms, s, m or h",
+            ),
+            (
+                &["--apiserver-timeout", "0s"],
+                "--apiserver-timeout",
+                "0s",
+                "from 100ms to 60s",
             ),
         ] {
             let message = refusal(args);
