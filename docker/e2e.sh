@@ -39,7 +39,9 @@ MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 IMAGE="vgpu-node-agent:e2e"
 WORKLOAD="vgpu-e2e/workload:bookworm"
 OLD_GLIBC="vgpu-e2e/workload:bullseye"   # glibc 2.31, the oldest Debian release the mirror still serves
-PYNVML_VERSION="13.615.71"   # nvidia-ml-py, NVIDIA's own NVML binding
+# nvidia-ml-py (NVIDIA's own NVML binding), at the version the client-library tests pin.
+PYNVML_VERSION="$(sed -n 's/^nvidia-ml-py==\([^ ]*\).*/\1/p' tests/prereqs/requirements.txt)"
+[ -n "$PYNVML_VERSION" ] || { echo "error: tests/prereqs/requirements.txt pins no nvidia-ml-py" >&2; exit 1; }
 mkdir -p "$STATE"
 started=$(date +%s)
 step() { echo "== e2e [$(($(date +%s) - started)) s] $*"; }
