@@ -200,11 +200,19 @@ impl SharedBudget {
     }
 
     /// The region with this process registered in a slot; `None` (reported once) otherwise.
+    #[inline]
     fn registered(&self) -> Option<&'static Region> {
         let region = self.region()?;
         if region.slot_index().is_some() {
             return Some(region);
         }
+        self.register(region)
+    }
+
+    /// [`SharedBudget::registered`] when this process holds no slot yet (first charge, after a fork).
+    #[cold]
+    #[inline(never)]
+    fn register(&self, region: &'static Region) -> Option<&'static Region> {
         match region.register_current_process() {
             Ok(_) => {
                 if !self.atexit_installed.swap(true, Ordering::AcqRel) {
@@ -246,27 +254,51 @@ impl SharedBudget {
         if bytes > limit {
             // Absurd sizes (SIZE_MAX, a pitch × height that overflowed and saturated): refused
             // before anything is written; reaping could not make them fit.
+            return Err(refuse_oversized(region, dev, limit));
+        }
+        match region.try_add_usage(dev, kind, bytes, limit) {
+            Ok(Ok(_)) => Ok(()),
+            // A would-be refusal (or an error): out of line.
+            first => retry_after_reaping(region, dev, kind, bytes, limit, first.unwrap_or(Err(0))),
+        }
+    }
+}
+
+/// [`SharedBudget::try_charge_within`] for a request larger than the limit: counted as refused.
+#[cold]
+#[inline(never)]
+fn refuse_oversized(region: &Region, dev: usize, limit: u64) -> OverCap {
+    let _ = region.add_refused();
+    OverCap {
+        usage: region.device_usage(dev).unwrap_or(0),
+        limit,
+    }
+}
+
+/// [`SharedBudget::try_charge_within`] after the first attempt was refused: reaps the dead
+/// processes' slots and, if any was freed, tries once more (HAMi-core's `oom_check`); a final
+/// refusal is counted in the slot's refused word.
+#[cold]
+#[inline(never)]
+fn retry_after_reaping(
+    region: &Region,
+    dev: usize,
+    kind: MemoryKind,
+    bytes: u64,
+    limit: u64,
+    first: Result<u64, u64>,
+) -> Result<(), OverCap> {
+    let mut result = first;
+    if result.is_err() && region.reap_dead_slots().is_ok_and(|n| n > 0) {
+        result = region
+            .try_add_usage(dev, kind, bytes, limit)
+            .unwrap_or(Err(0));
+    }
+    match result {
+        Ok(_) => Ok(()),
+        Err(usage) => {
             let _ = region.add_refused();
-            return Err(OverCap {
-                usage: region.device_usage(dev).unwrap_or(0),
-                limit,
-            });
-        }
-        let attempt = || {
-            region
-                .try_add_usage(dev, kind, bytes, limit)
-                .unwrap_or(Err(0))
-        };
-        let mut result = attempt();
-        if result.is_err() && region.reap_dead_slots().is_ok_and(|n| n > 0) {
-            result = attempt();
-        }
-        match result {
-            Ok(_) => Ok(()),
-            Err(usage) => {
-                let _ = region.add_refused();
-                Err(OverCap { usage, limit })
-            }
+            Err(OverCap { usage, limit })
         }
     }
 }
@@ -594,16 +626,36 @@ impl<const N: usize> AllocTable<N> {
         if key == EMPTY || key >= BUSY {
             return None;
         }
-        (0..MAX_SEGMENTS)
+        // The first segment inline (where nearly every key is); the others out of line.
+        match self.segment(0) {
+            Some(entries) => Self::probe(entries, key).or_else(|| self.find_slow(key)),
+            None => None,
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn find_slow(&self, key: u64) -> Option<&Entry> {
+        (1..MAX_SEGMENTS)
             .map_while(|seg| self.segment(seg))
-            .find_map(|entries| {
-                let len = entries.len();
-                let start = Self::start(key, len);
-                (0..PROBE)
-                    .map(|i| &entries[(start + i) & (len - 1)])
-                    .take_while(|e| e.key.load(Ordering::Acquire) != EMPTY)
-                    .find(|e| e.key.load(Ordering::Acquire) == key)
-            })
+            .find_map(|entries| Self::probe(entries, key))
+    }
+
+    /// The entry of `entries` holding `key` within its probe window (which ends at the first
+    /// never-used entry); one load per entry.
+    #[inline]
+    fn probe(entries: &[Entry], key: u64) -> Option<&Entry> {
+        let len = entries.len();
+        let start = Self::start(key, len);
+        for i in 0..PROBE {
+            let e = &entries[(start + i) & (len - 1)];
+            match e.key.load(Ordering::Acquire) {
+                EMPTY => return None,
+                k if k == key => return Some(e),
+                _ => {}
+            }
+        }
+        None
     }
 
     /// Takes `e` (holding `key`) out of the table if `matches(dev, tag)` holds for what it holds

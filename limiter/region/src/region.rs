@@ -650,15 +650,22 @@ impl Region {
     fn own_slot(&self) -> Result<(usize, &ProcSlot)> {
         let index = self.slot.load(Ordering::Acquire);
         if index == NO_SLOT {
-            return Err(RegionError::NotRegistered {
-                path: self.path.clone(),
-            });
+            return Err(self.not_registered());
         }
         let slot = &self.shared().procs[index];
         if slot.pid.load(Ordering::Relaxed) != self.slot_pid.load(Ordering::Relaxed) {
             return self.repair_own_slot(index);
         }
         Ok((index, slot))
+    }
+
+    /// The error of a charge or credit made without a slot (out of line: it clones the path).
+    #[cold]
+    #[inline(never)]
+    fn not_registered(&self) -> RegionError {
+        RegionError::NotRegistered {
+            path: self.path.clone(),
+        }
     }
 
     /// The own slot was freed or taken by somebody else: take a new slot and put the own counts there, so
@@ -779,6 +786,7 @@ impl Region {
     ///
     /// HAMi-core processes writing the same file do not follow this protocol (they check, then add under
     /// their lock); a mixed container is as exact as HAMi-core alone.
+    #[inline(always)]
     pub fn try_add_usage(
         &self,
         device: usize,
