@@ -1612,7 +1612,10 @@ impl WatchTask {
                 return self.go_silent().await;
             }
             let bookmark_at = next_bookmark.unwrap_or(far);
+            // Biased: a hang or a silence that has begun wins over a change queued at the same moment,
+            // as a server that stopped answering sends nothing more (a fair pick sometimes sent it).
             let line = tokio::select! {
+                biased;
                 _ = self.tx.closed() => return,
                 _ = self.close.changed() => return,
                 _ = self.kill.changed() => return,
