@@ -31,12 +31,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail, ensure};
 use gpu_sim::{GpuSpec, NodeSpec, SimNode};
-use harness::{FakeApiServer, FakeKubelet};
 use serde_json::{Value, json};
 
 use crate::flow::{
-    self, Allocated, NAMESPACE, NODE, PATIENCE, ProgramReport, RESOURCES, eventually,
-    parse_program_line, under,
+    self, Allocated, NAMESPACE, NODE, PATIENCE, ProgramReport, RESOURCES, parse_program_line, under,
 };
 
 /// Where the NVIDIA container runtime puts the driver's libraries in a container (Debian/Ubuntu x86_64).
@@ -795,26 +793,13 @@ pub async fn run(opts: &E2eOptions) -> anyhow::Result<E2eReport> {
 
     // 2. Kubelet, apiserver, the agent container.
     let agent_spec = container(pod, "containers", "agent")?;
-    let plugin_dir = under(root.path(), "/var/lib/kubelet/device-plugins");
-    std::fs::create_dir_all(&plugin_dir)?;
-    let kubelet = FakeKubelet::start(&plugin_dir).await?;
-    let api = FakeApiServer::start().await?;
-    let kubeconfig = root.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig, None)?;
-    api.create(
-        "/api/v1/nodes",
-        json!({"metadata": {"name": NODE, "labels": {"nvidia.com/gpu.present": "true"}}}),
-    )?;
-    let cm_namespace = inputs.device_cm["metadata"]["namespace"]
-        .as_str()
-        .unwrap_or("kube-system");
-    api.create(
-        &format!("/api/v1/namespaces/{cm_namespace}/configmaps"),
-        inputs.device_cm.clone(),
-    )?;
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let flow::StandIns {
+        kubelet,
+        api,
+        kubeconfig,
+        plugin_dir,
+        metrics_port,
+    } = flow::stand_ins(&inputs, root.path()).await?;
     let agent_name = container_name("agent");
     let mut run_agent = vec![
         "run".to_owned(),
@@ -905,28 +890,14 @@ pub async fn run(opts: &E2eOptions) -> anyhow::Result<E2eReport> {
     };
 
     // 3. The bind and the kubelet's admission (the flow's own steps).
-    let node_register = eventually(
-        "the node's volcano.sh/node-vgpu-register annotation",
-        || {
-            api.get_object("nodes", None, NODE)?["metadata"]["annotations"]
-            ["volcano.sh/node-vgpu-register"]
-            .as_str()
-            .map(str::to_owned)
-        },
-    )
-    .await
-    .map_err(|e| anyhow!("{e}\nagent container log:\n{}", agent_logs()))?;
+    let node_register = flow::node_register(&api)
+        .await
+        .map_err(|e| anyhow!("{e}\nagent container log:\n{}", agent_logs()))?;
     flow::simulate_bind(&api, &kubeconfig, &inputs, &node_register).await?;
     let agent_log_file = root.path().join("agent.log");
     let allocated = flow::admit(&kubelet, &inputs, &agent_log_file).await?;
     let pod_name = inputs.pod_name.clone();
-    let bind_phase = eventually("bind-phase to leave allocating", || {
-        let p = api.get_object("pods", Some(NAMESPACE), &pod_name)?;
-        let phase = p["metadata"]["annotations"]["volcano.sh/bind-phase"].as_str()?;
-        (phase != "allocating").then(|| phase.to_owned())
-    })
-    .await
-    .ok();
+    let bind_phase = flow::bind_phase(&api, &pod_name).await;
     api.patch_object(
         "pods",
         Some(NAMESPACE),

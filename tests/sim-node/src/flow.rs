@@ -660,6 +660,78 @@ pub(crate) async fn simulate_bind(
     Ok((queue, uid))
 }
 
+/// The systems a node talks to, stood in for: a kubelet listening in the device-plugin directory the
+/// DaemonSet mounts (under `root`), an apiserver holding the node and the shipped device config map, a
+/// kubeconfig for it, and a free port for the agent's metrics. The flow and the container run share it.
+pub(crate) struct StandIns {
+    pub(crate) kubelet: FakeKubelet,
+    pub(crate) api: FakeApiServer,
+    pub(crate) kubeconfig: PathBuf,
+    pub(crate) plugin_dir: PathBuf,
+    pub(crate) metrics_port: u16,
+}
+
+pub(crate) async fn stand_ins(inputs: &Inputs, root: &Path) -> anyhow::Result<StandIns> {
+    let plugin_dir = inputs
+        .ds
+        .agent
+        .mount("/var/lib/kubelet/device-plugins")
+        .and_then(|m| m.host_path.clone())
+        .context("the agent does not mount the kubelet's device-plugin directory")?;
+    let plugin_dir = under(root, &plugin_dir);
+    std::fs::create_dir_all(&plugin_dir)?;
+    let kubelet = FakeKubelet::start(&plugin_dir).await?;
+    let api = FakeApiServer::start().await?;
+    let kubeconfig = root.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig, None)?;
+    api.create(
+        "/api/v1/nodes",
+        json!({"metadata": {"name": NODE, "labels": {"nvidia.com/gpu.present": "true"}}}),
+    )?;
+    let cm_namespace = inputs.device_cm["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or("kube-system");
+    api.create(
+        &format!("/api/v1/namespaces/{cm_namespace}/configmaps"),
+        inputs.device_cm.clone(),
+    )?;
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    Ok(StandIns {
+        kubelet,
+        api,
+        kubeconfig,
+        plugin_dir,
+        metrics_port,
+    })
+}
+
+/// The node's `volcano.sh/node-vgpu-register` annotation, once the agent has written it.
+pub(crate) async fn node_register(api: &FakeApiServer) -> anyhow::Result<String> {
+    eventually(
+        "the node's volcano.sh/node-vgpu-register annotation",
+        || {
+            api.get_object("nodes", None, NODE)?["metadata"]["annotations"]
+            ["volcano.sh/node-vgpu-register"]
+            .as_str()
+            .map(str::to_owned)
+        },
+    )
+    .await
+}
+
+/// The pod's `volcano.sh/bind-phase` once it has left `allocating` (`None` if it never does).
+pub(crate) async fn bind_phase(api: &FakeApiServer, pod_name: &str) -> Option<String> {
+    eventually("bind-phase to leave allocating", || {
+        let p = api.get_object("pods", Some(NAMESPACE), pod_name)?;
+        let phase = p["metadata"]["annotations"]["volcano.sh/bind-phase"].as_str()?;
+        (phase != "allocating").then(|| phase.to_owned())
+    })
+    .await
+    .ok()
+}
+
 /// The kubelet's admission: `Allocate` on every resource each GPU container asks for (after
 /// `GetPreferredAllocation`), the responses merged per container as the kubelet merges them.
 pub(crate) async fn admit(
@@ -877,31 +949,13 @@ pub async fn run(
     ));
 
     // 3. Kubelet, apiserver, agent.
-    let plugin_dir = ds
-        .agent
-        .mount("/var/lib/kubelet/device-plugins")
-        .and_then(|m| m.host_path.clone())
-        .context("the agent does not mount the kubelet's device-plugin directory")?;
-    let plugin_dir = under(root.path(), &plugin_dir);
-    std::fs::create_dir_all(&plugin_dir)?;
-    let kubelet = FakeKubelet::start(&plugin_dir).await?;
-    let api = FakeApiServer::start().await?;
-    let kubeconfig = root.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig, None)?;
-    api.create(
-        "/api/v1/nodes",
-        json!({"metadata": {"name": NODE, "labels": {"nvidia.com/gpu.present": "true"}}}),
-    )?;
-    let cm_namespace = inputs.device_cm["metadata"]["namespace"]
-        .as_str()
-        .unwrap_or("kube-system");
-    api.create(
-        &format!("/api/v1/namespaces/{cm_namespace}/configmaps"),
-        inputs.device_cm.clone(),
-    )?;
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let StandIns {
+        kubelet,
+        api,
+        kubeconfig,
+        metrics_port,
+        ..
+    } = stand_ins(&inputs, root.path()).await?;
     let mut cmd = agent_command(&sim, kubelet.socket(), &opts.agent);
     cmd.env("KUBECONFIG", &kubeconfig);
     let (mut cmd, passed_args) =
@@ -969,16 +1023,7 @@ pub async fn run(
         ));
         registered.push(r);
     }
-    let node_register = eventually(
-        "the node's volcano.sh/node-vgpu-register annotation",
-        || {
-            api.get_object("nodes", None, NODE)?["metadata"]["annotations"]
-            ["volcano.sh/node-vgpu-register"]
-            .as_str()
-            .map(str::to_owned)
-        },
-    )
-    .await?;
+    let node_register = node_register(&api).await?;
     say(format!(
         "  node annotation volcano.sh/node-vgpu-register: {} GPUs, e.g. {}",
         node_register.matches(':').count(),
@@ -997,13 +1042,7 @@ pub async fn run(
 
     // 5. The kubelet's admission.
     let allocated = admit(&kubelet, &inputs, &log_path).await?;
-    let bind_phase = eventually("bind-phase to leave allocating", || {
-        let p = api.get_object("pods", Some(NAMESPACE), &pod_name)?;
-        let phase = p["metadata"]["annotations"]["volcano.sh/bind-phase"].as_str()?;
-        (phase != "allocating").then(|| phase.to_owned())
-    })
-    .await
-    .ok();
+    let bind_phase = bind_phase(&api, &pod_name).await;
     api.patch_object(
         "pods",
         Some(NAMESPACE),
