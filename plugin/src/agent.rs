@@ -4,7 +4,7 @@
 //!
 //! The metrics listener comes up first, so that while NVML cannot be initialised (no driver yet, NVIDIA
 //! runtime not the default) `/readyz` says why and `vgpu_agent_nvml_up` is 0; NVML is retried with backoff
-//! ([`crate::nvml_diagnostics`]) and start-up continues when it appears, without a restart.
+//! ([`crate::gpu::nvml`]) and start-up continues when it appears, without a restart.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -19,22 +19,25 @@ use tokio::sync::watch;
 
 use kube::Client;
 
-use crate::allocate::{Allocator, HandoffSettings};
-use crate::cdi::{self, CdiError, SpecInputs};
 use crate::cluster::{self, ApiClients, ClusterError};
+use crate::config::ResourceKind;
+use crate::config::device::{self, VolcanoConfig};
 use crate::config::{AgentConfig, InvalidSetting};
-use crate::device_config::{self, VolcanoConfig, apply_filter};
-use crate::devices::{DevicePlan, MessageTooLarge, ResourceKind};
-use crate::endpoint::{EndpointError, RunningEndpoint};
-use crate::health::{XidPolicy, spawn_monitor};
-use crate::inventory::{DiscoveryError, Inventory, discover};
-use crate::kubelet_watch::{FileIdentity, KubeletWatch};
-use crate::node_annotations;
-use crate::node_metrics::NodeSnapshot;
-use crate::pod_cache::PodCache;
-use crate::registration::register;
-use crate::service::ResourceService;
-use crate::volcano::allocate_env::LimiterSettings;
+use crate::container::cdi::{self, CdiError, SpecInputs};
+use crate::container::response::LimiterSettings;
+use crate::error::error_chain;
+use crate::gpu::health::{XidPolicy, spawn_monitor};
+use crate::gpu::inventory::apply_filter;
+use crate::gpu::inventory::{DiscoveryError, Inventory, discover};
+use crate::gpu::plan::{DevicePlan, MessageTooLarge};
+use crate::handoff::allocator::{Allocator, HandoffSettings};
+use crate::handoff::node_annotations;
+use crate::handoff::pod_cache::PodCache;
+use crate::kubelet::endpoint::{EndpointError, RunningEndpoint};
+use crate::kubelet::registration::register;
+use crate::kubelet::service::ResourceService;
+use crate::kubelet::socket_watch::{FileIdentity, KubeletWatch};
+use crate::monitor::metrics::NodeSnapshot;
 use vgpu_metrics::AgentMetrics;
 
 /// Registration retries start fast (a restarting kubelet creates its socket a moment before it answers)
@@ -55,7 +58,7 @@ pub enum AgentError {
     #[error(transparent)]
     Setting(#[from] InvalidSetting),
     /// NVML could not be loaded or initialised.
-    #[error("{}", crate::nvml_diagnostics::diagnosis(lib, source))]
+    #[error("{}", crate::gpu::nvml::diagnosis(lib, source))]
     Nvml {
         /// The library path or name tried.
         lib: PathBuf,
@@ -85,7 +88,7 @@ pub enum AgentError {
     MigNotSupported,
     /// `--node-name`, `--hook-path` or `--cache-root` cannot be used (checked at start, hand-off on).
     #[error(transparent)]
-    StartCheck(#[from] crate::cli::StartCheckError),
+    StartCheck(#[from] crate::handoff::start_check::StartCheckError),
     /// The health thread could not be started.
     #[error("cannot start the GPU health thread")]
     HealthThread(#[source] std::io::Error),
@@ -258,8 +261,8 @@ async fn run_with(
         Some(client) => {
             // Start-up reads are bounded by --apiserver-wait; SIGTERM meanwhile stops the agent at once.
             let reads = async {
-                let volcano = cluster::load_config(client, &config).await?;
-                crate::cli::check_handoff_start(client, &config).await?;
+                let volcano = crate::config::load::load_config(client, &config).await?;
+                crate::handoff::start_check::check_handoff_start(client, &config).await?;
                 Ok::<_, AgentError>(volcano)
             };
             let volcano = tokio::select! {
@@ -270,8 +273,8 @@ async fn run_with(
             volcano
         }
         None => {
-            let node = cluster::read_node_config(&config.cluster.node_config_path);
-            device_config::merge_lenient(
+            let node = crate::config::load::read_node_config(&config.cluster.node_config_path);
+            device::merge_lenient(
                 None,
                 node.as_ref().map(|(s, f)| (s.as_str(), f)),
                 config.node_name.as_deref(),
@@ -279,7 +282,7 @@ async fn run_with(
             )
         }
     };
-    let mut backoff = crate::nvml_diagnostics::BACKOFF_START;
+    let mut backoff = crate::gpu::nvml::BACKOFF_START;
     let mut last_reason = None;
     let prepared = loop {
         let attempt = {
@@ -294,7 +297,7 @@ async fn run_with(
             Err(error) => return Err(error),
         };
         let (lib, source) = error;
-        let reason = crate::nvml_diagnostics::reason(&source);
+        let reason = crate::gpu::nvml::reason(&source);
         let library = lib.display().to_string();
         early.metrics.nvml_status(Err((reason, &library)));
         let _ = early.ready.send_replace(Err(format!(
@@ -304,7 +307,7 @@ async fn run_with(
             tracing::error!(
                 retry_in_s = backoff.as_secs(),
                 "{}",
-                crate::nvml_diagnostics::diagnosis(&lib, &source)
+                crate::gpu::nvml::diagnosis(&lib, &source)
             );
             last_reason = Some(reason);
         } else {
@@ -314,7 +317,7 @@ async fn run_with(
             () = tokio::time::sleep(backoff) => {}
             () = &mut shutdown => return Ok(()),
         }
-        backoff = crate::nvml_diagnostics::next_backoff(backoff);
+        backoff = crate::gpu::nvml::next_backoff(backoff);
     };
     if last_reason.is_some() {
         tracing::info!("NVML is available now; continuing start-up");
@@ -379,14 +382,14 @@ async fn serve(
 
     let mut background = Vec::new();
     // The limiters in containers ask it for their host PIDs (the SM cap); see `pid_broker`.
-    background.push(tokio::spawn(crate::pid_broker::run(
+    background.push(tokio::spawn(crate::monitor::pid_broker::run(
         config.lock_dir.clone(),
     )));
     // HAMi's monitor duty: priority feedback into every container's shared region (aborted at shutdown).
-    background.push(tokio::spawn(crate::monitor::run(
+    background.push(tokio::spawn(crate::monitor::feedback::run(
         config.cache_root(),
-        crate::monitor::FEEDBACK_PERIOD,
-        crate::monitor::Reporting {
+        crate::monitor::feedback::FEEDBACK_PERIOD,
+        crate::monitor::feedback::Reporting {
             metrics: Some(Arc::clone(&metrics)),
             client: client.clone(),
             node: config.node_name.clone(),
@@ -411,7 +414,7 @@ async fn serve(
                 clients.bounds,
             );
             pod_cache = Some((pods.clone(), node.clone()));
-            background.push(tokio::spawn(crate::cache_cleanup::run(
+            background.push(tokio::spawn(crate::monitor::cache_cleanup::run(
                 pods.clone(),
                 config.cache_root(),
                 config.cache_grace,
@@ -694,19 +697,4 @@ async fn stop_all(endpoints: Vec<RunningEndpoint>) {
     for endpoint in endpoints {
         endpoint.stop().await;
     }
-}
-
-/// An error and its sources on one line, for logs and the final exit message.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }

@@ -9,12 +9,13 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::agent::{self, error_chain};
+use crate::agent;
+use crate::config::device::ExplicitFlags;
 use crate::config::{
     AgentConfig, ClusterSettings, DeliverySettings, DeviceListStrategies, DriverPaths,
     HandshakeMode, HealthSettings, parse_device_list_strategies, parse_duration,
 };
-use crate::device_config::ExplicitFlags;
+use crate::error::error_chain;
 
 /// Volcano vGPU device plugin: serves volcano.sh/vgpu-number, -memory and -cores to the kubelet.
 #[derive(Debug, Parser)]
@@ -70,11 +71,11 @@ pub struct Flags {
     device_config_namespace: Option<String>,
 
     /// Name of the device config map.
-    #[arg(long, env = "DEVICE_CONFIG_NAME", default_value = crate::device_config::DEVICE_CONFIG_MAP)]
+    #[arg(long, env = "DEVICE_CONFIG_NAME", default_value = crate::config::device::DEVICE_CONFIG_MAP)]
     device_config_name: String,
 
     /// The per-node config.json (volcano-vgpu-node-config, mounted).
-    #[arg(long, env = "NODE_CONFIG_PATH", default_value = crate::device_config::NODE_CONFIG_PATH)]
+    #[arg(long, env = "NODE_CONFIG_PATH", default_value = crate::config::device::NODE_CONFIG_PATH)]
     node_config: PathBuf,
 
     /// The legacy node handshake for Volcano schedulers up to v1.15.0.
@@ -243,108 +244,6 @@ fn parse_core_scaling(text: &str) -> Result<f64, String> {
         })
 }
 
-/// A flag that names a node or a directory the agent cannot use, found at start before anything is served.
-#[derive(Debug, thiserror::Error)]
-pub enum StartCheckError {
-    /// `--hook-path` or `--cache-root` cannot be created, or the cache root cannot be written.
-    #[error(
-        "{flag} = {}: cannot {action}: {os_error}; mount a writable host directory there (the DaemonSet mounts \
-         /usr/local/vgpu) or point {flag} at one",
-        path.display()
-    )]
-    Directory {
-        /// The flag and its environment variable.
-        flag: &'static str,
-        /// The directory.
-        path: PathBuf,
-        /// What failed: creating it, or writing in it.
-        action: &'static str,
-        /// The OS error, in the message (not a `#[source]`, which would print it twice).
-        os_error: std::io::Error,
-    },
-    /// The apiserver answered that this node does not exist.
-    #[error(
-        "--node-name (NODE_NAME) = {node:?}: the apiserver has no Node of that name; in the DaemonSet it comes from \
-         the downward API (fieldRef spec.nodeName); run by hand, use a name `kubectl get nodes` lists"
-    )]
-    NoSuchNode {
-        /// The name given.
-        node: String,
-    },
-    /// The node could not be read (other than not existing) within `--apiserver-wait`.
-    #[error("--node-name (NODE_NAME) = {node:?}: cannot read the Node")]
-    NodeUnreadable {
-        /// The name given.
-        node: String,
-        /// Why.
-        #[source]
-        source: crate::cluster::ClusterError,
-    },
-}
-
-/// The start-up checks that only matter with the Volcano hand-off on (a node name and an apiserver): the node
-/// exists, and the directories Allocate hands to containers can be created and written. Run before the
-/// endpoints are served, so a typo is one clear line at start instead of failed pods later.
-pub async fn check_handoff_start(
-    client: &kube::Client,
-    config: &AgentConfig,
-) -> Result<(), StartCheckError> {
-    check_handoff_paths(config)?;
-    let Some(node) = config.node_name.as_deref() else {
-        return Ok(());
-    };
-    let api: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client.clone());
-    let what = format!("node {node}");
-    let found = crate::cluster::retry_unreachable(config.cluster.apiserver_wait, &what, || {
-        api.get_opt(node)
-    })
-    .await;
-    match found {
-        Ok(Some(_)) => Ok(()),
-        Ok(None) => Err(StartCheckError::NoSuchNode {
-            node: node.to_owned(),
-        }),
-        Err(source) => Err(StartCheckError::NodeUnreadable {
-            node: node.to_owned(),
-            source,
-        }),
-    }
-}
-
-/// `--hook-path` and `--cache-root` exist (created if needed), and the cache root takes new directories, as
-/// every Allocate makes one there.
-pub fn check_handoff_paths(config: &AgentConfig) -> Result<(), StartCheckError> {
-    let hook = &config.hook_path;
-    std::fs::create_dir_all(hook).map_err(|os_error| StartCheckError::Directory {
-        flag: "--hook-path (HOOK_PATH)",
-        path: hook.clone(),
-        action: "create the directory",
-        os_error,
-    })?;
-    let cache = config.cache_root();
-    let flag = "--cache-root (VGPU_CACHE_ROOT)";
-    std::fs::create_dir_all(&cache).map_err(|os_error| StartCheckError::Directory {
-        flag,
-        path: cache.clone(),
-        action: "create the directory",
-        os_error,
-    })?;
-    // A read-only mount passes create_dir_all when the directory exists; only a real directory proves it.
-    let probe = cache.join(format!(".start-check-{}", std::process::id()));
-    let made = match std::fs::create_dir(&probe) {
-        // Left by an earlier agent with the same PID that was killed mid-check.
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        other => other,
-    };
-    made.and_then(|()| std::fs::remove_dir(&probe))
-        .map_err(|os_error| StartCheckError::Directory {
-            flag,
-            path: cache.clone(),
-            action: "create a container's directory in it",
-            os_error,
-        })
-}
-
 impl Flags {
     /// The agent configuration these flags describe.
     pub fn into_config(self) -> AgentConfig {
@@ -456,6 +355,7 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::handoff::start_check::check_handoff_paths;
 
     /// The message clap prints for `args`, which must be refused.
     fn refusal(args: &[&str]) -> String {

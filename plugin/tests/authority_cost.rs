@@ -20,7 +20,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
-use vgpu_device_plugin::authority::AnyAuthority;
+use vgpu_device_plugin::kubelet::authority::AnyAuthority;
 
 /// A plugin that answers options and nothing else: the cost measured is the transport's.
 struct Options;

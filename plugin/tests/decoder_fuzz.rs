@@ -4,7 +4,11 @@
 #![allow(clippy::unwrap_used)]
 
 use proptest::prelude::*;
-use vgpu_device_plugin::volcano::node_register::MODE_HAMI_CORE;
+use vgpu_device_plugin::volcano::handshake::{Handshake, parse_handshake};
+use vgpu_device_plugin::volcano::node_register::{
+    MODE_HAMI_CORE, RegisteredGpu, decode_node_register, encode_node_register,
+};
+use vgpu_device_plugin::volcano::pod_devices::{ContainerDevice, PodDevices};
 use vgpu_device_plugin::volcano::*;
 
 /// Strings over the format's own alphabet (plus a few troublemakers), where interesting near-misses live.

@@ -39,7 +39,10 @@ async fn serves_every_call_under(form: AuthorityForm) {
     cmd.env("KUBECONFIG", &kubeconfig)
         .env("NODE_NAME", NODE)
         // The adapter says, once per connection, which authority it had to replace.
-        .env("RUST_LOG", "info,vgpu_device_plugin::authority=debug")
+        .env(
+            "RUST_LOG",
+            "info,vgpu_device_plugin::kubelet::authority=debug",
+        )
         .arg("--hook-path")
         .arg(dir.path().join("hook"))
         .arg("--lock-dir")

@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use vgpu_device_plugin::monitor::{self, PriorityFeedback};
+use vgpu_device_plugin::monitor::feedback::{self, PriorityFeedback};
 use vgpu_region::{LaunchGate, Region, RegionConfig};
 
 const GPU_A: &str = "GPU-aaaaaaaa-0000-0000-0000-000000000000";
@@ -38,8 +38,8 @@ fn rounds(
     feedback: &mut PriorityFeedback,
     rounds: usize,
     launching: &[&Region],
-) -> monitor::RoundReport {
-    let mut report = monitor::RoundReport::default();
+) -> feedback::RoundReport {
+    let mut report = feedback::RoundReport::default();
     for _ in 0..rounds {
         for region in launching {
             let _ = region.record_kernel_launch(NOW);
@@ -249,27 +249,27 @@ async fn the_agents_periodic_task_writes_the_feedback_and_stops_when_aborted() {
     // The agent's task believes only the node's record for priorities, so the two are recorded as Allocate
     // records them.
     for (name, priority) in [("high", 0), ("low", 1)] {
-        let record = vgpu_device_plugin::node_record::ContainerRecord {
+        let record = vgpu_device_plugin::handoff::record::ContainerRecord {
             namespace: "ns".into(),
             pod: name.into(),
             pod_uid: format!("uid-{name}"),
             container: name.into(),
             cache_file: "vgpu.cache".into(),
-            gpus: vec![vgpu_device_plugin::node_record::RecordedGpu {
+            gpus: vec![vgpu_device_plugin::handoff::record::RecordedGpu {
                 uuid: GPU_A.into(),
                 memory_limit_bytes: 0,
             }],
             sm_limit_percent: 100,
             priority,
         };
-        vgpu_device_plugin::node_record::RecordStore::beside(root.path())
+        vgpu_device_plugin::handoff::record::RecordStore::beside(root.path())
             .write(&format!("uid-{name}_{name}"), &record)
             .unwrap();
     }
-    let task = tokio::spawn(monitor::run(
+    let task = tokio::spawn(feedback::run(
         root.path().to_path_buf(),
         Duration::from_millis(50),
-        monitor::Reporting::default(),
+        feedback::Reporting::default(),
     ));
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while low.recent_kernel() != -1 {

@@ -9,10 +9,10 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use vgpu_device_plugin::monitor::PriorityFeedback;
-use vgpu_device_plugin::node_record::{
+use vgpu_device_plugin::handoff::record::{
     ContainerRecord, RecordStore, RecordedGpu, TamperKind, clamp_priority,
 };
+use vgpu_device_plugin::monitor::feedback::PriorityFeedback;
 use vgpu_region::layout::{SharedRegion, UUID_LEN};
 use vgpu_region::{Region, RegionConfig, RegionReader};
 
@@ -97,7 +97,7 @@ fn guarded(root: &Path) -> PriorityFeedback {
         .guarded()
 }
 
-fn kinds(report: &vgpu_device_plugin::monitor::RoundReport) -> Vec<TamperKind> {
+fn kinds(report: &vgpu_device_plugin::monitor::feedback::RoundReport) -> Vec<TamperKind> {
     let mut kinds: Vec<TamperKind> = report.tampered.iter().map(|t| t.kind).collect();
     kinds.dedup();
     kinds

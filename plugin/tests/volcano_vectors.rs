@@ -11,10 +11,20 @@ use std::sync::OnceLock;
 use std::time::{Duration, UNIX_EPOCH};
 
 use serde_json::Value;
-use vgpu_device_plugin::volcano::allocate_env::{cache_dir_name, new_cache_file};
+use vgpu_device_plugin::container::response::{
+    Handoff, LimiterSettings, cache_dir_name, container_response, new_cache_file,
+};
+use vgpu_device_plugin::handoff::selection::{
+    self, AllocatingEndpoint, ContainerLimits, PHASE_PENDING, PodView, gpu_containers, matches,
+    next_assignment, select_pending_pod,
+};
 use vgpu_device_plugin::volcano::handshake::format_scheduler_time;
+use vgpu_device_plugin::volcano::handshake::{Handshake, parse_handshake, reported_value};
 use vgpu_device_plugin::volcano::node_register::node_mode;
-use vgpu_device_plugin::volcano::selection::{PHASE_PENDING, gpu_containers, matches};
+use vgpu_device_plugin::volcano::node_register::{
+    RegisteredGpu, decode_node_register, encode_node_register,
+};
+use vgpu_device_plugin::volcano::pod_devices::{ContainerDevice, PodDevices};
 use vgpu_device_plugin::volcano::*;
 
 const VECTORS: &str = concat!(

@@ -1,33 +1,19 @@
-//! The Volcano wire contract: the annotations the scheduler and this agent exchange, as pure codecs and
-//! decisions (contract §2–§4). Nothing here does I/O or talks to Kubernetes; the Allocate path reads pods and
-//! nodes, calls these functions, and writes back what they return.
+//! The Volcano wire contract: the annotations the scheduler and this agent exchange, as pure codecs
+//! (contract §2–§4). Nothing here does I/O, builds protobuf or talks to Kubernetes: [`crate::handoff`] reads pods
+//! and nodes, calls these functions, and writes back what they return.
 //!
 //! Where to start:
 //! - [`node_register`]: the `volcano.sh/node-vgpu-register` inventory the scheduler places pods with.
 //! - [`pod_devices`]: the `devices-to-allocate` / `vgpu-ids-new` encoding, a strict decoder and the queue
 //!   operations the Go plugin performs on it.
-//! - [`selection`]: which pending pod an Allocate call is for, and which of its containers.
-//! - [`allocate_env`]: the envs and mounts that hand a container to HAMi-core's `libvgpu.so`.
 //! - [`handshake`]: the legacy `volcano.sh/node-vgpu-handshake` heartbeat of Volcano ≤ v1.15.0.
 //!
 //! Every malformed annotation becomes one [`AnnotationError`] naming the annotation, where in it, the offending
 //! text and what was expected, so the agent can log one line and keep serving other pods.
 
-pub mod allocate_env;
 pub mod handshake;
 pub mod node_register;
 pub mod pod_devices;
-pub mod selection;
-
-pub use allocate_env::{Handoff, LimiterSettings, container_response};
-pub use handshake::{Handshake, parse_handshake, reported_value};
-pub use node_register::{
-    DecodedNodeGpu, RegisteredGpu, decode_node_register, encode_node_register,
-};
-pub use pod_devices::{ContainerDevice, PodDevices};
-pub use selection::{
-    AllocatingEndpoint, Assignment, ContainerLimits, PodView, next_assignment, select_pending_pod,
-};
 
 /// Node annotation: the GPU inventory (contract §2.1).
 pub const NODE_REGISTER: &str = "volcano.sh/node-vgpu-register";
@@ -93,7 +79,7 @@ impl AnnotationError {
 }
 
 /// The first [`QUOTED_CHARS`] characters of `value`, with `…` when it was longer.
-fn quote(value: &str) -> String {
+pub(crate) fn quote(value: &str) -> String {
     match value.char_indices().nth(QUOTED_CHARS) {
         Some((cut, _)) => format!("{}…", &value[..cut]),
         None => value.to_owned(),

@@ -38,10 +38,11 @@ use kube::{Api, Client};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use vgpu_device_plugin::config::ResourceNames;
-use vgpu_device_plugin::pod_cache::pod_view;
+use vgpu_device_plugin::handoff::pod_cache::pod_view;
+use vgpu_device_plugin::handoff::selection::ContainerLimits;
+use vgpu_device_plugin::volcano::DEVICE_TYPE_NVIDIA;
 use vgpu_device_plugin::volcano::node_register::decode_node_register;
-use vgpu_device_plugin::volcano::selection::ContainerLimits;
-use vgpu_device_plugin::volcano::{ContainerDevice, DEVICE_TYPE_NVIDIA, PodDevices};
+use vgpu_device_plugin::volcano::pod_devices::{ContainerDevice, PodDevices};
 
 use crate::agent::{AgentBinary, ChildGuard, agent_command, wait_exit};
 use crate::manifests::{self, AgentDaemonSet};
@@ -525,7 +526,7 @@ fn install_hook(ds: &AgentDaemonSet, root: &Path, libvgpu: &Path) -> anyhow::Res
         image_dir.join("ld.so.preload"),
         format!(
             "{}\n",
-            vgpu_device_plugin::volcano::allocate_env::CONTAINER_LIBVGPU
+            vgpu_device_plugin::container::paths::CONTAINER_LIBVGPU
         ),
     )?;
     let dest_host = ds

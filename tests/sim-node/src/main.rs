@@ -367,9 +367,10 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     agent.terminate(Duration::from_secs(10))?;
 
     // 3. Message size for 8 × 80 GB at factor 1, in both ID spellings, against the kubelet's limit.
+    use vgpu_device_plugin::config::ResourceKind;
     use vgpu_device_plugin::config::SharingSettings;
-    use vgpu_device_plugin::devices::{DevicePlan, IdStyle, ResourceKind, message_len};
-    use vgpu_device_plugin::inventory::{Gpu, Inventory};
+    use vgpu_device_plugin::gpu::inventory::{Gpu, Inventory};
+    use vgpu_device_plugin::gpu::plan::{DevicePlan, IdStyle, message_len};
     let inventory = Inventory {
         gpus: sim
             .spec()

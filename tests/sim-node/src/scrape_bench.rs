@@ -31,8 +31,8 @@ use harness::apiserver::FakeApiServer;
 use nvml_wrapper::Nvml;
 use serde_json::json;
 use tokio::sync::watch;
-use vgpu_device_plugin::node_metrics::NodeSnapshot;
-use vgpu_device_plugin::pod_cache::PodCache;
+use vgpu_device_plugin::handoff::pod_cache::PodCache;
+use vgpu_device_plugin::monitor::metrics::NodeSnapshot;
 use vgpu_metrics::{AgentMetrics, SnapshotSource};
 use vgpu_region::{MemoryKind, Region, RegionConfig};
 
@@ -84,7 +84,7 @@ async fn bench(scrapes: usize, containers: usize, concurrent: usize) {
             .expect("NVML from the gpu-sim"),
     );
     let inventory = Arc::new(
-        vgpu_device_plugin::inventory::discover(&nvml, Path::new("/nonexistent-sysfs"))
+        vgpu_device_plugin::gpu::inventory::discover(&nvml, Path::new("/nonexistent-sysfs"))
             .expect("discovery"),
     );
     let uuids: Vec<String> = inventory.gpus.iter().map(|g| g.uuid.clone()).collect();

@@ -14,11 +14,11 @@ use std::process::Command;
 use serde_json::Value;
 use sim_node::manifests::{self, AgentDaemonSet, config_map_data, find, load};
 use vgpu_device_plugin::config::ResourceNames;
-use vgpu_device_plugin::device_config::{
+use vgpu_device_plugin::config::device::{
     DEVICE_CONFIG_KEY, DEVICE_CONFIG_MAP, ExplicitFlags, NODE_CONFIG_PATH, VolcanoConfig, merge,
     parse_device_config, parse_node_config,
 };
-use vgpu_device_plugin::volcano::allocate_env::{CONTAINER_LIBVGPU, CONTAINER_LOCK_DIR};
+use vgpu_device_plugin::container::paths::{CONTAINER_LIBVGPU, CONTAINER_LOCK_DIR};
 
 fn dir() -> PathBuf {
     manifests::manifests_dir()
@@ -427,7 +427,7 @@ fn the_example_pods_ask_for_the_resources_the_agent_serves() {
                 }
             }
             // Which containers the agent will hand GPUs to (segment k = k-th of them).
-            let view = vgpu_device_plugin::pod_cache::pod_view(&pod, &names);
+            let view = vgpu_device_plugin::handoff::pod_cache::pod_view(&pod, &names);
             let gpu: Vec<(String, Option<u64>, Option<u64>)> = view
                 .containers
                 .iter()

@@ -16,10 +16,10 @@ use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
 
-use crate::authority::AnyAuthority;
-use crate::devices::ResourceKind;
-use crate::registration::unix_channel;
-use crate::service::ResourceService;
+use crate::config::ResourceKind;
+use crate::kubelet::authority::AnyAuthority;
+use crate::kubelet::registration::unix_channel;
+use crate::kubelet::service::ResourceService;
 
 /// The socket file name of a resource: the Go plugin's `nvidia-<name after '/'>.sock`, so operators and
 /// scripts that look for those names still find them.

@@ -146,6 +146,18 @@ fn sysfs_pci_address(nvml_bus_id: &str) -> String {
     }
 }
 
+/// Removes the GPUs `filterdevices` names (by UUID or NVML index), logging each.
+pub fn apply_filter(inventory: &mut Inventory, filter: &crate::config::device::FilterDevices) {
+    inventory.gpus.retain(|g| {
+        let hidden = filter.uuid.iter().any(|u| u.eq_ignore_ascii_case(&g.uuid))
+            || filter.index.contains(&g.nvml_index);
+        if hidden {
+            tracing::info!(uuid = %g.uuid, index = g.nvml_index, "GPU hidden by filterdevices");
+        }
+        !hidden
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

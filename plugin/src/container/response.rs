@@ -6,7 +6,7 @@
 //!   per GPU at `/var/run/nvidia-container-devices/<uuid>` (the NVIDIA runtime's mount-based list);
 //! - `cdi-annotations` / `cdi-cri`: the CDI names `volcano.sh/vgpu=<uuid>` (and `…=hami-core-preload` unless
 //!   `CUDA_DISABLE_CONTROL`) in a `cdi.k8s.io/vgpu-device-plugin_<id>` annotation or in `cdi_devices`. With
-//!   CDI alone the limiter, device nodes and driver come from the spec ([`crate::cdi`]), and
+//!   CDI alone the limiter, device nodes and driver come from the spec ([`crate::container::cdi`]), and
 //!   `NVIDIA_VISIBLE_DEVICES=void` keeps an NVIDIA runtime that is still the default from handing the
 //!   container the image's `all`; combined with `envvar`/`volume-mounts` the response also carries the
 //!   classic form (CDI replaces same-path mounts and nodes, so nothing is injected twice).
@@ -27,18 +27,12 @@ use kubelet_api::v1beta1::{CdiDevice, ContainerAllocateResponse, Mount};
 
 use crate::config::{DeliverySettings, DeviceListStrategy};
 
-use super::pod_devices::ContainerDevice;
+use crate::volcano::pod_devices::ContainerDevice;
 
-/// Where the container sees HAMi-core.
-pub const CONTAINER_LIBVGPU: &str = "/usr/local/vgpu/libvgpu.so";
-/// Where the container's per-container cache directory is mounted.
-pub const CONTAINER_CACHE_DIR: &str = "/tmp/vgpu";
-/// Where HAMi-core takes its cross-container lock (`/tmp/vgpulock/lock`).
-pub const CONTAINER_LOCK_DIR: &str = "/tmp/vgpulock";
-/// The preload file that injects `libvgpu.so` into every process of the container.
-pub const CONTAINER_LD_SO_PRELOAD: &str = "/etc/ld.so.preload";
-/// Where the NVIDIA runtime looks for the mount-based device list (`volume-mounts`).
-pub const VOLUME_MOUNTS_ROOT: &str = "/var/run/nvidia-container-devices";
+use crate::container::paths::{
+    CONTAINER_CACHE_DIR, CONTAINER_LD_SO_PRELOAD, CONTAINER_LIBVGPU, CONTAINER_LOCK_DIR,
+    VOLUME_MOUNTS_ROOT,
+};
 
 /// Node-wide limiter settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -99,7 +93,7 @@ pub struct Handoff<'a> {
 
 /// The response for one container.
 ///
-/// With an empty device list (which [`super::selection::next_assignment`] never yields) no limit envs are set and
+/// With an empty device list (which [`crate::handoff::selection::next_assignment`] never yields) no limit envs are set and
 /// `NVIDIA_VISIBLE_DEVICES` is empty, which the NVIDIA runtime treats as "no GPU".
 pub fn container_response(
     settings: &LimiterSettings,
@@ -204,19 +198,22 @@ pub fn container_response(
             .iter()
             .filter_map(|uuid| settings.gpu_minors.get(*uuid).copied())
             .collect();
-        response.devices = crate::device_specs::device_specs(&delivery.dev_root, &minors);
+        response.devices =
+            crate::container::device_nodes::device_specs(&delivery.dev_root, &minors);
     }
     if strategies.any_cdi() {
         let mut names: Vec<String> = uuids
             .iter()
-            .map(|uuid| crate::cdi::qualified(uuid))
+            .map(|uuid| crate::container::cdi::qualified(uuid))
             .collect();
         if !handoff.disable_control {
-            names.push(crate::cdi::qualified(crate::cdi::PRELOAD_DEVICE));
+            names.push(crate::container::cdi::qualified(
+                crate::container::cdi::PRELOAD_DEVICE,
+            ));
         }
         if strategies.includes(DeviceListStrategy::CdiAnnotations) {
             response.annotations.insert(
-                crate::cdi::annotation_key(&delivery.cdi_annotation_prefix),
+                crate::container::cdi::annotation_key(&delivery.cdi_annotation_prefix),
                 names.join(","),
             );
         }

@@ -27,11 +27,9 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use crate::config::DeliverySettings;
-use crate::device_specs::{DeviceNode, control_nodes, gpu_node};
-use crate::inventory::Inventory;
-use crate::volcano::allocate_env::{
-    CONTAINER_LD_SO_PRELOAD, CONTAINER_LIBVGPU, CONTAINER_LOCK_DIR,
-};
+use crate::container::device_nodes::{DeviceNode, control_nodes, gpu_node};
+use crate::container::paths::{CONTAINER_LD_SO_PRELOAD, CONTAINER_LIBVGPU, CONTAINER_LOCK_DIR};
+use crate::gpu::inventory::Inventory;
 
 /// The CDI specification version the spec follows.
 pub const CDI_VERSION: &str = "0.5.0";
@@ -215,7 +213,7 @@ pub async fn keep_current(
                 refresh
             }
             Err(error) => {
-                tracing::error!(error = %crate::agent::error_chain(&error), "CDI spec out of date; retrying in 5 s");
+                tracing::error!(error = %crate::error::error_chain(&error), "CDI spec out of date; retrying in 5 s");
                 RETRY.min(refresh)
             }
         };
@@ -229,7 +227,7 @@ pub async fn keep_current(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inventory::Gpu;
+    use crate::gpu::inventory::Gpu;
 
     fn inventory() -> Inventory {
         Inventory {

@@ -3,10 +3,31 @@
 //! Everything the agent touches on the host (the kubelet socket, the NVML library, sysfs) is a field here, so
 //! tests point the real binary at temporary directories and the gpu-sim.
 
+pub mod device;
+pub mod load;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::devices::ResourceKind;
+/// The config map's name and key.
+pub const DEVICE_CONFIG_MAP: &str = "volcano-vgpu-device-config";
+/// The key inside the config map.
+pub const DEVICE_CONFIG_KEY: &str = "device-config.yaml";
+/// Namespaces searched, in order, when none is given.
+pub const DEVICE_CONFIG_NAMESPACES: [&str; 2] = ["kube-system", "volcano-system"];
+/// Where the DaemonSet mounts the per-node config map.
+pub const NODE_CONFIG_PATH: &str = "/config/config.json";
+
+/// Flags the operator set explicitly; they win over both config maps.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ExplicitFlags {
+    /// `--device-split-count`.
+    pub split_count: Option<u32>,
+    /// `--gpu-memory-factor`.
+    pub memory_factor: Option<u32>,
+    /// `--device-cores-scaling`.
+    pub core_scaling: Option<f64>,
+}
 
 /// The default `volcano.sh/...` resource names the scheduler and the Go plugin use.
 pub const DEFAULT_NUMBER_RESOURCE: &str = "volcano.sh/vgpu-number";
@@ -134,6 +155,44 @@ impl SharingSettings {
     }
 }
 
+/// One of the three extended resources.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ResourceKind {
+    /// `volcano.sh/vgpu-number`: slots on a GPU.
+    Number,
+    /// `volcano.sh/vgpu-memory`: memory units.
+    Memory,
+    /// `volcano.sh/vgpu-cores`: percent of a GPU's SMs.
+    Cores,
+}
+
+impl ResourceKind {
+    /// The three, in the order they are served and registered.
+    pub const ALL: [ResourceKind; 3] = [
+        ResourceKind::Number,
+        ResourceKind::Memory,
+        ResourceKind::Cores,
+    ];
+
+    /// A short name for logs and socket names.
+    pub fn short_name(self) -> &'static str {
+        match self {
+            ResourceKind::Number => "vgpu-number",
+            ResourceKind::Memory => "vgpu-memory",
+            ResourceKind::Cores => "vgpu-cores",
+        }
+    }
+
+    /// How many IDs one GPU with this much memory contributes.
+    pub fn ids_per_gpu(self, gpu_memory_mib: u64, sharing: &SharingSettings) -> u64 {
+        match self {
+            ResourceKind::Number => u64::from(sharing.split_count),
+            ResourceKind::Memory => sharing.memory_units(gpu_memory_mib),
+            ResourceKind::Cores => sharing.core_ids_per_gpu(),
+        }
+    }
+}
+
 /// The three extended-resource names, one kubelet endpoint each.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResourceNames {
@@ -224,8 +283,8 @@ impl Default for ClusterSettings {
     fn default() -> Self {
         Self {
             device_config_namespace: None,
-            device_config_name: crate::device_config::DEVICE_CONFIG_MAP.to_owned(),
-            node_config_path: PathBuf::from(crate::device_config::NODE_CONFIG_PATH),
+            device_config_name: DEVICE_CONFIG_MAP.to_owned(),
+            node_config_path: PathBuf::from(NODE_CONFIG_PATH),
             handshake: HandshakeMode::Auto,
             apiserver_wait: Duration::from_secs(60),
             api_bounds: crate::cluster::ApiBounds::default(),
@@ -447,7 +506,7 @@ pub struct AgentConfig {
     /// The host lock directory HAMi-core uses (`/tmp/vgpulock`).
     pub lock_dir: PathBuf,
     /// Flags the operator set explicitly; they win over the config maps.
-    pub explicit: crate::device_config::ExplicitFlags,
+    pub explicit: ExplicitFlags,
     /// Config maps and the handshake.
     pub cluster: ClusterSettings,
     /// `NVIDIA_GDRCOPY`, `NVIDIA_GDS`, `NVIDIA_MOFED` in containers (the Go plugin's flags, all default on).

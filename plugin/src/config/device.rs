@@ -14,16 +14,9 @@ use crate::config::{
     CORE_SCALING_RANGE, InvalidSetting, MEMORY_SCALING_RANGE, ResourceNames, SPLIT_COUNT_RANGE,
     SharingSettings,
 };
-use crate::inventory::Inventory;
-
-/// The config map's name and key.
-pub const DEVICE_CONFIG_MAP: &str = "volcano-vgpu-device-config";
-/// The key inside the config map.
-pub const DEVICE_CONFIG_KEY: &str = "device-config.yaml";
-/// Namespaces searched, in order, when none is given.
-pub const DEVICE_CONFIG_NAMESPACES: [&str; 2] = ["kube-system", "volcano-system"];
-/// Where the DaemonSet mounts the per-node config map.
-pub const NODE_CONFIG_PATH: &str = "/config/config.json";
+pub use crate::config::{
+    DEVICE_CONFIG_KEY, DEVICE_CONFIG_MAP, DEVICE_CONFIG_NAMESPACES, ExplicitFlags, NODE_CONFIG_PATH,
+};
 
 /// `device-config.yaml`.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -99,17 +92,6 @@ pub struct FilterDevices {
     /// NVML indices.
     #[serde(default)]
     pub index: Vec<u32>,
-}
-
-/// Flags the operator set explicitly; they win over both config maps.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct ExplicitFlags {
-    /// `--device-split-count`.
-    pub split_count: Option<u32>,
-    /// `--gpu-memory-factor`.
-    pub memory_factor: Option<u32>,
-    /// `--device-cores-scaling`.
-    pub core_scaling: Option<f64>,
 }
 
 /// The merged configuration the agent serves with.
@@ -511,18 +493,6 @@ pub fn merge_lenient(
         tracing::error!(%error, "configuration value refused; that key keeps its default (or the device config map's value)");
     }
     config
-}
-
-/// Removes the GPUs `filterdevices` names (by UUID or NVML index), logging each.
-pub fn apply_filter(inventory: &mut Inventory, filter: &FilterDevices) {
-    inventory.gpus.retain(|g| {
-        let hidden = filter.uuid.iter().any(|u| u.eq_ignore_ascii_case(&g.uuid))
-            || filter.index.contains(&g.nvml_index);
-        if hidden {
-            tracing::info!(uuid = %g.uuid, index = g.nvml_index, "GPU hidden by filterdevices");
-        }
-        !hidden
-    });
 }
 
 #[cfg(test)]

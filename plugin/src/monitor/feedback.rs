@@ -25,7 +25,7 @@
 //! warning per file every [`WARN_EVERY`].
 //!
 //! The agent runs the feedback [`PriorityFeedback::guarded`]: each round first checks every recorded
-//! container's region against the node's record ([`crate::node_record`]) and writes back what a tenant loosened,
+//! container's region against the node's record ([`crate::handoff::record`]) and writes back what a tenant loosened,
 //! and the feedback then trusts only the record for a container's GPUs, its priority and its region file: a
 //! tenant writing GPU UUIDs or a priority into its region can neither block nor throttle a container on a GPU it
 //! was not given. A region claims at most HAMi-core's two priority levels (clamped), a `recent_kernel` above the
@@ -45,7 +45,7 @@ use vgpu_metrics::AgentMetrics;
 use vgpu_region::RegionReader;
 use vgpu_region::layout::RECENT_KERNEL_ACTIVE;
 
-use crate::node_record::{LOW_PRIORITY, RecordStore, RegionGuard, Tamper, clamp_priority};
+use crate::handoff::record::{LOW_PRIORITY, RecordStore, RegionGuard, Tamper, clamp_priority};
 
 /// How often HAMi's monitor runs its feedback round (`Observe`, every 5 s: `hami-core-reference.md` §4.3).
 pub const FEEDBACK_PERIOD: Duration = Duration::from_secs(5);
@@ -70,7 +70,7 @@ pub(crate) fn container_dirs(root: &Path) -> impl Iterator<Item = (PathBuf, Stri
 }
 
 /// Every `<pod-uid>_<container>` directory under `root` that holds a region file, as `(pod uid, container,
-/// file)`: the file the node's record names for the container ([`crate::node_record`]; a tenant's decoy beside
+/// file)`: the file the node's record names for the container ([`crate::handoff::record`]; a tenant's decoy beside
 /// it is never taken), else the newest `*.cache` (every Allocate draws a fresh name). Unreadable entries are
 /// skipped.
 pub fn region_files(root: &Path) -> Vec<(String, String, PathBuf)> {
@@ -739,7 +739,7 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join("uid-1_cuda");
         std::fs::create_dir_all(&dir).unwrap();
-        let record = crate::node_record::ContainerRecord {
+        let record = crate::handoff::record::ContainerRecord {
             namespace: "ns".into(),
             pod: "p".into(),
             pod_uid: "uid-1".into(),

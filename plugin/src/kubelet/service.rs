@@ -18,10 +18,13 @@ use tonic::{Request, Response, Status};
 
 use vgpu_metrics::{AgentMetrics, AllocateResult};
 
-use crate::allocate::{AllocateError, Allocator, Outcome, validate_allocate, validate_preferred};
-use crate::devices::{DevicePlan, ResourceKind};
-use crate::inventory::Inventory;
-use crate::volcano::selection::AllocatingEndpoint;
+use crate::config::ResourceKind;
+use crate::gpu::inventory::Inventory;
+use crate::gpu::plan::DevicePlan;
+use crate::handoff::allocator::{
+    AllocateError, Allocator, Outcome, validate_allocate, validate_preferred,
+};
+use crate::handoff::selection::AllocatingEndpoint;
 
 /// What an endpoint answers to `GetDevicePluginOptions` and sends in `RegisterRequest.options`: the number
 /// and memory endpoints prefer the scheduler's GPUs when they can hand off to Volcano.

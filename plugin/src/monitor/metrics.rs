@@ -12,9 +12,9 @@ use tokio::sync::watch;
 use vgpu_metrics::{AgentMetrics, ContainerSample, GpuSample, Snapshot, SnapshotSource};
 use vgpu_region::reader::RegionReader;
 
-use crate::inventory::Inventory;
-use crate::monitor::{RateLimitedWarnings, RegionDirs, WARN_EVERY};
-use crate::pod_cache::PodCache;
+use crate::gpu::inventory::Inventory;
+use crate::handoff::pod_cache::PodCache;
+use crate::monitor::feedback::{RateLimitedWarnings, RegionDirs, WARN_EVERY};
 use crate::volcano::pod_devices::PodDevices;
 use crate::volcano::{VGPU_IDS_NEW, VGPU_NODE};
 

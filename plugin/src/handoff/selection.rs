@@ -18,8 +18,8 @@
 
 use std::collections::BTreeMap;
 
-use super::pod_devices::{ContainerDevice, PodDevices};
-use super::{
+use crate::volcano::pod_devices::{ContainerDevice, PodDevices};
+use crate::volcano::{
     AnnotationError, BIND_PHASE, DEVICE_TYPE_NVIDIA, DEVICES_TO_ALLOCATE, PHASE_ALLOCATING,
     VGPU_NODE, VGPU_TIME,
 };
@@ -311,7 +311,7 @@ fn verdict(pod: &PodView, gpus: Option<&[GpuFacts]>, request: Request) -> Option
                  devices for every container with a vGPU limit)",
                 value.map_or_else(
                     || "missing".to_owned(),
-                    |v| format!("{:?}", super::quote(v))
+                    |v| format!("{:?}", crate::volcano::quote(v))
                 ),
                 container.name,
                 describe(request),
@@ -334,7 +334,7 @@ fn verdict(pod: &PodView, gpus: Option<&[GpuFacts]>, request: Request) -> Option
         return unusable(format!(
             "annotation {DEVICES_TO_ALLOCATE}, segment {s}, record 0, field 1 (type): {:?} is not \
              {DEVICE_TYPE_NVIDIA}, the only type Volcano's vGPU scheduler writes and the agent hands out",
-            super::quote(&d.device_type)
+            crate::volcano::quote(&d.device_type)
         ));
     }
     let container = &pod.containers[assignment.container];
@@ -449,7 +449,7 @@ fn unreadable_time(pod: &PodView) -> Option<String> {
          pending pods in)",
         value.map_or_else(
             || "missing".to_owned(),
-            |v| format!("{:?}", super::quote(v))
+            |v| format!("{:?}", crate::volcano::quote(v))
         )
     ))
 }

@@ -18,7 +18,7 @@ use nvml_wrapper::{Device, EventSet, Nvml};
 use tokio::sync::watch;
 
 use crate::config::HealthSettings;
-use crate::inventory::Inventory;
+use crate::gpu::inventory::Inventory;
 
 /// XIDs that are the application's fault, not the GPU's (NVIDIA's device plugin ignores the same set).
 pub const DEFAULT_IGNORED_XIDS: [u64; 6] = [13, 31, 43, 45, 68, 109];

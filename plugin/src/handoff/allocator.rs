@@ -30,15 +30,16 @@ use tokio::sync::Mutex;
 use tokio::task::JoinSet;
 use vgpu_metrics::AgentMetrics;
 
-use crate::device_config::VolcanoConfig;
-use crate::devices::{DevicePlan, ResourceKind, device_id};
-use crate::inventory::Inventory;
-use crate::node_annotations::release_node_lock;
-use crate::pod_cache::{PodCache, pod_view};
-use crate::volcano::allocate_env::{
+use crate::config::ResourceKind;
+use crate::config::device::VolcanoConfig;
+use crate::container::response::{
     Handoff, LimiterSettings, cache_dir_name, container_response, new_cache_file,
 };
-use crate::volcano::selection::{
+use crate::gpu::inventory::Inventory;
+use crate::gpu::plan::{DevicePlan, device_id};
+use crate::handoff::node_annotations::release_node_lock;
+use crate::handoff::pod_cache::{PodCache, pod_view};
+use crate::handoff::selection::{
     AllocatingEndpoint, Assignment, GpuFacts, PodView, Request, Verdict, choose,
 };
 use crate::volcano::{
@@ -380,7 +381,7 @@ impl Allocator {
     }
 
     /// Finds the pod a request is for, from the watch cache, then from a direct read; see
-    /// [`crate::volcano::selection::choose`].
+    /// [`crate::handoff::selection::choose`].
     async fn find(
         &self,
         request: Request,
@@ -530,7 +531,7 @@ impl Allocator {
         // The node's record of this container's limits, written before the hand-off is committed (see
         // `node_record`): the monitor restores the region from it, so a tenant cannot lift its caps.
         let cache_file = new_cache_file();
-        crate::node_record::record_allocation(
+        crate::handoff::record::record_allocation(
             &self.cache_root,
             pod,
             &container.name,
@@ -899,7 +900,7 @@ fn truncate(text: &str, max: usize) -> String {
 mod tests {
     use super::*;
     use crate::config::SharingSettings;
-    use crate::inventory::Gpu;
+    use crate::gpu::inventory::Gpu;
 
     fn node() -> (Inventory, DevicePlan) {
         let gpu = |minor: u32, uuid: &str| Gpu {

@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 
 use crate::cluster::{ApiBounds, WatchBackoff};
 use crate::config::ResourceNames;
-use crate::volcano::selection::{ContainerLimits, PodView};
+use crate::handoff::selection::{ContainerLimits, PodView};
 
 /// The node's pods.
 #[derive(Clone)]

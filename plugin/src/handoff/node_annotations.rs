@@ -18,8 +18,8 @@ use vgpu_metrics::AgentMetrics;
 
 use crate::cluster::ApiClients;
 use crate::config::HandshakeMode;
-use crate::device_config::VolcanoConfig;
-use crate::inventory::Inventory;
+use crate::config::device::VolcanoConfig;
+use crate::gpu::inventory::Inventory;
 use crate::volcano::handshake::{Handshake, parse_handshake, reported_value};
 use crate::volcano::node_register::{RegisteredGpu, encode_node_register};
 use crate::volcano::{NODE_HANDSHAKE, NODE_LOCK, NODE_REGISTER};

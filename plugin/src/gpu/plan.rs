@@ -12,46 +12,8 @@ use kubelet_api::v1beta1::{
 };
 use prost::Message;
 
-use crate::config::SharingSettings;
-use crate::inventory::{Gpu, Inventory};
-
-/// One of the three extended resources.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum ResourceKind {
-    /// `volcano.sh/vgpu-number`: slots on a GPU.
-    Number,
-    /// `volcano.sh/vgpu-memory`: memory units.
-    Memory,
-    /// `volcano.sh/vgpu-cores`: percent of a GPU's SMs.
-    Cores,
-}
-
-impl ResourceKind {
-    /// The three, in the order they are served and registered.
-    pub const ALL: [ResourceKind; 3] = [
-        ResourceKind::Number,
-        ResourceKind::Memory,
-        ResourceKind::Cores,
-    ];
-
-    /// A short name for logs and socket names.
-    pub fn short_name(self) -> &'static str {
-        match self {
-            ResourceKind::Number => "vgpu-number",
-            ResourceKind::Memory => "vgpu-memory",
-            ResourceKind::Cores => "vgpu-cores",
-        }
-    }
-
-    /// How many IDs one GPU contributes.
-    pub fn ids_per_gpu(self, gpu: &Gpu, sharing: &SharingSettings) -> u64 {
-        match self {
-            ResourceKind::Number => u64::from(sharing.split_count),
-            ResourceKind::Memory => sharing.memory_units(gpu.memory_mib()),
-            ResourceKind::Cores => sharing.core_ids_per_gpu(),
-        }
-    }
-}
+use crate::config::{ResourceKind, SharingSettings};
+use crate::gpu::inventory::{Gpu, Inventory};
 
 /// How IDs are spelled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,7 +64,7 @@ impl DevicePlan {
         let per_gpu: Vec<u64> = inventory
             .gpus
             .iter()
-            .map(|g| kind.ids_per_gpu(g, sharing))
+            .map(|g| kind.ids_per_gpu(g.memory_mib(), sharing))
             .collect();
         let mut smallest = usize::MAX;
         for style in [IdStyle::Upstream, IdStyle::Compact] {
@@ -181,7 +143,7 @@ pub fn message_len(
     let per_gpu: Vec<u64> = inventory
         .gpus
         .iter()
-        .map(|g| kind.ids_per_gpu(g, sharing))
+        .map(|g| kind.ids_per_gpu(g.memory_mib(), sharing))
         .collect();
     max_message_len(kind, style, &inventory.gpus, &per_gpu)
 }
@@ -240,7 +202,7 @@ fn fitting_setting(kind: ResourceKind, inventory: &Inventory, sharing: &SharingS
         let per_gpu: Vec<u64> = inventory
             .gpus
             .iter()
-            .map(|g| kind.ids_per_gpu(g, s))
+            .map(|g| kind.ids_per_gpu(g.memory_mib(), s))
             .collect();
         max_message_len(kind, IdStyle::Compact, &inventory.gpus, &per_gpu)
             <= KUBELET_MAX_RECV_MESSAGE_BYTES

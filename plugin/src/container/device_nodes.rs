@@ -3,7 +3,7 @@
 //! where present, and `/dev/nvidia<minor>` for each assigned GPU.
 //!
 //! Used twice: as kubelet `DeviceSpec`s with `--pass-device-specs` (nodes without the NVIDIA runtime), and as
-//! the CDI spec's `deviceNodes` ([`crate::cdi`]).
+//! the CDI spec's `deviceNodes` ([`crate::container::cdi`]).
 
 use std::path::{Path, PathBuf};
 

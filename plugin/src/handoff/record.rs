@@ -8,7 +8,7 @@
 //! atomically (a temporary file, `fsync`, `rename`, `fsync` of the directory), so the record survives an agent
 //! restart and is never seen half-written.
 //!
-//! Every monitor round ([`crate::monitor`]) then [`RegionGuard::check`]s each recorded container's region:
+//! Every monitor round ([`crate::monitor::feedback`]) then [`RegionGuard::check`]s each recorded container's region:
 //!
 //! | the tenant… | the agent… |
 //! |---|---|
@@ -41,8 +41,8 @@ use vgpu_region::layout::{
     self, CUDA_DEVICE_MAX_COUNT, MAJOR_VERSION, MULTIPROCESS_SHARED_REGION_MAGIC_FLAG, UUID_LEN,
 };
 
+use crate::handoff::selection::PodView;
 use crate::volcano::pod_devices::ContainerDevice;
-use crate::volcano::selection::PodView;
 
 /// The pod annotation that sets its containers' task priority: `high` (or `0`) or `low` (or `1`).
 pub const PRIORITY_ANNOTATION: &str = "volcano.sh/vgpu-task-priority";
@@ -274,7 +274,7 @@ pub fn record_allocation(
     cache_file: &str,
 ) -> Result<(), String> {
     let record = ContainerRecord::new(pod, container, devices, memory_factor, cache_file)?;
-    let key = crate::volcano::allocate_env::cache_dir_name(&pod.uid, container);
+    let key = crate::container::response::cache_dir_name(&pod.uid, container);
     RecordStore::beside(cache_root)
         .write(&key, &record)
         .map_err(|e| e.to_string())

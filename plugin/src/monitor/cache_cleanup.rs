@@ -3,16 +3,16 @@
 //! by the pod watch **and** confirmed by a fresh node-scoped read just before removal, so a lagging or
 //! broken watch can never make the agent delete a directory a running container has mounted.
 //!
-//! The node's record of a container ([`crate::node_record`]) goes with its directory, and a record whose pod is
+//! The node's record of a container ([`crate::handoff::record`]) goes with its directory, and a record whose pod is
 //! confirmed gone goes too even without one (an Allocate that recorded and then failed).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::monitor::container_dirs;
-use crate::node_record::{RecordStore, records_of_gone_pods};
-use crate::pod_cache::PodCache;
+use crate::handoff::pod_cache::PodCache;
+use crate::handoff::record::{RecordStore, records_of_gone_pods};
+use crate::monitor::feedback::container_dirs;
 
 /// Removes orphaned cache directories every `interval`, after `grace`. Runs until aborted.
 pub async fn run(pods: PodCache, root: PathBuf, grace: Duration, interval: Duration) {
