@@ -63,6 +63,7 @@ use std::fs::{self, OpenOptions};
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 
+mod state_layout;
 mod timeline;
 pub use timeline::{
     DeviceTimeline, PeriodProcess, PeriodRecord, TIMELINE_SUFFIX, Timeline, TimelineProcess,
@@ -76,8 +77,8 @@ pub const ENV_CONTROL: &str = "GPU_SIM_CONTROL";
 pub const CONTROL_SUFFIX: &str = ".control";
 /// What the fake `libcuda.so.1` appends to the node file path for the node's shared device state.
 pub const CUDA_STATE_SUFFIX: &str = ".cuda-state";
-/// The most `[gpu]` sections a node file may have.
-pub const MAX_GPUS: usize = 128;
+pub use state_layout::MAX_GPUS;
+use state_layout::{u32_at, u64_at};
 
 /// Path of the fake `libnvidia-ml.so.1` built from `csrc/` (inside Cargo's `OUT_DIR`).
 ///
@@ -723,20 +724,6 @@ impl CudaState {
             .iter()
             .find(|p| i64::from(p.pid) == i64::from(pid))
     }
-}
-
-/// The little-endian `u32` at byte `at`.
-pub(crate) fn u32_at(bytes: &[u8], at: usize) -> u32 {
-    let mut b = [0u8; 4];
-    b.copy_from_slice(&bytes[at..at + 4]);
-    u32::from_le_bytes(b)
-}
-
-/// The little-endian `u64` at byte `at`.
-pub(crate) fn u64_at(bytes: &[u8], at: usize) -> u64 {
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&bytes[at..at + 8]);
-    u64::from_le_bytes(b)
 }
 
 // ---------------------------------------------------------------------------------------------

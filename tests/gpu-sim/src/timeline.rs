@@ -16,7 +16,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::{MAX_GPUS, u32_at, u64_at};
+use crate::state_layout::{MAX_GPUS, u32_at, u64_at};
 
 /// What the fake `libcuda.so.1` appends to the node file path for the kernel timelines.
 pub const TIMELINE_SUFFIX: &str = ".timeline";
