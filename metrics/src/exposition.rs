@@ -1,12 +1,21 @@
-//! Building the exposition: agent counters registered once, scrape-time families built per scrape.
+//! Building the exposition: one [`Registry`] holds the agent's counters, registered once, and a collector
+//! ([`ScrapeCollector`]) that writes the scrape-time families from the snapshot being encoded; `encode` of the
+//! registry writes the whole page.
 
-use std::fmt::Write as _;
+use std::collections::{HashMap, HashSet};
+use std::fmt::{self, Write as _};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use prometheus_client::encoding::text::{encode_eof, encode_registry};
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeGaugeValue, EncodeLabelSet, EncodeLabelValue, EncodeMetric,
+    LabelSetEncoder,
+};
+use prometheus_client::metrics::TypedMetric;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
@@ -38,7 +47,7 @@ struct EndpointLabels {
     endpoint: String,
 }
 
-/// Counters the agent updates as it works, registered once.
+/// Counters the agent updates as it works, registered once, and the scrape-time families of each encoding.
 #[derive(Debug)]
 pub struct AgentMetrics {
     registry: Registry,
@@ -49,8 +58,10 @@ pub struct AgentMetrics {
     nvml_up: Gauge,
     nvml_errors: Family<NvmlErrorLabels, Gauge>,
     region_tampering: Family<TamperLabels, Counter>,
-    /// `vgpu_container_allocations_refused_total`, kept across the exits of the processes that made them.
-    refused: std::sync::Mutex<RefusedTotals>,
+    /// Registered in `registry` too.
+    scrape: Arc<ScrapeCollector>,
+    /// Held for one encoding of `registry`, so that the collector reads that encoding's snapshot.
+    encoding: Mutex<()>,
 }
 
 /// What a container changed in its shared region against the node's record (`vgpu_agent_region_tampering`).
@@ -120,6 +131,8 @@ impl AgentMetrics {
             "Build information of the node agent",
             Info::new(vec![("version".to_owned(), version.to_owned())]),
         );
+        let scrape = Arc::new(ScrapeCollector::default());
+        registry.register_collector(Box::new(Arc::clone(&scrape)));
         Self {
             registry,
             allocations,
@@ -129,7 +142,8 @@ impl AgentMetrics {
             nvml_up,
             nvml_errors,
             region_tampering,
-            refused: std::sync::Mutex::default(),
+            scrape,
+            encoding: Mutex::default(),
         }
     }
 
@@ -186,24 +200,25 @@ impl AgentMetrics {
         self.node_writes.inc();
     }
 
-    /// The whole exposition (OpenMetrics text) for one scrape.
-    pub fn encode(&self, snapshot: &Snapshot) -> Result<String, std::fmt::Error> {
+    /// The whole exposition (OpenMetrics text) for one scrape, of a copy of `snapshot`.
+    pub fn encode(&self, snapshot: &Snapshot) -> Result<String, fmt::Error> {
+        self.encode_owned(snapshot.clone())
+    }
+
+    /// [`Self::encode`] of a snapshot the caller has no more use for (the server's), without copying it.
+    pub(crate) fn encode_owned(&self, snapshot: Snapshot) -> Result<String, fmt::Error> {
         // About 2.4 KiB per container and GPU, a few KiB for the rest.
         let mut out = String::with_capacity(16 * 1024 + snapshot.containers.len() * 2560);
-        encode_registry(&mut out, &self.registry)?;
-        let refused = self
-            .refused
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .update(snapshot);
-        encode_scrape(&mut out, snapshot, &refused);
-        encode_eof(&mut out)?;
+        // The collector takes the snapshot put here; one encoding at a time, so that it is this one's.
+        let _one_at_a_time = lock(&self.encoding);
+        lock(&self.scrape.state).snapshot = Some(snapshot);
+        encode(&mut out, &self.registry)?;
         Ok(out)
     }
 
     /// The same exposition in the Prometheus text format 0.0.4, for clients that do not ask for OpenMetrics
     /// (`curl`, `promtool check metrics`, older scrapers): what Volcano's Go monitor serves to everybody.
-    pub fn encode_text(&self, snapshot: &Snapshot) -> Result<String, std::fmt::Error> {
+    pub fn encode_text(&self, snapshot: &Snapshot) -> Result<String, fmt::Error> {
         Ok(openmetrics_to_text(&self.encode(snapshot)?))
     }
 }
@@ -248,60 +263,6 @@ pub fn openmetrics_to_text(openmetrics: &str) -> String {
         out.push('\n');
     }
     out
-}
-
-/// A container: namespace, pod, container.
-type ContainerKey = (String, String, String);
-
-/// Refusals per container as a counter. The limiter counts them per process slot of the region, not per GPU,
-/// and a slot is cleared when its process exits, so the region's sum goes down; a count that goes down is not a
-/// count (`increase()` would read it as a reset and miss what the new processes did). What the region lost since
-/// the last scrape is kept here, so the counter only resets when the agent restarts or the pod is gone.
-/// Refusals a process makes after the last scrape before it exits are not seen. One series per container, with
-/// no GPU labels: the count is not per GPU, and one series per GPU would show refusals on GPUs never used and
-/// count them twice in a sum.
-#[derive(Debug, Default)]
-struct RefusedTotals(std::collections::HashMap<ContainerKey, Refused>);
-
-#[derive(Debug, Clone, Copy, Default)]
-struct Refused {
-    /// The region's sum at the last scrape.
-    last: u64,
-    /// Refusals of processes that have exited since the series appeared.
-    gone: u64,
-}
-
-impl RefusedTotals {
-    /// Folds this scrape's region sums in; returns the counter per series. Series the snapshot no longer has
-    /// (the pod left the node) are forgotten.
-    fn update(&mut self, snapshot: &Snapshot) -> std::collections::HashMap<ContainerKey, u64> {
-        let mut totals = std::collections::HashMap::with_capacity(snapshot.containers.len());
-        for c in &snapshot.containers {
-            let key = container_key(c);
-            if totals.contains_key(&key) {
-                continue;
-            }
-            let entry = self.0.entry(key.clone()).or_default();
-            if c.allocations_refused < entry.last {
-                entry.gone = entry
-                    .gone
-                    .saturating_add(entry.last - c.allocations_refused);
-            }
-            entry.last = c.allocations_refused;
-            totals.insert(key, entry.gone.saturating_add(entry.last));
-        }
-        self.0.retain(|key, _| totals.contains_key(key));
-        totals
-    }
-}
-
-fn container_key(c: &ContainerSample) -> ContainerKey {
-    (c.namespace.clone(), c.pod.clone(), c.container.clone())
-}
-
-/// The container's SM cap as a ratio, when it has one (`CUDA_DEVICE_SM_LIMIT` from 1 to 99).
-fn sm_cap(c: &ContainerSample) -> Option<f64> {
-    (c.sm_limit_percent > 0 && c.sm_limit_percent < 100).then(|| c.sm_limit_percent as f64 / 100.0)
 }
 
 /// One GPU at scrape time.
@@ -383,349 +344,398 @@ pub trait SnapshotSource: Send + Sync + 'static {
     fn snapshot(&self) -> Snapshot;
 }
 
-/// Writes the scrape-time families (legacy and clean) straight into the exposition. They are all gauges built
-/// afresh per scrape, so this skips the registry's per-series hash maps and label allocations: with 100
-/// containers it is several times faster than building a `Registry`, and the series come out in a stable order
-/// (GPUs by index, containers as read). Same OpenMetrics lines `prometheus-client` writes for gauges.
-fn encode_scrape(
-    out: &mut String,
-    s: &Snapshot,
-    refused: &std::collections::HashMap<ContainerKey, u64>,
-) {
-    let mut w = Gauges { out };
+/// The scrape-time families (legacy and clean), as a collector in the agent's registry: written from the
+/// snapshot of the encoding in progress, in a stable order (GPUs and containers as the snapshot lists them).
+/// Every family's `# HELP` and `# TYPE` are written even when it has no series.
+#[derive(Debug, Default)]
+struct ScrapeCollector {
+    state: Mutex<ScrapeState>,
+}
 
-    // Legacy per-GPU series (contract §7.1), then the clean per-GPU set.
-    let gpu_legacy: Vec<String> = s
-        .gpus
-        .iter()
-        .map(|g| {
-            labels(&[
-                ("deviceidx", &g.index.to_string()),
-                ("deviceuuid", &g.uuid),
-                ("zone", "vGPU"),
-            ])
-        })
-        .collect();
-    let gpu_clean: Vec<String> = s
-        .gpus
-        .iter()
-        .map(|g| labels(&[("gpu_uuid", &g.uuid), ("gpu_index", &g.index.to_string())]))
-        .collect();
-    let gpus = || s.gpus.iter().zip(gpu_legacy.iter().zip(&gpu_clean));
-    w.family("HostGPUMemoryUsage", "GPU device memory usage");
-    for (g, (legacy, _)) in gpus() {
-        w.sample_opt(
-            "HostGPUMemoryUsage",
-            legacy,
-            g.memory_used_bytes.map(|v| v as f64),
-        );
+#[derive(Debug, Default)]
+struct ScrapeState {
+    /// Put here by [`AgentMetrics::encode_owned`], taken by the encoding.
+    snapshot: Option<Snapshot>,
+    /// `vgpu_container_allocations_refused_total`, kept across the exits of the processes that made them.
+    refused: RefusedTotals,
+}
+
+impl Collector for ScrapeCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        let mut state = lock(&self.state);
+        let Some(snapshot) = state.snapshot.take() else {
+            return Ok(());
+        };
+        let refused = state.refused.update(&snapshot);
+        drop(state);
+        encode_gpus(&mut encoder, &snapshot.gpus)?;
+        encode_containers(&mut encoder, &snapshot, &refused)
     }
-    w.family("HostCoreUtilization", "GPU core utilization");
-    for (g, (legacy, _)) in gpus() {
-        w.sample_opt(
-            "HostCoreUtilization",
-            legacy,
-            g.utilization_percent.map(f64::from),
-        );
-    }
-    w.family(
+}
+
+/// The guard, also of a mutex a panic poisoned (every state it guards is valid between statements).
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Legacy per-GPU series (contract §7.1), then the clean per-GPU set. (`Registry::register` adds the full stop
+/// at the end of a help text; a collector writes it as given.)
+fn encode_gpus(e: &mut DescriptorEncoder<'_>, gpus: &[GpuSample]) -> fmt::Result {
+    gauges(
+        e,
+        "HostGPUMemoryUsage",
+        "GPU device memory usage.",
+        gpus,
+        |g| Some((GpuLegacy(g), g.memory_used_bytes?)),
+    )?;
+    gauges(
+        e,
+        "HostCoreUtilization",
+        "GPU core utilization.",
+        gpus,
+        |g| Some((GpuLegacy(g), g.utilization_percent?)),
+    )?;
+    gauges(
+        e,
         "vgpu_gpu_memory_used_bytes",
-        "Memory in use on the GPU, from NVML",
-    );
-    for (g, (_, clean)) in gpus() {
-        w.sample_opt(
-            "vgpu_gpu_memory_used_bytes",
-            clean,
-            g.memory_used_bytes.map(|v| v as f64),
-        );
-    }
-    w.family("vgpu_gpu_memory_total_bytes", "Physical memory of the GPU");
-    for (g, (_, clean)) in gpus() {
-        w.sample(
-            "vgpu_gpu_memory_total_bytes",
-            clean,
-            g.memory_total_bytes as f64,
-        );
-    }
-    w.family(
+        "Memory in use on the GPU, from NVML.",
+        gpus,
+        |g| Some((GpuClean(g), g.memory_used_bytes?)),
+    )?;
+    gauges(
+        e,
+        "vgpu_gpu_memory_total_bytes",
+        "Physical memory of the GPU.",
+        gpus,
+        |g| Some((GpuClean(g), g.memory_total_bytes)),
+    )?;
+    gauges(
+        e,
         "vgpu_gpu_utilization_ratio",
-        "Share of time the GPU was busy, from NVML",
-    );
-    for (g, (_, clean)) in gpus() {
-        let ratio = g.utilization_percent.map(|u| f64::from(u) / 100.0);
-        w.sample_opt("vgpu_gpu_utilization_ratio", clean, ratio);
-    }
-    w.family(
+        "Share of time the GPU was busy, from NVML.",
+        gpus,
+        |g| Some((GpuClean(g), f64::from(g.utilization_percent?) / 100.0)),
+    )?;
+    gauges(
+        e,
         "vgpu_gpu_healthy",
-        "1 when the GPU is advertised Healthy to the kubelet",
-    );
-    for (g, (_, clean)) in gpus() {
-        w.sample("vgpu_gpu_healthy", clean, flag(g.healthy));
-    }
-    w.family(
+        "1 when the GPU is advertised Healthy to the kubelet.",
+        gpus,
+        |g| Some((GpuClean(g), u32::from(g.healthy))),
+    )?;
+    gauges(
+        e,
         "vgpu_gpu_vgpus_allocated",
-        "Containers holding a vGPU of this GPU",
-    );
-    for (g, (_, clean)) in gpus() {
-        w.sample("vgpu_gpu_vgpus_allocated", clean, g.vgpus_allocated as f64);
-    }
+        "Containers holding a vGPU of this GPU.",
+        gpus,
+        |g| Some((GpuClean(g), g.vgpus_allocated)),
+    )
+}
 
-    // Per container: one series per container and GPU index, even if a region lists a GPU twice or under two
-    // spellings of its UUID.
-    let mut seen = std::collections::HashSet::new();
+/// Legacy per-container series, then the clean set: one series per container and GPU index, even if a region
+/// lists a GPU twice or under two spellings of its UUID.
+fn encode_containers(
+    e: &mut DescriptorEncoder<'_>,
+    s: &Snapshot,
+    refused: &HashMap<ContainerRef<'_>, u64>,
+) -> fmt::Result {
+    let mut seen = HashSet::new();
     let containers: Vec<&ContainerSample> = s
         .containers
         .iter()
-        .filter(|c| seen.insert((&c.namespace, &c.pod, &c.container, c.gpu_index)))
-        .collect();
-    let legacy: Vec<String> = containers
-        .iter()
-        .map(|c| {
-            labels(&[
-                ("podnamespace", &c.namespace),
-                ("podname", &c.pod),
-                ("ctrname", &c.container),
-                ("vdeviceid", &c.gpu_index.to_string()),
-                ("deviceuuid", &c.gpu_uuid),
-                ("zone", "vGPU"),
-            ])
-        })
-        .collect();
-    let clean: Vec<String> = containers
-        .iter()
-        .map(|c| {
-            labels(&[
-                ("namespace", &c.namespace),
-                ("pod", &c.pod),
-                ("container", &c.container),
-                ("gpu_uuid", &c.gpu_uuid),
-                ("gpu_index", &c.gpu_index.to_string()),
-            ])
-        })
+        .filter(|c| seen.insert((container_ref(c), c.gpu_index)))
         .collect();
     let age = |c: &ContainerSample| {
         c.last_kernel_unix
             .filter(|t| *t > 0)
-            .map(|t| (s.now_unix - t).max(0) as f64)
+            .map(|t| s.now_unix.saturating_sub(t).max(0))
     };
-    let each = || containers.iter().copied().zip(legacy.iter().zip(&clean));
 
-    // Legacy per-container series. `Device_memory_desc_of_container` was a Go counter without `_total`; an
-    // OpenMetrics counter must end in `_total`, so it is exposed as a gauge under its old name instead.
-    w.family("vGPU_device_memory_usage_in_bytes", "vGPU device usage");
-    for (c, (l, _)) in each() {
-        w.sample(
-            "vGPU_device_memory_usage_in_bytes",
-            l,
-            c.memory_used_bytes as f64,
-        );
-    }
-    w.family("vGPU_device_memory_limit_in_bytes", "vGPU device limit");
-    for (c, (l, _)) in each() {
-        w.sample(
-            "vGPU_device_memory_limit_in_bytes",
-            l,
-            c.memory_limit_bytes as f64,
-        );
-    }
-    w.family(
+    // `Device_memory_desc_of_container` was a Go counter without `_total`; an OpenMetrics counter must end in
+    // `_total`, so it is exposed as a gauge under its old name instead.
+    gauges(
+        e,
+        "vGPU_device_memory_usage_in_bytes",
+        "vGPU device usage.",
+        &containers,
+        |&c| Some((ContainerLegacy(c), c.memory_used_bytes)),
+    )?;
+    gauges(
+        e,
+        "vGPU_device_memory_limit_in_bytes",
+        "vGPU device limit.",
+        &containers,
+        |&c| Some((ContainerLegacy(c), c.memory_limit_bytes)),
+    )?;
+    gauges(
+        e,
         "Device_memory_desc_of_container",
-        "Container device meory description",
-    );
-    for (c, (l, _)) in each() {
-        let described = format!(
-            "{l},{}",
-            labels(&[
-                ("context", &c.memory_context_bytes.to_string()),
-                ("module", &c.memory_module_bytes.to_string()),
-                ("data", &c.memory_data_bytes.to_string()),
-                ("offset", &c.memory_offset_bytes.to_string()),
-            ])
-        );
-        w.sample(
-            "Device_memory_desc_of_container",
-            &described,
-            c.memory_used_bytes as f64,
-        );
-    }
-    w.family(
+        "Container device meory description.",
+        &containers,
+        |&c| Some((ContainerMemoryDesc(c), c.memory_used_bytes)),
+    )?;
+    gauges(
+        e,
         "Device_utilization_desc_of_container",
-        "Container device utilization description",
-    );
-    for (c, (l, _)) in each() {
-        w.sample(
-            "Device_utilization_desc_of_container",
-            l,
-            c.sm_utilization_percent as f64,
-        );
-    }
-    w.family(
+        "Container device utilization description.",
+        &containers,
+        |&c| Some((ContainerLegacy(c), c.sm_utilization_percent)),
+    )?;
+    gauges(
+        e,
         "Device_last_kernel_of_container",
-        "Container device last kernel description",
-    );
-    for (c, (l, _)) in each() {
-        w.sample_opt("Device_last_kernel_of_container", l, age(c));
-    }
+        "Container device last kernel description.",
+        &containers,
+        |&c| Some((ContainerLegacy(c), age(c)?)),
+    )?;
 
-    // Clean per-container series.
-    w.family(
+    gauges(
+        e,
         "vgpu_container_memory_used_bytes",
-        "GPU memory the container's processes hold",
-    );
-    for (c, (_, l)) in each() {
-        w.sample(
-            "vgpu_container_memory_used_bytes",
-            l,
-            c.memory_used_bytes as f64,
-        );
-    }
-    w.family(
+        "GPU memory the container's processes hold.",
+        &containers,
+        |&c| Some((ContainerClean(c), c.memory_used_bytes)),
+    )?;
+    gauges(
+        e,
         "vgpu_container_memory_limit_bytes",
-        "The container's GPU memory cap",
-    );
-    for (c, (_, l)) in each() {
-        w.sample(
-            "vgpu_container_memory_limit_bytes",
-            l,
-            c.memory_limit_bytes as f64,
-        );
-    }
-    w.family(
+        "The container's GPU memory cap.",
+        &containers,
+        |&c| Some((ContainerClean(c), c.memory_limit_bytes)),
+    )?;
+    gauges(
+        e,
         "vgpu_container_sm_utilization_ratio",
-        "Share of the GPU's SMs the container used",
-    );
-    for (c, (_, l)) in each() {
-        let ratio = c.sm_utilization_percent as f64 / 100.0;
-        w.sample("vgpu_container_sm_utilization_ratio", l, ratio);
-    }
-    w.family(
+        "Share of the GPU's SMs the container used.",
+        &containers,
+        |&c| Some((ContainerClean(c), c.sm_utilization_percent as f64 / 100.0)),
+    )?;
+    gauges(
+        e,
         "vgpu_container_sm_limit_ratio",
-        "The container's SM cap; absent when it has none",
-    );
-    for (c, (_, l)) in each() {
-        w.sample_opt("vgpu_container_sm_limit_ratio", l, sm_cap(c));
-    }
+        "The container's SM cap; absent when it has none.",
+        &containers,
+        |&c| Some((ContainerClean(c), sm_cap(c)?)),
+    )?;
     // A counter (`increase()` works on it), one series per container that has a memory cap on any of its GPUs,
     // the only place the limiter refuses (see `RefusedTotals`).
-    let _ = write!(
-        w.out,
-        "# HELP vgpu_container_allocations_refused Allocations the limiter refused at the container's memory caps \
-         (the application saw an out-of-memory error), per container, kept across process exits.\n\
-         # TYPE vgpu_container_allocations_refused counter\n"
-    );
-    let mut written = std::collections::HashSet::new();
-    for c in &containers {
-        let key = container_key(c);
-        let capped = containers
-            .iter()
-            .any(|o| o.memory_limit_bytes > 0 && container_key(o) == key);
-        if !capped || written.contains(&key) {
-            continue;
-        }
-        let total = refused.get(&key).copied().unwrap_or(0);
-        let l = labels(&[
-            ("namespace", &c.namespace),
+    let capped: HashSet<ContainerRef<'_>> = containers
+        .iter()
+        .filter(|c| c.memory_limit_bytes > 0)
+        .map(|c| container_ref(c))
+        .collect();
+    let mut written = HashSet::new();
+    family(
+        e,
+        "vgpu_container_allocations_refused",
+        "Allocations the limiter refused at the container's memory caps (the application saw an out-of-memory \
+         error), per container, kept across process exits.",
+        containers.iter().filter_map(|&c| {
+            let key = container_ref(c);
+            (capped.contains(&key) && written.insert(key)).then(|| {
+                let total = refused.get(&key).copied().unwrap_or(0);
+                (Container(c), ConstCounter::new(total))
+            })
+        }),
+    )?;
+    gauges(
+        e,
+        "vgpu_container_last_kernel_age_seconds",
+        "Seconds since the container's last kernel launch.",
+        &containers,
+        |&c| Some((ContainerClean(c), age(c)?)),
+    )?;
+    gauges(
+        e,
+        "vgpu_container_priority",
+        "The container's task priority (CUDA_TASK_PRIORITY: 0 high, 1 low).",
+        &containers,
+        |&c| Some((ContainerClean(c), c.priority)),
+    )?;
+    gauges(
+        e,
+        "vgpu_container_launches_blocked",
+        "1 while a higher-priority container active on the same GPU blocks this one's kernel launches.",
+        &containers,
+        |&c| Some((ContainerClean(c), u32::from(c.launches_blocked))),
+    )?;
+    gauges(
+        e,
+        "vgpu_container_sm_limit_enforced",
+        "1 while the SM cap is enforced because the GPU is shared at this priority, 0 while it runs free; absent \
+         for a container without an SM cap.",
+        &containers,
+        |&c| sm_cap(c).map(|_| (ContainerClean(c), u32::from(c.sm_limit_enforced))),
+    )
+}
+
+/// A gauge family: a series for each item `sample` gives labels and a value for.
+fn gauges<'a, T: 'a, L: EncodeLabelSet, V: EncodeGaugeValue>(
+    e: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    items: impl IntoIterator<Item = &'a T>,
+    sample: impl Fn(&'a T) -> Option<(L, V)>,
+) -> fmt::Result {
+    let series = items.into_iter().filter_map(sample);
+    family(e, name, help, series.map(|(l, v)| (l, ConstGauge::new(v))))
+}
+
+/// A family: its `# HELP` and `# TYPE`, then its series.
+fn family<L: EncodeLabelSet, M: EncodeMetric + TypedMetric>(
+    e: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    series: impl Iterator<Item = (L, M)>,
+) -> fmt::Result {
+    let mut family = e.encode_descriptor(name, help, None, M::TYPE)?;
+    for (labels, metric) in series {
+        metric.encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// Volcano's labels of a GPU: `deviceidx` (its index on the node), `deviceuuid`, `zone="vGPU"`.
+struct GpuLegacy<'a>(&'a GpuSample);
+
+impl EncodeLabelSet for GpuLegacy<'_> {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> fmt::Result {
+        [("deviceidx", self.0.index)].encode(encoder)?;
+        [("deviceuuid", self.0.uuid.as_str()), ("zone", "vGPU")].encode(encoder)
+    }
+}
+
+/// The clean labels of a GPU: `gpu_uuid`, `gpu_index`.
+struct GpuClean<'a>(&'a GpuSample);
+
+impl EncodeLabelSet for GpuClean<'_> {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> fmt::Result {
+        [("gpu_uuid", self.0.uuid.as_str())].encode(encoder)?;
+        [("gpu_index", self.0.index)].encode(encoder)
+    }
+}
+
+/// A container: `namespace`, `pod`, `container`.
+struct Container<'a>(&'a ContainerSample);
+
+impl EncodeLabelSet for Container<'_> {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> fmt::Result {
+        let c = self.0;
+        [
+            ("namespace", c.namespace.as_str()),
             ("pod", &c.pod),
             ("container", &c.container),
-        ]);
-        w.sample("vgpu_container_allocations_refused_total", &l, total as f64);
-        written.insert(key);
-    }
-    w.family(
-        "vgpu_container_last_kernel_age_seconds",
-        "Seconds since the container's last kernel launch",
-    );
-    for (c, (_, l)) in each() {
-        w.sample_opt("vgpu_container_last_kernel_age_seconds", l, age(c));
-    }
-    w.family(
-        "vgpu_container_priority",
-        "The container's task priority (CUDA_TASK_PRIORITY: 0 high, 1 low)",
-    );
-    for (c, (_, l)) in each() {
-        w.sample("vgpu_container_priority", l, f64::from(c.priority));
-    }
-    w.family(
-        "vgpu_container_launches_blocked",
-        "1 while a higher-priority container active on the same GPU blocks this one's kernel launches",
-    );
-    for (c, (_, l)) in each() {
-        w.sample(
-            "vgpu_container_launches_blocked",
-            l,
-            flag(c.launches_blocked),
-        );
-    }
-    w.family(
-        "vgpu_container_sm_limit_enforced",
-        "1 while the SM cap is enforced because the GPU is shared at this priority, 0 while it runs free; \
-         absent for a container without an SM cap",
-    );
-    for (c, (_, l)) in each() {
-        if sm_cap(c).is_some() {
-            w.sample(
-                "vgpu_container_sm_limit_enforced",
-                l,
-                flag(c.sm_limit_enforced),
-            );
-        }
+        ]
+        .encode(encoder)
     }
 }
 
-fn flag(on: bool) -> f64 {
-    if on { 1.0 } else { 0.0 }
+/// The clean labels of a container's GPU: the container's, `gpu_uuid`, `gpu_index`.
+struct ContainerClean<'a>(&'a ContainerSample);
+
+impl EncodeLabelSet for ContainerClean<'_> {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> fmt::Result {
+        Container(self.0).encode(encoder)?;
+        [("gpu_uuid", self.0.gpu_uuid.as_str())].encode(encoder)?;
+        [("gpu_index", self.0.gpu_index)].encode(encoder)
+    }
 }
 
-/// `k1="v1",k2="v2"` with the values escaped as OpenMetrics (and text 0.0.4) require: `\`, `"`, newline.
-fn labels(pairs: &[(&str, &str)]) -> String {
-    let mut out = String::with_capacity(pairs.iter().map(|(k, v)| k.len() + v.len() + 4).sum());
-    for (i, (key, value)) in pairs.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        out.push_str(key);
-        out.push_str("=\"");
-        for ch in value.chars() {
-            match ch {
-                '\\' => out.push_str("\\\\"),
-                '"' => out.push_str("\\\""),
-                '\n' => out.push_str("\\n"),
-                c => out.push(c),
+/// Volcano's labels of a container's GPU: `podnamespace`, `podname`, `ctrname`, `vdeviceid` (the GPU's index on
+/// the node, where upstream has the index in the container's region), `deviceuuid`, `zone="vGPU"`.
+struct ContainerLegacy<'a>(&'a ContainerSample);
+
+impl EncodeLabelSet for ContainerLegacy<'_> {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> fmt::Result {
+        let c = self.0;
+        [
+            ("podnamespace", c.namespace.as_str()),
+            ("podname", &c.pod),
+            ("ctrname", &c.container),
+        ]
+        .encode(encoder)?;
+        [("vdeviceid", c.gpu_index)].encode(encoder)?;
+        [("deviceuuid", c.gpu_uuid.as_str()), ("zone", "vGPU")].encode(encoder)
+    }
+}
+
+/// [`ContainerLegacy`] and the memory breakdown, bytes: `context`, `module`, `data`, `offset`.
+struct ContainerMemoryDesc<'a>(&'a ContainerSample);
+
+impl EncodeLabelSet for ContainerMemoryDesc<'_> {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> fmt::Result {
+        let c = self.0;
+        ContainerLegacy(c).encode(encoder)?;
+        [
+            ("context", c.memory_context_bytes),
+            ("module", c.memory_module_bytes),
+            ("data", c.memory_data_bytes),
+            ("offset", c.memory_offset_bytes),
+        ]
+        .encode(encoder)
+    }
+}
+
+/// A container: namespace, pod, container.
+type ContainerKey = (String, String, String);
+
+/// [`ContainerKey`], borrowed from a sample.
+type ContainerRef<'a> = (&'a str, &'a str, &'a str);
+
+fn container_ref(c: &ContainerSample) -> ContainerRef<'_> {
+    (&c.namespace, &c.pod, &c.container)
+}
+
+/// Refusals per container as a counter. The limiter counts them per process slot of the region, not per GPU,
+/// and a slot is cleared when its process exits, so the region's sum goes down; a count that goes down is not a
+/// count (`increase()` would read it as a reset and miss what the new processes did). What the region lost since
+/// the last scrape is kept here, so the counter only resets when the agent restarts or the pod is gone.
+/// Refusals a process makes after the last scrape before it exits are not seen. One series per container, with
+/// no GPU labels: the count is not per GPU, and one series per GPU would show refusals on GPUs never used and
+/// count them twice in a sum.
+#[derive(Debug, Default)]
+struct RefusedTotals(HashMap<ContainerKey, Refused>);
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Refused {
+    /// The region's sum at the last scrape.
+    last: u64,
+    /// Refusals of processes that have exited since the series appeared.
+    gone: u64,
+}
+
+impl RefusedTotals {
+    /// Folds this scrape's region sums in; returns the counter per series. Series the snapshot no longer has
+    /// (the pod left the node) are forgotten.
+    fn update<'s>(&mut self, snapshot: &'s Snapshot) -> HashMap<ContainerRef<'s>, u64> {
+        let mut totals = HashMap::with_capacity(snapshot.containers.len());
+        for c in &snapshot.containers {
+            let key = container_ref(c);
+            if totals.contains_key(&key) {
+                continue;
             }
+            let (namespace, pod, container) = key;
+            let entry = self
+                .0
+                .entry((namespace.to_owned(), pod.to_owned(), container.to_owned()))
+                .or_default();
+            if c.allocations_refused < entry.last {
+                entry.gone = entry
+                    .gone
+                    .saturating_add(entry.last - c.allocations_refused);
+            }
+            entry.last = c.allocations_refused;
+            totals.insert(key, entry.gone.saturating_add(entry.last));
         }
-        out.push('"');
+        self.0
+            .retain(|(n, p, c), _| totals.contains_key(&(n.as_str(), p.as_str(), c.as_str())));
+        totals
     }
-    out
 }
 
-/// Gauge families written as text.
-struct Gauges<'a> {
-    out: &'a mut String,
-}
-
-impl Gauges<'_> {
-    /// `# HELP` (with the full stop `prometheus-client` adds) and `# TYPE … gauge`.
-    fn family(&mut self, name: &str, help: &str) {
-        let _ = write!(self.out, "# HELP {name} {help}.\n# TYPE {name} gauge\n");
-    }
-
-    fn sample(&mut self, name: &str, labels: &str, value: f64) {
-        let _ = if value.is_finite() {
-            writeln!(self.out, "{name}{{{labels}}} {value}")
-        } else if value.is_nan() {
-            writeln!(self.out, "{name}{{{labels}}} NaN")
-        } else if value > 0.0 {
-            writeln!(self.out, "{name}{{{labels}}} +Inf")
-        } else {
-            writeln!(self.out, "{name}{{{labels}}} -Inf")
-        };
-    }
-
-    fn sample_opt(&mut self, name: &str, labels: &str, value: Option<f64>) {
-        if let Some(value) = value {
-            self.sample(name, labels, value);
-        }
-    }
+/// The container's SM cap as a ratio, when it has one (`CUDA_DEVICE_SM_LIMIT` from 1 to 99).
+fn sm_cap(c: &ContainerSample) -> Option<f64> {
+    (c.sm_limit_percent > 0 && c.sm_limit_percent < 100).then(|| c.sm_limit_percent as f64 / 100.0)
 }
 
 /// For tests and tools: the value of one series in an exposition, by name and label subset.
@@ -1046,5 +1056,75 @@ mod tests {
         let text = AgentMetrics::new("x").encode(&s).unwrap();
         assert!(!text.contains("Device_last_kernel_of_container{"));
         assert!(!text.contains("vgpu_container_last_kernel_age_seconds{"));
+    }
+
+    #[test]
+    fn legacy_families_are_written_byte_for_byte_as_before_the_collector() {
+        let text = AgentMetrics::new("x").encode(&snapshot()).unwrap();
+        let legacy: Vec<&str> = text
+            .lines()
+            .filter(|line| {
+                let name = line
+                    .strip_prefix("# HELP ")
+                    .or_else(|| line.strip_prefix("# TYPE "))
+                    .unwrap_or(line);
+                ["Host", "vGPU_", "Device_"]
+                    .iter()
+                    .any(|p| name.starts_with(p))
+            })
+            .collect();
+        // What the hand-written encoding wrote for this snapshot.
+        assert_eq!(
+            legacy,
+            [
+                r#"# HELP HostGPUMemoryUsage GPU device memory usage."#,
+                r#"# TYPE HostGPUMemoryUsage gauge"#,
+                r#"HostGPUMemoryUsage{deviceidx="1",deviceuuid="GPU-b",zone="vGPU"} 1073741824"#,
+                r#"# HELP HostCoreUtilization GPU core utilization."#,
+                r#"# TYPE HostCoreUtilization gauge"#,
+                r#"HostCoreUtilization{deviceidx="1",deviceuuid="GPU-b",zone="vGPU"} 42"#,
+                r#"# HELP vGPU_device_memory_usage_in_bytes vGPU device usage."#,
+                r#"# TYPE vGPU_device_memory_usage_in_bytes gauge"#,
+                r#"vGPU_device_memory_usage_in_bytes{podnamespace="ml",podname="train",ctrname="cuda",vdeviceid="1",deviceuuid="GPU-b",zone="vGPU"} 3221225472"#,
+                r#"# HELP vGPU_device_memory_limit_in_bytes vGPU device limit."#,
+                r#"# TYPE vGPU_device_memory_limit_in_bytes gauge"#,
+                r#"vGPU_device_memory_limit_in_bytes{podnamespace="ml",podname="train",ctrname="cuda",vdeviceid="1",deviceuuid="GPU-b",zone="vGPU"} 4294967296"#,
+                r#"# HELP Device_memory_desc_of_container Container device meory description."#,
+                r#"# TYPE Device_memory_desc_of_container gauge"#,
+                r#"Device_memory_desc_of_container{podnamespace="ml",podname="train",ctrname="cuda",vdeviceid="1",deviceuuid="GPU-b",zone="vGPU",context="0",module="0",data="3221225472",offset="0"} 3221225472"#,
+                r#"# HELP Device_utilization_desc_of_container Container device utilization description."#,
+                r#"# TYPE Device_utilization_desc_of_container gauge"#,
+                r#"Device_utilization_desc_of_container{podnamespace="ml",podname="train",ctrname="cuda",vdeviceid="1",deviceuuid="GPU-b",zone="vGPU"} 25"#,
+                r#"# HELP Device_last_kernel_of_container Container device last kernel description."#,
+                r#"# TYPE Device_last_kernel_of_container gauge"#,
+                r#"Device_last_kernel_of_container{podnamespace="ml",podname="train",ctrname="cuda",vdeviceid="1",deviceuuid="GPU-b",zone="vGPU"} 10"#,
+            ],
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn encodings_at_the_same_time_each_write_their_own_snapshot() {
+        let m = Arc::new(AgentMetrics::new("x"));
+        let threads: Vec<_> = ["a", "b"]
+            .into_iter()
+            .map(|pod| {
+                let m = Arc::clone(&m);
+                std::thread::spawn(move || {
+                    let mut s = snapshot();
+                    s.containers[0].pod = pod.into();
+                    let own = format!("pod=\"{pod}\"");
+                    for _ in 0..300 {
+                        let text = m.encode(&s).unwrap();
+                        let pods = text.matches("pod=\"").count();
+                        assert!(pods > 0, "{text}");
+                        assert_eq!(text.matches(&own).count(), pods, "{text}");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
     }
 }

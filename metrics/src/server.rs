@@ -335,7 +335,7 @@ impl SharedScrape {
         let fresh = latest.as_ref().is_some_and(|e| e.finished >= arrived);
         if !fresh {
             // NVML and the region files are read on a blocking thread, never on the runtime.
-            let body = tokio::task::spawn_blocking(move || metrics.encode(&source.snapshot()))
+            let body = tokio::task::spawn_blocking(move || metrics.encode_owned(source.snapshot()))
                 .await
                 .ok()?
                 .ok()?;
