@@ -12,8 +12,8 @@ use clap::Parser;
 use crate::agent;
 use crate::config::device::ExplicitFlags;
 use crate::config::{
-    AgentConfig, ClusterSettings, DeliverySettings, DeviceListStrategies, DriverPaths,
-    HandshakeMode, HealthSettings, parse_device_list_strategies, parse_duration,
+    AgentConfig, ClusterSettings, ContainerFeatures, DeliverySettings, DeviceListStrategies,
+    DriverPaths, HandshakeMode, HealthSettings, parse_device_list_strategies, parse_duration,
 };
 use crate::error::error_chain;
 
@@ -211,7 +211,7 @@ fn parse_split_count(text: &str) -> Result<u32, String> {
 /// `--apiserver-timeout`: 0 would fail every request at once, and past a minute a hung apiserver would hold
 /// Allocate for longer than the kubelet waits.
 fn parse_apiserver_timeout(text: &str) -> Result<std::time::Duration, String> {
-    let d = parse_duration(text)?;
+    let d = parse_duration(text).map_err(|e| e.to_string())?;
     if d < std::time::Duration::from_millis(100) || d > std::time::Duration::from_secs(60) {
         return Err(format!(
             "expected a duration from 100ms to 60s (the bound on one apiserver request), not {text:?}"
@@ -269,7 +269,11 @@ impl Flags {
                 apiserver_wait: self.apiserver_wait,
                 api_bounds: crate::cluster::ApiBounds::new(self.apiserver_timeout),
             },
-            container_features: [self.gdrcopy_enabled, self.gds_enabled, self.mofed_enabled],
+            container_features: ContainerFeatures {
+                gdrcopy: self.gdrcopy_enabled,
+                gds: self.gds_enabled,
+                mofed: self.mofed_enabled,
+            },
             metrics_address: self.metrics_bind_address.0,
             delivery: DeliverySettings {
                 strategies: self.device_list_strategy,
@@ -427,13 +431,13 @@ mod tests {
                 &["--apiserver-wait", "-5s"],
                 "--apiserver-wait",
                 "-5s",
-                "ms, s, m or h",
+                "out of range: expected 0 to 365 days",
             ),
             (
                 &["--health-probe-interval", "soon"],
                 "--health-probe-interval",
                 "soon",
-                "ms, s, m or h",
+                "expected a number with a unit (ms, s, m, h)",
             ),
             (
                 &["--apiserver-timeout", "0s"],

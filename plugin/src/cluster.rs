@@ -243,18 +243,44 @@ where
     }
 }
 
+/// Why one bounded apiserver call failed; the text names the call (`what`) and the cause on one line.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiCallError {
+    /// The apiserver answered with an error, or could not be reached.
+    #[error("{what}: {source}")]
+    Failed {
+        /// The call, e.g. "read pod ns/name".
+        what: String,
+        /// The client's error.
+        #[source]
+        source: kube::Error,
+    },
+    /// No answer within the bound; the call may or may not have taken effect.
+    #[error("{what}: no answer from the apiserver within {limit:?}")]
+    TimedOut {
+        /// The call.
+        what: String,
+        /// The bound it ran under.
+        limit: Duration,
+    },
+}
+
 /// One apiserver call under `limit` (on top of the client's own bounds, which a call made of several
-/// requests does not have), as a one-line error naming `what` on failure.
+/// requests does not have), as an error naming `what` on failure.
 pub async fn bounded<T>(
     what: &str,
     limit: Duration,
     call: impl Future<Output = Result<T, kube::Error>>,
-) -> Result<T, String> {
+) -> Result<T, ApiCallError> {
     match tokio::time::timeout(limit, call).await {
-        Ok(result) => result.map_err(|e| format!("{what}: {e}")),
-        Err(_) => Err(format!(
-            "{what}: no answer from the apiserver within {limit:?}"
-        )),
+        Ok(result) => result.map_err(|source| ApiCallError::Failed {
+            what: what.to_owned(),
+            source,
+        }),
+        Err(_) => Err(ApiCallError::TimedOut {
+            what: what.to_owned(),
+            limit,
+        }),
     }
 }
 

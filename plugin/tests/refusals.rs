@@ -131,7 +131,7 @@ fn malformed_flag_values_are_usage_errors() {
     for args in [
         vec!["--gpu-memory-factor", "ten"],
         vec!["--device-cores-scaling=-2"],
-        vec!["--health-recovery-period", "5 minutes"],
+        vec!["--health-recovery-period", "5 fortnights"],
     ] {
         let mut cmd = agent_command(&sim, &dir.path().join("kubelet.sock"));
         cmd.args(&args);

@@ -12,7 +12,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use serde_json::Value;
 use vgpu_device_plugin::container::response::{
-    Handoff, LimiterSettings, cache_dir_name, container_response, new_cache_file,
+    Handoff, LimiterSettings, cache_dir_name, container_answer, new_cache_file,
 };
 use vgpu_device_plugin::handoff::selection::{
     self, AllocatingEndpoint, ContainerLimits, PHASE_PENDING, PodView, gpu_containers, matches,
@@ -614,7 +614,7 @@ fn walk_case(index: usize) {
         }
 
         let devices = assignment.devices.clone();
-        let response = container_response(
+        let answer = container_answer(
             &settings,
             &Handoff {
                 devices: &devices,
@@ -625,7 +625,8 @@ fn walk_case(index: usize) {
                 disable_control: container.disable_control,
             },
         );
-        assert_eq!(response.envs, string_map(&step["envs"]), "{name}");
+        let envs: HashMap<String, String> = answer.envs.into_iter().collect();
+        assert_eq!(envs, string_map(&step["envs"]), "{name}");
 
         let mut queue =
             PodDevices::decode(DEVICES_TO_ALLOCATE, &pod.annotations[DEVICES_TO_ALLOCATE]).unwrap();
@@ -708,7 +709,10 @@ fn env_case(index: usize) {
         disable_control: false,
     };
     let mut expected = string_map(&case["envs"]);
-    let mut got = container_response(&settings, &handoff).envs;
+    let mut got: HashMap<String, String> = container_answer(&settings, &handoff)
+        .envs
+        .into_iter()
+        .collect();
 
     // The cache name is random: compare its shape, /tmp/vgpu/<uuid4>.cache, then drop it from both sides.
     assert_eq!(
@@ -735,7 +739,7 @@ fn env_case(index: usize) {
         memory_scaling: 2.0,
         ..settings
     };
-    let envs = container_response(&oversubscribed, &handoff).envs;
+    let envs = container_answer(&oversubscribed, &handoff).envs;
     assert_eq!(envs["CUDA_OVERSUBSCRIBE"], "true");
 }
 

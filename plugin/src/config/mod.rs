@@ -510,7 +510,7 @@ pub struct AgentConfig {
     /// Config maps and the handshake.
     pub cluster: ClusterSettings,
     /// `NVIDIA_GDRCOPY`, `NVIDIA_GDS`, `NVIDIA_MOFED` in containers (the Go plugin's flags, all default on).
-    pub container_features: [bool; 3],
+    pub container_features: ContainerFeatures,
     /// Health checking.
     pub health: HealthSettings,
     /// How long a pod must be gone before its cache directories are removed.
@@ -521,6 +521,18 @@ pub struct AgentConfig {
     pub delivery: DeliverySettings,
     /// `--fail-on-init-error`: exit when NVML cannot be initialised instead of retrying with backoff.
     pub fail_on_init_error: bool,
+}
+
+/// The NVIDIA container features turned on in every container the agent hands a GPU to (the Go plugin's
+/// `--gdrcopy-enabled`, `--gds-enabled`, `--mofed-enabled`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContainerFeatures {
+    /// `NVIDIA_GDRCOPY=enabled`.
+    pub gdrcopy: bool,
+    /// `NVIDIA_GDS=enabled`.
+    pub gds: bool,
+    /// `NVIDIA_MOFED=enabled`.
+    pub mofed: bool,
 }
 
 impl AgentConfig {
@@ -540,31 +552,50 @@ impl AgentConfig {
     }
 }
 
-/// Parses `300s`, `5m`, `1h`, `250ms` or a bare number of seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+/// The longest duration any flag takes.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
+
+/// A flag's duration that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    /// Not a duration at all.
+    #[error(
+        "{text:?} is not a duration: expected a number with a unit (ms, s, m, h), such as 300s or 1m30s"
+    )]
+    Malformed {
+        /// What was given.
+        text: String,
+    },
+    /// Negative, or longer than a year.
+    #[error("{text:?} is out of range: expected 0 to 365 days")]
+    OutOfRange {
+        /// What was given.
+        text: String,
+    },
+}
+
+/// Parses a duration the way Go's flags are written (`300s`, `5m`, `1m30s`, `1.5h`, `250ms`; jiff's friendly
+/// format, which also takes `5 minutes`) or a bare number of seconds, from 0 to 365 days.
+pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
+    static PARSER: jiff::fmt::friendly::SpanParser = jiff::fmt::friendly::SpanParser::new();
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number.parse().map_err(|_| {
-        format!("{text:?} is not a duration: expected a number with ms, s, m or h, such as 300s")
-    })?;
-    let seconds = match unit.trim() {
-        "ms" => value / 1000.0,
-        "" | "s" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        other => {
-            return Err(format!(
-                "{text:?} has unit {other:?}: expected ms, s, m or h, such as 300s"
-            ));
-        }
+    let malformed = || DurationError::Malformed {
+        text: text.to_owned(),
     };
-    if !seconds.is_finite() || !(0.0..=365.0 * 86400.0).contains(&seconds) {
-        return Err(format!("{text:?} is out of range: expected 0 to 365 days"));
+    let out_of_range = || DurationError::OutOfRange {
+        text: text.to_owned(),
+    };
+    let duration = if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        let seconds: f64 = text.parse().map_err(|_| malformed())?;
+        Duration::try_from_secs_f64(seconds).map_err(|_| out_of_range())?
+    } else {
+        let signed = PARSER.parse_duration(text).map_err(|_| malformed())?;
+        Duration::try_from(signed).map_err(|_| out_of_range())?
+    };
+    if duration > MAX_DURATION {
+        return Err(out_of_range());
     }
-    Ok(Duration::from_secs_f64(seconds))
+    Ok(duration)
 }
 
 #[cfg(test)]
@@ -736,12 +767,23 @@ mod tests {
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
-        assert!(
-            parse_duration("5 minutes")
-                .unwrap_err()
-                .contains("expected ms, s, m or h")
-        );
-        assert!(parse_duration("-1s").is_err());
-        assert!(parse_duration("").is_err());
+        // Go's compound and fractional forms, which flags copied from the Go plugin's manifests use.
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1.5h"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration(" 5 minutes "), Ok(Duration::from_secs(300)));
+        for bad in ["5 parsecs", "", "s", "1..5s", "1e3s"] {
+            let error = parse_duration(bad).unwrap_err().to_string();
+            assert!(
+                error.contains("expected a number with a unit (ms, s, m, h)"),
+                "{bad:?}: {error}"
+            );
+        }
+        for out in ["-1s", "9000h", "99999999999999999999"] {
+            let error = parse_duration(out).unwrap_err().to_string();
+            assert!(
+                error.contains("out of range: expected 0 to 365 days"),
+                "{out:?}: {error}"
+            );
+        }
     }
 }

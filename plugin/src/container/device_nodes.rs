@@ -2,12 +2,10 @@
 //! the control nodes `/dev/nvidiactl`, `/dev/nvidia-uvm`, `/dev/nvidia-uvm-tools` and `/dev/nvidia-modeset`
 //! where present, and `/dev/nvidia<minor>` for each assigned GPU.
 //!
-//! Used twice: as kubelet `DeviceSpec`s with `--pass-device-specs` (nodes without the NVIDIA runtime), and as
-//! the CDI spec's `deviceNodes` ([`crate::container::cdi`]).
+//! Used twice: in a container's answer with `--pass-device-specs` (nodes without the NVIDIA runtime; the kubelet
+//! edge turns them into `DeviceSpec`s), and as the CDI spec's `deviceNodes` ([`crate::container::cdi`]).
 
 use std::path::{Path, PathBuf};
-
-use kubelet_api::v1beta1::DeviceSpec;
 
 /// The driver's control devices, in the order they are returned; each only when present under the dev root
 /// (`nvidia-uvm-tools` and `nvidia-modeset` are missing on many nodes, `nvidia-uvm` until its module loads).
@@ -50,17 +48,12 @@ pub fn gpu_node(dev_root: &Path, minor: u32) -> DeviceNode {
     node(dev_root, &format!("/dev/nvidia{minor}"))
 }
 
-/// The kubelet `DeviceSpec`s for a container with the GPUs of these minor numbers: control nodes first,
-/// then one per GPU, each `rw` (the Go plugin's set and permissions).
-pub fn device_specs(dev_root: &Path, minors: &[u32]) -> Vec<DeviceSpec> {
+/// The device nodes of a container with the GPUs of these minor numbers: control nodes first, then one per
+/// GPU (the Go plugin's set; the kubelet edge hands each out `rw`).
+pub fn container_nodes(dev_root: &Path, minors: &[u32]) -> Vec<DeviceNode> {
     control_nodes(dev_root)
         .into_iter()
         .chain(minors.iter().map(|&minor| gpu_node(dev_root, minor)))
-        .map(|n| DeviceSpec {
-            container_path: n.container_path,
-            host_path: n.host_path.to_string_lossy().into_owned(),
-            permissions: "rw".to_owned(),
-        })
         .collect()
 }
 
@@ -75,25 +68,19 @@ mod tests {
         for name in ["nvidiactl", "nvidia-uvm", "nvidia3"] {
             std::fs::write(root.path().join("dev").join(name), b"").unwrap();
         }
-        let specs = device_specs(root.path(), &[3, 5]);
-        let got: Vec<(&str, String, &str)> = specs
+        let nodes = container_nodes(root.path(), &[3, 5]);
+        let got: Vec<(&str, PathBuf)> = nodes
             .iter()
-            .map(|s| {
-                (
-                    s.container_path.as_str(),
-                    s.host_path.clone(),
-                    s.permissions.as_str(),
-                )
-            })
+            .map(|n| (n.container_path.as_str(), n.host_path.clone()))
             .collect();
-        let host = |n: &str| root.path().join("dev").join(n).display().to_string();
+        let host = |n: &str| root.path().join("dev").join(n);
         assert_eq!(
             got,
             vec![
-                ("/dev/nvidiactl", host("nvidiactl"), "rw"),
-                ("/dev/nvidia-uvm", host("nvidia-uvm"), "rw"),
-                ("/dev/nvidia3", host("nvidia3"), "rw"),
-                ("/dev/nvidia5", host("nvidia5"), "rw"),
+                ("/dev/nvidiactl", host("nvidiactl")),
+                ("/dev/nvidia-uvm", host("nvidia-uvm")),
+                ("/dev/nvidia3", host("nvidia3")),
+                ("/dev/nvidia5", host("nvidia5")),
             ]
         );
     }

@@ -11,7 +11,10 @@
 //!   container the image's `all`; combined with `envvar`/`volume-mounts` the response also carries the
 //!   classic form (CDI replaces same-path mounts and nodes, so nothing is injected twice).
 //!
-//! With `--pass-device-specs` the device nodes come back as `DeviceSpec`s, and with `--driver-host-path` the
+//! The answer is a value of this domain, [`ContainerAnswer`]; the kubelet edge turns it into the protobuf
+//! `ContainerAllocateResponse`.
+//!
+//! With `--pass-device-specs` the device nodes come back too (as `DeviceSpec`s to the kubelet), and with `--driver-host-path` the
 //! driver directory is mounted read-only with `LD_LIBRARY_PATH` (and optionally `PATH`) pointing into it.
 //! The per-container envs (limits, shared cache path) always come from here.
 //!
@@ -20,13 +23,12 @@
 //! scaling too), and `GPU_CORE_UTILIZATION_POLICY=disable` is reachable through [`LimiterSettings`] (in the Go
 //! plugin nothing ever sets its switch).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use kubelet_api::v1beta1::{CdiDevice, ContainerAllocateResponse, Mount};
-
 use crate::config::{DeliverySettings, DeviceListStrategy};
-
+use crate::container::cdi;
+use crate::container::device_nodes::{DeviceNode, container_nodes};
 use crate::volcano::pod_devices::ContainerDevice;
 
 use crate::container::paths::{
@@ -91,18 +93,42 @@ pub struct Handoff<'a> {
     pub disable_control: bool,
 }
 
-/// The response for one container.
+/// One mount of a container's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerMount {
+    /// Where the container sees it.
+    pub container_path: String,
+    /// What is mounted there from the host.
+    pub host_path: PathBuf,
+    /// Mounted read-only.
+    pub read_only: bool,
+}
+
+/// What one container is handed: everything the kubelet's `ContainerAllocateResponse` carries, as values of
+/// this domain (the kubelet edge turns it into the protobuf message).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ContainerAnswer {
+    /// The container's environment.
+    pub envs: BTreeMap<String, String>,
+    /// Its mounts, in order.
+    pub mounts: Vec<ContainerMount>,
+    /// Its device nodes (with `--pass-device-specs`), control nodes first.
+    pub devices: Vec<DeviceNode>,
+    /// Fully qualified CDI device names for the runtime (`cdi-cri`).
+    pub cdi_devices: Vec<String>,
+    /// Annotations for the runtime (`cdi-annotations`).
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// The answer for one container.
 ///
 /// With an empty device list (which [`crate::handoff::selection::next_assignment`] never yields) no limit envs are set and
 /// `NVIDIA_VISIBLE_DEVICES` is empty, which the NVIDIA runtime treats as "no GPU".
-pub fn container_response(
-    settings: &LimiterSettings,
-    handoff: &Handoff<'_>,
-) -> ContainerAllocateResponse {
+pub fn container_answer(settings: &LimiterSettings, handoff: &Handoff<'_>) -> ContainerAnswer {
     let delivery = &settings.delivery;
     let strategies = &delivery.strategies;
     let classic = !strategies.cdi_only();
-    let mut envs = HashMap::new();
+    let mut envs = BTreeMap::new();
     let uuids: Vec<&str> = handoff.devices.iter().map(|d| d.uuid.as_str()).collect();
     let mut mounts = Vec::new();
     if strategies.includes(DeviceListStrategy::VolumeMounts) {
@@ -111,11 +137,11 @@ pub fn container_response(
             VOLUME_MOUNTS_ROOT.to_owned(),
         );
         for uuid in &uuids {
-            mounts.push(Mount {
-                container_path: format!("{VOLUME_MOUNTS_ROOT}/{uuid}"),
-                host_path: "/dev/null".to_owned(),
-                read_only: true,
-            });
+            mounts.push(mount(
+                &format!("{VOLUME_MOUNTS_ROOT}/{uuid}"),
+                Path::new("/dev/null"),
+                true,
+            ));
         }
     } else if strategies.includes(DeviceListStrategy::Envvar) {
         envs.insert("NVIDIA_VISIBLE_DEVICES".to_owned(), uuids.join(","));
@@ -188,7 +214,7 @@ pub fn container_response(
         }
     }
 
-    let mut response = ContainerAllocateResponse {
+    let mut answer = ContainerAnswer {
         envs,
         mounts,
         ..Default::default()
@@ -198,38 +224,30 @@ pub fn container_response(
             .iter()
             .filter_map(|uuid| settings.gpu_minors.get(*uuid).copied())
             .collect();
-        response.devices =
-            crate::container::device_nodes::device_specs(&delivery.dev_root, &minors);
+        answer.devices = container_nodes(&delivery.dev_root, &minors);
     }
     if strategies.any_cdi() {
-        let mut names: Vec<String> = uuids
-            .iter()
-            .map(|uuid| crate::container::cdi::qualified(uuid))
-            .collect();
+        let mut names: Vec<String> = uuids.iter().map(|uuid| cdi::qualified(uuid)).collect();
         if !handoff.disable_control {
-            names.push(crate::container::cdi::qualified(
-                crate::container::cdi::PRELOAD_DEVICE,
-            ));
+            names.push(cdi::qualified(cdi::PRELOAD_DEVICE));
         }
         if strategies.includes(DeviceListStrategy::CdiAnnotations) {
-            response.annotations.insert(
-                crate::container::cdi::annotation_key(&delivery.cdi_annotation_prefix),
+            answer.annotations.insert(
+                cdi::annotation_key(&delivery.cdi_annotation_prefix),
                 names.join(","),
             );
         }
         if strategies.includes(DeviceListStrategy::CdiCri) {
-            response.cdi_devices = names.into_iter().map(|name| CdiDevice { name }).collect();
+            answer.cdi_devices = names;
         }
     }
-    response
+    answer
 }
 
-/// The kubelet API carries paths as strings; a non-UTF-8 host path (which no setting of ours produces) is
-/// passed on lossily rather than failing the allocation.
-fn mount(container_path: &str, host_path: &Path, read_only: bool) -> Mount {
-    Mount {
+fn mount(container_path: &str, host_path: &Path, read_only: bool) -> ContainerMount {
+    ContainerMount {
         container_path: container_path.to_owned(),
-        host_path: host_path.to_string_lossy().into_owned(),
+        host_path: host_path.to_path_buf(),
         read_only,
     }
 }
@@ -298,8 +316,8 @@ mod tests {
             memory_factor: 10,
             ..quiet()
         };
-        let response = container_response(&settings, &handoff(&devices));
-        let expected: HashMap<String, String> = [
+        let response = container_answer(&settings, &handoff(&devices));
+        let expected: BTreeMap<String, String> = [
             ("NVIDIA_VISIBLE_DEVICES", "GPU-a,GPU-b"),
             ("CUDA_DEVICE_MEMORY_LIMIT_0", "30000m"),
             ("CUDA_DEVICE_MEMORY_LIMIT_1", "30000m"),
@@ -313,7 +331,13 @@ mod tests {
         let mounts: Vec<(&str, &str, bool)> = response
             .mounts
             .iter()
-            .map(|m| (m.container_path.as_str(), m.host_path.as_str(), m.read_only))
+            .map(|m| {
+                (
+                    m.container_path.as_str(),
+                    m.host_path.to_str().unwrap(),
+                    m.read_only,
+                )
+            })
             .collect();
         assert_eq!(
             mounts,
@@ -342,7 +366,7 @@ mod tests {
         let devices = [dev("GPU-a", 1, 0)];
         let mut h = handoff(&devices);
         h.disable_control = true;
-        let response = container_response(&quiet(), &h);
+        let response = container_answer(&quiet(), &h);
         assert_eq!(response.mounts.len(), 3);
         assert!(
             response
@@ -361,14 +385,14 @@ mod tests {
             disable_core_limit: true,
             ..LimiterSettings::default()
         };
-        let envs = container_response(&settings, &handoff(&devices)).envs;
+        let envs = container_answer(&settings, &handoff(&devices)).envs;
         assert_eq!(envs["CUDA_OVERSUBSCRIBE"], "true");
         assert_eq!(envs["GPU_CORE_UTILIZATION_POLICY"], "disable");
         assert_eq!(envs["NVIDIA_GDRCOPY"], "enabled");
         assert_eq!(envs["NVIDIA_GDS"], "enabled");
         assert_eq!(envs["NVIDIA_MOFED"], "enabled");
 
-        let envs = container_response(&quiet(), &handoff(&devices)).envs;
+        let envs = container_answer(&quiet(), &handoff(&devices)).envs;
         for absent in [
             "CUDA_OVERSUBSCRIBE",
             "GPU_CORE_UTILIZATION_POLICY",
@@ -383,7 +407,7 @@ mod tests {
             ..quiet()
         };
         assert!(
-            !container_response(&exactly_one, &handoff(&devices))
+            !container_answer(&exactly_one, &handoff(&devices))
                 .envs
                 .contains_key("CUDA_OVERSUBSCRIBE")
         );
@@ -396,7 +420,7 @@ mod tests {
             memory_factor: u32::MAX,
             ..quiet()
         };
-        let envs = container_response(&settings, &handoff(&devices)).envs;
+        let envs = container_answer(&settings, &handoff(&devices)).envs;
         assert_eq!(
             envs["CUDA_DEVICE_MEMORY_LIMIT_0"],
             format!("{}m", u64::from(u32::MAX) * u64::from(u32::MAX))
@@ -407,13 +431,13 @@ mod tests {
     #[test]
     fn sm_limit_is_the_first_devices() {
         let devices = [dev("GPU-a", 1, 20), dev("GPU-b", 1, 70)];
-        let envs = container_response(&quiet(), &handoff(&devices)).envs;
+        let envs = container_answer(&quiet(), &handoff(&devices)).envs;
         assert_eq!(envs["CUDA_DEVICE_SM_LIMIT"], "20");
     }
 
     #[test]
     fn no_devices_sets_no_limits() {
-        let envs = container_response(&quiet(), &handoff(&[])).envs;
+        let envs = container_answer(&quiet(), &handoff(&[])).envs;
         assert_eq!(envs["NVIDIA_VISIBLE_DEVICES"], "");
         assert!(!envs.contains_key("CUDA_DEVICE_SM_LIMIT"));
         assert!(
@@ -434,20 +458,20 @@ mod tests {
         }
     }
 
-    fn container_paths(r: &ContainerAllocateResponse) -> Vec<&str> {
+    fn container_paths(r: &ContainerAnswer) -> Vec<&str> {
         r.mounts.iter().map(|m| m.container_path.as_str()).collect()
     }
 
     #[test]
     fn volume_mounts_list_each_gpu_as_a_dev_null_mount() {
         let devices = [dev("GPU-a", 1, 0), dev("GPU-b", 1, 0)];
-        let r = container_response(&with_strategies("volume-mounts"), &handoff(&devices));
+        let r = container_answer(&with_strategies("volume-mounts"), &handoff(&devices));
         assert_eq!(r.envs["NVIDIA_VISIBLE_DEVICES"], VOLUME_MOUNTS_ROOT);
         let lists: Vec<(&str, &str)> = r
             .mounts
             .iter()
-            .filter(|m| m.host_path == "/dev/null")
-            .map(|m| (m.container_path.as_str(), m.host_path.as_str()))
+            .filter(|m| m.host_path == Path::new("/dev/null"))
+            .map(|m| (m.container_path.as_str(), m.host_path.to_str().unwrap()))
             .collect();
         assert_eq!(
             lists,
@@ -462,8 +486,8 @@ mod tests {
     #[test]
     fn cdi_only_names_devices_and_leaves_the_limiter_to_the_spec() {
         let devices = [dev("GPU-a", 1, 0), dev("GPU-b", 1, 0)];
-        let r = container_response(&with_strategies("cdi-cri"), &handoff(&devices));
-        let names: Vec<&str> = r.cdi_devices.iter().map(|d| d.name.as_str()).collect();
+        let r = container_answer(&with_strategies("cdi-cri"), &handoff(&devices));
+        let names: Vec<&str> = r.cdi_devices.iter().map(String::as_str).collect();
         assert_eq!(
             names,
             vec![
@@ -479,7 +503,7 @@ mod tests {
 
         let mut h = handoff(&devices[..1]);
         h.disable_control = true;
-        let r = container_response(&with_strategies("cdi-annotations"), &h);
+        let r = container_answer(&with_strategies("cdi-annotations"), &h);
         assert!(r.cdi_devices.is_empty());
         let (key, value) = r.annotations.iter().next().unwrap();
         assert!(key.starts_with("cdi.k8s.io/vgpu-device-plugin_"), "{key}");
@@ -489,7 +513,7 @@ mod tests {
     #[test]
     fn envvar_with_cdi_carries_both_forms() {
         let devices = [dev("GPU-b", 1, 0)];
-        let r = container_response(
+        let r = container_answer(
             &with_strategies("envvar,cdi-annotations"),
             &handoff(&devices),
         );
@@ -507,15 +531,15 @@ mod tests {
             container: "/usr/local/nvidia".into(),
             set_path: false,
         });
-        let r = container_response(&settings, &handoff(&devices));
+        let r = container_answer(&settings, &handoff(&devices));
         let driver = r
             .mounts
             .iter()
             .find(|m| m.container_path == "/usr/local/nvidia")
             .unwrap();
         assert_eq!(
-            (driver.host_path.as_str(), driver.read_only),
-            ("/home/kubernetes/bin/nvidia", true)
+            (driver.host_path.as_path(), driver.read_only),
+            (Path::new("/home/kubernetes/bin/nvidia"), true)
         );
         assert_eq!(
             r.envs["LD_LIBRARY_PATH"],
@@ -523,7 +547,7 @@ mod tests {
         );
         assert!(!r.envs.contains_key("PATH"));
         settings.delivery.driver.as_mut().unwrap().set_path = true;
-        let r = container_response(&settings, &handoff(&devices));
+        let r = container_answer(&settings, &handoff(&devices));
         assert!(r.envs["PATH"].starts_with("/usr/local/nvidia/bin:"));
     }
 

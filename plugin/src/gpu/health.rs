@@ -7,7 +7,6 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -16,6 +15,7 @@ use nvml_wrapper::enums::event::XidError;
 use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::{Device, EventSet, Nvml};
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::HealthSettings;
 use crate::gpu::inventory::Inventory;
@@ -157,14 +157,14 @@ impl HealthTracker {
 /// How long one `nvmlEventSetWait` may block; bounds how fast the monitor notices a stop or a due recovery.
 const WAIT_SLICE: Duration = Duration::from_millis(500);
 
-/// Starts the monitor thread. It stops when `stop` is set (within [`WAIT_SLICE`]).
+/// Starts the monitor thread. It stops when `stop` is cancelled (within [`WAIT_SLICE`]).
 pub fn spawn_monitor(
     nvml: Arc<Nvml>,
     inventory: Arc<Inventory>,
     settings: HealthSettings,
     policy: XidPolicy,
     health: watch::Sender<Vec<bool>>,
-    stop: Arc<AtomicBool>,
+    stop: CancellationToken,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("gpu-health".into())
@@ -232,9 +232,9 @@ impl<'a> Monitor<'a> {
         monitor
     }
 
-    fn run(mut self, stop: &AtomicBool) {
+    fn run(mut self, stop: &CancellationToken) {
         let mut next_probe = Instant::now() + self.settings.probe_interval;
-        while !stop.load(Ordering::Relaxed) {
+        while !stop.is_cancelled() {
             let waited = self
                 .events
                 .as_ref()

@@ -1,8 +1,9 @@
 //! The node's GPUs: what NVML reports ([`inventory`]), whether each is healthy ([`health`]), how they are cut
-//! into the three vGPU resources the kubelet sees ([`plan`]), and loading NVML with a diagnosis when it is
-//! missing ([`nvml`]).
+//! into the three vGPU resources the kubelet sees ([`plan`]), loading NVML with a diagnosis when it is
+//! missing ([`nvml`]), and all of it at start, with every check that can refuse to start ([`prepare`]).
 
 pub mod health;
 pub mod inventory;
 pub mod nvml;
 pub mod plan;
+pub mod prepare;

@@ -1,5 +1,5 @@
-//! What the agent says, and how long it waits, when NVML cannot be loaded or initialised: the most common
-//! install failure ("Failed to initialize NVML: could not load NVML library").
+//! Loading NVML ([`init`]), and what the agent says, and how long it waits, when NVML cannot be loaded or
+//! initialised: the most common install failure ("Failed to initialize NVML: could not load NVML library").
 //!
 //! The diagnosis names the library tried, NVML's error, and the two usual causes in the order this error
 //! makes likely: the NVIDIA driver is not installed (or its kernel module not loaded), or the agent's
@@ -11,7 +11,23 @@
 use std::path::Path;
 use std::time::Duration;
 
+use nvml_wrapper::Nvml;
+use nvml_wrapper::bitmasks::InitFlags;
 use nvml_wrapper::error::NvmlError;
+
+/// Loads `lib` and initialises NVML so that a node without GPUs is reported as such by discovery rather than
+/// as an opaque init failure (`NVML_INIT_FLAG_NO_GPUS`); drivers older than `nvmlInitWithFlags` get a plain
+/// init.
+pub fn init(lib: &Path) -> Result<Nvml, NvmlError> {
+    match Nvml::builder()
+        .lib_path(lib.as_os_str())
+        .flags(InitFlags::NO_GPUS)
+        .init()
+    {
+        Err(NvmlError::FailedToLoadSymbol(_)) => Nvml::builder().lib_path(lib.as_os_str()).init(),
+        other => other,
+    }
+}
 
 /// First retry delay.
 pub const BACKOFF_START: Duration = Duration::from_secs(1);

@@ -2,77 +2,50 @@
 //! scheduler's placement for one container, and that placement into the limiter's environment and mounts.
 //!
 //! One call at a time (a mutex shared by the number and memory endpoints): find the pending pod whose next
-//! container the request fits (`volcano::selection`), take that container's segment off
-//! `volcano.sh/devices-to-allocate` with a JSON patch guarded by a `test` of the old value (so a concurrent
-//! writer makes us fail loudly rather than hand out a segment twice; the patch that empties the queue also
-//! marks the pod `success`), read the result back from the patch response, and answer with
-//! `volcano::allocate_env`. Any failure after a pod was chosen marks it `failed`, records a Kubernetes Event on
-//! it, and answers the kubelet with an error naming the pod and the cause.
+//! container the request fits (`volcano::selection`), decide what to do with it ([`decide`], pure), take that
+//! container's segment off `volcano.sh/devices-to-allocate` with a JSON patch guarded by a `test` of the old
+//! value (so a concurrent writer makes us fail loudly rather than hand out a segment twice; the patch that
+//! empties the queue also marks the pod `success`), read the result back from the patch response, and answer
+//! with the container's [`ContainerAnswer`]. Any failure after a pod was chosen marks it `failed`, records a
+//! Kubernetes Event on it, and answers the kubelet with an error naming the pod and the cause. Every read and
+//! write goes through a [`PodStore`].
 //!
 //! The pod chosen is the first in the serving order that may be the one the kubelet is admitting, **usable or
 //! not** (`volcano::selection::choose`): a pod whose annotations cannot be served is failed with this call,
 //! never skipped for the next pod, whose GPUs would then start in the wrong pod. Only the pod search, the
-//! guarded patch and the `failed` mark run under the lock, each bounded; Events and the scheduler's node-lock
-//! release follow off the lock, and [`Allocator::drain`] waits for all of it when the agent stops.
+//! guarded patch and the `failed` mark run under the lock, each bounded by the request bound of
+//! [`crate::cluster::ApiBounds`]; Events and the scheduler's node-lock release follow off the lock, and
+//! [`Allocator::drain`] waits for all of it when the agent stops.
 
 use std::collections::HashSet;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Node, ObjectReference, Pod};
-use kube::api::{Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::{Api, Client};
-use kubelet_api::v1beta1::{ContainerAllocateResponse, ContainerPreferredAllocationRequest};
+use kube::Client;
 use tokio::sync::Mutex;
 use tokio::task::JoinSet;
 use vgpu_metrics::AgentMetrics;
 
+use crate::cluster::ApiCallError;
 use crate::config::ResourceKind;
-use crate::config::device::VolcanoConfig;
-use crate::container::response::{
-    Handoff, LimiterSettings, cache_dir_name, container_response, new_cache_file,
-};
+use crate::container::response::{ContainerAnswer, new_cache_file};
 use crate::gpu::inventory::Inventory;
 use crate::gpu::plan::{DevicePlan, device_id};
-use crate::handoff::node_annotations::release_node_lock;
-use crate::handoff::pod_cache::{PodCache, pod_view};
-use crate::handoff::selection::{
-    AllocatingEndpoint, Assignment, GpuFacts, PodView, Request, Verdict, choose,
-};
-use crate::volcano::{
-    BIND_PHASE, DEVICES_TO_ALLOCATE, PHASE_ALLOCATING, PHASE_FAILED, PHASE_SUCCESS, VGPU_NODE,
-    VGPU_TIME, VGPU_TIME_DONE,
-};
-
-/// How long one apiserver call of the hand-off may take. The kubelet waits for Allocate without a deadline and
-/// calls are serialized, so a hung apiserver must not hold every later container hostage.
-///
-/// Under the Allocate lock there are at most three such calls one after the other (the pod search, which is
-/// bounded as a whole, the guarded patch, and the `failed` mark), so one call holds the lock for at most
-/// 3 × this. Events and the node-lock release run after the lock is let go, each bounded the same way.
-pub const API_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Runs one apiserver call under [`API_TIMEOUT`].
-async fn bounded<T>(
-    what: &str,
-    call: impl std::future::Future<Output = Result<T, kube::Error>>,
-) -> Result<T, String> {
-    match tokio::time::timeout(API_TIMEOUT, call).await {
-        Ok(result) => result.map_err(|e| format!("{what}: {e}")),
-        Err(_) => Err(format!(
-            "{what}: no answer from the apiserver within {API_TIMEOUT:?}"
-        )),
-    }
-}
+use crate::handoff::decision::{Decision, HandoffError, HandoffSettings, Plan, decide};
+use crate::handoff::pod_cache::PodCache;
+use crate::handoff::record::record_allocation;
+use crate::handoff::selection::{AllocatingEndpoint, GpuFacts, PodView, Request, Verdict, choose};
+use crate::handoff::store::{KubePodStore, PodKey, PodStore};
+use crate::volcano::{BIND_PHASE, PHASE_FAILED};
 
 /// What an Allocate call resolved to.
 #[derive(Debug)]
 pub enum Outcome {
     /// This container's devices and limiter environment.
-    Handoff(ContainerAllocateResponse),
+    Handoff(ContainerAnswer),
     /// A memory-endpoint call for a container whose hand-off the number endpoint does: empty response.
     NotMine,
 }
@@ -105,11 +78,13 @@ pub enum AllocateError {
     },
     /// The apiserver did not answer in time; nothing was changed.
     #[error(
-        "the apiserver did not answer within {API_TIMEOUT:?} while looking for the pod on node {node}"
+        "the apiserver did not answer within {limit:?} while looking for the pod on node {node}"
     )]
     TimedOut {
         /// This node.
         node: String,
+        /// The bound the search ran under.
+        limit: Duration,
     },
     /// The agent is stopping and takes no new allocation; nothing was changed.
     #[error(
@@ -128,21 +103,18 @@ pub enum AllocateError {
         /// Its name.
         name: String,
         /// What went wrong.
-        cause: String,
+        #[source]
+        cause: HandoffError,
     },
 }
 
-/// The hand-off machinery, shared by the endpoints.
-pub struct Allocator {
+/// The hand-off machinery, shared by the endpoints; `S` is where it reads and writes pods (the apiserver in
+/// the agent).
+pub struct Allocator<S = KubePodStore> {
     node: String,
-    client: Client,
-    pods: PodCache,
-    nodes: Api<Node>,
-    config: Arc<VolcanoConfig>,
-    limiter: LimiterSettings,
-    cache_root: PathBuf,
+    store: Arc<S>,
+    settings: HandoffSettings,
     inventory: Arc<Inventory>,
-    recorder: Recorder,
     serial: Mutex<()>,
     metrics: Arc<AgentMetrics>,
     /// Set by [`Allocator::drain`]: later calls are refused without touching any pod.
@@ -244,28 +216,17 @@ impl MemoryCalls {
     }
 }
 
-impl std::fmt::Debug for Allocator {
+impl<S> std::fmt::Debug for Allocator<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Allocator")
             .field("node", &self.node)
-            .field("cache_root", &self.cache_root)
+            .field("cache_root", &self.settings.cache_root)
             .finish()
     }
 }
 
-/// How the hand-off is configured.
-#[derive(Debug, Clone)]
-pub struct HandoffSettings {
-    /// The merged Volcano configuration (resource names among others).
-    pub config: Arc<VolcanoConfig>,
-    /// What goes into each container's environment and mounts.
-    pub limiter: LimiterSettings,
-    /// The one host directory holding the per-container caches.
-    pub cache_root: PathBuf,
-}
-
 impl Allocator {
-    /// Everything the hand-off needs.
+    /// The hand-off on the apiserver: reads through `pods` (the watch of this node's pods) and `client`.
     pub fn new(
         client: Client,
         node: &str,
@@ -274,24 +235,30 @@ impl Allocator {
         inventory: Arc<Inventory>,
         metrics: Arc<AgentMetrics>,
     ) -> Self {
-        let HandoffSettings {
-            config,
-            limiter,
-            cache_root,
-        } = settings;
-        let reporter = Reporter {
-            controller: "vgpu-device-plugin".into(),
-            instance: Some(node.to_owned()),
-        };
+        let store = KubePodStore::new(
+            client,
+            node,
+            pods,
+            settings.config.resources.clone(),
+            settings.bounds,
+        );
+        Self::with_store(store, node, settings, inventory, metrics)
+    }
+}
+
+impl<S: PodStore> Allocator<S> {
+    /// The hand-off of `node` on `store`.
+    pub fn with_store(
+        store: S,
+        node: &str,
+        settings: HandoffSettings,
+        inventory: Arc<Inventory>,
+        metrics: Arc<AgentMetrics>,
+    ) -> Self {
         Self {
             node: node.to_owned(),
-            nodes: Api::all(client.clone()),
-            recorder: Recorder::new(client.clone(), reporter),
-            client,
-            pods,
-            config,
-            limiter,
-            cache_root,
+            store: Arc::new(store),
+            settings,
             inventory,
             serial: Mutex::new(()),
             metrics,
@@ -301,13 +268,18 @@ impl Allocator {
         }
     }
 
+    /// The bound on each apiserver call, and on the pod search as a whole.
+    fn limit(&self) -> Duration {
+        self.settings.bounds.request
+    }
+
     /// For a stop (SIGTERM): refuses every later Allocate and `GetPreferredAllocation` lookup, waits for the one
     /// in flight (so the kubelet's answer and the pod's annotations agree) and for the Events and node-lock
     /// releases it queued, all within `bound`. Returns whether everything finished in time.
     pub async fn drain(&self, bound: std::time::Duration) -> bool {
         self.draining.store(true, Ordering::SeqCst);
         let deadline = tokio::time::Instant::now() + bound;
-        // Taking the lock waits for the call in flight; it is bounded by 3 × API_TIMEOUT anyway.
+        // Taking the lock waits for the call in flight; it is bounded by 3 request bounds anyway.
         let Ok(_in_flight_done) = tokio::time::timeout_at(deadline, self.serial.lock()).await
         else {
             return false;
@@ -323,18 +295,17 @@ impl Allocator {
         .is_ok()
     }
 
-    /// Runs `work` off the Allocate lock, bounded by [`API_TIMEOUT`], and keeps it where [`Self::drain`] can
+    /// Runs `work` off the Allocate lock, bounded by the request bound, and keeps it where [`Self::drain`] can
     /// wait for it.
     fn after_lock(
         &self,
         what: &'static str,
         work: impl std::future::Future<Output = ()> + Send + 'static,
     ) {
+        let limit = self.limit();
         let bounded = async move {
-            if tokio::time::timeout(API_TIMEOUT, work).await.is_err() {
-                tracing::warn!(
-                    "{what}: no answer from the apiserver within {API_TIMEOUT:?}; given up"
-                );
+            if tokio::time::timeout(limit, work).await.is_err() {
+                tracing::warn!("{what}: no answer from the apiserver within {limit:?}; given up");
             }
         };
         let mut set = match self.after.lock() {
@@ -349,11 +320,10 @@ impl Allocator {
     /// Releases the scheduler's node lock, off the Allocate lock (it only has to go eventually: a lock
     /// nobody releases expires after 5 minutes).
     fn release_lock(&self) {
-        let nodes = self.nodes.clone();
-        let node = self.node.clone();
+        let store = Arc::clone(&self.store);
         let metrics = Arc::clone(&self.metrics);
         self.after_lock("releasing the node lock", async move {
-            if release_node_lock(&nodes, &node).await {
+            if store.release_node_lock().await {
                 metrics.node_write();
             }
         });
@@ -375,9 +345,23 @@ impl Allocator {
                 uuid: gpu.uuid.clone(),
                 // A GPU the health channel says nothing about is not vouched for.
                 healthy: healthy.get(i).copied().unwrap_or(false),
-                memory_units: self.config.sharing.memory_units(gpu.memory_mib()),
+                memory_units: self.settings.config.sharing.memory_units(gpu.memory_mib()),
             })
             .collect()
+    }
+
+    /// What a failed store read means for the call: nothing was changed either way.
+    fn unavailable(&self, error: ApiCallError) -> AllocateError {
+        match error {
+            ApiCallError::Failed { source, .. } => AllocateError::Unreachable {
+                node: self.node.clone(),
+                source,
+            },
+            ApiCallError::TimedOut { limit, .. } => AllocateError::TimedOut {
+                node: self.node.clone(),
+                limit,
+            },
+        }
     }
 
     /// Finds the pod a request is for, from the watch cache, then from a direct read; see
@@ -387,70 +371,51 @@ impl Allocator {
         request: Request,
         gpus: &[GpuFacts],
     ) -> Result<Option<(PodView, Verdict)>, AllocateError> {
-        let names = &self.config.resources;
         // Only pods still waiting for this node can be chosen: most of the node's pods are long done, and
         // building the view of each would cost more than the rest of the search.
-        let cached: Vec<PodView> = self
-            .pods
-            .cached()
-            .iter()
-            .filter(|p| waiting_here(p, &self.node))
-            .map(|p| pod_view(p, names))
-            .collect();
+        let cached = self.store.cached_waiting();
         if let Some(choice) = choose(&cached, &self.node, Some(gpus), request) {
             // The watch may lag behind our own last patch (the kubelet allocates a pod's next container
             // milliseconds after the previous one), so the chosen pod, usable or not, is read fresh and judged
             // again before anything is handed out or failed.
             let candidate = &cached[choice.index];
-            let pods: Api<Pod> = Api::namespaced(self.client.clone(), &candidate.namespace);
-            match pods.get_opt(&candidate.name).await {
-                Ok(Some(fresh)) => {
-                    let fresh = pod_view(&fresh, names);
-                    if let Some(choice) = choose(
-                        std::slice::from_ref(&fresh),
-                        &self.node,
-                        Some(gpus),
-                        request,
-                    ) {
-                        return Ok(Some((fresh, choice.verdict)));
-                    }
-                }
-                Ok(None) => {}
-                Err(source) => {
-                    return Err(AllocateError::Unreachable {
-                        node: self.node.clone(),
-                        source,
-                    });
-                }
+            let fresh = self
+                .store
+                .get(&candidate.namespace, &candidate.name)
+                .await
+                .map_err(|e| self.unavailable(e))?;
+            if let Some(fresh) = fresh
+                && let Some(choice) = choose(
+                    std::slice::from_ref(&fresh),
+                    &self.node,
+                    Some(gpus),
+                    request,
+                )
+            {
+                return Ok(Some((fresh, choice.verdict)));
             }
         }
-        let listed =
-            self.pods
-                .list_direct()
-                .await
-                .map_err(|source| AllocateError::Unreachable {
-                    node: self.node.clone(),
-                    source,
-                })?;
-        let views: Vec<PodView> = listed
-            .iter()
-            .filter(|p| waiting_here(p, &self.node))
-            .map(|p| pod_view(p, names))
-            .collect();
+        let views = self
+            .store
+            .list_waiting()
+            .await
+            .map_err(|e| self.unavailable(e))?;
         Ok(choose(&views, &self.node, Some(gpus), request)
             .map(|choice| (views[choice.index].clone(), choice.verdict)))
     }
 
-    /// [`Self::find`] under [`API_TIMEOUT`]: both callers hold the serial lock while it runs.
+    /// [`Self::find`] under the request bound as a whole: both callers hold the serial lock while it runs.
     async fn find_bounded(
         &self,
         request: Request,
         gpus: &[GpuFacts],
     ) -> Result<Option<(PodView, Verdict)>, AllocateError> {
-        tokio::time::timeout(API_TIMEOUT, self.find(request, gpus))
+        let limit = self.limit();
+        tokio::time::timeout(limit, self.find(request, gpus))
             .await
             .map_err(|_| AllocateError::TimedOut {
                 node: self.node.clone(),
+                limit,
             })?
     }
 
@@ -471,173 +436,75 @@ impl Allocator {
             return Ok(Outcome::NotMine);
         }
         let gpus = self.gpu_facts(healthy);
-        let request = Request { endpoint, size };
-        let Some((pod, verdict)) = self.find_bounded(request, &gpus).await? else {
-            if endpoint == AllocatingEndpoint::Memory {
-                return Ok(Outcome::NotMine);
-            }
-            self.release_lock();
-            return Err(AllocateError::NoPendingPod {
-                node: self.node.clone(),
-                size,
-                what: "vGPU(s)",
-            });
-        };
-        let assignment = match verdict {
-            Verdict::Ready(assignment) => assignment,
-            Verdict::Unusable(cause) => return Err(self.fail(&pod, cause).await),
-            Verdict::NotMine(container) => {
-                self.memory_calls().answered(&pod.uid, container, size);
-                return Ok(Outcome::NotMine);
-            }
-        };
-        match self.hand_off(&pod, &assignment).await {
-            Ok(response) => {
-                if endpoint == AllocatingEndpoint::Number {
-                    let memory = pod
-                        .containers
-                        .get(assignment.container)
-                        .and_then(|c| c.memory);
-                    self.memory_calls()
-                        .handed_off(&pod.uid, assignment.container, memory);
+        let found = self.find_bounded(Request { endpoint, size }, &gpus).await?;
+        match decide(found, endpoint, &self.settings, new_cache_file()) {
+            Decision::Empty { answered } => {
+                if let Some((uid, container)) = answered {
+                    self.memory_calls().answered(&uid, container, size);
                 }
-                Ok(Outcome::Handoff(response))
+                Ok(Outcome::NotMine)
             }
-            Err(cause) => Err(self.fail(&pod, cause).await),
+            Decision::NoPendingPod => {
+                self.release_lock();
+                Err(AllocateError::NoPendingPod {
+                    node: self.node.clone(),
+                    size,
+                    what: "vGPU(s)",
+                })
+            }
+            Decision::Fail { pod, cause } => Err(self.fail(&pod, cause).await),
+            Decision::HandOff(plan) => match self.commit(&plan).await {
+                Ok(()) => {
+                    if endpoint == AllocatingEndpoint::Number {
+                        let memory = plan.pod.containers[plan.container].memory;
+                        self.memory_calls()
+                            .handed_off(&plan.pod.uid, plan.container, memory);
+                    }
+                    Ok(Outcome::Handoff(plan.answer))
+                }
+                Err(cause) => Err(self.fail(&plan.pod, cause).await),
+            },
         }
     }
 
-    async fn hand_off(
-        &self,
-        pod: &PodView,
-        a: &Assignment,
-    ) -> Result<ContainerAllocateResponse, String> {
-        let container = pod
-            .containers
-            .get(a.container)
-            .ok_or("segment maps to no container")?;
-        let cache_host_dir = self
-            .cache_root
-            .join(cache_dir_name(&pod.uid, &container.name));
-        prepare_cache_dir(&cache_host_dir)?;
-
-        let old = pod
-            .annotations
-            .get(DEVICES_TO_ALLOCATE)
-            .cloned()
-            .unwrap_or_default();
-        // Unknown, unhealthy and duplicate GPUs and impossible sizes were refused by `choose`.
-        let (devices, queue) = (&a.devices, &a.rest);
-        // The node's record of this container's limits, written before the hand-off is committed (see
-        // `node_record`): the monitor restores the region from it, so a tenant cannot lift its caps.
-        let cache_file = new_cache_file();
-        crate::handoff::record::record_allocation(
-            &self.cache_root,
-            pod,
-            &container.name,
-            devices,
-            self.limiter.memory_factor,
-            &cache_file,
-        )?;
-        let new = queue.encode();
-        let done = queue.remaining() == 0;
-        let pointer = |key: &str| {
-            format!(
-                "/metadata/annotations/{}",
-                key.replace('~', "~0").replace('/', "~1")
-            )
-        };
-        let path = pointer(DEVICES_TO_ALLOCATE);
-        let mut ops = vec![
-            serde_json::json!({ "op": "test", "path": path, "value": old }),
-            serde_json::json!({ "op": "replace", "path": path, "value": new }),
-        ];
-        // The last container also marks the pod done, in the same patch: one round-trip, and no window in
-        // which the queue is empty but the pod still reads `allocating`.
-        if done {
-            for (key, value) in [(BIND_PHASE, PHASE_SUCCESS), (VGPU_TIME, VGPU_TIME_DONE)] {
-                ops.push(serde_json::json!({ "op": "add", "path": pointer(key), "value": value }));
-            }
-        }
-        let patch: json_patch::Patch = serde_json::from_value(serde_json::Value::Array(ops))
-            .map_err(|e| format!("building the patch: {e}"))?;
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace);
-        let updated = bounded(
-            &format!("cannot advance {DEVICES_TO_ALLOCATE} from {old:?} to {new:?}"),
-            pods.patch(
-                &pod.name,
-                &PatchParams::default(),
-                &Patch::<()>::Json(patch),
-            ),
-        )
-        .await?;
-        let annotations = updated.metadata.annotations.unwrap_or_default();
-        let read_back = annotations.get(DEVICES_TO_ALLOCATE);
-        if read_back != Some(&new) {
-            return Err(format!(
-                "{DEVICES_TO_ALLOCATE} reads back as {read_back:?}, not {new:?}"
-            ));
-        }
-        if done {
-            if annotations.get(BIND_PHASE).map(String::as_str) != Some(PHASE_SUCCESS)
-                || annotations.get(VGPU_TIME).map(String::as_str) != Some(VGPU_TIME_DONE)
-            {
-                return Err(format!(
-                    "{BIND_PHASE}/{VGPU_TIME} did not read back as {PHASE_SUCCESS}/{VGPU_TIME_DONE}"
-                ));
-            }
+    /// Makes the writes of a hand-off: the cache directory, the node's record of the container (before the
+    /// hand-off is committed: the monitor restores the region from it, so a tenant cannot lift its caps), then
+    /// the guarded patch, checked as read back.
+    async fn commit(&self, plan: &Plan) -> Result<(), HandoffError> {
+        prepare_cache_dir(&plan.cache_host_dir)?;
+        record_allocation(&self.settings.cache_root, &plan.record)?;
+        let annotations = self
+            .store
+            .patch_annotations(&PodKey::of(&plan.pod), &plan.patch_what(), plan.patch())
+            .await
+            .map_err(HandoffError::Advance)?;
+        plan.check_read_back(&annotations)?;
+        if plan.done() {
             self.release_lock();
         }
-        let response = container_response(
-            &self.limiter,
-            &Handoff {
-                devices,
-                cache_host_dir,
-                cache_file,
-                disable_control: container.disable_control,
-            },
-        );
         tracing::info!(
-            pod = %format!("{}/{}", pod.namespace, pod.name), container = %container.name,
-            devices = ?devices.iter().map(|d| d.uuid.as_str()).collect::<Vec<_>>(), left = queue.remaining(),
+            pod = %format!("{}/{}", plan.pod.namespace, plan.pod.name),
+            container = %plan.record.container,
+            devices = ?plan.record.gpus.iter().map(|g| g.uuid.as_str()).collect::<Vec<_>>(),
+            left = plan.remaining,
             "container handed its vGPUs"
         );
-        Ok(response)
+        Ok(())
     }
 
     /// Marks the pod failed (under the lock, so the next call no longer sees it `allocating`), then records why
     /// on it as an Event and releases the node lock off the lock; returns the error for the kubelet, which
     /// names the pod and the cause.
-    async fn fail(&self, pod: &PodView, cause: String) -> AllocateError {
+    async fn fail(&self, pod: &PodView, cause: HandoffError) -> AllocateError {
         tracing::error!(pod = %format!("{}/{}", pod.namespace, pod.name), %cause, "vGPU allocation failed");
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace);
-        let body = serde_json::json!({ "metadata": { "annotations": { BIND_PHASE: PHASE_FAILED, VGPU_TIME: VGPU_TIME_DONE } } });
-        if let Err(error) = bounded(
-            "patch",
-            pods.patch(&pod.name, &PatchParams::default(), &Patch::Merge(&body)),
-        )
-        .await
-        {
+        let key = PodKey::of(pod);
+        if let Err(error) = self.store.mark_failed(&key).await {
             tracing::warn!(%error, "cannot mark the pod {BIND_PHASE}={PHASE_FAILED}");
         }
-        let reference = ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Pod".into()),
-            namespace: Some(pod.namespace.clone()),
-            name: Some(pod.name.clone()),
-            uid: Some(pod.uid.clone()).filter(|u| !u.is_empty()),
-            ..Default::default()
-        };
-        let event = Event {
-            type_: EventType::Warning,
-            reason: "VGPUAllocateFailed".into(),
-            note: Some(truncate(&cause, 1000)),
-            action: "Allocate".into(),
-            secondary: None,
-        };
-        let recorder = self.recorder.clone();
+        let note = truncate(&cause.to_string(), 1000);
+        let store = Arc::clone(&self.store);
         self.after_lock("recording the failure as an event", async move {
-            if let Err(error) = recorder.publish(&event, &reference).await {
+            if let Err(error) = store.record_failure(&key, &note).await {
                 tracing::warn!(%error, "cannot record the failure as an event");
             }
         });
@@ -657,7 +524,7 @@ impl Allocator {
         &self,
         endpoint: AllocatingEndpoint,
         plan: &DevicePlan,
-        request: &ContainerPreferredAllocationRequest,
+        request: &PreferredRequest<'_>,
         healthy: &[bool],
     ) -> Vec<String> {
         let size = usize::try_from(request.allocation_size).unwrap_or(0);
@@ -681,18 +548,78 @@ impl Allocator {
     }
 }
 
-/// The cheap part of [`choose`]'s candidate test, on the raw pod: the scheduler bound it to `node` and it is
-/// still `allocating`.
-fn waiting_here(pod: &Pod, node: &str) -> bool {
-    pod.metadata.annotations.as_ref().is_some_and(|a| {
-        a.get(VGPU_NODE).map(String::as_str) == Some(node)
-            && a.get(BIND_PHASE).map(String::as_str) == Some(PHASE_ALLOCATING)
-    })
-}
-
 /// The most device IDs one request may name: what the kubelet's 4 MiB message could carry is far more than
 /// any node has, so the real bound is the resource's own count (checked too).
 const MAX_IDS: usize = 1 << 20;
+
+/// The kubelet's `GetPreferredAllocation` request for one container (its fields keep the protobuf's names).
+#[derive(Debug, Clone, Copy)]
+pub struct PreferredRequest<'a> {
+    /// The IDs the kubelet may choose from.
+    pub available_device_i_ds: &'a [String],
+    /// The IDs the answer must include.
+    pub must_include_device_i_ds: &'a [String],
+    /// How many IDs to choose.
+    pub allocation_size: i32,
+}
+
+/// A kubelet request this resource cannot have; the text names the field and what it must be.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// An Allocate container request without IDs.
+    #[error("devices_ids is empty, not at least one ID this resource advertises")]
+    NoIds,
+    /// More IDs than the resource has.
+    #[error("{field} names {count} IDs, not at most {most}, the IDs this resource advertises")]
+    TooManyIds {
+        /// The protobuf field.
+        field: &'static str,
+        /// How many it names.
+        count: usize,
+        /// How many this resource has.
+        most: usize,
+    },
+    /// One ID twice.
+    #[error("{field} names {id:?} twice, not each ID once")]
+    Twice {
+        /// The protobuf field.
+        field: &'static str,
+        /// The ID (at most 100 bytes of it).
+        id: String,
+    },
+    /// An ID this resource does not advertise.
+    #[error("{field} names {id:?}, not an ID this resource advertises")]
+    NotAdvertised {
+        /// The protobuf field.
+        field: &'static str,
+        /// The ID (at most 100 bytes of it).
+        id: String,
+    },
+    /// A size beyond what is offered.
+    #[error(
+        "allocation_size {size} is not a number from 0 to {available}, the count of available_device_i_ds"
+    )]
+    Size {
+        /// The size asked for.
+        size: i32,
+        /// How many IDs are offered.
+        available: usize,
+    },
+    /// A must-include ID that is not offered.
+    #[error("must_include_device_i_ds {id:?} is not one of available_device_i_ds")]
+    NotOffered {
+        /// The ID.
+        id: String,
+    },
+    /// More must-include IDs than the size.
+    #[error("must_include_device_i_ds ({count} IDs) is not at most allocation_size {size}")]
+    TooManyMustInclude {
+        /// How many must be included.
+        count: usize,
+        /// The size asked for.
+        size: i32,
+    },
+}
 
 /// Checks a `GetPreferredAllocation` container request against what this resource has, before anything is
 /// allocated for it: `allocation_size` from 0 to the number of available IDs, available and must-include IDs
@@ -700,39 +627,29 @@ const MAX_IDS: usize = 1 << 20;
 pub fn validate_preferred(
     inventory: &Inventory,
     plan: &DevicePlan,
-    request: &ContainerPreferredAllocationRequest,
-) -> Result<(), String> {
-    let available = &request.available_device_i_ds;
+    request: &PreferredRequest<'_>,
+) -> Result<(), RequestError> {
+    let available = request.available_device_i_ds;
+    let must = request.must_include_device_i_ds;
     validate_ids("available_device_i_ds", inventory, plan, available)?;
-    validate_ids(
-        "must_include_device_i_ds",
-        inventory,
-        plan,
-        &request.must_include_device_i_ds,
-    )?;
+    validate_ids("must_include_device_i_ds", inventory, plan, must)?;
     let size = request.allocation_size;
     let fits = usize::try_from(size).is_ok_and(|s| s <= available.len());
     if !fits {
-        return Err(format!(
-            "allocation_size {size} is not a number from 0 to {}, the count of available_device_i_ds",
-            available.len()
-        ));
+        return Err(RequestError::Size {
+            size,
+            available: available.len(),
+        });
     }
     let offered: HashSet<&str> = available.iter().map(String::as_str).collect();
-    if let Some(id) = request
-        .must_include_device_i_ds
-        .iter()
-        .find(|id| !offered.contains(id.as_str()))
-    {
-        return Err(format!(
-            "must_include_device_i_ds {id:?} is not one of available_device_i_ds"
-        ));
+    if let Some(id) = must.iter().find(|id| !offered.contains(id.as_str())) {
+        return Err(RequestError::NotOffered { id: id.clone() });
     }
-    if request.must_include_device_i_ds.len() > available.len().min(size as usize) {
-        return Err(format!(
-            "must_include_device_i_ds ({} IDs) is not at most allocation_size {size}",
-            request.must_include_device_i_ds.len()
-        ));
+    if must.len() > available.len().min(size as usize) {
+        return Err(RequestError::TooManyMustInclude {
+            count: must.len(),
+            size,
+        });
     }
     Ok(())
 }
@@ -743,44 +660,43 @@ pub fn validate_allocate(
     inventory: &Inventory,
     plan: &DevicePlan,
     ids: &[String],
-) -> Result<(), String> {
+) -> Result<(), RequestError> {
     if ids.is_empty() {
-        return Err(
-            "devices_ids is empty, not at least one ID this resource advertises".to_owned(),
-        );
+        return Err(RequestError::NoIds);
     }
     validate_ids("devices_ids", inventory, plan, ids)
 }
 
 fn validate_ids(
-    field: &str,
+    field: &'static str,
     inventory: &Inventory,
     plan: &DevicePlan,
     ids: &[String],
-) -> Result<(), String> {
+) -> Result<(), RequestError> {
     let most = usize::try_from(plan.total())
         .unwrap_or(usize::MAX)
         .min(MAX_IDS);
     if ids.len() > most {
-        return Err(format!(
-            "{field} names {} IDs, not at most {most}, the IDs this resource advertises",
-            ids.len()
-        ));
+        return Err(RequestError::TooManyIds {
+            field,
+            count: ids.len(),
+            most,
+        });
     }
     let prefixes = id_prefixes(inventory, plan);
     let mut seen: HashSet<&str> = HashSet::with_capacity(ids.len());
     for id in ids {
         if !seen.insert(id) {
-            return Err(format!(
-                "{field} names {:?} twice, not each ID once",
-                truncate(id, 100)
-            ));
+            return Err(RequestError::Twice {
+                field,
+                id: truncate(id, 100),
+            });
         }
         if !is_advertised(&prefixes, id) {
-            return Err(format!(
-                "{field} names {:?}, not an ID this resource advertises",
-                truncate(id, 100)
-            ));
+            return Err(RequestError::NotAdvertised {
+                field,
+                id: truncate(id, 100),
+            });
         }
     }
     Ok(())
@@ -818,7 +734,7 @@ fn is_advertised(prefixes: &[(String, u64)], id: &str) -> bool {
 pub fn prefer(
     inventory: &Inventory,
     plan: &DevicePlan,
-    request: &ContainerPreferredAllocationRequest,
+    request: &PreferredRequest<'_>,
     assigned: &[&str],
 ) -> Vec<String> {
     let size = usize::try_from(request.allocation_size).unwrap_or(0);
@@ -830,7 +746,7 @@ pub fn prefer(
             chosen.push(id.to_owned());
         }
     };
-    for id in &request.must_include_device_i_ds {
+    for id in request.must_include_device_i_ds {
         push(&mut chosen, id);
     }
     let gpu_of = |id: &str| {
@@ -854,7 +770,7 @@ pub fn prefer(
         }
         ResourceKind::Memory | ResourceKind::Cores => {
             if let Some(uuid) = assigned.first() {
-                for id in &request.available_device_i_ds {
+                for id in request.available_device_i_ds {
                     if chosen.len() >= size {
                         break;
                     }
@@ -865,7 +781,7 @@ pub fn prefer(
             }
         }
     }
-    for id in &request.available_device_i_ds {
+    for id in request.available_device_i_ds {
         if chosen.len() >= size {
             break;
         }
@@ -878,11 +794,17 @@ pub fn prefer(
 /// HAMi-core expects, but with the sticky bit none may remove or rename another uid's file) if it is not there. It is never
 /// emptied or removed here: a running container of the same pod may have it mounted (the Go plugin's
 /// `RemoveAll` left stale bind mounts); each Allocate draws a fresh cache file name inside it instead.
-fn prepare_cache_dir(dir: &Path) -> Result<(), String> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| format!("cannot create the cache directory {}: {e}", dir.display()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1777))
-        .map_err(|e| format!("cannot open up the cache directory {}: {e}", dir.display()))
+fn prepare_cache_dir(dir: &Path) -> Result<(), HandoffError> {
+    std::fs::create_dir_all(dir).map_err(|source| HandoffError::CreateCacheDir {
+        dir: dir.to_owned(),
+        source,
+    })?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1777)).map_err(|source| {
+        HandoffError::OpenCacheDir {
+            dir: dir.to_owned(),
+            source,
+        }
+    })
 }
 
 fn truncate(text: &str, max: usize) -> String {
@@ -899,8 +821,21 @@ fn truncate(text: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
+
+    use crate::cluster::ApiBounds;
     use crate::config::SharingSettings;
+    use crate::config::device::VolcanoConfig;
+    use crate::container::response::LimiterSettings;
     use crate::gpu::inventory::Gpu;
+    use crate::handoff::record::{PRIORITY_ANNOTATION, RecordStore};
+    use crate::handoff::selection::{ContainerLimits, PHASE_PENDING};
+    use crate::handoff::store::memory::{MemoryPodStore, Write};
+    use crate::volcano::{
+        DEVICES_TO_ALLOCATE, PHASE_ALLOCATING, PHASE_SUCCESS, VGPU_NODE, VGPU_TIME, VGPU_TIME_DONE,
+    };
+
+    const NODE: &str = "node-a";
 
     fn node() -> (Inventory, DevicePlan) {
         let gpu = |minor: u32, uuid: &str| Gpu {
@@ -924,51 +859,450 @@ mod tests {
         (inventory, plan)
     }
 
-    fn ask(available: &[&str], must: &[&str], size: i32) -> ContainerPreferredAllocationRequest {
-        ContainerPreferredAllocationRequest {
-            available_device_i_ds: available.iter().map(|s| (*s).to_owned()).collect(),
-            must_include_device_i_ds: must.iter().map(|s| (*s).to_owned()).collect(),
-            allocation_size: size,
+    struct Ask {
+        available: Vec<String>,
+        must: Vec<String>,
+        size: i32,
+    }
+
+    impl Ask {
+        fn request(&self) -> PreferredRequest<'_> {
+            PreferredRequest {
+                available_device_i_ds: &self.available,
+                must_include_device_i_ds: &self.must,
+                allocation_size: self.size,
+            }
         }
     }
 
-    /// An allocator whose apiserver is a closed port: nothing in these tests may reach it.
-    async fn offline_allocator() -> Allocator {
-        let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
-        let client = Client::try_from(config).unwrap();
-        let (pods, watch) = PodCache::start(client.clone(), "node-a");
-        watch.abort();
+    fn ask(available: &[&str], must: &[&str], size: i32) -> Ask {
+        Ask {
+            available: available.iter().map(|s| (*s).to_owned()).collect(),
+            must: must.iter().map(|s| (*s).to_owned()).collect(),
+            size,
+        }
+    }
+
+    /// A pod the scheduler bound to this node, still `allocating`; `containers` are (name, vgpu-number,
+    /// vgpu-memory).
+    fn bound(name: &str, containers: &[(&str, Option<u64>, Option<u64>)], queue: &str) -> PodView {
+        PodView {
+            namespace: "default".to_owned(),
+            name: name.to_owned(),
+            uid: format!("uid-{name}"),
+            phase: Some(PHASE_PENDING.to_owned()),
+            node_name: Some(NODE.to_owned()),
+            creation_timestamp: Some(1_787_220_000),
+            annotations: [
+                (VGPU_NODE, NODE),
+                (VGPU_TIME, "1787220000"),
+                (BIND_PHASE, PHASE_ALLOCATING),
+                (DEVICES_TO_ALLOCATE, queue),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+            containers: containers
+                .iter()
+                .map(|&(name, count, memory)| ContainerLimits {
+                    name: name.to_owned(),
+                    count,
+                    memory,
+                    disable_control: false,
+                })
+                .collect(),
+        }
+    }
+
+    /// An allocator of two healthy T4s on `pods`, its caches under `root`.
+    fn serving(root: &Path, pods: Vec<PodView>) -> Allocator<MemoryPodStore> {
         let (inventory, _) = node();
         let settings = HandoffSettings {
             config: Arc::new(VolcanoConfig::default()),
-            limiter: LimiterSettings::default(),
-            cache_root: std::env::temp_dir(),
+            limiter: LimiterSettings {
+                gdrcopy: false,
+                gds: false,
+                mofed: false,
+                ..LimiterSettings::default()
+            },
+            cache_root: root.join("containers"),
+            bounds: ApiBounds::new(Duration::from_secs(1)),
         };
-        Allocator::new(
-            client,
-            "node-a",
-            pods,
+        Allocator::with_store(
+            MemoryPodStore::new(NODE, pods),
+            NODE,
             settings,
             Arc::new(inventory),
             Arc::new(AgentMetrics::new("test")),
         )
     }
 
+    const HEALTHY: [bool; 2] = [true, true];
+
+    async fn number(
+        allocator: &Allocator<MemoryPodStore>,
+        size: usize,
+    ) -> Result<Outcome, AllocateError> {
+        allocator
+            .allocate(AllocatingEndpoint::Number, size, &HEALTHY)
+            .await
+    }
+
+    async fn memory(
+        allocator: &Allocator<MemoryPodStore>,
+        size: usize,
+    ) -> Result<Outcome, AllocateError> {
+        allocator
+            .allocate(AllocatingEndpoint::Memory, size, &HEALTHY)
+            .await
+    }
+
+    fn handed(outcome: Result<Outcome, AllocateError>) -> ContainerAnswer {
+        match outcome {
+            Ok(Outcome::Handoff(answer)) => answer,
+            other => panic!("not handed off: {other:?}"),
+        }
+    }
+
+    fn annotations(store: &MemoryPodStore, pod: &str) -> BTreeMap<String, String> {
+        store.pod(pod).annotations
+    }
+
+    /// Waits for the Events and node-lock releases queued off the lock; the allocator refuses calls after.
+    async fn settle(allocator: &Allocator<MemoryPodStore>) {
+        assert!(allocator.drain(Duration::from_secs(5)).await);
+    }
+
+    fn events(store: &MemoryPodStore) -> Vec<(String, String)> {
+        store
+            .writes()
+            .into_iter()
+            .filter_map(|w| match w {
+                Write::Event(pod, note) => Some((pod, note)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    const QUEUE: &str = "GPU-a,NVIDIA,1000,30:;GPU-b,NVIDIA,2000,0:";
+
+    #[tokio::test]
+    async fn each_container_is_handed_its_segment_under_a_test_of_the_queue_it_was_read_with() {
+        let root = tempfile::tempdir().unwrap();
+        let two = [("c0", Some(1), None), ("c1", Some(1), None)];
+        let allocator = serving(root.path(), vec![bound("p", &two, QUEUE)]);
+        let store = Arc::clone(&allocator.store);
+
+        let first = handed(number(&allocator, 1).await);
+        assert_eq!(first.envs["NVIDIA_VISIBLE_DEVICES"], "GPU-a");
+        assert_eq!(first.envs["CUDA_DEVICE_MEMORY_LIMIT_0"], "1000m");
+        assert_eq!(first.envs["CUDA_DEVICE_SM_LIMIT"], "30");
+        let cache_dir = root.path().join("containers/uid-p_c0");
+        assert!(
+            first
+                .mounts
+                .iter()
+                .any(|m| m.container_path == "/tmp/vgpu" && m.host_path == cache_dir)
+        );
+        let mode = std::fs::metadata(&cache_dir).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o1777);
+        let records = RecordStore::beside(&root.path().join("containers")).load();
+        assert_eq!(records["uid-p_c0"].gpus[0].uuid, "GPU-a");
+        let after_first = annotations(&store, "p");
+        assert_eq!(after_first[DEVICES_TO_ALLOCATE], ";GPU-b,NVIDIA,2000,0:");
+        assert_eq!(after_first[BIND_PHASE], PHASE_ALLOCATING);
+        // The typed operations go out as the JSON patch the apiserver has always been sent.
+        let queue_path = "/metadata/annotations/volcano.sh~1devices-to-allocate";
+        assert_eq!(
+            store.writes(),
+            vec![Write::Patch(
+                "p".to_owned(),
+                serde_json::json!([
+                    { "op": "test", "path": queue_path, "value": QUEUE },
+                    { "op": "replace", "path": queue_path, "value": ";GPU-b,NVIDIA,2000,0:" },
+                ])
+            )]
+        );
+
+        // The watch still shows the pod as it was: the fresh read decides, and the next container gets GPU-b.
+        store.watch_lags();
+        let second = handed(number(&allocator, 1).await);
+        assert_eq!(second.envs["NVIDIA_VISIBLE_DEVICES"], "GPU-b");
+        let done = annotations(&store, "p");
+        assert_eq!(done[DEVICES_TO_ALLOCATE], ";");
+        assert_eq!(done[BIND_PHASE], PHASE_SUCCESS);
+        assert_eq!(done[VGPU_TIME], VGPU_TIME_DONE);
+        let Some(Write::Patch(_, last)) = store.writes().into_iter().nth(1) else {
+            panic!("{:?}", store.writes());
+        };
+        assert_eq!(
+            last[2],
+            serde_json::json!({ "op": "add", "path": "/metadata/annotations/volcano.sh~1bind-phase", "value": "success" })
+        );
+        assert_eq!(last.as_array().unwrap().len(), 4, "{last}");
+        settle(&allocator).await;
+        assert_eq!(store.writes().last(), Some(&Write::NodeLock));
+        assert!(events(&store).is_empty());
+    }
+
+    #[tokio::test]
+    async fn memory_calls_of_a_count_container_are_answered_empty_and_never_take_the_next_container_s_gpu()
+     {
+        let root = tempfile::tempdir().unwrap();
+        let containers = [
+            ("counted", Some(1), Some(1000)),
+            ("memory-only", None, Some(1000)),
+        ];
+        let queue = "GPU-a,NVIDIA,1000,0:;GPU-b,NVIDIA,1000,0:";
+        let allocator = serving(root.path(), vec![bound("p", &containers, queue)]);
+        let store = Arc::clone(&allocator.store);
+        // Before the number call: answered empty, nothing written.
+        assert!(matches!(
+            memory(&allocator, 1000).await,
+            Ok(Outcome::NotMine)
+        ));
+        assert!(store.writes().is_empty());
+        assert_eq!(
+            handed(number(&allocator, 1).await).envs["NVIDIA_VISIBLE_DEVICES"],
+            "GPU-a"
+        );
+        // The memory-only container's call gets its own GPU.
+        assert_eq!(
+            handed(memory(&allocator, 1000).await).envs["NVIDIA_VISIBLE_DEVICES"],
+            "GPU-b"
+        );
+
+        // Number first, then the counted container's memory call: owed, answered empty; the next one is served.
+        let allocator = serving(root.path(), vec![bound("q", &containers, queue)]);
+        assert_eq!(
+            handed(number(&allocator, 1).await).envs["NVIDIA_VISIBLE_DEVICES"],
+            "GPU-a"
+        );
+        assert!(matches!(
+            memory(&allocator, 1000).await,
+            Ok(Outcome::NotMine)
+        ));
+        assert_eq!(
+            annotations(&allocator.store, "q")[DEVICES_TO_ALLOCATE],
+            ";GPU-b,NVIDIA,1000,0:"
+        );
+        assert_eq!(
+            handed(memory(&allocator, 1000).await).envs["NVIDIA_VISIBLE_DEVICES"],
+            "GPU-b"
+        );
+
+        // No pod at all: a memory call is answered empty and changes nothing.
+        let idle = serving(root.path(), Vec::new());
+        assert!(matches!(memory(&idle, 7).await, Ok(Outcome::NotMine)));
+        settle(&idle).await;
+        assert!(idle.store.writes().is_empty());
+    }
+
+    #[tokio::test]
+    async fn no_pending_pod_refuses_the_call_names_the_node_and_releases_the_node_lock() {
+        let root = tempfile::tempdir().unwrap();
+        // A pod that asks for 2 vGPUs is not the one a 1-vGPU call is for.
+        let other = bound(
+            "other",
+            &[("c", Some(2), None)],
+            "GPU-a,NVIDIA,1,0:GPU-b,NVIDIA,1,0:",
+        );
+        let allocator = serving(root.path(), vec![other]);
+        let error = number(&allocator, 1).await.unwrap_err();
+        assert!(
+            matches!(error, AllocateError::NoPendingPod { size: 1, .. }),
+            "{error:?}"
+        );
+        assert!(
+            error.to_string().starts_with(
+                "no pending pod bound to node node-a is waiting for a container with 1 vGPU(s)"
+            ),
+            "{error}"
+        );
+        settle(&allocator).await;
+        assert_eq!(allocator.store.writes(), vec![Write::NodeLock]);
+        assert_eq!(
+            annotations(&allocator.store, "other")[BIND_PHASE],
+            PHASE_ALLOCATING
+        );
+    }
+
+    #[tokio::test]
+    async fn a_queue_changed_under_the_guarded_patch_fails_the_pod_and_the_retry_hands_nothing_out()
+    {
+        let root = tempfile::tempdir().unwrap();
+        let allocator = serving(
+            root.path(),
+            vec![bound("p", &[("c", Some(1), None)], "GPU-a,NVIDIA,1000,0:")],
+        );
+        let store = Arc::clone(&allocator.store);
+        // Another writer takes the segment between our read and our patch: the `test` fails (422).
+        store.interfere_before_next_patch("p", DEVICES_TO_ALLOCATE, "");
+        let error = number(&allocator, 1).await.unwrap_err();
+        let AllocateError::Pod { cause, .. } = &error else {
+            panic!("{error:?}");
+        };
+        let HandoffError::Advance(ApiCallError::Failed {
+            source: kube::Error::Api(status),
+            ..
+        }) = cause
+        else {
+            panic!("{cause:?}");
+        };
+        assert_eq!(status.code, 422);
+        assert!(
+            error.to_string().starts_with(
+                "pod default/p: cannot advance volcano.sh/devices-to-allocate from \"GPU-a,NVIDIA,1000,0:\" to \"\""
+            ),
+            "{error}"
+        );
+        let now = annotations(&store, "p");
+        assert_eq!(now[BIND_PHASE], PHASE_FAILED);
+        assert_eq!(
+            now[DEVICES_TO_ALLOCATE], "",
+            "the other writer's value stands"
+        );
+        // The kubelet's retry finds no pod waiting: the segment is never handed out twice.
+        let retry = number(&allocator, 1).await.unwrap_err();
+        assert!(
+            matches!(retry, AllocateError::NoPendingPod { .. }),
+            "{retry}"
+        );
+        settle(&allocator).await;
+        let patches = store
+            .writes()
+            .iter()
+            .filter(|w| matches!(w, Write::Patch(..)))
+            .count();
+        assert_eq!(patches, 1);
+        let events = events(&store);
+        assert_eq!(events.len(), 1);
+        assert!(
+            events[0]
+                .1
+                .starts_with("cannot advance volcano.sh/devices-to-allocate"),
+            "{events:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failing_write_marks_the_pod_failed_records_why_and_releases_the_node_lock() {
+        let root = tempfile::tempdir().unwrap();
+        let allocator = serving(
+            root.path(),
+            vec![bound("p", &[("c", Some(1), None)], "GPU-a,NVIDIA,1000,0:")],
+        );
+        let store = Arc::clone(&allocator.store);
+        store.fail_next_patch(500);
+        let error = number(&allocator, 1).await.unwrap_err();
+        assert!(
+            matches!(&error, AllocateError::Pod { cause: HandoffError::Advance(_), namespace, name }
+                if namespace == "default" && name == "p"),
+            "{error:?}"
+        );
+        let now = annotations(&store, "p");
+        assert_eq!(now[BIND_PHASE], PHASE_FAILED);
+        assert_eq!(now[VGPU_TIME], VGPU_TIME_DONE);
+        assert_eq!(
+            now[DEVICES_TO_ALLOCATE], "GPU-a,NVIDIA,1000,0:",
+            "the queue is untouched"
+        );
+        settle(&allocator).await;
+        let writes = store.writes();
+        assert!(matches!(writes[0], Write::Patch(..)), "{writes:?}");
+        assert_eq!(writes[1], Write::Failed("p".to_owned()));
+        assert!(writes.contains(&Write::NodeLock), "{writes:?}");
+        let events = events(&store);
+        // The Event carries the cause once, without the pod's name the Event is already attached to.
+        assert_eq!(events.len(), 1);
+        assert_eq!(format!("pod default/p: {}", events[0].1), error.to_string());
+    }
+
+    #[tokio::test]
+    async fn bad_annotations_fail_their_pod_by_field_and_the_next_pod_is_still_served() {
+        let root = tempfile::tempdir().unwrap();
+        let one = [("c", Some(1), None)];
+        let malformed = bound("bad", &one, "GPU-a,NVIDIA,-1,0:");
+        let mut priority = bound("urgent", &one, "GPU-a,NVIDIA,1000,0:");
+        priority
+            .annotations
+            .insert(PRIORITY_ANNOTATION.to_owned(), "urgent".to_owned());
+        priority
+            .annotations
+            .insert(VGPU_TIME.to_owned(), "1787220001".to_owned());
+        let mut good = bound("good", &one, "GPU-b,NVIDIA,1000,0:");
+        good.annotations
+            .insert(VGPU_TIME.to_owned(), "1787220002".to_owned());
+        let allocator = serving(root.path(), vec![malformed, priority, good]);
+        let store = Arc::clone(&allocator.store);
+
+        // The oldest pod first, usable or not: its queue names the field.
+        let error = number(&allocator, 1).await.unwrap_err();
+        assert!(
+            matches!(
+                &error,
+                AllocateError::Pod {
+                    cause: HandoffError::Unusable(_),
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
+        let text = error.to_string();
+        assert!(
+            text.starts_with("pod default/bad: annotation volcano.sh/devices-to-allocate")
+                && text.contains("used memory"),
+            "{text}"
+        );
+        assert_eq!(annotations(&store, "bad")[BIND_PHASE], PHASE_FAILED);
+
+        // Then the pod whose priority annotation names no priority: failed before anything is written for it.
+        let error = number(&allocator, 1).await.unwrap_err();
+        assert!(
+            matches!(
+                &error,
+                AllocateError::Pod {
+                    cause: HandoffError::Priority(_),
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
+        assert_eq!(
+            error.to_string(),
+            "pod default/urgent: annotation volcano.sh/vgpu-task-priority is \"urgent\"; expected high, low, 0 (high) or 1 (low)"
+        );
+        assert_eq!(
+            annotations(&store, "urgent")[DEVICES_TO_ALLOCATE],
+            "GPU-a,NVIDIA,1000,0:"
+        );
+        assert!(!root.path().join("containers/uid-urgent_c").exists());
+
+        assert_eq!(
+            handed(number(&allocator, 1).await).envs["NVIDIA_VISIBLE_DEVICES"],
+            "GPU-b"
+        );
+        settle(&allocator).await;
+        let failed: Vec<String> = events(&store).into_iter().map(|(pod, _)| pod).collect();
+        assert_eq!(failed, ["bad", "urgent"]);
+    }
+
     #[tokio::test]
     async fn drain_waits_for_the_call_in_flight_then_refuses_new_ones_without_touching_a_pod() {
-        let allocator = offline_allocator().await;
+        let root = tempfile::tempdir().unwrap();
+        let allocator = serving(
+            root.path(),
+            vec![bound("p", &[("c", Some(1), None)], "GPU-a,NVIDIA,1000,0:")],
+        );
         let in_flight = allocator.serial.lock().await;
-        let short = std::time::Duration::from_millis(100);
+        let short = Duration::from_millis(100);
         assert!(
             !allocator.drain(short).await,
             "the call in flight still holds the lock"
         );
         drop(in_flight);
         assert!(allocator.drain(short).await);
-        let refused = allocator
-            .allocate(AllocatingEndpoint::Number, 1, &[true, true])
-            .await
-            .unwrap_err();
+        let refused = number(&allocator, 1).await.unwrap_err();
         assert!(
             matches!(refused, AllocateError::Stopping { .. }),
             "{refused}"
@@ -977,6 +1311,7 @@ mod tests {
             refused.to_string().contains("node-a is stopping"),
             "{refused}"
         );
+        assert!(allocator.store.writes().is_empty());
     }
 
     #[test]
@@ -1009,18 +1344,22 @@ mod tests {
     fn preferred_sizes_beyond_what_is_offered_are_refused_before_allocating() {
         let (inventory, plan) = node();
         let ok = ask(&["GPU-a-0", "GPU-b-9"], &["GPU-b-9"], 2);
-        assert_eq!(validate_preferred(&inventory, &plan, &ok), Ok(()));
-        assert_eq!(prefer(&inventory, &plan, &ok, &[]).len(), 2);
+        assert_eq!(validate_preferred(&inventory, &plan, &ok.request()), Ok(()));
+        assert_eq!(prefer(&inventory, &plan, &ok.request(), &[]).len(), 2);
         for size in [i32::MAX, 3, -1, i32::MIN] {
-            let err =
-                validate_preferred(&inventory, &plan, &ask(&["GPU-a-0", "GPU-a-1"], &[], size))
-                    .unwrap_err();
+            let err = validate_preferred(
+                &inventory,
+                &plan,
+                &ask(&["GPU-a-0", "GPU-a-1"], &[], size).request(),
+            )
+            .unwrap_err()
+            .to_string();
             assert!(
                 err.starts_with(&format!("allocation_size {size} is not")),
                 "{err}"
             );
         }
-        assert!(validate_preferred(&inventory, &plan, &ask(&[], &[], 0)).is_ok());
+        assert!(validate_preferred(&inventory, &plan, &ask(&[], &[], 0).request()).is_ok());
     }
 
     #[test]
@@ -1046,16 +1385,19 @@ mod tests {
             ),
         ];
         for (request, expected) in cases {
-            let err = validate_preferred(&inventory, &plan, &request).unwrap_err();
+            let err = validate_preferred(&inventory, &plan, &request.request())
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(expected), "{expected}: {err}");
         }
         let many: Vec<String> = (0..21).map(|i| format!("GPU-a-{i}")).collect();
-        let err = validate_allocate(&inventory, &plan, &many).unwrap_err();
+        let err = validate_allocate(&inventory, &plan, &many)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("names 21 IDs, not at most 20"), "{err}");
-        assert!(
-            validate_allocate(&inventory, &plan, &[])
-                .unwrap_err()
-                .contains("empty")
+        assert_eq!(
+            validate_allocate(&inventory, &plan, &[]),
+            Err(RequestError::NoIds)
         );
         assert!(validate_allocate(&inventory, &plan, &["GPU-b-9".to_owned()]).is_ok());
     }

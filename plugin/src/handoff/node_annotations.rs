@@ -184,10 +184,9 @@ async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
 
 /// Removes the scheduler's `hamivgpu` node lock if it is there (contract §2.2): after a successful or failed
 /// allocation, and when no pending pod matches. Reads first, so a node without the lock costs no write.
-/// Returns whether it wrote.
-pub async fn release_node_lock(api: &Api<Node>, node: &str) -> bool {
-    // Bounded like every apiserver call on the Allocate path: a lock we cannot release expires in 5 minutes.
-    let limit = crate::cluster::REQUEST_TIMEOUT;
+/// Returns whether it wrote. Each of its two calls runs under `limit` (the request bound of [`crate::cluster::ApiBounds`]), like every
+/// apiserver call on the Allocate path: a lock we cannot release expires in 5 minutes.
+pub async fn release_node_lock(api: &Api<Node>, node: &str, limit: Duration) -> bool {
     let has_lock = match tokio::time::timeout(limit, api.get_opt(node)).await {
         Ok(Ok(Some(n))) => n
             .metadata

@@ -57,15 +57,23 @@ pub fn clamp_priority(priority: i32) -> i32 {
     priority.clamp(HIGH_PRIORITY, LOW_PRIORITY)
 }
 
+/// A pod's [`PRIORITY_ANNOTATION`] that names no priority.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("annotation {PRIORITY_ANNOTATION} is {value:?}; expected high, low, 0 (high) or 1 (low)")]
+pub struct PriorityError {
+    /// The annotation's value, trimmed.
+    pub value: String,
+}
+
 /// The priority a pod's annotation asks for.
-pub fn priority_of(pod: &PodView) -> Result<i32, String> {
+pub fn priority_of(pod: &PodView) -> Result<i32, PriorityError> {
     match pod.annotations.get(PRIORITY_ANNOTATION).map(|v| v.trim()) {
         None => Ok(LOW_PRIORITY),
         Some("high" | "0") => Ok(HIGH_PRIORITY),
         Some("low" | "1") => Ok(LOW_PRIORITY),
-        Some(other) => Err(format!(
-            "annotation {PRIORITY_ANNOTATION} is {other:?}; expected high, low, 0 (high) or 1 (low)"
-        )),
+        Some(other) => Err(PriorityError {
+            value: other.to_owned(),
+        }),
     }
 }
 
@@ -107,7 +115,7 @@ impl ContainerRecord {
         devices: &[ContainerDevice],
         memory_factor: u32,
         cache_file: &str,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, PriorityError> {
         let gpus = devices
             .iter()
             .map(|d| RecordedGpu {
@@ -262,22 +270,12 @@ impl RecordStore {
     }
 }
 
-/// Allocate's hook: records what `container` of `pod` is being handed (before the hand-off is committed, so a
-/// container never runs unrecorded). `cache_root` is the one Allocate uses; `cache_file` the region file name
-/// it puts in `CUDA_DEVICE_MEMORY_SHARED_CACHE`.
-pub fn record_allocation(
-    cache_root: &Path,
-    pod: &PodView,
-    container: &str,
-    devices: &[ContainerDevice],
-    memory_factor: u32,
-    cache_file: &str,
-) -> Result<(), String> {
-    let record = ContainerRecord::new(pod, container, devices, memory_factor, cache_file)?;
-    let key = crate::container::response::cache_dir_name(&pod.uid, container);
-    RecordStore::beside(cache_root)
-        .write(&key, &record)
-        .map_err(|e| e.to_string())
+/// Allocate's hook: writes the record of what one container is being handed (before the hand-off is
+/// committed, so a container never runs unrecorded) into the store beside `cache_root`, the one Allocate uses,
+/// under the container's cache directory name.
+pub fn record_allocation(cache_root: &Path, record: &ContainerRecord) -> Result<(), RecordError> {
+    let key = crate::container::response::cache_dir_name(&record.pod_uid, &record.container);
+    RecordStore::beside(cache_root).write(&key, record)
 }
 
 /// What a tenant changed, as reported.
@@ -700,9 +698,11 @@ mod tests {
         assert_eq!(priority_of(&pod(&[(PRIORITY_ANNOTATION, "high")])), Ok(0));
         assert_eq!(priority_of(&pod(&[(PRIORITY_ANNOTATION, " 1 ")])), Ok(1));
         let error = priority_of(&pod(&[(PRIORITY_ANNOTATION, "-5")])).unwrap_err();
-        assert!(
-            error.contains(PRIORITY_ANNOTATION) && error.contains("\"-5\""),
-            "{error}"
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "annotation {PRIORITY_ANNOTATION} is \"-5\"; expected high, low, 0 (high) or 1 (low)"
+            )
         );
         assert_eq!(clamp_priority(-5), 0);
         assert_eq!(clamp_priority(i32::MAX), 1);
@@ -718,7 +718,8 @@ mod tests {
             used_mem: 3000,
             used_cores: 30,
         }];
-        record_allocation(&root, &pod(&[]), "cuda", &devices, 1, "x.cache").unwrap();
+        let record = ContainerRecord::new(&pod(&[]), "cuda", &devices, 1, "x.cache").unwrap();
+        record_allocation(&root, &record).unwrap();
         let store = RecordStore::beside(&root);
         assert_eq!(store.dir(), dir.path().join("containers.records"));
         let mode = std::fs::metadata(store.dir()).unwrap().permissions().mode() & 0o7777;

@@ -209,7 +209,7 @@ pub struct Choice {
 /// The pod an Allocate call is for, whether or not it can be served.
 ///
 /// Candidates are the pods `Pending` on `node`, still `allocating`, that may be the one the kubelet is
-/// admitting (see [`verdict`] for why the others provably are not). Among them the first in the serving order
+/// admitting (see `verdict` for why the others provably are not). Among them the first in the serving order
 /// wins (smallest `vgpu-time`, then oldest, then namespace/name), **usable or not**: a pod that cannot be
 /// served is never skipped in favour of the next one, since the kubelet may be admitting exactly that pod and
 /// would then start it with another pod's GPUs and limits. The caller fails it instead, and this call with it.

@@ -41,13 +41,25 @@ pub enum EndpointError {
         source: std::io::Error,
     },
     /// The server did not answer our own call.
-    #[error("the endpoint on {path} does not answer its own GetDevicePluginOptions: {reason}")]
+    #[error("the endpoint on {path} does not answer its own GetDevicePluginOptions")]
     SelfCheck {
         /// The socket path.
         path: PathBuf,
         /// What went wrong.
-        reason: String,
+        #[source]
+        source: SelfCheckError,
     },
+}
+
+/// Why our own call to a freshly started endpoint failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SelfCheckError {
+    /// Dialling the socket failed.
+    #[error("cannot connect")]
+    Connect(#[source] tonic::transport::Error),
+    /// The call was answered with an error status.
+    #[error("the call failed with {}: {}", .0.code(), .0.message())]
+    Call(tonic::Status),
 }
 
 impl EndpointError {
@@ -130,22 +142,22 @@ impl RunningEndpoint {
             stopping,
             server,
         };
-        if let Err(reason) = endpoint.self_check().await {
+        if let Err(source) = endpoint.self_check().await {
             let path = endpoint.socket.clone();
             endpoint.stop().await;
-            return Err(EndpointError::SelfCheck { path, reason });
+            return Err(EndpointError::SelfCheck { path, source });
         }
         Ok(endpoint)
     }
 
-    async fn self_check(&self) -> Result<(), String> {
+    async fn self_check(&self) -> Result<(), SelfCheckError> {
         let channel = unix_channel(&self.socket)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(SelfCheckError::Connect)?;
         DevicePluginClient::new(channel)
             .get_device_plugin_options(Empty {})
             .await
-            .map_err(|s| s.to_string())?;
+            .map_err(SelfCheckError::Call)?;
         Ok(())
     }
 
@@ -155,15 +167,18 @@ impl RunningEndpoint {
     }
 
     /// Stops serving and removes the socket. Bounded: a server that does not wind down in a second is aborted.
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
         let _ = self.stopping.send(true);
-        let mut server = self.server;
-        if tokio::time::timeout(Duration::from_secs(1), &mut server)
-            .await
-            .is_err()
-        {
-            server.abort();
-        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), &mut self.server).await;
+        // Dropping aborts a server still running and removes the socket.
+    }
+}
+
+/// An endpoint dropped without [`RunningEndpoint::stop`] (its task was aborted at the stop bound, or panicked)
+/// still stops serving and leaves no socket behind.
+impl Drop for RunningEndpoint {
+    fn drop(&mut self) {
+        self.server.abort();
         remove_socket(&self.socket);
     }
 }

@@ -4,6 +4,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
+use futures::stream::{self, StreamExt};
 use kubelet_api::v1beta1::device_plugin_server::DevicePlugin;
 use kubelet_api::v1beta1::{
     AllocateRequest, AllocateResponse, ContainerAllocateResponse,
@@ -11,9 +12,9 @@ use kubelet_api::v1beta1::{
     PreStartContainerRequest, PreStartContainerResponse, PreferredAllocationRequest,
     PreferredAllocationResponse,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_stream::Stream;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::wrappers::WatchStream;
 use tonic::{Request, Response, Status};
 
 use vgpu_metrics::{AgentMetrics, AllocateResult};
@@ -25,6 +26,7 @@ use crate::handoff::allocator::{
     AllocateError, Allocator, Outcome, validate_allocate, validate_preferred,
 };
 use crate::handoff::selection::AllocatingEndpoint;
+use crate::kubelet::answer;
 
 /// What an endpoint answers to `GetDevicePluginOptions` and sends in `RegisterRequest.options`: the number
 /// and memory endpoints prefer the scheduler's GPUs when they can hand off to Volcano.
@@ -122,37 +124,25 @@ impl DevicePlugin for ResourceService {
 
     type ListAndWatchStream = ListStream;
 
-    /// The full list at once, then again after every health change, until the endpoint stops.
+    /// The full list at once, then again after every health change, until the endpoint stops. A stream over
+    /// the health channel: nothing is spawned, and the stream is dropped when the kubelet hangs up.
     async fn list_and_watch(
         &self,
         _: Request<Empty>,
     ) -> Result<Response<Self::ListAndWatchStream>, Status> {
-        let (tx, rx) = mpsc::channel(2);
         let mut health = self.health.clone();
-        let mut stopping = self.stopping.clone();
-        let this = self.clone();
-        let first = this.list(&health.borrow_and_update());
+        let first = self.list(&health.borrow_and_update());
         tracing::info!(resource = %self.resource_name, devices = first.devices.len(), "kubelet opened ListAndWatch");
-        tokio::spawn(async move {
-            let mut next = Some(first);
-            loop {
-                if let Some(list) = next.take()
-                    && tx.send(Ok(list)).await.is_err()
-                {
-                    return; // the kubelet hung up
-                }
-                tokio::select! {
-                    changed = health.changed() => {
-                        if changed.is_err() { return; }
-                        let healthy = health.borrow_and_update().clone();
-                        next = Some(this.list(&healthy));
-                    }
-                    _ = stopping.wait_for(|stop| *stop) => return,
-                    _ = tx.closed() => return,
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let this = self.clone();
+        let changes = WatchStream::from_changes(health).map(move |healthy| Ok(this.list(&healthy)));
+        let mut stopping = self.stopping.clone();
+        let stopped = async move {
+            let _ = stopping.wait_for(|stop| *stop).await;
+        };
+        let lists = stream::once(std::future::ready(Ok(first)))
+            .chain(changes)
+            .take_until(stopped);
+        Ok(Response::new(Box::pin(lists)))
     }
 
     async fn get_preferred_allocation(
@@ -172,14 +162,16 @@ impl DevicePlugin for ResourceService {
         // cannot have is the caller's mistake, refused with the field named (an allocation_size of 2^31 - 1
         // once made the agent reserve memory for that many IDs and abort).
         for container in &request.container_requests {
-            validate_preferred(&self.inventory, &self.plan, container)
-                .map_err(|e| self.invalid("GetPreferredAllocation", &e))?;
+            let container = answer::preferred_request(container);
+            validate_preferred(&self.inventory, &self.plan, &container)
+                .map_err(|e| self.invalid("GetPreferredAllocation", &e.to_string()))?;
         }
         let healthy = self.health.borrow().clone();
         let mut container_responses = Vec::with_capacity(request.container_requests.len());
         for container in &request.container_requests {
+            let container = answer::preferred_request(container);
             let device_i_ds = allocator
-                .preferred(endpoint, &self.plan, container, &healthy)
+                .preferred(endpoint, &self.plan, &container, &healthy)
                 .await;
             container_responses.push(ContainerPreferredAllocationResponse { device_i_ds });
         }
@@ -195,7 +187,7 @@ impl DevicePlugin for ResourceService {
         let request = request.into_inner();
         for container in &request.container_requests {
             validate_allocate(&self.inventory, &self.plan, &container.devices_ids)
-                .map_err(|e| self.invalid("Allocate", &e))?;
+                .map_err(|e| self.invalid("Allocate", &e.to_string()))?;
         }
         // The cores resource only lends its count to the kubelet's bookkeeping.
         let Some(endpoint) = self.endpoint() else {
@@ -229,7 +221,9 @@ impl DevicePlugin for ResourceService {
             self.metrics
                 .allocate(&self.resource_name, result, started.elapsed().as_secs_f64());
             match outcome {
-                Ok(Outcome::Handoff(response)) => container_responses.push(response),
+                Ok(Outcome::Handoff(handed)) => {
+                    container_responses.push(answer::container_response(handed))
+                }
                 Ok(Outcome::NotMine) => {
                     container_responses.push(ContainerAllocateResponse::default())
                 }
@@ -253,5 +247,106 @@ impl DevicePlugin for ResourceService {
         _: Request<PreStartContainerRequest>,
     ) -> Result<Response<PreStartContainerResponse>, Status> {
         Ok(Response::new(PreStartContainerResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SharingSettings;
+    use crate::gpu::inventory::Gpu;
+    use kubelet_api::v1beta1::{HEALTHY, UNHEALTHY};
+    use std::time::Duration;
+
+    fn cores_service(
+        health: watch::Receiver<Vec<bool>>,
+        stopping: watch::Receiver<bool>,
+    ) -> ResourceService {
+        let inventory = Inventory {
+            gpus: vec![Gpu {
+                nvml_index: 0,
+                uuid: "GPU-0fc3eda5-e98b-a25b-5b0d-cf5c855d1400".into(),
+                model: "Tesla T4".into(),
+                memory_bytes: 15360 << 20,
+                minor: 0,
+                numa_node: None,
+                pci_bus_id: "00000000:07:00.0".into(),
+            }],
+        };
+        let sharing = SharingSettings {
+            split_count: 10,
+            memory_factor: 1,
+            core_scaling: 1.0,
+            ..Default::default()
+        };
+        let plan = DevicePlan::new(ResourceKind::Cores, &inventory, &sharing)
+            .unwrap_or_else(|e| panic!("{e}"));
+        ResourceService::new(
+            "volcano.sh/vgpu-cores".into(),
+            Arc::new(plan),
+            Arc::new(inventory),
+            health,
+            stopping,
+            None,
+            Arc::new(AgentMetrics::new("test")),
+        )
+    }
+
+    async fn next(lists: &mut ListStream) -> Option<ListAndWatchResponse> {
+        tokio::time::timeout(Duration::from_secs(5), lists.next())
+            .await
+            .unwrap_or_else(|_| panic!("no message and no end within 5 s"))
+            .map(|list| list.unwrap_or_else(|status| panic!("{status}")))
+    }
+
+    fn all(list: &ListAndWatchResponse, health: &str) -> bool {
+        !list.devices.is_empty() && list.devices.iter().all(|d| d.health == health)
+    }
+
+    #[tokio::test]
+    async fn list_and_watch_sends_at_once_then_on_every_health_change_and_ends_when_the_endpoint_stops()
+     {
+        let (health_tx, health) = watch::channel(vec![true]);
+        let (stop_tx, stopping) = watch::channel(false);
+        let service = cores_service(health, stopping);
+        let mut lists = service
+            .list_and_watch(Request::new(Empty {}))
+            .await
+            .unwrap_or_else(|status| panic!("{status}"))
+            .into_inner();
+        let first = next(&mut lists).await.expect("the list at once");
+        assert_eq!(first.devices.len(), 100);
+        assert!(all(&first, HEALTHY));
+        health_tx.send_replace(vec![false]);
+        assert!(all(
+            &next(&mut lists).await.expect("a list after the change"),
+            UNHEALTHY
+        ));
+        health_tx.send_replace(vec![true]);
+        assert!(all(
+            &next(&mut lists).await.expect("a list after the recovery"),
+            HEALTHY
+        ));
+        stop_tx.send_replace(true);
+        assert!(
+            next(&mut lists).await.is_none(),
+            "the stream ends when the endpoint stops"
+        );
+    }
+
+    #[tokio::test]
+    async fn list_and_watch_ends_when_the_health_monitor_is_gone() {
+        let (health_tx, health) = watch::channel(vec![true]);
+        let (_stop_tx, stopping) = watch::channel(false);
+        let service = cores_service(health, stopping);
+        let mut lists = service
+            .list_and_watch(Request::new(Empty {}))
+            .await
+            .unwrap_or_else(|status| panic!("{status}"))
+            .into_inner();
+        assert!(next(&mut lists).await.is_some());
+        drop(service);
+        drop(health_tx);
+        assert!(next(&mut lists).await.is_none());
     }
 }

@@ -15,13 +15,14 @@
 //! sends nothing within [`REQUEST_TIMEOUT`] is dropped.
 
 use std::io;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
 
 /// Directory under the lock directory.
 pub const SOCKET_DIR: &str = "hostpid";
@@ -94,13 +95,18 @@ pub fn bind(lock_dir: &Path) -> Result<UnixListener, BrokerError> {
     Ok(listener)
 }
 
-/// Serves until the task is dropped, one task per connection.
+/// Serves until the task is dropped, one task per connection (owned here: dropped with the server).
 pub async fn serve(listener: UnixListener, map: PidMap) {
+    let mut connections = tokio::task::JoinSet::new();
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            Some(_) = connections.join_next() => continue,
+        };
+        match accepted {
             Ok((stream, _)) => {
                 let map = Arc::clone(&map);
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     if let Err(error) = answer(stream, &map).await {
                         tracing::debug!(%error, "host-PID broker connection failed");
                     }
@@ -119,22 +125,36 @@ pub fn identity() -> PidMap {
     Arc::new(Some)
 }
 
-/// Binds under `lock_dir` and serves with the identity map. While another broker answers there it
-/// checks again every [`TAKEOVER_POLL`]; if the socket cannot be made at all it logs and returns (the
-/// agent keeps serving the kubelet without it).
-pub async fn run(lock_dir: PathBuf) {
+/// Binds under `lock_dir` and serves with the identity map until `stop` is cancelled, then removes its socket
+/// (so the next agent binds at once). While another broker answers there it checks again every
+/// [`TAKEOVER_POLL`]; if the socket cannot be made at all it logs and returns (the agent keeps serving the
+/// kubelet without it).
+pub async fn run(lock_dir: PathBuf, stop: CancellationToken) {
     let mut reported = false;
     loop {
         match bind(&lock_dir) {
             Ok(listener) => {
-                tracing::info!(socket = %socket_path(&lock_dir).display(), "serving the host-PID broker");
-                serve(listener, identity()).await;
+                let path = socket_path(&lock_dir);
+                let ours = std::fs::metadata(&path).ok().map(|m| m.ino());
+                tracing::info!(socket = %path.display(), "serving the host-PID broker");
+                stop.run_until_cancelled(serve(listener, identity())).await;
+                // Only the socket we bound: never one a newer broker has put in its place.
+                if ours.is_some() && std::fs::metadata(&path).ok().map(|m| m.ino()) == ours {
+                    let _ = std::fs::remove_file(&path);
+                }
+                return;
             }
             Err(error @ BrokerError::InUse { .. }) => {
                 if !std::mem::replace(&mut reported, true) {
                     tracing::warn!("{error}");
                 }
-                tokio::time::sleep(TAKEOVER_POLL).await;
+                if stop
+                    .run_until_cancelled(tokio::time::sleep(TAKEOVER_POLL))
+                    .await
+                    .is_none()
+                {
+                    return;
+                }
             }
             Err(error) => {
                 tracing::warn!("{error}");
@@ -225,6 +245,25 @@ mod tests {
             decide(b"HPID\0\x01\0\x01", None, &map),
             (STATUS_UNKNOWN_PEER, 0)
         );
+    }
+
+    #[tokio::test]
+    async fn a_stopped_broker_removes_its_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let stop = CancellationToken::new();
+        let broker = tokio::spawn(run(dir.path().to_owned(), stop.clone()));
+        let path = socket_path(dir.path());
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while UnixStream::connect(&path).await.is_err() {
+            assert!(std::time::Instant::now() < deadline, "broker never served");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), broker)
+            .await
+            .expect("the broker ends when stopped")
+            .unwrap();
+        assert!(!path.exists(), "socket left behind");
     }
 
     #[tokio::test]

@@ -6,10 +6,14 @@
 //! scheduler outside UTC is off by its offset; that is its bug, reproduced here on purpose). A new scheduler
 //! never writes the annotation, so its presence in `Requesting_`/`Deleted_` form reveals an old one.
 //!
-//! Dates are converted with Howard Hinnant's days-from-civil algorithms rather than a date crate: two small
-//! pure functions, exact over the whole proleptic Gregorian calendar.
+//! Calendar arithmetic is jiff's (the proleptic Gregorian calendar, years -9999 to 9999); the formats are Go's
+//! and are written here.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
+
+use jiff::Timestamp;
+use jiff::civil::DateTime;
+use jiff::tz::Offset;
 
 /// The handshake as the agent reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,37 +58,49 @@ pub fn parse_handshake(value: Option<&str>) -> Handshake {
 
 /// The heartbeat value for `now`: `Reported ` and Go's `time.Time.String()` of it in UTC,
 /// `Reported 2026-08-20 10:00:00.123456789 +0000 UTC`, the fraction trimmed of trailing zeros and left out when
-/// zero. (Go adds ` m=+…` for a monotonic reading; nobody parses it, so we leave it out.)
+/// zero. (Go adds ` m=+…` for a monotonic reading; nobody parses it, so we leave it out.) A clock beyond the
+/// years jiff represents (±9999) is written as the nearest representable time.
 pub fn reported_value(now: SystemTime) -> String {
-    let (secs, nanos) = unix_parts(now);
-    let (date, time) = civil(secs);
+    let at = Timestamp::try_from(now).unwrap_or(if now > SystemTime::UNIX_EPOCH {
+        Timestamp::MAX
+    } else {
+        Timestamp::MIN
+    });
+    let utc = Offset::UTC.to_datetime(at);
+    let nanos = utc.subsec_nanosecond();
     let fraction = if nanos == 0 {
         String::new()
     } else {
         format!(".{nanos:09}").trim_end_matches('0').to_owned()
     };
-    format!(
-        "Reported {}-{:02}-{:02} {:02}:{:02}:{:02}{fraction} +0000 UTC",
-        year(date.0),
-        date.1,
-        date.2,
-        time.0,
-        time.1,
-        time.2
-    )
+    format!("Reported {}{fraction} +0000 UTC", go_layout(utc, '-'))
 }
 
-/// A Unix time in the scheduler's layout, `2026.08.20 10:00:00` (UTC).
+/// A Unix time in the scheduler's layout, `2026.08.20 10:00:00` (UTC); clamped to the years ±9999.
 pub fn format_scheduler_time(unix: i64) -> String {
-    let (date, time) = civil(unix);
+    let at = Timestamp::from_second(unix).unwrap_or(if unix > 0 {
+        Timestamp::MAX
+    } else {
+        Timestamp::MIN
+    });
+    go_layout(Offset::UTC.to_datetime(at), '.')
+}
+
+/// `2006-01-02 15:04:05` with `separator` between the date's fields; Go pads the year to four digits.
+fn go_layout(at: DateTime, separator: char) -> String {
+    let year = at.year();
+    let year = if year >= 0 {
+        format!("{year:04}")
+    } else {
+        format!("-{:04}", year.unsigned_abs())
+    };
     format!(
-        "{}.{:02}.{:02} {:02}:{:02}:{:02}",
-        year(date.0),
-        date.1,
-        date.2,
-        time.0,
-        time.1,
-        time.2
+        "{year}{separator}{:02}{separator}{:02} {:02}:{:02}:{:02}",
+        at.month(),
+        at.day(),
+        at.hour(),
+        at.minute(),
+        at.second()
     )
 }
 
@@ -121,16 +137,18 @@ pub fn parse_scheduler_time(text: &str) -> Option<i64> {
     if clock_parts.next().is_some() {
         return None;
     }
-    if !(1..=12).contains(&month)
-        || day < 1
-        || day > days_in_month(year, month)
-        || hour > 23
-        || minute > 59
-        || second > 59
-    {
-        return None;
-    }
-    Some(days_from_civil(year, month, day) * 86_400 + hour * 3_600 + minute * 60 + second)
+    // jiff refuses a day the month does not have, an hour over 23 and the like.
+    let at = DateTime::new(
+        i16::try_from(year).ok()?,
+        i8::try_from(month).ok()?,
+        i8::try_from(day).ok()?,
+        i8::try_from(hour).ok()?,
+        i8::try_from(minute).ok()?,
+        i8::try_from(second).ok()?,
+        0,
+    )
+    .ok()?;
+    Some(Offset::UTC.to_timestamp(at).ok()?.as_second())
 }
 
 /// Exactly `width` ASCII digits.
@@ -142,85 +160,10 @@ fn fixed_digits(text: &str, width: usize) -> Option<i64> {
     }
 }
 
-fn is_leap(year: i64) -> bool {
-    year % 4 == 0 && (year % 100 != 0 || year % 400 == 0)
-}
-
-fn days_in_month(year: i64, month: i64) -> i64 {
-    match month {
-        2 if is_leap(year) => 29,
-        2 => 28,
-        4 | 6 | 9 | 11 => 30,
-        _ => 31,
-    }
-}
-
-/// Go pads the year to four digits.
-fn year(y: i64) -> String {
-    if y >= 0 {
-        format!("{y:04}")
-    } else {
-        format!("-{:04}", y.unsigned_abs())
-    }
-}
-
-/// Whole seconds (floored) and nanoseconds since the epoch, for times before it too.
-fn unix_parts(t: SystemTime) -> (i64, u32) {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => (
-            i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-            d.subsec_nanos(),
-        ),
-        Err(e) => {
-            let d = e.duration();
-            let secs = i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
-            match d.subsec_nanos() {
-                0 => (-secs, 0),
-                n => (-secs - 1, 1_000_000_000 - n),
-            }
-        }
-    }
-}
-
-/// `(year, month, day)` and `(hour, minute, second)` of a Unix time in UTC.
-fn civil(unix: i64) -> ((i64, i64, i64), (i64, i64, i64)) {
-    let days = unix.div_euclid(86_400);
-    let secs = unix.rem_euclid(86_400);
-    (
-        civil_from_days(days),
-        (secs / 3_600, secs % 3_600 / 60, secs % 60),
-    )
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Hinnant's `days_from_civil`).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// The date of a day count since 1970-01-01 (Hinnant's `civil_from_days`).
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+    use std::time::{Duration, UNIX_EPOCH};
 
     const T: i64 = 1_787_220_000; // 2026-08-20T10:00:00Z
 
@@ -270,7 +213,7 @@ mod tests {
             -1,
             951_782_400,     // 2000-02-29
             4_107_542_399,   // 2100-02-28T23:59:59
-            253_402_300_799, // 9999-12-31T23:59:59
+            253_402_128_000, // 9999-12-30, near the end of the range jiff represents
             -62_135_596_800, // 0001-01-01
         ] {
             assert_eq!(
@@ -279,21 +222,6 @@ mod tests {
                 "{unix}"
             );
         }
-    }
-
-    #[test]
-    fn civil_conversion_matches_every_day_of_four_centuries() {
-        let mut days = days_from_civil(1600, 1, 1);
-        for year in 1600..2001 {
-            for month in 1..=12 {
-                for day in 1..=days_in_month(year, month) {
-                    assert_eq!(days_from_civil(year, month, day), days);
-                    assert_eq!(civil_from_days(days), (year, month, day));
-                    days += 1;
-                }
-            }
-        }
-        assert_eq!(days_from_civil(1970, 1, 1), 0);
     }
 
     #[test]
