@@ -1,20 +1,24 @@
 //! `libvgpu.so`: a drop-in replacement for HAMi-core's library, preloaded into every process of a
-//! GPU container, intercepting the CUDA driver API and NVML to cap the container's GPU memory.
+//! GPU container, intercepting the CUDA driver API and NVML to cap the container's GPU memory and
+//! SM time.
 //!
-//! # What this crate owns, and where to start
+//! # Layers, and the one rule
 //!
-//! * [`table`] — THE list of intercepted entry points. One macro row per function defines the
-//!   exported hook, its lazily resolved real function, and its `cuGetProcAddress` facts.
-//! * [`hooks`] — the bodies: [`hooks::memory`] (allocation/free, the enforcement seam),
-//!   [`hooks::meminfo`] and [`hooks::nvml`] (virtualised totals), [`hooks::procaddr`]
-//!   (`cuGetProcAddress`), [`hooks::launch`] (the hot path), [`hooks::init`].
-//! * [`dlsym`] — our `dlsym`, for programs that `dlopen` the driver.
-//! * [`budget`] — the per-device budget behind a trait, kept in the container's shared region.
-//! * [`real`] — the real `dlsym`, the driver libraries, atomic symbol slots.
-//! * [`state`], [`config`], [`devices`], [`log`], [`guard`] — lazy init, environment, device
-//!   mapping, stderr diagnostics (refusals rate-limited), panic containment and the re-entry flag.
-//! * [`sync`] — one-time initialisation and a spin lock that a fork child takes over and a
-//!   re-entering thread is told about (never `std::sync` in code a forked child may run).
+//! Four layers, each a directory; a file may use files of its own layer and of the layers below,
+//! never above, and no two files use each other, directly or through others (no import circle):
+//!
+//! | layer | directory | what | may use |
+//! |---|---|---|---|
+//! | hooks | [`hooks`] | the exports ([`hooks::exports`], our `dlsym` in [`hooks::dlsym`]) and their bodies: [`hooks::memory`], [`hooks::context`], [`hooks::graph`], [`hooks::meminfo`], [`hooks::nvml`], [`hooks::procaddr`], [`hooks::launch`], [`hooks::init`] | policy, driver, infra |
+//! | policy | [`policy`] | what the limiter decides: [`policy::state`] (lazy init), [`policy::caps`] (the environment's caps), [`policy::devices`] (ordinal → container device), [`policy::budget`] (memory, in the shared region), [`policy::sm`] (the SM cap) | driver, infra |
+//! | driver | [`driver`] | [`driver::ffi`] (C types), [`driver::functions`] (THE list of driver functions), [`driver::table`] (its slots and typed accessors), [`driver::real`] (`dlopen`, the real `dlsym`) | infra |
+//! | infra | [`infra`] | [`infra::sync`] (fork- and re-entry-aware once/lock), [`infra::fork`] (fork-child resets), [`infra::guard`] (panic containment, the re-entry flag), [`infra::log`], [`infra::config`] (environment parsing) | — |
+//!
+//! THE list ([`driver::functions`]) is one macro expanded twice: by the driver layer into the
+//! real-function slots and `cuGetProcAddress` facts, by the hooks layer into the exported
+//! `#[no_mangle]` functions bound to their bodies. So the driver layer never names a hook body.
+//! Fork-child resets go the same way up: each module registers its own ([`infra::fork`]) at its own
+//! lazy initialisation, nobody resets another module.
 //!
 //! # Rules this library keeps (it runs inside every process of the container)
 //!
@@ -24,18 +28,10 @@
 //! or `libnvidia-ml.so.1` makes hooks return an error code, never crash. No `extern "C"` body
 //! can unwind. Only CUDA/NVML names and `dlsym` are exported. A hook entered again on the same thread
 //! (a driver calling back) forwards to the real function; `fork()` at any moment leaves a child
-//! whose first call initialises afresh ([`sync`]).
+//! whose first call initialises afresh ([`infra::sync`]; no `std::sync` lock or once on any path a
+//! child can take).
 
-pub(crate) mod budget;
-pub(crate) mod config;
-pub(crate) mod devices;
-pub(crate) mod dlsym;
-pub(crate) mod ffi;
-pub(crate) mod guard;
+pub(crate) mod driver;
 pub(crate) mod hooks;
-pub(crate) mod log;
-pub(crate) mod real;
-pub(crate) mod sm;
-pub(crate) mod state;
-pub(crate) mod sync;
-pub(crate) mod table;
+pub(crate) mod infra;
+pub(crate) mod policy;

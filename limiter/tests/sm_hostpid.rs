@@ -1,6 +1,6 @@
 //! Host PIDs for the SM cap: NVML reports host PIDs, a container process sees its own. The
 //! gpu-sim simulates a container PID namespace with `GPU_SIM_HOST_PID_OFFSET` (NVML reports
-//! `getpid() + offset`); the node agent's broker (`vgpu_device_plugin::pid_broker`, served here
+//! `getpid() + offset`); the node agent's broker (crate `vgpu-hostpid`'s server, served here
 //! in-process on a private lock directory) is given the same view through its injectable PID map,
 //! as the kernel's `SO_PEERCRED` translation gives it on a real node.
 //!
@@ -19,7 +19,6 @@ use sm_support::{Load, achieved, node, region};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
-use vgpu_device_plugin::pid_broker;
 use vgpu_region::RegionReader;
 
 /// The simulated namespace offset of a process, as the sim reads it (its environment).
@@ -37,14 +36,13 @@ fn sim_host_pid(pid: i32) -> Option<i32> {
 fn two_pods_starting_together_each_get_their_own_host_pid_from_the_broker() {
     let node = node(1);
     let lock_dir = node.dir().join("vgpulock");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let listener = rt.block_on(async { pid_broker::bind(&lock_dir) }).unwrap();
-    let server = rt.spawn(pid_broker::serve(listener, Arc::new(sim_host_pid)));
-    let socket = pid_broker::socket_path(&lock_dir);
+    let listener = vgpu_hostpid::bind(&lock_dir).unwrap();
+    let stop = vgpu_hostpid::Stop::new();
+    let server = std::thread::spawn({
+        let stop = stop.clone();
+        move || vgpu_hostpid::serve(listener, Arc::new(sim_host_pid), &stop, |_| {})
+    });
+    let socket = vgpu_hostpid::socket_path(&lock_dir);
 
     let pods = [("pod-a", 100_000), ("pod-b", 200_000)];
     let loads: Vec<Load<'_>> = pods
@@ -86,7 +84,8 @@ fn two_pods_starting_together_each_get_their_own_host_pid_from_the_broker() {
             "{name}: achieved {got:.1} %, cap 50 %"
         );
     }
-    server.abort();
+    stop.stop();
+    server.join().unwrap();
 }
 
 #[test]

@@ -28,18 +28,19 @@
 //! and charges only primary contexts.
 //!
 //! Destroying a context frees what was allocated in it: the allocation tables remember each
-//! allocation's context ([`crate::budget::context_destroyed`], `primary_context_gone`), so
+//! allocation's context ([`crate::policy::budget::context_destroyed`], `primary_context_gone`), so
 //! `cuCtxDestroy*` and the primary context's last release or reset credit them too.
 
-use crate::budget::{CONTEXTS, Charge, budget};
-use crate::config::MAX_DEVICES;
-use crate::devices;
-use crate::ffi::*;
-use crate::log::{DEBUG, ERROR, log_at, log_refusal};
-use crate::real::{Lib, unavailable};
-use crate::state;
-use crate::sync::{SpinGuard, SpinLock};
-use crate::table::real;
+use crate::driver::ffi::*;
+use crate::driver::real::{Lib, unavailable};
+use crate::driver::table::real;
+use crate::infra::config::MAX_DEVICES;
+use crate::infra::fork::ChildReset;
+use crate::infra::log::{DEBUG, ERROR, log_at, log_refusal};
+use crate::infra::sync::{SpinGuard, SpinLock};
+use crate::policy::budget::{CONTEXTS, Charge, budget};
+use crate::policy::devices;
+use crate::policy::state;
 use std::ffi::{c_int, c_uint, c_void};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use vgpu_region::MemoryKind;
@@ -63,22 +64,25 @@ static PRIMARY_CHARGE: [AtomicU64; MAX_DEVICES] = [const { AtomicU64::new(0) }; 
 static LOCK: SpinLock = SpinLock::new();
 
 /// Held [`LOCK`]; `None` inside when this thread already held it (cannot happen through the
-/// exports, which forward re-entered calls to the driver: see `crate::guard`), so that an inner
+/// exports, which forward re-entered calls to the driver: see `crate::infra::guard`), so that an inner
 /// use never releases the outer one's lock.
 struct Locked(#[allow(dead_code)] Option<SpinGuard<'static>>);
 
+/// Every change to this module's state happens under [`LOCK`], so taking it is where the fork
+/// reset registers.
 fn lock() -> Locked {
+    RESET.register();
     Locked(LOCK.lock().ok())
 }
 
 /// Fork child: the child has no contexts (the driver does not survive `fork`). Atomics only.
-pub(crate) fn reset_after_fork() {
+static RESET: ChildReset = ChildReset::new(|| {
     for (r, c) in PRIMARY_REFS.iter().zip(&PRIMARY_CHARGE) {
         r.store(0, Ordering::Relaxed);
         c.store(0, Ordering::Relaxed);
     }
     LOCK.force_unlock();
-}
+});
 
 /// The capped container device behind CUDA ordinal `ordinal`, if any.
 fn capped_device(ordinal: CUdevice) -> Option<usize> {
@@ -279,7 +283,7 @@ fn ctx_destroy(ctx: Handle, call: impl FnOnce() -> CUresult) -> CUresult {
     };
     let rc = call();
     if rc == CUDA_SUCCESS {
-        crate::budget::context_destroyed(key); // the driver freed what was allocated in it
+        crate::policy::budget::context_destroyed(key); // the driver freed what was allocated in it
         budget().credit_kind(charge.dev as usize, MemoryKind::Context, charge.bytes);
         log_at!(
             DEBUG,
@@ -354,7 +358,7 @@ fn primary_dropped(ordinal: CUdevice, drop_all: bool, call: impl FnOnce() -> CUr
     let left = if drop_all { 0 } else { refs - 1 };
     PRIMARY_REFS[dev].store(left, Ordering::Release);
     if left == 0 {
-        crate::budget::primary_context_gone(dev); // the driver freed what was allocated in it
+        crate::policy::budget::primary_context_gone(dev); // the driver freed what was allocated in it
         let bytes = PRIMARY_CHARGE[dev].swap(0, Ordering::AcqRel);
         if bytes > 0 {
             budget().credit_kind(dev, MemoryKind::Context, bytes);

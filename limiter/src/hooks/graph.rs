@@ -25,15 +25,16 @@
 //! so they are kept in a mutex-protected list (never touched on the `cuMemAlloc`/`cuMemFree` fast
 //! path unless graph allocations exist).
 
-use crate::budget::budget;
-use crate::devices;
-use crate::ffi::*;
-use crate::hooks::current_device;
-use crate::log::{DEBUG, log_at, log_refusal};
-use crate::real::{Lib, unavailable};
-use crate::state;
-use crate::sync::SpinLock;
-use crate::table::real;
+use crate::driver::ffi::*;
+use crate::driver::real::{Lib, unavailable};
+use crate::driver::table::real;
+use crate::infra::fork::ChildReset;
+use crate::infra::log::{DEBUG, log_at, log_refusal};
+use crate::infra::sync::SpinLock;
+use crate::policy::budget::budget;
+use crate::policy::devices;
+use crate::policy::devices::current_device;
+use crate::policy::state;
 use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
@@ -67,13 +68,15 @@ static EPOCH: AtomicU32 = AtomicU32::new(0);
 /// The epoch the vector was last used in.
 static VEC_EPOCH: AtomicU32 = AtomicU32::new(0);
 
-/// Fork child: forget every graph allocation without taking the lock. Atomics only.
-pub(crate) fn reset_after_fork() {
+/// Fork child: forget every graph allocation without taking the lock. Atomics only. Registered by
+/// the first [`with_allocs`], the only way to the vector.
+static RESET: ChildReset = ChildReset::new(|| {
     EPOCH.fetch_add(1, Ordering::AcqRel);
     COUNT.store(0, Ordering::Release);
-}
+});
 
 fn with_allocs<R: Default>(f: impl FnOnce(&mut Vec<GraphAlloc>) -> R) -> R {
+    RESET.register();
     // Re-entered while this thread holds the lock (not reachable through the exports, which
     // forward re-entered calls to the driver): nothing is recorded or found.
     let Ok(_held) = ALLOCS_LOCK.lock() else {

@@ -1,9 +1,9 @@
 //! `cuInit`: the usual first CUDA call, so it triggers our lazy initialisation.
 
-use crate::ffi::CUresult;
-use crate::real::{Lib, unavailable};
-use crate::state;
-use crate::table::real;
+use crate::driver::ffi::CUresult;
+use crate::driver::real::{Lib, unavailable};
+use crate::driver::table::real;
+use crate::policy::state;
 use std::ffi::c_uint;
 
 pub(crate) unsafe fn cu_init(flags: c_uint) -> CUresult {

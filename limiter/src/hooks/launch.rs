@@ -5,14 +5,11 @@
 
 #![allow(clippy::too_many_arguments)] // the driver's signatures
 
-use crate::ffi::{CUresult, Handle};
-use crate::real::{Lib, unavailable};
-use crate::sm;
-use crate::table::real;
+use crate::driver::ffi::{CUresult, Handle, LaunchConfig};
+use crate::driver::real::{Lib, unavailable};
+use crate::driver::table::real;
+use crate::policy::sm::launch as sm;
 use std::ffi::{c_uint, c_void};
-
-/// `CUlaunchConfig` (only ever passed through; its layout is the driver's business).
-pub(crate) type LaunchConfig = c_void;
 
 /// Defines a hook body that runs the SM gate, then forwards its arguments unchanged.
 macro_rules! gated {

@@ -3,13 +3,13 @@
 //! underflow of HAMi-core#200). The real function is always called first, so its errors (no
 //! context, bad device) reach the caller unchanged. Uncapped devices pass through.
 
-use crate::budget::budget;
-use crate::devices;
-use crate::ffi::*;
-use crate::hooks::current_device;
-use crate::real::{Lib, unavailable};
-use crate::state;
-use crate::table::real;
+use crate::driver::ffi::*;
+use crate::driver::real::{Lib, unavailable};
+use crate::driver::table::real;
+use crate::policy::budget::budget;
+use crate::policy::devices;
+use crate::policy::devices::current_device;
+use crate::policy::state;
 use std::ffi::c_uint;
 
 /// `(free, total)` as the container should see them on `dev`, given the physical values.

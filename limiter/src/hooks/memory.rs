@@ -1,6 +1,6 @@
 //! Allocation and free hooks: the enforcement seam.
 //!
-//! On a capped device an allocation is charged to the [`Budget`](crate::budget::Budget) *before*
+//! On a capped device an allocation is charged to the [`Budget`](crate::policy::budget::Budget) *before*
 //! the driver is called (refused with `CUDA_ERROR_OUT_OF_MEMORY` without calling it when it does
 //! not fit), given back if the driver fails, and recorded by pointer/handle on success. A free
 //! removes the record first (so an address the driver reuses at once cannot be confused with
@@ -19,16 +19,17 @@
 //! single visible device the allocation hooks do not ask the driver for the current context's
 //! device ([`alloc_device`]).
 
-use crate::budget::{
+use crate::driver::ffi::*;
+use crate::driver::real::{Lib, unavailable};
+use crate::driver::table::real;
+use crate::hooks::graph;
+use crate::infra::log::{DEBUG, ERROR, log_at, log_refusal};
+use crate::policy::budget::{
     ARRAYS, AllocTable, Budget, Charge, DEVICE_PTRS, VMM_HANDLES, linear_reserved, shared as budget,
 };
-use crate::devices;
-use crate::ffi::*;
-use crate::hooks::{current_device, graph};
-use crate::log::{DEBUG, ERROR, log_at, log_refusal};
-use crate::real::{Lib, unavailable};
-use crate::state;
-use crate::table::real;
+use crate::policy::devices;
+use crate::policy::devices::current_device;
+use crate::policy::state;
 use std::ffi::c_uint;
 use std::sync::atomic::Ordering;
 use vgpu_region::MemoryKind;
@@ -80,7 +81,7 @@ fn tracked_alloc<const N: usize>(
     if !table.insert(key, charge) {
         undo(key);
         b.credit(dev, bytes);
-        crate::budget::count_refusal();
+        crate::policy::budget::count_refusal();
         log_at!(
             ERROR,
             "cannot record the allocation (no memory to grow the allocation table); refusing {bytes} bytes on device {dev}"

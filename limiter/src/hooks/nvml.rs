@@ -10,11 +10,11 @@
 //! `nvidia-smi` in the pod sees what the other processes hold. Another tenant's use of the same
 //! GPU is not shown here (`cuMemGetInfo` bounds `free` by the physical free memory instead).
 
-use crate::budget::budget;
-use crate::ffi::*;
-use crate::real::{Lib, unavailable};
-use crate::state;
-use crate::table::real;
+use crate::driver::ffi::*;
+use crate::driver::real::{Lib, unavailable};
+use crate::driver::table::real;
+use crate::policy::budget::budget;
+use crate::policy::state;
 use std::ffi::c_uint;
 
 pub(crate) unsafe fn init_v1() -> NvmlReturn {

@@ -11,10 +11,10 @@
 //! `CU_GET_PROC_ADDRESS_PER_THREAD_DEFAULT_STREAM` was requested. Names we do not hook, and
 //! failed lookups, are returned untouched.
 
-use crate::ffi::*;
-use crate::log::{DEBUG, log_at};
-use crate::real::{self, Lib, unavailable};
-use crate::table::{ENTRIES, hook_address};
+use crate::driver::ffi::*;
+use crate::driver::real::{Lib, unavailable};
+use crate::driver::table::{ENTRIES, resolve};
+use crate::infra::log::{DEBUG, log_at};
 use std::ffi::{CStr, c_char, c_int, c_void};
 
 pub(crate) unsafe fn get_proc_address(
@@ -22,14 +22,15 @@ pub(crate) unsafe fn get_proc_address(
     pfn: *mut *mut c_void,
     version: c_int,
     flags: u64,
+    hook_address: fn(usize) -> usize,
 ) -> CUresult {
-    let Some(real) = crate::table::real::cuGetProcAddress() else {
+    let Some(real) = crate::driver::table::real::cuGetProcAddress() else {
         return unavailable(Lib::Cuda);
     };
     // SAFETY: the caller's arguments, forwarded.
     let rc = unsafe { real(symbol, pfn, version, flags) };
     // SAFETY: same pointers the driver just accepted.
-    unsafe { substitute(rc, symbol, pfn, version, flags) };
+    unsafe { substitute(rc, symbol, pfn, version, flags, hook_address) };
     rc
 }
 
@@ -39,14 +40,15 @@ pub(crate) unsafe fn get_proc_address_v2(
     version: c_int,
     flags: u64,
     status: *mut c_int,
+    hook_address: fn(usize) -> usize,
 ) -> CUresult {
-    let Some(real) = crate::table::real::cuGetProcAddress_v2() else {
+    let Some(real) = crate::driver::table::real::cuGetProcAddress_v2() else {
         return unavailable(Lib::Cuda);
     };
     // SAFETY: the caller's arguments, forwarded.
     let rc = unsafe { real(symbol, pfn, version, flags, status) };
     // SAFETY: same pointers the driver just accepted.
-    unsafe { substitute(rc, symbol, pfn, version, flags) };
+    unsafe { substitute(rc, symbol, pfn, version, flags, hook_address) };
     rc
 }
 
@@ -60,6 +62,7 @@ unsafe fn substitute(
     pfn: *mut *mut c_void,
     version: c_int,
     flags: u64,
+    hook_address: fn(usize) -> usize,
 ) {
     if rc != CUDA_SUCCESS || symbol.is_null() || pfn.is_null() {
         return;
@@ -71,7 +74,7 @@ unsafe fn substitute(
     if found == 0 {
         return;
     }
-    if let Some(hook) = choose(name, found, version, flags, real::resolve) {
+    if let Some(hook) = choose(name, found, version, flags, resolve, hook_address) {
         log_at!(
             DEBUG,
             "cuGetProcAddress({}, {version}, {flags}) -> hook",
@@ -83,13 +86,14 @@ unsafe fn substitute(
 }
 
 /// The hook to hand out for `name`, given the driver's answer `found`; `resolve(row)` gives the
-/// real address of a row (0 = missing).
+/// real address of a row (0 = missing), `hook_address(row)` the address of our export.
 pub(crate) fn choose(
     name: &[u8],
     found: usize,
     version: c_int,
     flags: u64,
     resolve: impl Fn(usize) -> usize,
+    hook_address: impl Fn(usize) -> usize,
 ) -> Option<usize> {
     let rows = || {
         ENTRIES.iter().enumerate().filter(|(_, e)| {
@@ -119,7 +123,12 @@ pub(crate) fn choose(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::table::{Sym, hook_address};
+    use crate::driver::table::Sym;
+
+    /// Our pretend exports live at 0x9000 + row.
+    fn hook_address(i: usize) -> usize {
+        0x9000 + i
+    }
 
     /// A pretend driver whose exports live at 0x1000 + row.
     fn fake_real(i: usize) -> usize {
@@ -131,16 +140,37 @@ mod tests {
         let v1 = Sym::cuMemAlloc as usize;
         let v2 = Sym::cuMemAlloc_v2 as usize;
         assert_eq!(
-            choose(b"cuMemAlloc", fake_real(v1), 12000, 0, fake_real),
+            choose(
+                b"cuMemAlloc",
+                fake_real(v1),
+                12000,
+                0,
+                fake_real,
+                hook_address
+            ),
             Some(hook_address(v1))
         );
         assert_eq!(
-            choose(b"cuMemAlloc", fake_real(v2), 3020, 0, fake_real),
+            choose(
+                b"cuMemAlloc",
+                fake_real(v2),
+                3020,
+                0,
+                fake_real,
+                hook_address
+            ),
             Some(hook_address(v2))
         );
         let pt = Sym::cuLaunchKernel_ptsz as usize;
         assert_eq!(
-            choose(b"cuLaunchKernel", fake_real(pt), 12000, 0, fake_real),
+            choose(
+                b"cuLaunchKernel",
+                fake_real(pt),
+                12000,
+                0,
+                fake_real,
+                hook_address
+            ),
             Some(hook_address(pt))
         );
     }
@@ -150,11 +180,11 @@ mod tests {
         let internal = 0xdead_0000;
         let h = |s: Sym| Some(hook_address(s as usize));
         assert_eq!(
-            choose(b"cuMemAlloc", internal, 3010, 0, fake_real),
+            choose(b"cuMemAlloc", internal, 3010, 0, fake_real, hook_address),
             h(Sym::cuMemAlloc)
         );
         assert_eq!(
-            choose(b"cuMemAlloc", internal, 12000, 0, fake_real),
+            choose(b"cuMemAlloc", internal, 12000, 0, fake_real, hook_address),
             h(Sym::cuMemAlloc_v2)
         );
         assert_eq!(
@@ -163,7 +193,8 @@ mod tests {
                 internal,
                 12000,
                 CU_GET_PROC_ADDRESS_PER_THREAD_DEFAULT_STREAM,
-                fake_real
+                fake_real,
+                hook_address
             ),
             h(Sym::cuLaunchKernel_ptsz)
         );
@@ -173,20 +204,42 @@ mod tests {
                 internal,
                 12000,
                 CU_GET_PROC_ADDRESS_PER_THREAD_DEFAULT_STREAM,
-                fake_real
+                fake_real,
+                hook_address
             ),
             h(Sym::cuMemCreate)
         );
         assert_eq!(
-            choose(b"cuGetProcAddress", internal, 11030, 0, fake_real),
+            choose(
+                b"cuGetProcAddress",
+                internal,
+                11030,
+                0,
+                fake_real,
+                hook_address
+            ),
             h(Sym::cuGetProcAddress)
         );
         assert_eq!(
-            choose(b"cuGetProcAddress", internal, 12040, 0, fake_real),
+            choose(
+                b"cuGetProcAddress",
+                internal,
+                12040,
+                0,
+                fake_real,
+                hook_address
+            ),
             h(Sym::cuGetProcAddress_v2)
         );
         assert_eq!(
-            choose(b"cuMemAllocAsync", internal, 11000, 0, fake_real),
+            choose(
+                b"cuMemAllocAsync",
+                internal,
+                11000,
+                0,
+                fake_real,
+                hook_address
+            ),
             None,
             "too old for that ABI"
         );
@@ -194,12 +247,18 @@ mod tests {
 
     #[test]
     fn names_we_do_not_hook_are_left_alone_and_exact_names_work() {
-        assert_eq!(choose(b"cuMemcpy", 0x1234, 12000, 0, fake_real), None);
         assert_eq!(
-            choose(b"cuMemAlloc_v2", 0x1234, 12000, 0, fake_real),
+            choose(b"cuMemcpy", 0x1234, 12000, 0, fake_real, hook_address),
+            None
+        );
+        assert_eq!(
+            choose(b"cuMemAlloc_v2", 0x1234, 12000, 0, fake_real, hook_address),
             Some(hook_address(Sym::cuMemAlloc_v2 as usize)),
             "an exact versioned name maps to its own row"
         );
-        assert_eq!(choose(b"nvmlInit", 0x1234, 12000, 0, fake_real), None);
+        assert_eq!(
+            choose(b"nvmlInit", 0x1234, 12000, 0, fake_real, hook_address),
+            None
+        );
     }
 }

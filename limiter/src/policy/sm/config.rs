@@ -11,8 +11,8 @@
 //! * `CUDA_TASK_PRIORITY`: `atoi`, default 1 (HAMi: 0 high, 1 low); written into a region this
 //!   process creates.
 
-use crate::config::MAX_DEVICES;
-use crate::log::atoi;
+use crate::infra::config::{MAX_DEVICES, SM_PER_DEVICE_NAMES};
+use crate::infra::log::atoi;
 use std::ffi::CStr;
 
 /// The cap a malformed `CUDA_DEVICE_SM_LIMIT*` value gets: the smallest meaningful share, so a
@@ -92,7 +92,7 @@ pub(crate) fn sm_limits_from(
     let fallback = parse(c"CUDA_DEVICE_SM_LIMIT").unwrap_or(None);
     let mut caps = [fallback; MAX_DEVICES];
     for (i, cap) in caps.iter_mut().enumerate() {
-        if let Some(c) = parse(PER_DEVICE_NAMES[i]) {
+        if let Some(c) = parse(SM_PER_DEVICE_NAMES[i]) {
             *cap = c;
         }
     }
@@ -123,25 +123,6 @@ pub(crate) fn policy_from(value: Option<&[u8]>) -> Policy {
 pub(crate) fn priority_from(value: Option<&[u8]>) -> i32 {
     value.map_or(vgpu_region::layout::DEFAULT_PRIORITY, atoi)
 }
-
-pub(crate) const PER_DEVICE_NAMES: [&CStr; MAX_DEVICES] = [
-    c"CUDA_DEVICE_SM_LIMIT_0",
-    c"CUDA_DEVICE_SM_LIMIT_1",
-    c"CUDA_DEVICE_SM_LIMIT_2",
-    c"CUDA_DEVICE_SM_LIMIT_3",
-    c"CUDA_DEVICE_SM_LIMIT_4",
-    c"CUDA_DEVICE_SM_LIMIT_5",
-    c"CUDA_DEVICE_SM_LIMIT_6",
-    c"CUDA_DEVICE_SM_LIMIT_7",
-    c"CUDA_DEVICE_SM_LIMIT_8",
-    c"CUDA_DEVICE_SM_LIMIT_9",
-    c"CUDA_DEVICE_SM_LIMIT_10",
-    c"CUDA_DEVICE_SM_LIMIT_11",
-    c"CUDA_DEVICE_SM_LIMIT_12",
-    c"CUDA_DEVICE_SM_LIMIT_13",
-    c"CUDA_DEVICE_SM_LIMIT_14",
-    c"CUDA_DEVICE_SM_LIMIT_15",
-];
 
 #[cfg(test)]
 mod tests {

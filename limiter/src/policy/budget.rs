@@ -28,10 +28,12 @@
 //!   reaped by the others).
 //!
 //! Device indices here are *container* device indices (what `CUDA_DEVICE_MEMORY_LIMIT_<i>` and
-//! NVML count), not CUDA ordinals; [`crate::devices`] maps one to the other.
+//! NVML count), not CUDA ordinals; [`crate::policy::devices`] maps one to the other.
 
-use crate::config::{self, Limit, MAX_DEVICES};
-use crate::log::{ERROR, WARN, log_at};
+use crate::infra::config::{self, MAX_DEVICES};
+use crate::infra::fork::ChildReset;
+use crate::infra::log::{ERROR, WARN, log_at};
+use crate::policy::caps::{self, UNLIMITED};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -75,20 +77,14 @@ pub(crate) trait Budget: Sync {
     fn reset_after_fork(&self);
 }
 
-const UNLIMITED: u64 = u64::MAX;
-
 /// The container's budget, kept in the shared region.
 #[derive(Debug)]
 pub(crate) struct SharedBudget {
-    /// Caps in force (`UNLIMITED` = none): the environment's, then the region file's.
-    limits: [AtomicU64; MAX_DEVICES],
-    /// Whether the environment capped any device (decides whether the region is opened at all).
-    env_capped: AtomicBool,
     /// Whether the region, once opened, holds a memory limit for any device (then those devices are
     /// capped even where this process's environment says nothing).
     file_capped: AtomicBool,
-    /// Opened (or failed); fork- and re-entry-aware, see `crate::sync`.
-    open_state: crate::sync::InitOnce,
+    /// Opened (or failed); fork- and re-entry-aware, see `crate::infra::sync`.
+    open_state: crate::infra::sync::InitOnce,
     /// The mapped region, leaked for the process's lifetime; null when it could not be opened.
     region: AtomicPtr<Region>,
     registration_reported: AtomicBool,
@@ -99,10 +95,8 @@ pub(crate) struct SharedBudget {
 impl SharedBudget {
     pub(crate) const fn new() -> Self {
         Self {
-            limits: [const { AtomicU64::new(UNLIMITED) }; MAX_DEVICES],
-            env_capped: AtomicBool::new(false),
             file_capped: AtomicBool::new(false),
-            open_state: crate::sync::InitOnce::new(),
+            open_state: crate::infra::sync::InitOnce::new(),
             region: AtomicPtr::new(std::ptr::null_mut()),
             registration_reported: AtomicBool::new(false),
             device_info_written: AtomicBool::new(false),
@@ -110,33 +104,9 @@ impl SharedBudget {
         }
     }
 
-    /// Installs the environment's caps (once, during initialisation).
-    pub(crate) fn set_limits(&self, limits: &[Limit; MAX_DEVICES]) {
-        let mut any = false;
-        for (slot, limit) in self.limits.iter().zip(limits) {
-            let v = match *limit {
-                Limit::Unlimited => UNLIMITED,
-                Limit::Bytes(b) => {
-                    any = true;
-                    b.min(UNLIMITED - 1)
-                }
-            };
-            slot.store(v, Ordering::Release);
-        }
-        self.env_capped.store(any, Ordering::Release);
-    }
-
-    /// Lowers device `dev`'s cap to at most `bytes`, never raising it (a per-device variable that
-    /// names a device the container does not have applies to every device: `crate::devices`).
-    pub(crate) fn tighten_limit(&self, dev: usize, bytes: u64) {
-        if let Some(slot) = self.limits.get(dev) {
-            slot.fetch_min(bytes.min(UNLIMITED - 1), Ordering::AcqRel);
-        }
-    }
-
     /// The region, opening it on first use; `None` without a cap or when it cannot be opened.
     fn region(&self) -> Option<&'static Region> {
-        if !self.env_capped.load(Ordering::Acquire) && !crate::sm::wants_region() {
+        if !caps::memory_capped() && !caps::sm_capped() {
             return None;
         }
         if !self.open_state.is_done() {
@@ -156,11 +126,8 @@ impl SharedBudget {
         };
         let path = Path::new(OsStr::from_bytes(config::shared_cache_path().to_bytes()));
         let mut cfg = RegionConfig::default();
-        crate::sm::fill_region_config(&mut cfg);
-        for (dst, src) in cfg.limits.iter_mut().zip(&self.limits) {
-            let v = src.load(Ordering::Acquire);
-            *dst = if v == UNLIMITED { 0 } else { v };
-        }
+        caps::sm_for_region(&mut cfg);
+        caps::memory_for_region(&mut cfg);
         match Region::open_or_create(path, &cfg) {
             Ok(region) => {
                 let report = region.open_report();
@@ -187,6 +154,7 @@ impl SharedBudget {
                 let any_file_limit =
                     (0..MAX_DEVICES).any(|d| region.limit(d).is_ok_and(|l| l != 0));
                 self.file_capped.store(any_file_limit, Ordering::Release);
+                RESET.register(); // before the slot can be taken: a child must forget it
                 self.region
                     .store(Box::into_raw(Box::new(region)), Ordering::Release);
             }
@@ -315,7 +283,7 @@ fn nonzero(limits: &[u64]) -> Vec<(usize, u64)> {
 /// Writes the visible devices' UUIDs (container index order) into the region, as HAMi-core does
 /// at initialisation; best effort, from the driver's `cuDeviceGetUuid`.
 fn write_device_info(region: &Region) {
-    let uuids = crate::devices::visible_uuids();
+    let uuids = crate::policy::devices::visible_uuids();
     if uuids.is_empty() {
         return;
     }
@@ -340,13 +308,16 @@ extern "C" fn release_slot_at_exit() {
 impl Budget for SharedBudget {
     /// The stricter of the environment's cap and the region's (0 in the file = none). Read from the
     /// region on every call: a tenant raising the file's word gains nothing (the environment still
-    /// bounds it) and the node lowering it takes effect at the next allocation.
+    /// bounds it) and the node lowering it takes effect at the next allocation. Inlined into the
+    /// allocation hooks (it was, by the compiler's choice, before the environment's caps moved to
+    /// `caps.rs`; out of line it costs ~20 instructions per capped allocation).
+    #[inline]
     fn limit(&self, dev: usize) -> Option<u64> {
         let file = self
             .region()
             .and_then(|r| r.limit(dev).ok())
             .filter(|&l| l != 0);
-        let env = self.limits.get(dev)?.load(Ordering::Acquire);
+        let env = caps::memory(dev)?;
         match (env, file) {
             (UNLIMITED, file) => file,
             (env, Some(file)) => Some(env.min(file)),
@@ -355,7 +326,7 @@ impl Budget for SharedBudget {
     }
 
     fn any_limit(&self) -> bool {
-        self.env_capped.load(Ordering::Acquire) || self.file_capped.load(Ordering::Acquire)
+        caps::memory_capped() || self.file_capped.load(Ordering::Acquire)
     }
 
     fn usage(&self, dev: usize) -> u64 {
@@ -406,8 +377,10 @@ static SHARED: SharedBudget = SharedBudget::new();
 /// (the SM watcher, which also needs it, runs only under an SM cap). Asked once per slot taken, of the
 /// agent's broker (bounded by its timeout; a missing socket fails at once).
 fn record_host_pid(region: &Region) {
-    if let (Some(pid), Some(slot)) = (crate::sm::hostpid::resolve().pid(), region.slot_index())
-        && let Some(s) = region.layout().procs.get(slot)
+    if let (Some(pid), Some(slot)) = (
+        crate::policy::sm::hostpid::resolve().pid(),
+        region.slot_index(),
+    ) && let Some(s) = region.layout().procs.get(slot)
     {
         s.hostpid.store(pid, Ordering::Release);
     }
@@ -538,6 +511,7 @@ impl<const N: usize> AllocTable<N> {
     /// Allocates segment `seg` (or returns the one another thread allocated meanwhile).
     #[cold]
     fn grow(&self, seg: usize) -> Option<&[Entry]> {
+        RESET.register();
         let layout = Self::layout(seg)?;
         // SAFETY: the layout has a non-zero size (N >= PROBE > 0).
         let fresh = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<Entry>();
@@ -737,12 +711,12 @@ fn context_tag() -> u64 {
 
 #[cold]
 fn current_context_tag() -> u64 {
-    let Some(get) = crate::table::real::cuCtxGetCurrent() else {
+    let Some(get) = crate::driver::table::real::cuCtxGetCurrent() else {
         return PRIMARY_TAG;
     };
-    let mut ctx: crate::ffi::Handle = std::ptr::null_mut();
+    let mut ctx: crate::driver::ffi::Handle = std::ptr::null_mut();
     // SAFETY: a valid out-pointer; cuCtxGetCurrent has no other preconditions.
-    if unsafe { get(&mut ctx) } != crate::ffi::CUDA_SUCCESS {
+    if unsafe { get(&mut ctx) } != crate::driver::ffi::CUDA_SUCCESS {
         return PRIMARY_TAG;
     }
     let h = ctx as u64;
@@ -785,16 +759,16 @@ pub(crate) static ARRAYS: AllocTable<4096> = AllocTable::with(true, false);
 /// Contexts made by `cuCtxCreate*` (primary contexts are counted per device instead).
 pub(crate) static CONTEXTS: AllocTable<1024> = AllocTable::with(false, true);
 
-/// The fork-child reset: usage and every table. Only atomics.
-pub(crate) fn reset_after_fork() {
+/// The fork-child reset: the region's slot and every table (the child owns none of the parent's
+/// allocations). Only atomics. Registered when the region is opened and when a table first grows,
+/// before either holds anything of the parent's.
+static RESET: ChildReset = ChildReset::new(|| {
     budget().reset_after_fork();
     DEVICE_PTRS.clear();
     VMM_HANDLES.clear();
     ARRAYS.clear();
     CONTEXTS.clear();
-    crate::hooks::context::reset_after_fork();
-    crate::hooks::graph::reset_after_fork();
-}
+});
 
 #[cfg(test)]
 mod tests {

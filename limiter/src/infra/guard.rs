@@ -14,7 +14,7 @@
 //! The flag is a zero-initialised `Cell<bool>` without a destructor, so it needs no lazy
 //! registration and cannot fail during thread teardown; one TLS access per call, without a call
 //! to `__tls_get_addr` on x86_64 Linux (see `flag`; measured, see the README's Benchmark section). The launch hooks do not take it: they hold no lock across the
-//! driver call, and their slow paths use [`crate::sync`], which detects re-entry by itself.
+//! driver call, and their slow paths use [`crate::infra::sync`], which detects re-entry by itself.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 

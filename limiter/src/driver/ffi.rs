@@ -151,6 +151,29 @@ pub(crate) struct NvmlMemoryV2 {
 /// `NVML_DEVICE_UUID_V2_BUFFER_SIZE`.
 pub(crate) const NVML_UUID_BUFFER: usize = 96;
 
+/// `CUlaunchConfig` (only ever passed through; its layout is the driver's business).
+pub(crate) type LaunchConfig = c_void;
+
+/// `nvmlProcessUtilizationSample_t`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct ProcessSample {
+    pub(crate) pid: c_uint,
+    pub(crate) time_stamp: u64,
+    pub(crate) sm_util: c_uint,
+    pub(crate) mem_util: c_uint,
+    pub(crate) enc_util: c_uint,
+    pub(crate) dec_util: c_uint,
+}
+
+/// `nvmlUtilization_t`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Utilization {
+    pub(crate) gpu: c_uint,
+    pub(crate) memory: c_uint,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -98,8 +98,8 @@ pub(crate) fn emit(level: i32, args: fmt::Arguments<'_>) {
 macro_rules! log_at {
     ($level:expr, $($arg:tt)*) => {{
         let level = $level;
-        if $crate::log::enabled(level) {
-            $crate::log::emit(level, format_args!($($arg)*))
+        if $crate::infra::log::enabled(level) {
+            $crate::infra::log::emit(level, format_args!($($arg)*))
         }
     }};
 }
@@ -162,8 +162,8 @@ pub(crate) fn refusal(args: fmt::Arguments<'_>) {
 /// Logs a refusal at the cap: a warning, at most one line per second per process.
 macro_rules! log_refusal {
     ($($arg:tt)*) => {{
-        if $crate::log::enabled($crate::log::WARN) {
-            $crate::log::refusal(format_args!($($arg)*))
+        if $crate::infra::log::enabled($crate::infra::log::WARN) {
+            $crate::infra::log::refusal(format_args!($($arg)*))
         }
     }};
 }

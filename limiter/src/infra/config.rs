@@ -12,7 +12,7 @@
 //!   [`indexed_beyond`].
 //! * `CUDA_DEVICE_MEMORY_SHARED_CACHE` (default `/tmp/cudevshr.cache`): the shared-region path,
 //!   read here for the region crate; opened (created if missing) only by a process with a cap.
-//! * `LIBCUDA_LOG_LEVEL`: see [`crate::log`].
+//! * `LIBCUDA_LOG_LEVEL`: see [`crate::infra::log`].
 
 use std::ffi::{CStr, c_char};
 
@@ -196,9 +196,7 @@ pub(crate) fn indexed_beyond(
     count: usize,
 ) -> Vec<Beyond> {
     let memory = PER_DEVICE_NAMES.iter().map(|n| (*n, true));
-    let sm = crate::sm::config::PER_DEVICE_NAMES
-        .iter()
-        .map(|n| (*n, false));
+    let sm = SM_PER_DEVICE_NAMES.iter().map(|n| (*n, false));
     memory
         .chain(sm)
         .enumerate()
@@ -216,7 +214,7 @@ pub(crate) fn indexed_beyond(
         .collect()
 }
 
-/// `CUDA_DEVICE_MEMORY_SHARED_CACHE` or the default path (opened by [`crate::budget`]).
+/// `CUDA_DEVICE_MEMORY_SHARED_CACHE` or the default path (opened by the budget, `policy/budget.rs`).
 /// `CUDA_OVERSUBSCRIBE`: `true` (any case) or `1` enables the managed-memory fallback.
 pub(crate) fn oversubscribe_from(value: Option<&[u8]>) -> bool {
     value.is_some_and(|v| v.eq_ignore_ascii_case(b"true") || v == b"1")
@@ -233,6 +231,26 @@ pub(crate) fn shared_cache_path() -> &'static CStr {
         _ => DEFAULT_SHARED_CACHE,
     }
 }
+
+/// `CUDA_DEVICE_SM_LIMIT_<i>` (parsed in `policy/sm/config.rs`).
+pub(crate) const SM_PER_DEVICE_NAMES: [&CStr; MAX_DEVICES] = [
+    c"CUDA_DEVICE_SM_LIMIT_0",
+    c"CUDA_DEVICE_SM_LIMIT_1",
+    c"CUDA_DEVICE_SM_LIMIT_2",
+    c"CUDA_DEVICE_SM_LIMIT_3",
+    c"CUDA_DEVICE_SM_LIMIT_4",
+    c"CUDA_DEVICE_SM_LIMIT_5",
+    c"CUDA_DEVICE_SM_LIMIT_6",
+    c"CUDA_DEVICE_SM_LIMIT_7",
+    c"CUDA_DEVICE_SM_LIMIT_8",
+    c"CUDA_DEVICE_SM_LIMIT_9",
+    c"CUDA_DEVICE_SM_LIMIT_10",
+    c"CUDA_DEVICE_SM_LIMIT_11",
+    c"CUDA_DEVICE_SM_LIMIT_12",
+    c"CUDA_DEVICE_SM_LIMIT_13",
+    c"CUDA_DEVICE_SM_LIMIT_14",
+    c"CUDA_DEVICE_SM_LIMIT_15",
+];
 
 #[cfg(test)]
 mod tests {

@@ -1,7 +1,7 @@
 //! The SM-cap controller: measured utilisation in, launch spacing out. Pure arithmetic, no I/O, so
 //! it is tested against a simulated GPU below.
 //!
-//! The output is `step_ns`, the wall time the launch gate ([`super::gate`]) spaces this process's
+//! The output is `step_ns`, the wall time the launch gate (`gate.rs`) spaces this process's
 //! launches on one device by (0 = no pacing). The input, once per tick (~100 ms), is what NVML
 //! measured over the tick: this process's share of the device's time, the container's share (all
 //! its processes, through their host PIDs), how many launches this process made, and whether the

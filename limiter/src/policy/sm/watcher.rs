@@ -6,20 +6,22 @@
 //! is the sum over the container's host PIDs (every live slot of the shared region that has
 //! one — each process writes its own). A tick that brings no new sample carries no information
 //! and changes nothing (NVML's sampling period may be longer than a tick). Without a host PID
-//! (see [`super::hostpid`]) the device's overall utilisation stands in for both: the cap holds,
+//! (see `hostpid.rs`) the device's overall utilisation stands in for both: the cap holds,
 //! at the price of over-throttling on a shared GPU.
 //!
 //! It writes this process's share (percent) into its slot's `device_util[i].sm_util` each tick,
 //! for the monitor and the metrics.
 
-use super::controller::{Controller, Measurement};
-use super::hostpid::{self, HostPid};
-use super::{CAPS, GATES, gate};
-use crate::budget;
-use crate::config::MAX_DEVICES;
-use crate::ffi::{Handle, NVML_SUCCESS, NvmlReturn};
-use crate::log::{DEBUG, ERROR, INFO, WARN, log_at};
-use crate::table::real;
+use crate::driver::ffi::{Handle, NVML_SUCCESS, NvmlReturn, ProcessSample, Utilization};
+use crate::driver::table::real;
+use crate::infra::config::MAX_DEVICES;
+use crate::infra::fork::ChildReset;
+use crate::infra::log::{DEBUG, ERROR, INFO, WARN, log_at};
+use crate::policy::budget;
+use crate::policy::sm::controller::{Controller, Measurement};
+use crate::policy::sm::gate;
+use crate::policy::sm::hostpid::{self, HostPid};
+use crate::policy::sm::shared::{self, CAPS, GATES};
 use std::collections::HashMap;
 use std::ffi::c_uint;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -34,26 +36,6 @@ const DEVICE_WINDOW_NS: u64 = 1_000_000_000;
 
 const NVML_ERROR_NOT_FOUND: NvmlReturn = 6;
 const NVML_ERROR_INSUFFICIENT_SIZE: NvmlReturn = 7;
-
-/// `nvmlProcessUtilizationSample_t`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct ProcessSample {
-    pub(crate) pid: c_uint,
-    pub(crate) time_stamp: u64,
-    pub(crate) sm_util: c_uint,
-    pub(crate) mem_util: c_uint,
-    pub(crate) enc_util: c_uint,
-    pub(crate) dec_util: c_uint,
-}
-
-/// `nvmlUtilization_t`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct Utilization {
-    pub(crate) gpu: c_uint,
-    pub(crate) memory: c_uint,
-}
 
 const NOT_STARTED: u8 = 0;
 const STARTED: u8 = 1;
@@ -70,6 +52,8 @@ pub(crate) fn ensure_started() {
 
 #[cold]
 fn start() {
+    // Before the thread exists, so a child forked at any moment after it never inherits "started".
+    RESET.register();
     if STATE
         .compare_exchange(NOT_STARTED, STARTED, Ordering::AcqRel, Ordering::Acquire)
         .is_err()
@@ -87,10 +71,8 @@ fn start() {
     }
 }
 
-/// Fork child: the thread did not survive the fork.
-pub(crate) fn reset_after_fork() {
-    STATE.store(NOT_STARTED, Ordering::Relaxed);
-}
+/// Fork child: the thread did not survive the fork (registered when the thread is started).
+static RESET: ChildReset = ChildReset::new(|| STATE.store(NOT_STARTED, Ordering::Relaxed));
 
 /// Per-device measurement state.
 #[derive(Debug)]
@@ -129,7 +111,7 @@ fn run() {
             WARN,
             "host PID unknown (no broker at {}, not in the host PID namespace): the SM cap \
              counts the whole GPU's utilisation as this container's",
-            hostpid::DEFAULT_SOCKET.to_string_lossy()
+            vgpu_hostpid::CONTAINER_SOCKET
         ),
     }
     if let (Some(pid), Some(region)) = (own_pid, budget::registered_region())
@@ -187,7 +169,7 @@ fn run() {
                 continue;
             };
             write_sm_util(d, own);
-            if !super::capping_now(super::region()) {
+            if !shared::capping_now(shared::region()) {
                 // Not capping now (policy default, the monitor's switch off): the gate stays open
                 // and the controller starts afresh when capping resumes.
                 dev.controller = Controller::new(cap);

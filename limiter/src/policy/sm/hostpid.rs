@@ -10,7 +10,8 @@
 //!    the caller's PID with `SO_PEERCRED` — the kernel translates it into the agent's namespace —
 //!    and replies with it. Wire format: HAMi's broker (`HAMi:docs/develop/hostpid-broker.md`),
 //!    request `"HPID"` u16 version 1, u16 command 1; reply `"HPID"` u16 version, u16 status (0 =
-//!    ok), u32 PID, network byte order. Connect, send and receive are bounded by
+//!    ok), u32 PID, network byte order — crate `vgpu-hostpid`, which also holds the server the
+//!    node agent runs. Connect, send and receive are bounded by
 //!    [`BROKER_TIMEOUT_MS`]; a missing socket fails at once.
 //! 2. **The host PID namespace** (exact): if `/proc/self/ns/pid` is the initial namespace
 //!    (`pid:[4026531836]`, the kernel's `PROC_PID_INIT_INO`), `getpid()` is the host PID.
@@ -18,14 +19,12 @@
 //!    as the container's (never under-counts, so the cap still holds; it only over-throttles when
 //!    the GPU is shared), and says so once.
 
-use crate::config::getenv;
-use std::ffi::CStr;
+use crate::infra::config::getenv;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
+use vgpu_hostpid::{CONTAINER_SOCKET, REPLY_LEN, parse_reply, request};
 
-/// Default socket path inside a container.
-pub(crate) const DEFAULT_SOCKET: &CStr = c"/tmp/vgpulock/hostpid/broker.sock";
 /// Bound on each broker exchange step.
 pub(crate) const BROKER_TIMEOUT_MS: u64 = 200;
 /// `PROC_PID_INIT_INO`: the inode of the initial PID namespace.
@@ -55,7 +54,7 @@ pub(crate) fn resolve() -> HostPid {
         Some(v) if !v.is_empty() => Some(std::ffi::OsStr::new(
             std::str::from_utf8(v).unwrap_or_default(),
         )),
-        _ => DEFAULT_SOCKET.to_str().ok().map(std::ffi::OsStr::new),
+        _ => Some(std::ffi::OsStr::new(CONTAINER_SOCKET)),
     };
     if let Some(path) = socket
         && !path.is_empty()
@@ -70,25 +69,6 @@ pub(crate) fn resolve() -> HostPid {
     HostPid::Unknown
 }
 
-/// The 8-byte request.
-pub(crate) fn request() -> [u8; 8] {
-    let mut r = [0u8; 8];
-    r[..4].copy_from_slice(b"HPID");
-    r[4..6].copy_from_slice(&1u16.to_be_bytes());
-    r[6..8].copy_from_slice(&1u16.to_be_bytes());
-    r
-}
-
-/// Parses the 12-byte reply; `None` unless it is an "ok" with a positive PID.
-pub(crate) fn parse_reply(reply: &[u8; 12]) -> Option<i32> {
-    if &reply[..4] != b"HPID" {
-        return None;
-    }
-    let status = u16::from_be_bytes([reply[6], reply[7]]);
-    let pid = u32::from_be_bytes([reply[8], reply[9], reply[10], reply[11]]);
-    (status == 0 && pid > 0 && pid <= i32::MAX as u32).then_some(pid as i32)
-}
-
 fn ask_broker(path: &std::path::Path) -> Option<i32> {
     if !path.exists() {
         return None;
@@ -98,7 +78,7 @@ fn ask_broker(path: &std::path::Path) -> Option<i32> {
     stream.set_read_timeout(timeout).ok()?;
     stream.set_write_timeout(timeout).ok()?;
     stream.write_all(&request()).ok()?;
-    let mut reply = [0u8; 12];
+    let mut reply = [0u8; REPLY_LEN];
     stream.read_exact(&mut reply).ok()?;
     parse_reply(&reply)
 }
@@ -111,17 +91,6 @@ fn in_initial_pid_namespace() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn request_and_reply_use_hamis_wire_format() {
-        assert_eq!(&request(), b"HPID\0\x01\0\x01");
-        let mut ok = *b"HPID\0\x01\0\0\0\0\x30\x39";
-        assert_eq!(parse_reply(&ok), Some(12345));
-        ok[7] = 1; // status: error
-        assert_eq!(parse_reply(&ok), None);
-        assert_eq!(parse_reply(b"XPID\0\x01\0\0\0\0\x30\x39"), None);
-        assert_eq!(parse_reply(b"HPID\0\x01\0\0\0\0\0\0"), None, "pid 0");
-    }
 
     #[test]
     fn a_missing_socket_fails_at_once() {

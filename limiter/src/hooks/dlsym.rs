@@ -41,8 +41,9 @@
 //! there `RTLD_NEXT` lookups become relative to this library. The trampoline has no `endbr64`;
 //! Linux userspace does not enforce IBT today.
 
-use crate::real::{self, real_dlsym, real_dlsym_addr};
-use crate::table::{hook_address, hooked_index};
+use crate::driver::real::{real_dlsym, real_dlsym_addr};
+use crate::driver::table::{hooked_index, resolve};
+use crate::hooks::exports::hook_address;
 use std::ffi::{CStr, c_char, c_void};
 
 /// Decides a `dlsym(handle, symbol)` call made from return address `caller`. Returns the address
@@ -54,7 +55,7 @@ extern "C" fn route(
     answer: *mut *mut c_void,
     caller: usize,
 ) -> usize {
-    crate::guard::ffi(0, || {
+    crate::infra::guard::ffi(0, || {
         let real = real_dlsym_addr();
         // SAFETY: `symbol` is the caller's argument (checked for null) and `answer` points to the
         // trampoline's stack slot.
@@ -111,7 +112,7 @@ unsafe fn decide(handle: *mut c_void, symbol: *const c_char, caller: usize) -> D
         // caller before us asking for a function the driver does not have would get our hook
         // (which can only fail); without us it gets whatever comes next, or NULL and an error.
         // (Order: the caller's position first, so a lookup we pass on never opens the driver.)
-        if !loaded_before_us(caller) || real::resolve(row) != 0 {
+        if !loaded_before_us(caller) || resolve(row) != 0 {
             return Decision::Forward;
         }
         return Decision::Answer(after_us(name));
@@ -121,7 +122,7 @@ unsafe fn decide(handle: *mut c_void, symbol: *const c_char, caller: usize) -> D
         return Decision::Answer(std::ptr::null_mut()); // dlerror is set by the real lookup
     }
     let hook = hook_address(row);
-    let driver = real::resolve(row);
+    let driver = resolve(row);
     let answer = if found == hook {
         if driver != 0 {
             hook
@@ -249,5 +250,5 @@ pub unsafe extern "C" fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *m
         return answer;
     }
     // SAFETY: `real` is glibc's dlsym; the caller's arguments are forwarded.
-    unsafe { std::mem::transmute::<usize, real::DlsymFn>(real)(handle, symbol) }
+    unsafe { std::mem::transmute::<usize, crate::driver::real::DlsymFn>(real)(handle, symbol) }
 }

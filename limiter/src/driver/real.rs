@@ -1,4 +1,6 @@
-//! Reaching the real functions: the real `dlsym`, the driver libraries, and lazy per-symbol slots.
+//! Reaching the real functions: the real `dlsym`, the driver libraries, and what a lazy per-symbol
+//! slot holds (the slots themselves are `table.rs`'s `SLOTS`, one per row of the list, which this
+//! file does not know about).
 //!
 //! Every slot is an `AtomicUsize`: 0 = not resolved yet, 1 = missing, anything else = the address.
 //! Resolution happens on first use (`dlopen` + the real `dlsym`), never at load time; afterwards a
@@ -98,28 +100,6 @@ pub(crate) fn real_dlsym(handle: *mut c_void, name: &CStr) -> *mut c_void {
     unsafe { f(handle, name.as_ptr()) }
 }
 
-/// Resolves slot `idx` of the symbol table; returns 0 when the symbol or its library is missing.
-#[inline]
-pub(crate) fn resolve(idx: usize) -> usize {
-    let slot = &crate::table::SLOTS[idx];
-    match slot.load(Ordering::Acquire) {
-        MISSING => 0,
-        NOT_YET => resolve_slow(idx),
-        addr => addr,
-    }
-}
-
-#[cold]
-fn resolve_slow(idx: usize) -> usize {
-    let entry = &crate::table::ENTRIES[idx];
-    let addr = library(entry.lib)
-        .map(|h| real_dlsym(h, entry.name) as usize)
-        .filter(|&a| a > MISSING)
-        .unwrap_or(MISSING);
-    crate::table::SLOTS[idx].store(addr, Ordering::Release);
-    if addr == MISSING { 0 } else { addr }
-}
-
 /// Whether `lib` could be opened (opening it if needed).
 pub(crate) fn library_present(lib: Lib) -> bool {
     library(lib).is_some()
@@ -127,7 +107,7 @@ pub(crate) fn library_present(lib: Lib) -> bool {
 
 /// The error a hook returns when its real function is unavailable.
 pub(crate) fn unavailable(lib: Lib) -> c_int {
-    use crate::ffi::*;
+    use crate::driver::ffi::*;
     match (lib, library_present(lib)) {
         (Lib::Cuda, false) => CUDA_ERROR_NOT_INITIALIZED,
         (Lib::Cuda, true) => CUDA_ERROR_NOT_SUPPORTED,

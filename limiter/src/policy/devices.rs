@@ -8,15 +8,16 @@
 //!
 //! Computed once, on the first allocation after `cuInit` (it needs `cuDeviceGetCount`).
 
-use crate::config::{self, MAX_DEVICES};
-use crate::ffi::{CUDA_SUCCESS, CUdevice, NVML_SUCCESS, NVML_UUID_BUFFER};
-use crate::log::{ERROR, WARN, log_at};
-use crate::sync::InitOnce;
-use crate::table::real;
+use crate::driver::ffi::{CUDA_SUCCESS, CUdevice, NVML_SUCCESS, NVML_UUID_BUFFER};
+use crate::driver::table::real;
+use crate::infra::config::{self, MAX_DEVICES};
+use crate::infra::log::{ERROR, WARN, log_at};
+use crate::infra::sync::InitOnce;
+use crate::policy::caps;
 use std::ffi::{CStr, c_char, c_int, c_uint};
 use std::sync::atomic::{AtomicU8, Ordering};
 
-/// Computed (fork- and re-entry-aware: see [`crate::sync`]). Until then ordinals map to themselves.
+/// Computed (fork- and re-entry-aware: see [`crate::infra::sync`]). Until then ordinals map to themselves.
 static STATE: InitOnce = InitOnce::new();
 static MAP: [AtomicU8; MAX_DEVICES] = [const { AtomicU8::new(0) }; MAX_DEVICES];
 /// How many devices CUDA sees (valid once `STATE` is `READY`).
@@ -47,6 +48,17 @@ pub(crate) fn container_index(ordinal: CUdevice) -> Option<usize> {
     } else {
         o
     })
+}
+
+/// The container device index of the current context's device; `None` without a context.
+pub(crate) fn current_device() -> Option<usize> {
+    let f = real::cuCtxGetDevice()?;
+    let mut dev: CUdevice = 0;
+    // SAFETY: `dev` is a valid out-pointer.
+    if unsafe { f(&mut dev) } != CUDA_SUCCESS {
+        return None;
+    }
+    container_index(dev)
 }
 
 #[cold]
@@ -107,16 +119,16 @@ fn enforce_indices_below(count: usize) {
                 Err(_) => 0,
             };
             for dev in 0..count {
-                crate::budget::shared().tighten_limit(dev, bytes);
+                caps::tighten_memory(dev, bytes);
             }
         } else {
-            let percent = match crate::sm::config::parse_sm_limit(b.value) {
+            let percent = match crate::policy::sm::config::parse_sm_limit(b.value) {
                 Ok(Some(p)) => p,
                 Ok(None) => continue,
-                Err(_) => crate::sm::config::FAIL_CLOSED_PERCENT,
+                Err(_) => crate::policy::sm::config::FAIL_CLOSED_PERCENT,
             };
             for dev in 0..count {
-                crate::sm::tighten_env_cap(dev, percent);
+                caps::tighten_sm(dev, percent);
             }
         }
     }

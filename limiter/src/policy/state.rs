@@ -1,30 +1,22 @@
 //! Lazy, once-only initialisation, run by the first hook that needs it (never at load time):
-//! log level, limits from the environment into the budget, and the fork handler. (The shared
-//! region itself is opened later still, on the first use of a capped device: see [`budget`].)
+//! log level, `CUDA_OVERSUBSCRIBE`, and the memory limits from the environment into
+//! [`crate::policy::caps`]. (The shared region itself is opened later still, on the first use of a
+//! capped device: see `budget.rs`. Fork-child resets are registered by each module at its own lazy
+//! initialisation: see `infra/fork.rs`.)
 //!
 //! A plain atomic state machine instead of `OnceLock`/`pthread_once`: the winner initialises, the
-//! others spin briefly; initialisation calls only `getenv`, `write(2)` and `pthread_atfork`, none
+//! others spin briefly; initialisation calls only `getenv` and `write(2)`, neither
 //! of which re-enters a hook.
 
-use crate::budget;
-use crate::config;
-use crate::log::{self, ERROR, log_at};
-use crate::sync::InitOnce;
-use std::ffi::c_int;
+use crate::infra::config;
+use crate::infra::log::{self, ERROR, log_at};
+use crate::infra::sync::InitOnce;
+use crate::policy::caps;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// Fork- and re-entry-aware (see `crate::sync`): a fork child whose parent was initialising
+/// Fork- and re-entry-aware (see `crate::infra::sync`): a fork child whose parent was initialising
 /// initialises afresh instead of waiting for a thread it does not have.
 static STATE: InitOnce = InitOnce::new();
-
-unsafe extern "C" {
-    // glibc: in libpthread before 2.28 (the linker script pulls it from libc_nonshared.a later).
-    fn pthread_atfork(
-        prepare: Option<unsafe extern "C" fn()>,
-        parent: Option<unsafe extern "C" fn()>,
-        child: Option<unsafe extern "C" fn()>,
-    ) -> c_int;
-}
 
 /// Makes sure initialisation has happened; one atomic load once it has.
 #[inline]
@@ -63,19 +55,5 @@ fn initialise() {
             err.describe()
         );
     });
-    budget::shared().set_limits(&limits);
-    // SAFETY: `after_fork_in_child` is a valid `extern "C" fn()` that only touches atomics.
-    let rc = unsafe { pthread_atfork(None, None, Some(after_fork_in_child)) };
-    if rc != 0 {
-        log_at!(
-            ERROR,
-            "pthread_atfork failed ({rc}); forked children inherit usage"
-        );
-    }
-}
-
-/// Fork handler (child side): the child owns none of the parent's allocations. Atomics only.
-unsafe extern "C" fn after_fork_in_child() {
-    budget::reset_after_fork();
-    crate::sm::reset_after_fork();
+    caps::set_memory(&limits);
 }

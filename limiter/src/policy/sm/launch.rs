@@ -6,34 +6,30 @@
 //!   memory cap, no SM cap: no shared region) it is one atomic load. Otherwise, in HAMi-core's
 //!   original `rate_limiter` order: the priority gate first (wait while the monitor holds
 //!   `recent_kernel` at −1, then mark the container active and stamp `last_kernel_time`), then, if
-//!   the launch's device is capped, the device's [`gate::Gate`] — which only counts the launch
+//!   the launch's device is capped, the device's `gate::Gate` — which only counts the launch
 //!   while the policy says not to cap now (`utilization_switch` off), so that utilisation is still
 //!   measured and written for the monitor.
-//! * The gates are driven by [`watcher`], one thread per process started on the first capped
-//!   launch (never in a process that does not launch under a cap), which every [`watcher::TICK`]
-//!   reads NVML's per-process utilisation for the container's host PIDs ([`hostpid`]) and feeds
-//!   [`controller`].
+//! * The gates are driven by `watcher`, one thread per process started on the first capped
+//!   launch (never in a process that does not launch under a cap), which every `watcher::TICK`
+//!   reads NVML's per-process utilisation for the container's host PIDs (`hostpid`) and feeds
+//!   `controller`.
 //! * The launch's device is the current context's device; a process that sees one device uses
-//!   it ([`crate::devices::only_device`]), others ask `cuCtxGetDevice` on capped launches.
+//!   it ([`crate::policy::devices::only_device`]), others ask `cuCtxGetDevice` on capped launches.
 //! * The caps come from the region's `sm_limit` once the region is open (an existing file's values
-//!   win, like the memory limits), else from the environment ([`config`]).
+//!   win, like the memory limits), else from the environment (`caps`, `config`).
 
-pub(crate) mod config;
-pub(crate) mod controller;
-pub(crate) mod gate;
-pub(crate) mod hostpid;
-pub(crate) mod watcher;
-
-use crate::budget;
-use crate::config::{MAX_DEVICES, getenv};
-use crate::log::{ERROR, log_at};
-use crate::sync::InitOnce;
-use config::Policy;
-use gate::Gate;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU8, AtomicU32, Ordering};
+use crate::infra::config::MAX_DEVICES;
+use crate::infra::log::log_at;
+use crate::infra::sync::InitOnce;
+use crate::policy::budget;
+use crate::policy::caps;
+use crate::policy::sm::config::Policy;
+use crate::policy::sm::shared::{self, CAPS, GATES};
+use crate::policy::sm::{gate, watcher};
+use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU8, AtomicU32, Ordering};
 use std::time::Duration;
+use vgpu_region::LaunchGate;
 use vgpu_region::layout::RECENT_KERNEL_ACTIVE;
-use vgpu_region::{LaunchGate, Region, RegionConfig};
 
 const UNKNOWN: u8 = 0;
 /// No region and no cap: launches pass straight through.
@@ -44,119 +40,13 @@ const ON: u8 = 3;
 static MODE: AtomicU8 = AtomicU8::new(UNKNOWN);
 /// Guards [`decide`] (fork- and re-entry-aware; `MODE` stays `UNKNOWN` until it is done).
 static DECIDE: InitOnce = InitOnce::new();
-/// Effective cap per container device index, percent; 0 = none.
-pub(crate) static CAPS: [AtomicU8; MAX_DEVICES] = [const { AtomicU8::new(0) }; MAX_DEVICES];
-static POLICY: AtomicU8 = AtomicU8::new(0);
-/// One gate per container device index.
-pub(crate) static GATES: [Gate; MAX_DEVICES] = [const { Gate::new() }; MAX_DEVICES];
-
 /// How often a launch blocked by a higher-priority task asks again (HAMi-core: 1 s).
 const PRIORITY_POLL: Duration = Duration::from_millis(100);
 
-/// The environment's SM settings, read once.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct SmEnv {
-    pub(crate) caps: [Option<u8>; MAX_DEVICES],
-    pub(crate) policy: Policy,
-    pub(crate) priority: i32,
-}
-
-static ENV_STATE: InitOnce = InitOnce::new();
-static ENV_CAPS: [AtomicU8; MAX_DEVICES] = [const { AtomicU8::new(0) }; MAX_DEVICES];
-static ENV_PRIORITY: AtomicI32 = AtomicI32::new(1);
-static ENV_ANY_CAP: AtomicBool = AtomicBool::new(false);
-/// The region (leaked by the budget, never freed), cached for the launch path; null = none.
-static REGION: AtomicPtr<Region> = AtomicPtr::new(std::ptr::null_mut());
 /// The region's `recent_kernel` word, so the launch path reads it without going through the
-/// `Region` (one cache line and page fewer per launch); set together with [`REGION`].
+/// `Region` (one cache line and page fewer per launch); set together with the cached region
+/// ([`shared::set_region`]).
 static RECENT_KERNEL: AtomicPtr<AtomicI32> = AtomicPtr::new(std::ptr::null_mut());
-
-/// The SM environment (read on first use; reports malformed values once).
-pub(crate) fn env() -> SmEnv {
-    if !ENV_STATE.is_done() {
-        read_env();
-    }
-    SmEnv {
-        caps: std::array::from_fn(|d| match ENV_CAPS[d].load(Ordering::Relaxed) {
-            0 => None,
-            c => Some(c),
-        }),
-        policy: policy_of(POLICY.load(Ordering::Relaxed)),
-        priority: ENV_PRIORITY.load(Ordering::Relaxed),
-    }
-}
-
-#[cold]
-fn read_env() {
-    // Reading the environment calls no hook, so re-entry cannot happen here; a fork child whose
-    // parent was half-way through reads it again (see `crate::sync`).
-    let Ok(claim) = ENV_STATE.claim() else {
-        return;
-    };
-    let caps = config::sm_limits_from(getenv, |name, value, err| {
-        log_at!(
-            ERROR,
-            "{name}={:?} is not an SM limit ({}); expected a whole percentage 0-100, e.g. 30 \
-             (0 or 100 = no cap). Capping the affected devices at {}%.",
-            String::from_utf8_lossy(value),
-            err.describe(),
-            config::FAIL_CLOSED_PERCENT
-        );
-    });
-    for (slot, cap) in ENV_CAPS.iter().zip(caps) {
-        slot.store(cap.unwrap_or(0), Ordering::Relaxed);
-    }
-    ENV_ANY_CAP.store(caps.iter().any(Option::is_some), Ordering::Relaxed);
-    let policy = config::policy_from(getenv(c"GPU_CORE_UTILIZATION_POLICY"));
-    POLICY.store(policy as u8, Ordering::Relaxed);
-    ENV_PRIORITY.store(
-        config::priority_from(getenv(c"CUDA_TASK_PRIORITY")),
-        Ordering::Relaxed,
-    );
-    claim.finish();
-}
-
-fn policy_of(v: u8) -> Policy {
-    match v {
-        x if x == Policy::Force as u8 => Policy::Force,
-        x if x == Policy::Disable as u8 => Policy::Disable,
-        _ => Policy::Default,
-    }
-}
-
-/// Lowers the environment's SM cap of container device `dev` to at most `percent` (a per-device
-/// variable naming a device the container does not have: see `crate::devices`). Runs before
-/// [`decide`], which makes sure of that by computing the device map first.
-pub(crate) fn tighten_env_cap(dev: usize, percent: u8) {
-    if !ENV_STATE.is_done() {
-        read_env();
-    }
-    if let Some(slot) = ENV_CAPS.get(dev) {
-        let _ = slot.fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
-            Some(if c == 0 { percent } else { c.min(percent) })
-        });
-        ENV_ANY_CAP.store(true, Ordering::Release);
-    }
-}
-
-/// Whether the environment caps any device's SM time (then the region is opened even without a
-/// memory cap, as HAMi-core always has one).
-pub(crate) fn wants_region() -> bool {
-    if !ENV_STATE.is_done() {
-        read_env();
-    }
-    ENV_ANY_CAP.load(Ordering::Relaxed)
-}
-
-/// Fills the SM fields of the config a new region is created with: `sm_limit` (100 = uncapped,
-/// HAMi-core's value for an unset limit) and `priority`.
-pub(crate) fn fill_region_config(cfg: &mut RegionConfig) {
-    let env = env();
-    for (dst, cap) in cfg.sm_limits.iter_mut().zip(env.caps) {
-        *dst = cap.map_or(100, u64::from);
-    }
-    cfg.priority = env.priority;
-}
 
 /// Called by every launch hook before the real launch.
 #[inline(always)]
@@ -177,7 +67,7 @@ fn launch_slow() {
     // SAFETY: non-null pointers point into the budget's leaked region mapping, never unmapped.
     let recent = unsafe { RECENT_KERNEL.load(Ordering::Acquire).as_ref() };
     let mark_fresh = recent.is_some_and(|r| r.load(Ordering::Relaxed) == RECENT_KERNEL_ACTIVE);
-    let region = region();
+    let region = shared::region();
     if let Some(region) = region {
         // HAMi-core's original order: the priority gate and the activity mark come before any
         // cap or switch check, so uncapped and switched-off containers still take part.
@@ -197,7 +87,7 @@ fn launch_slow() {
         return;
     }
     watcher::ensure_started();
-    if !capping_now(region) {
+    if !shared::capping_now(region) {
         // Measured (for `sm_util`), not paced: the monitor says the GPU is not shared.
         GATES[dev].count();
         return;
@@ -208,21 +98,6 @@ fn launch_slow() {
     }
 }
 
-/// The region cached for the launch path, if any.
-pub(crate) fn region() -> Option<&'static Region> {
-    // SAFETY: non-null pointers are the budget's leaked region, never freed.
-    unsafe { REGION.load(Ordering::Acquire).as_ref() }
-}
-
-/// Whether the policy caps at this moment.
-pub(crate) fn capping_now(region: Option<&Region>) -> bool {
-    match policy_of(POLICY.load(Ordering::Relaxed)) {
-        Policy::Force => true,
-        Policy::Disable => false,
-        Policy::Default => region.is_none_or(|r| r.utilization_switch() != 0),
-    }
-}
-
 #[cold]
 fn decide() {
     // Decided by another thread, or re-entered (a launch from inside the driver while this thread
@@ -230,11 +105,12 @@ fn decide() {
     let Ok(claim) = DECIDE.claim() else {
         return;
     };
-    crate::state::ensure();
+    crate::policy::state::ensure();
+    shared::GATES_RESET.register();
     // The device map first: it applies per-device variables that name absent devices to the
     // environment's caps read just below.
-    let _ = crate::devices::only_device();
-    let env = env();
+    let _ = crate::policy::devices::only_device();
+    let env = caps::sm();
     let region = budget::registered_region();
     let mut any_cap = false;
     for (d, slot) in CAPS.iter().enumerate() {
@@ -257,7 +133,7 @@ fn decide() {
             .map(|d| (d, m.file_sm_limits[d], m.requested_sm_limits[d]))
             .collect();
         log_at!(
-            crate::log::WARN,
+            crate::infra::log::WARN,
             "Limit inconsistency: {} holds other SM limits than the environment asks for \
              (device, file, environment): {differing:?}; the file's limits are in force",
             r.path().display()
@@ -268,7 +144,7 @@ fn decide() {
             std::ptr::from_ref(&r.layout().recent_kernel).cast_mut(),
             Ordering::Release,
         );
-        REGION.store(std::ptr::from_ref(r).cast_mut(), Ordering::Release);
+        shared::set_region(r);
     }
     let mode = if region.is_some() || (any_cap && env.policy != Policy::Disable) {
         ON
@@ -280,10 +156,10 @@ fn decide() {
 }
 
 /// The container index of the device a launch runs on: the only device this process sees (as
-/// for allocations, [`crate::devices::only_device`]), else the current context's device.
+/// for allocations, [`crate::policy::devices::only_device`]), else the current context's device.
 #[inline]
 fn launch_device() -> Option<usize> {
-    crate::devices::only_device().or_else(crate::hooks::current_device)
+    crate::policy::devices::only_device().or_else(crate::policy::devices::current_device)
 }
 
 /// Launches between two refreshes of `last_kernel_time` while the activity mark stays fresh. The
@@ -309,12 +185,4 @@ fn coarse_unix_secs() -> u64 {
     // SAFETY: valid out-pointer; the clock exists on every Linux since 2.6.32.
     unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) };
     ts.tv_sec.max(0) as u64
-}
-
-/// Fork child: no watcher thread exists, the gates start over. Atomics only.
-pub(crate) fn reset_after_fork() {
-    watcher::reset_after_fork();
-    for g in &GATES {
-        g.reset();
-    }
 }

@@ -1,0 +1,8 @@
+//! Infrastructure: what every layer above may use; nothing here reaches upward (no file of this
+//! directory names the driver, policy or hooks layers).
+
+pub(crate) mod config;
+pub(crate) mod fork;
+pub(crate) mod guard;
+pub(crate) mod log;
+pub(crate) mod sync;
