@@ -322,16 +322,23 @@ pub fn serve(listener: UnixListener, map: PidMap, stop: &Stop, on_event: fn(Even
     stop.watch(None);
 }
 
-/// Binds under `lock_dir` and serves with `map` until `stop`. While another broker answers there it
-/// checks again every [`TAKEOVER_POLL`]; if the socket cannot be made at all it reports and returns
-/// (the node agent keeps serving the kubelet without it).
+/// Binds under `lock_dir` and serves with `map` until `stop`, then removes the socket it bound. While
+/// another broker answers there it checks again every [`TAKEOVER_POLL`]; if the socket cannot be made
+/// at all it reports and returns (the node agent keeps serving the kubelet without it).
 pub fn run(lock_dir: &Path, map: PidMap, stop: &Stop, on_event: fn(Event<'_>)) {
     let mut reported = false;
     while !stop.is_stopped() {
         match bind(lock_dir) {
             Ok(listener) => {
-                on_event(Event::Serving(&socket_path(lock_dir)));
+                let path = socket_path(lock_dir);
+                let ours = inode(&path);
+                on_event(Event::Serving(&path));
                 serve(listener, map, stop, on_event);
+                // Stopped: remove the socket so the next broker binds at once, but only the one we
+                // bound, never one a newer broker has put in its place.
+                if ours.is_some() && inode(&path) == ours {
+                    let _ = std::fs::remove_file(&path);
+                }
                 return;
             }
             Err(error @ BindError::InUse { .. }) => {
@@ -348,6 +355,12 @@ pub fn run(lock_dir: &Path, map: PidMap, stop: &Stop, on_event: fn(Event<'_>)) {
             }
         }
     }
+}
+
+/// The inode at `path`, if anything is there.
+fn inode(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).ok().map(|m| m.ino())
 }
 
 fn respond(stream: UnixStream, map: &PidMap, on_event: fn(Event<'_>)) {
@@ -608,6 +621,10 @@ mod tests {
         assert_eq!(answered_by, Some(me + 2), "the waiting broker took over");
         stop.stop();
         waiting.join().unwrap();
+        assert!(
+            std::fs::symlink_metadata(socket_path(dir.path())).is_err(),
+            "a stopped broker removes the socket it bound"
+        );
     }
 
     #[test]
