@@ -32,27 +32,11 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tonic::transport::server::Connected;
 
-/// What every HTTP/2 client sends first (RFC 9113 §3.4).
-const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const FRAME_HEAD_LEN: usize = 9;
-
-const HEADERS: u8 = 0x1;
-const SETTINGS: u8 = 0x4;
-const PUSH_PROMISE: u8 = 0x5;
-const CONTINUATION: u8 = 0x9;
-
-const END_STREAM: u8 = 0x1;
-const ACK: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
-const PADDED: u8 = 0x8;
-const PRIORITY: u8 = 0x20;
-
-const SETTINGS_HEADER_TABLE_SIZE: u16 = 0x1;
-const SETTINGS_MAX_FRAME_SIZE: u16 = 0x5;
-
-/// The protocol defaults, in force until the server announces otherwise.
-const DEFAULT_HEADER_TABLE_SIZE: usize = 4096;
-const DEFAULT_MAX_FRAME_SIZE: usize = 16_384;
+use h2_frames::{
+    ACK, CONTINUATION, DEFAULT_HEADER_TABLE_SIZE, DEFAULT_MAX_FRAME_SIZE, END_HEADERS, END_STREAM,
+    FRAME_HEAD_LEN, FrameHead, HEADERS, PADDED, PREFACE, PRIORITY, PUSH_PROMISE, SETTINGS,
+    SETTINGS_HEADER_TABLE_SIZE, SETTINGS_MAX_FRAME_SIZE, encode_integer, encode_string, frame_head,
+};
 
 /// Caps on one header block, far above what h2 itself accepts (16 KiB of headers in at most six 16 KiB
 /// frames with hyper's defaults), so they never refuse what h2 would serve and only bound memory.
@@ -157,32 +141,6 @@ impl From<Malformed> for io::Error {
     }
 }
 
-/// A frame's 9-byte header.
-#[derive(Debug, Clone, Copy)]
-struct FrameHead {
-    len: usize,
-    kind: u8,
-    flags: u8,
-    stream: u32,
-}
-
-impl FrameHead {
-    fn parse(b: &[u8]) -> Self {
-        Self {
-            len: usize::from(b[0]) << 16 | usize::from(b[1]) << 8 | usize::from(b[2]),
-            kind: b[3],
-            flags: b[4],
-            stream: u32::from_be_bytes([b[5], b[6], b[7], b[8]]) & 0x7fff_ffff,
-        }
-    }
-
-    fn write(out: &mut BytesMut, len: usize, kind: u8, flags: u8, stream: u32) {
-        // `len` is at most DEFAULT_MAX_FRAME_SIZE here, so three bytes hold it.
-        out.extend_from_slice(&[(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags]);
-        out.extend_from_slice(&stream.to_be_bytes());
-    }
-}
-
 /// Where the client's byte stream is.
 #[derive(Debug, Clone, Copy)]
 enum ReadState {
@@ -284,10 +242,9 @@ impl<S> AnyAuthority<S> {
                     self.state = ReadState::Head;
                 }
                 ReadState::Head => {
-                    if self.raw.len() < FRAME_HEAD_LEN {
+                    let Some(head) = FrameHead::read(&self.raw) else {
                         return Ok(());
-                    }
-                    let head = FrameHead::parse(&self.raw[..FRAME_HEAD_LEN]);
+                    };
                     if let Some(open) = &self.open
                         && (head.kind != CONTINUATION || head.stream != open.stream)
                     {
@@ -475,13 +432,13 @@ impl<S> AnyAuthority<S> {
         if first == encoded.len() {
             flags |= END_HEADERS;
         }
-        FrameHead::write(
-            &mut self.out,
+        // At most DEFAULT_MAX_FRAME_SIZE: three bytes hold every length written here.
+        self.out.extend_from_slice(&frame_head(
             priority_len + first,
             HEADERS,
             flags,
             block.stream,
-        );
+        ));
         if let Some(p) = block.priority {
             self.out.extend_from_slice(&p);
         }
@@ -490,7 +447,8 @@ impl<S> AnyAuthority<S> {
         while !rest.is_empty() {
             let n = rest.len().min(DEFAULT_MAX_FRAME_SIZE);
             let flags = if n == rest.len() { END_HEADERS } else { 0 };
-            FrameHead::write(&mut self.out, n, CONTINUATION, flags, block.stream);
+            self.out
+                .extend_from_slice(&frame_head(n, CONTINUATION, flags, block.stream));
             self.out.extend_from_slice(&rest[..n]);
             rest = &rest[n..];
         }
@@ -508,7 +466,7 @@ impl<S> AnyAuthority<S> {
                 if s.head_len < FRAME_HEAD_LEN {
                     return;
                 }
-                let head = FrameHead::parse(&s.head);
+                let head = FrameHead::from_bytes(&s.head);
                 s.remaining = head.len;
                 s.settings = (head.kind == SETTINGS && head.flags & ACK == 0)
                     .then(|| Vec::with_capacity(head.len));
@@ -617,21 +575,13 @@ fn static_name(name: &[u8]) -> Option<usize> {
 /// never-indexed in any other form is forbidden (RFC 7541 §6.2.3), so every field gets this form.
 fn encode_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     match static_name(name) {
-        Some(index) => {
-            let _ = loona_hpack::encoder::encode_integer_into(index, 4, 0x10, out);
-        }
+        Some(index) => encode_integer(out, index, 4, 0x10),
         None => {
             out.push(0x10);
             encode_string(out, name);
         }
     }
     encode_string(out, value);
-}
-
-fn encode_string(out: &mut Vec<u8>, s: &[u8]) {
-    // Writing to a Vec cannot fail.
-    let _ = loona_hpack::encoder::encode_integer_into(s.len(), 7, 0, out);
-    out.extend_from_slice(s);
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for AnyAuthority<S> {

@@ -65,14 +65,12 @@ fn percent_encode(path: &[u8]) -> Vec<u8> {
     out
 }
 
-const PREFACE_LEN: usize = 24;
-const HEAD_LEN: usize = 9;
-const HEADERS: u8 = 0x1;
-const CONTINUATION: u8 = 0x9;
-const END_STREAM: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
-const PADDED: u8 = 0x8;
-const PRIORITY: u8 = 0x20;
+use h2_frames::{
+    CONTINUATION, END_HEADERS, END_STREAM, FRAME_HEAD_LEN as HEAD_LEN, FrameHead, HEADERS, PADDED,
+    PREFACE, PRIORITY, encode_integer as encode_int, encode_string as encode_str, frame_head,
+};
+
+const PREFACE_LEN: usize = PREFACE.len();
 /// The dynamic-table index of the one entry this encoder ever inserts (the first after the 61 static ones).
 const AUTHORITY_INDEX: u8 = 62;
 
@@ -148,10 +146,12 @@ impl<S> RewriteAuthority<S> {
             if self.written.len() < HEAD_LEN {
                 return Ok(());
             }
-            let h = &self.written[..HEAD_LEN];
-            let len = usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
-            let (kind, flags) = (h[3], h[4]);
-            let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+            let FrameHead {
+                len,
+                kind,
+                flags,
+                stream,
+            } = FrameHead::parse(&self.written);
             if kind != HEADERS && kind != CONTINUATION {
                 self.wire
                     .extend_from_slice(&self.written.split_to(HEAD_LEN));
@@ -247,19 +247,7 @@ impl<S> RewriteAuthority<S> {
 }
 
 fn head(out: &mut BytesMut, len: usize, kind: u8, flags: u8, stream: u32) {
-    let len = u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes();
-    out.extend_from_slice(&[len[1], len[2], len[3], kind, flags]);
-    out.extend_from_slice(&stream.to_be_bytes());
-}
-
-fn encode_int(out: &mut Vec<u8>, value: usize, prefix: u8, bits: u8) {
-    // Writing to a Vec cannot fail.
-    let _ = loona_hpack::encoder::encode_integer_into(value, prefix, bits, out);
-}
-
-fn encode_str(out: &mut Vec<u8>, s: &[u8]) {
-    encode_int(out, s.len(), 7, 0);
-    out.extend_from_slice(s);
+    out.extend_from_slice(&frame_head(len, kind, flags, stream));
 }
 
 impl<S: AsyncWrite + Unpin> RewriteAuthority<S> {
