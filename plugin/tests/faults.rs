@@ -18,12 +18,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use gpu_sim::{GpuSpec, NodeSpec, SimNode};
-use harness::FakeKubelet;
 use harness::apiserver::FakeApiServer;
-use k8s_openapi::api::core::v1::Pod;
-use kube::Api;
-use kube::api::{Patch, PatchParams, PostParams};
-use serde_json::{Value, json};
+use serde_json::json;
 
 const NODE: &str = "node-a";
 const REGISTER: &str = "volcano.sh/node-vgpu-register";
@@ -36,55 +32,38 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 /// Scheduling noise on a shared 2-core machine (process start, NVML discovery, the kubelet's dial-back).
 const SLACK: Duration = Duration::from_secs(4);
 
-/// A control plane and an agent bound to `NODE`, started with `args` after `setup` prepared the apiserver.
-struct Node {
-    sim: SimNode,
-    _dir: tempfile::TempDir,
-    kubelet: FakeKubelet,
-    api: FakeApiServer,
-    client: kube::Client,
-    agent: Agent,
+/// The fixture's cluster: a control plane and an agent bound to `NODE`.
+type Node = Cluster;
+
+/// The agent started with `args` after `setup` prepared the apiserver, not waited for.
+async fn spawn(gpus: u32, args: &[&str], setup: impl FnOnce(&FakeApiServer, &Path)) -> Node {
+    spawn_with_timeout(gpus, "1s", args, setup).await
 }
 
-impl Node {
-    async fn spawn(gpus: u32, args: &[&str], setup: impl FnOnce(&FakeApiServer, &Path)) -> Self {
-        Self::spawn_with_timeout(gpus, "1s", args, setup).await
-    }
+/// With `--apiserver-timeout` at `timeout` (10s is production's).
+async fn spawn_with_timeout(
+    gpus: u32,
+    timeout: &str,
+    args: &[&str],
+    setup: impl FnOnce(&FakeApiServer, &Path),
+) -> Node {
+    cluster(NodeSpec::uniform(gpus, GpuSpec::t4))
+        .args(["--apiserver-timeout", timeout])
+        .args(args)
+        .ready(Ready::Spawned)
+        .start_with(setup)
+        .await
+}
 
-    /// With `--apiserver-timeout` at `timeout` (10s is production's).
-    async fn spawn_with_timeout(
-        gpus: u32,
-        timeout: &str,
-        args: &[&str],
-        setup: impl FnOnce(&FakeApiServer, &Path),
-    ) -> Self {
-        let sim = SimNode::new(NodeSpec::uniform(gpus, GpuSpec::t4)).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let plane = ControlPlane::start(dir.path(), NODE).await;
-        setup(&plane.api, dir.path());
-        let client = plane.client().await;
-        let mut cmd = plane.agent_command(&sim, dir.path(), NODE);
-        cmd.args(["--apiserver-timeout", timeout]).args(args);
-        let agent = Agent::spawn(cmd);
-        let ControlPlane { kubelet, api, .. } = plane;
-        Self {
-            sim,
-            _dir: dir,
-            kubelet,
-            api,
-            client,
-            agent,
-        }
-    }
-
-    async fn wait_registered(&self, within: Duration) {
-        self.kubelet
-            .wait_for_resources(&ALL, within)
-            .await
-            .unwrap_or_else(|e| panic!("{e}\n{}", self.agent.log_text()));
-    }
-
+/// What these tests read of a node.
+trait NodeExt {
     /// The register annotation as stored (read in-process: the HTTP side may be hung on purpose).
+    fn register(&self) -> Option<String>;
+    fn gpu_healthy_in_register(&self, gpu: usize) -> Option<bool>;
+    fn alive(&mut self) -> bool;
+}
+
+impl NodeExt for Node {
     fn register(&self) -> Option<String> {
         self.api
             .get_object("nodes", None, NODE)?
@@ -99,18 +78,6 @@ impl Node {
         let register = self.register()?;
         let entry = register.split(':').find(|e| e.starts_with(uuid.as_str()))?;
         entry.split(',').nth(4).map(|h| h == "true")
-    }
-
-    async fn wait_for(&self, within: Duration, what: &str, mut cond: impl FnMut(&Self) -> bool) {
-        let deadline = Instant::now() + within;
-        while !cond(self) {
-            assert!(
-                Instant::now() < deadline,
-                "not within {within:?}: {what}\n{}",
-                self.agent.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
     }
 
     fn alive(&mut self) -> bool {
@@ -132,7 +99,7 @@ fn device_config(api: &FakeApiServer, yaml: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_up_waits_for_a_hung_apiserver_says_so_and_recovers() {
-    let mut node = Node::spawn(1, &["--apiserver-wait", "60s"], |api, _| api.set_hung(true)).await;
+    let mut node = spawn(1, &["--apiserver-wait", "60s"], |api, _| api.set_hung(true)).await;
     // Nothing is answered: the agent must say what it waits for, and keep waiting.
     node.wait_for(
         REQUEST + SLACK,
@@ -160,7 +127,7 @@ async fn start_up_waits_for_a_hung_apiserver_says_so_and_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_up_gives_up_after_apiserver_wait_and_says_on_what() {
-    let mut node = Node::spawn(1, &["--apiserver-wait", "3s"], |api, _| api.set_hung(true)).await;
+    let mut node = spawn(1, &["--apiserver-wait", "3s"], |api, _| api.set_hung(true)).await;
     let started = Instant::now();
     let status = node
         .agent
@@ -177,7 +144,7 @@ async fn start_up_gives_up_after_apiserver_wait_and_says_on_what() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_up_rides_out_a_reset_a_500_a_hang_and_a_slow_apiserver() {
-    let node = Node::spawn(1, &["--apiserver-wait", "60s"], |api, _| {
+    let node = spawn(1, &["--apiserver-wait", "60s"], |api, _| {
         api.reset_next("GET", "/configmaps/volcano-vgpu-device-config");
         api.fail_next("GET", "/configmaps/volcano-vgpu-device-config", 500);
         api.hang_next("GET", "/configmaps/volcano-vgpu-device-config");
@@ -198,7 +165,7 @@ async fn start_up_rides_out_a_reset_a_500_a_hang_and_a_slow_apiserver() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_health_change_during_a_hang_reaches_the_node_once_the_apiserver_answers() {
-    let node = Node::spawn(2, &["--health-recovery-period", "1h"], |_, _| {}).await;
+    let node = spawn(2, &["--health-recovery-period", "1h"], |_, _| {}).await;
     node.wait_registered(PATIENCE).await;
     node.wait_for(PATIENCE, "the register annotation", |n| {
         n.gpu_healthy_in_register(1) == Some(true)
@@ -255,8 +222,7 @@ async fn a_health_change_during_a_hang_reaches_the_node_once_the_apiserver_answe
 /// minutes before the bounds).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_20_s_hang_during_an_xid_with_production_bounds_is_repaired_within_15_s() {
-    let node =
-        Node::spawn_with_timeout(2, "10s", &["--health-recovery-period", "1h"], |_, _| {}).await;
+    let node = spawn_with_timeout(2, "10s", &["--health-recovery-period", "1h"], |_, _| {}).await;
     node.wait_registered(PATIENCE).await;
     node.wait_for(PATIENCE, "the register annotation", |n| {
         n.gpu_healthy_in_register(1) == Some(true)
@@ -283,7 +249,7 @@ async fn a_20_s_hang_during_an_xid_with_production_bounds_is_repaired_within_15_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_node_watch_is_given_up_and_a_change_behind_it_is_repaired() {
-    let node = Node::spawn(1, &[], |_, _| {}).await;
+    let node = spawn(1, &[], |_, _| {}).await;
     node.wait_registered(PATIENCE).await;
     node.wait_for(PATIENCE, "the register annotation", |n| {
         n.register().is_some()
@@ -392,50 +358,24 @@ async fn sockets_deleted_while_the_endpoints_start_100_times_never_stop_the_agen
 }
 
 /// A pod Volcano has bound to `NODE` for one container with 1 vGPU of 1000 MiB on `uuid`.
-async fn bind_one_vgpu(client: &kube::Client, name: &str, uuid: &str) {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let pod = json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {"schedulerName": "volcano", "containers": [{"name": "cuda", "image": "cuda",
-            "resources": {"limits": {"volcano.sh/vgpu-number": "1", "volcano.sh/vgpu-memory": "1000"}}}]},
-        "status": {"phase": "Pending"}
-    });
-    pods.create(
-        &PostParams::default(),
-        &serde_json::from_value(pod).unwrap(),
-    )
-    .await
-    .unwrap();
+async fn bind_one_vgpu(node: &Node, name: &str, uuid: &str) {
     let queue = format!("{uuid},NVIDIA,1000,0:");
-    let annotations = json!({
-        "volcano.sh/vgpu-node": NODE,
-        "volcano.sh/vgpu-time": "1787220000",
-        "volcano.sh/bind-time": "1787220000",
-        "volcano.sh/bind-phase": "allocating",
-        "volcano.sh/vgpu-ids-new": queue,
-        "volcano.sh/devices-to-allocate": queue,
-    });
-    pods.patch(
+    node.bind(
         name,
-        &PatchParams::default(),
-        &Patch::Strategic(&json!({"metadata": {"annotations": annotations}})),
+        BindStyle::PatchThenBind,
+        &[("cuda", Some(1), Some(1000), None)],
+        &queue,
+        "1787220000",
     )
-    .await
-    .unwrap();
-    let binding = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": name},
-                         "target": {"kind": "Node", "name": NODE}});
-    pods.create_subresource::<Value, Value>("binding", name, &PostParams::default(), &binding)
-        .await
-        .unwrap();
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_an_allocate_finishes_it_before_stopping() {
-    let mut node = Node::spawn(1, &[], |_, _| {}).await;
+    let mut node = spawn(1, &[], |_, _| {}).await;
     node.wait_registered(PATIENCE).await;
     let uuid = node.sim.spec().gpus[0].uuid.clone();
-    bind_one_vgpu(&node.client, "p1", &uuid).await;
+    bind_one_vgpu(&node, "p1", &uuid).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     // Every apiserver answer now takes 800 ms: the Allocate is several of them long.
     node.api.set_latency(Duration::from_millis(800));
@@ -477,7 +417,7 @@ async fn sigterm_during_an_allocate_finishes_it_before_stopping() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_range_values_are_refused_by_key_and_the_good_keys_still_apply() {
     let yaml = "nvidia:\n  deviceSplitCount: 100000\n  deviceCoreScaling: 1000\n  deviceMemoryScaling: 2\n";
-    let mut node = Node::spawn(2, &[], |api, _| device_config(api, yaml)).await;
+    let mut node = spawn(2, &[], |api, _| device_config(api, yaml)).await;
     let views = node
         .kubelet
         .wait_for_resources(&ALL, PATIENCE)
@@ -512,7 +452,7 @@ async fn out_of_range_values_are_refused_by_key_and_the_good_keys_still_apply() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn values_at_the_ends_of_the_ranges_are_served() {
     let yaml = "nvidia:\n  deviceSplitCount: 1000\n  deviceCoreScaling: 10\n";
-    let mut node = Node::spawn(8, &[], |api, _| device_config(api, yaml)).await;
+    let mut node = spawn(8, &[], |api, _| device_config(api, yaml)).await;
     let views = node
         .kubelet
         .wait_for_resources(&ALL, PATIENCE)
@@ -526,7 +466,7 @@ async fn values_at_the_ends_of_the_ranges_are_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_resources_under_one_name_are_refused_and_the_defaults_served() {
     let yaml = "nvidia:\n  resourceMemoryName: volcano.sh/vgpu-number\n";
-    let mut node = Node::spawn(1, &[], |api, _| device_config(api, yaml)).await;
+    let mut node = spawn(1, &[], |api, _| device_config(api, yaml)).await;
     node.wait_registered(PATIENCE).await;
     assert!(node.alive());
     assert_eq!(node.kubelet.resource(MEMORY).unwrap().devices.len(), 15360);
@@ -541,7 +481,7 @@ async fn two_resources_under_one_name_are_refused_and_the_defaults_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_factor_that_leaves_a_gpu_without_memory_is_refused_at_start() {
-    let mut node = Node::spawn(1, &[], |api, _| {
+    let mut node = spawn(1, &[], |api, _| {
         device_config(api, "nvidia:\n  gpuMemoryFactor: 20000\n")
     })
     .await;
@@ -558,7 +498,7 @@ async fn a_factor_that_leaves_a_gpu_without_memory_is_refused_at_start() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_factor_flag_that_contradicts_the_config_map_is_refused_and_the_scheduler_s_factor_served()
  {
-    let mut node = Node::spawn(1, &["--gpu-memory-factor", "5"], |api, _| {
+    let mut node = spawn(1, &["--gpu-memory-factor", "5"], |api, _| {
         device_config(api, "nvidia:\n  gpuMemoryFactor: 10\n")
     })
     .await;

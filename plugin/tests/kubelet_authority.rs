@@ -10,46 +10,22 @@
 mod common;
 
 use common::*;
-use gpu_sim::{GpuSpec, NodeSpec, SimNode};
-use harness::FakeKubelet;
-use harness::apiserver::FakeApiServer;
+use gpu_sim::{GpuSpec, NodeSpec};
 use harness::kubelet::AuthorityForm;
-use k8s_openapi::api::core::v1::Pod;
-use kube::Api;
-use kube::api::{Patch, PatchParams, PostParams};
-use serde_json::{Value, json};
-
-const NODE: &str = "node-a";
 
 async fn serves_every_call_under(form: AuthorityForm) {
-    let sim = SimNode::new(NodeSpec::uniform(2, GpuSpec::t4)).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let kubelet_dir = dir.path().join("device-plugins");
-    std::fs::create_dir_all(&kubelet_dir).unwrap();
-    let kubelet = FakeKubelet::start_with_authority(&kubelet_dir, form)
-        .await
-        .unwrap();
-    let api = FakeApiServer::start().await.unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig, None).unwrap();
-    api.create("/api/v1/nodes", json!({"metadata": {"name": NODE}}))
-        .unwrap();
-
-    let mut cmd = agent_command(&sim, kubelet.socket());
-    cmd.env("KUBECONFIG", &kubeconfig)
-        .env("NODE_NAME", NODE)
+    let c = cluster(NodeSpec::uniform(2, GpuSpec::t4))
+        .authority(form)
         // The adapter says, once per connection, which authority it had to replace.
         .env(
             "RUST_LOG",
             "info,vgpu_device_plugin::kubelet::authority=debug",
         )
-        .arg("--hook-path")
-        .arg(dir.path().join("hook"))
-        .arg("--lock-dir")
-        .arg(dir.path().join("vgpulock"))
-        .arg("--node-config")
-        .arg(dir.path().join("node-config.json"));
-    let agent = Agent::spawn(cmd);
+        .ready(Ready::Spawned)
+        .start()
+        .await;
+    let (kubelet, agent) = (&c.kubelet, &c.agent);
+    let kubelet_dir = kubelet.dir().to_owned();
 
     // Registration, then the dial-back: GetDevicePluginOptions and ListAndWatch on every endpoint.
     let views = kubelet
@@ -70,8 +46,8 @@ async fn serves_every_call_under(form: AuthorityForm) {
     assert_eq!(views[CORES].devices.len(), 200, "{form:?}");
 
     // A pod Volcano bound to the second GPU.
-    let gpu = sim.spec().gpus[1].uuid.clone();
-    bind(&kubeconfig, "p1", &format!("{gpu},NVIDIA,3000,30:")).await;
+    let gpu = c.uuid(1);
+    bind(&c, "p1", &format!("{gpu},NVIDIA,3000,30:")).await;
 
     // GetPreferredAllocation names the scheduler's GPU...
     let available: Vec<String> = views[NUMBER].devices.iter().map(|d| d.id.clone()).collect();
@@ -121,49 +97,15 @@ async fn serves_every_call_under(form: AuthorityForm) {
 }
 
 /// What Volcano up to v1.15 does at bind: create the pod, patch the six annotations, bind it to the node.
-async fn bind(kubeconfig: &std::path::Path, name: &str, queue: &str) {
-    let config = kube::config::Kubeconfig::read_from(kubeconfig).unwrap();
-    let client = kube::Client::try_from(
-        kube::Config::from_custom_kubeconfig(config, &Default::default())
-            .await
-            .unwrap(),
+async fn bind(c: &Cluster, name: &str, queue: &str) {
+    c.bind(
+        name,
+        BindStyle::PatchThenBind,
+        &[("cuda", Some(1), Some(3000), Some(30))],
+        queue,
+        "1787220000",
     )
-    .unwrap();
-    let pods: Api<Pod> = Api::namespaced(client, "default");
-    let pod = json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {"schedulerName": "volcano", "containers": [{
-            "name": "cuda", "image": "cuda",
-            "resources": {"limits": {
-                "volcano.sh/vgpu-number": "1",
-                "volcano.sh/vgpu-memory": "3000",
-                "volcano.sh/vgpu-cores": "30"}}}]},
-        "status": {"phase": "Pending"}
-    });
-    pods.create(
-        &PostParams::default(),
-        &serde_json::from_value(pod).unwrap(),
-    )
-    .await
-    .unwrap();
-    let time = "1787220000";
-    let patch = json!({"metadata": {"annotations": {
-        "volcano.sh/vgpu-node": NODE,
-        "volcano.sh/vgpu-time": time,
-        "volcano.sh/bind-time": time,
-        "volcano.sh/bind-phase": "allocating",
-        "volcano.sh/vgpu-ids-new": queue,
-        "volcano.sh/devices-to-allocate": queue,
-    }}});
-    pods.patch(name, &PatchParams::default(), &Patch::Strategic(&patch))
-        .await
-        .unwrap();
-    let binding = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": name},
-        "target": {"kind": "Node", "name": NODE}});
-    pods.create_subresource::<Value, Value>("binding", name, &PostParams::default(), &binding)
-        .await
-        .unwrap();
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,13 +11,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::*;
-use gpu_sim::{GpuSpec, NodeSpec, SimNode};
-use k8s_openapi::api::core::v1::Pod;
-use kube::Api;
-use kube::api::{Patch, PatchParams, PostParams};
-use serde_json::{Value, json};
-
-const NODE: &str = "node-a";
+use gpu_sim::{GpuSpec, NodeSpec};
 const IDLE: usize = 2_000;
 
 fn open_fds(pid: u32) -> usize {
@@ -28,19 +22,12 @@ fn open_fds(pid: u32) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_thousand_idle_metrics_connections_leave_allocate_working_and_descriptors_bounded() {
-    let sim = SimNode::new(NodeSpec::uniform(1, GpuSpec::t4)).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let plane = ControlPlane::start(dir.path(), NODE).await;
-    let client = plane.client().await;
     let port = free_port();
-    let mut cmd = plane.agent_command(&sim, dir.path(), NODE);
-    cmd.env("METRICS_BIND_ADDRESS", format!("127.0.0.1:{port}"));
-    let agent = Agent::spawn(cmd);
-    plane
-        .kubelet
-        .wait_for_resources(&ALL, PATIENCE)
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_text()));
+    let c = cluster(NodeSpec::uniform(1, GpuSpec::t4))
+        .env("METRICS_BIND_ADDRESS", format!("127.0.0.1:{port}"))
+        .start()
+        .await;
+    let agent = &c.agent;
     let baseline = open_fds(agent.pid());
 
     // 2,000 connections that send nothing (and keep them open).
@@ -56,35 +43,17 @@ async fn two_thousand_idle_metrics_connections_leave_allocate_working_and_descri
     );
 
     // The kubelet's Allocate still works meanwhile.
-    let gpu = sim.spec().gpus[0].uuid.clone();
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let pod = json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "p1", "namespace": "default"},
-        "spec": {"schedulerName": "volcano", "containers": [{"name": "cuda", "image": "cuda", "resources": {"limits": {
-            "volcano.sh/vgpu-number": "1", "volcano.sh/vgpu-memory": "1000"}}}]},
-        "status": {"phase": "Pending"}
-    });
-    pods.create(
-        &PostParams::default(),
-        &serde_json::from_value(pod).unwrap(),
-    )
-    .await
-    .unwrap();
+    let gpu = c.uuid(0);
     let queue = format!("{gpu},NVIDIA,1000,0:");
-    let patch = json!({"metadata": {"annotations": {
-        "volcano.sh/vgpu-node": NODE, "volcano.sh/vgpu-time": "1787220000", "volcano.sh/bind-time": "1787220000",
-        "volcano.sh/bind-phase": "allocating", "volcano.sh/vgpu-ids-new": queue,
-        "volcano.sh/devices-to-allocate": queue}}});
-    pods.patch("p1", &PatchParams::default(), &Patch::Strategic(&patch))
-        .await
-        .unwrap();
-    let binding = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": "p1"},
-                         "target": {"kind": "Node", "name": NODE}});
-    pods.create_subresource::<Value, Value>("binding", "p1", &PostParams::default(), &binding)
-        .await
-        .unwrap();
-    let response = plane
+    c.bind(
+        "p1",
+        BindStyle::PatchThenBind,
+        &[("cuda", Some(1), Some(1000), None)],
+        &queue,
+        "1787220000",
+    )
+    .await;
+    let response = c
         .kubelet
         .admit(NUMBER, 1)
         .await

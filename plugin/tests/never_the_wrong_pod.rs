@@ -8,125 +8,45 @@
 
 mod common;
 
+use std::ops::Deref;
 use std::time::Duration;
 
 use common::*;
-use gpu_sim::{GpuSpec, NodeSpec, SimNode};
-use harness::FakeKubelet;
-use harness::apiserver::FakeApiServer;
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::PostParams;
-use kube::{Api, Client};
-use serde_json::{Value, json};
+use gpu_sim::{GpuSpec, NodeSpec};
 
-const NODE: &str = "node-a";
-const NS: &str = "default";
+/// The fixture's cluster, its agent watching, and what these tests add.
+struct Cluster(common::Cluster);
 
-struct Cluster {
-    sim: SimNode,
-    _dir: tempfile::TempDir,
-    kubelet: FakeKubelet,
-    api: FakeApiServer,
-    client: Client,
-    agent: Agent,
+impl Deref for Cluster {
+    type Target = common::Cluster;
+
+    fn deref(&self) -> &common::Cluster {
+        &self.0
+    }
 }
 
 impl Cluster {
     async fn start(gpus: u32, args: &[&str]) -> Self {
-        let sim = SimNode::new(NodeSpec::uniform(gpus, GpuSpec::t4)).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let plane = ControlPlane::start(dir.path(), NODE).await;
-        let client = plane.client().await;
-        let mut cmd = plane.agent_command(&sim, dir.path(), NODE);
-        cmd.args(args);
-        let agent = Agent::spawn(cmd);
-        let ControlPlane { kubelet, api, .. } = plane;
-        kubelet
-            .wait_for_resources(&ALL, PATIENCE)
-            .await
-            .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_text()));
-        let c = Self {
-            sim,
-            _dir: dir,
-            kubelet,
-            api,
-            client,
-            agent,
-        };
-        let deadline = std::time::Instant::now() + PATIENCE;
-        while c.api.active_watches() == 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the agent never watched"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        c
-    }
-
-    fn uuid(&self, i: usize) -> String {
-        self.sim.spec().gpus[i].uuid.clone()
-    }
-
-    fn pods(&self) -> Api<Pod> {
-        Api::namespaced(self.client.clone(), NS)
-    }
-
-    async fn annotation(&self, name: &str, key: &str) -> Option<String> {
-        self.pods()
-            .get(name)
-            .await
-            .unwrap()
-            .metadata
-            .annotations
-            .unwrap_or_default()
-            .get(key)
-            .cloned()
+        Self(
+            cluster(NodeSpec::uniform(gpus, GpuSpec::t4))
+                .args(args)
+                .ready(Ready::Watching)
+                .start()
+                .await,
+        )
     }
 
     /// Binds a pod as Volcano master does (annotations inside the Binding). `containers` are (name,
     /// vgpu-number or 0 for none, vgpu-memory); `queue` is written verbatim, so it may be anything.
     async fn bind(&self, name: &str, containers: &[Ctr<'_>], queue: &str, time: &str) {
-        let specs: Vec<Value> = containers
+        let specs: Vec<common::Ctr<'_>> = containers
             .iter()
-            .map(|(n, count, mem)| {
-                let mut limits = json!({"volcano.sh/vgpu-memory": mem.to_string()});
-                // 0 stands for no vgpu-number limit: a memory-only container.
-                if *count > 0 {
-                    limits["volcano.sh/vgpu-number"] = json!(count.to_string());
-                }
-                json!({"name": n, "image": "cuda", "resources": {"limits": limits}})
-            })
+            // 0 stands for no vgpu-number limit: a memory-only container.
+            .map(|(n, count, mem)| (*n, (*count > 0).then_some(*count), Some(*mem), None))
             .collect();
-        let pod = json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": NS},
-            "spec": {"schedulerName": "volcano", "containers": specs},
-            "status": {"phase": "Pending"}
-        });
-        self.pods()
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(pod).unwrap(),
-            )
-            .await
-            .unwrap();
-        let binding = json!({
-            "apiVersion": "v1", "kind": "Binding",
-            "metadata": {"name": name, "annotations": {
-                "volcano.sh/vgpu-node": NODE,
-                "volcano.sh/vgpu-time": time,
-                "volcano.sh/bind-time": time,
-                "volcano.sh/bind-phase": "allocating",
-                "volcano.sh/vgpu-ids-new": queue,
-                "volcano.sh/devices-to-allocate": queue,
-            }},
-            "target": {"kind": "Node", "name": NODE}
-        });
-        self.pods()
-            .create_subresource::<Value, Value>("binding", name, &PostParams::default(), &binding)
-            .await
-            .unwrap();
+        self.0
+            .bind(name, BindStyle::InBinding, &specs, queue, time)
+            .await;
     }
 
     /// The kubelet admits a container of `size` vGPUs and the agent refuses: the status.

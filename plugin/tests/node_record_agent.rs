@@ -12,10 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::*;
-use gpu_sim::{GpuSpec, NodeSpec, SimNode};
-use k8s_openapi::api::core::v1::Pod;
-use kube::Api;
-use kube::api::{Patch, PatchParams, PostParams};
+use gpu_sim::{GpuSpec, NodeSpec};
 use serde_json::{Value, json};
 use vgpu_region::layout::SharedRegion;
 use vgpu_region::{Region, RegionConfig, RegionReader};
@@ -28,36 +25,16 @@ const ROUND_PATIENCE: Duration = Duration::from_secs(15);
 
 /// A pod with one container `cuda` asking 1 vGPU of 3000 MiB at 30 % of the SMs, bound to this node by
 /// Volcano (patch-style bind) with `queue`, and the priority annotation.
-async fn bind(client: &kube::Client, name: &str, queue: &str, priority: &str) -> String {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
-    let pod = json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": NS,
-                     "annotations": {"volcano.sh/vgpu-task-priority": priority}},
-        "spec": {"schedulerName": "volcano", "containers": [{"name": "cuda", "image": "cuda", "resources": {"limits": {
-            "volcano.sh/vgpu-number": "1", "volcano.sh/vgpu-memory": "3000", "volcano.sh/vgpu-cores": "30"}}}]},
-        "status": {"phase": "Pending"}
-    });
-    let created = pods
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(pod).unwrap(),
-        )
-        .await
-        .unwrap();
-    let time = "1787220000";
-    let patch = json!({"metadata": {"annotations": {
-        "volcano.sh/vgpu-node": NODE, "volcano.sh/vgpu-time": time, "volcano.sh/bind-time": time,
-        "volcano.sh/bind-phase": "allocating", "volcano.sh/vgpu-ids-new": queue,
-        "volcano.sh/devices-to-allocate": queue}}});
-    pods.patch(name, &PatchParams::default(), &Patch::Strategic(&patch))
-        .await
-        .unwrap();
-    let binding = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": name},
-                         "target": {"kind": "Node", "name": NODE}});
-    pods.create_subresource::<Value, Value>("binding", name, &PostParams::default(), &binding)
-        .await
-        .unwrap();
+async fn bind(c: &Cluster, name: &str, queue: &str, priority: &str) -> String {
+    let mut pod = pod_json(name, &[("cuda", Some(1), Some(3000), Some(30))]);
+    pod["metadata"]["annotations"] = json!({"volcano.sh/vgpu-task-priority": priority});
+    let created = c.create_pod(pod).await;
+    c.bind_pod(
+        name,
+        BindStyle::PatchThenBind,
+        bind_annotations(NODE, queue, "1787220000"),
+    )
+    .await;
     created.metadata.uid.unwrap()
 }
 
@@ -90,25 +67,15 @@ fn metric(port: u16, kind: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tampered_limits_are_written_back_reported_and_still_enforced_after_a_restart() {
-    let sim = SimNode::new(NodeSpec::uniform(1, GpuSpec::t4)).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let plane = ControlPlane::start(dir.path(), NODE).await;
-    let client = plane.client().await;
     let port = free_port();
-    let command = || {
-        let mut cmd = plane.agent_command(&sim, dir.path(), NODE);
-        cmd.env("METRICS_BIND_ADDRESS", format!("127.0.0.1:{port}"));
-        cmd
-    };
-    let agent = Agent::spawn(command());
-    plane
-        .kubelet
-        .wait_for_resources(&ALL, PATIENCE)
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_text()));
-    let gpu = sim.spec().gpus[0].uuid.clone();
-    let uid = bind(&client, "pod-a", &format!("{gpu},NVIDIA,3000,30:"), "high").await;
-    let response = plane
+    let mut c = cluster(NodeSpec::uniform(1, GpuSpec::t4))
+        .env("METRICS_BIND_ADDRESS", format!("127.0.0.1:{port}"))
+        .start()
+        .await;
+    let (dir, agent) = (&c.dir, &c.agent);
+    let gpu = c.uuid(0);
+    let uid = bind(&c, "pod-a", &format!("{gpu},NVIDIA,3000,30:"), "high").await;
+    let response = c
         .kubelet
         .admit(NUMBER, 1)
         .await
@@ -166,7 +133,7 @@ async fn tampered_limits_are_written_back_reported_and_still_enforced_after_a_re
         || agent.log_text(),
         || metric(port, "limits") >= 1.0,
     );
-    let api = &plane.api;
+    let api = &c.api;
     let deadline = Instant::now() + ROUND_PATIENCE;
     while !api
         .events()
@@ -186,8 +153,8 @@ async fn tampered_limits_are_written_back_reported_and_still_enforced_after_a_re
     assert_eq!(metric(port, "limits"), 1.0);
 
     // The agent restarts; the record is still in force.
-    drop(agent);
-    let agent = Agent::spawn(command());
+    c.restart_agent();
+    let agent = &c.agent;
     let sm_at = std::mem::offset_of!(SharedRegion, sm_limit);
     poke(&region_path, sm_at, &100u64.to_ne_bytes());
     poke(&region_path, limit_at, &(u64::MAX).to_ne_bytes());
@@ -205,22 +172,14 @@ async fn tampered_limits_are_written_back_reported_and_still_enforced_after_a_re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_record_goes_with_its_pod() {
-    let sim = SimNode::new(NodeSpec::uniform(1, GpuSpec::t4)).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let plane = ControlPlane::start(dir.path(), NODE).await;
-    let client = plane.client().await;
-    let mut cmd = plane.agent_command(&sim, dir.path(), NODE);
-    cmd.args(["--cache-grace-period", "1s"]);
-    let agent = Agent::spawn(cmd);
-    plane
-        .kubelet
-        .wait_for_resources(&ALL, PATIENCE)
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_text()));
-    let gpu = sim.spec().gpus[0].uuid.clone();
-    let uid = bind(&client, "gone", &format!("{gpu},NVIDIA,3000,30:"), "low").await;
-    plane
-        .kubelet
+    let c = cluster(NodeSpec::uniform(1, GpuSpec::t4))
+        .args(["--cache-grace-period", "1s"])
+        .start()
+        .await;
+    let (dir, agent) = (&c.dir, &c.agent);
+    let gpu = c.uuid(0);
+    let uid = bind(&c, "gone", &format!("{gpu},NVIDIA,3000,30:"), "low").await;
+    c.kubelet
         .admit(NUMBER, 1)
         .await
         .unwrap()
@@ -230,7 +189,7 @@ async fn the_record_goes_with_its_pod() {
         .join(format!("hook/vgpu/containers.records/{uid}_cuda.json"));
     let recorded: Value = serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
     assert_eq!(recorded["priority"], 1, "low: {recorded}");
-    assert!(plane.api.delete_object("pods", Some(NS), "gone").is_some());
+    assert!(c.api.delete_object("pods", Some(NS), "gone").is_some());
     wait_until(
         "the record removed with the pod's cache directory",
         || agent.log_text(),

@@ -8,30 +8,31 @@
 mod common;
 
 use std::collections::HashMap;
+use std::ops::Deref;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use common::*;
-use gpu_sim::{GpuSpec, NodeSpec, SimNode};
-use harness::FakeKubelet;
+use gpu_sim::{GpuSpec, NodeSpec};
 use harness::apiserver::FakeApiServer;
-use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{Patch, PatchParams, PostParams};
-use kube::{Api, Client};
-use serde_json::{Value, json};
+use k8s_openapi::api::core::v1::Node;
+use kube::Api;
+use kube::api::{Patch, PatchParams};
+use serde_json::json;
 
 const NODE: &str = "node-a";
 const NS: &str = "default";
 const DONE: &str = "18446744073709551615";
 
-/// One simulated node with its fakes and the agent.
-struct Cluster {
-    sim: SimNode,
-    dir: tempfile::TempDir,
-    kubelet: FakeKubelet,
-    api: FakeApiServer,
-    client: Client,
-    agent: Agent,
+/// One simulated node with its fakes and the agent: the fixture's cluster, and what these tests add.
+struct Cluster(common::Cluster);
+
+impl Deref for Cluster {
+    type Target = common::Cluster;
+
+    fn deref(&self) -> &common::Cluster {
+        &self.0
+    }
 }
 
 impl Cluster {
@@ -44,62 +45,7 @@ impl Cluster {
         args: &[&str],
         setup: impl FnOnce(&FakeApiServer, &std::path::Path),
     ) -> Self {
-        let sim = SimNode::new(spec).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let plane = ControlPlane::start(dir.path(), NODE).await;
-        setup(&plane.api, dir.path());
-        let client = plane.client().await;
-        let mut cmd = plane.agent_command(&sim, dir.path(), NODE);
-        cmd.args(args);
-        let agent = Agent::spawn(cmd);
-        let ControlPlane { kubelet, api, .. } = plane;
-        kubelet
-            .wait_for_resources(&ALL, PATIENCE)
-            .await
-            .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_text()));
-        Self {
-            sim,
-            dir,
-            kubelet,
-            api,
-            client,
-            agent,
-        }
-    }
-
-    fn uuid(&self, i: usize) -> String {
-        self.sim.spec().gpus[i].uuid.clone()
-    }
-
-    fn pods(&self) -> Api<Pod> {
-        Api::namespaced(self.client.clone(), NS)
-    }
-
-    async fn pod(&self, name: &str) -> Pod {
-        self.pods().get(name).await.unwrap()
-    }
-
-    async fn annotation(&self, name: &str, key: &str) -> Option<String> {
-        self.pod(name)
-            .await
-            .metadata
-            .annotations
-            .unwrap_or_default()
-            .get(key)
-            .cloned()
-    }
-
-    /// Waits until the agent's watches are up and have had time to deliver what exists now.
-    async fn wait_until_watched(&self) {
-        let deadline = std::time::Instant::now() + PATIENCE;
-        while self.api.active_watches() == 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the agent never watched"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        Self(cluster(spec).args(args).start_with(setup).await)
     }
 
     fn cache_root(&self) -> PathBuf {
@@ -107,88 +53,31 @@ impl Cluster {
     }
 }
 
-/// A container: name, vgpu-number, vgpu-memory, vgpu-cores limits (None = absent).
-type Ctr<'a> = (&'a str, Option<u64>, Option<u64>, Option<u64>);
-
 /// The pod most tests bind: one container `cuda` with 1 vGPU of 1000 MiB.
 const ONE_VGPU: &[Ctr<'static>] = &[("cuda", Some(1), Some(1000), None)];
 
-fn pod_json(name: &str, containers: &[Ctr<'_>]) -> Value {
-    let containers: Vec<Value> = containers
-        .iter()
-        .map(|(n, count, mem, cores)| {
-            let mut limits = serde_json::Map::new();
-            if let Some(c) = count {
-                limits.insert("volcano.sh/vgpu-number".into(), json!(c.to_string()));
-            }
-            if let Some(m) = mem {
-                limits.insert("volcano.sh/vgpu-memory".into(), json!(m.to_string()));
-            }
-            if let Some(c) = cores {
-                limits.insert("volcano.sh/vgpu-cores".into(), json!(c.to_string()));
-            }
-            json!({"name": n, "image": "cuda", "resources": {"limits": limits}})
-        })
-        .collect();
-    json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {"schedulerName": "volcano", "containers": containers},
-        "status": {"phase": "Pending"}
-    })
-}
-
-/// The six annotations the scheduler writes at bind (contract §3.1).
-fn bind_annotations(queue: &str, time: u64) -> Value {
-    json!({
-        "volcano.sh/vgpu-node": NODE,
-        "volcano.sh/vgpu-time": time.to_string(),
-        "volcano.sh/bind-time": time.to_string(),
-        "volcano.sh/bind-phase": "allocating",
-        "volcano.sh/vgpu-ids-new": queue,
-        "volcano.sh/devices-to-allocate": queue,
-    })
-}
-
 /// Volcano up to v1.15: PATCH the annotations, then bind.
 async fn bind_v115(c: &Cluster, name: &str, containers: &[Ctr<'_>], queue: &str, time: u64) {
-    c.pods()
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(pod_json(name, containers)).unwrap(),
-        )
-        .await
-        .unwrap();
-    let patch = json!({"metadata": {"annotations": bind_annotations(queue, time)}});
-    c.pods()
-        .patch(name, &PatchParams::default(), &Patch::Strategic(&patch))
-        .await
-        .unwrap();
-    let binding = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": name}, "target": {"kind": "Node", "name": NODE}});
-    c.pods()
-        .create_subresource::<Value, Value>("binding", name, &PostParams::default(), &binding)
-        .await
-        .unwrap();
+    c.bind(
+        name,
+        BindStyle::PatchThenBind,
+        containers,
+        queue,
+        &time.to_string(),
+    )
+    .await;
 }
 
 /// Volcano master: the annotations travel inside the Binding.
 async fn bind_master(c: &Cluster, name: &str, containers: &[Ctr<'_>], queue: &str, time: u64) {
-    c.pods()
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(pod_json(name, containers)).unwrap(),
-        )
-        .await
-        .unwrap();
-    let binding = json!({
-        "apiVersion": "v1", "kind": "Binding",
-        "metadata": {"name": name, "annotations": bind_annotations(queue, time)},
-        "target": {"kind": "Node", "name": NODE}
-    });
-    c.pods()
-        .create_subresource::<Value, Value>("binding", name, &PostParams::default(), &binding)
-        .await
-        .unwrap();
+    c.bind(
+        name,
+        BindStyle::InBinding,
+        containers,
+        queue,
+        &time.to_string(),
+    )
+    .await;
 }
 
 fn dev(uuid: &str, mem: u64, cores: u64) -> String {

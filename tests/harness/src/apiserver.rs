@@ -6,12 +6,12 @@
 //! hand it to the agent or to `kube::Config::from_custom_kubeconfig`.
 //!
 //! # Resources
-//! `pods` (with the `status` and `binding` subresources and the legacy `bindings` collection),
-//! `nodes` (with `status`), `configmaps`, and `events` through both `/api/v1` and
-//! `/apis/events.k8s.io/v1`. The two event APIs share one collection, as in the real apiserver:
-//! an Event is stored as written and converted when read through the other API. Discovery
-//! (`/api`, `/api/v1`, `/apis`, `/apis/events.k8s.io[/v1]`), `/version`, `/healthz`, `/livez` and
-//! `/readyz` answer too. Anything else is the apiserver's generic 404 `Status`.
+//! `pods` (with the `status` and `binding` subresources), `nodes` (with `status`), `configmaps`,
+//! and `events` through both `/api/v1` and `/apis/events.k8s.io/v1`: what the agent and the
+//! shipped RBAC (`volcano-config/vgpu-device-plugin.yaml`) use, and what the tests write. The
+//! two event APIs share one collection, as in the real apiserver: an Event is stored as written
+//! and converted when read through the other API. Anything else is the apiserver's generic 404
+//! `Status`.
 //!
 //! # Behaviour implemented
 //! * Metadata: `uid` (UUID v4 shape), `resourceVersion` from one global counter bumped on every
@@ -79,18 +79,20 @@
 //!   annotations and sets the `PodScheduled=True` condition in one write (one MODIFIED event);
 //!   409 if the pod is bound, being deleted or gated; UID/resourceVersion preconditions from the
 //!   Binding's metadata; answers `Status{Success, code 201}`.
-//! * DELETE: `DeleteOptions` from the body or `gracePeriodSeconds`/`dryRun` in the query.
+//! * DELETE: `DeleteOptions` from the body or `gracePeriodSeconds` in the query.
 //!   A pod bound to a node and not terminal is deleted gracefully as the real apiserver does
 //!   (it gets `deletionTimestamp`/`deletionGracePeriodSeconds` and stays until a DELETE with
 //!   `gracePeriodSeconds=0`, which is the kubelet's job; there is no kubelet here, so tests do
 //!   that or call [`FakeApiServer::delete_object`]). Objects with finalizers stay until an
 //!   update empties them. Pods answer with the object, other kinds with a success `Status`.
-//!   DELETE on a collection (deletecollection) deletes the selected objects.
-//! * `dryRun=All` is honoured on writes. `as=PartialObjectMetadata[List]` in `Accept` is served
-//!   (kube-rs's metadata API and `metadata_watcher`).
+//! * `as=PartialObjectMetadata[List]` in `Accept` is served (kube-rs's metadata API and
+//!   `metadata_watcher`).
 //!
 //! # Deliberately not implemented
-//! Server-side apply (`application/apply-patch+yaml` is a 415), YAML and protobuf bodies
+//! What neither the agent nor a test uses, refused rather than half-done so that a new use fails
+//! loudly: `dryRun` (a 400), DELETE on a collection (deletecollection, a 405), the legacy
+//! `bindings` collection, discovery (`/api`, `/apis`, ...), `/version` and the health endpoints
+//! (404s). Server-side apply (`application/apply-patch+yaml` is a 415), YAML and protobuf bodies
 //! (415; responses are always JSON), `managedFields`, `metadata.generation`, namespaces as
 //! objects (any namespace name is accepted; the NamespaceLifecycle admission check is not
 //! done), RBAC (any request with the right token is allowed), garbage collection of dependents
@@ -100,10 +102,9 @@
 //!
 //! # Test hooks
 //! In-process writes ([`FakeApiServer::create`], [`FakeApiServer::patch_object`],
-//! [`FakeApiServer::update_object`], [`FakeApiServer::delete_object`]) bump the resourceVersion
-//! and notify watchers exactly like HTTP writes. `create` runs the HTTP create path (defaulting,
-//! validation) except that a pod keeps the `status` it was given; `patch_object`,
-//! `update_object` and `delete_object` act with the powers of every controller at once: they
+//! [`FakeApiServer::delete_object`]) bump the resourceVersion and notify watchers exactly like
+//! HTTP writes. `create` runs the HTTP create path (defaulting, validation) except that a pod
+//! keeps the `status` it was given; `patch_object` and `delete_object` act with the powers of every controller at once: they
 //! skip strategies and validation (so they can set `spec.nodeName` or `status.phase`) and
 //! delete immediately. Every HTTP request is recorded ([`FakeApiServer::requests`]).
 //!
@@ -202,7 +203,7 @@ impl RecordedRequest {
     }
 
     /// The Kubernetes verb: `get`, `list`, `watch`, `create`, `update`, `patch`, `delete`,
-    /// `deletecollection`, or `other` (discovery, health, unknown paths).
+    /// `deletecollection`, or `other` (unknown paths).
     pub fn verb(&self) -> &'static str {
         match route(&self.path) {
             Some(Route::Collection { .. }) => match self.method.as_str() {
@@ -372,14 +373,9 @@ impl FakeApiServer {
         self.inner.addr
     }
 
-    /// The bearer token requests must carry.
-    pub fn token(&self) -> &'static str {
-        TOKEN
-    }
-
     /// A kubeconfig: cluster `server` = [`Self::url`], `insecure-skip-tls-verify`, a token user,
     /// and a current context with `namespace` if given.
-    pub fn kubeconfig_yaml(&self, namespace: Option<&str>) -> String {
+    fn kubeconfig_yaml(&self, namespace: Option<&str>) -> String {
         let ns = namespace
             .map(|n| format!("    namespace: {n}\n"))
             .unwrap_or_default();
@@ -420,7 +416,7 @@ impl FakeApiServer {
         let created = self
             .inner
             .store()
-            .create(res, view, ns.as_deref(), object, false, true)
+            .create(res, view, ns.as_deref(), object, true)
             .map_err(|e| anyhow!("create {resource_path}: {}", e.to_status()))?;
         Ok(created.as_ref().clone())
     }
@@ -460,7 +456,7 @@ impl FakeApiServer {
     ///
     /// # Panics
     /// On an unknown kind.
-    pub fn update_object(
+    fn update_object(
         &self,
         kind: &str,
         namespace: Option<&str>,
@@ -522,11 +518,6 @@ impl FakeApiServer {
     /// Fixes the clock used for `creationTimestamp`, `deletionTimestamp` and condition times.
     pub fn set_clock(&self, unix_seconds: i64) {
         self.inner.store().clock = Some(unix_seconds);
-    }
-
-    /// Goes back to real time.
-    pub fn set_real_clock(&self) {
-        self.inner.store().clock = None;
     }
 
     /// How many changes per resource the watch window keeps (default 1000). Watching or
@@ -725,9 +716,6 @@ impl Drop for FakeApiServer {
 
 #[derive(Debug, Clone, PartialEq)]
 enum Route {
-    Discovery(&'static str),
-    Health,
-    Version,
     Collection {
         res: Resource,
         view: View,
@@ -746,30 +734,19 @@ enum Route {
     },
     Binding {
         ns: String,
-        name: Option<String>,
+        name: String,
     },
 }
 
 fn route(path: &str) -> Option<Route> {
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (view, rest) = match segs.as_slice() {
-        ["api"] => return Some(Route::Discovery("api")),
-        ["apis"] => return Some(Route::Discovery("apis")),
-        ["api", "v1"] => return Some(Route::Discovery("api/v1")),
-        ["apis", "events.k8s.io"] => return Some(Route::Discovery("apis/events.k8s.io")),
-        ["apis", "events.k8s.io", "v1"] => return Some(Route::Discovery("apis/events.k8s.io/v1")),
-        ["healthz" | "livez" | "readyz", ..] => return Some(Route::Health),
-        ["version"] => return Some(Route::Version),
         ["api", "v1", rest @ ..] => (View::Core, rest),
         ["apis", "events.k8s.io", "v1", rest @ ..] => (View::EventsV1, rest),
         _ => return None,
     };
     let ok = |res: Resource| view == View::Core || res == Resource::Events;
     match rest {
-        ["namespaces", ns, "bindings"] if view == View::Core => Some(Route::Binding {
-            ns: (*ns).into(),
-            name: None,
-        }),
         ["namespaces", ns, plural, tail @ ..] => {
             let res = Resource::from_plural(plural).filter(|r| r.namespaced() && ok(*r))?;
             let ns_name = (*ns).to_string();
@@ -789,7 +766,7 @@ fn route(path: &str) -> Option<Route> {
                 }),
                 [name, "binding"] if res == Resource::Pods => Some(Route::Binding {
                     ns: ns_name,
-                    name: Some((*name).into()),
+                    name: (*name).into(),
                 }),
                 _ => None,
             }
@@ -978,15 +955,12 @@ impl Req {
         self.param(name).and_then(parse_bool).unwrap_or(false)
     }
 
-    fn dry_run(&self) -> Result<bool, ApiError> {
+    /// `dryRun` is refused: nothing uses it, and a fake that ignored it would write.
+    fn no_dry_run(&self) -> Result<(), ApiError> {
         match self.param("dryRun") {
-            None | Some("") => Ok(false),
-            Some("All") => Ok(true),
-            Some(other) => Err(ApiError::invalid(
-                "CreateOptions",
-                "meta.k8s.io",
-                "",
-                vec![Cause::unsupported("dryRun", other, &["All"])],
+            None | Some("") => Ok(()),
+            Some(_) => Err(ApiError::bad_request(
+                "dryRun is not implemented by the fake apiserver",
             )),
         }
     }
@@ -1054,9 +1028,8 @@ async fn handle(
         return error_response(&ApiError::from_code(503, None));
     }
     let r = route(&path);
-    let public = matches!(r, Some(Route::Health | Route::Version));
     let auth = header(AUTHORIZATION).unwrap_or_default();
-    if !public && auth != format!("Bearer {TOKEN}") {
+    if auth != format!("Bearer {TOKEN}") {
         return error_response(&ApiError::from_code(401, None));
     }
     let path_and_query = if raw_query.is_empty() {
@@ -1101,22 +1074,16 @@ async fn handle(
 async fn dispatch(inner: &Arc<Inner>, r: Route, req: &Req) -> Result<Response<Body>, ApiError> {
     let m = &req.method;
     match r {
-        Route::Health => Ok(full(200, Bytes::from_static(b"ok"))),
-        Route::Version => Ok(json_response(200, &version())),
-        Route::Discovery(which) => Ok(json_response(200, &discovery(which, inner.addr))),
         Route::Collection { res, view, ns } => match *m {
             Method::GET if req.flag("watch") => start_watch(inner, res, view, ns, None, req),
             Method::GET => list(inner, res, view, ns, req).await,
             Method::POST if ns.is_some() || !res.namespaced() => {
                 let body = req.json_body()?;
-                let dry = req.dry_run()?;
+                req.no_dry_run()?;
                 let obj = inner
                     .store()
-                    .create(res, view, ns.as_deref(), body, dry, false)?;
+                    .create(res, view, ns.as_deref(), body, false)?;
                 Ok(json_response(201, &show(&obj, req.partial_meta())))
-            }
-            Method::DELETE if ns.is_some() || !res.namespaced() => {
-                delete_collection(inner, res, view, ns, req)
             }
             _ => Err(ApiError::method_not_allowed()),
         },
@@ -1134,8 +1101,8 @@ async fn dispatch(inner: &Arc<Inner>, r: Route, req: &Req) -> Result<Response<Bo
                 return Err(ApiError::method_not_allowed());
             }
             let body = req.json_body()?;
-            let dry = req.dry_run()?;
-            inner.store().bind(&ns, name.as_deref(), body, dry)?;
+            req.no_dry_run()?;
+            inner.store().bind(&ns, &name, body)?;
             Ok(json_response(201, &success(201, None)))
         }
     }
@@ -1166,11 +1133,10 @@ fn item(
         }
         Method::PUT => {
             let body = req.json_body()?;
-            let dry = req.dry_run()?;
-            let (obj, created) =
-                inner
-                    .store()
-                    .update(res, view, ns.as_deref(), name, sub, body, dry)?;
+            req.no_dry_run()?;
+            let (obj, created) = inner
+                .store()
+                .update(res, view, ns.as_deref(), name, sub, body)?;
             Ok(json_response(
                 if created { 201 } else { 200 },
                 &show(&present(res, view, &obj), partial_meta),
@@ -1195,11 +1161,10 @@ fn item(
             };
             let patch: Value = serde_json::from_slice(&req.body)
                 .map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?;
-            let dry = req.dry_run()?;
-            let obj =
-                inner
-                    .store()
-                    .patch(res, view, ns.as_deref(), name, sub, ptype, &patch, dry)?;
+            req.no_dry_run()?;
+            let obj = inner
+                .store()
+                .patch(res, view, ns.as_deref(), name, sub, ptype, &patch)?;
             Ok(json_response(
                 200,
                 &show(&present(res, view, &obj), partial_meta),
@@ -1235,10 +1200,8 @@ fn item(
 }
 
 fn delete_opts(req: &Req) -> Result<DeleteOpts, ApiError> {
-    let mut opts = DeleteOpts {
-        dry_run: req.dry_run()?,
-        ..DeleteOpts::default()
-    };
+    req.no_dry_run()?;
+    let mut opts = DeleteOpts::default();
     if let Some(g) = req.param("gracePeriodSeconds") {
         opts.grace = Some(
             g.parse()
@@ -1258,60 +1221,13 @@ fn delete_opts(req: &Req) -> Result<DeleteOpts, ApiError> {
                 .and_then(Value::as_str)
                 .map(str::to_string);
         }
-        if let Some(Value::Array(d)) = body.get("dryRun") {
-            opts.dry_run |= d.iter().any(|x| x == "All");
+        if body.get("dryRun").is_some() {
+            return Err(ApiError::bad_request(
+                "dryRun is not implemented by the fake apiserver",
+            ));
         }
     }
     Ok(opts)
-}
-
-fn delete_collection(
-    inner: &Arc<Inner>,
-    res: Resource,
-    view: View,
-    ns: Option<String>,
-    req: &Req,
-) -> Result<Response<Body>, ApiError> {
-    let filter = Filter::new(
-        res,
-        view,
-        ns.clone(),
-        req.param("labelSelector").unwrap_or(""),
-        req.param("fieldSelector").unwrap_or(""),
-    )?;
-    let opts = delete_opts(req)?;
-    let mut store = inner.store();
-    let listed = store.list(&ListQuery {
-        filter,
-        limit: None,
-        cont: None,
-        rv: None,
-        rv_match: None,
-    })?;
-    let mut items = Vec::new();
-    for obj in &listed.items {
-        let name = resource::meta_str(obj, "name").unwrap_or("").to_string();
-        let ons = resource::meta_str(obj, "namespace").map(str::to_string);
-        let scope = if res.namespaced() {
-            ons.as_deref()
-        } else {
-            None
-        };
-        match store.delete(res, view, scope, &name, &opts) {
-            Ok(Deleted::Now(o) | Deleted::Pending(o)) => items.push(present(res, view, &o)),
-            Err(e) if e.code == 404 => {}
-            Err(e) => return Err(e),
-        }
-    }
-    let rv = store.rv;
-    drop(store);
-    let l = store::ListResult {
-        items,
-        rv,
-        cont: None,
-        remaining: None,
-    };
-    Ok(full(200, list_body(res, view, &l, req.partial_meta())))
 }
 
 fn parse_rv(s: Option<&str>) -> Result<Option<u64>, ApiError> {
@@ -1666,78 +1582,6 @@ impl Drop for CountGuard {
     }
 }
 
-// ---- discovery ----
-
-fn version() -> Value {
-    json!({
-        "major": "1",
-        "minor": "33",
-        "gitVersion": "v1.33.0-fake",
-        "gitCommit": "0000000000000000000000000000000000000000",
-        "gitTreeState": "clean",
-        "buildDate": "2025-04-23T00:00:00Z",
-        "goVersion": "go1.24.2",
-        "compiler": "gc",
-        "platform": "linux/amd64"
-    })
-}
-
-fn api_resource(name: &str, namespaced: bool, kind: &str, verbs: &[&str]) -> Value {
-    json!({ "name": name, "singularName": "", "namespaced": namespaced, "kind": kind, "verbs": verbs })
-}
-
-fn discovery(which: &str, addr: SocketAddr) -> Value {
-    let rw = [
-        "create",
-        "delete",
-        "deletecollection",
-        "get",
-        "list",
-        "patch",
-        "update",
-        "watch",
-    ];
-    let events_group = json!({
-        "name": "events.k8s.io",
-        "versions": [{ "groupVersion": "events.k8s.io/v1", "version": "v1" }],
-        "preferredVersion": { "groupVersion": "events.k8s.io/v1", "version": "v1" }
-    });
-    match which {
-        "api" => json!({
-            "kind": "APIVersions",
-            "versions": ["v1"],
-            "serverAddressByClientCIDRs": [{ "clientCIDR": "0.0.0.0/0", "serverAddress": addr.to_string() }]
-        }),
-        "apis" => json!({ "kind": "APIGroupList", "apiVersion": "v1", "groups": [events_group] }),
-        "apis/events.k8s.io" => {
-            let mut g = events_group;
-            g["kind"] = json!("APIGroup");
-            g["apiVersion"] = json!("v1");
-            g
-        }
-        "apis/events.k8s.io/v1" => json!({
-            "kind": "APIResourceList",
-            "apiVersion": "v1",
-            "groupVersion": "events.k8s.io/v1",
-            "resources": [api_resource("events", true, "Event", &rw)]
-        }),
-        _ => json!({
-            "kind": "APIResourceList",
-            "groupVersion": "v1",
-            "resources": [
-                api_resource("bindings", true, "Binding", &["create"]),
-                api_resource("configmaps", true, "ConfigMap", &rw),
-                api_resource("events", true, "Event", &rw),
-                api_resource("nodes", false, "Node", &rw),
-                api_resource("nodes/status", false, "Node", &["get", "patch", "update"]),
-                api_resource("pods", true, "Pod", &rw),
-                api_resource("pods/binding", true, "Binding", &["create"]),
-                api_resource("pods/status", true, "Pod", &["get", "patch", "update"]),
-            ]
-        }),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1748,7 +1592,7 @@ mod tests {
             route("/api/v1/namespaces/default/pods/p1/binding"),
             Some(Route::Binding {
                 ns: "default".into(),
-                name: Some("p1".into())
+                name: "p1".into()
             })
         );
         assert_eq!(
@@ -1804,14 +1648,7 @@ mod tests {
                 }
             });
             store
-                .create(
-                    Resource::Pods,
-                    View::Core,
-                    Some("default"),
-                    pod,
-                    false,
-                    true,
-                )
+                .create(Resource::Pods, View::Core, Some("default"), pod, true)
                 .expect("create");
         }
         let filter = Filter::new(Resource::Pods, View::Core, None, "", "spec.nodeName=node-3")

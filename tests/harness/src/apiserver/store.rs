@@ -105,7 +105,6 @@ pub(crate) struct DeleteOpts {
     pub grace: Option<i64>,
     pub uid: Option<String>,
     pub rv: Option<String>,
-    pub dry_run: bool,
 }
 
 /// Which objects a list or watch selects.
@@ -437,7 +436,6 @@ impl Store {
         key: &str,
         old: Option<&Arc<Value>>,
         mut new: Value,
-        dry_run: bool,
     ) -> Arc<Value> {
         let old_rv = old.map(|o| rv_of(o).to_string());
         match &old_rv {
@@ -453,9 +451,6 @@ impl Store {
         {
             return Arc::clone(old);
         }
-        if dry_run {
-            return Arc::new(new);
-        }
         self.commit(res, key, Some(new))
     }
 
@@ -466,7 +461,6 @@ impl Store {
         view: View,
         ns: Option<&str>,
         mut obj: Value,
-        dry_run: bool,
         keep_status: bool,
     ) -> Result<Arc<Value>, ApiError> {
         check_types(&obj)?;
@@ -550,7 +544,7 @@ impl Store {
             let name = meta_str(&obj, "name").unwrap_or("").to_string();
             return Err(ApiError::already_exists(res.qualified(view), &name));
         }
-        Ok(self.write(res, &k, None, obj, dry_run))
+        Ok(self.write(res, &k, None, obj))
     }
 
     fn check_name(
@@ -591,7 +585,6 @@ impl Store {
         name: &str,
         sub: Sub,
         mut obj: Value,
-        dry_run: bool,
     ) -> Result<(Arc<Value>, bool), ApiError> {
         check_types(&obj)?;
         if let Some(e) = type_meta_error(res, view, &obj) {
@@ -603,12 +596,12 @@ impl Store {
                 if !rv_of(&obj).is_empty() {
                     return Err(ApiError::modified(res.qualified(view), name));
                 }
-                let created = self.create(res, view, ns, obj, dry_run, false)?;
+                let created = self.create(res, view, ns, obj, false)?;
                 return Ok((created, true));
             }
             return Err(ApiError::not_found(res.qualified(view), name));
         };
-        let out = self.apply_update(res, view, &old, obj, sub, dry_run)?;
+        let out = self.apply_update(res, view, &old, obj, sub)?;
         Ok((out, false))
     }
 
@@ -620,7 +613,6 @@ impl Store {
         old: &Arc<Value>,
         mut new: Value,
         sub: Sub,
-        dry_run: bool,
     ) -> Result<Arc<Value>, ApiError> {
         let name = meta_str(old, "name").unwrap_or("").to_string();
         let ns = meta_str(old, "namespace").map(str::to_string);
@@ -709,12 +701,9 @@ impl Store {
             .and_then(Value::as_i64)
             .unwrap_or(0);
         if deleting && new_fin.is_empty() && grace == 0 {
-            if dry_run {
-                return Ok(Arc::new(new));
-            }
             return Ok(self.commit(res, &k, None));
         }
-        Ok(self.write(res, &k, Some(old), new, dry_run))
+        Ok(self.write(res, &k, Some(old), new))
     }
 
     /// PATCH.
@@ -728,7 +717,6 @@ impl Store {
         sub: Sub,
         ptype: PatchType,
         patch: &Value,
-        dry_run: bool,
     ) -> Result<Arc<Value>, ApiError> {
         let Some(old) = self.get(res, ns, name).cloned() else {
             return Err(ApiError::not_found(res.qualified(view), name));
@@ -767,7 +755,7 @@ impl Store {
             }
         }
         Self::check_name(res, ns, name, &mut doc)?;
-        self.apply_update(res, view, &old, doc, sub, dry_run)
+        self.apply_update(res, view, &old, doc, sub)
     }
 
     /// DELETE of one object.
@@ -850,23 +838,14 @@ impl Store {
                 m.insert("deletionTimestamp".into(), json!(rfc3339(now + grace)));
             }
             m.insert("deletionGracePeriodSeconds".into(), json!(grace));
-            let out = self.write(res, &k, Some(&old), new, opts.dry_run);
+            let out = self.write(res, &k, Some(&old), new);
             return Ok(Deleted::Pending(out));
-        }
-        if opts.dry_run {
-            return Ok(Deleted::Now(old));
         }
         Ok(Deleted::Now(self.commit(res, &k, None)))
     }
 
-    /// POST `pods/{name}/binding` (and the legacy `bindings` collection).
-    pub fn bind(
-        &mut self,
-        ns: &str,
-        url_name: Option<&str>,
-        mut binding: Value,
-        dry_run: bool,
-    ) -> Result<(), ApiError> {
+    /// POST `pods/{name}/binding`.
+    pub fn bind(&mut self, ns: &str, url_name: &str, mut binding: Value) -> Result<(), ApiError> {
         check_types(&binding)?;
         if let Some(k) = binding.get("kind").and_then(Value::as_str)
             && !k.is_empty()
@@ -877,9 +856,7 @@ impl Store {
             )));
         }
         let bname = meta_str(&binding, "name").unwrap_or("").to_string();
-        if let Some(n) = url_name
-            && n != bname
-        {
+        if url_name != bname {
             return Err(ApiError::bad_request(
                 "name in URL does not match name in Binding object",
             ));
@@ -1016,13 +993,7 @@ impl Store {
         if !causes.is_empty() {
             return Err(ApiError::invalid("Pod", "", &bname, causes));
         }
-        self.write(
-            Resource::Pods,
-            &key(Some(ns), &bname),
-            Some(&old),
-            new,
-            dry_run,
-        );
+        self.write(Resource::Pods, &key(Some(ns), &bname), Some(&old), new);
         Ok(())
     }
 
@@ -1053,7 +1024,7 @@ impl Store {
                 None => m.remove(f),
             };
         }
-        Some(self.write(res, &key(ns, name), Some(&old), new, false))
+        Some(self.write(res, &key(ns, name), Some(&old), new))
     }
 
     /// In-process immediate removal (like a final `gracePeriodSeconds=0` delete with no
