@@ -378,7 +378,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Legacy per-GPU series (contract §7.1), then the clean per-GPU set. (`Registry::register` adds the full stop
+/// Legacy per-GPU series (docs/volcano-contract.md §7.1), then the clean per-GPU set. (`Registry::register` adds the full stop
 /// at the end of a help text; a collector writes it as given.)
 fn encode_gpus(e: &mut DescriptorEncoder<'_>, gpus: &[GpuSample]) -> fmt::Result {
     gauges(

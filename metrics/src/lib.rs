@@ -1,7 +1,7 @@
 //! The node agent's Prometheus exporter (served on `:9394` by default).
 //!
 //! Two sets of series from one scrape:
-//! * the **legacy** series of Volcano's `volcano-vgpu-monitor` (contract §7.1), with their names, labels and
+//! * the **legacy** series of Volcano's `volcano-vgpu-monitor` (docs/volcano-contract.md §7.1), with their names, labels and
 //!   `zone="vGPU"`, so existing Volcano and HAMi dashboards keep working — with `vdeviceid` fixed to be the
 //!   GPU's index on the node instead of the index inside the container's region (always 0 upstream);
 //! * a **clean** set following Prometheus conventions: units in the names, ratios instead of percents, and the

@@ -26,7 +26,7 @@ const NODE: &str = "node-a";
 const USED: u64 = 300 << 20;
 const LIMIT: u64 = 1000 << 20;
 
-/// The contract's legacy names (§7.1); promlint calls them camelCase, and they must stay as they are.
+/// The contract's legacy names (docs/volcano-contract.md §7.1); promlint calls them camelCase, and they must stay as they are.
 const LEGACY: [&str; 7] = [
     "HostGPUMemoryUsage",
     "HostCoreUtilization",

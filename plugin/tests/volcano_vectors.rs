@@ -131,7 +131,7 @@ fn node_register_case(index: usize) {
     }
     assert_eq!(node_mode(&decoded), s(&expected["mode"]));
 
-    // What the kubelet advertises (contract §1.2): Σ split, Σ memory units, 100 × scaling (1 here) per GPU.
+    // What the kubelet advertises (docs/volcano-contract.md §1.2): Σ split, Σ memory units, 100 × scaling (1 here) per GPU.
     let allocatable = &case["expected_node_allocatable"];
     let number: u64 = registered.iter().map(|g| u64::from(g.split_count)).sum();
     let memory: u64 = registered.iter().map(|g| g.memory_units).sum();

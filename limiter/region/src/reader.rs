@@ -5,7 +5,7 @@
 //! fewer bytes. Only the bytes that mean something are copied: the header, the tail, and the `proc_num` process
 //! slots in use (a few KiB for a typical container instead of the whole 2 MB layout), which is what keeps a
 //! scrape of a hundred containers in the low milliseconds. Version detection follows the monitors
-//! (`volcano-contract.md` §7.2): a file of exactly 1 197 897 (or 1 197 896) bytes is v0; otherwise the magic must
+//! (`docs/volcano-contract.md` §7.2): a file of exactly 1 197 897 (or 1 197 896) bytes is v0; otherwise the magic must
 //! be at offset 0 and `major_version` must be 1 (any minor, as the monitors accept). Unlike the monitors we
 //! refuse sizes other than the layout or layout + 1 byte and never read more than the layout.
 //!

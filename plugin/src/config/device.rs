@@ -1,5 +1,5 @@
 //! The configuration Volcano's vGPU stack shares with the node agent, merged the way an operator expects:
-//! built-in defaults, then the `volcano-vgpu-device-config` config map (`device-config.yaml`, contract §5.2),
+//! built-in defaults, then the `volcano-vgpu-device-config` config map (`device-config.yaml`, docs/volcano-contract.md §5.2),
 //! then this node's entry of the per-node `config.json` (§5.3, values > 0 or non-empty only), then flags that
 //! were set explicitly. Every key is honoured, including the ones the Go plugin loads and ignores
 //! (`deviceMemoryScaling`, `disableCoreLimit`, `filterdevices`). A value the agent cannot serve is refused
@@ -29,7 +29,7 @@ pub struct DeviceConfigFile {
     pub other: BTreeMap<String, serde_json::Value>,
 }
 
-/// The `nvidia:` section, every key of contract §5.2.
+/// The `nvidia:` section, every key of docs/volcano-contract.md §5.2.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[allow(missing_docs)]
@@ -64,7 +64,7 @@ pub struct NodeConfigFile {
     pub nodeconfig: Vec<NodeConfig>,
 }
 
-/// One node's overrides (contract §5.3); all keys lower case, as the Go plugin reads them.
+/// One node's overrides (docs/volcano-contract.md §5.3); all keys lower case, as the Go plugin reads them.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[allow(missing_docs)]
 pub struct NodeConfig {

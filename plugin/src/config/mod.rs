@@ -44,7 +44,7 @@ pub const CORE_SCALING_RANGE: std::ops::RangeInclusive<f64> = 0.01..=10.0;
 /// `deviceMemoryScaling`: physical memory × this is advertised.
 pub const MEMORY_SCALING_RANGE: std::ops::RangeInclusive<f64> = 0.01..=100.0;
 
-/// How the node's GPUs are cut into device-plugin IDs (contract §1.2).
+/// How the node's GPUs are cut into device-plugin IDs (docs/volcano-contract.md §1.2).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SharingSettings {
     /// `deviceSplitCount`: how many containers may share one GPU; IDs per GPU on the number resource.
@@ -136,7 +136,7 @@ impl SharingSettings {
         Ok(())
     }
 
-    /// Memory units one GPU advertises: `floor(MiB × memory scaling) / factor` (with scaling 1, contract §1.2).
+    /// Memory units one GPU advertises: `floor(MiB × memory scaling) / factor` (with scaling 1, docs/volcano-contract.md §1.2).
     pub fn memory_units(&self, memory_mib: u64) -> u64 {
         let scaled = if self.memory_scaling == 1.0 {
             memory_mib
@@ -225,7 +225,7 @@ impl ResourceNames {
     }
 }
 
-/// Health checking knobs (contract §8, plus recovery, which no peer has).
+/// Health checking knobs (docs/volcano-contract.md §8, plus recovery, which no peer has).
 #[derive(Debug, Clone)]
 pub struct HealthSettings {
     /// `DP_DISABLE_HEALTHCHECKS`, raw.
@@ -407,7 +407,7 @@ impl DriverPaths {
     }
 }
 
-/// How a container's GPUs, device nodes, limiter and driver reach it (contract §4, issue #8).
+/// How a container's GPUs, device nodes, limiter and driver reach it (docs/volcano-contract.md §4, issue #8).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeliverySettings {
     /// `--device-list-strategy`.

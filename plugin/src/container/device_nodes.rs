@@ -1,4 +1,4 @@
-//! The NVIDIA device nodes a GPU container needs, found under `--dev-root` (contract §4, "Device specs"):
+//! The NVIDIA device nodes a GPU container needs, found under `--dev-root` (docs/volcano-contract.md §4, "Device specs"):
 //! the control nodes `/dev/nvidiactl`, `/dev/nvidia-uvm`, `/dev/nvidia-uvm-tools` and `/dev/nvidia-modeset`
 //! where present, and `/dev/nvidia<minor>` for each assigned GPU.
 //!

@@ -1,4 +1,4 @@
-//! What Allocate returns for one container in hami-core mode (contract §4): the envs HAMi-core's
+//! What Allocate returns for one container in hami-core mode (docs/volcano-contract.md §4): the envs HAMi-core's
 //! `libvgpu.so` reads, the mounts that preload it and give it a per-container shared-region file, and the
 //! container's GPUs in the form `--device-list-strategy` selects:
 //! - `envvar`: `NVIDIA_VISIBLE_DEVICES=<uuid>,…`;

@@ -1,7 +1,7 @@
 //! GPU discovery: what NVML says about each GPU on the node, read once at start.
 //!
 //! A GPU that NVML cannot read is reported and left out; the agent refuses to start only when no GPU is left.
-//! The list is sorted by minor number, the order the scheduler uses as the device index (contract §2.1).
+//! The list is sorted by minor number, the order the scheduler uses as the device index (docs/volcano-contract.md §2.1).
 
 use std::path::Path;
 

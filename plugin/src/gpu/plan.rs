@@ -1,4 +1,4 @@
-//! The device lists the three endpoints advertise (contract §1.2), and the kubelet's message-size limit.
+//! The device lists the three endpoints advertise (docs/volcano-contract.md §1.2), and the kubelet's message-size limit.
 //!
 //! Per GPU: `deviceSplitCount` IDs on the number resource, `floor(MiB / gpuMemoryFactor)` on the memory
 //! resource and `floor(100 × deviceCoreScaling)` on the cores resource. The kubelet only counts IDs, so their

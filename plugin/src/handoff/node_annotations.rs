@@ -1,4 +1,4 @@
-//! What the node tells Volcano's scheduler: `volcano.sh/node-vgpu-register` (the GPU inventory, contract
+//! What the node tells Volcano's scheduler: `volcano.sh/node-vgpu-register` (the GPU inventory, docs/volcano-contract.md
 //! §2.1) and, for schedulers up to v1.15.0, `volcano.sh/node-vgpu-handshake` (§2.3).
 //!
 //! The publisher watches its own Node object and writes only when what is there differs from what should be:
@@ -182,7 +182,7 @@ async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// Removes the scheduler's `hamivgpu` node lock if it is there (contract §2.2): after a successful or failed
+/// Removes the scheduler's `hamivgpu` node lock if it is there (docs/volcano-contract.md §2.2): after a successful or failed
 /// allocation, and when no pending pod matches. Reads first, so a node without the lock costs no write.
 /// Returns whether it wrote. Each of its two calls runs under `limit` (the request bound of [`crate::cluster::ApiBounds`]), like every
 /// apiserver call on the Allocate path: a lock we cannot release expires in 5 minutes.

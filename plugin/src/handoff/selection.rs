@@ -1,7 +1,7 @@
-//! Which pod, and which of its containers, an Allocate call is for (contract §3.2).
+//! Which pod, and which of its containers, an Allocate call is for (docs/volcano-contract.md §3.2).
 //!
 //! The kubelet's AllocateRequest names device IDs only, so the pod is inferred from the scheduler's
-//! annotations. The rules here are ours; they fix the Go plugin's selection bugs (contract §10):
+//! annotations. The rules here are ours; they fix the Go plugin's selection bugs (docs/volcano-contract.md §10):
 //! - #2/#3: the request size is compared with the **next segment's** device count, not the pod's total, so a
 //!   pod with two 1-vGPU containers is found for each of its two Allocate calls;
 //! - #4: segment k belongs to the k-th container that has a vGPU limit, not to `spec.containers[k]`, so a

@@ -2,7 +2,7 @@
 //! (`Observe`), written into every container's shared region under the cache root, so SM caps and task
 //! priorities behave the same whichever limiter (ours or HAMi-core) a container runs.
 //!
-//! The protocol (`hami-core-reference.md` §4.3): each launch stores `recent_kernel = 2` in the container's
+//! The protocol (`docs/hami-core-region.md` §4.3): each launch stores `recent_kernel = 2` in the container's
 //! region. Every round the monitor
 //! 1. decrements every positive `recent_kernel`; a container whose value is still > 0 is *active* on each GPU
 //!    of its region, at its `priority` (`CUDA_TASK_PRIORITY`; a smaller number is a higher priority, HAMi
@@ -47,7 +47,7 @@ use vgpu_region::layout::RECENT_KERNEL_ACTIVE;
 
 use crate::handoff::record::{LOW_PRIORITY, RecordStore, RegionGuard, Tamper, clamp_priority};
 
-/// How often HAMi's monitor runs its feedback round (`Observe`, every 5 s: `hami-core-reference.md` §4.3).
+/// How often HAMi's monitor runs its feedback round (`Observe`, every 5 s: `docs/hami-core-region.md` §4.3).
 pub const FEEDBACK_PERIOD: Duration = Duration::from_secs(5);
 
 /// How often one unreadable region file may be warned about.
@@ -278,7 +278,7 @@ impl PriorityFeedback {
     /// A container whose `last_kernel_time` is less than `window` old also counts as active (default: two
     /// periods, as long as a launch's `recent_kernel = 2` lasts). HAMi-core since its March 2026 reordering
     /// stops storing `recent_kernel` once its switch is 0, but still records the launch time; without this,
-    /// two such containers sharing a GPU both run free for ever (`hami-core-reference.md` §4.3). Zero turns
+    /// two such containers sharing a GPU both run free for ever (`docs/hami-core-region.md` §4.3). Zero turns
     /// it off (HAMi's monitor exactly).
     pub fn with_activity_window(mut self, window: Duration) -> Self {
         self.activity_window = window;

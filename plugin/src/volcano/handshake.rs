@@ -1,4 +1,4 @@
-//! The legacy `volcano.sh/node-vgpu-handshake` heartbeat (contract §2.3), needed by Volcano ≤ v1.15.0 only.
+//! The legacy `volcano.sh/node-vgpu-handshake` heartbeat (docs/volcano-contract.md §2.3), needed by Volcano ≤ v1.15.0 only.
 //!
 //! The plugin writes `Reported <Go time.Time.String()>`; an old scheduler answers `Requesting_<time>` when it
 //! uses the node, and `Deleted_<time>` once the plugin has been silent for 60 s after that. Scheduler times use

@@ -1,5 +1,5 @@
 //! The Volcano wire contract: the annotations the scheduler and this agent exchange, as pure codecs
-//! (contract §2–§4). Nothing here does I/O, builds protobuf or talks to Kubernetes: [`crate::handoff`] reads pods
+//! (docs/volcano-contract.md §2–§4). Nothing here does I/O, builds protobuf or talks to Kubernetes: [`crate::handoff`] reads pods
 //! and nodes, calls these functions, and writes back what they return.
 //!
 //! Where to start:
@@ -15,11 +15,11 @@ pub mod handshake;
 pub mod node_register;
 pub mod pod_devices;
 
-/// Node annotation: the GPU inventory (contract §2.1).
+/// Node annotation: the GPU inventory (docs/volcano-contract.md §2.1).
 pub const NODE_REGISTER: &str = "volcano.sh/node-vgpu-register";
-/// Node annotation: the legacy liveness handshake (contract §2.3).
+/// Node annotation: the legacy liveness handshake (docs/volcano-contract.md §2.3).
 pub const NODE_HANDSHAKE: &str = "volcano.sh/node-vgpu-handshake";
-/// Node annotation: the scheduler's optional node lock, literally without a prefix (contract §2.2).
+/// Node annotation: the scheduler's optional node lock, literally without a prefix (docs/volcano-contract.md §2.2).
 pub const NODE_LOCK: &str = "hamivgpu";
 /// Pod annotation: the node the scheduler bound the pod's vGPUs on.
 pub const VGPU_NODE: &str = "volcano.sh/vgpu-node";

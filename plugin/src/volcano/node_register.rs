@@ -1,5 +1,5 @@
 //! `volcano.sh/node-vgpu-register`: the node's GPU inventory, written by the agent and read by the scheduler
-//! (contract §2.1).
+//! (docs/volcano-contract.md §2.1).
 //!
 //! One record per GPU, every record (the last too) ending in `:`, six `,`-separated fields:
 //! `UUID,split,memory units,NVIDIA-<model>,health,mode`. The scheduler uses a record's position as the device

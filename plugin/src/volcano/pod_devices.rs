@@ -1,4 +1,4 @@
-//! The pod-devices encoding of `volcano.sh/devices-to-allocate` and `volcano.sh/vgpu-ids-new` (contract §3.1),
+//! The pod-devices encoding of `volcano.sh/devices-to-allocate` and `volcano.sh/vgpu-ids-new` (docs/volcano-contract.md §3.1),
 //! and the queue operations the Go plugin performs on it (§3.2 steps 5–7).
 //!
 //! A value is one `;`-separated segment per container with a vGPU request (in `spec.containers` order, empty

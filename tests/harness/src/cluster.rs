@@ -776,7 +776,7 @@ pub fn pod_json(name: &str, containers: &[Ctr<'_>]) -> Value {
     })
 }
 
-/// The six annotations the scheduler writes at bind (Volcano contract §3.1).
+/// The six annotations the scheduler writes at bind (Volcano docs/volcano-contract.md §3.1).
 pub fn bind_annotations(node: &str, queue: &str, time: &str) -> Value {
     json!({
         "volcano.sh/vgpu-node": node,

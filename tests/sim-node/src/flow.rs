@@ -332,7 +332,7 @@ fn requests(pod: &Value) -> anyhow::Result<Vec<Request>> {
         .collect())
 }
 
-/// Places each request like Volcano's binpack policy (most used memory first, then index; contract §6) and
+/// Places each request like Volcano's binpack policy (most used memory first, then index; docs/volcano-contract.md §6) and
 /// encodes `devices-to-allocate` with the plugin's (the scheduler's) encoder: one segment per container.
 fn place(gpus: &mut [SchedGpu], requests: &[Request]) -> anyhow::Result<String> {
     let mut segments = Vec::new();

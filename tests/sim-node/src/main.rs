@@ -564,7 +564,7 @@ async fn bench_allocate(agent_bin: &AgentBinary, args: &BenchArgs) -> anyhow::Re
 /// How often the long benchmarks say where they are.
 const PROGRESS_EVERY: Duration = Duration::from_secs(15);
 
-/// Plays Volcano v1.15.0's handshake rule (contract §2.3) on every node update, with another writer updating
+/// Plays Volcano v1.15.0's handshake rule (docs/volcano-contract.md §2.3) on every node update, with another writer updating
 /// the node now and then, and counts the agent's node writes.
 async fn bench_handshake(args: HandshakeArgs) -> anyhow::Result<()> {
     use serde_json::json;

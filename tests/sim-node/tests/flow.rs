@@ -216,7 +216,7 @@ fn the_program_runs_with_the_installed_libvgpu_preloaded_and_is_refused_at_its_m
         cache.starts_with(&mount(r, "/tmp/vgpu").0),
         "{cache} is in the container's cache directory"
     );
-    // HAMi-core's v1 region, as the limiter writes it and the agent's metrics read it (contract §7.3).
+    // HAMi-core's v1 region, as the limiter writes it and the agent's metrics read it (docs/volcano-contract.md §7.3).
     assert_eq!(r.region_bytes, Some(2_008_953), "the region file {cache}");
 
     let value = |step, key| {

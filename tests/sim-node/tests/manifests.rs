@@ -301,7 +301,7 @@ fn the_device_config_map_holds_every_key_at_the_agents_defaults() {
         VolcanoConfig::default(),
         "every value at the agent's built-in default"
     );
-    // Every key of contract §5.2, no more.
+    // Every key of docs/volcano-contract.md §5.2, no more.
     let raw: Value = serde_saphyr::from_str(yaml).unwrap();
     let keys: BTreeSet<&str> = raw["nvidia"]
         .as_object()

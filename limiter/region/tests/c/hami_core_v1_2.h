@@ -1,4 +1,4 @@
-/* HAMi-core v1.2 shared-region typedefs, reproduced from hami-core-reference.md §3.2
+/* HAMi-core v1.2 shared-region typedefs, reproduced from docs/hami-core-region.md §3.2
  * (src/multiprocess/multiprocess_memory_limit.h at HAMi-core 8f3a89c, MAJOR 1 / MINOR 2),
  * for the layout test only. */
 #ifndef HAMI_CORE_V1_2_H
