@@ -56,31 +56,14 @@ pub(crate) fn unix_now() -> i64 {
         .unwrap_or_default()
 }
 
-/// `metav1.Time` text: RFC 3339 in UTC with second precision.
+/// `metav1.Time` text: RFC 3339 in UTC with second precision (times beyond jiff's ±9999 years clamp).
 pub(crate) fn rfc3339(secs: i64) -> String {
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-// Howard Hinnant's days-to-civil algorithm.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m as u32, d as u32)
+    let at = jiff::Timestamp::from_second(secs).unwrap_or(if secs > 0 {
+        jiff::Timestamp::MAX
+    } else {
+        jiff::Timestamp::MIN
+    });
+    at.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
 /// Decodes an `application/x-www-form-urlencoded` query string (`+` is a space; empty pairs,
