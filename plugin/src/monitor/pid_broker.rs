@@ -82,18 +82,27 @@ mod tests {
         let mut answer = None;
         for _ in 0..200 {
             let lock_dir = dir.path().to_owned();
-            answer = tokio::task::spawn_blocking(move || ask(&lock_dir)).await.unwrap();
+            answer = tokio::task::spawn_blocking(move || ask(&lock_dir))
+                .await
+                .unwrap();
             if answer.is_some() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert_eq!(answer, Some(std::process::id() as i32), "a client learns its own PID");
+        assert_eq!(
+            answer,
+            Some(std::process::id() as i32),
+            "a client learns its own PID"
+        );
         stop.cancel();
         tokio::time::timeout(Duration::from_secs(5), task)
             .await
             .expect("the broker stops when cancelled")
             .unwrap();
-        assert!(std::fs::symlink_metadata(&socket).is_err(), "socket removed");
+        assert!(
+            std::fs::symlink_metadata(&socket).is_err(),
+            "socket removed"
+        );
     }
 }
