@@ -1,5 +1,5 @@
-//! Builds the fake `libnvidia-ml.so.1` and `libcuda.so.1` (and the C-level ABI checker used by the
-//! tests) from `csrc/`.
+//! Builds the fake `libnvidia-ml.so.1` and `libcuda.so.1` (and the C-level ABI checker and the
+//! limiter-bypassing `gpu-sim-bypass` used by the tests) from `csrc/`.
 //!
 //! Each library is linked as a plain shared object with the real soname, using the C compiler the
 //! `cc` crate picks (honouring `CC`/`CFLAGS`), and every symbol that is not an entry point of the
@@ -28,6 +28,7 @@ const HEADERS: &[&str] = &[
     "cuda_procs.h",
 ];
 const ABI_CHECK_SOURCE: &str = "abi_check.c";
+const BYPASS_SOURCE: &str = "bypass.c";
 
 /// Flags shared by every C file: strict warnings, one C dialect.
 const COMMON_FLAGS: &[&str] = &[
@@ -50,7 +51,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         .iter()
         .chain(CUDA_SOURCES)
         .chain(HEADERS)
-        .chain([&ABI_CHECK_SOURCE])
+        .chain([&ABI_CHECK_SOURCE, &BYPASS_SOURCE])
     {
         println!("cargo:rerun-if-changed=csrc/{file}");
     }
@@ -98,12 +99,23 @@ fn main() -> Result<(), Box<dyn Error>> {
         .arg("-ldl");
     run(cmd, "nvml-abi-check")?;
 
+    // A process that allocates through a libcuda it dlopens itself, bypassing any limiter.
+    let bypass = bin_dir.join("gpu-sim-bypass");
+    let mut cmd = compiler.to_command();
+    cmd.args(COMMON_FLAGS)
+        .arg(csrc.join(BYPASS_SOURCE))
+        .arg("-o")
+        .arg(&bypass)
+        .arg("-ldl");
+    run(cmd, "gpu-sim-bypass")?;
+
     println!("cargo:rustc-env=GPU_SIM_NVML_LIB={}", path_str(&library)?);
     println!("cargo:rustc-env=GPU_SIM_CUDA_LIB={}", path_str(&cuda)?);
     println!(
         "cargo:rustc-env=GPU_SIM_NVML_ABI_CHECK={}",
         path_str(&abi_check)?
     );
+    println!("cargo:rustc-env=GPU_SIM_BYPASS={}", path_str(&bypass)?);
     Ok(())
 }
 

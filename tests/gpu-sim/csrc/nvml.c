@@ -55,6 +55,9 @@ static struct nvmlDevice_st g_devices[SIM_MAX_GPUS];
 static struct nvmlEventSet_st *g_sets;       /* every live event set */
 static struct sim_state g_cuda;              /* the node's CUDA device state, once it exists */
 static struct sim_tl g_tl;                   /* the node's kernel timelines, once they exist */
+/* GPU_SIM_NVML_NO_V3=1 (read at init): the _v3 process queries answer FUNCTION_NOT_FOUND, as a
+ * library whose driver predates them does, so a caller's fallback to _v2 can be exercised. */
+static bool g_no_v3;
 
 static const unsigned long long kind_bits[SIM_EVENT_KIND_COUNT] = {
     [SIM_EVENT_XID] = nvmlEventTypeXidCriticalError,
@@ -180,10 +183,24 @@ static int set_is_live(nvmlEventSet_t set)
 /* Initialisation                                                            */
 /* ------------------------------------------------------------------------ */
 
+/* GPU_SIM_NVML_NO_V3: unset, empty or "0" off, "1" on; anything else is a test bug: one line on
+ * stderr and false. */
+static bool read_no_v3(bool *out)
+{
+    const char *v = getenv("GPU_SIM_NVML_NO_V3");
+
+    *out = v != NULL && strcmp(v, "1") == 0;
+    if (v == NULL || v[0] == '\0' || strcmp(v, "0") == 0 || strcmp(v, "1") == 0)
+        return true;
+    fprintf(stderr, "gpu-sim: bad GPU_SIM_NVML_NO_V3 '%s': expected 0 or 1\n", v);
+    return false;
+}
+
 static nvmlReturn_t init_with_flags(unsigned int flags)
 {
     struct sim_node *node = NULL;
     nvmlReturn_t ret = NVML_SUCCESS;
+    bool no_v3 = false;
     unsigned int i;
 
     lock();
@@ -207,6 +224,10 @@ static nvmlReturn_t init_with_flags(unsigned int flags)
         ret = NVML_ERROR_MEMORY;
         break;
     }
+    if (ret == NVML_SUCCESS && !read_no_v3(&no_v3)) {
+        sim_node_free(node);
+        ret = NVML_ERROR_UNKNOWN;
+    }
     if (ret == NVML_SUCCESS && node->gpu_count == 0 && !(flags & NVML_INIT_FLAG_NO_GPUS)) {
         /* "NVML_INIT_FLAG_NO_GPUS: Don't fail nvmlInit() when no GPUs are found." */
         sim_node_free(node);
@@ -216,6 +237,7 @@ static nvmlReturn_t init_with_flags(unsigned int flags)
         for (i = 0; i < node->gpu_count; i++)
             g_devices[i].index = i;
         g_node = node;
+        g_no_v3 = no_v3;
         g_init_count = 1;
     }
     unlock();
@@ -817,7 +839,10 @@ static nvmlReturn_t running_processes(nvmlDevice_t device, unsigned int *infoCou
     unsigned int i, n;
 
     lock();
-    ret = use_device(device, infoCount != NULL, &gpu);
+    if (version == 3 && g_init_count > 0 && g_no_v3)
+        ret = NVML_ERROR_FUNCTION_NOT_FOUND; /* the entry point of a newer driver */
+    else
+        ret = use_device(device, infoCount != NULL, &gpu);
     if (ret == NVML_SUCCESS) {
         collect_processes(gpu, &list);
         n = list.count;
@@ -1143,6 +1168,13 @@ nvmlReturn_t nvmlDeviceGetGraphicsRunningProcesses_v2(nvmlDevice_t device, unsig
 nvmlReturn_t nvmlDeviceGetGraphicsRunningProcesses_v3(nvmlDevice_t device, unsigned int *infoCount,
                                                       nvmlProcessInfo_t *infos)
 {
+    bool missing;
+
+    lock();
+    missing = g_init_count > 0 && g_no_v3;
+    unlock();
+    if (missing)
+        return NVML_ERROR_FUNCTION_NOT_FOUND;
     return nvmlDeviceGetGraphicsRunningProcesses(device, infoCount, (nvmlProcessInfo_v1_t *)infos);
 }
 

@@ -120,17 +120,42 @@ int sim_self_pid(void)
     return LOAD(&cached_host_pid);
 }
 
+/* Whether <proc>/<pid>/stat shows a zombie ('Z') or a dead task ('X'): a process that has exited
+ * but not been waited for. Its files are closed, so the kernel driver has already freed its
+ * memory; only its exit status waits for the parent. Unreadable: not known to be a zombie. */
+static bool pid_zombie(const char *proc, int pid)
+{
+    char path[4096], buf[512];
+    const char *paren;
+    ssize_t n;
+    int fd;
+
+    if (snprintf(path, sizeof path, "%s/%d/stat", proc, pid) >= (int)sizeof path)
+        return false;
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return false;
+    n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0)
+        return false;
+    buf[n] = '\0';
+    /* "<pid> (<comm>) <state> ...": comm may hold ')' itself, so take the last one. */
+    paren = strrchr(buf, ')');
+    return paren != NULL && paren[1] == ' ' && (paren[2] == 'Z' || paren[2] == 'X');
+}
+
 static bool pid_gone(int pid)
 {
     const char *proc = host_proc();
     char path[4096];
 
     if (proc == NULL)
-        return kill((pid_t)pid, 0) != 0 && errno == ESRCH;
+        return (kill((pid_t)pid, 0) != 0 && errno == ESRCH) || pid_zombie("/proc", pid);
     /* Our kill() reaches only our own namespace; the host's /proc lists every process. */
     if (snprintf(path, sizeof path, "%s/%d", proc, pid) >= (int)sizeof path)
         return false;
-    return access(path, F_OK) != 0 && errno == ENOENT;
+    return (access(path, F_OK) != 0 && errno == ENOENT) || pid_zombie(proc, pid);
 }
 
 unsigned int sim_state_reap(struct sim_state *st)

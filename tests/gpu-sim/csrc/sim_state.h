@@ -30,8 +30,10 @@
  * a slot when it initialises, returns its memory when it exits normally (a
  * destructor), and the memory of a process that died without exiting
  * (SIGKILL) is reclaimed by whichever process next notices that the pid is
- * gone (kill(pid, 0) fails with ESRCH): it swaps the pid for -pid, moves the
- * slot's bytes out of the device counters and frees the slot. Pid reuse
+ * gone (kill(pid, 0) fails with ESRCH, or /proc/<pid>/stat shows a zombie: an
+ * exited process its parent has not waited for, whose memory the kernel driver
+ * has already freed): it swaps the pid for -pid, moves the slot's bytes out of
+ * the device counters and frees the slot. Pid reuse
  * before that happens is not detected (the slot then looks alive).
  */
 #ifndef GPU_SIM_SIM_STATE_H

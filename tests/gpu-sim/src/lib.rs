@@ -63,8 +63,12 @@ use std::fs::{self, OpenOptions};
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 
+mod proc_root;
 mod state_layout;
 mod timeline;
+pub use proc_root::{
+    CgroupLayout, ProcRoot, Qos, Runtime, cgroup_file, container_cgroup_path, host_cgroup_file,
+};
 pub use timeline::{
     DeviceTimeline, PeriodProcess, PeriodRecord, TIMELINE_SUFFIX, Timeline, TimelineProcess,
 };
@@ -93,6 +97,17 @@ pub fn nvml_library() -> &'static Path {
 /// them with [`library_path_env`], or `dlopen` this path.
 pub fn cuda_library() -> &'static Path {
     Path::new(env!("GPU_SIM_CUDA_LIB"))
+}
+
+/// Path of `gpu-sim-bypass`, a C program built from `csrc/bypass.c` that allocates device memory
+/// without any limiter: `gpu-sim-bypass <cuda-library-path> <device-ordinal> <bytes> [<bytes>...]`
+/// `dlopen`s that library, calls `cuInit`, makes a context on the device (`cuCtxCreate_v2`), allocates
+/// each size with `cuMemAlloc_v2` printing `alloc <bytes> <CUresult>` per size, then prints
+/// `ready <getpid()>` (flushed) and sleeps until killed; SIGTERM or SIGINT end it normally (exit 0,
+/// the fake driver's exit handler returns its memory). Setup failures print one line and exit 1; bad
+/// arguments exit 2. Run it with [`SimNode::env`].
+pub fn bypass_program() -> PathBuf {
+    PathBuf::from(env!("GPU_SIM_BYPASS"))
 }
 
 /// Directory holding `libnvidia-ml.so.1`, `libcuda.so.1` and their unversioned symlinks, for
