@@ -4,6 +4,7 @@
 //! ([`pid_broker`]).
 
 pub mod cache_cleanup;
+pub mod cgroup;
 pub mod feedback;
 pub mod metrics;
 pub mod pid_broker;
