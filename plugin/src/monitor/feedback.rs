@@ -37,15 +37,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use k8s_openapi::api::core::v1::ObjectReference;
 use kube::Client;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use vgpu_metrics::AgentMetrics;
 
 use vgpu_region::RegionReader;
 use vgpu_region::layout::RECENT_KERNEL_ACTIVE;
 
 use crate::handoff::record::{LOW_PRIORITY, RecordStore, RegionGuard, Tamper, clamp_priority};
+use crate::monitor::events::{EventPublisher, PodEvent};
 
 /// How often HAMi's monitor runs its feedback round (`Observe`, every 5 s: `docs/hami-core-region.md` §4.3).
 pub const FEEDBACK_PERIOD: Duration = Duration::from_secs(5);
@@ -515,80 +514,20 @@ impl std::fmt::Debug for Reporting {
 /// How long one tamper Event may take to publish.
 const EVENT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Tamper Events waiting to be published; more are dropped (the log line and the counter still say it). Events
-/// go out on their own task, so a slow or hung apiserver never delays a round's enforcement.
-const EVENT_QUEUE: usize = 256;
-
-/// Publishes tamper Events from a queue until dropped (then it is aborted with its owner).
-struct EventPublisher {
-    queue: tokio::sync::mpsc::Sender<Tamper>,
-    task: tokio::task::JoinHandle<()>,
-    dropped: u64,
-}
-
-impl Drop for EventPublisher {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl EventPublisher {
-    fn start(recorder: Recorder) -> Self {
-        let (queue, mut pending) = tokio::sync::mpsc::channel::<Tamper>(EVENT_QUEUE);
-        let task = tokio::spawn(async move {
-            while let Some(t) = pending.recv().await {
-                publish_event(&recorder, &t).await;
-            }
-        });
-        Self {
-            queue,
-            task,
-            dropped: 0,
-        }
-    }
-
-    fn send(&mut self, tampered: &[Tamper]) {
-        for t in tampered {
-            if self.queue.try_send(t.clone()).is_err() {
-                self.dropped += 1;
-                if self.dropped.is_power_of_two() {
-                    tracing::warn!(
-                        dropped = self.dropped,
-                        "region change Events are not being published fast enough; dropping some (logged and counted still)"
-                    );
-                }
-            }
-        }
-    }
-}
-
-async fn publish_event(recorder: &Recorder, t: &Tamper) {
-    let reference = ObjectReference {
-        api_version: Some("v1".into()),
-        kind: Some("Pod".into()),
-        namespace: Some(t.namespace.clone()),
-        name: Some(t.pod.clone()),
-        uid: Some(t.pod_uid.clone()).filter(|u| !u.is_empty()),
-        ..Default::default()
-    };
-    let event = Event {
-        type_: EventType::Warning,
-        reason: "VGPURegionTampered".into(),
-        note: Some(format!(
+/// A tamper report as an Event on its pod.
+fn tamper_event(t: &Tamper) -> PodEvent {
+    PodEvent {
+        namespace: t.namespace.clone(),
+        pod: t.pod.clone(),
+        pod_uid: t.pod_uid.clone(),
+        reason: "VGPURegionTampered",
+        action: "EnforceLimits",
+        note: format!(
             "container {}: {} ({})",
             t.container,
             t.detail,
             t.kind.as_str()
-        )),
-        action: "EnforceLimits".into(),
-        secondary: None,
-    };
-    match tokio::time::timeout(EVENT_TIMEOUT, recorder.publish(&event, &reference)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(error)) => {
-            tracing::warn!(%error, pod = %t.pod, "cannot record the region change as an event")
-        }
-        Err(_) => tracing::warn!(pod = %t.pod, "recording the region change as an event timed out"),
+        ),
     }
 }
 
@@ -601,13 +540,12 @@ pub async fn run(root: PathBuf, period: Duration, reporting: Reporting) {
             .guarded()
     };
     let mut events = reporting.client.clone().map(|client| {
-        EventPublisher::start(Recorder::new(
+        EventPublisher::start(
             client,
-            Reporter {
-                controller: "vgpu-device-plugin".into(),
-                instance: reporting.node.clone(),
-            },
-        ))
+            reporting.node.clone(),
+            EVENT_TIMEOUT,
+            "region change",
+        )
     });
     let mut feedback = Some(fresh());
     let mut ticker = tokio::time::interval(period);
@@ -648,7 +586,9 @@ pub async fn run(root: PathBuf, period: Duration, reporting: Reporting) {
                     }
                 }
                 if let Some(events) = events.as_mut() {
-                    events.send(&report.tampered);
+                    for t in &report.tampered {
+                        events.send(tamper_event(t));
+                    }
                 }
             }
             // A panic in a round is a bug; the next round starts from a fresh state instead of stopping.

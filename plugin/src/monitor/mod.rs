@@ -5,6 +5,7 @@
 
 pub mod cache_cleanup;
 pub mod cgroup;
+pub mod events;
 pub mod feedback;
 pub mod metrics;
 pub mod pid_broker;
