@@ -58,6 +58,7 @@ pub struct AgentMetrics {
     nvml_up: Gauge,
     nvml_errors: Family<NvmlErrorLabels, Gauge>,
     region_tampering: Family<TamperLabels, Counter>,
+    memory_violations: Family<ViolationLabels, Counter>,
     /// Registered in `registry` too.
     scrape: Arc<ScrapeCollector>,
     /// Held for one encoding of `registry`, so that the collector reads that encoding's snapshot.
@@ -68,6 +69,17 @@ pub struct AgentMetrics {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TamperLabels {
     kind: String,
+}
+
+/// A container over its memory cap on a GPU, and what the agent did (`vgpu_container_memory_violations`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ViolationLabels {
+    namespace: String,
+    pod: String,
+    container: String,
+    gpu_uuid: String,
+    gpu_index: u32,
+    action: String,
 }
 
 /// Why NVML is unavailable (`vgpu_agent_nvml_error`).
@@ -126,6 +138,13 @@ impl AgentMetrics {
              symlink, not_regular, truncated, deleted, replaced); the pod is named in the log and an Event",
             region_tampering.clone(),
         );
+        let memory_violations = Family::<ViolationLabels, Counter>::default();
+        registry.register(
+            "vgpu_container_memory_violations",
+            "Times the memory backstop found a container over its memory cap on a GPU as NVML sees it (action \
+             report), and times it killed the container's processes on that GPU for it (action kill)",
+            memory_violations.clone(),
+        );
         registry.register(
             "vgpu_agent_build",
             "Build information of the node agent",
@@ -142,6 +161,7 @@ impl AgentMetrics {
             nvml_up,
             nvml_errors,
             region_tampering,
+            memory_violations,
             scrape,
             encoding: Mutex::default(),
         }
@@ -152,6 +172,25 @@ impl AgentMetrics {
         self.region_tampering
             .get_or_create(&TamperLabels {
                 kind: kind.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Records one memory-cap violation of a container on a GPU (`action`: `report` or `kill`).
+    pub fn memory_violation(
+        &self,
+        (namespace, pod, container): (&str, &str, &str),
+        (gpu_uuid, gpu_index): (&str, u32),
+        action: &str,
+    ) {
+        self.memory_violations
+            .get_or_create(&ViolationLabels {
+                namespace: namespace.to_owned(),
+                pod: pod.to_owned(),
+                container: container.to_owned(),
+                gpu_uuid: gpu_uuid.to_owned(),
+                gpu_index,
+                action: action.to_owned(),
             })
             .inc();
     }
@@ -334,8 +373,42 @@ pub struct Snapshot {
     pub gpus: Vec<GpuSample>,
     /// Per container and GPU.
     pub containers: Vec<ContainerSample>,
+    /// Per container and GPU, as NVML sees it (the memory backstop's last round; empty when it is off).
+    pub observed: Vec<ObservedSample>,
+    /// Per GPU, memory held by processes of no container the agent handed a GPU to (the memory backstop's
+    /// last round; empty when it is off).
+    pub unaccounted: Vec<UnaccountedSample>,
     /// Now, for ages.
     pub now_unix: i64,
+}
+
+/// One container's memory on one GPU as NVML reports it for the container's processes (host PIDs mapped to
+/// the container through their cgroups), beside what its shared region says.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ObservedSample {
+    /// Pod namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub pod: String,
+    /// Container name.
+    pub container: String,
+    /// The GPU.
+    pub gpu_uuid: String,
+    /// The GPU's index on the node.
+    pub gpu_index: u32,
+    /// The sum of NVML's `usedGpuMemory` over the container's processes on the GPU.
+    pub memory_observed_bytes: u64,
+}
+
+/// Memory on one GPU held by processes the agent cannot attribute to a container it allocated.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UnaccountedSample {
+    /// The GPU.
+    pub gpu_uuid: String,
+    /// The GPU's index on the node.
+    pub gpu_index: u32,
+    /// The sum of NVML's `usedGpuMemory` over those processes.
+    pub memory_bytes: u64,
 }
 
 /// Where scrape-time values come from; called on a blocking thread.
@@ -369,7 +442,8 @@ impl Collector for ScrapeCollector {
         let refused = state.refused.update(&snapshot);
         drop(state);
         encode_gpus(&mut encoder, &snapshot.gpus)?;
-        encode_containers(&mut encoder, &snapshot, &refused)
+        encode_containers(&mut encoder, &snapshot, &refused)?;
+        encode_backstop(&mut encoder, &snapshot)
     }
 }
 
@@ -569,6 +643,53 @@ fn encode_containers(
     )
 }
 
+/// The memory backstop's view: per container and GPU from NVML, and what no container accounts for per GPU.
+fn encode_backstop(e: &mut DescriptorEncoder<'_>, s: &Snapshot) -> fmt::Result {
+    gauges(
+        e,
+        "vgpu_container_memory_observed_bytes",
+        "GPU memory NVML reports for the container's processes (host PIDs mapped through their cgroups); compare \
+         with vgpu_container_memory_used_bytes, which the container's own region reports.",
+        &s.observed,
+        |o| Some((Observed(o), o.memory_observed_bytes)),
+    )?;
+    gauges(
+        e,
+        "vgpu_unaccounted_memory_bytes",
+        "GPU memory NVML reports for processes of no container the agent handed this GPU to (host processes, \
+         pods that bypassed the device plugin).",
+        &s.unaccounted,
+        |u| Some((Unaccounted(u), u.memory_bytes)),
+    )
+}
+
+/// The labels of an [`UnaccountedSample`]: `gpu_uuid`, `gpu_index`.
+struct Unaccounted<'a>(&'a UnaccountedSample);
+
+impl EncodeLabelSet for Unaccounted<'_> {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> fmt::Result {
+        [("gpu_uuid", self.0.gpu_uuid.as_str())].encode(encoder)?;
+        [("gpu_index", self.0.gpu_index)].encode(encoder)
+    }
+}
+
+/// The clean labels of an [`ObservedSample`].
+struct Observed<'a>(&'a ObservedSample);
+
+impl EncodeLabelSet for Observed<'_> {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> fmt::Result {
+        let o = self.0;
+        [
+            ("namespace", o.namespace.as_str()),
+            ("pod", &o.pod),
+            ("container", &o.container),
+            ("gpu_uuid", &o.gpu_uuid),
+        ]
+        .encode(encoder)?;
+        [("gpu_index", o.gpu_index)].encode(encoder)
+    }
+}
+
 /// A gauge family: a series for each item `sample` gives labels and a value for.
 fn gauges<'a, T: 'a, L: EncodeLabelSet, V: EncodeGaugeValue>(
     e: &mut DescriptorEncoder<'_>,
@@ -762,6 +883,60 @@ pub fn find_value(exposition: &str, name: &str, labels: &[(&str, &str)]) -> Opti
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_backstop_families_carry_observed_unaccounted_and_violations() {
+        let metrics = AgentMetrics::new("t");
+        metrics.memory_violation(("ns", "p", "cuda"), ("GPU-b", 1), "kill");
+        let snapshot = Snapshot {
+            observed: vec![ObservedSample {
+                namespace: "ns".into(),
+                pod: "p".into(),
+                container: "cuda".into(),
+                gpu_uuid: "GPU-b".into(),
+                gpu_index: 1,
+                memory_observed_bytes: 5 << 30,
+            }],
+            unaccounted: vec![UnaccountedSample {
+                gpu_uuid: "GPU-b".into(),
+                gpu_index: 1,
+                memory_bytes: 7,
+            }],
+            ..Default::default()
+        };
+        let text = metrics.encode(&snapshot).unwrap();
+        let c = [
+            ("namespace", "ns"),
+            ("pod", "p"),
+            ("container", "cuda"),
+            ("gpu_uuid", "GPU-b"),
+            ("gpu_index", "1"),
+        ];
+        assert_eq!(
+            find_value(&text, "vgpu_container_memory_observed_bytes", &c),
+            Some((5u64 << 30) as f64)
+        );
+        assert_eq!(
+            find_value(
+                &text,
+                "vgpu_unaccounted_memory_bytes",
+                &[("gpu_uuid", "GPU-b"), ("gpu_index", "1")]
+            ),
+            Some(7.0)
+        );
+        let mut v = c.to_vec();
+        v.push(("action", "kill"));
+        assert_eq!(
+            find_value(&text, "vgpu_container_memory_violations_total", &v),
+            Some(1.0),
+            "{text}"
+        );
+        let empty = metrics.encode(&Snapshot::default()).unwrap();
+        assert!(
+            empty.contains("# TYPE vgpu_unaccounted_memory_bytes gauge"),
+            "families are described when empty"
+        );
+    }
+
     fn snapshot() -> Snapshot {
         Snapshot {
             gpus: vec![GpuSample {
@@ -791,6 +966,7 @@ mod tests {
                 ..Default::default()
             }],
             now_unix: 1000,
+            ..Default::default()
         }
     }
 

@@ -441,6 +441,7 @@ mod tests {
                 }],
                 containers: vec![],
                 now_unix: 0,
+                ..Default::default()
             }
         }
     }

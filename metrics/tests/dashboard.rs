@@ -11,7 +11,8 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use vgpu_metrics::{
-    AgentMetrics, AllocateResult, ContainerSample, GpuSample, Snapshot, SnapshotSource,
+    AgentMetrics, AllocateResult, ContainerSample, GpuSample, ObservedSample, Snapshot,
+    SnapshotSource, UnaccountedSample,
 };
 
 fn dashboard() -> Value {
@@ -187,6 +188,19 @@ impl SnapshotSource for Realistic {
         Snapshot {
             gpus: vec![gpu(0, "GPU-a"), gpu(1, "GPU-b")],
             containers: vec![container("train", false), container("batch", true)],
+            observed: vec![ObservedSample {
+                namespace: "ml".into(),
+                pod: "train".into(),
+                container: "cuda".into(),
+                gpu_uuid: "GPU-a".into(),
+                gpu_index: 0,
+                memory_observed_bytes: 3 << 30,
+            }],
+            unaccounted: vec![UnaccountedSample {
+                gpu_uuid: "GPU-b".into(),
+                gpu_index: 1,
+                memory_bytes: 1 << 30,
+            }],
             now_unix: 1_790_000_005,
         }
     }
@@ -200,6 +214,7 @@ async fn real_exposition() -> String {
     metrics.allocate("volcano.sh/vgpu-number", AllocateResult::handed_off, 0.003);
     metrics.region_read_error();
     metrics.node_write();
+    metrics.memory_violation(("ml", "train", "cuda"), ("GPU-a", 0), "report");
     let (_ready_tx, ready) = watch::channel(Ok(()));
     let server = tokio::spawn(vgpu_metrics::serve(
         listener,
@@ -254,6 +269,9 @@ async fn every_metric_the_dashboard_queries_is_in_a_real_exposition() {
         "vgpu_container_launches_blocked",
         "HostGPUMemoryUsage",
         "vGPU_device_memory_usage_in_bytes",
+        "vgpu_container_memory_observed_bytes",
+        "vgpu_container_memory_violations_total",
+        "vgpu_unaccounted_memory_bytes",
     ] {
         assert!(used.contains(name), "the dashboard does not show {name}");
     }

@@ -36,6 +36,7 @@ use crate::handoff::node_annotations;
 use crate::handoff::pod_cache::PodCache;
 use crate::kubelet::endpoint::EndpointError;
 use crate::kubelet::lifecycle::{self, Endpoints, NotServing};
+use crate::monitor::backstop::{self, BackstopView, NvmlSource};
 use crate::monitor::metrics::NodeSnapshot;
 use crate::monitor::{cache_cleanup, feedback, pid_broker};
 pub use supervisor::Panicked;
@@ -450,12 +451,38 @@ async fn start(
         ));
     }
 
-    if config.metrics_address.is_some() {
-        let source = Arc::new(
-            NodeSnapshot::new(nvml, Arc::clone(&inventory), health.clone(), pod_cache)
-                .with_regions(config.cache_root(), Arc::clone(&metrics)),
+    // The memory backstop: NVML's view of every container's GPU memory against its recorded cap.
+    let backstop_view = (config.backstop.mode != crate::config::BackstopMode::Off).then(|| {
+        let view = Arc::new(BackstopView::default());
+        tasks.spawn_until_cancelled(
+            "memory-backstop",
+            backstop::run(
+                config.backstop.clone(),
+                Box::new(NvmlSource::new(Arc::clone(&nvml), Arc::clone(&inventory))),
+                config.cache_root(),
+                pod_cache.as_ref().map(|(pods, _)| pods.clone()),
+                Arc::clone(&view),
+                backstop::Reporting {
+                    metrics: Some(Arc::clone(&metrics)),
+                    client: clients.as_ref().map(|c| c.requests.clone()),
+                    node: config.node_name.clone(),
+                    event_timeout: clients
+                        .as_ref()
+                        .map_or(crate::cluster::REQUEST_TIMEOUT, |c| c.bounds.request),
+                },
+            ),
         );
-        let _ = late_source.0.set(source);
+        view
+    });
+
+    if config.metrics_address.is_some() {
+        let mut snapshot =
+            NodeSnapshot::new(nvml, Arc::clone(&inventory), health.clone(), pod_cache)
+                .with_regions(config.cache_root(), Arc::clone(&metrics));
+        if let Some(view) = backstop_view {
+            snapshot = snapshot.with_backstop(view);
+        }
+        let _ = late_source.0.set(Arc::new(snapshot));
     }
 
     let endpoints = Endpoints {

@@ -12,8 +12,9 @@ use clap::Parser;
 use crate::agent;
 use crate::config::device::ExplicitFlags;
 use crate::config::{
-    AgentConfig, ClusterSettings, ContainerFeatures, DeliverySettings, DeviceListStrategies,
-    DriverPaths, HandshakeMode, HealthSettings, parse_device_list_strategies, parse_duration,
+    AgentConfig, BackstopMode, BackstopSettings, ClusterSettings, ContainerFeatures,
+    DeliverySettings, DeviceListStrategies, DriverPaths, HandshakeMode, HealthSettings,
+    parse_bytes, parse_device_list_strategies, parse_duration,
 };
 use crate::error::error_chain;
 
@@ -166,6 +167,39 @@ pub struct Flags {
     /// Root of sysfs (for NUMA nodes NVML cannot report).
     #[arg(long, default_value = "/sys", hide = true)]
     sysfs_root: PathBuf,
+
+    /// The memory backstop: compare each container's GPU memory as NVML sees it with its cap, and report
+    /// (an Event, a log line, metrics) or also kill the container's processes on that GPU.
+    #[arg(long, env = "MEMORY_BACKSTOP", value_enum, default_value = "report")]
+    memory_backstop: BackstopMode,
+
+    /// How often the memory backstop asks NVML for every GPU's processes.
+    #[arg(long, env = "MEMORY_BACKSTOP_PERIOD", default_value = "1s", allow_hyphen_values = true, value_parser = parse_backstop_period)]
+    memory_backstop_period: std::time::Duration,
+
+    /// With --memory-backstop=kill: how long a container must stay over its cap before it is killed.
+    #[arg(long, env = "MEMORY_BACKSTOP_GRACE", default_value = "5s", allow_hyphen_values = true, value_parser = parse_duration)]
+    memory_backstop_grace: std::time::Duration,
+
+    /// Bytes allowed over the cap per process on a GPU, for the CUDA context NVML counts and the limiter does
+    /// not (512Mi-style or plain bytes).
+    #[arg(long, env = "MEMORY_BACKSTOP_TOLERANCE", default_value = "512Mi", allow_hyphen_values = true, value_parser = parse_bytes)]
+    memory_backstop_tolerance: u64,
+
+    /// The host's /proc as the agent sees it (hostPID: /proc), for the cgroup of each GPU process.
+    #[arg(long, env = "HOST_PROC_ROOT", default_value = "/proc")]
+    host_proc_root: PathBuf,
+}
+
+/// `--memory-backstop-period`: 10ms to 1h.
+fn parse_backstop_period(text: &str) -> Result<std::time::Duration, String> {
+    let d = parse_duration(text).map_err(|e| e.to_string())?;
+    if d < std::time::Duration::from_millis(10) || d > std::time::Duration::from_secs(3600) {
+        return Err(format!(
+            "expected a duration from 10ms to 1h (how often NVML is asked), not {text:?}"
+        ));
+    }
+    Ok(d)
 }
 
 /// `--metrics-bind-address`: an address, or off.
@@ -288,6 +322,13 @@ impl Flags {
                 cdi_annotation_prefix: self.cdi_annotation_prefix,
             },
             fail_on_init_error: self.fail_on_init_error,
+            backstop: BackstopSettings {
+                mode: self.memory_backstop,
+                period: self.memory_backstop_period,
+                grace: self.memory_backstop_grace,
+                tolerance_bytes: self.memory_backstop_tolerance,
+                proc_root: self.host_proc_root,
+            },
             health: HealthSettings {
                 disable: self.disable_healthchecks,
                 enable: self.enable_healthchecks,
@@ -444,6 +485,36 @@ mod tests {
                 "--apiserver-timeout",
                 "0s",
                 "from 100ms to 60s",
+            ),
+            (
+                &["--memory-backstop", "maybe"],
+                "--memory-backstop",
+                "maybe",
+                "off, report, kill",
+            ),
+            (
+                &["--memory-backstop-period", "0s"],
+                "--memory-backstop-period",
+                "0s",
+                "from 10ms to 1h",
+            ),
+            (
+                &["--memory-backstop-grace", "soon"],
+                "--memory-backstop-grace",
+                "soon",
+                "expected a number with a unit",
+            ),
+            (
+                &["--memory-backstop-tolerance", "512MB"],
+                "--memory-backstop-tolerance",
+                "512MB",
+                "expected whole bytes or a number with Ki, Mi, Gi, Ti",
+            ),
+            (
+                &["--memory-backstop-tolerance", "-1"],
+                "--memory-backstop-tolerance",
+                "-1",
+                "such as 512Mi",
             ),
         ] {
             let message = refusal(args);

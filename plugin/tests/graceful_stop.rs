@@ -47,10 +47,10 @@ async fn sigterm_ends_every_task_in_time_and_leaves_no_socket_behind() {
         .lines()
         .find(|l| l.contains("agent tasks stopped"))
         .unwrap_or_else(|| panic!("no summary of the stop:\n{log}"));
-    // metrics, gpu-health, pid-broker, feedback, cdi-spec, pod-watch, cache-cleanup, node-annotations and
-    // kubelet-endpoints.
+    // metrics, gpu-health, pid-broker, feedback, memory-backstop, cdi-spec, pod-watch, cache-cleanup,
+    // node-annotations and kubelet-endpoints.
     assert!(
-        stopped.contains("stopped=9") && stopped.contains("aborted=0"),
+        stopped.contains("stopped=10") && stopped.contains("aborted=0"),
         "{stopped}\n{log}"
     );
     for bad in [

@@ -521,6 +521,95 @@ pub struct AgentConfig {
     pub delivery: DeliverySettings,
     /// `--fail-on-init-error`: exit when NVML cannot be initialised instead of retrying with backoff.
     pub fail_on_init_error: bool,
+    /// The memory backstop (`--memory-backstop*`, `--host-proc-root`).
+    pub backstop: BackstopSettings,
+}
+
+/// What the memory backstop does about a container over its memory cap as NVML sees it (`--memory-backstop`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum BackstopMode {
+    /// No loop at all.
+    Off,
+    /// An Event on the pod, a log line, the metrics.
+    #[default]
+    Report,
+    /// As report, and SIGKILL the container's processes on that GPU once over the cap for the grace period.
+    Kill,
+}
+
+impl BackstopMode {
+    /// The flag value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackstopMode::Off => "off",
+            BackstopMode::Report => "report",
+            BackstopMode::Kill => "kill",
+        }
+    }
+}
+
+/// The memory backstop's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackstopSettings {
+    /// Off, report or kill.
+    pub mode: BackstopMode,
+    /// How often NVML is asked (`--memory-backstop-period`).
+    pub period: Duration,
+    /// How long a container must stay over its cap before its processes are killed (`--memory-backstop-grace`).
+    pub grace: Duration,
+    /// Bytes allowed over the cap per process of the container on the GPU: the CUDA context NVML counts and
+    /// the limiter does not (`--memory-backstop-tolerance`).
+    pub tolerance_bytes: u64,
+    /// The host's `/proc` as the agent sees it (`--host-proc-root`).
+    pub proc_root: PathBuf,
+}
+
+/// The default `--memory-backstop-tolerance`: 512 MiB per process, above the CUDA context of current GPUs
+/// (about 300 MiB on an A100 with CUDA 12 and lazy module loading, up to about 500 MiB without it).
+pub const DEFAULT_BACKSTOP_TOLERANCE: u64 = 512 << 20;
+
+impl Default for BackstopSettings {
+    fn default() -> Self {
+        Self {
+            mode: BackstopMode::Report,
+            period: Duration::from_secs(1),
+            grace: Duration::from_secs(5),
+            tolerance_bytes: DEFAULT_BACKSTOP_TOLERANCE,
+            proc_root: PathBuf::from("/proc"),
+        }
+    }
+}
+
+/// A byte size: plain bytes, or a number with a binary (`Ki`, `Mi`, `Gi`, `Ti`) or decimal (`k`, `M`, `G`, `T`)
+/// suffix, as Kubernetes quantities write them (`512Mi`, `1G`, `536870912`).
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, suffix) = text.split_at(split);
+    let unit: u64 = match suffix {
+        "" => 1,
+        "k" | "K" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        _ => 0,
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .filter(|_| unit > 0)
+        .and_then(|n| n.checked_mul(unit))
+        .ok_or_else(|| {
+            format!(
+                "{text:?} is not a byte size: expected whole bytes or a number with Ki, Mi, Gi, Ti (or k, M, G, T), such as 512Mi"
+            )
+        })
 }
 
 /// The NVIDIA container features turned on in every container the agent hands a GPU to (the Go plugin's
@@ -601,6 +690,19 @@ pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn byte_sizes_take_plain_bytes_and_quantity_suffixes() {
+        assert_eq!(parse_bytes("536870912"), Ok(512 << 20));
+        assert_eq!(parse_bytes("512Mi"), Ok(512 << 20));
+        assert_eq!(parse_bytes(" 1Gi "), Ok(1 << 30));
+        assert_eq!(parse_bytes("2G"), Ok(2_000_000_000));
+        assert_eq!(parse_bytes("0"), Ok(0));
+        for bad in ["", "Mi", "512MB", "-1", "1.5Gi", "99999999999Ti"] {
+            let error = parse_bytes(bad).unwrap_err();
+            assert!(error.contains("such as 512Mi"), "{bad:?}: {error}");
+        }
+    }
 
     #[test]
     fn defaults_are_the_no_configmap_values() {

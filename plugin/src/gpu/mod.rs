@@ -7,3 +7,4 @@ pub mod inventory;
 pub mod nvml;
 pub mod plan;
 pub mod prepare;
+pub mod processes;

@@ -107,6 +107,30 @@ impl PodCache {
     }
 }
 
+/// Each container of `pod` the kubelet has reported a runtime ID for, as `(container name, ID)`: the ID of
+/// `status.containerStatuses[].containerID` (and of init and ephemeral containers) without its runtime prefix
+/// (`containerd://`, `cri-o://`, `docker://`), lower-cased, as a cgroup path names it. A status without an ID
+/// yet (the container is being created) is skipped.
+pub fn container_ids(pod: &Pod) -> impl Iterator<Item = (&str, String)> {
+    let status = pod.status.as_ref();
+    status
+        .into_iter()
+        .flat_map(|s| {
+            [
+                s.container_statuses.as_deref(),
+                s.init_container_statuses.as_deref(),
+                s.ephemeral_container_statuses.as_deref(),
+            ]
+        })
+        .flatten()
+        .flatten()
+        .filter_map(|c| {
+            let raw = c.container_id.as_deref()?;
+            let id = raw.rsplit_once("://").map_or(raw, |(_, id)| id);
+            (!id.is_empty()).then(|| (c.name.as_str(), id.to_ascii_lowercase()))
+        })
+}
+
 /// The parts of a pod the selection rules look at.
 pub fn pod_view(pod: &Pod, names: &ResourceNames) -> PodView {
     let meta = &pod.metadata;
@@ -179,6 +203,36 @@ pub fn quantity_value(q: &Quantity) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn container_ids_drop_the_runtime_prefix_and_skip_containers_without_one() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p"},
+            "status": {
+                "containerStatuses": [
+                    {"name": "a", "image": "i", "imageID": "", "ready": true, "restartCount": 0,
+                     "containerID": "containerd://ABC123"},
+                    {"name": "b", "image": "i", "imageID": "", "ready": false, "restartCount": 0},
+                    {"name": "c", "image": "i", "imageID": "", "ready": true, "restartCount": 0,
+                     "containerID": "cri-o://def"},
+                ],
+                "initContainerStatuses": [
+                    {"name": "init", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+                     "containerID": "docker://0f"},
+                ],
+            }
+        }))
+        .unwrap();
+        let ids: Vec<(&str, String)> = container_ids(&pod).collect();
+        assert_eq!(
+            ids,
+            [
+                ("a", "abc123".to_owned()),
+                ("c", "def".to_owned()),
+                ("init", "0f".to_owned())
+            ]
+        );
+    }
 
     #[test]
     fn quantities_parse_as_whole_numbers() {

@@ -14,6 +14,7 @@ use vgpu_region::reader::RegionReader;
 
 use crate::gpu::inventory::Inventory;
 use crate::handoff::pod_cache::PodCache;
+use crate::monitor::backstop::BackstopView;
 use crate::monitor::feedback::{RateLimitedWarnings, RegionDirs, WARN_EVERY};
 use crate::volcano::pod_devices::PodDevices;
 use crate::volcano::{VGPU_IDS_NEW, VGPU_NODE};
@@ -25,6 +26,7 @@ pub struct NodeSnapshot {
     health: watch::Receiver<Vec<bool>>,
     pods: Option<(PodCache, String)>,
     regions: Option<Regions>,
+    backstop: Option<Arc<BackstopView>>,
 }
 
 /// The per-container cache directories (`<pod-uid>_<container>`) and what to do about unreadable ones.
@@ -59,6 +61,7 @@ impl NodeSnapshot {
             health,
             pods,
             regions: None,
+            backstop: None,
         }
     }
 
@@ -70,6 +73,12 @@ impl NodeSnapshot {
             warned: Mutex::new(RateLimitedWarnings::new(WARN_EVERY)),
             dirs: Mutex::default(),
         });
+        self
+    }
+
+    /// Also reports what the memory backstop's last round observed through NVML.
+    pub fn with_backstop(mut self, view: Arc<BackstopView>) -> Self {
+        self.backstop = Some(view);
         self
     }
 
@@ -220,9 +229,16 @@ impl SnapshotSource for NodeSnapshot {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
+        let (observed, unaccounted) = self
+            .backstop
+            .as_ref()
+            .map(|v| v.samples())
+            .unwrap_or_default();
         Snapshot {
             gpus,
             containers: self.containers(),
+            observed,
+            unaccounted,
             now_unix,
         }
     }
