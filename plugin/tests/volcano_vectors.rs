@@ -11,16 +11,22 @@ use std::sync::OnceLock;
 use std::time::{Duration, UNIX_EPOCH};
 
 use serde_json::Value;
+use vgpu_device_plugin::config::{ResourceKind, SharingSettings};
 use vgpu_device_plugin::container::response::{
     Handoff, LimiterSettings, cache_dir_name, container_answer, new_cache_file,
 };
+use vgpu_device_plugin::gpu::plan::ids_per_gpu;
 use vgpu_device_plugin::handoff::selection::{
     self, AllocatingEndpoint, ContainerLimits, PHASE_PENDING, PodView, gpu_containers, matches,
     next_assignment, select_pending_pod,
 };
 use vgpu_device_plugin::volcano::handshake::format_scheduler_time;
 use vgpu_device_plugin::volcano::handshake::{Handshake, parse_handshake, reported_value};
-use vgpu_device_plugin::volcano::node_register::node_mode;
+use vgpu_device_plugin::volcano::mig::{
+    MigDeviceId, decode_mig_id, default_known_mig_geometries, encode_mig_id, is_mig_id,
+    lookup_mig_slot,
+};
+use vgpu_device_plugin::volcano::node_register::{OperatingMode, node_mode};
 use vgpu_device_plugin::volcano::node_register::{
     RegisteredGpu, decode_node_register, encode_node_register,
 };
@@ -95,6 +101,7 @@ fn node_register_case(index: usize) {
     assert_eq!(s(&case["annotation_key"]), NODE_REGISTER);
     let factor = u(&input["gpuMemoryFactor"]);
     let split = u32::try_from(u(&input["deviceSplitCount"])).unwrap();
+    let mode = OperatingMode::parse(s(&input["mode"])).expect("a mode the agent accepts");
     let mut gpus: Vec<&Value> = input["nvml_gpus_in_discovery_order"]
         .as_array()
         .unwrap()
@@ -110,7 +117,7 @@ fn node_register_case(index: usize) {
             memory_units: (u(&g["memory_total_bytes"]) >> 20) / factor,
             model: s(&g["nvml_name"]).to_owned(),
             healthy: g["healthy"].as_bool().unwrap(),
-            mode: s(&input["mode"]).to_owned(),
+            mode: mode.as_str().to_owned(),
         })
         .collect();
 
@@ -131,14 +138,29 @@ fn node_register_case(index: usize) {
     }
     assert_eq!(node_mode(&decoded), s(&expected["mode"]));
 
-    // What the kubelet advertises (docs/volcano-contract.md §1.2): Σ split, Σ memory units, 100 × scaling (1 here) per GPU.
+    // What the kubelet advertises (docs/volcano-contract.md §1.2): Σ split, Σ memory units, 100 × scaling (1 here) per
+    // GPU, in the node's mode (MIG mode lists the same counts: `gpu::plan::ids_per_gpu`).
     let allocatable = &case["expected_node_allocatable"];
+    let sharing = SharingSettings {
+        split_count: split,
+        memory_factor: u32::try_from(factor).unwrap(),
+        ..SharingSettings::default()
+    };
+    let total = |kind| -> u64 {
+        gpus.iter()
+            .map(|g| ids_per_gpu(kind, mode, u(&g["memory_total_bytes"]) >> 20, &sharing))
+            .sum()
+    };
     let number: u64 = registered.iter().map(|g| u64::from(g.split_count)).sum();
     let memory: u64 = registered.iter().map(|g| g.memory_units).sum();
-    let cores = 100 * registered.len() as u64;
     assert_eq!(number, u(&allocatable["volcano.sh/vgpu-number"]));
     assert_eq!(memory, u(&allocatable["volcano.sh/vgpu-memory"]));
-    assert_eq!(cores, u(&allocatable["volcano.sh/vgpu-cores"]));
+    assert_eq!(total(ResourceKind::Number), number);
+    assert_eq!(total(ResourceKind::Memory), memory);
+    assert_eq!(
+        total(ResourceKind::Cores),
+        u(&allocatable["volcano.sh/vgpu-cores"])
+    );
 }
 
 #[test]
@@ -159,6 +181,54 @@ fn node_register_h100_with_memory_factor_10_and_split_4() {
 #[test]
 fn node_register_a100_in_mig_mode() {
     node_register_case(3);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// mig_device_ids: the scheduler's encodeMIGID and the plugin's ExtractMigTemplatesFromUUID, run upstream
+
+#[test]
+fn mig_device_ids_encode_like_the_scheduler_and_decode_like_the_plugin() {
+    let cases = list("mig_device_ids");
+    assert_eq!(cases.len(), 2);
+    for case in cases {
+        let parent = s(&case["original_uuid_before_bracket"]);
+        let group = s(&case["plugin_parse_group"]);
+        let position = u32::try_from(u(&case["plugin_parse_position"])).unwrap();
+        let id = s(&case["volcano_encodeMIGID"]);
+        assert_eq!(encode_mig_id(parent, group, position), id);
+        assert!(is_mig_id(id));
+        assert_eq!(
+            decode_mig_id(id).unwrap(),
+            MigDeviceId {
+                parent_uuid: parent,
+                group,
+                position
+            }
+        );
+    }
+}
+
+#[test]
+fn mig_device_ids_name_a_template_of_the_shipped_geometries() {
+    // On an A100-SXM4-80GB with the Go plugin's shipped geometries: group1-0 is the first 1g.10gb of seven;
+    // group2-3 is the single 1g.10gb after the three 2g.20gb (Volcano mig.go:152-170).
+    let known = default_known_mig_geometries();
+    let slots: Vec<(String, usize, u32)> = list("mig_device_ids")
+        .iter()
+        .map(|case| {
+            let id = decode_mig_id(s(&case["volcano_encodeMIGID"])).unwrap();
+            let slot = lookup_mig_slot(&known, "NVIDIA A100-SXM4-80GB", &id).unwrap();
+            (
+                slot.template.name.clone(),
+                slot.template_index,
+                slot.instance,
+            )
+        })
+        .collect();
+    assert_eq!(
+        slots,
+        [("1g.10gb".to_owned(), 0, 0), ("1g.10gb".to_owned(), 1, 0)]
+    );
 }
 
 #[test]

@@ -10,6 +10,12 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
+use crate::volcano::mig::{
+    MAX_INSTANCES_PER_GPU, MigGeometry, MigModelGeometries, MigTemplate,
+    default_known_mig_geometries, is_group_name, is_profile_name,
+};
+use crate::volcano::node_register::OperatingMode;
+
 use crate::config::{
     CORE_SCALING_RANGE, InvalidSetting, MEMORY_SCALING_RANGE, ResourceNames, SPLIT_COUNT_RANGE,
     SharingSettings,
@@ -49,6 +55,8 @@ pub struct NvidiaConfig {
     pub device_core_scaling: Option<f64>,
     pub disable_core_limit: Option<bool>,
     pub gpu_memory_factor: Option<i64>,
+    /// Kept untyped here so one bad entry cannot make the whole document unreadable: [`merge_all`] types it
+    /// entry by entry ([`check_mig_geometries`]).
     pub known_mig_geometries: Option<serde_json::Value>,
     pub pass_device_specs: Option<bool>,
     /// Keys this agent does not know (a typo such as `disablecorelimit` lands here and is reported).
@@ -105,8 +113,10 @@ pub struct VolcanoConfig {
     pub memory_scaling: f64,
     /// `disableCoreLimit`: containers get `GPU_CORE_UTILIZATION_POLICY=disable`.
     pub disable_core_limit: bool,
-    /// `operatingmode`: `hami-core` (the only one served today) or `mig`.
-    pub operating_mode: String,
+    /// `operatingmode`: `hami-core` (the only one served today; `mig` is refused at start) or `mig`.
+    pub operating_mode: OperatingMode,
+    /// `knownMigGeometries`: the MIG partitions per GPU model, the Go plugin's shipped list when absent.
+    pub mig_geometries: Vec<MigModelGeometries>,
     /// GPUs hidden from Volcano.
     pub filter: FilterDevices,
     /// `passDeviceSpecs`.
@@ -122,7 +132,8 @@ impl Default for VolcanoConfig {
             sharing: SharingSettings::default(),
             memory_scaling: 1.0,
             disable_core_limit: false,
-            operating_mode: "hami-core".to_owned(),
+            operating_mode: OperatingMode::HamiCore,
+            mig_geometries: default_known_mig_geometries(),
             filter: FilterDevices::default(),
             pass_device_specs: false,
             warnings: Vec::new(),
@@ -150,6 +161,18 @@ pub enum ConfigError {
         source_name: String,
         /// The key, value and expectation.
         setting: InvalidSetting,
+    },
+    /// A `knownMigGeometries` entry that cannot be served; the path names the entry, its models and group.
+    #[error("{source_name}: {path}: expected {expected}, not {value}")]
+    Geometry {
+        /// Which document.
+        source_name: String,
+        /// E.g. `knownMigGeometries[0].allowedGeometries[1] (models A100-SXM4-80GB, group group2).geometries[0].count`.
+        path: String,
+        /// The offending value as JSON (`"x"`, `0`, `null`).
+        value: String,
+        /// What would have been accepted.
+        expected: &'static str,
     },
 }
 
@@ -399,6 +422,11 @@ pub fn merge_all(
             {
                 out.memory_scaling = v;
             }
+            if let Some(raw) = nv.known_mig_geometries.as_ref().filter(|v| !v.is_null())
+                && let Some(known) = check_mig_geometries(source, raw, check.refused)
+            {
+                out.mig_geometries = known;
+            }
             out.disable_core_limit = nv.disable_core_limit.unwrap_or(false);
             out.pass_device_specs = nv.pass_device_specs.unwrap_or(false);
         }
@@ -412,8 +440,8 @@ pub fn merge_all(
         };
         // The Go plugin applies only values > 0 or non-empty.
         if let Some(mode) = entry.operatingmode.as_deref().filter(|m| !m.is_empty()) {
-            if mode == "hami-core" || mode == "mig" {
-                out.operating_mode = mode.to_owned();
+            if let Some(mode) = OperatingMode::parse(mode) {
+                out.operating_mode = mode;
             } else {
                 check.refuse(
                     "nodeconfig[].operatingmode",
@@ -478,6 +506,228 @@ pub fn merge_all(
     (out, refused)
 }
 
+/// Types `knownMigGeometries` entry by entry, the way every other key is checked: a bad model entry is dropped,
+/// a group with a bad template is dropped (a partial group would partition the GPU differently from what the
+/// scheduler accounts), every such problem is listed with its path, and the good entries are kept. `None`
+/// when the value is not a list at all: the key then keeps the value below it (the Go plugin's list).
+///
+/// Types as upstream reads them ([P] `pkg/config/config.go:90-117`, [V] `config/vgpu.go:32-80`): `models` a
+/// list of strings, `allowedGeometries` a list of `{group: string, geometries: [{name: string, memory: int,
+/// count: int}]}`.
+pub fn check_mig_geometries(
+    source: &str,
+    raw: &serde_json::Value,
+    refused: &mut Vec<ConfigError>,
+) -> Option<Vec<MigModelGeometries>> {
+    let mut refuse = |path: String, value: &serde_json::Value, expected: &'static str| {
+        refused.push(ConfigError::Geometry {
+            source_name: source.to_owned(),
+            path,
+            value: quote_json(value),
+            expected,
+        });
+    };
+    let Some(entries) = raw.as_array() else {
+        refuse(
+            "nvidia.knownMigGeometries".to_owned(),
+            raw,
+            "a list of {models: [...], allowedGeometries: [...]}",
+        );
+        return None;
+    };
+    let mut out = Vec::new();
+    'entries: for (e, entry) in entries.iter().enumerate() {
+        let at = format!("knownMigGeometries[{e}]");
+        let Some(fields) = entry.as_object() else {
+            refuse(at, entry, "a map with models and allowedGeometries");
+            continue;
+        };
+        let models_raw = fields.get("models").unwrap_or(&serde_json::Value::Null);
+        let models: Option<Vec<String>> = models_raw.as_array().and_then(|list| {
+            list.iter()
+                .map(|m| {
+                    m.as_str()
+                        .filter(|m| !m.trim().is_empty())
+                        .map(str::to_owned)
+                })
+                .collect()
+        });
+        let Some(models) = models.filter(|m| !m.is_empty()) else {
+            refuse(
+                format!("{at}.models"),
+                models_raw,
+                "a non-empty list of GPU model names, e.g. [A100-SXM4-80GB]",
+            );
+            continue;
+        };
+        for key in fields.keys() {
+            if key != "models" && key != "allowedGeometries" {
+                refuse(
+                    format!("{at} (models {}).{key}", models.join(", ")),
+                    &fields[key],
+                    "only the keys models and allowedGeometries (keys are case-sensitive)",
+                );
+                continue 'entries;
+            }
+        }
+        let groups_raw = fields
+            .get("allowedGeometries")
+            .unwrap_or(&serde_json::Value::Null);
+        let Some(groups) = groups_raw.as_array() else {
+            refuse(
+                format!("{at} (models {}).allowedGeometries", models.join(", ")),
+                groups_raw,
+                "a list of {group, geometries}",
+            );
+            continue;
+        };
+        let mut geometries: Vec<MigGeometry> = Vec::new();
+        for (g, group_raw) in groups.iter().enumerate() {
+            let name = group_raw.get("group").and_then(serde_json::Value::as_str);
+            let at = format!(
+                "{at}.allowedGeometries[{g}] (models {}, group {})",
+                models.join(", "),
+                name.unwrap_or("?")
+            );
+            if let Some(geometry) = check_group(&at, group_raw, &mut refuse) {
+                if geometries.iter().any(|k| k.group == geometry.group) {
+                    refuse(
+                        format!("{at}.group"),
+                        &group_raw["group"],
+                        "a group name not used before for the same models (the first one would always win)",
+                    );
+                    continue;
+                }
+                geometries.push(geometry);
+            }
+        }
+        out.push(MigModelGeometries { models, geometries });
+    }
+    Some(out)
+}
+
+/// One `allowedGeometries[]` entry, or `None` after refusing what is wrong in it.
+fn check_group(
+    at: &str,
+    raw: &serde_json::Value,
+    refuse: &mut impl FnMut(String, &serde_json::Value, &'static str),
+) -> Option<MigGeometry> {
+    let Some(fields) = raw.as_object() else {
+        refuse(at.to_owned(), raw, "a map with group and geometries");
+        return None;
+    };
+    let mut ok = true;
+    for key in fields.keys() {
+        if key != "group" && key != "geometries" {
+            refuse(
+                format!("{at}.{key}"),
+                &fields[key],
+                "only the keys group and geometries (keys are case-sensitive)",
+            );
+            ok = false;
+        }
+    }
+    let group_raw = fields.get("group").unwrap_or(&serde_json::Value::Null);
+    let group = group_raw.as_str().filter(|g| is_group_name(g));
+    if group.is_none() {
+        refuse(
+            format!("{at}.group"),
+            group_raw,
+            "a group name such as group1, without '-', brackets, ',', ':', ';' or spaces (it travels in device \
+             IDs <GPU UUID>[<group>-<position>])",
+        );
+        ok = false;
+    }
+    let list_raw = fields.get("geometries").unwrap_or(&serde_json::Value::Null);
+    let Some(list) = list_raw.as_array().filter(|l| !l.is_empty()) else {
+        refuse(
+            format!("{at}.geometries"),
+            list_raw,
+            "a non-empty list of {name, memory, count}",
+        );
+        return None;
+    };
+    let mut templates = Vec::new();
+    for (t, item) in list.iter().enumerate() {
+        let at = format!("{at}.geometries[{t}]");
+        let Some(fields) = item.as_object() else {
+            refuse(at, item, "a map with name, memory and count");
+            ok = false;
+            continue;
+        };
+        for key in fields.keys() {
+            if !matches!(key.as_str(), "name" | "memory" | "count") {
+                refuse(
+                    format!("{at}.{key}"),
+                    &fields[key],
+                    "only the keys name, memory and count (keys are case-sensitive)",
+                );
+                ok = false;
+            }
+        }
+        let null = serde_json::Value::Null;
+        let name_raw = fields.get("name").unwrap_or(&null);
+        let name = name_raw.as_str().filter(|n| is_profile_name(n));
+        if name.is_none() {
+            refuse(
+                format!("{at}.name"),
+                name_raw,
+                "a MIG profile name <slices>g.<GiB>gb with 1 to 7 slices, e.g. 1g.10gb or 1g.10gb+me",
+            );
+        }
+        let memory_raw = fields.get("memory").unwrap_or(&null);
+        let memory = memory_raw
+            .as_u64()
+            .and_then(|m| u32::try_from(m).ok())
+            .filter(|m| *m > 0 && i32::try_from(*m).is_ok());
+        if memory.is_none() {
+            refuse(
+                format!("{at}.memory"),
+                memory_raw,
+                "a whole number of MiB from 1 to 2147483647",
+            );
+        }
+        let count_raw = fields.get("count").unwrap_or(&null);
+        let count = count_raw
+            .as_u64()
+            .and_then(|c| u32::try_from(c).ok())
+            .filter(|c| (1..=MAX_INSTANCES_PER_GPU).contains(c));
+        if count.is_none() {
+            refuse(
+                format!("{at}.count"),
+                count_raw,
+                "a whole number from 1 to 7",
+            );
+        }
+        match (name, memory, count) {
+            (Some(name), Some(memory_mib), Some(count)) => templates.push(MigTemplate {
+                name: name.to_owned(),
+                memory_mib,
+                count,
+            }),
+            _ => ok = false,
+        }
+    }
+    let total: u32 = templates.iter().map(|t| t.count).sum();
+    if ok && total > MAX_INSTANCES_PER_GPU {
+        refuse(
+            format!("{at}.geometries"),
+            &serde_json::Value::from(total),
+            "counts that add up to at most 7 (a GPU holds at most 7 MIG instances)",
+        );
+        ok = false;
+    }
+    (ok).then(|| MigGeometry {
+        group: group.unwrap_or_default().to_owned(),
+        templates,
+    })
+}
+
+/// A JSON value as an error quotes it, cut like annotation values so a huge value cannot flood the log.
+fn quote_json(value: &serde_json::Value) -> String {
+    crate::volcano::quote(&value.to_string())
+}
+
 /// [`merge_all`] for serving: every value that cannot be served is logged (one error line per key, naming the
 /// key, the value and what was expected) and left at the value below it, and every other key applies, so the
 /// agent keeps the names and settings the scheduler reads from the same document instead of crash-looping or
@@ -530,6 +780,207 @@ nvidia:
         assert_eq!(c.sharing.memory_scaling, 1.5);
         assert!(c.disable_core_limit);
         assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        assert_eq!(
+            c.mig_geometries,
+            vec![MigModelGeometries {
+                models: vec!["A100-SXM4-40GB".into()],
+                geometries: vec![]
+            }],
+            "a present list replaces the defaults"
+        );
+    }
+
+    fn merged_geometries(yaml: &str) -> (VolcanoConfig, Vec<String>) {
+        let file = parse_device_config("cm", yaml).unwrap();
+        let (c, refused) = merge_all(Some(("cm", &file)), None, None, &ExplicitFlags::default());
+        (c, refused.iter().map(ToString::to_string).collect())
+    }
+
+    #[test]
+    fn absent_mig_geometries_are_the_go_plugin_s_shipped_list() {
+        let (c, refused) = merged_geometries("nvidia:\n  deviceSplitCount: 4\n");
+        assert!(refused.is_empty());
+        assert_eq!(c.mig_geometries, default_known_mig_geometries());
+        let models: Vec<&str> = c
+            .mig_geometries
+            .iter()
+            .flat_map(|e| e.models.iter().map(String::as_str))
+            .collect();
+        assert_eq!(
+            models,
+            [
+                "A30",
+                "A100-SXM4-40GB",
+                "A100-40GB-PCIe",
+                "A100-PCIE-40GB",
+                "A100-SXM4-40GB",
+                "A100-SXM4-80GB",
+                "A100-80GB-PCIe",
+                "A100-PCIE-80GB"
+            ]
+        );
+        let (c, refused) = merged_geometries("nvidia:\n  knownMigGeometries: []\n");
+        assert!(refused.is_empty());
+        assert!(
+            c.mig_geometries.is_empty(),
+            "an empty list is no geometry, as in Go"
+        );
+    }
+
+    #[test]
+    fn a_typed_geometry_list_parses_with_upstream_keys() {
+        let yaml = r#"
+nvidia:
+  knownMigGeometries:
+  - models: [ "A100-SXM4-80GB", "A100-80GB-PCIe" ]
+    allowedGeometries:
+      - group: "group2"
+        geometries:
+        - name: 2g.20gb
+          memory: 19968
+          count: 3
+        - name: 1g.10gb+me
+          memory: 9728
+          count: 1
+"#;
+        let (c, refused) = merged_geometries(yaml);
+        assert!(refused.is_empty(), "{refused:?}");
+        assert_eq!(
+            c.mig_geometries,
+            vec![MigModelGeometries {
+                models: vec!["A100-SXM4-80GB".into(), "A100-80GB-PCIe".into()],
+                geometries: vec![MigGeometry {
+                    group: "group2".into(),
+                    templates: vec![
+                        MigTemplate {
+                            name: "2g.20gb".into(),
+                            memory_mib: 19968,
+                            count: 3
+                        },
+                        MigTemplate {
+                            name: "1g.10gb+me".into(),
+                            memory_mib: 9728,
+                            count: 1
+                        },
+                    ],
+                }],
+            }]
+        );
+    }
+
+    #[test]
+    fn a_bad_geometry_names_model_group_and_field_and_the_good_ones_stay() {
+        let yaml = r#"
+nvidia:
+  deviceSplitCount: 4
+  knownMigGeometries:
+  - models: [A100-SXM4-80GB]
+    allowedGeometries:
+      - group: group1
+        geometries:
+        - {name: 1g.10gb, memory: 9728, count: 7}
+      - group: group2
+        geometries:
+        - {name: 2g.20gb, memory: 19968, count: "x"}
+      - group: group3
+        geometries:
+        - {name: 3G.40GB, memory: 0, count: 2}
+      - group: group-4
+        geometries:
+        - {name: 7g.80gb, memory: 80896, count: 1}
+      - group: group5
+        geometries:
+        - {name: 1g.10gb, memory: 9728, count: 7}
+        - {name: 1g.10gb, memory: 9728, count: 1}
+      - group: group1
+        geometries:
+        - {name: 7g.80gb, memory: 80896, count: 1}
+  - models: []
+    allowedGeometries: []
+  - models: [A30]
+    allowedGeometries:
+      - group: g
+        geometries:
+        - {name: 4g.24gb, memory: 24576, count: 1, Memory: 1}
+"#;
+        let (c, refused) = merged_geometries(yaml);
+        assert_eq!(c.sharing.split_count, 4, "the rest of the document applies");
+        let expected = [
+            "cm: knownMigGeometries[0].allowedGeometries[1] (models A100-SXM4-80GB, group group2).geometries[0].count: \
+             expected a whole number from 1 to 7, not \"x\"",
+            "cm: knownMigGeometries[0].allowedGeometries[2] (models A100-SXM4-80GB, group group3).geometries[0].name: \
+             expected a MIG profile name <slices>g.<GiB>gb with 1 to 7 slices, e.g. 1g.10gb or 1g.10gb+me, not \"3G.40GB\"",
+            "cm: knownMigGeometries[0].allowedGeometries[2] (models A100-SXM4-80GB, group group3).geometries[0].memory: \
+             expected a whole number of MiB from 1 to 2147483647, not 0",
+            "cm: knownMigGeometries[0].allowedGeometries[3] (models A100-SXM4-80GB, group group-4).group: expected a \
+             group name such as group1, without '-', brackets, ',', ':', ';' or spaces (it travels in device IDs \
+             <GPU UUID>[<group>-<position>]), not \"group-4\"",
+            "cm: knownMigGeometries[0].allowedGeometries[4] (models A100-SXM4-80GB, group group5).geometries: \
+             expected counts that add up to at most 7 (a GPU holds at most 7 MIG instances), not 8",
+            "cm: knownMigGeometries[0].allowedGeometries[5] (models A100-SXM4-80GB, group group1).group: expected a \
+             group name not used before for the same models (the first one would always win), not \"group1\"",
+            "cm: knownMigGeometries[1].models: expected a non-empty list of GPU model names, e.g. [A100-SXM4-80GB], \
+             not []",
+            "cm: knownMigGeometries[2].allowedGeometries[0] (models A30, group g).geometries[0].Memory: expected only \
+             the keys name, memory and count (keys are case-sensitive), not 1",
+        ];
+        assert_eq!(refused, expected);
+        // The good group of the first entry stays; the A30 entry stays without its bad group.
+        assert_eq!(c.mig_geometries.len(), 2);
+        let groups: Vec<&str> = c.mig_geometries[0]
+            .geometries
+            .iter()
+            .map(|g| g.group.as_str())
+            .collect();
+        assert_eq!(groups, ["group1"]);
+        assert_eq!(c.mig_geometries[1].models, ["A30"]);
+        assert!(c.mig_geometries[1].geometries.is_empty());
+        // merge() refuses the document, listing every bad geometry.
+        let file = parse_device_config("cm", yaml).unwrap();
+        let err = merge(Some(("cm", &file)), None, None, &ExplicitFlags::default()).unwrap_err();
+        assert_eq!(err.0.len(), expected.len());
+    }
+
+    #[test]
+    fn a_geometry_list_of_the_wrong_shape_keeps_the_defaults() {
+        let (c, refused) = merged_geometries("nvidia:\n  knownMigGeometries: {models: [A30]}\n");
+        assert_eq!(c.mig_geometries, default_known_mig_geometries());
+        assert_eq!(
+            refused,
+            [
+                "cm: nvidia.knownMigGeometries: expected a list of {models: [...], allowedGeometries: [...]}, not \
+              {\"models\":[\"A30\"]}"
+            ]
+        );
+    }
+
+    #[test]
+    fn operatingmode_mig_is_typed() {
+        let node = parse_node_config(
+            "config.json",
+            r#"{"nodeconfig":[{"name":"n1","operatingmode":"mig"}]}"#,
+        )
+        .unwrap();
+        let c = merge(
+            None,
+            Some(("config.json", &node)),
+            Some("n1"),
+            &ExplicitFlags::default(),
+        )
+        .unwrap();
+        assert_eq!(c.operating_mode, OperatingMode::Mig);
+        let c = merge(
+            None,
+            Some(("config.json", &node)),
+            Some("n2"),
+            &ExplicitFlags::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.operating_mode,
+            OperatingMode::HamiCore,
+            "another node's entry"
+        );
     }
 
     #[test]
@@ -664,6 +1115,7 @@ nvidia:
             .map(|e| match e {
                 ConfigError::Value { setting, .. } => setting.field,
                 ConfigError::Syntax { .. } => "syntax",
+                ConfigError::Geometry { .. } => "geometry",
             })
             .collect();
         assert_eq!(
@@ -698,8 +1150,15 @@ nvidia:
         );
         assert_eq!(c.sharing.split_count, 4, "the device config map's value");
         assert_eq!(c.sharing.core_scaling, 2.0, "the good key of the entry");
-        assert_eq!(c.operating_mode, "hami-core");
+        assert_eq!(c.operating_mode, OperatingMode::HamiCore);
         assert_eq!(refused.len(), 2, "{refused:?}");
+        assert!(
+            refused[0]
+                .to_string()
+                .contains("invalid nodeconfig[].operatingmode = vgpu: expected hami-core or mig"),
+            "{}",
+            refused[0]
+        );
     }
 
     #[test]

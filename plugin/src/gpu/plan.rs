@@ -14,6 +14,27 @@ use prost::Message;
 
 use crate::config::{ResourceKind, SharingSettings};
 use crate::gpu::inventory::{Gpu, Inventory};
+use crate::volcano::node_register::OperatingMode;
+
+/// How many IDs one GPU contributes to a resource in a node's operating mode.
+///
+/// The Go plugin's `apiDevices` ([P] `pkg/plugin/server.go:649-716`) does not look at `config.Mode`: in MIG mode,
+/// as in hami-core mode, each GPU gets `DeviceSplitCount` number IDs (`:705-714`), `MiB / GPUMemoryFactor`
+/// memory IDs (`:656-688`) and `100 × DeviceCoresScaling` core IDs (`:689-702`), the GPU being listed whole
+/// (its MIG state only matters under `--mig-strategy` other than `none`, which drops MIG-enabled GPUs from the
+/// list altogether, [P] `pkg/rm/device_map.go:128-134`; the node config's `migstrategy` is never read, [P]
+/// `pkg/util/util.go:619-653`). The scheduler needs these non-zero to place pods at all ([V] `device_info.go:103-124`)
+/// and places MIG pods by the geometry templates, not by these counts ([V] `vgpu/mig.go:36-57`).
+pub fn ids_per_gpu(
+    kind: ResourceKind,
+    mode: OperatingMode,
+    gpu_memory_mib: u64,
+    sharing: &SharingSettings,
+) -> u64 {
+    match mode {
+        OperatingMode::HamiCore | OperatingMode::Mig => kind.ids_per_gpu(gpu_memory_mib, sharing),
+    }
+}
 
 /// How IDs are spelled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,16 +76,26 @@ pub struct MessageTooLarge {
 }
 
 impl DevicePlan {
-    /// Plans one resource, preferring the Go plugin's IDs and falling back to compact ones.
+    /// Plans one resource of a hami-core node, preferring the Go plugin's IDs and falling back to compact ones.
     pub fn new(
         kind: ResourceKind,
+        inventory: &Inventory,
+        sharing: &SharingSettings,
+    ) -> Result<Self, MessageTooLarge> {
+        Self::for_mode(kind, OperatingMode::HamiCore, inventory, sharing)
+    }
+
+    /// Plans one resource of a node in `mode`, with the counts of [`ids_per_gpu`].
+    pub fn for_mode(
+        kind: ResourceKind,
+        mode: OperatingMode,
         inventory: &Inventory,
         sharing: &SharingSettings,
     ) -> Result<Self, MessageTooLarge> {
         let per_gpu: Vec<u64> = inventory
             .gpus
             .iter()
-            .map(|g| kind.ids_per_gpu(g.memory_mib(), sharing))
+            .map(|g| ids_per_gpu(kind, mode, g.memory_mib(), sharing))
             .collect();
         let mut smallest = usize::MAX;
         for style in [IdStyle::Upstream, IdStyle::Compact] {
@@ -285,6 +316,28 @@ mod tests {
     fn node(n: u32, mib: u64) -> Inventory {
         Inventory {
             gpus: (0..n).map(|m| gpu(m, mib, Some(m / 4))).collect(),
+        }
+    }
+
+    #[test]
+    fn mig_mode_advertises_what_the_go_plugin_does_the_whole_gpu() {
+        // [P] server.go:649-716 has no mode branch: a 40 GB A100 at split 10, factor 1, scaling 1 lists
+        // 10 / 40960 / 100 IDs in MIG mode too (the vector "A100-40GB node in dynamic-mig mode").
+        let inv = node(2, 40960);
+        let s = SharingSettings::default();
+        for (kind, each) in [
+            (ResourceKind::Number, 10),
+            (ResourceKind::Memory, 40960),
+            (ResourceKind::Cores, 100),
+        ] {
+            assert_eq!(
+                ids_per_gpu(kind, OperatingMode::Mig, 40960, &s),
+                each,
+                "{kind:?}"
+            );
+            let mig = DevicePlan::for_mode(kind, OperatingMode::Mig, &inv, &s).unwrap();
+            assert_eq!(mig.per_gpu, vec![each, each], "{kind:?}");
+            assert_eq!(mig, DevicePlan::new(kind, &inv, &s).unwrap(), "{kind:?}");
         }
     }
 

@@ -11,6 +11,7 @@ use crate::config::device::VolcanoConfig;
 use crate::config::{AgentConfig, InvalidSetting, ResourceKind};
 use crate::gpu::inventory::{DiscoveryError, Inventory, apply_filter, discover};
 use crate::gpu::plan::{DevicePlan, MessageTooLarge};
+use crate::volcano::node_register::OperatingMode;
 
 /// Why the node's GPUs cannot be served. Each variant's message says what to do.
 #[derive(Debug, thiserror::Error)]
@@ -53,12 +54,19 @@ pub struct Prepared {
     pub volcano: Arc<VolcanoConfig>,
 }
 
+/// Refuses a node in MIG mode. Kept until Allocate can repartition (issue #19): the register, the counts and the
+/// ID codecs are ready (`volcano::mig`, `gpu::plan::ids_per_gpu`); serving a bracketed ID is not.
+pub fn check_mode(volcano: &VolcanoConfig) -> Result<(), PrepareError> {
+    match volcano.operating_mode {
+        OperatingMode::HamiCore => Ok(()),
+        OperatingMode::Mig => Err(PrepareError::MigNotSupported),
+    }
+}
+
 /// Loads NVML, discovers the GPUs and plans the device lists: every check that can refuse to start.
 pub fn prepare(config: &AgentConfig, volcano: VolcanoConfig) -> Result<Prepared, PrepareError> {
     volcano.sharing.validate()?;
-    if volcano.operating_mode == "mig" {
-        return Err(PrepareError::MigNotSupported);
-    }
+    check_mode(&volcano)?;
     let nvml = crate::gpu::nvml::init(&config.nvml_lib).map_err(|source| PrepareError::Nvml {
         lib: config.nvml_lib.clone(),
         source,
@@ -82,7 +90,8 @@ pub fn prepare(config: &AgentConfig, volcano: VolcanoConfig) -> Result<Prepared,
     }
     let mut plans = Vec::new();
     for kind in ResourceKind::ALL {
-        let plan = DevicePlan::new(kind, &inventory, &volcano.sharing)?;
+        let plan =
+            DevicePlan::for_mode(kind, volcano.operating_mode, &inventory, &volcano.sharing)?;
         tracing::info!(
             resource = volcano.resources.get(kind), ids = plan.total(), id_style = ?plan.style,
             max_message_bytes = plan.max_message_bytes, "device list planned"
@@ -95,4 +104,25 @@ pub fn prepare(config: &AgentConfig, volcano: VolcanoConfig) -> Result<Prepared,
         plans,
         volcano: Arc::new(volcano),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mig_mode_is_still_refused_at_start_with_what_to_do() {
+        assert!(check_mode(&VolcanoConfig::default()).is_ok());
+        let mig = VolcanoConfig {
+            operating_mode: OperatingMode::Mig,
+            ..VolcanoConfig::default()
+        };
+        let err = check_mode(&mig).unwrap_err();
+        assert!(matches!(err, PrepareError::MigNotSupported));
+        let text = err.to_string();
+        assert!(
+            text.contains("operatingmode is mig") && text.contains("set it to hami-core"),
+            "{text}"
+        );
+    }
 }

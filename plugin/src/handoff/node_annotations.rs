@@ -28,6 +28,11 @@ use crate::volcano::{NODE_HANDSHAKE, NODE_LOCK, NODE_REGISTER};
 const HEARTBEAT: Duration = Duration::from_secs(30);
 
 /// The register annotation for the node's GPUs and their health (inventory order = minor order).
+///
+/// The same fields in both modes, as the Go plugin writes them: `ConvertDeviceInfo` takes the split count and
+/// the GPU's whole memory over the factor whatever the mode, and only field 5 carries `config.Mode` ([P]
+/// `pkg/plugin/register.go:91,100-108`); in MIG mode the scheduler sizes requests by the geometry templates, not
+/// these fields ([V] `vgpu/mig.go:36-57`). The vector `node_register` "A100-40GB node in dynamic-mig mode" pins it.
 pub fn register_value(inventory: &Inventory, healthy: &[bool], config: &VolcanoConfig) -> String {
     let gpus: Vec<RegisteredGpu> = inventory
         .gpus
@@ -39,7 +44,7 @@ pub fn register_value(inventory: &Inventory, healthy: &[bool], config: &VolcanoC
             memory_units: config.sharing.memory_units(gpu.memory_mib()),
             model: gpu.model.clone(),
             healthy: healthy.get(i).copied().unwrap_or(false),
-            mode: config.operating_mode.clone(),
+            mode: config.operating_mode.as_str().to_owned(),
         })
         .collect();
     encode_node_register(&gpus)
@@ -225,6 +230,40 @@ pub async fn release_node_lock(api: &Api<Node>, node: &str, limit: Duration) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gpu::inventory::Gpu;
+    use crate::volcano::node_register::{MODE_MIG, OperatingMode, decode_node_register, node_mode};
+
+    #[test]
+    fn mig_mode_registers_the_whole_gpu_with_mode_mig() {
+        // The vector "A100-40GB node in dynamic-mig mode" of tests/data/volcano-vectors.json.
+        let inventory = Inventory {
+            gpus: vec![Gpu {
+                nvml_index: 0,
+                uuid: "GPU-0fc3eda5-e98b-a25b-5b0d-cf5c855d1448".into(),
+                model: "NVIDIA A100-PCIE-40GB".into(),
+                memory_bytes: 42_949_672_960,
+                minor: 0,
+                numa_node: None,
+                pci_bus_id: "00000000:07:00.0".into(),
+            }],
+        };
+        let mig = VolcanoConfig {
+            operating_mode: OperatingMode::Mig,
+            ..VolcanoConfig::default()
+        };
+        let value = register_value(&inventory, &[true], &mig);
+        assert_eq!(
+            value,
+            "GPU-0fc3eda5-e98b-a25b-5b0d-cf5c855d1448,10,40960,NVIDIA-NVIDIA A100-PCIE-40GB,true,mig:"
+        );
+        assert_eq!(node_mode(&decode_node_register(&value).unwrap()), MODE_MIG);
+        let hami = register_value(&inventory, &[true], &VolcanoConfig::default());
+        assert_eq!(
+            hami,
+            value.replace(",mig:", ",hami-core:"),
+            "only field 5 differs"
+        );
+    }
 
     #[test]
     fn auto_handshake_answers_only_an_old_scheduler_that_asks() {

@@ -6,12 +6,15 @@
 //! - [`node_register`]: the `volcano.sh/node-vgpu-register` inventory the scheduler places pods with.
 //! - [`pod_devices`]: the `devices-to-allocate` / `vgpu-ids-new` encoding, a strict decoder and the queue
 //!   operations the Go plugin performs on it.
+//! - [`mig`]: dynamic MIG: the `knownMigGeometries` model and its upstream defaults, the bracketed device IDs
+//!   `GPU-<uuid>[<group>-<position>]` and the template they name.
 //! - [`handshake`]: the legacy `volcano.sh/node-vgpu-handshake` heartbeat of Volcano ≤ v1.15.0.
 //!
 //! Every malformed annotation becomes one [`AnnotationError`] naming the annotation, where in it, the offending
 //! text and what was expected, so the agent can log one line and keep serving other pods.
 
 pub mod handshake;
+pub mod mig;
 pub mod node_register;
 pub mod pod_devices;
 

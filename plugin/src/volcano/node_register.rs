@@ -13,6 +13,45 @@ pub const MODE_HAMI_CORE: &str = "hami-core";
 /// `mode` of a GPU partitioned with dynamic MIG.
 pub const MODE_MIG: &str = "mig";
 
+/// A node's `operatingmode` (docs/volcano-contract.md §5.3), written as field 5 of every record.
+///
+/// The Go plugin writes the node config's string as is ([P] `pkg/util/util.go:646-648`, `pkg/plugin/register.go:104`)
+/// and the scheduler reads `mig` as MIG and anything else as hami-core ([V] `vgpu/utils.go:86`,
+/// `getSharingMode`); the agent accepts only these two spellings, so what it writes means what it serves.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OperatingMode {
+    /// Shared through HAMi-core's `libvgpu.so`: [`MODE_HAMI_CORE`].
+    #[default]
+    HamiCore,
+    /// Dynamic MIG: [`MODE_MIG`].
+    Mig,
+}
+
+impl OperatingMode {
+    /// The field-5 spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::HamiCore => MODE_HAMI_CORE,
+            Self::Mig => MODE_MIG,
+        }
+    }
+
+    /// The mode for an `operatingmode` value, `None` for anything but the two spellings.
+    pub fn parse(value: &str) -> Option<Self> {
+        match value {
+            MODE_HAMI_CORE => Some(Self::HamiCore),
+            MODE_MIG => Some(Self::Mig),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for OperatingMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One GPU as the agent registers it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RegisteredGpu {
@@ -166,6 +205,23 @@ fn go_parse_bool(text: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn operating_mode_spellings_are_the_scheduler_s() {
+        assert_eq!(OperatingMode::parse("mig"), Some(OperatingMode::Mig));
+        assert_eq!(
+            OperatingMode::parse("hami-core"),
+            Some(OperatingMode::HamiCore)
+        );
+        for other in ["MIG", "vgpu", "", "hami-core "] {
+            assert_eq!(OperatingMode::parse(other), None, "{other:?}");
+        }
+        assert_eq!(OperatingMode::default(), OperatingMode::HamiCore);
+        for mode in [OperatingMode::HamiCore, OperatingMode::Mig] {
+            assert_eq!(OperatingMode::parse(mode.as_str()), Some(mode));
+            assert_eq!(sharing_mode(&mode.to_string()), mode.as_str());
+        }
+    }
 
     fn gpu(uuid: &str, model: &str) -> RegisteredGpu {
         RegisteredGpu {
