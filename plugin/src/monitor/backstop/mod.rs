@@ -46,7 +46,7 @@ const WARN_EVERY: Duration = Duration::from_secs(300);
 pub trait ProcessSource: Send {
     /// `(uuid, index on the node)` of every GPU.
     fn gpus(&self) -> Vec<(String, u32)>;
-    /// The compute processes of GPU `i` (position in [`ProcessSource::gpus`]) into `out`.
+    /// The compute processes of GPU `i` (position in [`ProcessSource::gpus`]) into `out`, which is empty on entry.
     fn list(&mut self, i: usize, out: &mut Vec<GpuProcess>) -> Result<(), ProcessError>;
 }
 
@@ -242,6 +242,7 @@ impl Backstop {
         let mut report = RoundReport::default();
         let mut rounds = Vec::new();
         for (i, (uuid, index)) in source.gpus().into_iter().enumerate() {
+            self.listed.clear();
             if let Err(error) = source.list(i, &mut self.listed) {
                 if self.warnings.should_warn(Path::new(&uuid), now) {
                     tracing::warn!(gpu = %uuid, error = %crate::error::error_chain(&error), "cannot list the GPU's processes; the memory backstop skips it this round");
