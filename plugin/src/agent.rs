@@ -37,6 +37,7 @@ use crate::handoff::pod_cache::PodCache;
 use crate::kubelet::endpoint::EndpointError;
 use crate::kubelet::lifecycle::{self, Endpoints, NotServing};
 use crate::monitor::backstop::{self, BackstopView, NvmlSource};
+use crate::monitor::events::Reporting;
 use crate::monitor::metrics::NodeSnapshot;
 use crate::monitor::{cache_cleanup, feedback, pid_broker};
 pub use supervisor::Panicked;
@@ -376,18 +377,22 @@ async fn start(
         broker.await;
         Ok(())
     });
+    // Where the monitor loops' reports go: the counters, and Events bounded like every apiserver request.
+    let reporting = Reporting {
+        metrics: Some(Arc::clone(&metrics)),
+        client: clients.as_ref().map(|c| c.requests.clone()),
+        node: config.node_name.clone(),
+        event_timeout: clients
+            .as_ref()
+            .map_or(crate::cluster::REQUEST_TIMEOUT, |c| c.bounds.request),
+    };
     // HAMi's monitor duty: priority feedback into every container's shared region.
-    let client = clients.as_ref().map(|c| c.requests.clone());
     tasks.spawn_until_cancelled(
         "feedback",
         feedback::run(
             config.cache_root(),
             feedback::FEEDBACK_PERIOD,
-            feedback::Reporting {
-                metrics: Some(Arc::clone(&metrics)),
-                client,
-                node: config.node_name.clone(),
-            },
+            reporting.clone(),
         ),
     );
     if config.delivery.strategies.any_cdi() {
@@ -462,14 +467,7 @@ async fn start(
                 config.cache_root(),
                 pod_cache.as_ref().map(|(pods, _)| pods.clone()),
                 Arc::clone(&view),
-                backstop::Reporting {
-                    metrics: Some(Arc::clone(&metrics)),
-                    client: clients.as_ref().map(|c| c.requests.clone()),
-                    node: config.node_name.clone(),
-                    event_timeout: clients
-                        .as_ref()
-                        .map_or(crate::cluster::REQUEST_TIMEOUT, |c| c.bounds.request),
-                },
+                reporting,
             ),
         );
         view

@@ -269,7 +269,7 @@ async fn the_agents_periodic_task_writes_the_feedback_and_stops_when_aborted() {
     let task = tokio::spawn(feedback::run(
         root.path().to_path_buf(),
         Duration::from_millis(50),
-        feedback::Reporting::default(),
+        vgpu_device_plugin::monitor::events::Reporting::default(),
     ));
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while low.recent_kernel() != -1 {

@@ -3,11 +3,56 @@
 //! apiserver never delays a round, each publish is bounded in time, and what overflows the queue is dropped
 //! (the caller's log line and counter still say it).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::Client;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use vgpu_metrics::AgentMetrics;
+
+/// Where a monitor loop's reports go besides the log: the agent's counters and Events on the pods.
+#[derive(Clone)]
+pub struct Reporting {
+    /// The agent's counters (`vgpu_agent_region_tampering_total`, `vgpu_container_memory_violations_total`).
+    pub metrics: Option<Arc<AgentMetrics>>,
+    /// Records Events on the pods (none without a cluster: standalone mode logs and counts only).
+    pub client: Option<Client>,
+    /// This node, as the Events' reporting instance.
+    pub node: Option<String>,
+    /// The bound on one Event's publish (the apiserver request bound, `crate::cluster::ApiBounds::request`).
+    pub event_timeout: Duration,
+}
+
+impl Default for Reporting {
+    fn default() -> Self {
+        Self {
+            metrics: None,
+            client: None,
+            node: None,
+            event_timeout: crate::cluster::REQUEST_TIMEOUT,
+        }
+    }
+}
+
+impl std::fmt::Debug for Reporting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reporting")
+            .field("events", &self.client.is_some())
+            .field("node", &self.node)
+            .field("event_timeout", &self.event_timeout)
+            .finish()
+    }
+}
+
+impl Reporting {
+    /// The publisher of this loop's Events (`what` names the loop in its log lines); none without a cluster.
+    pub fn publisher(&self, what: &'static str) -> Option<EventPublisher> {
+        self.client.clone().map(|client| {
+            EventPublisher::start(client, self.node.clone(), self.event_timeout, what)
+        })
+    }
+}
 
 /// Events waiting to be published; more are dropped.
 pub const EVENT_QUEUE: usize = 256;

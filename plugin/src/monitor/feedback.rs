@@ -34,17 +34,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-
-use kube::Client;
-use vgpu_metrics::AgentMetrics;
 
 use vgpu_region::RegionReader;
 use vgpu_region::layout::RECENT_KERNEL_ACTIVE;
 
 use crate::handoff::record::{LOW_PRIORITY, RecordStore, RegionGuard, Tamper, clamp_priority};
-use crate::monitor::events::{EventPublisher, PodEvent};
+use crate::monitor::events::{PodEvent, Reporting};
 
 /// How often HAMi's monitor runs its feedback round (`Observe`, every 5 s: `docs/hami-core-region.md` §4.3).
 pub const FEEDBACK_PERIOD: Duration = Duration::from_secs(5);
@@ -491,29 +487,6 @@ impl PriorityFeedback {
     }
 }
 
-/// Where a round's tamper reports go besides the log: the agent's counter and Events on the pods.
-#[derive(Clone, Default)]
-pub struct Reporting {
-    /// Counts `vgpu_agent_region_tampering_total{kind}`.
-    pub metrics: Option<Arc<AgentMetrics>>,
-    /// Records a `VGPURegionTampered` Event on the pod (none without a cluster).
-    pub client: Option<Client>,
-    /// This node, as the Events' reporting instance.
-    pub node: Option<String>,
-}
-
-impl std::fmt::Debug for Reporting {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Reporting")
-            .field("events", &self.client.is_some())
-            .field("node", &self.node)
-            .finish()
-    }
-}
-
-/// How long one tamper Event may take to publish.
-const EVENT_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// A tamper report as an Event on its pod.
 fn tamper_event(t: &Tamper) -> PodEvent {
     PodEvent {
@@ -539,14 +512,7 @@ pub async fn run(root: PathBuf, period: Duration, reporting: Reporting) {
             .with_activity_window(2 * period)
             .guarded()
     };
-    let mut events = reporting.client.clone().map(|client| {
-        EventPublisher::start(
-            client,
-            reporting.node.clone(),
-            EVENT_TIMEOUT,
-            "region change",
-        )
-    });
+    let mut events = reporting.publisher("region change");
     let mut feedback = Some(fresh());
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -23,16 +23,15 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::Client;
 use nvml_wrapper::Nvml;
-use vgpu_metrics::{AgentMetrics, ObservedSample, UnaccountedSample};
+use vgpu_metrics::{ObservedSample, UnaccountedSample};
 
 use crate::config::{BackstopMode, BackstopSettings};
 use crate::gpu::inventory::Inventory;
 use crate::gpu::processes::{GpuProcess, Lister, ProcessError};
 use crate::handoff::pod_cache::{PodCache, container_ids};
 use crate::handoff::record::{ContainerRecord, RecordStore};
-use crate::monitor::events::{EventPublisher, PodEvent};
+use crate::monitor::events::{PodEvent, Reporting};
 use crate::monitor::feedback::RateLimitedWarnings;
 
 use attribute::{GpuRound, PodInfo, ProcSample, attribute};
@@ -363,28 +362,6 @@ impl Backstop {
     }
 }
 
-/// Where a round's reports go besides the log.
-#[derive(Clone, Default)]
-pub struct Reporting {
-    /// Counts `vgpu_container_memory_violations_total`.
-    pub metrics: Option<Arc<AgentMetrics>>,
-    /// Records Events (none without a cluster: standalone mode logs and counts only).
-    pub client: Option<Client>,
-    /// This node, as the Events' reporting instance.
-    pub node: Option<String>,
-    /// The bound on one Event's publish (`crate::cluster::ApiBounds::request`).
-    pub event_timeout: Duration,
-}
-
-impl std::fmt::Debug for Reporting {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Reporting")
-            .field("events", &self.client.is_some())
-            .field("node", &self.node)
-            .finish()
-    }
-}
-
 /// Runs the backstop every period until aborted. `pods`: the node's pods (container IDs); without them only
 /// processes of a pod's only vGPU container are attributed (reported, never killed).
 pub async fn run(
@@ -406,14 +383,7 @@ pub async fn run(
         proc_root = %settings.proc_root.display(),
         "memory backstop: comparing every container's GPU memory as NVML sees it with its cap"
     );
-    let mut events = reporting.client.clone().map(|client| {
-        EventPublisher::start(
-            client,
-            reporting.node.clone(),
-            reporting.event_timeout,
-            "memory backstop",
-        )
-    });
+    let mut events = reporting.publisher("memory backstop");
     let mut state = Some((Backstop::new(settings.clone(), &cache_root), source));
     let (mut panics, mut last_panic_log) = (0u64, None);
     let mut ticker = tokio::time::interval(settings.period);
@@ -485,6 +455,43 @@ mod tests {
     const MIB: u64 = 1 << 20;
     const UID: &str = "0b7e6a8c-0000-4000-8000-000000000001";
 
+    /// The node's record of container `cuda` of pod `ns/p` with a 100 MiB cap on each of `gpus`.
+    fn record_cuda(cache_root: &Path, gpus: &[&str]) {
+        RecordStore::beside(cache_root)
+            .write(
+                &format!("{UID}_cuda"),
+                &ContainerRecord {
+                    namespace: "ns".into(),
+                    pod: "p".into(),
+                    pod_uid: UID.into(),
+                    container: "cuda".into(),
+                    cache_file: "x.cache".into(),
+                    gpus: gpus
+                        .iter()
+                        .map(|uuid| RecordedGpu {
+                            uuid: (*uuid).into(),
+                            memory_limit_bytes: 100 * MIB,
+                        })
+                        .collect(),
+                    sm_limit_percent: 100,
+                    priority: 1,
+                },
+            )
+            .unwrap();
+    }
+
+    /// `/proc/<pid>/stat` (start time 77) and `/proc/<pid>/cgroup` under `proc_root`.
+    fn add_proc(proc_root: &Path, pid: u32, cgroup: &str) {
+        let d = proc_root.join(pid.to_string());
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(
+            d.join("stat"),
+            format!("{pid} (x) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 77 0 0\n"),
+        )
+        .unwrap();
+        std::fs::write(d.join("cgroup"), cgroup).unwrap();
+    }
+
     /// GPU 0 answers with `processes`; GPU 1 always fails.
     struct Fake(Vec<GpuProcess>);
 
@@ -511,43 +518,13 @@ mod tests {
         let cache_root = dir.path().join("containers");
         std::fs::create_dir_all(&cache_root).unwrap();
         let id = "ab".repeat(32);
-        RecordStore::beside(&cache_root)
-            .write(
-                &format!("{UID}_cuda"),
-                &ContainerRecord {
-                    namespace: "ns".into(),
-                    pod: "p".into(),
-                    pod_uid: UID.into(),
-                    container: "cuda".into(),
-                    cache_file: "x.cache".into(),
-                    gpus: vec![
-                        RecordedGpu {
-                            uuid: "GPU-0".into(),
-                            memory_limit_bytes: 100 * MIB,
-                        },
-                        RecordedGpu {
-                            uuid: "GPU-1".into(),
-                            memory_limit_bytes: 100 * MIB,
-                        },
-                    ],
-                    sm_limit_percent: 100,
-                    priority: 1,
-                },
-            )
-            .unwrap();
+        record_cuda(&cache_root, &["GPU-0", "GPU-1"]);
         let proc_root = dir.path().join("proc");
         for (pid, cgroup) in [
             (10, format!("0::/kubepods/pod{UID}/{id}\n")),
             (11, "0::/system.slice/sshd.service\n".to_owned()),
         ] {
-            let d = proc_root.join(pid.to_string());
-            std::fs::create_dir_all(&d).unwrap();
-            std::fs::write(
-                d.join("stat"),
-                format!("{pid} (x) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 77 0 0\n"),
-            )
-            .unwrap();
-            std::fs::write(d.join("cgroup"), cgroup).unwrap();
+            add_proc(&proc_root, pid, &cgroup);
         }
         let settings = BackstopSettings {
             tolerance_bytes: 0,
@@ -623,34 +600,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cache_root = dir.path().join("containers");
         std::fs::create_dir_all(&cache_root).unwrap();
-        RecordStore::beside(&cache_root)
-            .write(
-                &format!("{UID}_cuda"),
-                &ContainerRecord {
-                    namespace: "ns".into(),
-                    pod: "p".into(),
-                    pod_uid: UID.into(),
-                    container: "cuda".into(),
-                    cache_file: "x.cache".into(),
-                    gpus: vec![RecordedGpu {
-                        uuid: "GPU-0".into(),
-                        memory_limit_bytes: 100 * MIB,
-                    }],
-                    sm_limit_percent: 100,
-                    priority: 1,
-                },
-            )
-            .unwrap();
+        record_cuda(&cache_root, &["GPU-0"]);
         let proc_root = dir.path().join("proc");
-        let d = proc_root.join("10");
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::write(
-            d.join("stat"),
-            "10 (x) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 77 0 0\n",
-        )
-        .unwrap();
         let id = "ab".repeat(32);
-        std::fs::write(d.join("cgroup"), format!("0::/kubepods/pod{UID}/{id}\n")).unwrap();
+        add_proc(&proc_root, 10, &format!("0::/kubepods/pod{UID}/{id}\n"));
         let settings = BackstopSettings {
             tolerance_bytes: 0,
             period: Duration::from_millis(10),
