@@ -56,7 +56,22 @@ static int checks;
     X(nvmlDeviceGetComputeRunningProcesses) X(nvmlDeviceGetComputeRunningProcesses_v2)     \
     X(nvmlDeviceGetComputeRunningProcesses_v3) X(nvmlDeviceGetMigMode)                     \
     X(nvmlDeviceGetSupportedEventTypes) X(nvmlEventSetCreate) X(nvmlDeviceRegisterEvents)  \
-    X(nvmlEventSetWait) X(nvmlEventSetWait_v2) X(nvmlEventSetFree)
+    X(nvmlEventSetWait) X(nvmlEventSetWait_v2) X(nvmlEventSetFree)                      \
+    X(nvmlDeviceIsMigDeviceHandle) X(nvmlDeviceSetMigMode) X(nvmlDeviceGetMaxMigDeviceCount) \
+    X(nvmlDeviceGetMigDeviceHandleByIndex) X(nvmlDeviceGetDeviceHandleFromMigDeviceHandle) \
+    X(nvmlDeviceGetGpuInstanceId) X(nvmlDeviceGetComputeInstanceId)                      \
+    X(nvmlDeviceGetGpuInstanceProfileInfo) X(nvmlDeviceGetGpuInstanceProfileInfoV)       \
+    X(nvmlDeviceGetGpuInstancePossiblePlacements_v2)                                     \
+    X(nvmlDeviceGetGpuInstanceRemainingCapacity) X(nvmlDeviceCreateGpuInstance)          \
+    X(nvmlDeviceCreateGpuInstanceWithPlacement) X(nvmlGpuInstanceDestroy)                \
+    X(nvmlDeviceGetGpuInstances) X(nvmlDeviceGetGpuInstanceById) X(nvmlGpuInstanceGetInfo) \
+    X(nvmlGpuInstanceGetComputeInstanceProfileInfo)                                      \
+    X(nvmlGpuInstanceGetComputeInstanceProfileInfoV)                                     \
+    X(nvmlGpuInstanceGetComputeInstanceRemainingCapacity)                                \
+    X(nvmlGpuInstanceCreateComputeInstance)                                              \
+    X(nvmlGpuInstanceCreateComputeInstanceWithPlacement) X(nvmlComputeInstanceDestroy)   \
+    X(nvmlGpuInstanceGetComputeInstances) X(nvmlComputeInstanceGetInfo_v2)              \
+    X(nvmlGpuInstanceGetComputeInstanceById)
 
 #define DECLARE(name) static __typeof__(name) *p_##name;
 NVML_FUNCTIONS(DECLARE)
@@ -197,6 +212,7 @@ int main(int argc, char **argv)
     /* No internal helper leaks out of the library. */
     CHECK(dlsym(lib, "sim_node_load") == NULL);
     CHECK(dlsym(lib, "sim_node_sync") == NULL);
+    CHECK(dlsym(lib, "mig_open") == NULL);
 
     /* ---- before init ---- */
     EXPECT(p_nvmlDeviceGetCount_v2(&u), NVML_ERROR_UNINITIALIZED);

@@ -59,6 +59,19 @@ static struct sim_tl g_tl;                   /* the node's kernel timelines, onc
  * library whose driver predates them does, so a caller's fallback to _v2 can be exercised. */
 static bool g_no_v3;
 
+/* MIG (at the end of this file). */
+static nvmlReturn_t mig_open(struct sim_node *node);
+static void mig_close(void);
+static bool mig_enabled(const struct sim_gpu *gpu);
+static nvmlReturn_t use_mig_device(nvmlDevice_t device, bool args_ok, bool *is_mig,
+                                   struct sim_gpu **gpu, unsigned int *gi, unsigned int *ci);
+static nvmlReturn_t mig_device_uuid(struct sim_gpu *gpu, unsigned int gi, unsigned int ci,
+                                    char *uuid, unsigned int length);
+static nvmlReturn_t mig_device_name(struct sim_gpu *gpu, unsigned int gi, unsigned int ci,
+                                    char *name, unsigned int length);
+static unsigned long long mig_device_memory(struct sim_gpu *gpu, unsigned int gi);
+static void mig_modes(const struct sim_gpu *gpu, unsigned int *current, unsigned int *pending);
+
 static const unsigned long long kind_bits[SIM_EVENT_KIND_COUNT] = {
     [SIM_EVENT_XID] = nvmlEventTypeXidCriticalError,
     [SIM_EVENT_ECC_DBE] = nvmlEventTypeDoubleBitEccError,
@@ -234,6 +247,11 @@ static nvmlReturn_t init_with_flags(unsigned int flags)
         ret = NVML_ERROR_GPU_NOT_FOUND;
     }
     if (ret == NVML_SUCCESS) {
+        ret = mig_open(node);
+        if (ret != NVML_SUCCESS)
+            sim_node_free(node);
+    }
+    if (ret == NVML_SUCCESS) {
         for (i = 0; i < node->gpu_count; i++)
             g_devices[i].index = i;
         g_node = node;
@@ -274,6 +292,7 @@ nvmlReturn_t nvmlShutdown(void)
         free_all_sets();
         sim_state_close(&g_cuda);
         sim_tl_close(&g_tl);
+        mig_close();
         sim_node_free(g_node);
         g_node = NULL;
     }
@@ -511,6 +530,19 @@ nvmlReturn_t nvmlDeviceGetUUID(nvmlDevice_t device, char *uuid, unsigned int len
     nvmlReturn_t ret;
 
     lock();
+    {
+        bool is_mig;
+        unsigned int gi, ci;
+
+        ret = use_mig_device(device, uuid != NULL, &is_mig, &gpu, &gi, &ci);
+        if (is_mig) {
+            if (ret == NVML_SUCCESS) {
+                ret = mig_device_uuid(gpu, gi, ci, uuid, length);
+            }
+            unlock();
+            return ret;
+        }
+    }
     ret = use_device(device, uuid != NULL, &gpu);
     if (ret == NVML_SUCCESS)
         ret = copy_string(uuid, length, gpu->uuid);
@@ -524,6 +556,19 @@ nvmlReturn_t nvmlDeviceGetName(nvmlDevice_t device, char *name, unsigned int len
     nvmlReturn_t ret;
 
     lock();
+    {
+        bool is_mig;
+        unsigned int gi, ci;
+
+        ret = use_mig_device(device, name != NULL, &is_mig, &gpu, &gi, &ci);
+        if (is_mig) {
+            if (ret == NVML_SUCCESS) {
+                ret = mig_device_name(gpu, gi, ci, name, length);
+            }
+            unlock();
+            return ret;
+        }
+    }
     ret = use_device(device, name != NULL, &gpu);
     if (ret == NVML_SUCCESS)
         ret = copy_string(name, length, gpu->name);
@@ -541,6 +586,22 @@ nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t device, nvmlMemory_t *memory)
     nvmlReturn_t ret;
 
     lock();
+    {
+        bool is_mig;
+        unsigned int gi, ci;
+
+        ret = use_mig_device(device, memory != NULL, &is_mig, &gpu, &gi, &ci);
+        if (is_mig) {
+            if (ret == NVML_SUCCESS) {
+                (void)ci;
+                memory->total = mig_device_memory(gpu, gi);
+                memory->used = 0;
+                memory->free = memory->total;
+            }
+            unlock();
+            return ret;
+        }
+    }
     ret = use_device(device, memory != NULL, &gpu);
     if (ret == NVML_SUCCESS) {
         unsigned long long used =
@@ -566,6 +627,27 @@ nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t device, nvmlMemory_v2_t *me
     nvmlReturn_t ret;
 
     lock();
+    {
+        bool is_mig;
+        unsigned int gi, ci;
+
+        ret = use_mig_device(device, memory != NULL, &is_mig, &gpu, &gi, &ci);
+        if (is_mig) {
+            if (ret == NVML_SUCCESS) {
+                (void)ci;
+                if (memory->version != nvmlMemory_v2) {
+                    ret = NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
+                } else {
+                    memory->total = mig_device_memory(gpu, gi);
+                    memory->reserved = 0;
+                    memory->used = 0;
+                    memory->free = memory->total;
+                }
+            }
+            unlock();
+            return ret;
+        }
+    }
     ret = use_device(device, memory != NULL, &gpu);
     if (ret == NVML_SUCCESS && memory->version != nvmlMemory_v2)
         ret = NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
@@ -712,7 +794,7 @@ nvmlReturn_t nvmlDeviceGetUtilizationRates(nvmlDevice_t device, nvmlUtilization_
 
     lock();
     ret = use_device(device, utilization != NULL, &gpu);
-    if (ret == NVML_SUCCESS && gpu->mig == SIM_MIG_ENABLED)
+    if (ret == NVML_SUCCESS && mig_enabled(gpu))
         ret = NVML_ERROR_NOT_SUPPORTED;
     if (ret == NVML_SUCCESS) {
         unsigned int measured = timeline_utilization(gpu);
@@ -767,7 +849,7 @@ nvmlReturn_t nvmlDeviceGetProcessUtilization(nvmlDevice_t device,
 
     lock();
     ret = use_device(device, processSamplesCount != NULL, &gpu);
-    if (ret == NVML_SUCCESS && gpu->mig == SIM_MIG_ENABLED)
+    if (ret == NVML_SUCCESS && mig_enabled(gpu))
         ret = NVML_ERROR_NOT_SUPPORTED;
     if (ret == NVML_SUCCESS) {
         list.count = 0;
@@ -839,9 +921,22 @@ static nvmlReturn_t running_processes(nvmlDevice_t device, unsigned int *infoCou
     unsigned int i, n;
 
     lock();
-    if (version == 3 && g_init_count > 0 && g_no_v3)
+    if (version == 3 && g_init_count > 0 && g_no_v3) {
         ret = NVML_ERROR_FUNCTION_NOT_FOUND; /* the entry point of a newer driver */
-    else
+    } else {
+        bool is_mig;
+        unsigned int gi, ci;
+
+        /* A MIG device: the fake libcuda runs nothing inside instances, so none. */
+        ret = use_mig_device(device, infoCount != NULL, &is_mig, &gpu, &gi, &ci);
+        if (is_mig) {
+            if (ret == NVML_SUCCESS)
+                *infoCount = 0;
+            unlock();
+            return ret;
+        }
+    }
+    if (ret == NVML_SUCCESS)
         ret = use_device(device, infoCount != NULL, &gpu);
     if (ret == NVML_SUCCESS) {
         collect_processes(gpu, &list);
@@ -899,14 +994,26 @@ nvmlReturn_t nvmlDeviceGetMigMode(nvmlDevice_t device, unsigned int *currentMode
     nvmlReturn_t ret;
 
     lock();
+    {
+        bool is_mig;
+        unsigned int gi, ci;
+
+        ret = use_mig_device(device, currentMode != NULL && pendingMode != NULL, &is_mig, &gpu, &gi, &ci);
+        if (is_mig) {
+            if (ret == NVML_SUCCESS) {
+                (void)gi;
+                (void)ci;
+                ret = NVML_ERROR_NOT_SUPPORTED; /* MIG mode belongs to the parent GPU */
+            }
+            unlock();
+            return ret;
+        }
+    }
     ret = use_device(device, currentMode != NULL && pendingMode != NULL, &gpu);
     if (ret == NVML_SUCCESS && gpu->mig == SIM_MIG_UNSUPPORTED)
         ret = NVML_ERROR_NOT_SUPPORTED;
     if (ret == NVML_SUCCESS) {
-        unsigned int mode =
-            gpu->mig == SIM_MIG_ENABLED ? NVML_DEVICE_MIG_ENABLE : NVML_DEVICE_MIG_DISABLE;
-        *currentMode = mode;
-        *pendingMode = mode;
+        mig_modes(gpu, currentMode, pendingMode);
     }
     unlock();
     return ret;
@@ -1151,6 +1258,19 @@ nvmlReturn_t nvmlDeviceGetGraphicsRunningProcesses(nvmlDevice_t device, unsigned
 
     (void)infos;
     lock();
+    {
+        bool is_mig;
+        unsigned int gi, ci;
+
+        /* MIG devices of these boards have no graphics engine (unverified answer). */
+        ret = use_mig_device(device, infoCount != NULL, &is_mig, &gpu, &gi, &ci);
+        if (is_mig) {
+            if (ret == NVML_SUCCESS)
+                ret = NVML_ERROR_NOT_SUPPORTED;
+            unlock();
+            return ret;
+        }
+    }
     /* A headless compute GPU runs no graphics clients: always an empty list. */
     ret = use_device(device, infoCount != NULL, &gpu);
     if (ret == NVML_SUCCESS)
@@ -1272,9 +1392,21 @@ nvmlReturn_t nvmlDeviceGetConfComputeMemSizeInfo(nvmlDevice_t device,
     return device_not_supported(device, memInfo != NULL);
 }
 
-/* A handle from nvmlDeviceGetHandleBy* is a whole GPU, never a MIG device. */
+/* A handle from nvmlDeviceGetHandleBy* is a whole GPU; one from GetMigDeviceHandleByIndex is not. */
 nvmlReturn_t nvmlDeviceIsMigDeviceHandle(nvmlDevice_t device, unsigned int *isMigDevice)
 {
+    struct sim_gpu *gpu;
+    unsigned int gi, ci;
+    bool is_mig;
+    nvmlReturn_t ret;
+
+    lock();
+    ret = use_mig_device(device, isMigDevice != NULL, &is_mig, &gpu, &gi, &ci);
+    if (is_mig && ret == NVML_SUCCESS)
+        *isMigDevice = 1;
+    unlock();
+    if (is_mig)
+        return ret;
     return device_uint(device, isMigDevice, zero);
 }
 
@@ -1437,6 +1569,1384 @@ nvmlReturn_t nvmlDeviceGetTotalEccErrors(nvmlDevice_t device, nvmlMemoryErrorTyp
         for (i = 0; i < g_node->event_count; i++)
             n += g_node->events[i].gpu == index && g_node->events[i].kind == kind;
         *eccCounts = n;
+    }
+    unlock();
+    return ret;
+}
+
+/* ------------------------------------------------------------------------ */
+/* MIG                                                                       */
+/* ------------------------------------------------------------------------ */
+/*
+ * The node's MIG state lives in "<node file>.mig", mapped MAP_SHARED by every NVML process and
+ * changed under flock on that file (taken after g_lock), so a partition made by one process is seen
+ * by all. Profiles and placements per board are in mig_models[] (documented in the README).
+ * GPU instance ids follow the placement tree: 7 slices (start 0, size 8) -> 0, half slots (size 4)
+ * -> 1 + start/4, quarter slots (size 2) -> 3 + start/2, single slots -> 7 + start.
+ */
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#define MIG_SUFFIX ".mig"
+#define MIG_MAGIC "GPUSIMMG"
+#define MIG_GI_IDS 16
+#define MIG_CI_IDS 8
+#define MIG_MAX_DEVICES 7
+
+struct mig_profile {
+    unsigned int index;       /* NVML_GPU_INSTANCE_PROFILE_* */
+    unsigned int id;          /* the driver's profile id (nvidia-smi "Profile ID") */
+    const char *name;         /* without "MIG " */
+    unsigned int slices, count, sms, ce, dec, enc, jpeg, ofa;
+    unsigned long long mib;
+    unsigned int size;        /* placement size in memory slots (8 per GPU) */
+    unsigned int starts;      /* bit s: start s allowed */
+};
+
+struct mig_model {
+    const char *match;        /* substring of the product name */
+    const struct mig_profile *profiles;
+    unsigned int count;
+};
+
+static const struct mig_profile a100_80gb_profiles[] = {
+    {NVML_GPU_INSTANCE_PROFILE_1_SLICE, 19, "1g.10gb", 1, 7, 14, 1, 0, 0, 0, 0, 9728, 1, 0x7f},
+    {NVML_GPU_INSTANCE_PROFILE_1_SLICE_REV1, 20, "1g.10gb+me", 1, 1, 14, 1, 1, 0, 1, 1, 9728, 1, 0x7f},
+    {NVML_GPU_INSTANCE_PROFILE_1_SLICE_REV2, 15, "1g.20gb", 1, 4, 14, 1, 1, 0, 0, 0, 19968, 2, 0x55},
+    {NVML_GPU_INSTANCE_PROFILE_2_SLICE, 14, "2g.20gb", 2, 3, 28, 2, 1, 0, 0, 0, 19968, 2, 0x15},
+    {NVML_GPU_INSTANCE_PROFILE_3_SLICE, 9, "3g.40gb", 3, 2, 42, 3, 2, 0, 0, 0, 40192, 4, 0x11},
+    {NVML_GPU_INSTANCE_PROFILE_4_SLICE, 5, "4g.40gb", 4, 1, 56, 4, 2, 0, 0, 0, 40192, 4, 0x01},
+    {NVML_GPU_INSTANCE_PROFILE_7_SLICE, 0, "7g.80gb", 7, 1, 98, 7, 5, 0, 1, 1, 81152, 8, 0x01},
+};
+
+static const struct mig_profile h100_80gb_profiles[] = {
+    {NVML_GPU_INSTANCE_PROFILE_1_SLICE, 19, "1g.10gb", 1, 7, 16, 1, 1, 0, 1, 0, 9984, 1, 0x7f},
+    {NVML_GPU_INSTANCE_PROFILE_1_SLICE_REV1, 20, "1g.10gb+me", 1, 1, 16, 1, 1, 0, 1, 1, 9984, 1, 0x7f},
+    {NVML_GPU_INSTANCE_PROFILE_1_SLICE_REV2, 15, "1g.20gb", 1, 4, 26, 1, 1, 0, 1, 0, 20224, 2, 0x55},
+    {NVML_GPU_INSTANCE_PROFILE_2_SLICE, 14, "2g.20gb", 2, 3, 32, 2, 2, 0, 2, 0, 20224, 2, 0x15},
+    {NVML_GPU_INSTANCE_PROFILE_3_SLICE, 9, "3g.40gb", 3, 2, 60, 3, 3, 0, 3, 0, 40448, 4, 0x11},
+    {NVML_GPU_INSTANCE_PROFILE_4_SLICE, 5, "4g.40gb", 4, 1, 64, 4, 4, 0, 4, 0, 40448, 4, 0x01},
+    {NVML_GPU_INSTANCE_PROFILE_7_SLICE, 0, "7g.80gb", 7, 1, 132, 8, 7, 0, 7, 1, 80896, 8, 0x01},
+};
+
+/* Memory sizes of the 40GB board are the least certain figures here (see the README). */
+static const struct mig_profile a100_40gb_profiles[] = {
+    {NVML_GPU_INSTANCE_PROFILE_1_SLICE, 19, "1g.5gb", 1, 7, 14, 1, 0, 0, 0, 0, 4864, 1, 0x7f},
+    {NVML_GPU_INSTANCE_PROFILE_1_SLICE_REV1, 20, "1g.5gb+me", 1, 1, 14, 1, 1, 0, 1, 1, 4864, 1, 0x7f},
+    {NVML_GPU_INSTANCE_PROFILE_1_SLICE_REV2, 15, "1g.10gb", 1, 4, 14, 1, 1, 0, 0, 0, 9856, 2, 0x55},
+    {NVML_GPU_INSTANCE_PROFILE_2_SLICE, 14, "2g.10gb", 2, 3, 28, 2, 1, 0, 0, 0, 9856, 2, 0x15},
+    {NVML_GPU_INSTANCE_PROFILE_3_SLICE, 9, "3g.20gb", 3, 2, 42, 3, 2, 0, 0, 0, 19968, 4, 0x11},
+    {NVML_GPU_INSTANCE_PROFILE_4_SLICE, 5, "4g.20gb", 4, 1, 56, 4, 2, 0, 0, 0, 19968, 4, 0x01},
+    {NVML_GPU_INSTANCE_PROFILE_7_SLICE, 0, "7g.40gb", 7, 1, 98, 7, 5, 0, 1, 1, 40192, 8, 0x01},
+};
+
+static const struct mig_model mig_models[] = {
+    {"A100-SXM4-40GB", a100_40gb_profiles, 7},
+    {"A100-PCIE-40GB", a100_40gb_profiles, 7},
+    {"A100-SXM4-80GB", a100_80gb_profiles, 7},
+    {"A100 80GB", a100_80gb_profiles, 7},
+    {"H100 80GB", h100_80gb_profiles, 7},
+    {"H100-SXM5-80GB", h100_80gb_profiles, 7},
+    {"H100 PCIe", h100_80gb_profiles, 7},
+};
+
+struct mig_ci_rec {
+    uint32_t used, profile, start, size; /* profile: CI profile index = id */
+};
+
+struct mig_gi_rec {
+    uint32_t used, profile_id, start, size; /* profile_id: the GI profile's id */
+    struct mig_ci_rec ci[MIG_CI_IDS];
+};
+
+struct mig_gpu_rec {
+    uint32_t current, pending;
+    uint32_t fault_remaining, fault_code;
+    uint64_t fault_line;                 /* the control-log line last adopted */
+    struct mig_gi_rec gi[MIG_GI_IDS];
+};
+
+struct mig_file {
+    char magic[8];
+    uint32_t version, gpu_count;
+    struct mig_gpu_rec gpus[SIM_MAX_GPUS];
+};
+
+struct nvmlGpuInstance_st {
+    unsigned int gpu, id;
+};
+
+struct nvmlComputeInstance_st {
+    unsigned int gpu, gi, id;
+};
+
+static struct mig_file *g_mig;
+static int g_mig_fd = -1;
+static bool g_unprivileged;             /* GPU_SIM_NVML_UNPRIVILEGED=1: NO_PERMISSION */
+static struct nvmlGpuInstance_st g_gi[SIM_MAX_GPUS][MIG_GI_IDS];
+static struct nvmlComputeInstance_st g_ci[SIM_MAX_GPUS][MIG_GI_IDS][MIG_CI_IDS];
+static struct nvmlDevice_st g_migdev[SIM_MAX_GPUS][MIG_GI_IDS][MIG_CI_IDS];
+
+static const struct mig_model *mig_model_of(const struct sim_gpu *gpu)
+{
+    size_t i;
+
+    if (gpu->mig == SIM_MIG_UNSUPPORTED)
+        return NULL;
+    for (i = 0; i < sizeof mig_models / sizeof mig_models[0]; i++) {
+        if (strstr(gpu->name, mig_models[i].match) != NULL)
+            return &mig_models[i];
+    }
+    return NULL;
+}
+
+static const struct mig_profile *profile_by_index(const struct mig_model *m, unsigned int index)
+{
+    unsigned int i;
+
+    for (i = 0; m != NULL && i < m->count; i++)
+        if (m->profiles[i].index == index)
+            return &m->profiles[i];
+    return NULL;
+}
+
+static const struct mig_profile *profile_by_id(const struct mig_model *m, unsigned int id)
+{
+    unsigned int i;
+
+    for (i = 0; m != NULL && i < m->count; i++)
+        if (m->profiles[i].id == id)
+            return &m->profiles[i];
+    return NULL;
+}
+
+static unsigned int gi_id_for(unsigned int start, unsigned int size)
+{
+    switch (size) {
+    case 8: return 0;
+    case 4: return 1 + start / 4;
+    case 2: return 3 + start / 2;
+    default: return 7 + start;
+    }
+}
+
+/* Memory slots (bit per slot) taken by the GPU's instances. */
+static unsigned int slots_used(const struct mig_gpu_rec *r)
+{
+    unsigned int mask = 0, i;
+
+    for (i = 0; i < MIG_GI_IDS; i++)
+        if (r->gi[i].used)
+            mask |= ((1u << r->gi[i].size) - 1) << r->gi[i].start;
+    return mask;
+}
+
+static unsigned int instances_of(const struct mig_gpu_rec *r, unsigned int profile_id)
+{
+    unsigned int n = 0, i;
+
+    for (i = 0; i < MIG_GI_IDS; i++)
+        n += r->gi[i].used && r->gi[i].profile_id == profile_id;
+    return n;
+}
+
+static bool placement_free(const struct mig_gpu_rec *r, const struct mig_profile *p,
+                           unsigned int start)
+{
+    unsigned int want = ((1u << p->size) - 1) << start;
+
+    return (slots_used(r) & want) == 0;
+}
+
+/* Lays out a GI (and, with ci, its full-size CI 0). No checks beyond the arguments. */
+static unsigned int put_gi(struct mig_gpu_rec *r, const struct mig_profile *p, unsigned int start)
+{
+    unsigned int id = gi_id_for(start, p->size);
+
+    memset(&r->gi[id], 0, sizeof r->gi[id]);
+    r->gi[id].used = 1;
+    r->gi[id].profile_id = p->id;
+    r->gi[id].start = start;
+    r->gi[id].size = p->size;
+    return id;
+}
+
+static unsigned int ci_index_for_slices(unsigned int slices)
+{
+    switch (slices) {
+    case 1: return NVML_COMPUTE_INSTANCE_PROFILE_1_SLICE;
+    case 2: return NVML_COMPUTE_INSTANCE_PROFILE_2_SLICE;
+    case 3: return NVML_COMPUTE_INSTANCE_PROFILE_3_SLICE;
+    case 4: return NVML_COMPUTE_INSTANCE_PROFILE_4_SLICE;
+    default: return NVML_COMPUTE_INSTANCE_PROFILE_7_SLICE;
+    }
+}
+
+static unsigned int ci_slices_of(unsigned int index)
+{
+    static const unsigned int slices[] = {1, 2, 3, 4, 7, 8, 6, 1};
+
+    return index < 8 ? slices[index] : 0;
+}
+
+/* A CI profile a GI of `gi_slices` compute slices offers (1c..4c not larger than it, and 7). */
+static bool ci_profile_ok(unsigned int gi_slices, unsigned int index)
+{
+    unsigned int s = ci_slices_of(index);
+
+    if (index > NVML_COMPUTE_INSTANCE_PROFILE_7_SLICE || s > gi_slices)
+        return false;
+    if (gi_slices == 4 && s == 3)
+        return false;
+    if (s == 7 && gi_slices != 7)
+        return false;
+    return true;
+}
+
+static void put_ci(struct mig_gi_rec *g, unsigned int id, unsigned int index, unsigned int start)
+{
+    g->ci[id].used = 1;
+    g->ci[id].profile = index;
+    g->ci[id].start = start;
+    g->ci[id].size = ci_slices_of(index);
+}
+
+struct mig_init_arg {
+    struct sim_node *node;
+};
+
+static bool mig_init(void *map, void *arg)
+{
+    struct mig_file *f = map;
+    struct sim_node *node = ((struct mig_init_arg *)arg)->node;
+    unsigned int g, k;
+
+    for (g = 0; g < node->gpu_count; g++) {
+        struct sim_gpu *gpu = &node->gpus[g];
+        struct mig_gpu_rec *r = &f->gpus[g];
+        const struct mig_model *m = mig_model_of(gpu);
+
+        r->current = r->pending = gpu->mig == SIM_MIG_ENABLED;
+        for (k = 0; k < gpu->mig_initial_count; k++) {
+            char spec[SIM_MIG_SPEC_SIZE], *at, *rest, *end;
+            const struct mig_profile *p = NULL;
+            unsigned long start;
+            unsigned int i, id;
+            bool gi_only = false;
+
+            strcpy(spec, gpu->mig_initial[k]);
+            at = strchr(spec, '@');
+            *at = '\0';
+            start = strtoul(at + 1, &end, 10);
+            rest = end;
+            while (*rest == ' ' || *rest == '\t')
+                rest++;
+            if (strcmp(rest, "gi-only") == 0)
+                gi_only = true;
+            else if (*rest != '\0' || end == at + 1)
+                goto bad;
+            for (i = 0; m != NULL && i < m->count; i++)
+                if (strcmp(m->profiles[i].name, spec) == 0)
+                    p = &m->profiles[i];
+            if (!r->current || p == NULL || start > 7 || !(p->starts & (1u << start)) ||
+                !placement_free(r, p, (unsigned int)start) || instances_of(r, p->id) >= p->count)
+                goto bad;
+            id = put_gi(r, p, (unsigned int)start);
+            if (!gi_only)
+                put_ci(&r->gi[id], 0, ci_index_for_slices(p->slices), 0);
+            continue;
+        bad:
+            fprintf(stderr,
+                    "gpu-sim: %s: GPU %u (%s): mig_instance '%s' cannot be created (MIG mode "
+                    "enabled? a profile of this board? a free, valid placement?)\n",
+                    node->node_path, g, gpu->uuid, gpu->mig_initial[k]);
+            return false;
+        }
+    }
+    memcpy(f->magic, MIG_MAGIC, 8);
+    f->version = 1;
+    __atomic_store_n(&f->gpu_count, node->gpu_count, __ATOMIC_RELEASE);
+    return true;
+}
+
+static bool mig_check(const void *map)
+{
+    const struct mig_file *f = map;
+
+    return memcmp(f->magic, MIG_MAGIC, 8) == 0 && f->version == 1;
+}
+
+/* At init (g_lock held): maps the node's MIG state, creating it from the node file if needed. */
+static nvmlReturn_t mig_open(struct sim_node *node)
+{
+    struct mig_init_arg arg = {node};
+    char path[SIM_PATH_SIZE + 8];
+    void *map;
+    const char *v = getenv("GPU_SIM_NVML_UNPRIVILEGED");
+
+    g_unprivileged = v != NULL && strcmp(v, "1") == 0;
+    if (v != NULL && v[0] != '\0' && strcmp(v, "0") != 0 && strcmp(v, "1") != 0) {
+        fprintf(stderr, "gpu-sim: bad GPU_SIM_NVML_UNPRIVILEGED '%s': expected 0 or 1\n", v);
+        return NVML_ERROR_UNKNOWN;
+    }
+    if (sim_map_node_file(node->node_path, MIG_SUFFIX, sizeof(struct mig_file), true, mig_init,
+                          mig_check, &arg, &map) != 0) {
+        if (errno != EINVAL)
+            fprintf(stderr, "gpu-sim: %s%s: %s\n", node->node_path, MIG_SUFFIX, strerror(errno));
+        return NVML_ERROR_UNKNOWN;
+    }
+    snprintf(path, sizeof path, "%s%s", node->node_path, MIG_SUFFIX);
+    g_mig_fd = open(path, O_RDWR | O_CLOEXEC);
+    if (g_mig_fd < 0) {
+        munmap(map, sizeof(struct mig_file));
+        return NVML_ERROR_UNKNOWN;
+    }
+    g_mig = map;
+    return NVML_SUCCESS;
+}
+
+static void mig_close(void)
+{
+    if (g_mig != NULL)
+        munmap(g_mig, sizeof(struct mig_file));
+    if (g_mig_fd >= 0)
+        close(g_mig_fd);
+    g_mig = NULL;
+    g_mig_fd = -1;
+}
+
+static void mig_lock(void)
+{
+    while (flock(g_mig_fd, LOCK_EX) != 0 && errno == EINTR) {
+    }
+}
+
+static void mig_unlock(void)
+{
+    flock(g_mig_fd, LOCK_UN);
+}
+
+static unsigned int gpu_no(const struct sim_gpu *gpu)
+{
+    return (unsigned int)(gpu - g_node->gpus);
+}
+
+/* Whether any process holds memory on the GPU (node-file processes or CUDA clients). */
+static bool gpu_busy(const struct sim_gpu *gpu)
+{
+    static struct process_list list; /* large; used under the lock only */
+
+    collect_processes(gpu, &list);
+    return list.count > 0;
+}
+
+/* The current MIG mode (lock held, initialised). */
+static bool mig_enabled(const struct sim_gpu *gpu)
+{
+    return gpu->mig != SIM_MIG_UNSUPPORTED &&
+           __atomic_load_n(&g_mig->gpus[gpu_no(gpu)].current, __ATOMIC_ACQUIRE) != 0;
+}
+
+static void mig_modes(const struct sim_gpu *gpu, unsigned int *current, unsigned int *pending)
+{
+    const struct mig_gpu_rec *r = &g_mig->gpus[gpu_no(gpu)];
+
+    *current = __atomic_load_n(&r->current, __ATOMIC_ACQUIRE);
+    *pending = __atomic_load_n(&r->pending, __ATOMIC_ACQUIRE);
+}
+
+/* A MIG device handle's (gpu, gi, ci), or false if it is not one. */
+static bool mig_device_of(nvmlDevice_t device, unsigned int *g, unsigned int *gi, unsigned int *ci)
+{
+    uintptr_t p = (uintptr_t)device, base = (uintptr_t)g_migdev, off;
+
+    if (device == NULL || p < base || p >= base + sizeof g_migdev)
+        return false;
+    off = (p - base) / sizeof(struct nvmlDevice_st);
+    if ((p - base) % sizeof(struct nvmlDevice_st) != 0)
+        return false;
+    *ci = (unsigned int)(off % MIG_CI_IDS);
+    *gi = (unsigned int)(off / MIG_CI_IDS % MIG_GI_IDS);
+    *g = (unsigned int)(off / (MIG_CI_IDS * MIG_GI_IDS));
+    return true;
+}
+
+/*
+ * Preamble for a MIG device handle (lock held): NOT a MIG handle -> *is_mig = false and nothing
+ * else. A MIG handle whose instance no longer exists -> INVALID_ARGUMENT.
+ */
+static nvmlReturn_t use_mig_device(nvmlDevice_t device, bool args_ok, bool *is_mig,
+                                   struct sim_gpu **gpu, unsigned int *gi, unsigned int *ci)
+{
+    unsigned int g;
+
+    *is_mig = false;
+    if (g_init_count == 0 || !mig_device_of(device, &g, gi, ci))
+        return NVML_SUCCESS;
+    *is_mig = true;
+    if (g >= g_node->gpu_count || !args_ok)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    sim_node_sync(g_node);
+    *gpu = &g_node->gpus[g];
+    if (!g_mig->gpus[g].current || !g_mig->gpus[g].gi[*gi].used ||
+        !g_mig->gpus[g].gi[*gi].ci[*ci].used)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    if ((*gpu)->failed)
+        return NVML_ERROR_GPU_IS_LOST;
+    return NVML_SUCCESS;
+}
+
+/* "MIG-" + a UUID derived from (parent UUID, GI id, CI id): stable and unique per instance. */
+static void mig_uuid(const struct sim_gpu *gpu, unsigned int gi, unsigned int ci, char *out)
+{
+    uint64_t h1 = 0xcbf29ce484222325ull, h2 = 0x84222325cbf29ce4ull;
+    char key[SIM_UUID_SIZE + 32];
+    size_t i;
+
+    snprintf(key, sizeof key, "%s/gi%u/ci%u", gpu->uuid, gi, ci);
+    for (i = 0; key[i] != '\0'; i++) {
+        h1 = (h1 ^ (unsigned char)key[i]) * 0x100000001b3ull;
+        h2 = (h2 ^ (unsigned char)key[i]) * 0x100000001b3ull;
+        h2 ^= h2 >> 29;
+    }
+    sprintf(out, "MIG-%08x-%04x-%04x-%04x-%012llx", (unsigned int)(h1 >> 32),
+            (unsigned int)(h1 >> 16) & 0xffff, (unsigned int)(0x5000 | (h1 & 0x0fff)),
+            (unsigned int)(0x8000 | ((h2 >> 48) & 0x3fff)),
+            (unsigned long long)(h2 & 0xffffffffffffull));
+}
+
+static void ci_name(const struct mig_profile *p, unsigned int ci_index, char *out, size_t n)
+{
+    unsigned int s = ci_slices_of(ci_index);
+
+    if (s == p->slices)
+        snprintf(out, n, "%s", p->name);
+    else
+        snprintf(out, n, "%uc.%s", s, p->name);
+}
+
+/* The profile of a live GI (lock held). */
+static const struct mig_profile *gi_profile(const struct sim_gpu *gpu, unsigned int gi)
+{
+    return profile_by_id(mig_model_of(gpu), g_mig->gpus[gpu_no(gpu)].gi[gi].profile_id);
+}
+
+/* Called from the device queries below for MIG device handles (lock held, SUCCESS preamble). */
+static nvmlReturn_t mig_device_uuid(struct sim_gpu *gpu, unsigned int gi, unsigned int ci,
+                                    char *uuid, unsigned int length)
+{
+    char text[SIM_UUID_SIZE];
+
+    mig_uuid(gpu, gi, ci, text);
+    return copy_string(uuid, length, text);
+}
+
+static nvmlReturn_t mig_device_name(struct sim_gpu *gpu, unsigned int gi, unsigned int ci,
+                                    char *name, unsigned int length)
+{
+    char part[64], text[SIM_NAME_SIZE + 80];
+
+    ci_name(gi_profile(gpu, gi), g_mig->gpus[gpu_no(gpu)].gi[gi].ci[ci].profile, part,
+            sizeof part);
+    snprintf(text, sizeof text, "%s MIG %s", gpu->name, part);
+    return copy_string(name, length, text);
+}
+
+static unsigned long long mig_device_memory(struct sim_gpu *gpu, unsigned int gi)
+{
+    return gi_profile(gpu, gi)->mib * SIM_MIB;
+}
+
+/* ---- mode ---- */
+
+nvmlReturn_t nvmlDeviceSetMigMode(nvmlDevice_t device, unsigned int mode,
+                                  nvmlReturn_t *activationStatus)
+{
+    struct sim_gpu *gpu;
+    nvmlReturn_t ret;
+
+    lock();
+    ret = use_device(device,
+                     activationStatus != NULL &&
+                         (mode == NVML_DEVICE_MIG_ENABLE || mode == NVML_DEVICE_MIG_DISABLE),
+                     &gpu);
+    if (ret == NVML_SUCCESS && gpu->mig == SIM_MIG_UNSUPPORTED)
+        ret = NVML_ERROR_NOT_SUPPORTED;
+    if (ret == NVML_SUCCESS && g_unprivileged)
+        ret = NVML_ERROR_NO_PERMISSION;
+    if (ret == NVML_SUCCESS) {
+        struct mig_gpu_rec *r = &g_mig->gpus[gpu_no(gpu)];
+
+        mig_lock();
+        r->pending = mode;
+        *activationStatus = NVML_SUCCESS;
+        if (r->pending != r->current) {
+            /* The change needs the GPU reset, which fails while anything uses the GPU. */
+            bool has_gi = false;
+            unsigned int i;
+
+            for (i = 0; i < MIG_GI_IDS; i++)
+                has_gi = has_gi || r->gi[i].used;
+            if (gpu_busy(gpu) || has_gi)
+                *activationStatus = NVML_ERROR_IN_USE;
+            else
+                __atomic_store_n(&r->current, mode, __ATOMIC_RELEASE);
+        }
+        mig_unlock();
+    }
+    unlock();
+    return ret;
+}
+
+nvmlReturn_t nvmlDeviceGetMaxMigDeviceCount(nvmlDevice_t device, unsigned int *count)
+{
+    struct sim_gpu *gpu;
+    nvmlReturn_t ret;
+
+    lock();
+    ret = use_device(device, count != NULL, &gpu);
+    if (ret == NVML_SUCCESS)
+        *count = mig_enabled(gpu) && mig_model_of(gpu) != NULL ? MIG_MAX_DEVICES : 0;
+    unlock();
+    return ret;
+}
+
+/* MIG devices in (GI id, CI id) order. */
+nvmlReturn_t nvmlDeviceGetMigDeviceHandleByIndex(nvmlDevice_t device, unsigned int index,
+                                                 nvmlDevice_t *migDevice)
+{
+    struct sim_gpu *gpu;
+    nvmlReturn_t ret;
+
+    lock();
+    ret = use_device(device, migDevice != NULL, &gpu);
+    if (ret == NVML_SUCCESS && (!mig_enabled(gpu) || mig_model_of(gpu) == NULL))
+        ret = NVML_ERROR_NOT_SUPPORTED;
+    if (ret == NVML_SUCCESS && index >= MIG_MAX_DEVICES)
+        ret = NVML_ERROR_INVALID_ARGUMENT;
+    if (ret == NVML_SUCCESS) {
+        struct mig_gpu_rec *r = &g_mig->gpus[gpu_no(gpu)];
+        unsigned int gi, ci, n = 0;
+
+        ret = NVML_ERROR_NOT_FOUND;
+        mig_lock();
+        for (gi = 0; gi < MIG_GI_IDS && ret != NVML_SUCCESS; gi++) {
+            for (ci = 0; ci < MIG_CI_IDS && ret != NVML_SUCCESS; ci++) {
+                if (r->gi[gi].used && r->gi[gi].ci[ci].used && n++ == index) {
+                    struct nvmlDevice_st *h = &g_migdev[gpu_no(gpu)][gi][ci];
+                    h->index = gpu_no(gpu);
+                    *migDevice = h;
+                    ret = NVML_SUCCESS;
+                }
+            }
+        }
+        mig_unlock();
+    }
+    unlock();
+    return ret;
+}
+
+nvmlReturn_t nvmlDeviceGetDeviceHandleFromMigDeviceHandle(nvmlDevice_t migDevice,
+                                                          nvmlDevice_t *device)
+{
+    struct sim_gpu *gpu = NULL;
+    unsigned int gi, ci;
+    bool is_mig;
+    nvmlReturn_t ret;
+
+    lock();
+    if (g_init_count == 0) {
+        unlock();
+        return NVML_ERROR_UNINITIALIZED;
+    }
+    ret = use_mig_device(migDevice, device != NULL, &is_mig, &gpu, &gi, &ci);
+    if (!is_mig)
+        ret = NVML_ERROR_INVALID_ARGUMENT;
+    if (ret == NVML_SUCCESS)
+        *device = &g_devices[gpu_no(gpu)];
+    unlock();
+    return ret;
+}
+
+static nvmlReturn_t instance_id(nvmlDevice_t device, unsigned int *id, bool want_ci)
+{
+    struct sim_gpu *gpu = NULL;
+    unsigned int gi, ci;
+    bool is_mig;
+    nvmlReturn_t ret;
+
+    lock();
+    if (g_init_count == 0) {
+        unlock();
+        return NVML_ERROR_UNINITIALIZED;
+    }
+    ret = use_mig_device(device, id != NULL, &is_mig, &gpu, &gi, &ci);
+    if (!is_mig) {
+        ret = use_device(device, id != NULL, &gpu);
+        if (ret == NVML_SUCCESS)
+            ret = NVML_ERROR_NOT_SUPPORTED; /* a whole GPU is in no instance */
+    } else if (ret == NVML_SUCCESS) {
+        *id = want_ci ? ci : gi;
+    }
+    unlock();
+    return ret;
+}
+
+nvmlReturn_t nvmlDeviceGetGpuInstanceId(nvmlDevice_t device, unsigned int *id)
+{
+    return instance_id(device, id, false);
+}
+
+nvmlReturn_t nvmlDeviceGetComputeInstanceId(nvmlDevice_t device, unsigned int *id)
+{
+    return instance_id(device, id, true);
+}
+
+/* ---- GPU instance profiles ---- */
+
+/* Preamble of a MIG management call on a whole GPU (lock held): MIG mode on, a known board. */
+static nvmlReturn_t use_mig_gpu(nvmlDevice_t device, bool args_ok, struct sim_gpu **gpu,
+                                const struct mig_model **model)
+{
+    nvmlReturn_t ret = use_device(device, args_ok, gpu);
+
+    if (ret != NVML_SUCCESS)
+        return ret;
+    *model = mig_model_of(*gpu);
+    if (*model == NULL || !mig_enabled(*gpu))
+        return NVML_ERROR_NOT_SUPPORTED;
+    return NVML_SUCCESS;
+}
+
+static void fill_gi_profile(const struct mig_profile *p, unsigned int *id,
+                            unsigned int *slice_count, unsigned int *instance_count,
+                            unsigned int *sms, unsigned int *ce, unsigned int *dec,
+                            unsigned int *enc, unsigned int *jpeg, unsigned int *ofa,
+                            unsigned long long *mib)
+{
+    *id = p->id;
+    *slice_count = p->slices;
+    *instance_count = p->count;
+    *sms = p->sms;
+    *ce = p->ce;
+    *dec = p->dec;
+    *enc = p->enc;
+    *jpeg = p->jpeg;
+    *ofa = p->ofa;
+    *mib = p->mib;
+}
+
+static nvmlReturn_t gi_profile_lookup(nvmlDevice_t device, unsigned int profile, bool args_ok,
+                                      const struct mig_profile **out)
+{
+    struct sim_gpu *gpu;
+    const struct mig_model *m;
+    nvmlReturn_t ret = use_mig_gpu(device, args_ok && profile < NVML_GPU_INSTANCE_PROFILE_COUNT,
+                                   &gpu, &m);
+
+    if (ret == NVML_SUCCESS && (*out = profile_by_index(m, profile)) == NULL)
+        ret = NVML_ERROR_NOT_SUPPORTED;
+    return ret;
+}
+
+nvmlReturn_t nvmlDeviceGetGpuInstanceProfileInfo(nvmlDevice_t device, unsigned int profile,
+                                                 nvmlGpuInstanceProfileInfo_t *info)
+{
+    const struct mig_profile *p;
+    nvmlReturn_t ret;
+
+    lock();
+    ret = gi_profile_lookup(device, profile, info != NULL, &p);
+    if (ret == NVML_SUCCESS) {
+        memset(info, 0, sizeof *info);
+        fill_gi_profile(p, &info->id, &info->sliceCount, &info->instanceCount,
+                        &info->multiprocessorCount, &info->copyEngineCount, &info->decoderCount,
+                        &info->encoderCount, &info->jpegCount, &info->ofaCount,
+                        &info->memorySizeMB);
+    }
+    unlock();
+    return ret;
+}
+
+/* info->version selects the layout: nvmlGpuInstanceProfileInfo_v2 or _v3. */
+nvmlReturn_t nvmlDeviceGetGpuInstanceProfileInfoV(nvmlDevice_t device, unsigned int profile,
+                                                  nvmlGpuInstanceProfileInfo_v2_t *info)
+{
+    const struct mig_profile *p;
+    nvmlReturn_t ret;
+
+    lock();
+    ret = gi_profile_lookup(device, profile, info != NULL, &p);
+    if (ret == NVML_SUCCESS && info->version != nvmlGpuInstanceProfileInfo_v2 &&
+        info->version != nvmlGpuInstanceProfileInfo_v3)
+        ret = NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
+    if (ret == NVML_SUCCESS && info->version == nvmlGpuInstanceProfileInfo_v2) {
+        memset(info, 0, sizeof *info);
+        info->version = nvmlGpuInstanceProfileInfo_v2;
+        fill_gi_profile(p, &info->id, &info->sliceCount, &info->instanceCount,
+                        &info->multiprocessorCount, &info->copyEngineCount, &info->decoderCount,
+                        &info->encoderCount, &info->jpegCount, &info->ofaCount,
+                        &info->memorySizeMB);
+        snprintf(info->name, sizeof info->name, "MIG %s", p->name);
+    } else if (ret == NVML_SUCCESS) {
+        nvmlGpuInstanceProfileInfo_v3_t *v3 = (nvmlGpuInstanceProfileInfo_v3_t *)info;
+
+        memset(v3, 0, sizeof *v3);
+        v3->version = nvmlGpuInstanceProfileInfo_v3;
+        fill_gi_profile(p, &v3->id, &v3->sliceCount, &v3->instanceCount,
+                        &v3->multiprocessorCount, &v3->copyEngineCount, &v3->decoderCount,
+                        &v3->encoderCount, &v3->jpegCount, &v3->ofaCount, &v3->memorySizeMB);
+        snprintf(v3->name, sizeof v3->name, "MIG %s", p->name);
+        v3->capabilities = 0; /* no P2P, no graphics */
+    }
+    unlock();
+    return ret;
+}
+
+/* The NVML list convention: placements NULL -> *count = how many; else *count is the capacity. */
+nvmlReturn_t nvmlDeviceGetGpuInstancePossiblePlacements_v2(nvmlDevice_t device,
+                                                           unsigned int profileId,
+                                                           nvmlGpuInstancePlacement_t *placements,
+                                                           unsigned int *count)
+{
+    struct sim_gpu *gpu;
+    const struct mig_model *m;
+    const struct mig_profile *p = NULL;
+    nvmlReturn_t ret;
+
+    lock();
+    ret = use_mig_gpu(device, count != NULL, &gpu, &m);
+    if (ret == NVML_SUCCESS && (p = profile_by_id(m, profileId)) == NULL)
+        ret = NVML_ERROR_INVALID_ARGUMENT;
+    if (ret == NVML_SUCCESS) {
+        unsigned int n = (unsigned int)__builtin_popcount(p->starts), s, k = 0;
+
+        if (placements == NULL) {
+            *count = n;
+        } else if (*count < n) {
+            *count = n;
+            ret = NVML_ERROR_INSUFFICIENT_SIZE;
+        } else {
+            for (s = 0; s < 8; s++) {
+                if (p->starts & (1u << s)) {
+                    placements[k].start = s;
+                    placements[k].size = p->size;
+                    k++;
+                }
+            }
+            *count = n;
+        }
+    }
+    unlock();
+    return ret;
+}
+
+/* How many more GIs of the profile fit now: free placements taken greedily, within the count. */
+static unsigned int gi_remaining(const struct mig_gpu_rec *r, const struct mig_profile *p)
+{
+    unsigned int used = slots_used(r), n = 0, s;
+    unsigned int have = instances_of(r, p->id);
+
+    for (s = 0; s < 8; s++) {
+        unsigned int want = ((1u << p->size) - 1) << s;
+        if ((p->starts & (1u << s)) && (used & want) == 0) {
+            used |= want;
+            n++;
+        }
+    }
+    return have >= p->count ? 0 : (n < p->count - have ? n : p->count - have);
+}
+
+nvmlReturn_t nvmlDeviceGetGpuInstanceRemainingCapacity(nvmlDevice_t device, unsigned int profileId,
+                                                       unsigned int *count)
+{
+    struct sim_gpu *gpu;
+    const struct mig_model *m;
+    const struct mig_profile *p = NULL;
+    nvmlReturn_t ret;
+
+    lock();
+    ret = use_mig_gpu(device, count != NULL, &gpu, &m);
+    if (ret == NVML_SUCCESS && (p = profile_by_id(m, profileId)) == NULL)
+        ret = NVML_ERROR_INVALID_ARGUMENT;
+    if (ret == NVML_SUCCESS) {
+        mig_lock();
+        *count = gi_remaining(&g_mig->gpus[gpu_no(gpu)], p);
+        mig_unlock();
+    }
+    unlock();
+    return ret;
+}
+
+/* The fault switch (mig lock held): adopts a newer "mig-fail" line, then consumes one failure. */
+static nvmlReturn_t injected_fault(struct sim_gpu *gpu)
+{
+    struct mig_gpu_rec *r = &g_mig->gpus[gpu_no(gpu)];
+
+    if (gpu->mig_fault_line > r->fault_line) {
+        r->fault_line = gpu->mig_fault_line;
+        r->fault_remaining = gpu->mig_fault_count;
+        r->fault_code = gpu->mig_fault_code;
+    }
+    if (r->fault_remaining == 0)
+        return NVML_SUCCESS;
+    r->fault_remaining--;
+    return (nvmlReturn_t)r->fault_code;
+}
+
+static nvmlReturn_t create_gi(nvmlDevice_t device, unsigned int profileId,
+                              const nvmlGpuInstancePlacement_t *placement, bool with_placement,
+                              nvmlGpuInstance_t *out)
+{
+    struct sim_gpu *gpu;
+    const struct mig_model *m;
+    const struct mig_profile *p = NULL;
+    nvmlReturn_t ret;
+
+    lock();
+    ret = use_mig_gpu(device, out != NULL && (!with_placement || placement != NULL), &gpu, &m);
+    if (ret == NVML_SUCCESS && (p = profile_by_id(m, profileId)) == NULL)
+        ret = NVML_ERROR_INVALID_ARGUMENT;
+    if (ret == NVML_SUCCESS && with_placement &&
+        (placement->start > 7 || !(p->starts & (1u << placement->start)) ||
+         placement->size != p->size))
+        ret = NVML_ERROR_INVALID_ARGUMENT;
+    if (ret == NVML_SUCCESS && g_unprivileged)
+        ret = NVML_ERROR_NO_PERMISSION;
+    if (ret == NVML_SUCCESS) {
+        struct mig_gpu_rec *r = &g_mig->gpus[gpu_no(gpu)];
+        unsigned int start = 8, s, id;
+
+        mig_lock();
+        ret = r->current ? injected_fault(gpu) : NVML_ERROR_NOT_SUPPORTED;
+        if (ret == NVML_SUCCESS && instances_of(r, p->id) >= p->count)
+            ret = NVML_ERROR_INSUFFICIENT_RESOURCES;
+        if (ret == NVML_SUCCESS && with_placement) {
+            if (placement_free(r, p, placement->start))
+                start = placement->start;
+        } else if (ret == NVML_SUCCESS) {
+            /* The driver's choice: the highest free start (leaves low slots to larger ones). */
+            for (s = 8; s-- > 0;) {
+                if ((p->starts & (1u << s)) && placement_free(r, p, s)) {
+                    start = s;
+                    break;
+                }
+            }
+        }
+        if (ret == NVML_SUCCESS && start == 8)
+            ret = NVML_ERROR_INSUFFICIENT_RESOURCES;
+        if (ret == NVML_SUCCESS) {
+            id = put_gi(r, p, start);
+            g_gi[gpu_no(gpu)][id].gpu = gpu_no(gpu);
+            g_gi[gpu_no(gpu)][id].id = id;
+            *out = &g_gi[gpu_no(gpu)][id];
+        }
+        mig_unlock();
+    }
+    unlock();
+    return ret;
+}
+
+nvmlReturn_t nvmlDeviceCreateGpuInstance(nvmlDevice_t device, unsigned int profileId,
+                                         nvmlGpuInstance_t *gpuInstance)
+{
+    return create_gi(device, profileId, NULL, false, gpuInstance);
+}
+
+nvmlReturn_t nvmlDeviceCreateGpuInstanceWithPlacement(nvmlDevice_t device, unsigned int profileId,
+                                                      const nvmlGpuInstancePlacement_t *placement,
+                                                      nvmlGpuInstance_t *gpuInstance)
+{
+    return create_gi(device, profileId, placement, true, gpuInstance);
+}
+
+/* A live GI handle (lock held): INVALID_ARGUMENT for anything else or a destroyed one. */
+static nvmlReturn_t use_gi(nvmlGpuInstance_t h, bool args_ok, struct sim_gpu **gpu,
+                           struct mig_gi_rec **rec)
+{
+    uintptr_t p = (uintptr_t)h, base = (uintptr_t)g_gi;
+
+    if (g_init_count == 0)
+        return NVML_ERROR_UNINITIALIZED;
+    if (h == NULL || p < base || p >= base + sizeof g_gi || (p - base) % sizeof *h != 0 ||
+        h->gpu >= g_node->gpu_count || !args_ok)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    sim_node_sync(g_node);
+    *gpu = &g_node->gpus[h->gpu];
+    *rec = &g_mig->gpus[h->gpu].gi[h->id];
+    if (!g_mig->gpus[h->gpu].current || !(*rec)->used)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    if ((*gpu)->failed)
+        return NVML_ERROR_GPU_IS_LOST;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlGpuInstanceDestroy(nvmlGpuInstance_t gpuInstance)
+{
+    struct sim_gpu *gpu;
+    struct mig_gi_rec *rec;
+    nvmlReturn_t ret;
+
+    lock();
+    ret = use_gi(gpuInstance, true, &gpu, &rec);
+    if (ret == NVML_SUCCESS && g_unprivileged)
+        ret = NVML_ERROR_NO_PERMISSION;
+    if (ret == NVML_SUCCESS) {
+        unsigned int i;
+
+        mig_lock();
+        if (!rec->used)
+            ret = NVML_ERROR_INVALID_ARGUMENT; /* destroyed meanwhile by another process */
+        for (i = 0; i < MIG_CI_IDS; i++)
+            if (rec->ci[i].used)
+                ret = NVML_ERROR_IN_USE; /* its compute instances must go first */
+        if (ret == NVML_SUCCESS && gpu_busy(gpu))
+            ret = NVML_ERROR_IN_USE;
+        if (ret == NVML_SUCCESS)
+            memset(rec, 0, sizeof *rec);
+        mig_unlock();
+    }
+    unlock();
+    return ret;
+}
+
+/* profileId is a GI profile id; gpuInstances must hold the profile's instanceCount. */
+nvmlReturn_t nvmlDeviceGetGpuInstances(nvmlDevice_t device, unsigned int profileId,
+                                       nvmlGpuInstance_t *gpuInstances, unsigned int *count)
+{
+    struct sim_gpu *gpu;
+    const struct mig_model *m;
+    nvmlReturn_t ret;
+
+    lock();
+    ret = use_mig_gpu(device, gpuInstances != NULL && count != NULL, &gpu, &m);
+    if (ret == NVML_SUCCESS && profile_by_id(m, profileId) == NULL)
+        ret = NVML_ERROR_INVALID_ARGUMENT;
+    if (ret == NVML_SUCCESS) {
+        struct mig_gpu_rec *r = &g_mig->gpus[gpu_no(gpu)];
+        unsigned int id, n = 0;
+
+        mig_lock();
+        for (id = 0; id < MIG_GI_IDS; id++) {
+            if (r->gi[id].used && r->gi[id].profile_id == profileId) {
+                g_gi[gpu_no(gpu)][id].gpu = gpu_no(gpu);
+                g_gi[gpu_no(gpu)][id].id = id;
+                gpuInstances[n++] = &g_gi[gpu_no(gpu)][id];
+            }
+        }
+        *count = n;
+        mig_unlock();
+    }
+    unlock();
+    return ret;
+}
+
+nvmlReturn_t nvmlDeviceGetGpuInstanceById(nvmlDevice_t device, unsigned int id,
+                                          nvmlGpuInstance_t *gpuInstance)
+{
+    struct sim_gpu *gpu;
+    const struct mig_model *m;
+    nvmlReturn_t ret;
+
+    lock();
+    ret = use_mig_gpu(device, gpuInstance != NULL, &gpu, &m);
+    if (ret == NVML_SUCCESS) {
+        mig_lock();
+        if (id >= MIG_GI_IDS || !g_mig->gpus[gpu_no(gpu)].gi[id].used) {
+            ret = NVML_ERROR_NOT_FOUND;
+        } else {
+            g_gi[gpu_no(gpu)][id].gpu = gpu_no(gpu);
+            g_gi[gpu_no(gpu)][id].id = id;
+            *gpuInstance = &g_gi[gpu_no(gpu)][id];
+        }
+        mig_unlock();
+    }
+    unlock();
+    return ret;
+}
+
+nvmlReturn_t nvmlGpuInstanceGetInfo(nvmlGpuInstance_t gpuInstance, nvmlGpuInstanceInfo_t *info)
+{
+    struct sim_gpu *gpu;
+    struct mig_gi_rec *rec;
+    nvmlReturn_t ret;
+
+    lock();
+    ret = use_gi(gpuInstance, info != NULL, &gpu, &rec);
+    if (ret == NVML_SUCCESS) {
+        info->device = &g_devices[gpu_no(gpu)];
+        info->id = gpuInstance->id;
+        info->profileId = rec->profile_id;
+        info->placement.start = rec->start;
+        info->placement.size = rec->size;
+    }
+    unlock();
+    return ret;
+}
+
+/* ---- compute instances ---- */
+
+struct ci_profile_values {
+    unsigned int id, slices, count, sms, ce, dec, enc, jpeg, ofa;
+};
+
+static nvmlReturn_t ci_profile_lookup(nvmlGpuInstance_t gpuInstance, unsigned int profile,
+                                      unsigned int engProfile, bool args_ok,
+                                      struct ci_profile_values *v, char *name, size_t name_size)
+{
+    struct sim_gpu *gpu;
+    struct mig_gi_rec *rec;
+    const struct mig_profile *p;
+    nvmlReturn_t ret = use_gi(gpuInstance,
+                              args_ok && profile < NVML_COMPUTE_INSTANCE_PROFILE_COUNT &&
+                                  engProfile < NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_COUNT,
+                              &gpu, &rec);
+
+    if (ret != NVML_SUCCESS)
+        return ret;
+    p = gi_profile(gpu, gpuInstance->id);
+    if (!ci_profile_ok(p->slices, profile))
+        return NVML_ERROR_NOT_SUPPORTED;
+    v->id = profile;
+    v->slices = ci_slices_of(profile);
+    v->count = p->slices / v->slices;
+    v->sms = p->sms / p->slices * v->slices;
+    v->ce = p->ce;
+    v->dec = p->dec;
+    v->enc = p->enc;
+    v->jpeg = p->jpeg;
+    v->ofa = p->ofa;
+    if (name != NULL) {
+        char part[64];
+        ci_name(p, profile, part, sizeof part);
+        snprintf(name, name_size, "MIG %s", part);
+    }
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlGpuInstanceGetComputeInstanceProfileInfo(nvmlGpuInstance_t gpuInstance,
+                                                          unsigned int profile,
+                                                          unsigned int engProfile,
+                                                          nvmlComputeInstanceProfileInfo_t *info)
+{
+    struct ci_profile_values v;
+    nvmlReturn_t ret;
+
+    lock();
+    ret = ci_profile_lookup(gpuInstance, profile, engProfile, info != NULL, &v, NULL, 0);
+    if (ret == NVML_SUCCESS) {
+        info->id = v.id;
+        info->sliceCount = v.slices;
+        info->instanceCount = v.count;
+        info->multiprocessorCount = v.sms;
+        info->sharedCopyEngineCount = v.ce;
+        info->sharedDecoderCount = v.dec;
+        info->sharedEncoderCount = v.enc;
+        info->sharedJpegCount = v.jpeg;
+        info->sharedOfaCount = v.ofa;
+    }
+    unlock();
+    return ret;
+}
+
+/* info->version selects the layout: nvmlComputeInstanceProfileInfo_v2 or _v3. */
+nvmlReturn_t nvmlGpuInstanceGetComputeInstanceProfileInfoV(nvmlGpuInstance_t gpuInstance,
+                                                           unsigned int profile,
+                                                           unsigned int engProfile,
+                                                           nvmlComputeInstanceProfileInfo_v2_t *info)
+{
+    struct ci_profile_values v;
+    char name[96];
+    nvmlReturn_t ret;
+
+    lock();
+    ret = ci_profile_lookup(gpuInstance, profile, engProfile, info != NULL, &v, name, sizeof name);
+    if (ret == NVML_SUCCESS && info->version != nvmlComputeInstanceProfileInfo_v2 &&
+        info->version != nvmlComputeInstanceProfileInfo_v3)
+        ret = NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
+    if (ret == NVML_SUCCESS) {
+        unsigned int version = info->version;
+
+        /* v2 and v3 share every field up to name; v3 adds capabilities. */
+        memset(info, 0, version == nvmlComputeInstanceProfileInfo_v3
+                            ? sizeof(nvmlComputeInstanceProfileInfo_v3_t)
+                            : sizeof *info);
+        info->version = version;
+        info->id = v.id;
+        info->sliceCount = v.slices;
+        info->instanceCount = v.count;
+        info->multiprocessorCount = v.sms;
+        info->sharedCopyEngineCount = v.ce;
+        info->sharedDecoderCount = v.dec;
+        info->sharedEncoderCount = v.enc;
+        info->sharedJpegCount = v.jpeg;
+        info->sharedOfaCount = v.ofa;
+        memcpy(info->name, name, sizeof info->name);
+    }
+    unlock();
+    return ret;
+}
+
+static unsigned int ci_instances_of(const struct mig_gi_rec *rec, unsigned int profile)
+{
+    unsigned int n = 0, i;
+
+    for (i = 0; i < MIG_CI_IDS; i++)
+        n += rec->ci[i].used && rec->ci[i].profile == profile;
+    return n;
+}
+
+static unsigned int ci_slices_used(const struct mig_gi_rec *rec)
+{
+    unsigned int mask = 0, i;
+
+    for (i = 0; i < MIG_CI_IDS; i++)
+        if (rec->ci[i].used)
+            mask |= ((1u << rec->ci[i].size) - 1) << rec->ci[i].start;
+    return mask;
+}
+
+/* Placements of a CI profile inside a GI of gi_slices: starts k * size. */
+static unsigned int ci_remaining(const struct mig_gi_rec *rec, unsigned int gi_slices,
+                                 unsigned int profile, unsigned int *first_start)
+{
+    unsigned int size = ci_slices_of(profile), count = gi_slices / size, used = ci_slices_used(rec);
+    unsigned int k, n = 0;
+
+    *first_start = 8;
+    for (k = 0; k < count; k++) {
+        unsigned int want = ((1u << size) - 1) << (k * size);
+        if ((used & want) == 0) {
+            if (*first_start == 8)
+                *first_start = k * size;
+            used |= want;
+            n++;
+        }
+    }
+    return n;
+}
+
+nvmlReturn_t nvmlGpuInstanceGetComputeInstanceRemainingCapacity(nvmlGpuInstance_t gpuInstance,
+                                                                unsigned int profileId,
+                                                                unsigned int *count)
+{
+    struct ci_profile_values v;
+    nvmlReturn_t ret;
+
+    lock();
+    ret = ci_profile_lookup(gpuInstance, profileId, 0, count != NULL, &v, NULL, 0);
+    if (ret == NVML_SUCCESS) {
+        unsigned int first;
+        mig_lock();
+        *count = ci_remaining(&g_mig->gpus[gpuInstance->gpu].gi[gpuInstance->id],
+                              gi_profile(&g_node->gpus[gpuInstance->gpu], gpuInstance->id)->slices,
+                              profileId, &first);
+        mig_unlock();
+    }
+    unlock();
+    return ret;
+}
+
+static nvmlReturn_t create_ci(nvmlGpuInstance_t gpuInstance, unsigned int profileId,
+                              const nvmlComputeInstancePlacement_t *placement,
+                              nvmlComputeInstance_t *out)
+{
+    struct ci_profile_values v;
+    nvmlReturn_t ret;
+
+    lock();
+    ret = ci_profile_lookup(gpuInstance, profileId, 0, out != NULL, &v, NULL, 0);
+    if (ret == NVML_ERROR_NOT_SUPPORTED)
+        ret = NVML_ERROR_INVALID_ARGUMENT; /* not a profile this GI offers */
+    if (ret == NVML_SUCCESS && placement != NULL &&
+        (placement->size != v.slices || placement->start % v.slices != 0 ||
+         placement->start / v.slices >= v.count))
+        ret = NVML_ERROR_INVALID_ARGUMENT;
+    if (ret == NVML_SUCCESS && g_unprivileged)
+        ret = NVML_ERROR_NO_PERMISSION;
+    if (ret == NVML_SUCCESS) {
+        struct sim_gpu *gpu = &g_node->gpus[gpuInstance->gpu];
+        struct mig_gi_rec *rec = &g_mig->gpus[gpuInstance->gpu].gi[gpuInstance->id];
+        const struct mig_profile *p = gi_profile(gpu, gpuInstance->id);
+        unsigned int start = 8, id;
+
+        mig_lock();
+        /* Another process may have destroyed the GI since use_gi looked. */
+        ret = rec->used ? injected_fault(gpu) : NVML_ERROR_INVALID_ARGUMENT;
+        if (ret == NVML_SUCCESS) {
+            if (placement != NULL) {
+                unsigned int want = ((1u << v.slices) - 1) << placement->start;
+                if ((ci_slices_used(rec) & want) == 0)
+                    start = placement->start;
+            } else {
+                ci_remaining(rec, p->slices, profileId, &start);
+            }
+            if (start == 8 || ci_instances_of(rec, profileId) >= v.count)
+                ret = NVML_ERROR_INSUFFICIENT_RESOURCES;
+        }
+        if (ret == NVML_SUCCESS) {
+            for (id = 0; id < MIG_CI_IDS && rec->ci[id].used; id++) {
+            }
+            put_ci(rec, id, profileId, start);
+            g_ci[gpuInstance->gpu][gpuInstance->id][id].gpu = gpuInstance->gpu;
+            g_ci[gpuInstance->gpu][gpuInstance->id][id].gi = gpuInstance->id;
+            g_ci[gpuInstance->gpu][gpuInstance->id][id].id = id;
+            *out = &g_ci[gpuInstance->gpu][gpuInstance->id][id];
+        }
+        mig_unlock();
+    }
+    unlock();
+    return ret;
+}
+
+nvmlReturn_t nvmlGpuInstanceCreateComputeInstance(nvmlGpuInstance_t gpuInstance,
+                                                  unsigned int profileId,
+                                                  nvmlComputeInstance_t *computeInstance)
+{
+    return create_ci(gpuInstance, profileId, NULL, computeInstance);
+}
+
+nvmlReturn_t nvmlGpuInstanceCreateComputeInstanceWithPlacement(
+    nvmlGpuInstance_t gpuInstance, unsigned int profileId,
+    const nvmlComputeInstancePlacement_t *placement, nvmlComputeInstance_t *computeInstance)
+{
+    if (placement == NULL) {
+        nvmlReturn_t ret;
+        lock();
+        ret = g_init_count == 0 ? NVML_ERROR_UNINITIALIZED : NVML_ERROR_INVALID_ARGUMENT;
+        unlock();
+        return ret;
+    }
+    return create_ci(gpuInstance, profileId, placement, computeInstance);
+}
+
+static nvmlReturn_t use_ci(nvmlComputeInstance_t h, bool args_ok, struct sim_gpu **gpu,
+                           struct mig_ci_rec **rec)
+{
+    uintptr_t p = (uintptr_t)h, base = (uintptr_t)g_ci;
+    struct mig_gpu_rec *r;
+
+    if (g_init_count == 0)
+        return NVML_ERROR_UNINITIALIZED;
+    if (h == NULL || p < base || p >= base + sizeof g_ci || (p - base) % sizeof *h != 0 ||
+        h->gpu >= g_node->gpu_count || !args_ok)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    sim_node_sync(g_node);
+    *gpu = &g_node->gpus[h->gpu];
+    r = &g_mig->gpus[h->gpu];
+    *rec = &r->gi[h->gi].ci[h->id];
+    if (!r->current || !r->gi[h->gi].used || !(*rec)->used)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    if ((*gpu)->failed)
+        return NVML_ERROR_GPU_IS_LOST;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlComputeInstanceDestroy(nvmlComputeInstance_t computeInstance)
+{
+    struct sim_gpu *gpu;
+    struct mig_ci_rec *rec;
+    nvmlReturn_t ret;
+
+    lock();
+    ret = use_ci(computeInstance, true, &gpu, &rec);
+    if (ret == NVML_SUCCESS && g_unprivileged)
+        ret = NVML_ERROR_NO_PERMISSION;
+    if (ret == NVML_SUCCESS) {
+        mig_lock();
+        if (!rec->used)
+            ret = NVML_ERROR_INVALID_ARGUMENT; /* destroyed meanwhile by another process */
+        else if (gpu_busy(gpu))
+            ret = NVML_ERROR_IN_USE;
+        else
+            memset(rec, 0, sizeof *rec);
+        mig_unlock();
+    }
+    unlock();
+    return ret;
+}
+
+nvmlReturn_t nvmlGpuInstanceGetComputeInstances(nvmlGpuInstance_t gpuInstance,
+                                                unsigned int profileId,
+                                                nvmlComputeInstance_t *computeInstances,
+                                                unsigned int *count)
+{
+    struct sim_gpu *gpu;
+    struct mig_gi_rec *rec;
+    nvmlReturn_t ret;
+
+    lock();
+    ret = use_gi(gpuInstance, computeInstances != NULL && count != NULL &&
+                                  profileId < NVML_COMPUTE_INSTANCE_PROFILE_COUNT,
+                 &gpu, &rec);
+    if (ret == NVML_SUCCESS) {
+        unsigned int id, n = 0, g = gpuInstance->gpu, gi = gpuInstance->id;
+
+        mig_lock();
+        for (id = 0; id < MIG_CI_IDS; id++) {
+            if (rec->ci[id].used && rec->ci[id].profile == profileId) {
+                g_ci[g][gi][id].gpu = g;
+                g_ci[g][gi][id].gi = gi;
+                g_ci[g][gi][id].id = id;
+                computeInstances[n++] = &g_ci[g][gi][id];
+            }
+        }
+        *count = n;
+        mig_unlock();
+    }
+    unlock();
+    return ret;
+}
+
+nvmlReturn_t nvmlComputeInstanceGetInfo_v2(nvmlComputeInstance_t computeInstance,
+                                           nvmlComputeInstanceInfo_t *info)
+{
+    struct sim_gpu *gpu;
+    struct mig_ci_rec *rec;
+    nvmlReturn_t ret;
+
+    lock();
+    ret = use_ci(computeInstance, info != NULL, &gpu, &rec);
+    if (ret == NVML_SUCCESS) {
+        unsigned int g = computeInstance->gpu, gi = computeInstance->gi;
+
+        g_gi[g][gi].gpu = g;
+        g_gi[g][gi].id = gi;
+        info->device = &g_devices[g];
+        info->gpuInstance = &g_gi[g][gi];
+        info->id = computeInstance->id;
+        info->profileId = rec->profile;
+        info->placement.start = rec->start;
+        info->placement.size = rec->size;
+    }
+    unlock();
+    return ret;
+}
+
+nvmlReturn_t nvmlGpuInstanceGetComputeInstanceById(nvmlGpuInstance_t gpuInstance, unsigned int id,
+                                                   nvmlComputeInstance_t *computeInstance)
+{
+    struct sim_gpu *gpu;
+    struct mig_gi_rec *rec;
+    nvmlReturn_t ret;
+
+    lock();
+    ret = use_gi(gpuInstance, computeInstance != NULL, &gpu, &rec);
+    if (ret == NVML_SUCCESS) {
+        unsigned int g = gpuInstance->gpu, gi = gpuInstance->id;
+
+        mig_lock();
+        if (id >= MIG_CI_IDS || !rec->ci[id].used) {
+            ret = NVML_ERROR_NOT_FOUND;
+        } else {
+            g_ci[g][gi][id].gpu = g;
+            g_ci[g][gi][id].gi = gi;
+            g_ci[g][gi][id].id = id;
+            *computeInstance = &g_ci[g][gi][id];
+        }
+        mig_unlock();
     }
     unlock();
     return ret;

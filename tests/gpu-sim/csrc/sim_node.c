@@ -280,6 +280,7 @@ enum gpu_key {
     K_UTILIZATION_GPU,
     K_UTILIZATION_MEMORY,
     K_PROCESS,
+    K_MIG_INSTANCE,
     K_COUNT
 };
 
@@ -300,6 +301,7 @@ static const char *const gpu_keys[K_COUNT] = {
     "utilization_gpu",
     "utilization_memory",
     "process",
+    "mig_instance",
 };
 
 struct parser {
@@ -426,7 +428,7 @@ static bool set_gpu_key(struct parser *p, const char *key, char *value)
         sim_report(p->path, p->line, "unknown key '%s' in [gpu] section", key);
         return false;
     }
-    if (k != K_PROCESS && p->key_line[k] != 0) {
+    if (k != K_PROCESS && k != K_MIG_INSTANCE && p->key_line[k] != 0) {
         sim_report(p->path, p->line, "duplicate key '%s' (first set on line %lu)", key,
                    p->key_line[k]);
         return false;
@@ -548,6 +550,17 @@ static bool set_gpu_key(struct parser *p, const char *key, char *value)
         gpu->process_count++;
         return true;
     }
+    case K_MIG_INSTANCE:
+        /* Checked against the GPU's profile table when the MIG state file is created. */
+        if (gpu->mig_initial_count == SIM_MIG_MAX_INITIAL) {
+            sim_report(p->path, p->line, "too many 'mig_instance' keys (at most %d per GPU)",
+                       SIM_MIG_MAX_INITIAL);
+            return false;
+        }
+        if (strlen(value) >= SIM_MIG_SPEC_SIZE || strchr(value, '@') == NULL)
+            return bad_value(p, key, value, "'<profile>@<start>' or '<profile>@<start> gi-only'");
+        strcpy(gpu->mig_initial[gpu->mig_initial_count++], value);
+        return true;
     case K_COUNT:
         break;
     }
@@ -765,6 +778,20 @@ static void apply_control_line(struct sim_node *node, char *raw)
         return;
     }
 
+    if (strcmp(command, "mig-fail") == 0) {
+        unsigned long long count = 0;
+        if (arg == NULL || extra == NULL || strtok_r(NULL, " \t\r", &save) != NULL ||
+            !parse_decimal(arg, 1000000, &count) || !parse_decimal(extra, 999, &code) ||
+            code == 0) {
+            sim_report(path, line,
+                       "expected 'mig-fail <uuid> <count> <nvml error code>'; line ignored");
+            return;
+        }
+        node->gpus[gpu].mig_fault_line = line;
+        node->gpus[gpu].mig_fault_count = (unsigned int)count;
+        node->gpus[gpu].mig_fault_code = (unsigned int)code;
+        return;
+    }
     if (strcmp(command, "xid") == 0) {
         if (arg == NULL || extra != NULL || !parse_decimal(arg, ULLONG_MAX, &code)) {
             sim_report(path, line, "expected 'xid <uuid> <decimal code>'; line ignored");
@@ -788,7 +815,8 @@ static void apply_control_line(struct sim_node *node, char *raw)
         push_event(node, (unsigned int)gpu, SIM_EVENT_ECC_SBE, 0);
     else
         sim_report(path, line,
-                   "unknown command '%s' (expected xid, fail, recover, ecc-dbe or ecc-sbe); "
+                   "unknown command '%s' (expected xid, fail, recover, ecc-dbe, ecc-sbe or "
+                   "mig-fail); "
                    "line ignored",
                    command);
 }

@@ -32,6 +32,8 @@
 #define SIM_NAME_SIZE 96     /* NVML_DEVICE_NAME_V2_BUFFER_SIZE */
 #define SIM_VERSION_SIZE 80  /* NVML_SYSTEM_DRIVER_VERSION_BUFFER_SIZE */
 #define SIM_PATH_SIZE 4096
+#define SIM_MIG_MAX_INITIAL 8     /* mig_instance keys per GPU */
+#define SIM_MIG_SPEC_SIZE 48      /* "<profile name>@<start>[ gi-only]" */
 
 #define SIM_MIB (1024ULL * 1024ULL)
 /* Device memory a CUDA context costs unless the node file says otherwise. */
@@ -42,7 +44,7 @@
 enum sim_mig {
     SIM_MIG_UNSUPPORTED = 0, /* the GPU is not MIG-capable */
     SIM_MIG_DISABLED,        /* MIG-capable, MIG mode off */
-    SIM_MIG_ENABLED,         /* MIG mode on (no instances are modelled) */
+    SIM_MIG_ENABLED,         /* MIG mode on */
 };
 
 /* Kinds of event the control log can inject. */
@@ -73,12 +75,20 @@ struct sim_gpu {
     bool events;                              /* supports event notification at all */
     bool ecc;                                 /* ECC enabled: ECC events can be registered */
     enum sim_mig mig;
+    /* Initial MIG layout (applied when the node's MIG state file is created), as written. */
+    unsigned int mig_initial_count;
+    char mig_initial[SIM_MIG_MAX_INITIAL][SIM_MIG_SPEC_SIZE];
     unsigned int utilization_gpu, utilization_memory;
     unsigned int process_count;
     struct sim_process processes[SIM_MAX_PROCESSES];
 
     /* ---- dynamic, from the control log ---- */
     bool failed;                              /* fallen off the bus */
+    /* The last "mig-fail" line for this GPU (0: none): its line number, count and NVML code.
+     * The node's MIG state file records which line was adopted, so each line arms once. */
+    unsigned long mig_fault_line;
+    unsigned int mig_fault_count;
+    unsigned int mig_fault_code;
 };
 
 struct sim_event {

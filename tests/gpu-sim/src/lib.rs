@@ -311,8 +311,13 @@ pub struct GpuSpec {
     pub events: bool,
     /// ECC enabled; `false` removes the ECC event types from the supported ones.
     pub ecc: bool,
-    /// MIG capability and mode.
+    /// MIG capability and mode (current = pending at start).
     pub mig: Mig,
+    /// Initial MIG layout, one `mig_instance` node-file line each: `<profile>@<start>` (a GPU
+    /// instance of that profile name at that placement start, with one compute instance spanning
+    /// it, as `nvidia-smi mig -cgi <profile> -C` makes) or `<profile>@<start> gi-only`. Needs
+    /// `mig: Mig::Enabled` and a profile of this board (e.g. `3g.40gb@4` on an A100 80GB).
+    pub mig_instances: Vec<String>,
     /// `nvmlDeviceGetUtilizationRates().gpu`, percent.
     pub utilization_gpu: u32,
     /// `nvmlDeviceGetUtilizationRates().memory`, percent.
@@ -345,6 +350,7 @@ impl GpuSpec {
             events: true,
             ecc: true,
             mig: Mig::Unsupported,
+            mig_instances: Vec::new(),
             utilization_gpu: 0,
             utilization_memory: 0,
             processes: Vec::new(),
@@ -466,7 +472,13 @@ impl GpuSpec {
         self
     }
 
-    /// Sets MIG capability and mode.
+    /// Adds a `mig_instance` line (see [`GpuSpec::mig_instances`]).
+    pub fn with_mig_instance(mut self, spec: &str) -> Self {
+        self.mig_instances.push(spec.to_owned());
+        self
+    }
+
+    /// Sets the MIG capability and mode.
     pub fn with_mig(mut self, mig: Mig) -> Self {
         self.mig = mig;
         self
@@ -530,6 +542,9 @@ impl GpuSpec {
         kv("events", &self.events)?;
         kv("ecc", &self.ecc)?;
         kv("mig", &self.mig.as_str())?;
+        for spec in &self.mig_instances {
+            kv("mig_instance", spec)?;
+        }
         kv("utilization_gpu", &self.utilization_gpu)?;
         kv("utilization_memory", &self.utilization_memory)?;
         for p in &self.processes {
@@ -635,6 +650,20 @@ impl ControlLog {
     /// `recover <uuid>`: the GPU answers again.
     pub fn recover_gpu(&self, uuid: &str) -> io::Result<()> {
         self.append(&format!("recover {}", checked_uuid(uuid)?))
+    }
+
+    /// `mig-fail <uuid> <count> <code>`: the next `count` GPU- or compute-instance creations on
+    /// that GPU, by any process, fail with NVML error `code` (e.g. 23,
+    /// `NVML_ERROR_INSUFFICIENT_RESOURCES`) and create nothing. A later line replaces an earlier
+    /// one; `count` 0 disarms.
+    pub fn fail_mig_creations(&self, uuid: &str, count: u32, code: u32) -> io::Result<()> {
+        if code == 0 || code > 999 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("not an NVML error code: {code}"),
+            ));
+        }
+        self.append(&format!("mig-fail {} {count} {code}", checked_uuid(uuid)?))
     }
 }
 
@@ -867,6 +896,19 @@ impl SimNode {
     /// See [`ControlLog::recover_gpu`].
     pub fn recover_gpu(&self, uuid: &str) -> io::Result<()> {
         self.control.recover_gpu(uuid)
+    }
+
+    /// See [`ControlLog::fail_mig_creations`].
+    pub fn fail_mig_creations(&self, uuid: &str, count: u32, code: u32) -> io::Result<()> {
+        self.control.fail_mig_creations(uuid, count, code)
+    }
+
+    /// `<node file>.mig`: the node's MIG modes and instances, shared by every NVML process
+    /// (created by the first `nvmlInit*` from the node file's `mig` and `mig_instance` keys).
+    pub fn mig_state_file(&self) -> PathBuf {
+        let mut path = self.node_file().as_os_str().to_owned();
+        path.push(".mig");
+        PathBuf::from(path)
     }
 }
 
