@@ -29,6 +29,7 @@ use crate::container::response::LimiterSettings;
 use crate::error::error_chain;
 use crate::gpu::health::{XidPolicy, spawn_monitor};
 use crate::gpu::inventory::Inventory;
+use crate::gpu::mig::{MigControl, NvmlMig, RepartitionHold};
 use crate::gpu::prepare::{PrepareError, Prepared, prepare};
 use crate::handoff::allocator::Allocator;
 use crate::handoff::decision::HandoffSettings;
@@ -40,6 +41,7 @@ use crate::monitor::backstop::{self, BackstopView, NvmlSource};
 use crate::monitor::events::Reporting;
 use crate::monitor::metrics::NodeSnapshot;
 use crate::monitor::{cache_cleanup, feedback, pid_broker};
+use crate::volcano::node_register::OperatingMode;
 pub use supervisor::Panicked;
 use supervisor::{OnEnd, Supervisor};
 
@@ -360,6 +362,14 @@ async fn start(
     // it has stopped, within one event-wait slice.
     let health_stop = CancellationToken::new();
     let stop_health_after_endpoints = health_stop.clone().drop_guard();
+    // MIG mode: the hand-off repartitions GPUs through NVML; the health monitor ignores what a repartition does
+    // to its GPU while it runs (and shortly after).
+    let repartitions = Arc::new(RepartitionHold::default());
+    let mig: Option<Arc<dyn MigControl>> =
+        (volcano.operating_mode == OperatingMode::Mig).then(|| {
+            Arc::new(NvmlMig::new(Arc::clone(&nvml), Arc::clone(&repartitions)))
+                as Arc<dyn MigControl>
+        });
     let monitor = spawn_monitor(
         Arc::clone(&nvml),
         Arc::clone(&inventory),
@@ -367,6 +377,7 @@ async fn start(
         policy,
         health_tx,
         health_stop,
+        Arc::clone(&repartitions),
     )
     .map_err(AgentError::HealthThread)?;
     tasks.adopt_thread("gpu-health", monitor);
@@ -451,9 +462,11 @@ async fn start(
             ),
             None => return Ok(()),
         }
-        allocator = Some(hand_off(
-            &config, clients, node, pods, &volcano, &inventory, &metrics,
-        ));
+        let hand_off = hand_off(&config, clients, node, pods, &volcano, &inventory, &metrics);
+        allocator = Some(Arc::new(match mig {
+            Some(control) => hand_off.with_mig(control),
+            None => hand_off,
+        }));
     }
 
     // The memory backstop: NVML's view of every container's GPU memory against its recorded cap.
@@ -512,7 +525,7 @@ fn hand_off(
     volcano: &Arc<VolcanoConfig>,
     inventory: &Arc<Inventory>,
     metrics: &Arc<AgentMetrics>,
-) -> Arc<Allocator> {
+) -> Allocator {
     let features = config.container_features;
     let limiter = LimiterSettings {
         memory_factor: volcano.sharing.memory_factor,
@@ -536,12 +549,12 @@ fn hand_off(
         cache_root: config.cache_root(),
         bounds: clients.bounds,
     };
-    Arc::new(Allocator::new(
+    Allocator::new(
         clients.requests.clone(),
         node,
         pods,
         settings,
         Arc::clone(inventory),
         Arc::clone(metrics),
-    ))
+    )
 }

@@ -113,7 +113,7 @@ pub struct VolcanoConfig {
     pub memory_scaling: f64,
     /// `disableCoreLimit`: containers get `GPU_CORE_UTILIZATION_POLICY=disable`.
     pub disable_core_limit: bool,
-    /// `operatingmode`: `hami-core` (the only one served today; `mig` is refused at start) or `mig`.
+    /// `operatingmode`: `hami-core` (the default) or `mig` (Allocate repartitions GPUs through NVML, `gpu::mig`).
     pub operating_mode: OperatingMode,
     /// `knownMigGeometries`: the MIG partitions per GPU model, the Go plugin's shipped list when absent.
     pub mig_geometries: Vec<MigModelGeometries>,

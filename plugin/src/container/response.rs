@@ -244,6 +244,40 @@ pub fn container_answer(settings: &LimiterSettings, handoff: &Handoff<'_>) -> Co
     answer
 }
 
+/// The answer for a container handed MIG devices (`operatingmode: mig`), as the Go plugin gives it ([P]
+/// `server.go:390-410`): `NVIDIA_VISIBLE_DEVICES` with the MIG UUIDs and nothing else: no HAMi-core limit envs,
+/// no `libvgpu.so`, cache directory or `ld.so.preload` mounts (a MIG device is isolated by the hardware).
+///
+/// Under a CDI strategy the devices are named `nvidia.com/gpu=<MIG UUID>` (the name `nvidia-ctk cdi generate
+/// --device-name-strategy=uuid` gives a MIG device; the node's CDI spec must be regenerated after a
+/// repartition, since MIG UUIDs change) and `NVIDIA_VISIBLE_DEVICES` is `void` when CDI is the only strategy.
+/// No device nodes are passed: the NVIDIA runtime or the CDI spec adds the MIG device's `nvidia-caps` nodes.
+pub fn mig_answer(settings: &LimiterSettings, mig_uuids: &[String]) -> ContainerAnswer {
+    let strategies = &settings.delivery.strategies;
+    let mut answer = ContainerAnswer::default();
+    let visible = if strategies.cdi_only() {
+        "void".to_owned()
+    } else {
+        mig_uuids.join(",")
+    };
+    answer
+        .envs
+        .insert("NVIDIA_VISIBLE_DEVICES".to_owned(), visible);
+    if strategies.any_cdi() {
+        let names: Vec<String> = mig_uuids.iter().map(|u| cdi::qualified(u)).collect();
+        if strategies.includes(DeviceListStrategy::CdiAnnotations) {
+            answer.annotations.insert(
+                cdi::annotation_key(&settings.delivery.cdi_annotation_prefix),
+                names.join(","),
+            );
+        }
+        if strategies.includes(DeviceListStrategy::CdiCri) {
+            answer.cdi_devices = names;
+        }
+    }
+    answer
+}
+
 fn mount(container_path: &str, host_path: &Path, read_only: bool) -> ContainerMount {
     ContainerMount {
         container_path: container_path.to_owned(),
@@ -578,5 +612,43 @@ mod tests {
         assert_ne!(a, b);
         let stem = a.strip_suffix(".cache").unwrap();
         assert_eq!(uuid::Uuid::parse_str(stem).unwrap().get_version_num(), 4);
+    }
+
+    #[test]
+    fn a_mig_answer_is_the_mig_uuids_only() {
+        let settings = LimiterSettings {
+            memory_factor: 10,
+            disable_core_limit: true,
+            ..LimiterSettings::default()
+        };
+        let uuids = ["MIG-1".to_owned(), "MIG-2".to_owned()];
+        let answer = mig_answer(&settings, &uuids);
+        let expected: BTreeMap<String, String> = [(
+            "NVIDIA_VISIBLE_DEVICES".to_owned(),
+            "MIG-1,MIG-2".to_owned(),
+        )]
+        .into();
+        assert_eq!(answer.envs, expected);
+        assert!(answer.mounts.is_empty() && answer.devices.is_empty());
+        assert!(answer.cdi_devices.is_empty() && answer.annotations.is_empty());
+    }
+
+    #[test]
+    fn a_mig_answer_under_cdi_names_the_mig_devices_and_no_preload_device() {
+        let mut settings = LimiterSettings::default();
+        settings.delivery.strategies =
+            crate::config::parse_device_list_strategies("cdi-cri").unwrap();
+        let answer = mig_answer(&settings, &["MIG-1".to_owned()]);
+        assert_eq!(answer.envs["NVIDIA_VISIBLE_DEVICES"], "void");
+        assert_eq!(answer.cdi_devices, [cdi::qualified("MIG-1")]);
+        assert!(answer.mounts.is_empty());
+        settings.delivery.strategies =
+            crate::config::parse_device_list_strategies("envvar,cdi-annotations").unwrap();
+        let answer = mig_answer(&settings, &["MIG-1".to_owned()]);
+        assert_eq!(answer.envs["NVIDIA_VISIBLE_DEVICES"], "MIG-1");
+        assert_eq!(
+            answer.annotations.values().collect::<Vec<_>>(),
+            [&cdi::qualified("MIG-1")]
+        );
     }
 }

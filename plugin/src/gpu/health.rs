@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::HealthSettings;
 use crate::gpu::inventory::Inventory;
+use crate::gpu::mig::RepartitionHold;
 
 /// XIDs that are the application's fault, not the GPU's (NVIDIA's device plugin ignores the same set).
 pub const DEFAULT_IGNORED_XIDS: [u64; 6] = [13, 31, 43, 45, 68, 109];
@@ -165,11 +166,13 @@ pub fn spawn_monitor(
     policy: XidPolicy,
     health: watch::Sender<Vec<bool>>,
     stop: CancellationToken,
+    repartitions: Arc<RepartitionHold>,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("gpu-health".into())
         .spawn(move || {
-            let monitor = Monitor::new(&nvml, &inventory, &settings, &policy, &health);
+            let mut monitor = Monitor::new(&nvml, &inventory, &settings, &policy, &health);
+            monitor.repartitions = repartitions;
             monitor.run(&stop);
         })
 }
@@ -190,6 +193,8 @@ struct Monitor<'a> {
     events: Option<EventSet<'a>>,
     /// Whether the last event wait failed, so a persisting failure is logged once, not every slice.
     wait_failing: bool,
+    /// GPUs being repartitioned (MIG mode): their XIDs and failed probes are not counted meanwhile.
+    repartitions: Arc<RepartitionHold>,
 }
 
 impl<'a> Monitor<'a> {
@@ -227,6 +232,7 @@ impl<'a> Monitor<'a> {
             lost: vec![false; gpus],
             events: None,
             wait_failing: false,
+            repartitions: Arc::default(),
         };
         monitor.rebuild_events();
         monitor
@@ -276,6 +282,12 @@ impl<'a> Monitor<'a> {
             return;
         }
         let now = Instant::now();
+        if let Some(g) = gpu
+            && self.repartitions.is_held(&self.inventory.gpus[g].uuid, now)
+        {
+            tracing::info!(xid, uuid = %self.inventory.gpus[g].uuid, "XID during a MIG repartition of this GPU; ignored");
+            return;
+        }
         match gpu {
             Some(g) => {
                 if self.tracker.fault(g, now) {
@@ -334,7 +346,7 @@ impl<'a> Monitor<'a> {
     fn probe_all(&mut self, now: Instant) {
         let mut changed = false;
         for g in 0..self.inventory.gpus.len() {
-            if self.lost[g] {
+            if self.lost[g] || self.repartitions.is_held(&self.inventory.gpus[g].uuid, now) {
                 continue;
             }
             if let Err(error) = self.probe(g) {

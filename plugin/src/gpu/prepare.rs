@@ -33,12 +33,6 @@ pub enum PrepareError {
     /// A device list would not fit in one kubelet message.
     #[error(transparent)]
     TooLarge(#[from] MessageTooLarge),
-    /// The node is configured for MIG, which this agent does not serve yet.
-    #[error(
-        "this node's operatingmode is mig (volcano-vgpu-node-config), which this agent does not serve yet; set it to \
-         hami-core or run the Go plugin on MIG nodes"
-    )]
-    MigNotSupported,
 }
 
 /// What the agent discovered and will serve, ready before anything is served.
@@ -54,13 +48,16 @@ pub struct Prepared {
     pub volcano: Arc<VolcanoConfig>,
 }
 
-/// Refuses a node in MIG mode. Kept until Allocate can repartition (issue #19): the register, the counts and the
-/// ID codecs are ready (`volcano::mig`, `gpu::plan::ids_per_gpu`); serving a bracketed ID is not.
+/// Logs the node's operating mode: `hami-core` (the default) or `mig`, in which Allocate repartitions GPUs
+/// through NVML for bracketed MIG device IDs (issue #19, `gpu::mig`). Both are served.
 pub fn check_mode(volcano: &VolcanoConfig) -> Result<(), PrepareError> {
     match volcano.operating_mode {
-        OperatingMode::HamiCore => Ok(()),
-        OperatingMode::Mig => Err(PrepareError::MigNotSupported),
+        OperatingMode::HamiCore => {}
+        OperatingMode::Mig => tracing::info!(
+            "operatingmode mig: Allocate makes each GPU's MIG layout the group the scheduler chose, through NVML"
+        ),
     }
+    Ok(())
 }
 
 /// Loads NVML, discovers the GPUs and plans the device lists: every check that can refuse to start.
@@ -111,18 +108,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn mig_mode_is_still_refused_at_start_with_what_to_do() {
+    fn mig_mode_is_accepted_and_hami_core_stays_the_default() {
+        assert_eq!(
+            VolcanoConfig::default().operating_mode,
+            OperatingMode::HamiCore
+        );
         assert!(check_mode(&VolcanoConfig::default()).is_ok());
         let mig = VolcanoConfig {
             operating_mode: OperatingMode::Mig,
             ..VolcanoConfig::default()
         };
-        let err = check_mode(&mig).unwrap_err();
-        assert!(matches!(err, PrepareError::MigNotSupported));
-        let text = err.to_string();
-        assert!(
-            text.contains("operatingmode is mig") && text.contains("set it to hami-core"),
-            "{text}"
-        );
+        assert!(check_mode(&mig).is_ok());
     }
 }

@@ -33,12 +33,14 @@ use crate::cluster::ApiCallError;
 use crate::config::ResourceKind;
 use crate::container::response::{ContainerAnswer, new_cache_file};
 use crate::gpu::inventory::Inventory;
+use crate::gpu::mig::MigControl;
 use crate::gpu::plan::{DevicePlan, device_id};
 use crate::handoff::decision::{Decision, HandoffError, HandoffSettings, Plan, decide};
 use crate::handoff::pod_cache::PodCache;
-use crate::handoff::record::record_allocation;
+use crate::handoff::record::{RecordStore, record_allocation};
 use crate::handoff::selection::{AllocatingEndpoint, GpuFacts, PodView, Request, Verdict, choose};
 use crate::handoff::store::{KubePodStore, PodKey, PodStore};
+use crate::volcano::mig::{MigDeviceId, encode_mig_id, lookup_mig_slot};
 use crate::volcano::{BIND_PHASE, PHASE_FAILED};
 
 /// What an Allocate call resolved to.
@@ -123,6 +125,8 @@ pub struct Allocator<S = KubePodStore> {
     after: std::sync::Mutex<JoinSet<()>>,
     /// Memory calls of count containers, owed or already answered; only touched under `serial`.
     memory_calls: std::sync::Mutex<MemoryCalls>,
+    /// MIG repartitioning (`operatingmode: mig`); `None` fails every MIG hand-off.
+    mig: Option<Arc<dyn MigControl>>,
 }
 
 /// The memory-endpoint calls of containers the number endpoint serves.
@@ -265,7 +269,15 @@ impl<S: PodStore> Allocator<S> {
             draining: AtomicBool::new(false),
             after: std::sync::Mutex::new(JoinSet::new()),
             memory_calls: std::sync::Mutex::new(MemoryCalls::default()),
+            mig: None,
         }
+    }
+
+    /// Serves MIG hand-offs through `control` (`operatingmode: mig`).
+    #[must_use]
+    pub fn with_mig(mut self, control: Arc<dyn MigControl>) -> Self {
+        self.mig = Some(control);
+        self
     }
 
     /// The bound on each apiserver call, and on the pod search as a whole.
@@ -453,18 +465,157 @@ impl<S: PodStore> Allocator<S> {
                 })
             }
             Decision::Fail { pod, cause } => Err(self.fail(&pod, cause).await),
-            Decision::HandOff(plan) => match self.commit(&plan).await {
-                Ok(()) => {
-                    if endpoint == AllocatingEndpoint::Number {
-                        let memory = plan.pod.containers[plan.container].memory;
-                        self.memory_calls()
-                            .handed_off(&plan.pod.uid, plan.container, memory);
-                    }
-                    Ok(Outcome::Handoff(plan.answer))
+            Decision::HandOff(mut plan) => {
+                if !plan.mig.is_empty()
+                    && let Err(cause) = self.partition(&mut plan).await
+                {
+                    return Err(self.fail(&plan.pod, cause).await);
                 }
-                Err(cause) => Err(self.fail(&plan.pod, cause).await),
-            },
+                self.hand_off(endpoint, plan).await
+            }
         }
+    }
+
+    /// Commits a decided hand-off and answers with it, or fails the pod.
+    async fn hand_off(
+        &self,
+        endpoint: AllocatingEndpoint,
+        plan: Box<Plan>,
+    ) -> Result<Outcome, AllocateError> {
+        match self.commit(&plan).await {
+            Ok(()) => {
+                if endpoint == AllocatingEndpoint::Number {
+                    let memory = plan.pod.containers[plan.container].memory;
+                    self.memory_calls()
+                        .handed_off(&plan.pod.uid, plan.container, memory);
+                }
+                Ok(Outcome::Handoff(plan.answer))
+            }
+            Err(cause) => Err(self.fail(&plan.pod, cause).await),
+        }
+    }
+
+    /// A MIG hand-off: for each parent GPU, the group's layout made (repartitioning only if it differs and no
+    /// other container the node's records hold on that GPU is alive, and no process holds memory on it), then
+    /// each position's MIG UUID put into the plan's answer and record.
+    async fn partition(&self, plan: &mut Plan) -> Result<(), HandoffError> {
+        let Some(control) = self.mig.clone() else {
+            return Err(HandoffError::Mig(
+                "this agent serves no MIG hand-off (it was not started with operatingmode: mig)"
+                    .to_owned(),
+            ));
+        };
+        let known = &self.settings.config.mig_geometries;
+        let mut done: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        let mut uuids = Vec::with_capacity(plan.mig.len());
+        for u in &plan.mig {
+            let Some(gpu) = self.inventory.gpus.iter().find(|g| g.uuid == u.gpu_uuid) else {
+                return Err(HandoffError::Mig(format!(
+                    "GPU {} is not one of this node's GPUs",
+                    u.gpu_uuid
+                )));
+            };
+            let id = MigDeviceId {
+                parent_uuid: &u.gpu_uuid,
+                group: &u.group,
+                position: u.position,
+            };
+            let slot = lookup_mig_slot(known, &gpu.model, &id).map_err(|e| {
+                HandoffError::Mig(format!(
+                    "device {}: GPU {} ({}): {e}",
+                    encode_mig_id(&u.gpu_uuid, &u.group, u.position),
+                    gpu.uuid,
+                    gpu.model
+                ))
+            })?;
+            if !done.contains_key(&u.gpu_uuid) {
+                let holders = self.holders(&control, &u.gpu_uuid, plan).await?;
+                let geometry = slot.geometry.clone();
+                let gpu_uuid = u.gpu_uuid.clone();
+                let c = Arc::clone(&control);
+                let result =
+                    tokio::task::spawn_blocking(move || c.ensure(&gpu_uuid, &geometry, &holders))
+                        .await
+                        .map_err(|e| {
+                            HandoffError::Mig(format!("the repartition task failed: {e}"))
+                        })?;
+                let partitioned = result.map_err(|e| {
+                    let what = if e.is_in_use() {
+                        "GPU in use, this pod fails and running containers are left alone"
+                    } else {
+                        "cannot give the GPU the group's layout"
+                    };
+                    HandoffError::Mig(format!("group {} on {}: {what}: {e}", u.group, gpu.model))
+                })?;
+                tracing::info!(
+                    gpu = %u.gpu_uuid, group = %u.group, repartitioned = partitioned.repartitioned,
+                    mig_devices = ?partitioned.uuids, "MIG layout ready"
+                );
+                done.insert(u.gpu_uuid.clone(), partitioned.uuids);
+            }
+            let position = usize::try_from(u.position).unwrap_or(usize::MAX);
+            let Some(uuid) = done.get(&u.gpu_uuid).and_then(|all| all.get(position)) else {
+                return Err(HandoffError::Mig(format!(
+                    "GPU {} has no MIG device at position {} of group {}",
+                    u.gpu_uuid, u.position, u.group
+                )));
+            };
+            uuids.push(uuid.clone());
+        }
+        plan.resolve_mig(&self.settings, uuids);
+        Ok(())
+    }
+
+    /// The other containers the node's records hold on `gpu_uuid` (by its MIG devices' UUIDs or its own) whose
+    /// pod is still alive (not gone, not `Succeeded`/`Failed`), described for an error.
+    async fn holders(
+        &self,
+        control: &Arc<dyn MigControl>,
+        gpu_uuid: &str,
+        plan: &Plan,
+    ) -> Result<Vec<String>, HandoffError> {
+        let c = Arc::clone(control);
+        let gpu = gpu_uuid.to_owned();
+        let mut on_gpu: HashSet<String> = tokio::task::spawn_blocking(move || c.mig_uuids(&gpu))
+            .await
+            .map_err(|e| HandoffError::Mig(format!("the MIG query task failed: {e}")))?
+            .map_err(|e| HandoffError::Mig(e.to_string()))?
+            .into_iter()
+            .collect();
+        on_gpu.insert(gpu_uuid.to_owned());
+        let records = RecordStore::beside(&self.settings.cache_root).load();
+        let mut holders = Vec::new();
+        for record in records.values() {
+            let this = record.pod_uid == plan.pod.uid && record.container == plan.record.container;
+            if this || !record.gpus.iter().any(|g| on_gpu.contains(&g.uuid)) {
+                continue;
+            }
+            let alive = match self.store.get(&record.namespace, &record.pod).await {
+                Ok(Some(pod)) => {
+                    pod.uid == record.pod_uid
+                        && !matches!(pod.phase.as_deref(), Some("Succeeded" | "Failed"))
+                }
+                Ok(None) => false,
+                // Unknown counts as alive: never repartition under a container that may run.
+                Err(_) => true,
+            };
+            if alive {
+                holders.push(format!(
+                    "container {:?} of pod {}/{} holds {}",
+                    record.container,
+                    record.namespace,
+                    record.pod,
+                    record
+                        .gpus
+                        .iter()
+                        .map(|g| g.uuid.as_str())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ));
+            }
+        }
+        holders.sort();
+        Ok(holders)
     }
 
     /// Makes the writes of a hand-off: the cache directory, the node's record of the container (before the

@@ -14,7 +14,7 @@ use json_patch::{AddOperation, PatchOperation, ReplaceOperation, TestOperation};
 use crate::cluster::{ApiBounds, ApiCallError};
 use crate::config::device::VolcanoConfig;
 use crate::container::response::{
-    ContainerAnswer, Handoff, LimiterSettings, cache_dir_name, container_answer,
+    ContainerAnswer, Handoff, LimiterSettings, cache_dir_name, container_answer, mig_answer,
 };
 use crate::handoff::record::{ContainerRecord, PriorityError, RecordError};
 use crate::handoff::selection::{AllocatingEndpoint, PodView, Verdict};
@@ -85,6 +85,10 @@ pub enum HandoffError {
         /// What was written.
         want: String,
     },
+    /// A MIG hand-off (`operatingmode: mig`) could not be made: the text names the device, the GPU and why
+    /// (no geometry for the model, a GPU in use by another container, a failed repartition and its rollback).
+    #[error("MIG: {0}")]
+    Mig(String),
     /// The last container's patch was accepted but the pod does not read back as done.
     #[error("{BIND_PHASE}/{VGPU_TIME} did not read back as {PHASE_SUCCESS}/{VGPU_TIME_DONE}")]
     NotDone,
@@ -129,8 +133,76 @@ pub struct Plan {
     pub new_queue: String,
     /// The NVIDIA devices left in the queue after this container.
     pub remaining: usize,
-    /// What the container is handed.
+    /// What the container is handed. For a MIG hand-off ([`Self::mig`] not empty) this is set by
+    /// [`Self::resolve_mig`] once the GPUs are partitioned.
     pub answer: ContainerAnswer,
+    /// The container's MIG devices, one per device in order, when its devices are bracketed MIG IDs; empty in
+    /// hami-core.
+    pub mig: Vec<MigUse>,
+}
+
+/// One MIG device a container is to get: the parent GPU, the geometry group and the position in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigUse {
+    /// The parent GPU's UUID (`GPU-…`).
+    pub gpu_uuid: String,
+    /// The geometry group the scheduler chose for the whole GPU.
+    pub group: String,
+    /// The position within the group.
+    pub position: u32,
+}
+
+/// The MIG devices of a container's devices: empty when none is bracketed; an error when only some are, when
+/// the node is not in MIG mode, or when two of them ask one GPU for different groups.
+pub fn mig_uses(
+    devices: &[crate::volcano::pod_devices::ContainerDevice],
+    mode: crate::volcano::node_register::OperatingMode,
+) -> Result<Vec<MigUse>, HandoffError> {
+    use crate::volcano::mig::{decode_mig_id, is_mig_id};
+    let bracketed = devices.iter().filter(|d| is_mig_id(&d.uuid)).count();
+    if bracketed == 0 {
+        return Ok(Vec::new());
+    }
+    if mode != crate::volcano::node_register::OperatingMode::Mig {
+        return Err(HandoffError::Mig(format!(
+            "{DEVICES_TO_ALLOCATE} names MIG device {:?}, but this node's operatingmode is hami-core \
+             (volcano-vgpu-node-config): the scheduler and the agent disagree on the node's mode",
+            devices
+                .iter()
+                .find(|d| is_mig_id(&d.uuid))
+                .map(|d| d.uuid.as_str())
+                .unwrap_or_default()
+        )));
+    }
+    if bracketed != devices.len() {
+        return Err(HandoffError::Mig(format!(
+            "{DEVICES_TO_ALLOCATE} mixes MIG device IDs and whole GPUs in one container ({})",
+            devices
+                .iter()
+                .map(|d| d.uuid.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+        )));
+    }
+    let mut uses: Vec<MigUse> = Vec::with_capacity(devices.len());
+    for d in devices {
+        let id = decode_mig_id(&d.uuid).map_err(|e| HandoffError::Mig(e.to_string()))?;
+        if let Some(other) = uses
+            .iter()
+            .find(|u| u.gpu_uuid == id.parent_uuid && u.group != id.group)
+        {
+            return Err(HandoffError::Mig(format!(
+                "{DEVICES_TO_ALLOCATE} asks GPU {} for groups {:?} and {:?} at once (one GPU has one layout)",
+                id.parent_uuid, other.group, id.group
+            )));
+        }
+        uses.push(MigUse {
+            gpu_uuid: id.parent_uuid.to_owned(),
+            group: id.group.to_owned(),
+            position: id.position,
+        });
+    }
+    Ok(uses)
 }
 
 /// The JSON pointer to one annotation of the pod.
@@ -139,6 +211,16 @@ fn annotation(key: &str) -> PointerBuf {
 }
 
 impl Plan {
+    /// Completes a MIG hand-off with the MIG UUID of each device (in [`Self::mig`] order): the answer is
+    /// those UUIDs only ([`mig_answer`]) and the record names them, so the monitor takes a region that names a
+    /// MIG device as the container's own.
+    pub fn resolve_mig(&mut self, settings: &HandoffSettings, mig_uuids: Vec<String>) {
+        for (gpu, uuid) in self.record.gpus.iter_mut().zip(&mig_uuids) {
+            gpu.uuid.clone_from(uuid);
+        }
+        self.answer = mig_answer(&settings.limiter, &mig_uuids);
+    }
+
     /// Whether this is the pod's last container: the patch also marks the pod done.
     pub fn done(&self) -> bool {
         self.remaining == 0
@@ -251,6 +333,10 @@ pub fn decide(
         Ok(record) => record,
         Err(cause) => return fail(pod, cause.into()),
     };
+    let mig = match mig_uses(devices, settings.config.operating_mode) {
+        Ok(mig) => mig,
+        Err(cause) => return fail(pod, cause),
+    };
     let cache_host_dir = settings
         .cache_root
         .join(cache_dir_name(&pod.uid, &container.name));
@@ -276,6 +362,7 @@ pub fn decide(
         new_queue: assignment.rest.encode(),
         remaining: assignment.rest.remaining(),
         answer,
+        mig,
         pod,
     }))
 }
@@ -394,5 +481,107 @@ mod tests {
             plan.check_read_back(&done).unwrap_err().to_string(),
             "volcano.sh/devices-to-allocate reads back as Some(\"GPU-a,NVIDIA,1000,0:\"), not \"\""
         );
+    }
+
+    fn mig_settings() -> HandoffSettings {
+        HandoffSettings {
+            config: Arc::new(VolcanoConfig {
+                operating_mode: crate::volcano::node_register::OperatingMode::Mig,
+                ..VolcanoConfig::default()
+            }),
+            ..settings()
+        }
+    }
+
+    fn decide_on(queue: &str, settings: &HandoffSettings) -> Decision {
+        let pod = pod(queue);
+        let ready = Verdict::Ready(next_assignment(&pod).unwrap().unwrap());
+        decide(
+            Some((pod, ready)),
+            AllocatingEndpoint::Number,
+            settings,
+            "x.cache".to_owned(),
+        )
+    }
+
+    #[test]
+    fn a_mig_bind_on_a_mig_node_is_a_hand_off_that_waits_for_its_mig_devices() {
+        let s = mig_settings();
+        let Decision::HandOff(mut plan) = decide_on("GPU-a[group3-1],NVIDIA,40192,0:", &s) else {
+            panic!("a MIG hand-off");
+        };
+        assert_eq!(
+            plan.mig,
+            [MigUse {
+                gpu_uuid: "GPU-a".to_owned(),
+                group: "group3".to_owned(),
+                position: 1,
+            }]
+        );
+        plan.resolve_mig(&s, vec!["MIG-x".to_owned()]);
+        assert_eq!(plan.record.gpus[0].uuid, "MIG-x");
+        let expected: BTreeMap<String, String> =
+            [("NVIDIA_VISIBLE_DEVICES".to_owned(), "MIG-x".to_owned())].into();
+        assert_eq!(plan.answer.envs, expected);
+        assert!(plan.answer.mounts.is_empty());
+        // The queue advances as for any hand-off.
+        assert!(plan.done() && plan.new_queue.is_empty());
+    }
+
+    #[test]
+    fn a_whole_gpu_bind_on_a_mig_node_is_a_hami_core_hand_off() {
+        let Decision::HandOff(plan) = decide_on("GPU-a,NVIDIA,1000,0:", &mig_settings()) else {
+            panic!("a hand-off");
+        };
+        assert!(plan.mig.is_empty());
+        assert_eq!(plan.answer.envs["CUDA_DEVICE_MEMORY_LIMIT_0"], "1000m");
+    }
+
+    #[test]
+    fn mig_ids_on_a_hami_core_node_mixed_or_contradicting_fail_the_pod_by_name() {
+        let fail_text = |queue: &str, s: &HandoffSettings| match decide_on(queue, s) {
+            Decision::Fail { cause, .. } => cause.to_string(),
+            other => panic!("{other:?}"),
+        };
+        let text = fail_text("GPU-a[group1-0],NVIDIA,9728,0:", &settings());
+        assert!(
+            text.starts_with("MIG: ") && text.contains("operatingmode is hami-core"),
+            "{text}"
+        );
+        let devices = |ids: &[&str]| {
+            ids.iter()
+                .map(|id| crate::volcano::pod_devices::ContainerDevice {
+                    uuid: (*id).to_owned(),
+                    device_type: "NVIDIA".to_owned(),
+                    used_mem: 1,
+                    used_cores: 0,
+                })
+                .collect::<Vec<_>>()
+        };
+        let mig = crate::volcano::node_register::OperatingMode::Mig;
+        let mixed = mig_uses(&devices(&["GPU-a[group1-0]", "GPU-b"]), mig).unwrap_err();
+        assert!(
+            mixed
+                .to_string()
+                .contains("mixes MIG device IDs and whole GPUs"),
+            "{mixed}"
+        );
+        let two = mig_uses(&devices(&["GPU-a[group1-0]", "GPU-a[group3-0]"]), mig).unwrap_err();
+        assert!(
+            two.to_string().contains("\"group1\" and \"group3\""),
+            "{two}"
+        );
+        let ok = mig_uses(
+            &devices(&["GPU-a[group1-0]", "GPU-a[group1-5]", "GPU-b[group3-1]"]),
+            mig,
+        )
+        .unwrap();
+        assert_eq!(
+            ok.iter()
+                .map(|u| (u.gpu_uuid.as_str(), u.position))
+                .collect::<Vec<_>>(),
+            [("GPU-a", 0), ("GPU-a", 5), ("GPU-b", 1)]
+        );
+        assert!(mig_uses(&devices(&["GPU-a"]), mig).unwrap().is_empty());
     }
 }

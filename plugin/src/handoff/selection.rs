@@ -386,7 +386,16 @@ fn verdict(pod: &PodView, gpus: Option<&[GpuFacts]>, request: Request) -> Option
             ));
         }
         let Some(gpus) = gpus else { continue };
-        let Some(gpu) = gpus.iter().find(|g| g.uuid == device.uuid) else {
+        // A MIG device ID (`GPU-…[<group>-<position>]`) names its parent GPU; the hand-off resolves the rest.
+        let gpu_uuid = if crate::volcano::mig::is_mig_id(&device.uuid) {
+            match crate::volcano::mig::decode_mig_id(&device.uuid) {
+                Ok(id) => id.parent_uuid,
+                Err(e) => return unusable(format!("{}: {e}", position(r, "0 (UUID)"))),
+            }
+        } else {
+            device.uuid.as_str()
+        };
+        let Some(gpu) = gpus.iter().find(|g| g.uuid == gpu_uuid) else {
             return unusable(format!(
                 "{}: {:?} is not one of this node's GPUs: this node serves no such GPU (it serves {})",
                 position(r, "0 (UUID)"),

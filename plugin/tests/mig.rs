@@ -1,0 +1,383 @@
+//! MIG mode end to end (issue #19): the real agent on a gpu-sim node whose node config says `operatingmode: mig`,
+//! a fake apiserver and kubelet, and Volcano-style MIG binds (`GPU-<uuid>[<group>-<position>]` in
+//! `devices-to-allocate`). Allocate must make the GPU's MIG layout the group (through NVML, the gpu-sim's MIG
+//! model), answer with the position's MIG UUID only, refuse to repartition a GPU another live container or a
+//! process holds, fail only that pod, and survive a failed repartition with the GPU usable again.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use gpu_sim::{GpuSpec, NodeSpec};
+use kube::api::DeleteParams;
+use kubelet_api::v1beta1::ContainerAllocateResponse;
+use serde_json::json;
+
+const NODE: &str = "node-a";
+
+/// One vGPU container; the memory is the template's (`knownMigGeometries`' `memory`).
+fn ctr(memory: u64) -> [Ctr<'static>; 1] {
+    [("cuda", Some(1), Some(memory), None)]
+}
+
+fn mig_dev(parent: &str, group: &str, position: u32, mem: u64) -> String {
+    format!("{parent}[{group}-{position}],NVIDIA,{mem},0:")
+}
+
+/// A node whose node config sets `operatingmode: mig` (the shipped `knownMigGeometries` apply).
+async fn mig_cluster(spec: NodeSpec) -> Cluster {
+    cluster(spec)
+        .start_with(|_, dir| {
+            let node_config = json!({"nodeconfig": [{"name": NODE, "operatingmode": "mig"}]});
+            std::fs::write(dir.join("node-config.json"), node_config.to_string()).unwrap();
+        })
+        .await
+}
+
+async fn bind(c: &Cluster, name: &str, memory: u64, queue: &str, time: u64) {
+    c.bind(
+        name,
+        BindStyle::PatchThenBind,
+        &ctr(memory),
+        queue,
+        &time.to_string(),
+    )
+    .await;
+}
+
+/// The MIG UUID a MIG hand-off answered with, after checking the answer carries nothing else.
+fn mig_uuid_of(r: &ContainerAllocateResponse) -> String {
+    let uuid = r.envs["NVIDIA_VISIBLE_DEVICES"].clone();
+    assert!(uuid.starts_with("MIG-"), "{r:?}");
+    assert_eq!(r.envs.len(), 1, "only NVIDIA_VISIBLE_DEVICES: {:?}", r.envs);
+    assert!(
+        r.mounts.is_empty(),
+        "no libvgpu, cache or preload mounts: {:?}",
+        r.mounts
+    );
+    assert!(r.devices.is_empty() && r.cdi_devices.is_empty(), "{r:?}");
+    uuid
+}
+
+/// The kubelet's admission fails naming `pod`; its `bind-phase` is `failed` and an Event on it says `what`.
+async fn admit_fails(c: &Cluster, pod: &str, what: &[&str]) -> String {
+    let status = c
+        .kubelet
+        .admit(NUMBER, 1)
+        .await
+        .unwrap()
+        .expect_err("the hand-off must fail");
+    let message = status.message().to_owned();
+    assert!(message.contains(&format!("pod default/{pod}")), "{message}");
+    for w in what {
+        assert!(message.contains(w), "{w:?} not in: {message}");
+    }
+    assert_eq!(
+        c.annotation(pod, "volcano.sh/bind-phase").await.as_deref(),
+        Some("failed")
+    );
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let events = c.api.events();
+        if events.iter().any(|e| {
+            let t = e.to_string();
+            t.contains("VGPUAllocateFailed")
+                && t.contains(pod)
+                && what.iter().all(|w| t.contains(w))
+        }) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{events:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    message
+}
+
+/// Deletes the pod for good (grace period 0): a terminating pod still counts as alive on its GPU.
+async fn delete(c: &Cluster, name: &str) {
+    c.pods()
+        .delete(name, &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+}
+
+fn healthy_ids(c: &Cluster) -> Vec<String> {
+    let mut ids: Vec<String> = c
+        .kubelet
+        .resource(NUMBER)
+        .unwrap()
+        .devices
+        .iter()
+        .filter(|d| d.health == "Healthy")
+        .map(|d| d.id.clone())
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_geometries_a_repartition_between_them_and_a_mixed_node() {
+    // GPU 0: an A100 80GB with MIG off; GPU 1: a T4 (not MIG-capable) on the same mig node.
+    let c = mig_cluster(NodeSpec::new(vec![GpuSpec::a100_80gb(0), GpuSpec::t4(1)])).await;
+    let (a100, t4) = (c.uuid(0), c.uuid(1));
+    let ids_before = healthy_ids(&c);
+    assert!(!ids_before.is_empty());
+
+    // group1 (7 × 1g.10gb): MIG mode enabled and the GPU partitioned.
+    bind(
+        &c,
+        "g1-a",
+        9728,
+        &mig_dev(&a100, "group1", 0, 9728),
+        1_787_220_000,
+    )
+    .await;
+    let first = mig_uuid_of(&c.admit(1).await);
+    assert_eq!(
+        c.annotation("g1-a", "volcano.sh/bind-phase")
+            .await
+            .as_deref(),
+        Some("success")
+    );
+    // Same group, another position: the layout is reused, another MIG device.
+    bind(
+        &c,
+        "g1-b",
+        9728,
+        &mig_dev(&a100, "group1", 6, 9728),
+        1_787_220_001,
+    )
+    .await;
+    let last = mig_uuid_of(&c.admit(1).await);
+    assert_ne!(first, last);
+    assert!(
+        c.agent.log_text().contains("repartitioned=false"),
+        "the second group1 bind reused the layout:\n{}",
+        c.agent.log_text()
+    );
+    // The node's records name the MIG devices, so the monitor takes their regions as the containers' own.
+    let records = std::fs::read_dir(c.root().join("hook/vgpu"))
+        .unwrap()
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
+        .filter_map(|f| std::fs::read_to_string(f.path()).ok())
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        records.contains(&first) && records.contains(&last),
+        "records: {records}"
+    );
+
+    // group3 (2 × 3g.40gb) while g1-a and g1-b are alive: refused, nothing changed, only that pod fails.
+    bind(
+        &c,
+        "g3-early",
+        40192,
+        &mig_dev(&a100, "group3", 0, 40192),
+        1_787_220_002,
+    )
+    .await;
+    admit_fails(
+        &c,
+        "g3-early",
+        &["MIG", "cannot be repartitioned while", "g1-a"],
+    )
+    .await;
+    assert_eq!(
+        c.annotation("g1-a", "volcano.sh/bind-phase")
+            .await
+            .as_deref(),
+        Some("success"),
+        "the running pod is untouched"
+    );
+
+    // Once they are gone, group3 repartitions the GPU: new MIG devices.
+    delete(&c, "g1-a").await;
+    delete(&c, "g1-b").await;
+    bind(
+        &c,
+        "g3-a",
+        40192,
+        &mig_dev(&a100, "group3", 1, 40192),
+        1_787_220_003,
+    )
+    .await;
+    let g3_second = mig_uuid_of(&c.admit(1).await);
+    assert!(g3_second != first && g3_second != last);
+    assert!(c.agent.log_text().contains("repartitioned=true"));
+    bind(
+        &c,
+        "g3-b",
+        40192,
+        &mig_dev(&a100, "group3", 0, 40192),
+        1_787_220_004,
+    )
+    .await;
+    let g3_first = mig_uuid_of(&c.admit(1).await);
+    assert_ne!(
+        g3_first, g3_second,
+        "positions 0 and 1 are different MIG devices"
+    );
+    // Position → MIG UUID is the same rule with or without a repartition: position 1 asked again on the
+    // reused layout is the device the repartition gave it.
+    bind(
+        &c,
+        "g3-again",
+        40192,
+        &mig_dev(&a100, "group3", 1, 40192),
+        1_787_220_004,
+    )
+    .await;
+    assert_eq!(mig_uuid_of(&c.admit(1).await), g3_second);
+
+    // A position past the group fails that pod, naming it.
+    bind(
+        &c,
+        "far",
+        40192,
+        &mig_dev(&a100, "group3", 2, 40192),
+        1_787_220_005,
+    )
+    .await;
+    admit_fails(&c, "far", &["position 2 is outside group"]).await;
+
+    // Mixed node: a bracketed ID on the T4 names no geometry (as upstream, the scheduler never places one
+    // there); a whole-GPU ID on the T4 is a hami-core hand-off, as the Go plugin serves it.
+    bind(
+        &c,
+        "t4-mig",
+        1000,
+        &mig_dev(&t4, "group1", 0, 1000),
+        1_787_220_006,
+    )
+    .await;
+    admit_fails(&c, "t4-mig", &["no knownMigGeometries entry", "Tesla T4"]).await;
+    bind(
+        &c,
+        "t4-whole",
+        1000,
+        &format!("{t4},NVIDIA,1000,0:"),
+        1_787_220_007,
+    )
+    .await;
+    let r = c.admit(1).await;
+    assert_eq!(r.envs["NVIDIA_VISIBLE_DEVICES"], t4);
+    assert_eq!(r.envs["CUDA_DEVICE_MEMORY_LIMIT_0"], "1000m");
+
+    // The kubelet's IDs are the GPU slots, unchanged by MIG, and every GPU stayed Healthy.
+    assert_eq!(healthy_ids(&c), ids_before);
+}
+
+/// `gpu-sim-bypass` holding memory on the node's first GPU until dropped.
+struct Holder(Child);
+
+impl Holder {
+    fn start(c: &Cluster) -> Self {
+        let mut child = Command::new(gpu_sim::bypass_program())
+            .args([gpu_sim::cuda_library().to_str().unwrap(), "0", "1048576"])
+            .envs(c.sim.env())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+            assert!(n > 0, "gpu-sim-bypass ended before it was ready");
+            if line.starts_with("ready ") {
+                break;
+            }
+        }
+        Self(child)
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_on_the_gpu_refuses_the_repartition_and_a_failed_one_rolls_back() {
+    let c = mig_cluster(NodeSpec::new(vec![GpuSpec::a100_80gb(0)])).await;
+    let a100 = c.uuid(0);
+
+    // A process holds memory on the parent GPU: the repartition is refused, that pod fails.
+    let holder = Holder::start(&c);
+    bind(
+        &c,
+        "busy",
+        9728,
+        &mig_dev(&a100, "group1", 0, 9728),
+        1_787_220_000,
+    )
+    .await;
+    admit_fails(
+        &c,
+        "busy",
+        &["MIG", "GPU in use", "MIG layout left unchanged"],
+    )
+    .await;
+    drop(holder);
+
+    // The fault switch: the next instance creation fails; the agent's apply rolls back to an empty layout.
+    c.sim.control().fail_mig_creations(&a100, 1, 23).unwrap();
+    bind(
+        &c,
+        "faulted",
+        9728,
+        &mig_dev(&a100, "group1", 0, 9728),
+        1_787_220_001,
+    )
+    .await;
+    admit_fails(
+        &c,
+        "faulted",
+        &[
+            "MIG",
+            "cannot give the GPU the group's layout",
+            "rolled back to an empty layout",
+        ],
+    )
+    .await;
+
+    // The GPU is usable again: the next bind partitions it.
+    bind(
+        &c,
+        "after",
+        40192,
+        &mig_dev(&a100, "group3", 0, 40192),
+        1_787_220_002,
+    )
+    .await;
+    mig_uuid_of(&c.admit(1).await);
+    assert_eq!(
+        healthy_ids(&c).len(),
+        c.kubelet.resource(NUMBER).unwrap().devices.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hami_core_node_refuses_a_mig_id_by_name() {
+    let c = cluster(NodeSpec::new(vec![GpuSpec::a100_80gb(0)]))
+        .start()
+        .await;
+    let a100 = c.uuid(0);
+    bind(
+        &c,
+        "mig-on-hami",
+        9728,
+        &mig_dev(&a100, "group1", 0, 9728),
+        1_787_220_000,
+    )
+    .await;
+    admit_fails(&c, "mig-on-hami", &["operatingmode is hami-core"]).await;
+}
