@@ -378,8 +378,29 @@ pub struct Snapshot {
     /// Per GPU, memory held by processes of no container the agent handed a GPU to (the memory backstop's
     /// last round; empty when it is off).
     pub unaccounted: Vec<UnaccountedSample>,
+    /// The MIG devices of the GPUs in MIG mode (none for a GPU without MIG support or with MIG off).
+    pub mig_devices: Vec<MigDeviceSample>,
     /// Now, for ages.
     pub now_unix: i64,
+}
+
+/// One MIG device (one compute instance) of a GPU in MIG mode, at scrape time.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MigDeviceSample {
+    /// The parent GPU's `GPU-…`.
+    pub gpu_uuid: String,
+    /// The parent GPU's index on the node.
+    pub gpu_index: u32,
+    /// `MIG-…`.
+    pub mig_uuid: String,
+    /// The MIG profile, e.g. `1g.10gb` (or `1c.3g.40gb` for a compute instance smaller than its GPU instance).
+    pub profile: String,
+    /// NVML's used memory of the MIG device, when NVML answered.
+    pub memory_used_bytes: Option<u64>,
+    /// The MIG device's memory, when NVML answered.
+    pub memory_total_bytes: Option<u64>,
+    /// The parent GPU's advertised health (the kubelet's IDs and the health monitor are per parent GPU).
+    pub healthy: bool,
 }
 
 /// One container's memory on one GPU as NVML reports it for the container's processes (host PIDs mapped to
@@ -443,7 +464,8 @@ impl Collector for ScrapeCollector {
         drop(state);
         encode_gpus(&mut encoder, &snapshot.gpus)?;
         encode_containers(&mut encoder, &snapshot, &refused)?;
-        encode_backstop(&mut encoder, &snapshot)
+        encode_backstop(&mut encoder, &snapshot)?;
+        encode_mig_devices(&mut encoder, &snapshot.mig_devices)
     }
 }
 
@@ -661,6 +683,49 @@ fn encode_backstop(e: &mut DescriptorEncoder<'_>, s: &Snapshot) -> fmt::Result {
         &s.unaccounted,
         |u| Some((Unaccounted(u), u.memory_bytes)),
     )
+}
+
+/// One series per MIG device of the GPUs in MIG mode, labelled with its parent GPU.
+fn encode_mig_devices(e: &mut DescriptorEncoder<'_>, migs: &[MigDeviceSample]) -> fmt::Result {
+    let mut seen = HashSet::new();
+    let migs: Vec<&MigDeviceSample> = migs
+        .iter()
+        .filter(|m| seen.insert((m.gpu_index, m.mig_uuid.as_str())))
+        .collect();
+    gauges(
+        e,
+        "vgpu_mig_device_memory_used_bytes",
+        "Memory in use on the MIG device, from NVML.",
+        &migs,
+        |&m| Some((Mig(m), m.memory_used_bytes?)),
+    )?;
+    gauges(
+        e,
+        "vgpu_mig_device_memory_total_bytes",
+        "Memory of the MIG device, from NVML.",
+        &migs,
+        |&m| Some((Mig(m), m.memory_total_bytes?)),
+    )?;
+    gauges(
+        e,
+        "vgpu_mig_device_healthy",
+        "1 when the MIG device's parent GPU is advertised Healthy to the kubelet (the kubelet's device IDs and \
+         the health monitor are per parent GPU, not per MIG device).",
+        &migs,
+        |&m| Some((Mig(m), u32::from(m.healthy))),
+    )
+}
+
+/// The labels of a [`MigDeviceSample`]: `gpu_uuid`, `gpu_index` (its parent's), `mig_uuid`, `profile`.
+struct Mig<'a>(&'a MigDeviceSample);
+
+impl EncodeLabelSet for Mig<'_> {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> fmt::Result {
+        let m = self.0;
+        [("gpu_uuid", m.gpu_uuid.as_str())].encode(encoder)?;
+        [("gpu_index", m.gpu_index)].encode(encoder)?;
+        [("mig_uuid", m.mig_uuid.as_str()), ("profile", &m.profile)].encode(encoder)
+    }
 }
 
 /// The labels of an [`UnaccountedSample`]: `gpu_uuid`, `gpu_index`.
@@ -935,6 +1000,64 @@ mod tests {
             empty.contains("# TYPE vgpu_unaccounted_memory_bytes gauge"),
             "families are described when empty"
         );
+    }
+
+    #[test]
+    fn mig_devices_are_one_series_each_labelled_with_their_parent_and_profile() {
+        let mig = |uuid: &str, used: Option<u64>| MigDeviceSample {
+            gpu_uuid: "GPU-a100".into(),
+            gpu_index: 0,
+            mig_uuid: uuid.into(),
+            profile: "3g.40gb".into(),
+            memory_used_bytes: used,
+            memory_total_bytes: Some(40192 << 20),
+            healthy: true,
+        };
+        let mut s = snapshot();
+        s.mig_devices = vec![
+            mig("MIG-1", Some(1 << 20)),
+            mig("MIG-2", None),
+            // Read twice: written once.
+            mig("MIG-1", Some(1 << 20)),
+        ];
+        let text = AgentMetrics::new("x").encode(&s).unwrap();
+        let mig_lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("vgpu_mig_device_"))
+            .collect();
+        assert_eq!(
+            mig_lines,
+            [
+                "# HELP vgpu_mig_device_memory_used_bytes Memory in use on the MIG device, from NVML.",
+                "# TYPE vgpu_mig_device_memory_used_bytes gauge",
+                r#"vgpu_mig_device_memory_used_bytes{gpu_uuid="GPU-a100",gpu_index="0",mig_uuid="MIG-1",profile="3g.40gb"} 1048576"#,
+                "# HELP vgpu_mig_device_memory_total_bytes Memory of the MIG device, from NVML.",
+                "# TYPE vgpu_mig_device_memory_total_bytes gauge",
+                r#"vgpu_mig_device_memory_total_bytes{gpu_uuid="GPU-a100",gpu_index="0",mig_uuid="MIG-1",profile="3g.40gb"} 42144366592"#,
+                r#"vgpu_mig_device_memory_total_bytes{gpu_uuid="GPU-a100",gpu_index="0",mig_uuid="MIG-2",profile="3g.40gb"} 42144366592"#,
+                "# HELP vgpu_mig_device_healthy 1 when the MIG device's parent GPU is advertised Healthy to the \
+                 kubelet (the kubelet's device IDs and the health monitor are per parent GPU, not per MIG device).",
+                "# TYPE vgpu_mig_device_healthy gauge",
+                r#"vgpu_mig_device_healthy{gpu_uuid="GPU-a100",gpu_index="0",mig_uuid="MIG-1",profile="3g.40gb"} 1"#,
+                r#"vgpu_mig_device_healthy{gpu_uuid="GPU-a100",gpu_index="0",mig_uuid="MIG-2",profile="3g.40gb"} 1"#,
+            ],
+            "{text}"
+        );
+        // The whole-GPU series are as before, and a node without MIG devices describes the families only.
+        assert_eq!(
+            find_value(
+                &text,
+                "vgpu_gpu_memory_total_bytes",
+                &[("gpu_uuid", "GPU-b")]
+            ),
+            Some((16u64 << 30) as f64)
+        );
+        let plain = AgentMetrics::new("x").encode(&snapshot()).unwrap();
+        assert!(plain.contains("# TYPE vgpu_mig_device_healthy gauge\n"));
+        assert!(!plain.contains("vgpu_mig_device_healthy{"), "{plain}");
+        // Text format 0.0.4 keeps them as they are.
+        let text = openmetrics_to_text(&AgentMetrics::new("x").encode(&s).unwrap());
+        assert!(text.contains("# TYPE vgpu_mig_device_memory_total_bytes gauge\n"));
     }
 
     fn snapshot() -> Snapshot {

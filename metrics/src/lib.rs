@@ -14,8 +14,8 @@ mod exposition;
 mod server;
 
 pub use exposition::{
-    AgentMetrics, AllocateResult, ContainerSample, GpuSample, ObservedSample, Snapshot,
-    SnapshotSource, UnaccountedSample, find_value,
+    AgentMetrics, AllocateResult, ContainerSample, GpuSample, MigDeviceSample, ObservedSample,
+    Snapshot, SnapshotSource, UnaccountedSample, find_value,
 };
 pub use server::{
     HEADER_READ_TIMEOUT, IDLE_TIMEOUT, Limits, MAX_CONNECTIONS, parse_bind_address, serve,

@@ -11,8 +11,8 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use vgpu_metrics::{
-    AgentMetrics, AllocateResult, ContainerSample, GpuSample, ObservedSample, Snapshot,
-    SnapshotSource, UnaccountedSample,
+    AgentMetrics, AllocateResult, ContainerSample, GpuSample, MigDeviceSample, ObservedSample,
+    Snapshot, SnapshotSource, UnaccountedSample,
 };
 
 fn dashboard() -> Value {
@@ -200,6 +200,15 @@ impl SnapshotSource for Realistic {
                 gpu_uuid: "GPU-b".into(),
                 gpu_index: 1,
                 memory_bytes: 1 << 30,
+            }],
+            mig_devices: vec![MigDeviceSample {
+                gpu_uuid: "GPU-a".into(),
+                gpu_index: 0,
+                mig_uuid: "MIG-a-0".into(),
+                profile: "3g.40gb".into(),
+                memory_used_bytes: Some(1 << 30),
+                memory_total_bytes: Some(40192 << 20),
+                healthy: true,
             }],
             now_unix: 1_790_000_005,
         }

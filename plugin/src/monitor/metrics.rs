@@ -1,15 +1,17 @@
-//! What the exporter reads at scrape time on this node: each GPU from NVML and the advertised health, the
-//! vGPUs the scheduler has placed on it (from the pods bound here), and every container's use of its GPUs
-//! from the shared-region files in the one cache directory the Allocate side creates.
+//! What the exporter reads at scrape time on this node: each GPU (and its MIG devices) from NVML and the
+//! advertised health, the vGPUs the scheduler has placed on it (from the pods bound here), and every container's
+//! use of its GPUs from the shared-region files in the one cache directory the Allocate side creates.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
-use nvml_wrapper::Nvml;
+use nvml_wrapper::{Device, Nvml};
 use tokio::sync::watch;
-use vgpu_metrics::{AgentMetrics, ContainerSample, GpuSample, Snapshot, SnapshotSource};
+use vgpu_metrics::{
+    AgentMetrics, ContainerSample, GpuSample, MigDeviceSample, Snapshot, SnapshotSource,
+};
 use vgpu_region::reader::RegionReader;
 
 use crate::gpu::inventory::Inventory;
@@ -205,6 +207,7 @@ impl SnapshotSource for NodeSnapshot {
     fn snapshot(&self) -> Snapshot {
         let healthy = self.health.borrow().clone();
         let allocated = self.allocated();
+        let mut mig_devices = Vec::new();
         let gpus = self
             .inventory
             .gpus
@@ -214,7 +217,7 @@ impl SnapshotSource for NodeSnapshot {
                 let device = self.nvml.device_by_index(gpu.nvml_index).ok();
                 let memory = device.as_ref().and_then(|d| d.memory_info().ok());
                 let utilization = device.as_ref().and_then(|d| d.utilization_rates().ok());
-                GpuSample {
+                let sample = GpuSample {
                     index: i as u32,
                     uuid: gpu.uuid.clone(),
                     memory_used_bytes: memory.as_ref().map(|m| m.used),
@@ -222,7 +225,11 @@ impl SnapshotSource for NodeSnapshot {
                     utilization_percent: utilization.map(|u| u.gpu),
                     healthy: healthy.get(i).copied().unwrap_or(false),
                     vgpus_allocated: allocated.get(&gpu.uuid).copied().unwrap_or(0),
+                };
+                if let Some(device) = &device {
+                    read_mig_devices(device, &sample, &mut mig_devices);
                 }
+                sample
             })
             .collect();
         let now_unix = std::time::SystemTime::now()
@@ -239,7 +246,59 @@ impl SnapshotSource for NodeSnapshot {
             containers: self.containers(),
             observed,
             unaccounted,
+            mig_devices,
             now_unix,
         }
+    }
+}
+
+/// The MIG devices of `gpu` when it is in MIG mode, each with its parent's UUID, index and health; nothing for a
+/// GPU without MIG support or with MIG off. Read as the GPU's own values are: what NVML does not answer is
+/// absent (a MIG slot without a device is NVML's `NOT_FOUND`, a device without a UUID has no series).
+fn read_mig_devices(device: &Device<'_>, gpu: &GpuSample, out: &mut Vec<MigDeviceSample>) {
+    if !device.mig_mode().is_ok_and(|mode| mode.current == 1) {
+        return;
+    }
+    for slot in 0..device.mig_device_count().unwrap_or(0) {
+        let Ok(mig) = device.mig_device_by_index(slot) else {
+            continue;
+        };
+        let Ok(mig_uuid) = mig.uuid() else {
+            continue;
+        };
+        let memory = mig.memory_info().ok();
+        out.push(MigDeviceSample {
+            gpu_uuid: gpu.uuid.clone(),
+            gpu_index: gpu.index,
+            mig_uuid,
+            profile: mig.name().map(|n| mig_profile(&n)).unwrap_or_default(),
+            memory_used_bytes: memory.as_ref().map(|m| m.used),
+            memory_total_bytes: memory.as_ref().map(|m| m.total),
+            healthy: gpu.healthy,
+        });
+    }
+}
+
+/// The profile in a MIG device's NVML name (`NVIDIA A100-SXM4-80GB MIG 1g.10gb` → `1g.10gb`); the whole name
+/// when it has no ` MIG ` part.
+fn mig_profile(name: &str) -> String {
+    name.rsplit_once(" MIG ")
+        .map_or(name, |(_, profile)| profile)
+        .trim()
+        .to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mig_profile;
+
+    #[test]
+    fn the_profile_is_what_follows_mig_in_the_name() {
+        assert_eq!(mig_profile("NVIDIA A100-SXM4-80GB MIG 1g.10gb"), "1g.10gb");
+        assert_eq!(
+            mig_profile("NVIDIA H100 80GB HBM3 MIG 1c.3g.40gb"),
+            "1c.3g.40gb"
+        );
+        assert_eq!(mig_profile("odd"), "odd");
     }
 }
