@@ -37,6 +37,14 @@ if [ "${#FILES[@]}" -eq 0 ]; then
   exit 1
 fi
 
+# Both DaemonSets must be among them (the MIG one is a separate file an operator applies on MIG nodes).
+for required in volcano-config/vgpu-device-plugin.yaml volcano-config/vgpu-device-plugin-mig.yaml; do
+  if ! printf '%s\n' "${FILES[@]}" | grep -qx "$required"; then
+    echo "error: $required is missing" >&2
+    exit 1
+  fi
+done
+
 # The validator must still reject a broken manifest (a wrong type and an unknown field), so a silently
 # permissive install can never pass everything.
 bad="$(mktemp --suffix=.yaml)"

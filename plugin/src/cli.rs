@@ -133,6 +133,11 @@ pub struct Flags {
     #[arg(long, env = "NVIDIA_DEV_ROOT", default_value = "/")]
     dev_root: PathBuf,
 
+    /// The driver's list of MIG capability minors (/dev/nvidia-caps/nvidia-cap<N>), read in MIG mode to hand
+    /// a MIG device's device nodes with --pass-device-specs.
+    #[arg(long, env = "NVIDIA_CAPS_MINORS", default_value = crate::config::MIG_MINORS)]
+    nvidia_caps_minors: PathBuf,
+
     /// A host directory of driver libraries (lib64/, lib/) and binaries (bin/) to mount read-only into every
     /// GPU container (the GCP plugin's -host-path), e.g. /home/kubernetes/bin/nvidia.
     #[arg(long, env = "DRIVER_HOST_PATH")]
@@ -313,6 +318,7 @@ impl Flags {
                 strategies: self.device_list_strategy,
                 pass_device_specs: self.pass_device_specs,
                 dev_root: self.dev_root,
+                mig_minors: self.nvidia_caps_minors,
                 driver: self.driver_host_path.map(|host| DriverPaths {
                     host,
                     container: self.driver_container_path,

@@ -381,3 +381,106 @@ async fn a_hami_core_node_refuses_a_mig_id_by_name() {
     .await;
     admit_fails(&c, "mig-on-hami", &["operatingmode is hami-core"]).await;
 }
+
+/// `/proc/driver/nvidia-caps/mig-minors` as the driver writes it for one GPU of this minor (`config`, `monitor`,
+/// then per GPU instance 0..15 its `access` and its 8 compute instances' `access`, 9 minors per GI).
+fn real_mig_minors(gpu_minor: u32) -> String {
+    let mut text = String::from("config 1\nmonitor 2\n");
+    let base = 3 + gpu_minor * 15 * 9;
+    for gi in 0..15 {
+        let gi_minor = base + gi * 9;
+        text.push_str(&format!("gpu{gpu_minor}/gi{gi}/access {gi_minor}\n"));
+        for ci in 0..8 {
+            let ci_minor = gi_minor + 1 + ci;
+            text.push_str(&format!("gpu{gpu_minor}/gi{gi}/ci{ci}/access {ci_minor}\n"));
+        }
+    }
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_device_specs_a_mig_device_gets_its_parent_gpu_and_capability_nodes() {
+    let c = cluster(NodeSpec::new(vec![GpuSpec::a100_80gb(0)]))
+        .device_tree()
+        .args([
+            "--pass-device-specs",
+            "--dev-root",
+            "{root}/devroot",
+            "--nvidia-caps-minors",
+            "{root}/mig-minors",
+        ])
+        .start_with(|_, dir| {
+            let node_config = json!({"nodeconfig": [{"name": NODE, "operatingmode": "mig"}]});
+            std::fs::write(dir.join("node-config.json"), node_config.to_string()).unwrap();
+            std::fs::write(dir.join("mig-minors"), real_mig_minors(0)).unwrap();
+            let caps = dir.join("devroot/dev/nvidia-caps");
+            std::fs::create_dir_all(&caps).unwrap();
+            for minor in 3..3 + 15 * 9 {
+                std::os::unix::fs::symlink("/dev/null", caps.join(format!("nvidia-cap{minor}")))
+                    .unwrap();
+            }
+        })
+        .await;
+    let a100 = c.uuid(0);
+    let dev = c.root().join("devroot/dev");
+
+    // Positions 0 and 1 of group1 (7 × 1g.10gb): two GPU instances, one compute instance (0) each.
+    let mut gis = Vec::new();
+    for (name, position, time) in [("p0", 0, 1_787_220_000), ("p1", 1, 1_787_220_001)] {
+        bind(
+            &c,
+            name,
+            9728,
+            &mig_dev(&a100, "group1", position, 9728),
+            time,
+        )
+        .await;
+        let r = c.admit(1).await;
+        assert!(
+            r.envs["NVIDIA_VISIBLE_DEVICES"].starts_with("MIG-"),
+            "{r:?}"
+        );
+        let got: Vec<(&str, String)> = r
+            .devices
+            .iter()
+            .map(|d| {
+                assert_eq!(d.permissions, "rw", "{d:?}");
+                (d.container_path.as_str(), d.host_path.clone())
+            })
+            .collect();
+        assert_eq!(got.len(), 5, "{got:?}");
+        let host = |n: &str| dev.join(n).display().to_string();
+        assert_eq!(
+            got[..3],
+            [
+                ("/dev/nvidiactl", host("nvidiactl")),
+                ("/dev/nvidia-uvm", host("nvidia-uvm")),
+                ("/dev/nvidia0", host("nvidia0")),
+            ],
+        );
+        let cap = |(path, host_path): &(&str, String)| -> u32 {
+            let minor = path.strip_prefix("/dev/nvidia-caps/nvidia-cap").unwrap();
+            assert_eq!(host_path, &host(&format!("nvidia-caps/nvidia-cap{minor}")));
+            minor.parse().unwrap()
+        };
+        let (gi_minor, ci_minor) = (cap(&got[3]), cap(&got[4]));
+        // The GI's `access` line and its compute instance 0's, as the file lists them.
+        assert_eq!((gi_minor - 3) % 9, 0, "{got:?}");
+        assert_eq!(ci_minor, gi_minor + 1, "{got:?}");
+        gis.push(gi_minor);
+    }
+    assert_ne!(gis[0], gis[1], "two MIG devices, two GPU instances");
+
+    // Without the lines for the MIG device, the pod fails naming the file and the line looked for.
+    std::fs::write(c.root().join("mig-minors"), "config 1\nmonitor 2\n").unwrap();
+    bind(
+        &c,
+        "p2",
+        9728,
+        &mig_dev(&a100, "group1", 2, 9728),
+        1_787_220_002,
+    )
+    .await;
+    let minors = c.root().join("mig-minors").display().to_string();
+    admit_fails(&c, "p2", &[&minors, "has no line `gpu0/gi"]).await;
+}

@@ -407,6 +407,10 @@ impl DriverPaths {
     }
 }
 
+/// Where the driver lists the minor number of each MIG capability (`/dev/nvidia-caps/nvidia-cap<N>`), the
+/// default of `--nvidia-caps-minors`.
+pub const MIG_MINORS: &str = "/proc/driver/nvidia-caps/mig-minors";
+
 /// How a container's GPUs, device nodes, limiter and driver reach it (docs/volcano-contract.md §4, issue #8).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeliverySettings {
@@ -416,6 +420,9 @@ pub struct DeliverySettings {
     pub pass_device_specs: bool,
     /// `--dev-root`: the root under which `/dev/nvidia*` are found on the host (and seen by the agent).
     pub dev_root: PathBuf,
+    /// `--nvidia-caps-minors`: the driver's `mig-minors` (`/proc/driver/nvidia-caps/mig-minors`), which gives the
+    /// `/dev/nvidia-caps/nvidia-cap<N>` of a MIG device's capabilities (MIG mode with `--pass-device-specs`).
+    pub mig_minors: PathBuf,
     /// `--driver-host-path` / `--driver-container-path`.
     pub driver: Option<DriverPaths>,
     /// `--cdi-spec-dir`: where the CDI spec is written (`/var/run/cdi`).
@@ -430,6 +437,7 @@ impl Default for DeliverySettings {
             strategies: DeviceListStrategies::default(),
             pass_device_specs: false,
             dev_root: PathBuf::from("/"),
+            mig_minors: PathBuf::from(MIG_MINORS),
             driver: None,
             cdi_spec_dir: PathBuf::from("/var/run/cdi"),
             cdi_annotation_prefix: "cdi.k8s.io/".to_owned(),
@@ -452,6 +460,7 @@ impl DeliverySettings {
             }
         };
         absolute("--dev-root", &self.dev_root)?;
+        absolute("--nvidia-caps-minors", &self.mig_minors)?;
         absolute("--cdi-spec-dir", &self.cdi_spec_dir)?;
         if let Some(driver) = &self.driver {
             absolute("--driver-host-path", &driver.host)?;

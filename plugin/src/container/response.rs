@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 
 use crate::config::{DeliverySettings, DeviceListStrategy};
 use crate::container::cdi;
-use crate::container::device_nodes::{DeviceNode, container_nodes};
+use crate::container::device_nodes::{DeviceNode, MigNodeIds, container_nodes, mig_nodes};
 use crate::volcano::pod_devices::ContainerDevice;
 
 use crate::container::paths::{
@@ -251,10 +251,24 @@ pub fn container_answer(settings: &LimiterSettings, handoff: &Handoff<'_>) -> Co
 /// Under a CDI strategy the devices are named `nvidia.com/gpu=<MIG UUID>` (the name `nvidia-ctk cdi generate
 /// --device-name-strategy=uuid` gives a MIG device; the node's CDI spec must be regenerated after a
 /// repartition, since MIG UUIDs change) and `NVIDIA_VISIBLE_DEVICES` is `void` when CDI is the only strategy.
-/// No device nodes are passed: the NVIDIA runtime or the CDI spec adds the MIG device's `nvidia-caps` nodes.
-pub fn mig_answer(settings: &LimiterSettings, mig_uuids: &[String]) -> ContainerAnswer {
-    let strategies = &settings.delivery.strategies;
+///
+/// With `--pass-device-specs` (and a strategy other than CDI only, as for a HAMi-core container) the device
+/// nodes are passed as NVIDIA's device plugin passes a MIG device's: the control nodes, the parent GPU's
+/// `/dev/nvidia<minor>` and the `/dev/nvidia-caps/nvidia-cap<N>` of the GPU and compute instances' `access`
+/// capabilities ([`mig_nodes`], N from `--nvidia-caps-minors`). When those cannot be found the error says
+/// why and the container gets nothing: a MIG device it cannot open is never handed out.
+pub fn mig_answer(
+    settings: &LimiterSettings,
+    devices: &[MigHanded],
+) -> Result<ContainerAnswer, String> {
+    let delivery = &settings.delivery;
+    let strategies = &delivery.strategies;
+    let mig_uuids: Vec<String> = devices.iter().map(|d| d.uuid.clone()).collect();
     let mut answer = ContainerAnswer::default();
+    if delivery.pass_device_specs && !strategies.cdi_only() {
+        let ids: Vec<MigNodeIds> = devices.iter().map(|d| d.ids).collect();
+        answer.devices = mig_nodes(&delivery.dev_root, &delivery.mig_minors, &ids)?;
+    }
     let visible = if strategies.cdi_only() {
         "void".to_owned()
     } else {
@@ -275,7 +289,16 @@ pub fn mig_answer(settings: &LimiterSettings, mig_uuids: &[String]) -> Container
             answer.cdi_devices = names;
         }
     }
-    answer
+    Ok(answer)
+}
+
+/// One MIG device handed to a container: its UUID, and what its device nodes are found by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigHanded {
+    /// `MIG-…`.
+    pub uuid: String,
+    /// The parent GPU's minor, the GPU and compute instance ids.
+    pub ids: MigNodeIds,
 }
 
 fn mount(container_path: &str, host_path: &Path, read_only: bool) -> ContainerMount {
@@ -614,6 +637,54 @@ mod tests {
         assert_eq!(uuid::Uuid::parse_str(stem).unwrap().get_version_num(), 4);
     }
 
+    fn handed(uuid: &str, gi_id: u32) -> MigHanded {
+        MigHanded {
+            uuid: uuid.to_owned(),
+            ids: MigNodeIds {
+                gpu_minor: 0,
+                gi_id,
+                ci_id: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn a_mig_answer_with_device_specs_passes_the_mig_nodes_or_fails() {
+        let root = tempfile::tempdir().unwrap();
+        let minors = root.path().join("mig-minors");
+        let mut settings = LimiterSettings::default();
+        settings.delivery.pass_device_specs = true;
+        settings.delivery.dev_root = root.path().to_path_buf();
+        settings.delivery.mig_minors = minors.clone();
+        let err = mig_answer(&settings, &[handed("MIG-1", 3)]).unwrap_err();
+        assert!(
+            err.starts_with(&format!("cannot read {}", minors.display())),
+            "{err}"
+        );
+        std::fs::write(
+            &minors,
+            "config 1\nmonitor 2\ngpu0/gi3/access 30\ngpu0/gi3/ci0/access 31\n",
+        )
+        .unwrap();
+        let answer = mig_answer(&settings, &[handed("MIG-1", 3)]).unwrap();
+        let paths: Vec<&str> = answer
+            .devices
+            .iter()
+            .map(|d| d.container_path.as_str())
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                "/dev/nvidia0",
+                "/dev/nvidia-caps/nvidia-cap30",
+                "/dev/nvidia-caps/nvidia-cap31"
+            ]
+        );
+        assert_eq!(answer.envs["NVIDIA_VISIBLE_DEVICES"], "MIG-1");
+        let err = mig_answer(&settings, &[handed("MIG-1", 4)]).unwrap_err();
+        assert!(err.contains("no line `gpu0/gi4/access <minor>`"), "{err}");
+    }
+
     #[test]
     fn a_mig_answer_is_the_mig_uuids_only() {
         let settings = LimiterSettings {
@@ -621,8 +692,7 @@ mod tests {
             disable_core_limit: true,
             ..LimiterSettings::default()
         };
-        let uuids = ["MIG-1".to_owned(), "MIG-2".to_owned()];
-        let answer = mig_answer(&settings, &uuids);
+        let answer = mig_answer(&settings, &[handed("MIG-1", 0), handed("MIG-2", 1)]).unwrap();
         let expected: BTreeMap<String, String> = [(
             "NVIDIA_VISIBLE_DEVICES".to_owned(),
             "MIG-1,MIG-2".to_owned(),
@@ -638,13 +708,13 @@ mod tests {
         let mut settings = LimiterSettings::default();
         settings.delivery.strategies =
             crate::config::parse_device_list_strategies("cdi-cri").unwrap();
-        let answer = mig_answer(&settings, &["MIG-1".to_owned()]);
+        let answer = mig_answer(&settings, &[handed("MIG-1", 0)]).unwrap();
         assert_eq!(answer.envs["NVIDIA_VISIBLE_DEVICES"], "void");
         assert_eq!(answer.cdi_devices, [cdi::qualified("MIG-1")]);
         assert!(answer.mounts.is_empty());
         settings.delivery.strategies =
             crate::config::parse_device_list_strategies("envvar,cdi-annotations").unwrap();
-        let answer = mig_answer(&settings, &["MIG-1".to_owned()]);
+        let answer = mig_answer(&settings, &[handed("MIG-1", 0)]).unwrap();
         assert_eq!(answer.envs["NVIDIA_VISIBLE_DEVICES"], "MIG-1");
         assert_eq!(
             answer.annotations.values().collect::<Vec<_>>(),

@@ -33,6 +33,9 @@ pub struct MigInstance {
     pub start: u32,
     /// The GPU instance id.
     pub gi_id: u32,
+    /// The compute instance id (within the GPU instance): with `gi_id`, it names the MIG device's capability
+    /// files in `/proc/driver/nvidia-caps/mig-minors`.
+    pub ci_id: u32,
     /// The MIG device's UUID (`MIG-…`).
     pub uuid: String,
 }
@@ -111,6 +114,17 @@ pub fn map_positions(
     wanted: &Layout,
     instances: &[MigInstance],
 ) -> Result<Vec<String>, MappingError> {
+    Ok(map_instances(wanted, instances)?
+        .into_iter()
+        .map(|i| i.uuid)
+        .collect())
+}
+
+/// The instance of every position of `wanted` ([`map_positions`]'s rule), with its GPU and compute instance ids.
+pub fn map_instances(
+    wanted: &Layout,
+    instances: &[MigInstance],
+) -> Result<Vec<MigInstance>, MappingError> {
     let key = |p: &str| p.to_ascii_lowercase();
     let mut by_profile: BTreeMap<String, Vec<&MigInstance>> = BTreeMap::new();
     for inst in instances {
@@ -128,18 +142,18 @@ pub fn map_positions(
             .collect::<Vec<_>>()
             .join(", "),
     };
-    let mut uuids = Vec::with_capacity(wanted.profiles().len());
+    let mut out = Vec::with_capacity(wanted.profiles().len());
     for profile in wanted.profiles() {
         let inst = by_profile
             .get_mut(&key(profile))
             .and_then(Vec::pop)
             .ok_or_else(mismatch)?;
-        uuids.push(inst.uuid.clone());
+        out.push(inst.clone());
     }
     if by_profile.values().any(|l| !l.is_empty()) {
         return Err(mismatch());
     }
-    Ok(uuids)
+    Ok(out)
 }
 
 /// The GPU's MIG devices with their GPU instance's profile and placement.
@@ -166,6 +180,7 @@ pub fn existing_instances<B: MigBackend + ?Sized>(b: &B) -> Result<Vec<MigInstan
             profile: Layout::new([profile]).profiles()[0].clone(),
             start: *start,
             gi_id: dev.gi_id,
+            ci_id: dev.ci_id,
             uuid: dev.uuid,
         });
     }
@@ -177,8 +192,15 @@ pub fn existing_instances<B: MigBackend + ?Sized>(b: &B) -> Result<Vec<MigInstan
 pub struct Partitioned {
     /// Whether the GPU was repartitioned (its MIG UUIDs changed) or an existing matching layout reused.
     pub repartitioned: bool,
+    /// The MIG device of each position of the geometry (UUID, GPU and compute instance ids).
+    pub instances: Vec<MigInstance>,
+}
+
+impl Partitioned {
     /// The MIG UUID of each position of the geometry.
-    pub uuids: Vec<String>,
+    pub fn uuids(&self) -> Vec<String> {
+        self.instances.iter().map(|i| i.uuid.clone()).collect()
+    }
 }
 
 /// Makes the GPU's layout `geometry`: reuses the current layout when it holds the same profiles
@@ -195,10 +217,10 @@ pub fn ensure_layout<B: MigBackend + ?Sized>(
     let wanted = wanted_layout(geometry);
     let current = match current_with(b) {
         Ok(current) if current.same_profiles(&wanted) => {
-            let uuids = map_positions(&wanted, &existing_instances(b)?)?;
+            let instances = map_instances(&wanted, &existing_instances(b)?)?;
             return Ok(Partitioned {
                 repartitioned: false,
-                uuids,
+                instances,
             });
         }
         Ok(current) => current.to_string(),
@@ -221,12 +243,13 @@ pub fn ensure_layout<B: MigBackend + ?Sized>(
             profile: i.profile.clone(),
             start: i.placement.start,
             gi_id: i.gi_id,
+            ci_id: i.ci_id,
             uuid: i.uuid.clone(),
         })
         .collect();
     Ok(Partitioned {
         repartitioned: true,
-        uuids: map_positions(&wanted, &instances)?,
+        instances: map_instances(&wanted, &instances)?,
     })
 }
 
@@ -372,6 +395,7 @@ mod tests {
             profile: profile.to_owned(),
             start,
             gi_id,
+            ci_id: 0,
             uuid: uuid.to_owned(),
         }
     }

@@ -31,9 +31,10 @@ use vgpu_metrics::AgentMetrics;
 
 use crate::cluster::ApiCallError;
 use crate::config::ResourceKind;
-use crate::container::response::{ContainerAnswer, new_cache_file};
+use crate::container::device_nodes::MigNodeIds;
+use crate::container::response::{ContainerAnswer, MigHanded, new_cache_file};
 use crate::gpu::inventory::Inventory;
-use crate::gpu::mig::MigControl;
+use crate::gpu::mig::{MigControl, MigInstance};
 use crate::gpu::plan::{DevicePlan, device_id};
 use crate::handoff::decision::{Decision, HandoffError, HandoffSettings, Plan, decide};
 use crate::handoff::pod_cache::PodCache;
@@ -506,8 +507,8 @@ impl<S: PodStore> Allocator<S> {
             ));
         };
         let known = &self.settings.config.mig_geometries;
-        let mut done: std::collections::BTreeMap<String, Vec<String>> = Default::default();
-        let mut uuids = Vec::with_capacity(plan.mig.len());
+        let mut done: std::collections::BTreeMap<String, Vec<MigInstance>> = Default::default();
+        let mut handed = Vec::with_capacity(plan.mig.len());
         for u in &plan.mig {
             let Some(gpu) = self.inventory.gpus.iter().find(|g| g.uuid == u.gpu_uuid) else {
                 return Err(HandoffError::Mig(format!(
@@ -549,21 +550,27 @@ impl<S: PodStore> Allocator<S> {
                 })?;
                 tracing::info!(
                     gpu = %u.gpu_uuid, group = %u.group, repartitioned = partitioned.repartitioned,
-                    mig_devices = ?partitioned.uuids, "MIG layout ready"
+                    mig_devices = ?partitioned.uuids(), "MIG layout ready"
                 );
-                done.insert(u.gpu_uuid.clone(), partitioned.uuids);
+                done.insert(u.gpu_uuid.clone(), partitioned.instances);
             }
             let position = usize::try_from(u.position).unwrap_or(usize::MAX);
-            let Some(uuid) = done.get(&u.gpu_uuid).and_then(|all| all.get(position)) else {
+            let Some(inst) = done.get(&u.gpu_uuid).and_then(|all| all.get(position)) else {
                 return Err(HandoffError::Mig(format!(
                     "GPU {} has no MIG device at position {} of group {}",
                     u.gpu_uuid, u.position, u.group
                 )));
             };
-            uuids.push(uuid.clone());
+            handed.push(MigHanded {
+                uuid: inst.uuid.clone(),
+                ids: MigNodeIds {
+                    gpu_minor: gpu.minor,
+                    gi_id: inst.gi_id,
+                    ci_id: inst.ci_id,
+                },
+            });
         }
-        plan.resolve_mig(&self.settings, uuids);
-        Ok(())
+        plan.resolve_mig(&self.settings, &handed)
     }
 
     /// The other containers the node's records hold on `gpu_uuid` (by its MIG devices' UUIDs or its own) whose

@@ -14,7 +14,8 @@ use json_patch::{AddOperation, PatchOperation, ReplaceOperation, TestOperation};
 use crate::cluster::{ApiBounds, ApiCallError};
 use crate::config::device::VolcanoConfig;
 use crate::container::response::{
-    ContainerAnswer, Handoff, LimiterSettings, cache_dir_name, container_answer, mig_answer,
+    ContainerAnswer, Handoff, LimiterSettings, MigHanded, cache_dir_name, container_answer,
+    mig_answer,
 };
 use crate::handoff::record::{ContainerRecord, PriorityError, RecordError};
 use crate::handoff::selection::{AllocatingEndpoint, PodView, Verdict};
@@ -214,11 +215,22 @@ impl Plan {
     /// Completes a MIG hand-off with the MIG UUID of each device (in [`Self::mig`] order): the answer is
     /// those UUIDs only ([`mig_answer`]) and the record names them, so the monitor takes a region that names a
     /// MIG device as the container's own.
-    pub fn resolve_mig(&mut self, settings: &HandoffSettings, mig_uuids: Vec<String>) {
-        for (gpu, uuid) in self.record.gpus.iter_mut().zip(&mig_uuids) {
-            gpu.uuid.clone_from(uuid);
+    ///
+    /// Fails (the plan unchanged) when the answer cannot be made: the MIG device nodes to pass with
+    /// `--pass-device-specs` were not found.
+    pub fn resolve_mig(
+        &mut self,
+        settings: &HandoffSettings,
+        devices: &[MigHanded],
+    ) -> Result<(), HandoffError> {
+        let answer = mig_answer(&settings.limiter, devices).map_err(|e| {
+            HandoffError::Mig(format!("the MIG device nodes cannot be handed: {e}"))
+        })?;
+        for (gpu, device) in self.record.gpus.iter_mut().zip(devices) {
+            gpu.uuid.clone_from(&device.uuid);
         }
-        self.answer = mig_answer(&settings.limiter, &mig_uuids);
+        self.answer = answer;
+        Ok(())
     }
 
     /// Whether this is the pod's last container: the patch also marks the pod done.
@@ -518,7 +530,15 @@ mod tests {
                 position: 1,
             }]
         );
-        plan.resolve_mig(&s, vec!["MIG-x".to_owned()]);
+        let handed = MigHanded {
+            uuid: "MIG-x".to_owned(),
+            ids: crate::container::device_nodes::MigNodeIds {
+                gpu_minor: 0,
+                gi_id: 1,
+                ci_id: 0,
+            },
+        };
+        plan.resolve_mig(&s, &[handed]).unwrap();
         assert_eq!(plan.record.gpus[0].uuid, "MIG-x");
         let expected: BTreeMap<String, String> =
             [("NVIDIA_VISIBLE_DEVICES".to_owned(), "MIG-x".to_owned())].into();

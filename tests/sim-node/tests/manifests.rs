@@ -460,3 +460,77 @@ fn the_example_pods_ask_for_the_resources_the_agent_serves() {
     ];
     assert_eq!(seen, expected);
 }
+
+/// The label that moves a node from the main DaemonSet to the MIG one.
+const MIG_LABEL: &str = "volcano.sh/vgpu-mig";
+
+#[test]
+fn the_mig_daemonset_is_the_main_one_with_only_the_documented_differences() {
+    let main = daemonset().object;
+    let docs = load(&dir().join("vgpu-device-plugin-mig.yaml")).unwrap();
+    assert_eq!(
+        docs.len(),
+        1,
+        "only the DaemonSet: the RBAC is the main file's"
+    );
+    let mig = find(&docs, "DaemonSet", "volcano-device-plugin-mig").unwrap();
+
+    // The main DaemonSet keeps off MIG nodes in every term it selects GPU nodes by.
+    let terms = main["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]
+        ["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+        .as_array()
+        .unwrap();
+    assert!(!terms.is_empty());
+    for term in terms {
+        assert!(
+            term["matchExpressions"].as_array().unwrap().contains(
+                &serde_json::json!({"key": MIG_LABEL, "operator": "NotIn", "values": ["true"]})
+            ),
+            "{term}"
+        );
+    }
+
+    // The main DaemonSet with the differences the MIG file's header documents is the MIG DaemonSet: the same
+    // image, flags, variables, probes, resources, host paths and init container.
+    let mut expected = main.clone();
+    let label = serde_json::json!({"app.kubernetes.io/name": "vgpu-node-agent-mig"});
+    expected["metadata"]["name"] = "volcano-device-plugin-mig".into();
+    expected["metadata"]["labels"] = label.clone();
+    expected["spec"]["selector"]["matchLabels"] = label.clone();
+    let pod = &mut expected["spec"]["template"];
+    pod["metadata"]["labels"] = label;
+    let spec = &mut pod["spec"];
+    spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"] = serde_json::json!([
+        {"matchExpressions": [{"key": MIG_LABEL, "operator": "In", "values": ["true"]}]}
+    ]);
+    spec["volumes"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "name": "nvidia-caps",
+            "hostPath": {"path": "/dev/nvidia-caps", "type": "DirectoryOrCreate"}
+        }));
+    let agent = spec["containers"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|c| c["name"] == "agent")
+        .unwrap();
+    agent["securityContext"] = serde_json::json!({
+        "privileged": true,
+        "runAsUser": 0,
+        "readOnlyRootFilesystem": true
+    });
+    agent["volumeMounts"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"name": "nvidia-caps", "mountPath": "/dev/nvidia-caps"}));
+    assert_eq!(
+        *mig, expected,
+        "the MIG DaemonSet differs from the main one beyond the documented differences"
+    );
+    // Privileged is the agent container's only: the init container stays as least-privilege as the main one.
+    let init = &mig["spec"]["template"]["spec"]["initContainers"][0];
+    assert_eq!(init["name"], "install-hook");
+    assert!(init["securityContext"]["privileged"].is_null(), "{init}");
+}
