@@ -5,6 +5,8 @@
 //! `ctests/nvml_procs.c` (linked `-lnvidia-ml`, compiled once per test process with `$CC`) prints
 //! what `nvmlDeviceGetComputeRunningProcesses_v3`, `_v2` and the v1 name return for one GPU.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
@@ -19,34 +21,8 @@ const FUNCTION_NOT_FOUND: i32 = 13;
 
 fn nvml_procs_program() -> &'static Path {
     static PROGRAM: OnceLock<PathBuf> = OnceLock::new();
-    PROGRAM.get_or_init(|| {
-        let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("gpu-sim-backstop-{}", std::process::id()));
-        std::fs::create_dir_all(&out).expect("create ctests dir");
-        let exe = out.join("nvml-procs");
-        let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_owned());
-        let output = Command::new(&cc)
-            .args(["-std=gnu11", "-O1", "-Wall", "-Wextra", "-Werror"])
-            .arg("-I")
-            .arg(crate_dir.join("csrc"))
-            .arg("-I")
-            .arg(crate_dir.join("ctests"))
-            .arg(crate_dir.join("ctests/nvml_procs.c"))
-            .arg("-o")
-            .arg(&exe)
-            .arg("-L")
-            .arg(gpu_sim::nvml_library_dir())
-            .arg("-lnvidia-ml")
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {cc}: {e}"));
-        assert!(
-            output.status.success(),
-            "compiling nvml_procs.c failed:\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        exe
-    })
+    PROGRAM
+        .get_or_init(|| common::compile_ctest("nvml_procs.c", "nvml-procs", &[], &["-lnvidia-ml"]))
 }
 
 /// One query's answer: its return code and `(pid, bytes)` entries.

@@ -7,6 +7,8 @@
 //! `cuGetProcAddress(_v2)`. Both are compiled once per test process with `$CC` (default `cc`) and
 //! run with `LD_LIBRARY_PATH` pointing at the fake and `GPU_SIM_NODE` at a fresh simulated node.
 
+mod common;
+
 use std::collections::{BTreeSet, HashMap};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -29,37 +31,9 @@ struct Programs {
 
 fn programs() -> &'static Programs {
     static PROGRAMS: OnceLock<Programs> = OnceLock::new();
-    PROGRAMS.get_or_init(|| {
-        let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("gpu-sim-ctests-{}", std::process::id()));
-        std::fs::create_dir_all(&out).expect("create ctests dir");
-        let compile = |source: &str, name: &str, libs: &[&str]| {
-            let exe = out.join(name);
-            let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_owned());
-            let output = Command::new(&cc)
-                .args(["-std=gnu11", "-O1", "-Wall", "-Wextra", "-Werror"])
-                .arg("-I")
-                .arg(crate_dir.join("csrc"))
-                .arg(crate_dir.join("ctests").join(source))
-                .arg("-o")
-                .arg(&exe)
-                .arg("-L")
-                .arg(gpu_sim::nvml_library_dir())
-                .args(libs)
-                .output()
-                .unwrap_or_else(|e| panic!("cannot run {cc}: {e}"));
-            assert!(
-                output.status.success(),
-                "compiling {source} failed:\n{}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-            exe
-        };
-        Programs {
-            driver_check: compile("driver_check.c", "driver-check", &["-lcuda"]),
-            proc_address: compile("proc_address.c", "proc-address", &["-ldl"]),
-        }
+    PROGRAMS.get_or_init(|| Programs {
+        driver_check: common::compile_ctest("driver_check.c", "driver-check", &[], &["-lcuda"]),
+        proc_address: common::compile_ctest("proc_address.c", "proc-address", &[], &["-ldl"]),
     })
 }
 

@@ -10,6 +10,8 @@
 //! most so much), never "this took less than".
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -24,37 +26,12 @@ const MS: u64 = 1_000_000;
 fn program() -> &'static Path {
     static PROGRAM: OnceLock<PathBuf> = OnceLock::new();
     PROGRAM.get_or_init(|| {
-        let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("gpu-sim-kernel-time-{}", std::process::id()));
-        std::fs::create_dir_all(&out).unwrap();
-        let exe = out.join("kernel-time");
-        let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_owned());
-        let output = Command::new(&cc)
-            .args([
-                "-std=gnu11",
-                "-O1",
-                "-Wall",
-                "-Wextra",
-                "-Werror",
-                "-pthread",
-            ])
-            .arg("-I")
-            .arg(crate_dir.join("csrc"))
-            .arg(crate_dir.join("ctests").join("kernel_time.c"))
-            .arg("-o")
-            .arg(&exe)
-            .arg("-L")
-            .arg(gpu_sim::nvml_library_dir())
-            .args(["-lcuda", "-lnvidia-ml"])
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {cc}: {e}"));
-        assert!(
-            output.status.success(),
-            "compiling kernel_time.c failed:\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        exe
+        common::compile_ctest(
+            "kernel_time.c",
+            "kernel-time",
+            &["-pthread"],
+            &["-lcuda", "-lnvidia-ml"],
+        )
     })
 }
 

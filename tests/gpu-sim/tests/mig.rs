@@ -7,6 +7,8 @@
 //! one output line each (see the file). `nvml-wrapper` covers what it wraps, in a re-executed
 //! child of this test binary.
 
+mod common;
+
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -34,34 +36,7 @@ const P_4G_40GB: u32 = 5;
 
 fn mig_check_program() -> &'static Path {
     static PROGRAM: OnceLock<PathBuf> = OnceLock::new();
-    PROGRAM.get_or_init(|| {
-        let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("gpu-sim-mig-{}", std::process::id()));
-        std::fs::create_dir_all(&out).expect("create ctests dir");
-        let exe = out.join("mig-check");
-        let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_owned());
-        let output = Command::new(&cc)
-            .args(["-std=gnu11", "-O1", "-Wall", "-Wextra", "-Werror"])
-            .arg("-I")
-            .arg(crate_dir.join("csrc"))
-            .arg("-I")
-            .arg(crate_dir.join("ctests"))
-            .arg(crate_dir.join("ctests/mig_check.c"))
-            .arg("-o")
-            .arg(&exe)
-            .arg("-L")
-            .arg(gpu_sim::nvml_library_dir())
-            .arg("-lnvidia-ml")
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {cc}: {e}"));
-        assert!(
-            output.status.success(),
-            "compiling mig_check.c failed:\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        exe
-    })
+    PROGRAM.get_or_init(|| common::compile_ctest("mig_check.c", "mig-check", &[], &["-lnvidia-ml"]))
 }
 
 fn mig_check_output(node: &SimNode, args: &[&str], extra: &[(&str, &str)]) -> Output {
