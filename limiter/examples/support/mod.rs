@@ -1,5 +1,6 @@
 //! What the limiter's benchmarks share: the release `libvgpu.so` they preload and the C programs they
-//! time, compiled against the gpu-sim's fake driver.
+//! time, compiled against the gpu-sim's fake driver. Each example uses a part of it.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -45,6 +46,22 @@ pub fn compile(dir: &Path, src: &str, name: &str) -> PathBuf {
         .arg("-L")
         .arg(lib_dir)
         .args(["-lcuda", "-ldl"])
+        .status()
+        .expect("run cc");
+    assert!(status.success(), "compiling {} failed", src.display());
+    out
+}
+
+/// Compiles `src` (relative to the limiter's directory) with `cc -O2`, linking nothing else, into
+/// `dir/name`.
+pub fn compile_plain(dir: &Path, src: &str, name: &str) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(src);
+    let out = dir.join(name);
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_owned());
+    let status = Command::new(&cc)
+        .args(["-std=gnu11", "-O2", "-Wall", "-Werror", "-o"])
+        .arg(&out)
+        .arg(&src)
         .status()
         .expect("run cc");
     assert!(status.success(), "compiling {} failed", src.display());
