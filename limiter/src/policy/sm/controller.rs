@@ -105,7 +105,11 @@ impl Controller {
 /// `libm.so.6` (about 40 µs per exec, measured) for a function only the SM watcher uses.
 fn power(x: f64, gain: f64) -> f64 {
     let root = x.sqrt();
-    if gain == SPEED_UP_GAIN { root.sqrt() } else { root }
+    if gain == SPEED_UP_GAIN {
+        root.sqrt()
+    } else {
+        root
+    }
 }
 
 #[cfg(test)]
