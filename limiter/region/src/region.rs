@@ -850,6 +850,7 @@ impl Region {
     /// inflate the word for good; counting the larger is only conservative for this one check, like a
     /// racing free. If the own slot is hidden above `proc_num` (somebody lowered it), `proc_num` is
     /// raised again so the others see it.
+    #[inline(always)]
     fn device_usage_seqcst(&self, device: usize, own: usize, own_floor: u64) -> u64 {
         let r = self.shared();
         let proc_num = clamp_proc_num(r.proc_num.load(Ordering::SeqCst));

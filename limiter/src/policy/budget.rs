@@ -65,6 +65,7 @@ pub(crate) trait Budget: Sync {
         self.try_charge_kind(dev, MemoryKind::Data, bytes)
     }
     /// [`Budget::credit_kind`] for application data (allocations).
+    #[inline]
     fn credit(&self, dev: usize, bytes: u64) {
         self.credit_kind(dev, MemoryKind::Data, bytes);
     }
@@ -105,7 +106,22 @@ impl SharedBudget {
     }
 
     /// The region, opening it on first use; `None` without a cap or when it cannot be opened.
+    /// Once open, one load: the pointer is set only after a cap made the process open it, and is
+    /// never cleared.
+    #[inline(always)]
     fn region(&self) -> Option<&'static Region> {
+        let p = self.region.load(Ordering::Acquire);
+        // SAFETY: non-null pointers come from `Box::leak` in `open_slow` and are never freed.
+        match unsafe { p.as_ref() } {
+            Some(region) => Some(region),
+            None => self.region_slow(),
+        }
+    }
+
+    /// [`SharedBudget::region`] before the region is open (or when it cannot be).
+    #[cold]
+    #[inline(never)]
+    fn region_slow(&self) -> Option<&'static Region> {
         if !caps::memory_capped() && !caps::sm_capped() {
             return None;
         }
@@ -168,7 +184,7 @@ impl SharedBudget {
     }
 
     /// The region with this process registered in a slot; `None` (reported once) otherwise.
-    #[inline]
+    #[inline(always)]
     fn registered(&self) -> Option<&'static Region> {
         let region = self.region()?;
         if region.slot_index().is_some() {
@@ -208,7 +224,8 @@ impl SharedBudget {
 
     /// [`Budget::try_charge_kind`] on a device whose cap `limit` the caller has just read with
     /// [`Budget::limit`] (the allocation hooks do, to decide whether to track at all): spares the
-    /// hot path a second lookup.
+    /// hot path a second lookup. Inlined into the allocation hooks (its refusals are out of line).
+    #[inline(always)]
     pub(crate) fn try_charge_within(
         &self,
         dev: usize,
@@ -313,15 +330,12 @@ impl Budget for SharedBudget {
     /// `caps.rs`; out of line it costs ~20 instructions per capped allocation).
     #[inline]
     fn limit(&self, dev: usize) -> Option<u64> {
-        let file = self
-            .region()
-            .and_then(|r| r.limit(dev).ok())
-            .filter(|&l| l != 0);
         let env = caps::memory(dev)?;
-        match (env, file) {
-            (UNLIMITED, file) => file,
-            (env, Some(file)) => Some(env.min(file)),
-            (env, None) => Some(env),
+        let file = self.region().map_or(0, |r| r.limit(dev).unwrap_or(0));
+        if file == 0 {
+            (env != UNLIMITED).then_some(env)
+        } else {
+            Some(env.min(file))
         }
     }
 
@@ -342,6 +356,7 @@ impl Budget for SharedBudget {
         }
     }
 
+    #[inline(always)]
     fn credit_kind(&self, dev: usize, kind: MemoryKind, bytes: u64) {
         if let Some(region) = self.region() {
             let _ = region.remove_usage(dev, kind, bytes);
@@ -596,6 +611,7 @@ impl<const N: usize> AllocTable<N> {
     }
 
     /// The entry holding `key`, if recorded.
+    #[inline(always)]
     fn find(&self, key: u64) -> Option<&Entry> {
         if key == EMPTY || key >= BUSY {
             return None;
@@ -617,7 +633,7 @@ impl<const N: usize> AllocTable<N> {
 
     /// The entry of `entries` holding `key` within its probe window (which ends at the first
     /// never-used entry); one load per entry.
-    #[inline]
+    #[inline(always)]
     fn probe(entries: &[Entry], key: u64) -> Option<&Entry> {
         let len = entries.len();
         let start = Self::start(key, len);
@@ -635,6 +651,7 @@ impl<const N: usize> AllocTable<N> {
     /// Takes `e` (holding `key`) out of the table if `matches(dev, tag)` holds for what it holds
     /// once claimed, and returns its charge; `None` if another thread took it first or it does not
     /// match (then it is left as it was).
+    #[inline(always)]
     fn take_if(&self, e: &Entry, key: u64, matches: impl Fn(u32, u64) -> bool) -> Option<Charge> {
         e.key
             .compare_exchange(key, BUSY, Ordering::AcqRel, Ordering::Acquire)
@@ -655,6 +672,7 @@ impl<const N: usize> AllocTable<N> {
     }
 
     /// Removes `key` and returns its charge; `None` when it was never recorded.
+    #[inline(always)]
     pub(crate) fn remove(&self, key: u64) -> Option<Charge> {
         let e = self.find(key)?;
         self.take_if(e, key, |_, _| true)
