@@ -5,7 +5,10 @@
 //! (and a binding without a row is an unused import, an error under clippy's `-D warnings`).
 //!
 //! `intercepted` rows run inside [`guard::hook`] (the re-entry flag: a nested call goes to the real
-//! function untouched); `launches`, the hot path, inside [`guard::ffi`] only (see `infra/guard.rs`).
+//! function untouched); `launches`, the hot path, first try a fast path of atomic loads
+//! ([`crate::policy::sm::launch::passes`]: no cap at all, or only the priority protocol with a fresh
+//! mark) that jumps to the real function, and otherwise run their body inside [`guard::ffi`] only
+//! (see `infra/guard.rs`).
 
 #![allow(clippy::missing_safety_doc)] // the exports are called by C with the driver's contract
 

@@ -2,8 +2,10 @@
 //! container, on every launch path (`cuLaunchKernel`, `cuLaunchKernelEx`,
 //! `cuLaunchCooperativeKernel`, `cuGraphLaunch`, each with its `_ptsz` twin).
 //!
-//! * [`before_launch`] is what every launch hook calls. In a process with no cap of any kind (no
-//!   memory cap, no SM cap: no shared region) it is one atomic load. Otherwise, in HAMi-core's
+//! * [`passes`] is the launch exports' fast path: in a process with no cap of any kind (no memory
+//!   cap, no SM cap: no shared region) one atomic load; with a region but no SM cap on any device
+//!   (`MARK_ONLY`) three loads and a counter while the activity mark is fresh. Anything else goes
+//!   to [`before_launch`], which every launch hook's body calls. There, in HAMi-core's
 //!   original `rate_limiter` order: the priority gate first (wait while the monitor holds
 //!   `recent_kernel` at −1, then mark the container active and stamp `last_kernel_time`), then, if
 //!   the launch's device is capped, the device's `gate::Gate` — which only counts the launch
