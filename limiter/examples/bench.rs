@@ -56,6 +56,13 @@ fn run_once(
         cmd.env("CUDA_DEVICE_MEMORY_LIMIT", "80g");
     }
     let out = cmd.output().expect("spawn bench");
+    if !out.stderr.is_empty() {
+        // E.g. the dynamic linker refusing the preload: the figures would be "no preload".
+        eprintln!(
+            "{path} variant {variant}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
