@@ -210,9 +210,11 @@ const REFRESH_EVERY: u32 = 256;
 #[inline(always)]
 fn refresh_due() -> bool {
     static LAUNCHES: AtomicU32 = AtomicU32::new(0);
-    let n = LAUNCHES.load(Ordering::Relaxed);
-    LAUNCHES.store(n.wrapping_add(1), Ordering::Relaxed);
-    n.is_multiple_of(REFRESH_EVERY)
+    // Counted launches, this one included: the first of every `REFRESH_EVERY` is due (tested on
+    // the new value, so the fast path needs one register for it).
+    let n = LAUNCHES.load(Ordering::Relaxed).wrapping_add(1);
+    LAUNCHES.store(n, Ordering::Relaxed);
+    n % REFRESH_EVERY == 1
 }
 
 /// Unix seconds from `CLOCK_REALTIME_COARSE` (vDSO; `last_kernel_time` has 1 s resolution).
