@@ -429,11 +429,15 @@ pub(crate) fn shared() -> &'static SharedBudget {
 pub(crate) fn linear_reserved(bytes: u64) -> u64 {
     const SMALL: u64 = 1 << 20;
     const PAGE: u64 = 2 << 20;
-    if bytes >= SMALL {
-        bytes.div_ceil(PAGE).saturating_mul(PAGE)
+    // Rounding up to a power of two, saturating at u64::MAX like `div_ceil(PAGE) * PAGE` would.
+    let (unit, bytes) = if bytes >= SMALL {
+        (PAGE, bytes)
     } else {
-        bytes.div_ceil(512) * 512
-    }
+        (512, bytes)
+    };
+    bytes
+        .checked_add(unit - 1)
+        .map_or(u64::MAX, |b| b & !(unit - 1))
 }
 
 /// What one tracked allocation charged.
