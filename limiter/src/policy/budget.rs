@@ -233,19 +233,51 @@ impl SharedBudget {
         bytes: u64,
         limit: u64,
     ) -> Result<(), OverCap> {
-        let Some(region) = self.registered() else {
+        let Some(region) = self.region() else {
             return Err(OverCap { usage: 0, limit });
         };
         if bytes > limit {
             // Absurd sizes (SIZE_MAX, a pitch × height that overflowed and saturated): refused
             // before anything is written; reaping could not make them fit.
-            return Err(refuse_oversized(region, dev, limit));
+            return Err(match self.registered() {
+                Some(region) => refuse_oversized(region, dev, limit),
+                None => OverCap { usage: 0, limit },
+            });
         }
+        // The slot is checked by the charge itself (`NotRegistered`): the first charge of a process
+        // (or of a fork child) takes its slot out of line, like a would-be refusal.
         match region.try_add_usage(dev, kind, bytes, limit) {
             Ok(Ok(_)) => Ok(()),
-            // A would-be refusal (or an error): out of line.
-            first => retry_after_reaping(region, dev, kind, bytes, limit, first.unwrap_or(Err(0))),
+            first => self.charge_slow(region, dev, kind, bytes, limit, first),
         }
+    }
+
+    /// [`SharedBudget::try_charge_within`] when the first attempt did not charge: without a slot,
+    /// take one and try again; then a would-be refusal reaps and retries once.
+    #[cold]
+    #[inline(never)]
+    fn charge_slow(
+        &self,
+        region: &'static Region,
+        dev: usize,
+        kind: MemoryKind,
+        bytes: u64,
+        limit: u64,
+        first: vgpu_region::Result<Result<u64, u64>>,
+    ) -> Result<(), OverCap> {
+        let first = match first {
+            Err(vgpu_region::RegionError::NotRegistered { .. }) => {
+                let Some(region) = self.registered() else {
+                    return Err(OverCap { usage: 0, limit });
+                };
+                match region.try_add_usage(dev, kind, bytes, limit) {
+                    Ok(Ok(_)) => return Ok(()),
+                    again => again,
+                }
+            }
+            other => other,
+        };
+        retry_after_reaping(region, dev, kind, bytes, limit, first.unwrap_or(Err(0)))
     }
 }
 
