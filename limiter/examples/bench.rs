@@ -9,6 +9,14 @@
 //! `runs` times (default 5) per path and variant, interleaved: without the preload, with the
 //! preload and no cap, with the preload and a cap (80 GiB, a private shared region). Prints the
 //! median ns/op of each variant and the median minus the no-preload median ("added").
+//!
+//! `cargo run --release -p vgpu-limiter --example bench -- callgrind [<n>]` counts instructions
+//! instead (needs `valgrind`; load does not change them): for each path and variant,
+//! `valgrind --tool=callgrind` on `bench <path> 0 <n+1>` and `bench <path> 0 1` (pairs), and the
+//! same for launches; (difference) ÷ n per operation, and what the preload adds over no preload.
+//! `VGPU_BENCH_LIB=<path>` measures another `libvgpu.so` (e.g. a build of an older commit);
+//! `VGPU_BENCH_CALLGRIND_OUT=<dir>` keeps the profiles there (`callgrind.<path>.<variant>.<launches>.<pairs>`,
+//! with `--dump-instr=yes`, for `callgrind_annotate`).
 
 use gpu_sim::{GpuSpec, NodeSpec, SimNode};
 use std::path::Path;
@@ -48,6 +56,13 @@ fn run_once(
         cmd.env("CUDA_DEVICE_MEMORY_LIMIT", "80g");
     }
     let out = cmd.output().expect("spawn bench");
+    if !out.stderr.is_empty() {
+        // E.g. the dynamic linker refusing the preload: the figures would be "no preload".
+        eprintln!(
+            "{path} variant {variant}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -69,7 +84,109 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Instructions valgrind's callgrind counts for one run of `bench <path> <launches> <pairs>`.
+fn instructions(
+    prog: &Path,
+    node: &SimNode,
+    lib: &Path,
+    path: &str,
+    variant: usize,
+    counts: (u64, u64),
+) -> u64 {
+    let (k, v) = gpu_sim::library_path_env();
+    let name = format!("callgrind.{path}.{variant}.{}.{}", counts.0, counts.1);
+    let out_file = match std::env::var_os("VGPU_BENCH_CALLGRIND_OUT") {
+        Some(dir) => Path::new(&dir).join(name),
+        None => node.dir().join("callgrind.out"),
+    };
+    let mut cmd = Command::new("valgrind");
+    cmd.arg("--tool=callgrind")
+        .arg("--dump-instr=yes")
+        .arg(format!("--callgrind-out-file={}", out_file.display()))
+        .arg(prog)
+        .args([path, &counts.0.to_string(), &counts.1.to_string()])
+        .envs(node.env())
+        .env(k, v)
+        .env_remove("LD_PRELOAD")
+        .env_remove("CUDA_DEVICE_MEMORY_LIMIT")
+        .env(
+            "CUDA_DEVICE_MEMORY_SHARED_CACHE",
+            node.dir().join("cudevshr.cache"),
+        );
+    if variant > 0 {
+        cmd.env("LD_PRELOAD", lib);
+    }
+    if variant == 2 {
+        cmd.env("CUDA_DEVICE_MEMORY_LIMIT", "80g");
+    }
+    let out = cmd.output().expect("spawn valgrind");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "valgrind bench {path} variant {variant} failed: {stderr}"
+    );
+    stderr
+        .lines()
+        .find_map(|l| {
+            l.split_once("Collected :")
+                .map(|(_, n)| n.trim().parse().ok())
+        })
+        .flatten()
+        .unwrap_or_else(|| panic!("no instruction count in {stderr}"))
+}
+
+/// The `callgrind` mode (see the module docs).
+fn callgrind(prog: &Path, node: &SimNode, lib: &Path, n: u64) {
+    println!(
+        "libvgpu.so: {}\ninstructions per operation (callgrind, n = {n}); added = over no preload\n",
+        lib.display()
+    );
+    println!(
+        "{:<9} {:<16} {:>10} {:>8} {:>12} {:>8}",
+        "path", "variant", "launch", "added", "alloc+free", "added"
+    );
+    for path in PATHS {
+        let per_op = |variant: usize, op: fn(u64) -> (u64, u64)| {
+            let many = instructions(prog, node, lib, path, variant, op(n + 1));
+            let one = instructions(prog, node, lib, path, variant, op(1));
+            (many as f64 - one as f64) / n as f64
+        };
+        let cells: Vec<(f64, f64)> = (0..VARIANTS.len())
+            .map(|v| (per_op(v, |k| (k, 0)), per_op(v, |k| (0, k))))
+            .collect();
+        for (variant, (l, a)) in cells.iter().enumerate() {
+            println!(
+                "{:<9} {:<16} {:>10.1} {:>+8.1} {:>12.1} {:>+8.1}",
+                path,
+                VARIANTS[variant],
+                l,
+                l - cells[0].0,
+                a,
+                a - cells[0].1
+            );
+        }
+    }
+}
+
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("callgrind") {
+        let n = std::env::args()
+            .nth(2)
+            .map_or(20_000, |a| a.parse().expect("numeric argument"));
+        let exe = std::env::current_exe().expect("current_exe");
+        let workspace_target = exe
+            .ancestors()
+            .nth(3)
+            .expect("target directory")
+            .to_path_buf();
+        let lib = std::env::var_os("VGPU_BENCH_LIB")
+            .map_or_else(|| build_libvgpu(&workspace_target), Into::into);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let prog = compile(dir.path(), "benches/c/bench.c", "bench");
+        let node = SimNode::new(NodeSpec::uniform(1, GpuSpec::a100_80gb)).expect("sim node");
+        callgrind(&prog, &node, &lib, n);
+        return;
+    }
     let args: Vec<u64> = std::env::args()
         .skip(1)
         .map(|a| a.parse().expect("numeric argument"))
@@ -86,7 +203,8 @@ fn main() {
         .nth(3)
         .expect("target directory")
         .to_path_buf();
-    let lib = build_libvgpu(&workspace_target);
+    let lib = std::env::var_os("VGPU_BENCH_LIB")
+        .map_or_else(|| build_libvgpu(&workspace_target), Into::into);
     let dir = tempfile::tempdir().expect("tempdir");
     let prog = compile(dir.path(), "benches/c/bench.c", "bench");
     let node = SimNode::new(NodeSpec::uniform(1, GpuSpec::a100_80gb)).expect("sim node");

@@ -46,6 +46,54 @@ fn launches_wait_while_the_monitor_blocks_the_container_even_without_an_sm_cap()
     assert_eq!(r.recent_kernel(), 2, "the container was not marked active");
 }
 
+/// Issue 20: under a memory cap alone, a launch whose mark is fresh passes on the exports' fast
+/// path (three loads, no call into the region). The protocol must still hold mid-run: a mark the
+/// monitor ages is renewed by the next launch, `last_kernel_time` keeps advancing (a refresh every
+/// 256 launches), and a block set while launches are flowing stops them until it is lifted.
+#[test]
+fn the_launch_fast_path_keeps_the_mark_fresh_and_stops_at_a_block_set_mid_run() {
+    let node = node(1);
+    let path = region(&node, "fast-path");
+    let r = Region::open_or_create(&path, &RegionConfig::default()).unwrap();
+
+    let child = Load::new(path.clone(), 6.0)
+        .env("CUDA_DEVICE_MEMORY_LIMIT", "8g")
+        .sync_every(16)
+        .spawn(&node);
+    let pid = child.id();
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(r.recent_kernel(), 2, "launches did not mark the container");
+
+    // The monitor ages the mark (HAMi's feedback loop decrements it): the next launch renews it.
+    r.layout().recent_kernel.store(1, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(r.recent_kernel(), 2, "an aged mark was not renewed");
+
+    // `last_kernel_time` (1 s resolution) advances while launches take the fast path.
+    let stamp = r.last_kernel_time();
+    std::thread::sleep(Duration::from_millis(2100));
+    assert!(
+        r.last_kernel_time() > stamp,
+        "last_kernel_time stayed at {stamp} while launching"
+    );
+
+    // Blocked mid-run: after the launches already past the gate drain, no kernel runs.
+    r.layout().recent_kernel.store(-1, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(300));
+    let busy = |t: &gpu_sim::Timeline| t.process_busy_total_ns(pid, 0);
+    let blocked_at = busy(&node.timeline().unwrap().unwrap());
+    std::thread::sleep(Duration::from_millis(900));
+    let still = busy(&node.timeline().unwrap().unwrap());
+    r.layout().recent_kernel.store(0, Ordering::SeqCst);
+    let o = sm_support::finish(child);
+    assert_eq!(
+        still, blocked_at,
+        "kernels ran while the monitor blocked the container mid-run"
+    );
+    assert!(o.launches > 100, "launches did not run: {}", o.launches);
+    assert_eq!(r.recent_kernel(), 2, "not marked active after the release");
+}
+
 #[test]
 fn a_new_region_records_the_task_priority_and_the_sm_caps() {
     let node = node(2);

@@ -850,21 +850,29 @@ impl Region {
     /// inflate the word for good; counting the larger is only conservative for this one check, like a
     /// racing free. If the own slot is hidden above `proc_num` (somebody lowered it), `proc_num` is
     /// raised again so the others see it.
+    #[inline(always)]
     fn device_usage_seqcst(&self, device: usize, own: usize, own_floor: u64) -> u64 {
         let r = self.shared();
         let proc_num = clamp_proc_num(r.proc_num.load(Ordering::SeqCst));
+        let procs = &r.procs[..proc_num];
+        // A live slot's word; every slot in index order, status then total, as one loop would
+        // read them. The own slot is taken out of the loops, so they compare no index.
+        let live = |s: &ProcSlot| {
+            (s.status.load(Ordering::SeqCst) != SLOT_STATUS_EXITED)
+                .then(|| s.used[device].total.load(Ordering::SeqCst))
+        };
+        let (before, from_own) = procs.split_at(own.min(proc_num));
+        let mut sum = before
+            .iter()
+            .filter_map(live)
+            .fold(0u64, u64::saturating_add);
         let mut own_seen = false;
-        let mut sum = 0u64;
-        for (i, s) in r.procs[..proc_num].iter().enumerate() {
-            if s.status.load(Ordering::SeqCst) == SLOT_STATUS_EXITED {
-                continue;
-            }
-            let mut v = s.used[device].total.load(Ordering::SeqCst);
-            if i == own {
+        if let Some((mine, after)) = from_own.split_first() {
+            if let Some(v) = live(mine) {
                 own_seen = true;
-                v = v.max(own_floor);
+                sum = sum.saturating_add(v.max(own_floor));
             }
-            sum = sum.saturating_add(v);
+            sum = after.iter().filter_map(live).fold(sum, u64::saturating_add);
         }
         if !own_seen {
             self.unhide_own_slot(own);

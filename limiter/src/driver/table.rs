@@ -117,6 +117,22 @@ macro_rules! slots {
                     })
                 }
             )*
+            /// The launch rows' real functions if already resolved (one atomic load, never resolving:
+            /// the launch exports' fast path, which must not do more than load atomics).
+            pub(crate) mod ready {
+                use super::*;
+                $(
+                    #[inline(always)]
+                    pub(crate) fn $lname() -> Option<unsafe extern "C" fn($($lty),*) -> $lret> {
+                        let addr = SLOTS[Sym::$lname as usize].load(Ordering::Acquire);
+                        // SAFETY: an address above `MISSING` was stored by `resolve_slow` from
+                        // dlsym for exactly this name, whose C prototype is the row's.
+                        (addr > MISSING).then(|| unsafe {
+                            std::mem::transmute::<usize, unsafe extern "C" fn($($lty),*) -> $lret>(addr)
+                        })
+                    }
+                )*
+            }
             $(
                 #[inline]
                 pub(crate) fn $iname() -> Option<unsafe extern "C" fn($($ity),*) -> $iret> {

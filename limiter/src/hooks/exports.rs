@@ -5,7 +5,10 @@
 //! (and a binding without a row is an unused import, an error under clippy's `-D warnings`).
 //!
 //! `intercepted` rows run inside [`guard::hook`] (the re-entry flag: a nested call goes to the real
-//! function untouched); `launches`, the hot path, inside [`guard::ffi`] only (see `infra/guard.rs`).
+//! function untouched); `launches`, the hot path, first try a fast path of atomic loads
+//! ([`crate::policy::sm::launch::passes`]: no cap at all, or only the priority protocol with a fresh
+//! mark) that jumps to the real function, and otherwise run their body inside [`guard::ffi`] only
+//! (see `infra/guard.rs`).
 
 #![allow(clippy::missing_safety_doc)] // the exports are called by C with the driver's contract
 
@@ -132,13 +135,36 @@ macro_rules! exports {
         $(
             #[unsafe(no_mangle)]
             pub unsafe extern "C" fn $lname($($larg: $lty),*) -> $lret {
-                guard::ffi(ERROR_UNKNOWN, || {
-                    // SAFETY: called by C with the driver's contract for this entry point, which
-                    // the body relies on exactly as the real function would.
-                    unsafe { bodies::$lname($($larg),*) }
-                })
+                // The fast path: atomic loads (and one store) only, so nothing here can panic. One
+                // call site in tail position for both paths, so the caller's arguments (five of
+                // them on the stack) are passed on where they are, with a jump.
+                let f = match real::ready::$lname() {
+                    Some(real) if crate::policy::sm::launch::passes() => real,
+                    _ => launch_slow::$lname,
+                };
+                // SAFETY: the caller's arguments, forwarded under the same contract (to the real
+                // function, or to our guarded body).
+                unsafe { f($($larg),*) }
             }
         )*
+
+        /// The launch exports' slow path (first use, the priority gate, the SM gate): the body,
+        /// panic-guarded. Out of line and of the export's own type, so the export jumps to it
+        /// (or to the real function) from one call site.
+        #[allow(non_snake_case)]
+        mod launch_slow {
+            use super::*;
+            $(
+                #[inline(never)]
+                pub(super) unsafe extern "C" fn $lname($($larg: $lty),*) -> $lret {
+                    guard::ffi(ERROR_UNKNOWN, || {
+                        // SAFETY: called by C with the driver's contract for this entry point,
+                        // which the body relies on exactly as the real function would.
+                        unsafe { bodies::$lname($($larg),*) }
+                    })
+                }
+            )*
+        }
 
         /// The address of our export for row `idx`, 0 for rows we do not export.
         pub(crate) fn hook_address(idx: usize) -> usize {

@@ -1,7 +1,10 @@
 //! Every launch entry point: `cuLaunchKernel`, `cuLaunchKernelEx`, `cuLaunchCooperativeKernel`,
-//! `cuGraphLaunch`, each with its per-thread-default-stream (`_ptsz`) twin. The hot path: the real
-//! function's slot (one atomic load), [`sm::before_launch`] (one atomic load in a process without
-//! any cap; the priority protocol and the SM gate otherwise), the call. No allocation, no lock.
+//! `cuGraphLaunch`, each with its per-thread-default-stream (`_ptsz`) twin. These are the bodies
+//! of the exports' slow path: the exports (`hooks/exports.rs`) first jump straight to the real
+//! function when [`sm::passes`] says nothing is to be done (no cap of any kind; or only the
+//! priority protocol, its mark fresh and no refresh due). Here: the real function's slot (one atomic
+//! load, resolved on first use), [`sm::before_launch`] (the priority protocol and the SM gate), the
+//! call. No allocation, no lock.
 
 #![allow(clippy::too_many_arguments)] // the driver's signatures
 

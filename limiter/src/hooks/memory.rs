@@ -38,16 +38,19 @@ use vgpu_region::MemoryKind;
 /// one, without asking the driver (if no context is current the driver refuses the allocation and
 /// the charge is given back — only the error may then be OOM instead of `INVALID_CONTEXT` when
 /// the cap is also full); otherwise the current context's device (`cuCtxGetDevice`).
+#[inline(always)]
 fn alloc_device() -> Option<usize> {
     devices::only_device().or_else(current_device)
 }
 
 /// Charges `bytes` on `dev`, runs `call` (which returns the driver's result and the new key),
-/// and records the key. `undo` frees a successful allocation that cannot be recorded.
+/// and records the key. `undo` frees a successful allocation that cannot be recorded. `bytes` is
+/// computed only on a capped device (the uncapped path is the flag, two loads and the call).
+#[inline(always)]
 fn tracked_alloc<const N: usize>(
     table: &AllocTable<N>,
     dev: impl FnOnce() -> Option<usize>,
-    bytes: u64,
+    bytes: impl FnOnce() -> u64,
     call: impl FnOnce() -> (CUresult, u64),
     undo: impl FnOnce(u64),
 ) -> CUresult {
@@ -61,6 +64,7 @@ fn tracked_alloc<const N: usize>(
     let Some((dev, limit)) = capped else {
         return call().0;
     };
+    let bytes = bytes();
     if let Err(over) = b.try_charge_within(dev, MemoryKind::Data, bytes, limit) {
         log_refusal!(
             "Device {dev} OOM: {} + {bytes} bytes requested exceeds the limit of {} bytes",
@@ -79,22 +83,30 @@ fn tracked_alloc<const N: usize>(
         bytes,
     };
     if !table.insert(key, charge) {
-        undo(key);
-        b.credit(dev, bytes);
-        crate::policy::budget::count_refusal();
-        log_at!(
-            ERROR,
-            "cannot record the allocation (no memory to grow the allocation table); refusing {bytes} bytes on device {dev}"
-        );
-        return CUDA_ERROR_OUT_OF_MEMORY;
+        return unrecorded(dev, key, bytes, undo);
     }
     log_at!(DEBUG, "device {dev}: +{bytes} bytes at {key:#x}");
     CUDA_SUCCESS
 }
 
+/// [`tracked_alloc`] when the allocation table cannot grow: the allocation is freed and refused.
+#[cold]
+#[inline(never)]
+fn unrecorded(dev: usize, key: u64, bytes: u64, undo: impl FnOnce(u64)) -> CUresult {
+    undo(key);
+    budget().credit(dev, bytes);
+    crate::policy::budget::count_refusal();
+    log_at!(
+        ERROR,
+        "cannot record the allocation (no memory to grow the allocation table); refusing {bytes} bytes on device {dev}"
+    );
+    CUDA_ERROR_OUT_OF_MEMORY
+}
+
 /// Un-records `key`, runs the driver's free, and credits the charge if it succeeded. A key the
 /// table does not know is passed through — for device pointers (`graph_memory`) after checking
 /// whether it is graph memory that outlived its launch.
+#[inline(always)]
 fn tracked_free<const N: usize>(
     table: &AllocTable<N>,
     key: u64,
@@ -166,6 +178,7 @@ fn free_device_ptr(ptr: u64) {
     }
 }
 
+#[inline(always)] // into its export: the hot path
 pub(crate) unsafe fn mem_alloc(dptr: *mut CUdeviceptr, bytesize: usize) -> CUresult {
     let Some(real) = real::cuMemAlloc_v2() else {
         return unavailable(Lib::Cuda);
@@ -173,7 +186,7 @@ pub(crate) unsafe fn mem_alloc(dptr: *mut CUdeviceptr, bytesize: usize) -> CUres
     tracked_alloc(
         &DEVICE_PTRS,
         alloc_device,
-        linear_reserved(bytesize as u64),
+        || linear_reserved(bytesize as u64),
         || {
             // SAFETY: the caller's arguments, forwarded.
             let mut rc = unsafe { real(dptr, bytesize) };
@@ -211,7 +224,7 @@ pub(crate) unsafe fn mem_alloc_v1(dptr: *mut CUdeviceptrV1, bytesize: c_uint) ->
     tracked_alloc(
         &DEVICE_PTRS,
         alloc_device,
-        linear_reserved(u64::from(bytesize)),
+        || linear_reserved(u64::from(bytesize)),
         || {
             // SAFETY: the caller's arguments, forwarded.
             let rc = unsafe { real(dptr, bytesize) };
@@ -222,6 +235,7 @@ pub(crate) unsafe fn mem_alloc_v1(dptr: *mut CUdeviceptrV1, bytesize: c_uint) ->
     )
 }
 
+#[inline(always)] // into its export: the hot path
 pub(crate) unsafe fn mem_free(dptr: CUdeviceptr) -> CUresult {
     let Some(real) = real::cuMemFree_v2() else {
         return unavailable(Lib::Cuda);
@@ -254,7 +268,7 @@ fn pitched(width: u64, height: u64, call: impl FnOnce() -> (CUresult, u64, u64))
     let rc = tracked_alloc(
         &DEVICE_PTRS,
         || dev,
-        width.saturating_mul(height),
+        || width.saturating_mul(height),
         || {
             let (rc, ptr, pitch) = call();
             pitch_out = pitch;
@@ -370,7 +384,7 @@ pub(crate) unsafe fn mem_alloc_managed(
     tracked_alloc(
         &DEVICE_PTRS,
         alloc_device,
-        linear_reserved(bytesize as u64),
+        || linear_reserved(bytesize as u64),
         || {
             // SAFETY: the caller's arguments, forwarded.
             let rc = unsafe { real(dptr, bytesize, flags) };
@@ -426,7 +440,7 @@ fn stream_ordered(
     tracked_alloc(
         &DEVICE_PTRS,
         alloc_device,
-        linear_reserved(bytesize as u64),
+        || linear_reserved(bytesize as u64),
         || {
             let rc = call();
             // SAFETY: the caller's out-pointer.
@@ -596,7 +610,7 @@ pub(crate) unsafe fn mem_create(
     tracked_alloc(
         &VMM_HANDLES,
         || devices::container_index(ordinal),
-        bytes,
+        || bytes,
         call,
         |h| {
             if let Some(release) = real::cuMemRelease() {
@@ -633,7 +647,7 @@ fn array_alloc(
     tracked_alloc(
         &ARRAYS,
         alloc_device,
-        linear_reserved(bytes),
+        || linear_reserved(bytes),
         || {
             let rc = call();
             let key = if rc == CUDA_SUCCESS && !array.is_null() {

@@ -2,9 +2,12 @@
 //! same thread goes straight to the real function.
 //!
 //! **Panics.** The code is written not to panic (no indexing without bounds, no `unwrap`); this is
-//! the backstop. `catch_unwind` costs nothing on the non-panicking path, so it wraps every export,
-//! including `cuLaunchKernel`. (Even without it, Rust aborts instead of unwinding out of an
-//! `extern "C"` function; catching lets the application get an error code instead.)
+//! the backstop. `catch_unwind` costs nothing on the non-panicking path, so it wraps every export's
+//! body. The launch exports' fast path (`hooks/exports.rs`) runs before it: atomic loads and one
+//! relaxed store, which cannot panic, then a jump to the real function (inside a `catch_unwind` it
+//! could not be a jump, and `cuLaunchKernel`'s five stack arguments would be pushed again). (Even
+//! without it, Rust aborts instead of unwinding out of an `extern "C"` function; catching lets the
+//! application get an error code instead.)
 //!
 //! **Re-entry.** A driver, or another interposer stacked on ours, may call one of our exports from
 //! inside the real function we are calling — while this thread holds a lock or an initialisation

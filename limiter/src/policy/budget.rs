@@ -65,6 +65,7 @@ pub(crate) trait Budget: Sync {
         self.try_charge_kind(dev, MemoryKind::Data, bytes)
     }
     /// [`Budget::credit_kind`] for application data (allocations).
+    #[inline]
     fn credit(&self, dev: usize, bytes: u64) {
         self.credit_kind(dev, MemoryKind::Data, bytes);
     }
@@ -105,7 +106,22 @@ impl SharedBudget {
     }
 
     /// The region, opening it on first use; `None` without a cap or when it cannot be opened.
+    /// Once open, one load: the pointer is set only after a cap made the process open it, and is
+    /// never cleared.
+    #[inline(always)]
     fn region(&self) -> Option<&'static Region> {
+        let p = self.region.load(Ordering::Acquire);
+        // SAFETY: non-null pointers come from `Box::leak` in `open_slow` and are never freed.
+        match unsafe { p.as_ref() } {
+            Some(region) => Some(region),
+            None => self.region_slow(),
+        }
+    }
+
+    /// [`SharedBudget::region`] before the region is open (or when it cannot be).
+    #[cold]
+    #[inline(never)]
+    fn region_slow(&self) -> Option<&'static Region> {
         if !caps::memory_capped() && !caps::sm_capped() {
             return None;
         }
@@ -168,7 +184,7 @@ impl SharedBudget {
     }
 
     /// The region with this process registered in a slot; `None` (reported once) otherwise.
-    #[inline]
+    #[inline(always)]
     fn registered(&self) -> Option<&'static Region> {
         let region = self.region()?;
         if region.slot_index().is_some() {
@@ -208,7 +224,8 @@ impl SharedBudget {
 
     /// [`Budget::try_charge_kind`] on a device whose cap `limit` the caller has just read with
     /// [`Budget::limit`] (the allocation hooks do, to decide whether to track at all): spares the
-    /// hot path a second lookup.
+    /// hot path a second lookup. Inlined into the allocation hooks (its refusals are out of line).
+    #[inline(always)]
     pub(crate) fn try_charge_within(
         &self,
         dev: usize,
@@ -216,19 +233,51 @@ impl SharedBudget {
         bytes: u64,
         limit: u64,
     ) -> Result<(), OverCap> {
-        let Some(region) = self.registered() else {
+        let Some(region) = self.region() else {
             return Err(OverCap { usage: 0, limit });
         };
         if bytes > limit {
             // Absurd sizes (SIZE_MAX, a pitch × height that overflowed and saturated): refused
             // before anything is written; reaping could not make them fit.
-            return Err(refuse_oversized(region, dev, limit));
+            return Err(match self.registered() {
+                Some(region) => refuse_oversized(region, dev, limit),
+                None => OverCap { usage: 0, limit },
+            });
         }
+        // The slot is checked by the charge itself (`NotRegistered`): the first charge of a process
+        // (or of a fork child) takes its slot out of line, like a would-be refusal.
         match region.try_add_usage(dev, kind, bytes, limit) {
             Ok(Ok(_)) => Ok(()),
-            // A would-be refusal (or an error): out of line.
-            first => retry_after_reaping(region, dev, kind, bytes, limit, first.unwrap_or(Err(0))),
+            first => self.charge_slow(region, dev, kind, bytes, limit, first),
         }
+    }
+
+    /// [`SharedBudget::try_charge_within`] when the first attempt did not charge: without a slot,
+    /// take one and try again; then a would-be refusal reaps and retries once.
+    #[cold]
+    #[inline(never)]
+    fn charge_slow(
+        &self,
+        region: &'static Region,
+        dev: usize,
+        kind: MemoryKind,
+        bytes: u64,
+        limit: u64,
+        first: vgpu_region::Result<Result<u64, u64>>,
+    ) -> Result<(), OverCap> {
+        let first = match first {
+            Err(vgpu_region::RegionError::NotRegistered { .. }) => {
+                let Some(region) = self.registered() else {
+                    return Err(OverCap { usage: 0, limit });
+                };
+                match region.try_add_usage(dev, kind, bytes, limit) {
+                    Ok(Ok(_)) => return Ok(()),
+                    again => again,
+                }
+            }
+            other => other,
+        };
+        retry_after_reaping(region, dev, kind, bytes, limit, first.unwrap_or(Err(0)))
     }
 }
 
@@ -313,15 +362,12 @@ impl Budget for SharedBudget {
     /// `caps.rs`; out of line it costs ~20 instructions per capped allocation).
     #[inline]
     fn limit(&self, dev: usize) -> Option<u64> {
-        let file = self
-            .region()
-            .and_then(|r| r.limit(dev).ok())
-            .filter(|&l| l != 0);
         let env = caps::memory(dev)?;
-        match (env, file) {
-            (UNLIMITED, file) => file,
-            (env, Some(file)) => Some(env.min(file)),
-            (env, None) => Some(env),
+        let file = self.region().map_or(0, |r| r.limit(dev).unwrap_or(0));
+        if file == 0 {
+            (env != UNLIMITED).then_some(env)
+        } else {
+            Some(env.min(file))
         }
     }
 
@@ -342,6 +388,7 @@ impl Budget for SharedBudget {
         }
     }
 
+    #[inline(always)]
     fn credit_kind(&self, dev: usize, kind: MemoryKind, bytes: u64) {
         if let Some(region) = self.region() {
             let _ = region.remove_usage(dev, kind, bytes);
@@ -414,11 +461,15 @@ pub(crate) fn shared() -> &'static SharedBudget {
 pub(crate) fn linear_reserved(bytes: u64) -> u64 {
     const SMALL: u64 = 1 << 20;
     const PAGE: u64 = 2 << 20;
-    if bytes >= SMALL {
-        bytes.div_ceil(PAGE).saturating_mul(PAGE)
+    // Rounding up to a power of two, saturating at u64::MAX like `div_ceil(PAGE) * PAGE` would.
+    let (unit, bytes) = if bytes >= SMALL {
+        (PAGE, bytes)
     } else {
-        bytes.div_ceil(512) * 512
-    }
+        (512, bytes)
+    };
+    bytes
+        .checked_add(unit - 1)
+        .map_or(u64::MAX, |b| b & !(unit - 1))
 }
 
 /// What one tracked allocation charged.
@@ -596,6 +647,7 @@ impl<const N: usize> AllocTable<N> {
     }
 
     /// The entry holding `key`, if recorded.
+    #[inline(always)]
     fn find(&self, key: u64) -> Option<&Entry> {
         if key == EMPTY || key >= BUSY {
             return None;
@@ -617,7 +669,7 @@ impl<const N: usize> AllocTable<N> {
 
     /// The entry of `entries` holding `key` within its probe window (which ends at the first
     /// never-used entry); one load per entry.
-    #[inline]
+    #[inline(always)]
     fn probe(entries: &[Entry], key: u64) -> Option<&Entry> {
         let len = entries.len();
         let start = Self::start(key, len);
@@ -635,6 +687,7 @@ impl<const N: usize> AllocTable<N> {
     /// Takes `e` (holding `key`) out of the table if `matches(dev, tag)` holds for what it holds
     /// once claimed, and returns its charge; `None` if another thread took it first or it does not
     /// match (then it is left as it was).
+    #[inline(always)]
     fn take_if(&self, e: &Entry, key: u64, matches: impl Fn(u32, u64) -> bool) -> Option<Charge> {
         e.key
             .compare_exchange(key, BUSY, Ordering::AcqRel, Ordering::Acquire)
@@ -655,6 +708,7 @@ impl<const N: usize> AllocTable<N> {
     }
 
     /// Removes `key` and returns its charge; `None` when it was never recorded.
+    #[inline(always)]
     pub(crate) fn remove(&self, key: u64) -> Option<Charge> {
         let e = self.find(key)?;
         self.take_if(e, key, |_, _| true)

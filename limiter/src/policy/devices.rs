@@ -22,12 +22,23 @@ static STATE: InitOnce = InitOnce::new();
 static MAP: [AtomicU8; MAX_DEVICES] = [const { AtomicU8::new(0) }; MAX_DEVICES];
 /// How many devices CUDA sees (valid once `STATE` is `READY`).
 static COUNT: AtomicU8 = AtomicU8::new(0);
+/// The only device's container index + 1 once the map is computed and CUDA sees exactly one
+/// device; 0 otherwise (the allocation hooks' one load instead of three).
+static ONLY: AtomicU8 = AtomicU8::new(0);
 
 /// The container index of the only device CUDA sees, when it sees exactly one (the usual vGPU
 /// pod): every allocation of the process lands there, so the allocation hooks need not ask the
 /// driver for the current context's device. `None` with several devices or before `cuInit`.
 #[inline]
 pub(crate) fn only_device() -> Option<usize> {
+    match ONLY.load(Ordering::Acquire) {
+        0 => only_device_slow(),
+        d => Some(usize::from(d - 1)),
+    }
+}
+
+/// [`only_device`] before the map is computed, or with more than one device.
+fn only_device_slow() -> Option<usize> {
     if !STATE.is_done() {
         compute();
         if !STATE.is_done() {
@@ -89,6 +100,11 @@ fn compute() {
     }
     COUNT.store(count as u8, Ordering::Relaxed);
     claim.finish();
+    if count == 1
+        && let Some(only) = MAP[0].load(Ordering::Relaxed).checked_add(1)
+    {
+        ONLY.store(only, Ordering::Release);
+    }
 }
 
 /// A per-device limit variable naming index `i >= count` (the container has devices 0..count)

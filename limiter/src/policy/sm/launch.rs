@@ -2,8 +2,10 @@
 //! container, on every launch path (`cuLaunchKernel`, `cuLaunchKernelEx`,
 //! `cuLaunchCooperativeKernel`, `cuGraphLaunch`, each with its `_ptsz` twin).
 //!
-//! * [`before_launch`] is what every launch hook calls. In a process with no cap of any kind (no
-//!   memory cap, no SM cap: no shared region) it is one atomic load. Otherwise, in HAMi-core's
+//! * [`passes`] is the launch exports' fast path: in a process with no cap of any kind (no memory
+//!   cap, no SM cap: no shared region) one atomic load; with a region but no SM cap on any device
+//!   (`MARK_ONLY`) three loads and a counter while the activity mark is fresh. Anything else goes
+//!   to [`before_launch`], which every launch hook's body calls. There, in HAMi-core's
 //!   original `rate_limiter` order: the priority gate first (wait while the monitor holds
 //!   `recent_kernel` at −1, then mark the container active and stamp `last_kernel_time`), then, if
 //!   the launch's device is capped, the device's `gate::Gate` — which only counts the launch
@@ -36,6 +38,9 @@ const UNKNOWN: u8 = 0;
 const OFF: u8 = 2;
 /// A region (priority protocol) and/or SM caps.
 const ON: u8 = 3;
+/// A region and no SM cap on any device: only the priority protocol, so a launch whose mark is
+/// fresh and that is not due to refresh `last_kernel_time` needs nothing else ([`passes`]).
+const MARK_ONLY: u8 = 4;
 
 static MODE: AtomicU8 = AtomicU8::new(UNKNOWN);
 /// Guards [`decide`] (fork- and re-entry-aware; `MODE` stays `UNKNOWN` until it is done).
@@ -48,7 +53,34 @@ const PRIORITY_POLL: Duration = Duration::from_millis(100);
 /// ([`shared::set_region`]).
 static RECENT_KERNEL: AtomicPtr<AtomicI32> = AtomicPtr::new(std::ptr::null_mut());
 
-/// Called by every launch hook before the real launch.
+/// The launch exports' fast path: whether this launch needs nothing from us — no cap of any kind,
+/// or only the priority protocol with the activity mark still fresh (`recent_kernel` = 2, so not
+/// blocked) and no refresh of `last_kernel_time` due. Atomic loads and one relaxed store only (it
+/// runs outside the panic guard); `false` sends the launch to [`before_launch`].
+#[inline(always)]
+pub(crate) fn passes() -> bool {
+    match MODE.load(Ordering::Acquire) {
+        OFF => true,
+        MARK_ONLY => {
+            // SAFETY: `MARK_ONLY` is published (Release) only after `RECENT_KERNEL` was set to the
+            // region's word (never reset: the mapping is leaked and stays valid for the process's
+            // life, also in a fork child); this load is ordered after that (Acquire).
+            let recent = unsafe { &*RECENT_KERNEL.load(Ordering::Relaxed) };
+            recent.load(Ordering::Relaxed) == RECENT_KERNEL_ACTIVE && !refresh_due()
+        }
+        _ => false,
+    }
+}
+
+/// Whether the region's `recent_kernel` holds the activity mark (not aged by the monitor, not −1).
+#[inline(always)]
+fn mark_fresh() -> bool {
+    // SAFETY: non-null pointers point into the budget's leaked region mapping, never unmapped.
+    let recent = unsafe { RECENT_KERNEL.load(Ordering::Acquire).as_ref() };
+    recent.is_some_and(|r| r.load(Ordering::Relaxed) == RECENT_KERNEL_ACTIVE)
+}
+
+/// Called by every launch hook's body (the exports' slow path) before the real launch.
 #[inline(always)]
 pub(crate) fn before_launch() {
     if MODE.load(Ordering::Acquire) != OFF {
@@ -58,27 +90,31 @@ pub(crate) fn before_launch() {
 
 #[inline(never)]
 fn launch_slow() {
-    if MODE.load(Ordering::Acquire) != ON {
+    let mut mode = MODE.load(Ordering::Acquire);
+    if mode != ON && mode != MARK_ONLY {
         decide();
-        if MODE.load(Ordering::Acquire) != ON {
+        mode = MODE.load(Ordering::Acquire);
+        if mode != ON && mode != MARK_ONLY {
             return;
         }
     }
-    // SAFETY: non-null pointers point into the budget's leaked region mapping, never unmapped.
-    let recent = unsafe { RECENT_KERNEL.load(Ordering::Acquire).as_ref() };
-    let mark_fresh = recent.is_some_and(|r| r.load(Ordering::Relaxed) == RECENT_KERNEL_ACTIVE);
     let region = shared::region();
     if let Some(region) = region {
         // HAMi-core's original order: the priority gate and the activity mark come before any
         // cap or switch check, so uncapped and switched-off containers still take part.
         // While the mark is still fresh (the monitor has not aged it since) and no refresh of
         // `last_kernel_time` is due, one load of `recent_kernel` is all a launch costs; a block
-        // (−1) or an aged mark always takes the full path.
-        if !mark_fresh || refresh_due() {
+        // (−1) or an aged mark always takes the full path. Under `MARK_ONLY` the export's
+        // [`passes`] has already looked (and counted the launch for the refresh), so a launch
+        // that gets here records.
+        if mode == MARK_ONLY || !mark_fresh() || refresh_due() {
             while region.record_kernel_launch(coarse_unix_secs()) == LaunchGate::Blocked {
                 std::thread::sleep(PRIORITY_POLL);
             }
         }
+    }
+    if mode == MARK_ONLY {
+        return; // no device has an SM cap
     }
     let Some(dev) = launch_device() else {
         return;
@@ -146,10 +182,12 @@ fn decide() {
         );
         shared::set_region(r);
     }
-    let mode = if region.is_some() || (any_cap && env.policy != Policy::Disable) {
-        ON
-    } else {
-        OFF
+    let mode = match region {
+        // Only the priority protocol: `RECENT_KERNEL` is set above, before `MODE` publishes it.
+        Some(_) if !any_cap => MARK_ONLY,
+        Some(_) => ON,
+        None if any_cap && env.policy != Policy::Disable => ON,
+        None => OFF,
     };
     MODE.store(mode, Ordering::Release);
     claim.finish();
@@ -169,11 +207,14 @@ const REFRESH_EVERY: u32 = 256;
 
 /// Whether this launch should refresh `last_kernel_time`. A plain load and store, not a
 /// read-modify-write: two threads may count one launch between them, which only shifts a refresh.
+#[inline(always)]
 fn refresh_due() -> bool {
     static LAUNCHES: AtomicU32 = AtomicU32::new(0);
-    let n = LAUNCHES.load(Ordering::Relaxed);
-    LAUNCHES.store(n.wrapping_add(1), Ordering::Relaxed);
-    n.is_multiple_of(REFRESH_EVERY)
+    // Counted launches, this one included: the first of every `REFRESH_EVERY` is due (tested on
+    // the new value, so the fast path needs one register for it).
+    let n = LAUNCHES.load(Ordering::Relaxed).wrapping_add(1);
+    LAUNCHES.store(n, Ordering::Relaxed);
+    n % REFRESH_EVERY == 1
 }
 
 /// Unix seconds from `CLOCK_REALTIME_COARSE` (vDSO; `last_kernel_time` has 1 s resolution).
