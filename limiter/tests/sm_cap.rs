@@ -272,3 +272,42 @@ fn a_container_is_capped_per_gpu_and_its_processes_share_each_cap() {
         "one process starved: {y1:.1} / {y2:.1} %"
     );
 }
+
+/// Attack on the launch fast path (issue 20): the tenant opens its own region once the process has
+/// opened it (here: the context a memory cap charges) and writes `sm_limit[0] = 100`, HAMi-core's
+/// "uncapped", over and over. The process's first launch then decides its caps from the file: with
+/// the file's word in force, no device is capped, `MODE` becomes `MARK_ONLY`, and every launch takes
+/// the fast path to the real function for the rest of the process's life (the decision is never
+/// taken again, so the node putting 30 back five seconds later changes nothing). The environment's
+/// cap must hold: the stricter of the environment and the file, as for memory.
+#[test]
+fn a_tenant_lifting_sm_limit_in_its_region_does_not_lift_the_environments_cap() {
+    let _serial = serial();
+    let node = node(1);
+    let path = region(&node, "lifted");
+    let r =
+        vgpu_region::Region::open_or_create(&path, &vgpu_region::RegionConfig::default()).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        let word = &Box::leak(Box::new(r)).layout().sm_limit[0];
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                word.store(100, Ordering::Relaxed);
+                std::thread::yield_now();
+            }
+        })
+    };
+    let mut load = on_gpu(&node, "unused", 0)
+        .capped(30)
+        .env("CUDA_DEVICE_MEMORY_LIMIT", "8g");
+    load.region = path.clone();
+    let out = run_all(&node, &[load]);
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    assert_near(
+        "sm_limit lifted in the file",
+        share(&node, 0, &out[0]),
+        30.0,
+    );
+}

@@ -3,7 +3,7 @@
 //! initialisation) and the SM settings (`CUDA_DEVICE_SM_LIMIT[_<i>]`,
 //! `GPU_CORE_UTILIZATION_POLICY`, `CUDA_TASK_PRIORITY`, read on first use). What is *in force*
 //! also depends on the shared region: the budget combines the memory caps with the file's, the SM
-//! cap's decision takes the file's `sm_limit` (`policy/budget.rs`, `policy/sm/launch.rs`).
+//! cap's decision the stricter of these and the file's `sm_limit` (`policy/budget.rs`, `policy/sm/launch.rs`).
 //!
 //! Below the budget, the device map and the SM cap, so each of them can read and the device map
 //! can tighten these without any of them reaching into another.

@@ -17,8 +17,9 @@
 //!   `controller`.
 //! * The launch's device is the current context's device; a process that sees one device uses
 //!   it ([`crate::policy::devices::only_device`]), others ask `cuCtxGetDevice` on capped launches.
-//! * The caps come from the region's `sm_limit` once the region is open (an existing file's values
-//!   win, like the memory limits), else from the environment (`caps`, `config`).
+//! * The caps are the stricter of the environment's (`caps`, `config`) and the region's `sm_limit`
+//!   once the region is open, like the memory limits: a word the tenant lifts in its file never
+//!   lifts the environment's cap.
 
 use crate::infra::config::MAX_DEVICES;
 use crate::infra::log::log_at;
@@ -150,12 +151,17 @@ fn decide() {
     let region = budget::registered_region();
     let mut any_cap = false;
     for (d, slot) in CAPS.iter().enumerate() {
-        let cap = match region.and_then(|r| r.sm_limit(d).ok()) {
-            Some(file) => match file {
-                1..=99 => Some(file as u8),
-                _ => None,
-            },
-            None => env.caps[d],
+        // The stricter of the environment's cap and the file's, as for memory: the file is the
+        // tenant's, and a word it lifts (0 or 100, "uncapped") between the opening that lowered it
+        // and this read would otherwise disable the cap for the process's life (this decision is
+        // taken once; the node repairing the word later changes nothing here).
+        let file = region
+            .and_then(|r| r.sm_limit(d).ok())
+            .filter(|f| (1..=99).contains(f))
+            .map(|f| f as u8);
+        let cap = match (env.caps[d], file) {
+            (Some(e), Some(f)) => Some(e.min(f)),
+            (e, f) => e.or(f),
         };
         any_cap |= cap.is_some();
         slot.store(cap.unwrap_or(0), Ordering::Relaxed);
@@ -171,7 +177,7 @@ fn decide() {
         log_at!(
             crate::infra::log::WARN,
             "Limit inconsistency: {} holds other SM limits than the environment asks for \
-             (device, file, environment): {differing:?}; the file's limits are in force",
+             (device, file, environment): {differing:?}; the stricter of the two is in force",
             r.path().display()
         );
     }
