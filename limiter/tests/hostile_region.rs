@@ -775,3 +775,71 @@ fn hammer_many_processes_and_threads_never_exceed_the_cap() {
     let snap = RegionReader::read_snapshot(&t.region).unwrap();
     assert_eq!(snap.device_usage(0).total, 0, "{snap:?}");
 }
+
+// ---------------------------------------------------------------------------------------------------
+// Fork (issue 20: the charge takes the slot itself, `NotRegistered`, instead of checking it first)
+
+/// A process holding memory forks; each child fills the cap in the parent's context. After a
+/// `fork()` the driver refuses the child (as CUDA does: its state does not survive a fork), also
+/// when the fork came while another thread's charges were in flight; the child's charges (taken
+/// out of line, `NotRegistered`, in a fresh slot) are given back, and nothing of them stays in
+/// the region. A raw `clone` runs no atfork handler, neither the driver's (gpu-sim then lets the
+/// child allocate) nor ours: the child keeps the parent's slot and its copy of the parent's own
+/// count, so parent and child together still never pass the cap; and its exit leaves the parent's
+/// slot alone (before: the child's atexit freed it, and the region showed the parent holding
+/// nothing until its next charge).
+#[test]
+fn a_fork_child_and_its_parent_together_stay_under_the_cap() {
+    let t = Tenant::new();
+    let cap = 3 * GIB;
+    let held = 4;
+    let room = (cap - CTX - held * CHUNK) / CHUNK;
+    for how in ["fork", "thread", "raw"] {
+        let (out, _) = t.run(&["direct", "fork", &held.to_string(), how], Some("3g"));
+        assert!(!out.contains("child died"), "{how}: {out}");
+        let children: Vec<&str> = out.lines().filter(|l| l.starts_with("child ")).collect();
+        assert_eq!(children.len(), 8, "{how}: {out}");
+        for c in children {
+            let (k, rc) = (field(c, "child"), field(c, "rc"));
+            if how == "raw" {
+                assert_eq!((k, rc), (room, 2), "{how}: beside {held} chunks: {c}");
+                assert!(field(c, "used") <= cap, "{how}: {c}");
+            } else {
+                assert_eq!(
+                    (k, rc),
+                    (0, 3),
+                    "{how}: the driver refuses a fork child: {c}"
+                );
+            }
+        }
+        let parent = line_of(&out, "parent");
+        assert_eq!(field(parent, "used"), CTX + held * CHUNK, "{how}: {out}");
+        let snap = RegionReader::read_snapshot(&t.region).unwrap();
+        assert!(snap.processes.is_empty(), "{how}: slots left: {snap:?}");
+    }
+}
+
+/// A `vfork()` child that calls `exit()` (not `_exit`) runs the atexit handlers in its parent's
+/// memory, the limiter's slot release among them: it freed the parent's slot and made the parent
+/// forget it, and the parent's next charge took a fresh slot without what it held — for good, so a
+/// second process could fill the whole cap again (4.3 GiB held under a 3 GiB cap). Only the process
+/// that took a slot frees it, and a slot taken again carries the process's own counts.
+#[test]
+fn a_vfork_child_calling_exit_does_not_erase_its_parents_charges() {
+    let t = Tenant::new();
+    let mut p = t.spawn(&["direct", "vfork", "4"], "3g");
+    let parent = p.line();
+    assert_eq!(field(&parent, "used"), CTX + 4 * CHUNK, "{parent}");
+    p.send("one");
+    let one = p.line();
+    assert_eq!(field(&one, "rc"), 0, "{one}");
+    assert_eq!(field(&one, "used"), CTX + 5 * CHUNK, "{one}");
+    let (out, _) = t.run(&["direct", "fill"], Some("3g"));
+    let fill = line_of(&out, "fill");
+    assert_eq!(
+        field(fill, "fill"),
+        (3 * GIB - 2 * CTX - 5 * CHUNK) / CHUNK,
+        "beside the parent's context and 5 chunks: {fill}"
+    );
+    p.finish();
+}

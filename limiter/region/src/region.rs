@@ -542,6 +542,10 @@ impl Region {
             if slot.pid.load(Ordering::SeqCst) != pid {
                 continue; // freed under us by a reaper that read a stale start time: take another
             }
+            // What this process already holds (0 for a first registration or a fork child, which
+            // forgets its counts): a slot taken again — after it was freed or taken under us, or
+            // forgotten in this process's memory — shows the process's charges to the others.
+            self.restore_own_counts(slot);
             self.slot_pid.store(pid, Ordering::Relaxed);
             self.slot.store(index, Ordering::Release);
             return Ok(index);
@@ -599,7 +603,15 @@ impl Region {
     /// Releases this process's slot (exit path): claimed for freeing by CAS (so a concurrent reaper cannot
     /// free it twice), status 0, counters zeroed, then pid 0. Lock-free, so it can run from an `atexit`
     /// handler even while another process holds the lock; `proc_num` shrinks at a later reap.
+    ///
+    /// Only the process that took the slot frees it, and only it forgets it: a child that shares this
+    /// handle without having run the atfork reset — a `vfork()` child calling `exit()` (its atexit
+    /// handlers run in the parent's memory), a raw `clone` — leaves both the parent's slot and the
+    /// parent's memory alone (before: the parent's charges vanished from the region for good).
     pub fn unregister(&self) {
+        if self.slot_pid.load(Ordering::Relaxed) != std::process::id() as i32 {
+            return;
+        }
         let index = self.slot.swap(NO_SLOT, Ordering::AcqRel);
         let pid = self.slot_pid.swap(0, Ordering::Relaxed);
         if index == NO_SLOT {
@@ -689,20 +701,22 @@ impl Region {
             r.proc_num.fetch_max(index as i32 + 1, Ordering::SeqCst);
             index
         };
-        let slot = &r.procs[index];
-        if moved {
-            // A fresh (zeroed) slot: put this process's charges back so the others see them again.
-            // (Charges of other threads in flight on the old slot are lost to the others' view, not to
-            // this process's own, which counts `own_total`.)
-            for (d, mem) in slot.used.iter().enumerate() {
-                let total = self.own_total[d].load(Ordering::Relaxed);
-                let context = self.own_context[d].load(Ordering::Relaxed).min(total);
-                saturating_add(&mem.total, total, Ordering::SeqCst);
-                saturating_add(&mem.context_size, context, Ordering::Relaxed);
-                saturating_add(&mem.data_size, total - context, Ordering::Relaxed);
-            }
+        // A fresh slot holds this process's charges again (`register_exclusive`). (Charges of other
+        // threads in flight on the old slot are lost to the others' view, not to this process's own,
+        // which counts `own_total`.)
+        Ok((index, &r.procs[index]))
+    }
+
+    /// Puts this process's own counts into `slot`, freshly taken and zeroed, so the other processes see
+    /// what it holds.
+    fn restore_own_counts(&self, slot: &ProcSlot) {
+        for (d, mem) in slot.used.iter().enumerate() {
+            let total = self.own_total[d].load(Ordering::Relaxed);
+            let context = self.own_context[d].load(Ordering::Relaxed).min(total);
+            saturating_add(&mem.total, total, Ordering::SeqCst);
+            saturating_add(&mem.context_size, context, Ordering::Relaxed);
+            saturating_add(&mem.data_size, total - context, Ordering::Relaxed);
         }
-        Ok((index, slot))
     }
 
     /// Adds `bytes` of `kind` on `device` (NVML index) to this process's slot, saturating (never wraps).

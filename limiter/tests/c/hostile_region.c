@@ -14,6 +14,14 @@
  *   fill          256 MiB chunks until refused, each call timed: "fill K rc R used U max_ms T"
  *   hold N        N chunks of 256 MiB: "held K rc R used U"; then per line on stdin "more": chunks
  *                 until refused, "more K rc R used U"; at EOF frees everything, "freed F"
+ *   fork N HOW    hold N chunks, then 8 times: fork (HOW = "fork": fork(); "thread": fork() while
+ *                 a second thread allocates and frees 64 MiB in a loop, so charges are in flight;
+ *                 "raw": syscall(SYS_clone), no atfork handlers); each child fills 256 MiB chunks
+ *                 in the parent's context until refused, "child K rc R used U", and exits; then
+ *                 "parent used U"
+ *   vfork N       hold N chunks; a vfork() child calls exit(0) (its atexit handlers run in the
+ *                 parent's memory); "parent used U"; then per line on stdin "one": one more chunk,
+ *                 "one rc R used U"; at EOF frees everything
  *   hammer FILE I T N BUDGET   T threads x N operations of 2..64 MiB (random alloc or free, every
  *                 7th an absurd request); after every successful allocation the bytes held by all
  *                 hammer processes (8-byte counters, one per process index I, in FILE) must not
@@ -31,6 +39,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <signal.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -347,6 +358,99 @@ static int mode_hold(int n)
     return 0;
 }
 
+/* ---- fork ---- */
+
+static volatile int churn_stop;
+
+static void *churn(void *arg)
+{
+    (void)arg;
+    while (!churn_stop) {
+        CUdeviceptr q;
+        if (p_alloc(&q, 64 * MIB) == CUDA_SUCCESS)
+            p_free(q);
+    }
+    return NULL;
+}
+
+static pid_t raw_fork(void)
+{
+    return (pid_t)syscall(SYS_clone, SIGCHLD, 0, 0, 0, 0);
+}
+
+/* In a child: fill until refused in the parent's context, report, free. */
+static void child_fill(void)
+{
+    CUdeviceptr p[MAXP];
+    CUresult rc;
+    int k = fill(p, 0, MAXP, &rc, NULL);
+    printf("child %d rc %d used %zu\n", k, rc, used());
+    fflush(stdout);
+    while (k > 0)
+        p_free(p[--k]);
+}
+
+static int mode_fork(int n, const char *how)
+{
+    CUdeviceptr p[MAXP];
+    int k = 0;
+    pthread_t t;
+    while (k < n && p_alloc(&p[k], CHUNK) == CUDA_SUCCESS)
+        k++;
+    int threaded = strcmp(how, "thread") == 0;
+    if (threaded)
+        pthread_create(&t, NULL, churn, NULL);
+    for (int i = 0; i < 8; i++) {
+        pid_t c = strcmp(how, "raw") == 0 ? raw_fork() : fork();
+        if (c < 0)
+            return 3;
+        if (c == 0) {
+            child_fill();
+            exit(0);
+        }
+        int status;
+        waitpid(c, &status, 0);
+        if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+            printf("child died %d\n", status);
+    }
+    if (threaded) {
+        churn_stop = 1;
+        pthread_join(t, NULL);
+    }
+    printf("parent used %zu\n", used());
+    while (k > 0)
+        p_free(p[--k]);
+    return 0;
+}
+
+static int mode_vfork(int n)
+{
+    CUdeviceptr p[MAXP];
+    int k = 0;
+    char line[64];
+    while (k < n && p_alloc(&p[k], CHUNK) == CUDA_SUCCESS)
+        k++;
+    pid_t c = vfork();
+    if (c < 0)
+        return 3;
+    if (c == 0)
+        exit(0); /* not _exit: the atexit handlers run, in the parent's memory */
+    waitpid(c, NULL, 0);
+    printf("parent used %zu\n", used());
+    fflush(stdout);
+    while (fgets(line, sizeof line, stdin)) {
+        if (strncmp(line, "one", 3) != 0)
+            continue;
+        CUresult rc = p_alloc(&p[k], CHUNK);
+        k += rc == CUDA_SUCCESS;
+        printf("one rc %d used %zu\n", rc, used());
+        fflush(stdout);
+    }
+    while (k > 0)
+        p_free(p[--k]);
+    return 0;
+}
+
 /* ---- hammer ---- */
 
 static volatile unsigned long long *held; /* one counter per hammer process, in a shared file */
@@ -477,6 +581,10 @@ int main(int argc, char **argv)
         return mode_fill();
     if (strcmp(mode, "hold") == 0 && argc > 3)
         return mode_hold(atoi(argv[3]));
+    if (strcmp(mode, "fork") == 0 && argc > 4)
+        return mode_fork(atoi(argv[3]), argv[4]);
+    if (strcmp(mode, "vfork") == 0 && argc > 3)
+        return mode_vfork(atoi(argv[3]));
     if (strcmp(mode, "hammer") == 0 && argc > 7)
         return mode_hammer(argv[3], atoi(argv[4]), atoi(argv[5]), atol(argv[6]),
                            strtoull(argv[7], NULL, 10));
