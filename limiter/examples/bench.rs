@@ -7,13 +7,15 @@
 //! Builds `libvgpu.so` in release (nested `cargo build --release -p vgpu-limiter --lib
 //! --target-dir target/limiter-cdylib`), compiles `benches/c/bench.c` with `cc -O2`, and runs it
 //! `runs` times (default 5) per path and variant, interleaved: without the preload, with the
-//! preload and no cap, with the preload and a cap (80 GiB, a private shared region). Prints the
+//! preload and no cap, with the preload and a cap (80 GiB, a private shared region), with the
+//! preload, that cap and an SM cap (50 %, the default policy; the gate's path). Prints the
 //! median ns/op of each variant and the median minus the no-preload median ("added").
 //!
 //! `cargo run --release -p vgpu-limiter --example bench -- callgrind [<n>]` counts instructions
 //! instead (needs `valgrind`; load does not change them): for each path and variant,
 //! `valgrind --tool=callgrind` on `bench <path> 0 <n+1>` and `bench <path> 0 1` (pairs), and the
 //! same for launches; (difference) ÷ n per operation, and what the preload adds over no preload.
+//! Only the main thread's instructions are counted (`--separate-threads=yes`), not the SM watcher's.
 //! `VGPU_BENCH_LIB=<path>` measures another `libvgpu.so` (e.g. a build of an older commit);
 //! `VGPU_BENCH_CALLGRIND_OUT=<dir>` keeps the profiles there (`callgrind.<path>.<variant>.<launches>.<pairs>`,
 //! with `--dump-instr=yes`, for `callgrind_annotate`).
@@ -23,7 +25,29 @@ use std::path::Path;
 use std::process::Command;
 
 const PATHS: [&str; 3] = ["direct", "dlsym", "procaddr"];
-const VARIANTS: [&str; 3] = ["no preload", "preload, no cap", "preload, cap"];
+const VARIANTS: [&str; 4] = [
+    "no preload",
+    "preload, no cap",
+    "preload, cap",
+    "preload, SM cap",
+];
+
+/// The preload and the caps of `variant` (the SM-capped variant has its own region: a region
+/// records its SM caps, and the memory-capped variant must not find them there).
+fn variant_env(cmd: &mut Command, node: &SimNode, lib: &Path, variant: usize) {
+    if variant > 0 {
+        cmd.env("LD_PRELOAD", lib);
+    }
+    if variant >= 2 {
+        cmd.env("CUDA_DEVICE_MEMORY_LIMIT", "80g");
+    }
+    if variant == 3 {
+        cmd.env("CUDA_DEVICE_SM_LIMIT", "50").env(
+            "CUDA_DEVICE_MEMORY_SHARED_CACHE",
+            node.dir().join("cudevshr-sm.cache"),
+        );
+    }
+}
 
 #[path = "support/mod.rs"]
 mod support;
@@ -49,12 +73,7 @@ fn run_once(
             "CUDA_DEVICE_MEMORY_SHARED_CACHE",
             node.dir().join("cudevshr.cache"),
         );
-    if variant > 0 {
-        cmd.env("LD_PRELOAD", lib);
-    }
-    if variant == 2 {
-        cmd.env("CUDA_DEVICE_MEMORY_LIMIT", "80g");
-    }
+    variant_env(&mut cmd, node, lib, variant);
     let out = cmd.output().expect("spawn bench");
     if !out.stderr.is_empty() {
         // E.g. the dynamic linker refusing the preload: the figures would be "no preload".
@@ -102,6 +121,9 @@ fn instructions(
     let mut cmd = Command::new("valgrind");
     cmd.arg("--tool=callgrind")
         .arg("--dump-instr=yes")
+        // One profile per thread: the main thread's is the one measured (the SM watcher's NVML
+        // calls depend on how long the run takes, not on how many operations it does).
+        .arg("--separate-threads=yes")
         .arg(format!("--callgrind-out-file={}", out_file.display()))
         .arg(prog)
         .args([path, &counts.0.to_string(), &counts.1.to_string()])
@@ -113,26 +135,21 @@ fn instructions(
             "CUDA_DEVICE_MEMORY_SHARED_CACHE",
             node.dir().join("cudevshr.cache"),
         );
-    if variant > 0 {
-        cmd.env("LD_PRELOAD", lib);
-    }
-    if variant == 2 {
-        cmd.env("CUDA_DEVICE_MEMORY_LIMIT", "80g");
-    }
+    variant_env(&mut cmd, node, lib, variant);
     let out = cmd.output().expect("spawn valgrind");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
         "valgrind bench {path} variant {variant} failed: {stderr}"
     );
-    stderr
+    let main_thread = format!("{}-01", out_file.display());
+    let profile = std::fs::read_to_string(&main_thread)
+        .unwrap_or_else(|e| panic!("{main_thread}: {e}; valgrind said: {stderr}"));
+    profile
         .lines()
-        .find_map(|l| {
-            l.split_once("Collected :")
-                .map(|(_, n)| n.trim().parse().ok())
-        })
+        .find_map(|l| l.strip_prefix("totals:").map(|n| n.trim().parse().ok()))
         .flatten()
-        .unwrap_or_else(|| panic!("no instruction count in {stderr}"))
+        .unwrap_or_else(|| panic!("no totals in {main_thread}"))
 }
 
 /// The `callgrind` mode (see the module docs).
