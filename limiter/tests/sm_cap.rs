@@ -311,3 +311,50 @@ fn a_tenant_lifting_sm_limit_in_its_region_does_not_lift_the_environments_cap() 
         30.0,
     );
 }
+
+/// A raw `clone` of a capped process (a syscall, so no atfork handler runs: neither the driver's,
+/// which gpu-sim uses to refuse a fork child, nor ours) carries on launching in its parent's
+/// context. It has no watcher thread (threads are not copied) and kept the gates as they were at
+/// the clone, open here: it ran at 99 % under a 30 % cap. Its kernels are its parent's to NVML,
+/// so nothing could measure them: its paced launches are refused (it finds out within 100 ms).
+#[test]
+fn a_raw_clone_of_a_capped_process_is_refused_its_launches() {
+    let _serial = serial();
+    let node = node(1);
+    let out = run_all(
+        &node,
+        &[on_gpu(&node, "clone", 0)
+            .capped(30)
+            .env("SM_LOAD_RAW_CLONE", "1")],
+    );
+    let o = &out[0];
+    assert!(
+        o.stderr.contains("refused 701 after"),
+        "the clone's launches were not refused: {o:?}"
+    );
+    let ran = Duration::from_nanos(o.end_ns - o.start_ns);
+    assert!(ran < Duration::from_secs(1), "ran {ran:?}: {o:?}");
+}
+
+/// The tenant limits its address space so that no thread can be started when the first capped
+/// launch starts the watcher: the watcher's spawn failed, the failure was logged ("the SM cap is
+/// not enforced") and never retried, and the process ran at 99 % under a 30 % cap once the limit
+/// was lifted. A capped launch without a running watcher is refused now (701), and the next one
+/// starts it again.
+#[test]
+fn a_watcher_that_cannot_start_refuses_capped_launches_until_it_can() {
+    let _serial = serial();
+    let node = node(1);
+    let out = run_all(
+        &node,
+        &[on_gpu(&node, "rlimit", 0)
+            .capped(30)
+            .env("SM_LOAD_RLIMIT_AS", "1")],
+    );
+    assert!(
+        out[0].stderr.contains("refused 701"),
+        "no launch was refused: {}",
+        out[0].stderr
+    );
+    assert_near("no watcher at first", share(&node, 0, &out[0]), 30.0);
+}

@@ -24,6 +24,8 @@ pub(crate) const CUDA_ERROR_OUT_OF_MEMORY: CUresult = 2;
 /// `CU_MEM_ATTACH_GLOBAL` for `cuMemAllocManaged`.
 pub(crate) const CU_MEM_ATTACH_GLOBAL: c_uint = 1;
 pub(crate) const CUDA_ERROR_NOT_INITIALIZED: CUresult = 3;
+/// A launch refused because its device's SM cap cannot be enforced (`policy/sm/watcher.rs`).
+pub(crate) const CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES: CUresult = 701;
 pub(crate) const CUDA_ERROR_NOT_SUPPORTED: CUresult = 801;
 /// `CUDA_ERROR_UNKNOWN` (999) and `NVML_ERROR_UNKNOWN` (999) happen to be equal: one value for
 /// "a hook failed internally" whichever library the hook belongs to.

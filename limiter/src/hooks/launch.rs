@@ -8,7 +8,7 @@
 
 #![allow(clippy::too_many_arguments)] // the driver's signatures
 
-use crate::driver::ffi::{CUresult, Handle, LaunchConfig};
+use crate::driver::ffi::{CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES, CUresult, Handle, LaunchConfig};
 use crate::driver::real::{Lib, unavailable};
 use crate::driver::table::real;
 use crate::policy::sm::launch as sm;
@@ -20,11 +20,10 @@ macro_rules! gated {
         $(#[$doc])*
         pub(crate) unsafe fn $body($($arg: $ty),*) -> CUresult {
             match real::$real() {
-                Some(real) => {
-                    sm::before_launch();
-                    // SAFETY: forwarding the caller's arguments unchanged.
-                    unsafe { real($($arg),*) }
-                }
+                // Refused when the device's cap cannot be enforced (`sm::before_launch`).
+                Some(_) if !sm::before_launch() => CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES,
+                // SAFETY: forwarding the caller's arguments unchanged.
+                Some(real) => unsafe { real($($arg),*) },
                 None => unavailable(Lib::Cuda),
             }
         }

@@ -10,6 +10,12 @@
  *   grid_x: blocks (default 10, 256 threads each)
  *   device: CUDA ordinal (default 0)
  * prints: "pid <getpid()> launches <n> start_ns <realtime> end_ns <realtime>"
+ * SM_LOAD_RLIMIT_AS=1: the first launches run with the address space limited to what the
+ * process maps already (plus 1 MiB), so no thread can be started; lifted after the first
+ * synchronisation, or when a launch is refused (701, said on stderr).
+ * SM_LOAD_RAW_CLONE=1: after the first synchronisation, a raw clone (syscall, no atfork handler)
+ * carries on with the workload and prints the line; the original process only waits for it. A
+ * launch refused (701) there ends the loop (said on stderr).
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -17,6 +23,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -148,6 +158,23 @@ int main(int argc, char **argv) {
 
     uint64_t start = realtime_ns(), end = start + (uint64_t)(seconds * 1e9);
     unsigned long launches = 0;
+    const char *as_env = getenv("SM_LOAD_RLIMIT_AS");
+    struct rlimit as_saved;
+    int limit_as = as_env != NULL && as_env[0] == '1';
+    if (limit_as) {
+        unsigned long pages = 0;
+        FILE *statm = fopen("/proc/self/statm", "r");
+        if (statm == NULL || fscanf(statm, "%lu", &pages) != 1)
+            return 2;
+        fclose(statm);
+        getrlimit(RLIMIT_AS, &as_saved);
+        struct rlimit tight = as_saved;
+        tight.rlim_cur = pages * (rlim_t)sysconf(_SC_PAGESIZE) + (1u << 20);
+        if (setrlimit(RLIMIT_AS, &tight) != 0)
+            return 2;
+    }
+    const char *rc_env = getenv("SM_LOAD_RAW_CLONE");
+    int raw_clone = rc_env != NULL && rc_env[0] == '1';
     while (realtime_ns() < end) {
         CUresult rc;
         if (!strcmp(base, "cuLaunchKernel"))
@@ -158,13 +185,37 @@ int main(int argc, char **argv) {
             rc = ((coop_fn)fp)(f, grid, 1, 1, 256, 1, 1, 0, NULL, NULL);
         else
             rc = ((graph_fn)fp)(exec, NULL);
+        if (rc == 701 && limit_as) {
+            /* Refused while no watcher can start: lift the limit and launch again. */
+            fprintf(stderr, "refused %d\n", rc);
+            setrlimit(RLIMIT_AS, &as_saved);
+            limit_as = 0;
+            continue;
+        }
+        if (rc == 701 && raw_clone && launches > (unsigned long)sync_every) {
+            fprintf(stderr, "refused %d after %lu launches\n", rc, launches);
+            break;
+        }
         if (rc != 0) {
             fprintf(stderr, "launch failed: %d\n", rc);
             return 2;
         }
         launches++;
-        if (sync_every > 0 && launches % (unsigned long)sync_every == 0)
+        if (sync_every > 0 && launches % (unsigned long)sync_every == 0) {
             CHECK(cuCtxSynchronize());
+            if (limit_as && launches == (unsigned long)sync_every)
+                setrlimit(RLIMIT_AS, &as_saved);
+            if (raw_clone && launches == (unsigned long)sync_every) {
+                pid_t c = (pid_t)syscall(SYS_clone, SIGCHLD, 0, 0, 0, 0);
+                if (c < 0)
+                    return 2;
+                if (c > 0) {
+                    int status = 0;
+                    waitpid(c, &status, 0);
+                    _exit(WIFEXITED(status) ? WEXITSTATUS(status) : 2);
+                }
+            }
+        }
     }
     CHECK(cuCtxSynchronize());
     printf("pid %d launches %lu start_ns %llu end_ns %llu via %s\n", (int)getpid(), launches,

@@ -81,22 +81,21 @@ fn mark_fresh() -> bool {
     recent.is_some_and(|r| r.load(Ordering::Relaxed) == RECENT_KERNEL_ACTIVE)
 }
 
-/// Called by every launch hook's body (the exports' slow path) before the real launch.
+/// Called by every launch hook's body (the exports' slow path) before the real launch; `false`:
+/// refuse the launch (its device is capped and the cap cannot be enforced: no watcher).
 #[inline(always)]
-pub(crate) fn before_launch() {
-    if MODE.load(Ordering::Acquire) != OFF {
-        launch_slow();
-    }
+pub(crate) fn before_launch() -> bool {
+    MODE.load(Ordering::Acquire) == OFF || launch_slow()
 }
 
 #[inline(never)]
-fn launch_slow() {
+fn launch_slow() -> bool {
     let mut mode = MODE.load(Ordering::Acquire);
     if mode != ON && mode != MARK_ONLY {
         decide();
         mode = MODE.load(Ordering::Acquire);
         if mode != ON && mode != MARK_ONLY {
-            return;
+            return true;
         }
     }
     let region = shared::region();
@@ -115,24 +114,31 @@ fn launch_slow() {
         }
     }
     if mode == MARK_ONLY {
-        return; // no device has an SM cap
+        return true; // no device has an SM cap
     }
     let Some(dev) = launch_device() else {
-        return;
+        return true;
     };
     if CAPS[dev].load(Ordering::Relaxed) == 0 {
-        return;
+        return true;
     }
-    watcher::ensure_started();
     if !shared::capping_now(region) {
-        // Measured (for `sm_util`), not paced: the monitor says the GPU is not shared.
+        // Measured (for `sm_util`), not paced: the monitor says the GPU is not shared (no cap in
+        // force, so the launch passes even if the watcher cannot run).
+        watcher::ensure_started();
         GATES[dev].count();
-        return;
+        return true;
     }
-    let wait = GATES[dev].admit(gate::monotonic_ns());
+    let now = gate::monotonic_ns();
+    if !watcher::ensure_started() || !watcher::is_own(now) {
+        // Without its watcher the gate is never set: the launch would be uncapped.
+        return false;
+    }
+    let wait = GATES[dev].admit(now);
     if wait > 0 {
         std::thread::sleep(Duration::from_nanos(wait));
     }
+    true
 }
 
 #[cold]

@@ -16,7 +16,7 @@ use crate::driver::ffi::{Handle, NVML_SUCCESS, NvmlReturn, ProcessSample, Utiliz
 use crate::driver::table::real;
 use crate::infra::config::MAX_DEVICES;
 use crate::infra::fork::ChildReset;
-use crate::infra::log::{DEBUG, ERROR, INFO, WARN, log_at};
+use crate::infra::log::{DEBUG, INFO, WARN, log_at};
 use crate::policy::budget;
 use crate::policy::sm::controller::{Controller, Measurement};
 use crate::policy::sm::gate;
@@ -24,7 +24,7 @@ use crate::policy::sm::hostpid::{self, HostPid};
 use crate::policy::sm::shared::{self, CAPS, GATES};
 use std::collections::HashMap;
 use std::ffi::c_uint;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 use vgpu_region::layout::SLOT_STATUS_EXITED;
 
@@ -38,37 +38,115 @@ const NVML_ERROR_NOT_FOUND: NvmlReturn = 6;
 const NVML_ERROR_INSUFFICIENT_SIZE: NvmlReturn = 7;
 
 const NOT_STARTED: u8 = 0;
-const STARTED: u8 = 1;
+/// The thread is being spawned or is bringing NVML up, the first time: launches pass meanwhile (the
+/// gate is open until the watcher's first measurement anyway).
+const STARTING: u8 = 1;
+/// NVML is up: the thread measures and sets the gates.
+const RUNNING: u8 = 2;
+/// Being started again after a failure: launches wait for it ([`START_WAIT`] at most).
+const RETRYING: u8 = 3;
 
 static STATE: AtomicU8 = AtomicU8::new(NOT_STARTED);
+/// The process the watcher was started in (`getpid`).
+static PID: AtomicU32 = AtomicU32::new(0);
+/// Set by the first failure to start the watcher (no thread, no NVML): from then on a start is a
+/// [`RETRYING`] one.
+static FAILED_ONCE: AtomicBool = AtomicBool::new(false);
+/// How long a capped launch waits for a watcher being started after a failure.
+const START_WAIT: Duration = Duration::from_secs(1);
+/// When [`is_own`] next compares `getpid` with the watcher's process (monotonic ns); 0 forces it.
+static NEXT_PID_CHECK: AtomicU64 = AtomicU64::new(0);
+/// How often a process pacing launches checks that the watcher is its own.
+const PID_CHECK_NS: u64 = 100_000_000;
 
-/// Starts the watcher once per process.
+/// Makes sure the watcher runs in this process (or is starting for the first time); `false` if it
+/// cannot (no thread, no NVML), and a paced launch must be refused: a watcher that does not run
+/// sets no gate, which would leave the device uncapped. A tenant can make it fail on purpose (an
+/// address-space or thread limit around its first launch, fewer file descriptors than NVML
+/// needs); each capped launch then tries again. One load and compare once started.
 #[inline]
-pub(crate) fn ensure_started() {
-    if STATE.load(Ordering::Relaxed) == NOT_STARTED {
-        start();
-    }
+pub(crate) fn ensure_started() -> bool {
+    matches!(STATE.load(Ordering::Acquire), STARTING | RUNNING) || start()
+}
+
+/// Whether the running watcher is this process's, checked at most every [`PID_CHECK_NS`] (at
+/// `now`, the paced launch's clock read). A child that ran no fork reset (a raw `clone` syscall:
+/// no atfork handler) inherits "running" but not the thread, and its gates as they were; its
+/// kernels run in its parent's context, so NVML shows them as the parent's and no watcher could
+/// measure them: its paced launches are refused (each such launch compares `getpid` again).
+#[inline]
+pub(crate) fn is_own(now: u64) -> bool {
+    now < NEXT_PID_CHECK.load(Ordering::Relaxed) || check_pid(now)
 }
 
 #[cold]
-fn start() {
+#[inline(never)]
+fn check_pid(now: u64) -> bool {
+    if PID.load(Ordering::Relaxed) != std::process::id() {
+        NEXT_PID_CHECK.store(0, Ordering::Relaxed);
+        crate::infra::log::log_refusal!(
+            "this process did not run the fork handlers (a raw clone): its kernels cannot be \
+             measured, so its capped launches are refused"
+        );
+        return false;
+    }
+    NEXT_PID_CHECK.store(now.saturating_add(PID_CHECK_NS), Ordering::Relaxed);
+    true
+}
+
+#[cold]
+#[inline(never)]
+fn start() -> bool {
     // Before the thread exists, so a child forked at any moment after it never inherits "started".
     RESET.register();
-    if STATE
-        .compare_exchange(NOT_STARTED, STARTED, Ordering::AcqRel, Ordering::Acquire)
-        .is_err()
-    {
-        return;
+    let mut deadline = None;
+    let mut spawned_here = false;
+    loop {
+        match STATE.load(Ordering::Acquire) {
+            STARTING | RUNNING => return true,
+            RETRYING => {
+                let until = *deadline.get_or_insert_with(|| std::time::Instant::now() + START_WAIT);
+                if std::time::Instant::now() >= until {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // It failed (again), possibly the thread this call spawned: the next launch retries.
+            _ if spawned_here => return false,
+            _ => {
+                let to = if FAILED_ONCE.load(Ordering::Acquire) {
+                    RETRYING
+                } else {
+                    STARTING
+                };
+                if STATE
+                    .compare_exchange(NOT_STARTED, to, Ordering::AcqRel, Ordering::Acquire)
+                    .is_err()
+                {
+                    continue;
+                }
+                PID.store(std::process::id(), Ordering::Relaxed);
+                spawned_here = true;
+                let spawned = std::thread::Builder::new()
+                    .name("vgpu-sm-watcher".into())
+                    .spawn(run);
+                if let Err(e) = spawned {
+                    failed(format_args!("cannot start the SM watcher thread ({e})"));
+                    return false;
+                }
+            }
+        }
     }
-    let spawned = std::thread::Builder::new()
-        .name("vgpu-sm-watcher".into())
-        .spawn(run);
-    if let Err(e) = spawned {
-        log_at!(
-            ERROR,
-            "cannot start the SM watcher thread ({e}); the SM cap is not enforced"
-        );
-    }
+}
+
+/// The watcher could not start: said (at most once a second), remembered, and tried again by the
+/// next capped launch.
+fn failed(why: std::fmt::Arguments<'_>) {
+    FAILED_ONCE.store(true, Ordering::Release);
+    STATE.store(NOT_STARTED, Ordering::Release);
+    crate::infra::log::log_refusal!(
+        "{why}; capped launches are refused until the SM cap can be enforced"
+    );
 }
 
 /// Fork child: the thread did not survive the fork (registered when the thread is started).
@@ -95,13 +173,12 @@ fn run() {
     let init = real::nvmlInit_v2();
     // SAFETY: nvmlInit_v2 takes no arguments; NVML is reference counted, never shut down here.
     if init.is_none_or(|f| unsafe { f() } != NVML_SUCCESS) {
-        log_at!(
-            ERROR,
-            "NVML is unavailable, so device utilisation cannot be measured; the SM cap is not \
-             enforced"
-        );
+        failed(format_args!(
+            "NVML is unavailable, so device utilisation cannot be measured"
+        ));
         return;
     }
+    STATE.store(RUNNING, Ordering::Release);
     let host = hostpid::resolve();
     let own_pid = host.pid();
     match host {
