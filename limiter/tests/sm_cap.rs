@@ -358,3 +358,70 @@ fn a_watcher_that_cannot_start_refuses_capped_launches_until_it_can() {
     );
     assert_near("no watcher at first", share(&node, 0, &out[0]), 30.0);
 }
+
+/// The same with no file descriptor left when the watcher starts NVML: NVML's failure was logged
+/// ("the SM cap is not enforced") and the watcher gave up, leaving the gate open. The limiter's
+/// own lookup of NVML failed too (no descriptor to load the library) and stays failed, so the
+/// process's paced launches are refused from then on: never uncapped.
+#[test]
+fn a_watcher_whose_nvml_cannot_start_never_leaves_the_device_uncapped() {
+    let _serial = serial();
+    let node = node(1);
+    let out = run_all(
+        &node,
+        &[on_gpu(&node, "nofile", 0)
+            .capped(30)
+            .env("SM_LOAD_RLIMIT_NOFILE", "1")],
+    );
+    assert!(
+        out[0].stderr.contains("NVML is unavailable") && out[0].stderr.contains("refused 701"),
+        "NVML did not fail, or no launch was refused: {}",
+        out[0].stderr
+    );
+    let got = share(&node, 0, &out[0]);
+    assert!(
+        got <= 30.0 + TOLERANCE,
+        "no NVML: {got:.1} % under a 30 % cap"
+    );
+}
+
+/// A container with only an SM cap whose processes cannot use the region (here the tenant put a
+/// dangling symlink in its place; a full slot table, a foreign file or an address-space limit at
+/// the opening do the same): the memory side fails closed, but without the region no process sees
+/// the others, and each ran at the whole cap — three processes at 30 % each, 90 % together.
+/// Without a registered region the device's utilisation stands in for the container's, as when
+/// the host PID is unknown: the cap holds, over-throttling on a shared GPU.
+#[test]
+fn processes_without_a_usable_region_still_share_the_containers_cap() {
+    let _serial = serial();
+    let node = node(1);
+    let broken = region(&node, "broken");
+    std::os::unix::fs::symlink(node.dir().join("nowhere"), &broken).unwrap();
+    let load = || {
+        let mut l = on_gpu(&node, "unused", 0).capped(30);
+        l.region = broken.clone();
+        l
+    };
+    let out = run_all(&node, &[load(), load(), load()]);
+    let t = node.timeline().unwrap().unwrap();
+    let from = out
+        .iter()
+        .map(|o| t.period_at(UNIX_EPOCH + Duration::from_nanos(o.start_ns) + SETTLE) + 1)
+        .max()
+        .unwrap();
+    let to = out
+        .iter()
+        .map(|o| t.period_at(UNIX_EPOCH + Duration::from_nanos(o.end_ns)))
+        .min()
+        .unwrap();
+    let together = t.utilization(0, from..to);
+    eprintln!("three processes without a region: {together:.1} % together");
+    assert!(
+        together >= 10.0,
+        "three processes of one container starved: {together:.1} %"
+    );
+    assert!(
+        together <= 30.0 + TOLERANCE,
+        "three processes of one container at {together:.1} % under a 30 % cap"
+    );
+}

@@ -11,8 +11,10 @@
  *   device: CUDA ordinal (default 0)
  * prints: "pid <getpid()> launches <n> start_ns <realtime> end_ns <realtime>"
  * SM_LOAD_RLIMIT_AS=1: the first launches run with the address space limited to what the
- * process maps already (plus 1 MiB), so no thread can be started; lifted after the first
- * synchronisation, or when a launch is refused (701, said on stderr).
+ * process maps already (plus 1 MiB), so no thread can be started; SM_LOAD_RLIMIT_NOFILE=1: with
+ * no file descriptor left to open (so NVML cannot start). Lifted after the first
+ * synchronisation, or when a launch is refused (701: said once on stderr, and tolerated from
+ * then on).
  * SM_LOAD_RAW_CLONE=1: after the first synchronisation, a raw clone (syscall, no atfork handler)
  * carries on with the workload and prints the line; the original process only waits for it. A
  * launch refused (701) there ends the loop (said on stderr).
@@ -158,19 +160,35 @@ int main(int argc, char **argv) {
 
     uint64_t start = realtime_ns(), end = start + (uint64_t)(seconds * 1e9);
     unsigned long launches = 0;
-    const char *as_env = getenv("SM_LOAD_RLIMIT_AS");
+    /* SM_LOAD_RLIMIT_AS / SM_LOAD_RLIMIT_NOFILE: one resource limited around the first launches. */
+    const char *as_env = getenv("SM_LOAD_RLIMIT_AS"), *nofile_env = getenv("SM_LOAD_RLIMIT_NOFILE");
+    int resource = as_env != NULL && as_env[0] == '1'           ? RLIMIT_AS
+                   : nofile_env != NULL && nofile_env[0] == '1' ? RLIMIT_NOFILE
+                                                                : -1;
     struct rlimit as_saved;
-    int limit_as = as_env != NULL && as_env[0] == '1';
+    int limit_as = resource >= 0;
+    unsigned long refused = 0;
     if (limit_as) {
-        unsigned long pages = 0;
-        FILE *statm = fopen("/proc/self/statm", "r");
-        if (statm == NULL || fscanf(statm, "%lu", &pages) != 1)
-            return 2;
-        fclose(statm);
-        getrlimit(RLIMIT_AS, &as_saved);
+        rlim_t cur = 0;
+        if (resource == RLIMIT_AS) {
+            unsigned long pages = 0;
+            FILE *statm = fopen("/proc/self/statm", "r");
+            if (statm == NULL || fscanf(statm, "%lu", &pages) != 1)
+                return 2;
+            fclose(statm);
+            cur = pages * (rlim_t)sysconf(_SC_PAGESIZE) + (1u << 20);
+        } else {
+            /* Every descriptor number in use stays usable, no new one can be opened. */
+            int fd = dup(0);
+            if (fd < 0)
+                return 2;
+            close(fd);
+            cur = (rlim_t)fd;
+        }
+        getrlimit(resource, &as_saved);
         struct rlimit tight = as_saved;
-        tight.rlim_cur = pages * (rlim_t)sysconf(_SC_PAGESIZE) + (1u << 20);
-        if (setrlimit(RLIMIT_AS, &tight) != 0)
+        tight.rlim_cur = cur;
+        if (setrlimit(resource, &tight) != 0)
             return 2;
     }
     const char *rc_env = getenv("SM_LOAD_RAW_CLONE");
@@ -185,11 +203,14 @@ int main(int argc, char **argv) {
             rc = ((coop_fn)fp)(f, grid, 1, 1, 256, 1, 1, 0, NULL, NULL);
         else
             rc = ((graph_fn)fp)(exec, NULL);
-        if (rc == 701 && limit_as) {
+        if (rc == 701 && resource >= 0) {
             /* Refused while no watcher can start: lift the limit and launch again. */
-            fprintf(stderr, "refused %d\n", rc);
-            setrlimit(RLIMIT_AS, &as_saved);
+            if (refused++ == 0)
+                fprintf(stderr, "refused %d\n", rc);
+            if (limit_as)
+                setrlimit(resource, &as_saved);
             limit_as = 0;
+            usleep(1000);
             continue;
         }
         if (rc == 701 && raw_clone && launches > (unsigned long)sync_every) {
@@ -203,8 +224,10 @@ int main(int argc, char **argv) {
         launches++;
         if (sync_every > 0 && launches % (unsigned long)sync_every == 0) {
             CHECK(cuCtxSynchronize());
-            if (limit_as && launches == (unsigned long)sync_every)
-                setrlimit(RLIMIT_AS, &as_saved);
+            if (limit_as && launches == (unsigned long)sync_every) {
+                setrlimit(resource, &as_saved);
+                limit_as = 0;
+            }
             if (raw_clone && launches == (unsigned long)sync_every) {
                 pid_t c = (pid_t)syscall(SYS_clone, SIGCHLD, 0, 0, 0, 0);
                 if (c < 0)

@@ -6,8 +6,9 @@
 //! is the sum over the container's host PIDs (every live slot of the shared region that has
 //! one — each process writes its own). A tick that brings no new sample carries no information
 //! and changes nothing (NVML's sampling period may be longer than a tick). Without a host PID
-//! (see `hostpid.rs`) the device's overall utilisation stands in for both: the cap holds,
-//! at the price of over-throttling on a shared GPU.
+//! (see `hostpid.rs`), or without a usable shared region (the other processes of the container
+//! cannot be seen), the device's overall utilisation stands in for both: the cap holds, at the
+//! price of over-throttling on a shared GPU.
 //!
 //! It writes this process's share (percent) into its slot's `device_util[i].sm_util` each tick,
 //! for the monitor and the metrics.
@@ -54,6 +55,10 @@ static PID: AtomicU32 = AtomicU32::new(0);
 static FAILED_ONCE: AtomicBool = AtomicBool::new(false);
 /// How long a capped launch waits for a watcher being started after a failure.
 const START_WAIT: Duration = Duration::from_secs(1);
+/// After a failure, a new watcher is tried at most this often (monotonic ns of the next try);
+/// launches in between are refused at once.
+static NEXT_RETRY: AtomicU64 = AtomicU64::new(0);
+const RETRY_NS: u64 = 100_000_000;
 /// When [`is_own`] next compares `getpid` with the watcher's process (monotonic ns); 0 forces it.
 static NEXT_PID_CHECK: AtomicU64 = AtomicU64::new(0);
 /// How often a process pacing launches checks that the watcher is its own.
@@ -114,11 +119,11 @@ fn start() -> bool {
             // It failed (again), possibly the thread this call spawned: the next launch retries.
             _ if spawned_here => return false,
             _ => {
-                let to = if FAILED_ONCE.load(Ordering::Acquire) {
-                    RETRYING
-                } else {
-                    STARTING
-                };
+                let retry = FAILED_ONCE.load(Ordering::Acquire);
+                if retry && gate::monotonic_ns() < NEXT_RETRY.load(Ordering::Relaxed) {
+                    return false;
+                }
+                let to = if retry { RETRYING } else { STARTING };
                 if STATE
                     .compare_exchange(NOT_STARTED, to, Ordering::AcqRel, Ordering::Acquire)
                     .is_err()
@@ -139,9 +144,14 @@ fn start() -> bool {
     }
 }
 
-/// The watcher could not start: said (at most once a second), remembered, and tried again by the
-/// next capped launch.
+/// The watcher could not start: said (at most once a second), remembered, and tried again by a
+/// capped launch [`RETRY_NS`] later. (NVML that could not even be loaded stays missing: the
+/// driver table caches a failed resolution, so then every paced launch is refused.)
 fn failed(why: std::fmt::Arguments<'_>) {
+    NEXT_RETRY.store(
+        gate::monotonic_ns().saturating_add(RETRY_NS),
+        Ordering::Relaxed,
+    );
     FAILED_ONCE.store(true, Ordering::Release);
     STATE.store(NOT_STARTED, Ordering::Release);
     crate::infra::log::log_refusal!(
@@ -198,6 +208,22 @@ fn run() {
             .hostpid
             .store(pid, Ordering::Release);
     }
+    // Without a registered region the container's other processes cannot be seen (each would
+    // count only itself, and N processes would get N caps): the device's utilisation stands in for
+    // the container's, as without a host PID.
+    let own_pid = match budget::registered_region() {
+        Some(_) => own_pid,
+        None => {
+            if own_pid.is_some() {
+                log_at!(
+                    WARN,
+                    "no usable shared region: the SM cap counts the whole GPU's utilisation as \
+                     this container's"
+                );
+            }
+            None
+        }
+    };
     let mut devices: [Option<Device>; MAX_DEVICES] = std::array::from_fn(|_| None);
     loop {
         std::thread::sleep(TICK);
