@@ -105,7 +105,11 @@ impl Controller {
 /// `libm.so.6` (about 40 µs per exec, measured) for a function only the SM watcher uses.
 fn power(x: f64, gain: f64) -> f64 {
     let root = x.sqrt();
-    if gain == SPEED_UP_GAIN { root.sqrt() } else { root }
+    if gain == SPEED_UP_GAIN {
+        root.sqrt()
+    } else {
+        root
+    }
 }
 
 #[cfg(test)]
@@ -176,6 +180,103 @@ mod tests {
             }
         }
         history
+    }
+
+    /// Tenants (each its own container, `None` = uncapped) on one GPU of the plant, the
+    /// controllers fed measurements `lag` ticks old and, on the first one, a launch count off by
+    /// `first_count_error` (launches queued ahead of the GPU, or polls between samples); returns
+    /// each tenant's utilisation per tick.
+    fn simulate_tenants(
+        plant: &Plant,
+        caps: &[Option<u8>],
+        ticks: usize,
+        lag: usize,
+        first_count_error: f64,
+    ) -> Vec<Vec<f64>> {
+        let mut ctls: Vec<Option<Controller>> =
+            caps.iter().map(|c| c.map(Controller::new)).collect();
+        let mut history: Vec<Vec<f64>> = vec![Vec::new(); caps.len()];
+        let mut seen: Vec<Vec<(f64, u64, bool)>> = Vec::new();
+        for tick in 0..ticks {
+            let steps: Vec<u64> = ctls
+                .iter()
+                .map(|c| c.as_ref().map_or(0, Controller::step_ns))
+                .collect();
+            let out = plant.run(&steps);
+            for (h, o) in history.iter_mut().zip(&out) {
+                h.push(o.0);
+            }
+            seen.push(out);
+            let Some(old) = tick.checked_sub(lag).map(|t| seen[t].clone()) else {
+                continue;
+            };
+            for (ctl, &(own, launches, throttled)) in ctls.iter_mut().zip(&old) {
+                let Some(ctl) = ctl else { continue };
+                let launches = if ctl.step_ns() == 0 {
+                    (launches as f64 * (1.0 + first_count_error)) as u64
+                } else {
+                    launches
+                };
+                ctl.tick(&Measurement {
+                    window_ns: TICK,
+                    own,
+                    container: own,
+                    launches,
+                    throttled,
+                });
+            }
+        }
+        history
+    }
+
+    /// The 1 s (10-tick) windows from `from` on: the largest deviation from `target`, points.
+    fn worst_window(h: &[f64], from: usize, target: f64) -> f64 {
+        h[from..]
+            .windows(10)
+            .map(|w| (w.iter().sum::<f64>() / 10.0 - target).abs() * 100.0)
+            .fold(0.0, f64::max)
+    }
+
+    #[test]
+    fn every_one_second_window_after_the_first_second_is_within_5_points() {
+        // Caps 10..90 × kernels of 10 µs, 1 ms and 20 ms; measurements fresh or a tick old; the
+        // first cost estimate exact, or 30 % low (launches counted ahead of the GPU's work).
+        for cap in (10..=90).step_by(10) {
+            for cost in [1e4, 1e6, 2e7] {
+                for (lag, error) in [(0, 0.0), (1, 0.0), (0, 0.3), (1, 0.3)] {
+                    let plant = Plant {
+                        costs: vec![cost],
+                        demand: vec![f64::INFINITY],
+                    };
+                    let h = simulate_tenants(&plant, &[Some(cap)], 60, lag, error);
+                    // The first tick runs before any measurement; windows start after 1 s.
+                    let worst = worst_window(&h[0], 10, f64::from(cap) / 100.0);
+                    assert!(
+                        worst <= 5.0,
+                        "cap {cap}, cost {cost}, lag {lag}, error {error}: {worst:.1} points"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn two_tenants_30_and_60_and_a_capped_one_beside_an_uncapped_one_hold_their_caps() {
+        let plant = Plant {
+            costs: vec![1e6, 1e6],
+            demand: vec![f64::INFINITY, f64::INFINITY],
+        };
+        for lag in [0, 1] {
+            let h = simulate_tenants(&plant, &[Some(30), Some(60)], 60, lag, 0.0);
+            assert!(worst_window(&h[0], 10, 0.30) <= 5.0, "30, lag {lag}: {h:?}");
+            assert!(worst_window(&h[1], 10, 0.60) <= 5.0, "60, lag {lag}: {h:?}");
+            let h = simulate_tenants(&plant, &[Some(30), None], 60, lag, 0.0);
+            assert!(worst_window(&h[0], 10, 0.30) <= 5.0, "30, lag {lag}: {h:?}");
+            assert!(
+                worst_window(&h[1], 10, 0.70) <= 5.0,
+                "uncapped, lag {lag}: {h:?}"
+            );
+        }
     }
 
     #[test]
