@@ -94,7 +94,7 @@ fn launch_slow() {
     }
     let wait = GATES[dev].admit(gate::monotonic_ns());
     if wait > 0 {
-        std::thread::sleep(Duration::from_nanos(wait));
+        GATES[dev].sleep(wait);
     }
 }
 

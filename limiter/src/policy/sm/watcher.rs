@@ -1,16 +1,19 @@
 //! The per-process SM watcher thread: started by the first capped launch, it resolves the host
-//! PID, then every [`TICK`] measures each capped device through NVML and sets its gate's spacing.
+//! PID, then measures each capped device through NVML just after each of NVML's sample periods
+//! ends (at most every [`TICK`]) and sets its gate's spacing.
 //!
 //! Measurement: `nvmlDeviceGetProcessUtilization(device, …, lastSeen)` returns the samples newer
-//! than the last one seen; a process's share is the mean `smUtil` of its samples, the container's
-//! is the sum over the container's host PIDs (every live slot of the shared region that has
-//! one — each process writes its own). A tick that brings no new sample carries no information
-//! and changes nothing (NVML's sampling period may be longer than a tick). Without a host PID
-//! (see `hostpid.rs`) the device's overall utilisation stands in for both: the cap holds,
-//! at the price of over-throttling on a shared GPU.
+//! than the last one seen; a process's share is its samples' `smUtil` × the sampling period over
+//! the span they cover (from the previous sample, or from the first launch), the container's is
+//! the sum over the container's host PIDs (every live slot of the shared region that has one —
+//! each process writes its own). A query that brings no new sample carries no information and
+//! changes nothing. The launches of a span are read from a log of the launch counter at each poll,
+//! at the span's two ends. Without a host PID (see `hostpid.rs`) the device's overall utilisation
+//! stands in for both, once a second: the cap holds, at the price of over-throttling on a shared
+//! GPU.
 //!
-//! It writes this process's share (percent) into its slot's `device_util[i].sm_util` each tick,
-//! for the monitor and the metrics.
+//! It writes this process's share (percent) into its slot's `device_util[i].sm_util` at each
+//! measurement, for the monitor and the metrics.
 
 use crate::driver::ffi::{Handle, NVML_SUCCESS, NvmlReturn, ProcessSample, Utilization};
 use crate::driver::table::real;
@@ -27,7 +30,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 use vgpu_region::layout::SLOT_STATUS_EXITED;
 
-/// Control period.
+/// Longest sleep between two polls (the control period when NVML's sampling period is unknown).
 pub(crate) const TICK: Duration = Duration::from_millis(100);
 
 /// How often the device-wide fallback measurement is used (NVML's averaging window).
@@ -67,6 +70,14 @@ fn start() {
             ERROR,
             "cannot start the SM watcher thread ({e}); the SM cap is not enforced"
         );
+        open_all_gates();
+    }
+}
+
+/// Ends the gates' probing for good: nothing will measure this process.
+fn open_all_gates() {
+    for g in &GATES {
+        g.set_step(0);
     }
 }
 
@@ -96,6 +107,8 @@ struct Device {
     /// Realtime µs of the last measurement that brought news (device-wide fallback only).
     measured_at_us: u64,
     created_us: u64,
+    /// NVML's answer to the last query.
+    last_rc: NvmlReturn,
 }
 
 impl Device {
@@ -125,6 +138,17 @@ impl Device {
         }
     }
 
+    /// Whether the gate should stop probing although nothing has been measured: NVML answers
+    /// with an error (no process samples here, e.g. a MIG device: the cap cannot be enforced
+    /// anyway), its launches left no sample at all for a while (they take no measurable time),
+    /// or a measurement takes too long.
+    fn probe_over(&self, now_us: u64) -> bool {
+        let waited = now_us.saturating_sub(self.created_us);
+        self.last_rc != NVML_SUCCESS && self.last_rc != NVML_ERROR_NOT_FOUND
+            || self.last_rc == NVML_ERROR_NOT_FOUND && waited > NO_SAMPLE_US
+            || waited > PROBE_TIMEOUT_US
+    }
+
     /// When the next sample is expected (realtime µs), if the sampling period is known.
     fn next_sample_due(&self) -> Option<u64> {
         let period = self.period_us?;
@@ -139,6 +163,10 @@ const LAUNCH_LOG: usize = 256;
 const SAMPLE_MARGIN_US: u64 = 2_000;
 /// How often to ask while a sample is awaited (first samples, a late sample).
 const FAST_POLL: Duration = Duration::from_millis(10);
+/// A gate probes (see `gate.rs`) at most this long without a measurement,
+const PROBE_TIMEOUT_US: u64 = 1_000_000;
+/// or this long while NVML has no sample at all.
+const NO_SAMPLE_US: u64 = 300_000;
 /// Fast polling for a first sample lasts at most this long after a device's first launch.
 const FIRST_SAMPLE_WINDOW_US: u64 = 2_000_000;
 
@@ -152,6 +180,7 @@ fn run() {
             "NVML is unavailable, so device utilisation cannot be measured; the SM cap is not \
              enforced"
         );
+        open_all_gates();
         return;
     }
     let host = hostpid::resolve();
@@ -189,6 +218,7 @@ fn run() {
                     continue; // never launched here: nothing to measure
                 }
                 let Some(handle) = device_handle(d) else {
+                    GATES[d].set_step(0); // not measurable: do not probe for ever
                     continue;
                 };
                 let mut dev = Device {
@@ -202,6 +232,7 @@ fn run() {
                     throttled: false,
                     measured_at_us: previous_poll_us,
                     created_us: previous_poll_us,
+                    last_rc: NVML_SUCCESS,
                     controller: Controller::new(cap),
                     cap,
                     samples: Vec::with_capacity(64),
@@ -218,6 +249,10 @@ fn run() {
             dev.launch_log.push_back((now_us, dev.launches));
             dev.throttled |= throttled;
             let Some(span) = measure(dev, own_pid, now_us) else {
+                if !dev.measured && dev.probe_over(now_us) {
+                    // Nothing to measure yet: stop probing (see `Device::probe_over`).
+                    GATES[d].set_step(dev.controller.step_ns());
+                }
                 continue;
             };
             let window_launches = dev
@@ -237,6 +272,7 @@ fn run() {
                 window_ns: span.to_us.saturating_sub(span.from_us).max(1) * 1_000,
                 own: span.own,
                 container: span.container,
+                device: span.device,
                 launches: window_launches,
                 throttled: std::mem::take(&mut dev.throttled),
             });
@@ -294,6 +330,7 @@ fn device_handle(index: usize) -> Option<Handle> {
 struct Span {
     own: f64,
     container: f64,
+    device: f64,
     from_us: u64,
     to_us: u64,
 }
@@ -373,11 +410,13 @@ fn measure(dev: &mut Device, own_pid: Option<i32>, now_us: u64) -> Option<Span> 
         return Some(Span {
             own: u,
             container: u,
+            device: u,
             from_us,
             to_us: now_us,
         });
     };
     let rc = query(dev);
+    dev.last_rc = rc;
     if rc == NVML_ERROR_NOT_FOUND
         && dev.measured
         && let Some(period) = dev.period_us
@@ -391,6 +430,7 @@ fn measure(dev: &mut Device, own_pid: Option<i32>, now_us: u64) -> Option<Span> 
         return Some(Span {
             own: 0.0,
             container: 0.0,
+            device: 0.0,
             from_us,
             to_us: dev.last_seen,
         });
@@ -450,9 +490,11 @@ fn measure(dev: &mut Device, own_pid: Option<i32>, now_us: u64) -> Option<Span> 
             }
         }
     }
+    let device = per_pid.values().sum::<u64>() as f64 * period as f64 / 100.0 / span_us;
     Some(Span {
         own,
         container: container.min(1.0),
+        device: device.clamp(container.min(1.0), 1.0),
         from_us: since,
         to_us: newest,
     })
