@@ -109,6 +109,8 @@ struct Device {
     created_us: u64,
     /// NVML's answer to the last query.
     last_rc: NvmlReturn,
+    /// No sample from anybody for several periods: poll at the slow pace until one comes.
+    idle: bool,
 }
 
 impl Device {
@@ -152,8 +154,7 @@ impl Device {
     /// When the next sample is expected (realtime µs), if the sampling period is known.
     fn next_sample_due(&self) -> Option<u64> {
         let period = self.period_us?;
-        self.measured
-            .then(|| self.last_seen + period + SAMPLE_MARGIN_US)
+        (self.measured && !self.idle).then(|| self.last_seen + period + SAMPLE_MARGIN_US)
     }
 }
 
@@ -233,6 +234,7 @@ fn run() {
                     measured_at_us: previous_poll_us,
                     created_us: previous_poll_us,
                     last_rc: NVML_SUCCESS,
+                    idle: false,
                     controller: Controller::new(cap),
                     cap,
                     samples: Vec::with_capacity(64),
@@ -427,6 +429,7 @@ fn measure(dev: &mut Device, own_pid: Option<i32>, now_us: u64) -> Option<Span> 
         let idle = ((now_us - dev.last_seen) / period).saturating_sub(1) * period;
         let from_us = dev.last_seen;
         dev.last_seen += idle;
+        dev.idle = true;
         return Some(Span {
             own: 0.0,
             container: 0.0,
@@ -444,6 +447,7 @@ fn measure(dev: &mut Device, own_pid: Option<i32>, now_us: u64) -> Option<Span> 
     let since = dev.last_seen;
     let stamps = sorted_stamps(&dev.samples, since);
     let &newest = stamps.last()?;
+    dev.idle = false;
     note_period(dev, &stamps);
     // Without the period a sample's percentage is not a duration: wait for a second sample
     // (the next query returns these again, as `last_seen` stays).
