@@ -425,3 +425,33 @@ fn processes_without_a_usable_region_still_share_the_containers_cap() {
         "three processes of one container at {together:.1} % under a 30 % cap"
     );
 }
+
+#[test]
+fn tenants_that_never_synchronise_are_capped_too() {
+    let _serial = serial();
+    // Launches are asynchronous: without synchronisation a process queues up to the driver's
+    // launch queue (about a second of 1 ms kernels) before anything is measured. The gate probes
+    // from the first launch so that no such backlog runs uncapped.
+    let node = node(2);
+    let loads = [
+        on_gpu(&node, "capped", 0).capped(30).sync_every(0),
+        on_gpu(&node, "free", 0).sync_every(0),
+        on_gpu(&node, "alone", 1).capped(50).sync_every(0),
+    ];
+    let out = run_all(&node, &loads);
+    assert_near(
+        "capped at 30 beside an uncapped one, no synchronisation",
+        share(&node, 0, &out[0]),
+        30.0,
+    );
+    assert!(
+        share(&node, 0, &out[1]) >= 50.0,
+        "the uncapped tenant got only {:.1} %",
+        share(&node, 0, &out[1])
+    );
+    assert_near(
+        "alone at 50, no synchronisation",
+        share(&node, 1, &out[2]),
+        50.0,
+    );
+}

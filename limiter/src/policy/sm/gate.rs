@@ -6,6 +6,14 @@
 //! itself, reads the monotonic clock and reserves its slot with a CAS on the theoretical arrival
 //! time. Only a launch whose slot lies more than [`AHEAD_NS`] in the future sleeps, and it notes
 //! that it did (the controller's "held back" input).
+//!
+//! **Probing.** A gate starts (and restarts after a fork) in the probing state: until the watcher's
+//! first measurement sets a step, [`PROBE_LAUNCHES`] launches pass and then one per
+//! [`PROBE_STEP_NS`]. Launches are asynchronous: unpaced, a process that does not synchronise
+//! would queue about a second of kernels (the driver's launch queue) before anything is measured,
+//! and that backlog would run uncapped whatever the gate did next. The probe keeps the backlog to
+//! what its launches cost, and gives the first measurement a cost per launch that is the GPU's,
+//! not the queue's.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -13,6 +21,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 pub(crate) const AHEAD_NS: u64 = 2_000_000;
 /// Credit an idle process may bank for a later burst.
 pub(crate) const BURST_NS: u64 = 2_000_000;
+/// Launches a probing gate lets through at once.
+pub(crate) const PROBE_LAUNCHES: u64 = 32;
+/// Spacing of a probing gate's later launches.
+pub(crate) const PROBE_STEP_NS: u64 = 10_000_000;
+/// Longest uninterrupted sleep of a held-back launch.
+pub(crate) const SLEEP_SLICE_NS: u64 = 20_000_000;
+/// The step of a probing gate (no step has been set since it started).
+const PROBING: u64 = u64::MAX;
 
 #[derive(Debug)]
 pub(crate) struct Gate {
@@ -20,22 +36,59 @@ pub(crate) struct Gate {
     /// Theoretical arrival time (monotonic ns) of the next launch.
     tat_ns: AtomicU64,
     launches: AtomicU64,
+    /// Launches while probing.
+    probed: AtomicU64,
+    /// Bumped when the step shortens a lot: launches sleeping on the old step stop sleeping.
+    epoch: AtomicU64,
     waited: AtomicBool,
 }
 
 impl Gate {
     pub(crate) const fn new() -> Self {
         Self {
-            step_ns: AtomicU64::new(0),
+            step_ns: AtomicU64::new(PROBING),
             tat_ns: AtomicU64::new(0),
             launches: AtomicU64::new(0),
+            probed: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
             waited: AtomicBool::new(false),
         }
     }
 
-    /// Sets the spacing (0 opens the gate).
+    /// Sets the spacing (0 opens the gate); ends probing. When the step shortens to half or less,
+    /// reservations made on the old one are forgotten and launches sleeping on them wake (see
+    /// [`Gate::sleep`]): a step that grew long while a backlog drained must not keep a launch
+    /// asleep for seconds after the GPU has gone idle.
     pub(crate) fn set_step(&self, step_ns: u64) {
-        self.step_ns.store(step_ns, Ordering::Relaxed);
+        let old = self.step_ns.swap(step_ns, Ordering::Relaxed);
+        if old != PROBING && step_ns.saturating_mul(2) <= old {
+            let now = monotonic_ns();
+            let _ = self
+                .tat_ns
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |tat| {
+                    Some(tat.min(now.saturating_add(step_ns)))
+                });
+            self.epoch.fetch_add(1, Ordering::Release);
+        }
+    }
+
+    /// Sleeps `wait_ns` as [`Gate::admit`] told, in slices of at most [`SLEEP_SLICE_NS`],
+    /// returning early when the step shortens a lot meanwhile. A launch still asleep after a
+    /// slice counts as held back.
+    pub(crate) fn sleep(&self, wait_ns: u64) {
+        let epoch = self.epoch.load(Ordering::Acquire);
+        let mut left = wait_ns;
+        while left > 0 {
+            let slice = left.min(SLEEP_SLICE_NS);
+            std::thread::sleep(std::time::Duration::from_nanos(slice));
+            left -= slice;
+            if left > 0 {
+                if self.epoch.load(Ordering::Acquire) != epoch {
+                    return;
+                }
+                self.waited.store(true, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Launches since the last call, and whether any of them waited.
@@ -56,9 +109,15 @@ impl Gate {
     #[inline]
     pub(crate) fn admit(&self, now: u64) -> u64 {
         self.launches.fetch_add(1, Ordering::Relaxed);
-        let step = self.step_ns.load(Ordering::Relaxed);
+        let mut step = self.step_ns.load(Ordering::Relaxed);
         if step == 0 {
             return 0;
+        }
+        if step == PROBING {
+            if self.probed.fetch_add(1, Ordering::Relaxed) < PROBE_LAUNCHES {
+                return 0;
+            }
+            step = PROBE_STEP_NS;
         }
         let mut tat = self.tat_ns.load(Ordering::Relaxed);
         let start = loop {
@@ -80,11 +139,13 @@ impl Gate {
         wait
     }
 
-    /// Forgets everything (fork child, cap change). Atomics only.
+    /// Forgets everything and probes again (fork child). Atomics only.
     pub(crate) fn reset(&self) {
-        self.step_ns.store(0, Ordering::Relaxed);
+        self.step_ns.store(PROBING, Ordering::Relaxed);
         self.tat_ns.store(0, Ordering::Relaxed);
         self.launches.store(0, Ordering::Relaxed);
+        self.probed.store(0, Ordering::Relaxed);
+        self.epoch.fetch_add(1, Ordering::Relaxed);
         self.waited.store(false, Ordering::Relaxed);
     }
 }
@@ -108,8 +169,66 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_new_gate_probes_then_spaces_launches_by_the_probe_step() {
+        let g = Gate::new();
+        let now = 10_000_000_000;
+        for _ in 0..PROBE_LAUNCHES {
+            assert_eq!(g.admit(now), 0);
+        }
+        assert_eq!(g.take_counts(), (PROBE_LAUNCHES, false));
+        // Then one per probe step, after the usual slack.
+        let waits: Vec<u64> = (0..4).map(|_| g.admit(now)).collect();
+        assert_eq!(waits[0], 0);
+        assert_eq!(waits[3] - waits[2], PROBE_STEP_NS);
+        assert!(g.take_counts().1, "the probe held launches back");
+        // A step from the watcher ends probing.
+        g.set_step(0);
+        assert_eq!(g.admit(now), 0);
+        g.reset();
+        assert_eq!(g.step_ns.load(Ordering::Relaxed), PROBING);
+    }
+
+    #[test]
+    fn a_much_shorter_step_forgets_reservations_and_wakes_sleepers() {
+        let g = Gate::new();
+        g.set_step(10_000_000_000); // 10 s
+        let now = monotonic_ns();
+        for _ in 0..3 {
+            g.admit(now);
+        }
+        assert!(g.admit(now) > 1_000_000_000, "far ahead");
+        let epoch = g.epoch.load(Ordering::Relaxed);
+        g.set_step(1_000_000); // 1 ms: the next launch waits at most about one new step
+        assert_ne!(g.epoch.load(Ordering::Relaxed), epoch);
+        assert!(g.admit(monotonic_ns()) <= 1_000_000);
+        // A slightly shorter step keeps the reservations.
+        let epoch = g.epoch.load(Ordering::Relaxed);
+        g.set_step(800_000);
+        assert_eq!(g.epoch.load(Ordering::Relaxed), epoch);
+    }
+
+    #[test]
+    fn a_sleeping_launch_wakes_when_the_step_shortens() {
+        static G: Gate = Gate::new();
+        G.set_step(10_000_000_000);
+        let t = std::time::Instant::now();
+        let sleeper = std::thread::spawn(|| G.sleep(5_000_000_000));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        G.set_step(1_000_000);
+        sleeper.join().expect("sleeper");
+        // Generous bound (a loaded CI box): far below the 5 s it was told to sleep.
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(2),
+            "{:?}",
+            t.elapsed()
+        );
+        assert!(G.take_counts().1, "counted as held back while asleep");
+    }
+
+    #[test]
     fn an_open_gate_only_counts() {
         let g = Gate::new();
+        g.set_step(0);
         for _ in 0..10 {
             assert_eq!(g.admit(1_000), 0);
         }

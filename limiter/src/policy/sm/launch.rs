@@ -136,7 +136,7 @@ fn launch_slow() -> bool {
     }
     let wait = GATES[dev].admit(now);
     if wait > 0 {
-        std::thread::sleep(Duration::from_nanos(wait));
+        GATES[dev].sleep(wait);
     }
     true
 }

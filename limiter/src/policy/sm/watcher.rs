@@ -1,17 +1,20 @@
 //! The per-process SM watcher thread: started by the first capped launch, it resolves the host
-//! PID, then every [`TICK`] measures each capped device through NVML and sets its gate's spacing.
+//! PID, then measures each capped device through NVML just after each of NVML's sample periods
+//! ends (at most every [`TICK`]) and sets its gate's spacing.
 //!
 //! Measurement: `nvmlDeviceGetProcessUtilization(device, …, lastSeen)` returns the samples newer
-//! than the last one seen; a process's share is the mean `smUtil` of its samples, the container's
-//! is the sum over the container's host PIDs (every live slot of the shared region that has
-//! one — each process writes its own). A tick that brings no new sample carries no information
-//! and changes nothing (NVML's sampling period may be longer than a tick). Without a host PID
-//! (see `hostpid.rs`), or without a usable shared region (the other processes of the container
-//! cannot be seen), the device's overall utilisation stands in for both: the cap holds, at the
-//! price of over-throttling on a shared GPU.
+//! than the last one seen; a process's share is its samples' `smUtil` × the sampling period over
+//! the span they cover (from the previous sample, or from the first launch), the container's is
+//! the sum over the container's host PIDs (every live slot of the shared region that has one —
+//! each process writes its own). A query that brings no new sample carries no information and
+//! changes nothing. The launches of a span are read from a log of the launch counter at each poll,
+//! at the span's two ends. Without a host PID (see `hostpid.rs`), or without a usable shared
+//! region (the other processes of the container cannot be seen), the device's overall utilisation
+//! stands in for both, once a second: the cap holds, at the price of over-throttling on a shared
+//! GPU.
 //!
-//! It writes this process's share (percent) into its slot's `device_util[i].sm_util` each tick,
-//! for the monitor and the metrics.
+//! It writes this process's share (percent) into its slot's `device_util[i].sm_util` at each
+//! measurement, for the monitor and the metrics.
 
 use crate::driver::ffi::{Handle, NVML_SUCCESS, NvmlReturn, ProcessSample, Utilization};
 use crate::driver::table::real;
@@ -23,17 +26,17 @@ use crate::policy::sm::controller::{Controller, Measurement};
 use crate::policy::sm::gate;
 use crate::policy::sm::hostpid::{self, HostPid};
 use crate::policy::sm::shared::{self, CAPS, GATES};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::c_uint;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 use vgpu_region::layout::SLOT_STATUS_EXITED;
 
-/// Control period.
+/// Longest sleep between two polls (the control period when NVML's sampling period is unknown).
 pub(crate) const TICK: Duration = Duration::from_millis(100);
 
 /// How often the device-wide fallback measurement is used (NVML's averaging window).
-const DEVICE_WINDOW_NS: u64 = 1_000_000_000;
+const DEVICE_WINDOW_US: u64 = 1_000_000;
 
 const NVML_ERROR_NOT_FOUND: NvmlReturn = 6;
 const NVML_ERROR_INSUFFICIENT_SIZE: NvmlReturn = 7;
@@ -166,20 +169,91 @@ static RESET: ChildReset = ChildReset::new(|| STATE.store(NOT_STARTED, Ordering:
 #[derive(Debug)]
 struct Device {
     handle: Handle,
+    /// Newest sample timestamp used (µs since the epoch); before the first measurement, the
+    /// moment the device's first launch may have happened (the span measured starts here).
     last_seen: u64,
-    primed: bool,
+    /// Whether a measurement has been made (the first one may cover part of a period).
+    measured: bool,
     /// NVML's sampling period as observed (smallest gap between sample timestamps), µs.
     period_us: Option<u64>,
     controller: Controller,
     cap: u8,
     samples: Vec<ProcessSample>,
-    /// Launches and "held back" since the last measurement that brought news.
+    /// (realtime µs, launches so far) at each poll: the launches in a measured span are read
+    /// from it at the span's ends, so the cost per launch divides matching quantities.
+    launch_log: VecDeque<(u64, u64)>,
     launches: u64,
+    /// "Held back" since the last measurement that brought news.
     throttled: bool,
-    measured_at: u64,
+    /// Realtime µs of the last measurement that brought news (device-wide fallback only).
+    measured_at_us: u64,
+    created_us: u64,
+    /// NVML's answer to the last query.
+    last_rc: NvmlReturn,
+    /// No sample from anybody for several periods: poll at the slow pace until one comes.
+    idle: bool,
 }
 
+impl Device {
+    /// Launches counted up to realtime `t_us` (linear between polls).
+    fn launches_at(&self, t_us: u64) -> u64 {
+        let mut before = (0, 0);
+        for &(at, n) in &self.launch_log {
+            if at >= t_us {
+                if at == before.0 || before == (0, 0) {
+                    return n;
+                }
+                let frac = (t_us - before.0) as f64 / (at - before.0) as f64;
+                return before.1 + ((n - before.1) as f64 * frac) as u64;
+            }
+            before = (at, n);
+        }
+        self.launches
+    }
+
+    /// Forgets the launch log before `t_us` (keeping the entry at or before it).
+    fn prune_log(&mut self, t_us: u64) {
+        while self.launch_log.len() > 2 && self.launch_log[1].0 <= t_us {
+            self.launch_log.pop_front();
+        }
+        while self.launch_log.len() > LAUNCH_LOG {
+            self.launch_log.pop_front();
+        }
+    }
+
+    /// Whether the gate should stop probing although nothing has been measured: NVML answers
+    /// with an error (no process samples here, e.g. a MIG device: the cap cannot be enforced
+    /// anyway), its launches left no sample at all for a while (they take no measurable time),
+    /// or a measurement takes too long.
+    fn probe_over(&self, now_us: u64) -> bool {
+        let waited = now_us.saturating_sub(self.created_us);
+        self.last_rc != NVML_SUCCESS && self.last_rc != NVML_ERROR_NOT_FOUND
+            || self.last_rc == NVML_ERROR_NOT_FOUND && waited > NO_SAMPLE_US
+            || waited > PROBE_TIMEOUT_US
+    }
+
+    /// When the next sample is expected (realtime µs), if the sampling period is known.
+    fn next_sample_due(&self) -> Option<u64> {
+        let period = self.period_us?;
+        (self.measured && !self.idle).then(|| self.last_seen + period + SAMPLE_MARGIN_US)
+    }
+}
+
+/// Most polls kept in a device's launch log (one period or a few back are all that is read).
+const LAUNCH_LOG: usize = 256;
+/// Poll this long after a sample period is due to end: the driver records it when it ends.
+const SAMPLE_MARGIN_US: u64 = 2_000;
+/// How often to ask while a sample is awaited (first samples, a late sample).
+const FAST_POLL: Duration = Duration::from_millis(10);
+/// A gate probes (see `gate.rs`) at most this long without a measurement,
+const PROBE_TIMEOUT_US: u64 = 1_000_000;
+/// or this long while NVML has no sample at all.
+const NO_SAMPLE_US: u64 = 300_000;
+/// Fast polling for a first sample lasts at most this long after a device's first launch.
+const FIRST_SAMPLE_WINDOW_US: u64 = 2_000_000;
+
 fn run() {
+    let started_us = realtime_us();
     let init = real::nvmlInit_v2();
     // SAFETY: nvmlInit_v2 takes no arguments; NVML is reference counted, never shut down here.
     if init.is_none_or(|f| unsafe { f() } != NVML_SUCCESS) {
@@ -225,9 +299,10 @@ fn run() {
         }
     };
     let mut devices: [Option<Device>; MAX_DEVICES] = std::array::from_fn(|_| None);
+    // The launch that started this thread happened just before it: the first poll is at once.
+    let mut previous_poll_us = started_us.saturating_sub(1_000);
     loop {
-        std::thread::sleep(TICK);
-        let now = gate::monotonic_ns();
+        let now_us = realtime_us();
         for (d, state) in devices.iter_mut().enumerate() {
             let cap = CAPS[d].load(Ordering::Relaxed);
             if cap == 0 {
@@ -239,20 +314,28 @@ fn run() {
                     continue; // never launched here: nothing to measure
                 }
                 let Some(handle) = device_handle(d) else {
+                    GATES[d].set_step(0); // not measurable: do not probe for ever
                     continue;
                 };
-                *state = Some(Device {
+                let mut dev = Device {
                     handle,
-                    last_seen: 0,
-                    primed: false,
+                    // Its first launch came after the previous poll.
+                    last_seen: previous_poll_us,
+                    measured: false,
                     period_us: None,
+                    launch_log: VecDeque::from([(previous_poll_us, 0)]),
                     launches: 0,
                     throttled: false,
-                    measured_at: now,
+                    measured_at_us: previous_poll_us,
+                    created_us: previous_poll_us,
+                    last_rc: NVML_SUCCESS,
+                    idle: false,
                     controller: Controller::new(cap),
                     cap,
                     samples: Vec::with_capacity(64),
-                });
+                };
+                learn_period(&mut dev);
+                *state = Some(dev);
             }
             let Some(dev) = state.as_mut() else { continue };
             if dev.cap != cap {
@@ -260,45 +343,75 @@ fn run() {
                 dev.controller = Controller::new(cap);
             }
             dev.launches += launches;
+            dev.launch_log.push_back((now_us, dev.launches));
             dev.throttled |= throttled;
-            let was_primed = dev.primed;
-            let Some((own, container)) = measure(dev, own_pid, now) else {
-                if dev.primed && !was_primed {
-                    // The priming answer's samples were discarded: count launches from here on,
-                    // so that the first cost estimate divides matching quantities.
-                    dev.launches = 0;
-                    dev.measured_at = now;
+            let Some(span) = measure(dev, own_pid, now_us) else {
+                if !dev.measured && dev.probe_over(now_us) {
+                    // Nothing to measure yet: stop probing (see `Device::probe_over`).
+                    GATES[d].set_step(dev.controller.step_ns());
                 }
                 continue;
             };
-            write_sm_util(d, own);
+            let window_launches = dev
+                .launches_at(span.to_us)
+                .saturating_sub(dev.launches_at(span.from_us));
+            dev.prune_log(span.to_us);
+            write_sm_util(d, span.own);
             if !shared::capping_now(shared::region()) {
                 // Not capping now (policy default, the monitor's switch off): the gate stays open
                 // and the controller starts afresh when capping resumes.
                 dev.controller = Controller::new(cap);
-                dev.launches = 0;
                 dev.throttled = false;
-                dev.measured_at = now;
                 GATES[d].set_step(0);
                 continue;
             }
             let step = dev.controller.tick(&Measurement {
-                window_ns: now.saturating_sub(dev.measured_at).max(1),
-                own,
-                container,
-                launches: std::mem::take(&mut dev.launches),
+                window_ns: span.to_us.saturating_sub(span.from_us).max(1) * 1_000,
+                own: span.own,
+                container: span.container,
+                device: span.device,
+                launches: window_launches,
                 throttled: std::mem::take(&mut dev.throttled),
             });
-            dev.measured_at = now;
             log_at!(
                 DEBUG,
                 "SM device {d}: own {:.1} % container {:.1} % cap {cap} % -> step {step} ns",
-                own * 100.0,
-                container * 100.0
+                span.own * 100.0,
+                span.container * 100.0
             );
             GATES[d].set_step(step);
         }
+        previous_poll_us = now_us;
+        std::thread::sleep(next_poll(&devices, started_us, now_us));
     }
+}
+
+/// How long to sleep before the next poll: until just after the next sample of a device is due,
+/// polling fast while a first or late sample is awaited, and at most [`TICK`].
+fn next_poll(devices: &[Option<Device>], started_us: u64, now_us: u64) -> Duration {
+    let mut wait_us = TICK.as_micros() as u64;
+    let fast = FAST_POLL.as_micros() as u64;
+    for (d, state) in devices.iter().enumerate() {
+        if CAPS[d].load(Ordering::Relaxed) == 0 {
+            continue;
+        }
+        let want = match state {
+            // A capped device with no launch yet, early in the process: its first launch may come.
+            None => (now_us < started_us + FIRST_SAMPLE_WINDOW_US).then_some(fast),
+            Some(dev) => match (dev.next_sample_due(), dev.period_us) {
+                (Some(due), _) if due > now_us => Some(due - now_us),
+                // Late (up to a few periods; longer: the device went idle).
+                (Some(due), Some(period)) if now_us < due + 3 * period => Some(fast),
+                (Some(_), _) => None,
+                // No measurement yet: poll fast for the first samples.
+                (None, _) => (now_us < dev.created_us + FIRST_SAMPLE_WINDOW_US).then_some(fast),
+            },
+        };
+        if let Some(w) = want {
+            wait_us = wait_us.min(w);
+        }
+    }
+    Duration::from_micros(wait_us.max(1_000))
 }
 
 fn device_handle(index: usize) -> Option<Handle> {
@@ -308,23 +421,41 @@ fn device_handle(index: usize) -> Option<Handle> {
     (unsafe { f(index as c_uint, &mut h) } == NVML_SUCCESS).then_some(h)
 }
 
-/// (own share, container share) over the samples since the last call; `None` without news.
-fn measure(dev: &mut Device, own_pid: Option<i32>, now: u64) -> Option<(f64, f64)> {
-    let Some(own_pid) = own_pid else {
-        // NVML averages the device's utilisation over about a second: feeding the controller
-        // faster than that would make it act on stale data again and again.
-        if now.saturating_sub(dev.measured_at) < DEVICE_WINDOW_NS {
-            return None;
-        }
-        return device_utilisation(dev.handle).map(|u| (u, u));
+/// What one measurement covered: shares of the device's time over `[from_us, to_us]`
+/// (realtime µs).
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    own: f64,
+    container: f64,
+    device: f64,
+    from_us: u64,
+    to_us: u64,
+}
+
+/// Reads the samples the GPU holds (all of them: `lastSeen` 0) once, to learn the sampling period
+/// from their timestamps if the device has been busy before; otherwise it is learnt from this
+/// process's first two samples.
+fn learn_period(dev: &mut Device) {
+    let saved = dev.last_seen;
+    dev.last_seen = 0;
+    if query(dev) == NVML_SUCCESS {
+        let stamps = sorted_stamps(&dev.samples, 0);
+        note_period(dev, &stamps);
+    }
+    dev.last_seen = saved;
+}
+
+/// `nvmlDeviceGetProcessUtilization` for the samples newer than `dev.last_seen` into
+/// `dev.samples`; returns NVML's code.
+fn query(dev: &mut Device) -> NvmlReturn {
+    let Some(f) = real::nvmlDeviceGetProcessUtilization() else {
+        return NVML_ERROR_NOT_FOUND;
     };
-    let f = real::nvmlDeviceGetProcessUtilization()?;
-    let mut rc;
     loop {
         let mut count = dev.samples.capacity().max(1) as c_uint;
         dev.samples.resize(count as usize, ProcessSample::default());
         // SAFETY: `samples` has `count` initialised elements; `count` is a valid in/out pointer.
-        rc = unsafe {
+        let rc = unsafe {
             f(
                 dev.handle,
                 dev.samples.as_mut_ptr(),
@@ -341,15 +472,66 @@ fn measure(dev: &mut Device, own_pid: Option<i32>, now: u64) -> Option<(f64, f64
         } else {
             0
         });
-        break;
+        return rc;
     }
+}
+
+fn sorted_stamps(samples: &[ProcessSample], since: u64) -> Vec<u64> {
+    let mut stamps: Vec<u64> = samples
+        .iter()
+        .map(|s| s.time_stamp)
+        .filter(|&t| t > since)
+        .collect();
+    stamps.sort_unstable();
+    stamps.dedup();
+    stamps
+}
+
+fn note_period(dev: &mut Device, stamps: &[u64]) {
+    for pair in stamps.windows(2) {
+        let gap = pair[1] - pair[0];
+        dev.period_us = Some(dev.period_us.map_or(gap, |p| p.min(gap)));
+    }
+}
+
+/// Own and container share over the samples since the last measurement; `None` without news.
+fn measure(dev: &mut Device, own_pid: Option<i32>, now_us: u64) -> Option<Span> {
+    let Some(own_pid) = own_pid else {
+        // NVML averages the device's utilisation over about a second: feeding the controller
+        // faster than that would make it act on stale data again and again.
+        if now_us.saturating_sub(dev.measured_at_us) < DEVICE_WINDOW_US {
+            return None;
+        }
+        let u = device_utilisation(dev.handle)?;
+        let from_us = std::mem::replace(&mut dev.measured_at_us, now_us);
+        return Some(Span {
+            own: u,
+            container: u,
+            device: u,
+            from_us,
+            to_us: now_us,
+        });
+    };
+    let rc = query(dev);
+    dev.last_rc = rc;
     if rc == NVML_ERROR_NOT_FOUND
-        && dev.primed
+        && dev.measured
         && let Some(period) = dev.period_us
-        && realtime_us().saturating_sub(dev.last_seen) > 3 * period
+        && now_us.saturating_sub(dev.last_seen) > 3 * period
     {
-        // Several whole periods without a sample from anybody: the device was idle.
-        return Some((0.0, 0.0));
+        // Several whole periods without a sample from anybody: the device was idle. Move on by
+        // whole periods, so that `last_seen` stays a period's end.
+        let idle = ((now_us - dev.last_seen) / period).saturating_sub(1) * period;
+        let from_us = dev.last_seen;
+        dev.last_seen += idle;
+        dev.idle = true;
+        return Some(Span {
+            own: 0.0,
+            container: 0.0,
+            device: 0.0,
+            from_us,
+            to_us: dev.last_seen,
+        });
     }
     if rc != NVML_SUCCESS {
         if rc != NVML_ERROR_NOT_FOUND {
@@ -358,39 +540,39 @@ fn measure(dev: &mut Device, own_pid: Option<i32>, now: u64) -> Option<(f64, f64
         return None;
     }
     let since = dev.last_seen;
-    let mut stamps: Vec<u64> = dev
-        .samples
-        .iter()
-        .map(|s| s.time_stamp)
-        .filter(|&t| t > since)
-        .collect();
-    stamps.sort_unstable();
-    stamps.dedup();
+    let stamps = sorted_stamps(&dev.samples, since);
     let &newest = stamps.last()?;
-    dev.last_seen = newest;
-    for pair in stamps.windows(2) {
-        let gap = pair[1] - pair[0];
-        dev.period_us = Some(dev.period_us.map_or(gap, |p| p.min(gap)));
-    }
-    if !dev.primed || since == 0 {
-        dev.primed = true; // the first answer may hold old samples
+    dev.idle = false;
+    note_period(dev, &stamps);
+    // Without the period a sample's percentage is not a duration: wait for a second sample
+    // (the next query returns these again, as `last_seen` stays).
+    let period = dev.period_us?;
+    // The first measurement starts at the first launch, maybe late in a period: wait until it
+    // covers half a period at least, so that one short period does not set the first step.
+    if !dev.measured && newest.saturating_sub(since) < period / 2 {
         return None;
     }
-    // NVML reports a sample per (period, process that ran in it): periods nobody ran in are
-    // silent, so count the periods elapsed, not the samples received.
-    let periods = dev.period_us.map_or(stamps.len() as f64, |p| {
-        ((newest - since) as f64 / p as f64)
-            .round()
-            .max(stamps.len() as f64)
-    });
+    dev.last_seen = newest;
+    let first = !std::mem::replace(&mut dev.measured, true);
     let mut per_pid: HashMap<u32, u64> = HashMap::new();
     for s in dev.samples.iter().filter(|s| s.time_stamp > since) {
         *per_pid.entry(s.pid).or_default() += u64::from(s.sm_util.min(100));
     }
+    // NVML reports a sample per (period, process that ran in it): periods nobody ran in are
+    // silent, so shares are of the time elapsed, not of the samples received. A percentage of
+    // one period is that many hundredths of `period` of busy time.
+    // The first measurement starts at the first launch, inside a period; later ones at a sample's
+    // end, and cover at least the periods they hold samples of.
+    let elapsed = newest - since;
+    let span_us = if first {
+        elapsed.max(1)
+    } else {
+        elapsed.max(stamps.len() as u64 * period)
+    } as f64;
     let share = |pid: i32| {
-        per_pid
-            .get(&(pid as u32))
-            .map_or(0.0, |&sum| sum as f64 / periods / 100.0)
+        per_pid.get(&(pid as u32)).map_or(0.0, |&sum| {
+            (sum as f64 * period as f64 / 100.0 / span_us).min(1.0)
+        })
     };
     let own = share(own_pid);
     let mut container = own;
@@ -407,7 +589,14 @@ fn measure(dev: &mut Device, own_pid: Option<i32>, now: u64) -> Option<(f64, f64
             }
         }
     }
-    Some((own, container.min(1.0)))
+    let device = per_pid.values().sum::<u64>() as f64 * period as f64 / 100.0 / span_us;
+    Some(Span {
+        own,
+        container: container.min(1.0),
+        device: device.clamp(container.min(1.0), 1.0),
+        from_us: since,
+        to_us: newest,
+    })
 }
 
 fn device_utilisation(handle: Handle) -> Option<f64> {
