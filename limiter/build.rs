@@ -1,6 +1,6 @@
 //! Link settings that make `libvgpu.so` cheap to load into every process of a GPU container (it is
 //! in `/etc/ld.so.preload` there, so shells, `ps` and every short-lived tool pay its load cost).
-//! Measured by `cargo run --release -p vgpu-limiter --example exec_bench` (README, "Process start").
+//! Measured by `cargo run --release -p vgpu-limiter --example exec_bench` (README, "What it costs").
 //!
 //! * **No `libgcc_s.so.1`.** Rust's standard library unwinds panics with libgcc's unwinder and
 //!   links it as the shared `libgcc_s.so.1`: one more library for the loader to find, map and

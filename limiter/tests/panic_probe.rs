@@ -3,7 +3,7 @@
 //! test-only feature `panic-probe` panics in `cuInit(PANIC_PROBE)`; the caller must get 999, the
 //! process must go on, and the cap must hold afterwards. Also: the library's load-time
 //! dependencies stay libc (and, for the glibc-2.17 build, its libpthread/libdl) — every process of
-//! a GPU container pays for each one at exec (README, "Process start").
+//! a GPU container pays for each one at exec (README, "What it costs").
 
 mod common;
 
