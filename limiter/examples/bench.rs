@@ -51,7 +51,7 @@ fn variant_env(cmd: &mut Command, node: &SimNode, lib: &Path, variant: usize) {
 
 #[path = "support/mod.rs"]
 mod support;
-use support::{build_libvgpu, compile};
+use support::{bench_library, compile};
 
 /// One run: (ns per launch, ns per alloc/free pair).
 fn run_once(
@@ -186,21 +186,14 @@ fn callgrind(prog: &Path, node: &SimNode, lib: &Path, n: u64) {
 }
 
 fn main() {
+    let lib = bench_library();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let prog = compile(dir.path(), "benches/c/bench.c", "bench");
+    let node = SimNode::new(NodeSpec::uniform(1, GpuSpec::a100_80gb)).expect("sim node");
     if std::env::args().nth(1).as_deref() == Some("callgrind") {
         let n = std::env::args()
             .nth(2)
             .map_or(20_000, |a| a.parse().expect("numeric argument"));
-        let exe = std::env::current_exe().expect("current_exe");
-        let workspace_target = exe
-            .ancestors()
-            .nth(3)
-            .expect("target directory")
-            .to_path_buf();
-        let lib = std::env::var_os("VGPU_BENCH_LIB")
-            .map_or_else(|| build_libvgpu(&workspace_target), Into::into);
-        let dir = tempfile::tempdir().expect("tempdir");
-        let prog = compile(dir.path(), "benches/c/bench.c", "bench");
-        let node = SimNode::new(NodeSpec::uniform(1, GpuSpec::a100_80gb)).expect("sim node");
         callgrind(&prog, &node, &lib, n);
         return;
     }
@@ -213,18 +206,6 @@ fn main() {
         args.get(1).copied().unwrap_or(300_000),
         args.get(2).copied().unwrap_or(50_000),
     );
-    let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/examples/bench -> target/
-    let workspace_target = exe
-        .ancestors()
-        .nth(3)
-        .expect("target directory")
-        .to_path_buf();
-    let lib = std::env::var_os("VGPU_BENCH_LIB")
-        .map_or_else(|| build_libvgpu(&workspace_target), Into::into);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let prog = compile(dir.path(), "benches/c/bench.c", "bench");
-    let node = SimNode::new(NodeSpec::uniform(1, GpuSpec::a100_80gb)).expect("sim node");
 
     println!(
         "libvgpu.so: {}\n{runs} runs per cell, {} launches and {} alloc/free pairs (1 MiB) per run; medians in ns/op\n",

@@ -33,8 +33,7 @@ fn main() {
     let program = args.next().unwrap_or_else(|| "/bin/true".to_owned());
     let extra: Vec<PathBuf> = args.map(PathBuf::from).collect();
 
-    let workspace_target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
-    let lib = support::build_libvgpu(&workspace_target);
+    let lib = support::build_libvgpu(&support::workspace_target());
     let dir = tempfile::tempdir().expect("temporary directory");
     let exec = support::compile_plain(dir.path(), "benches/c/exec.c", "exec");
     let empty = empty_library(dir.path());
@@ -99,7 +98,7 @@ fn main() {
     println!("(relocations: symbol + relative, as counted by the dynamic loader)");
     for (name, lib) in &variants {
         if let Some(l) = lib {
-            println!("{name}: needs {}", needed(l).join(", "));
+            println!("{name}: needs {}", support::needed(l).join(", "));
         }
     }
 }
@@ -174,19 +173,4 @@ fn resident_kib(lib: &Path) -> u64 {
         }
     }
     kib
-}
-
-/// The library's `DT_NEEDED` entries (`readelf -d`).
-fn needed(lib: &Path) -> Vec<String> {
-    let out = Command::new("readelf")
-        .arg("-d")
-        .arg(lib)
-        .output()
-        .expect("run readelf (binutils)");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.contains("(NEEDED)"))
-        .filter_map(|l| l.split('[').nth(1))
-        .map(|l| l.trim_end_matches(']').to_owned())
-        .collect()
 }

@@ -339,16 +339,10 @@ fn options() -> Options {
 
 fn main() {
     let opt = options();
-    let exe = std::env::current_exe().expect("current_exe");
-    let workspace_target = exe
-        .ancestors()
-        .nth(3)
-        .expect("target directory")
-        .to_path_buf();
     let lib = opt
         .lib
         .clone()
-        .unwrap_or_else(|| build_libvgpu(&workspace_target));
+        .unwrap_or_else(|| build_libvgpu(&support::workspace_target()));
     let dir = tempfile::tempdir().expect("tempdir");
     let sm_load = compile(dir.path(), "tests/c/sm_load.c", "sm_load");
     let sm_launch = compile(dir.path(), "benches/c/sm_launch.c", "sm_launch");

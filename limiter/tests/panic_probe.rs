@@ -7,48 +7,14 @@
 
 mod common;
 
-use common::compile;
+use common::{compile, needed};
 use gpu_sim::{GpuSpec, NodeSpec, SimNode};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
-/// The library built with `--features panic-probe`, in its own target directory (a feature
-/// changes every artifact; sharing `limiter-cdylib` would rebuild the regular one each time).
+/// The library built with `--features panic-probe`, in its own target directory.
 fn probe_library() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let target = exe
-        .ancestors()
-        .nth(3)
-        .expect("target/<profile>/deps/<test>")
-        .join("limiter-cdylib-probe");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "--quiet", "-p", "vgpu-limiter", "--lib"])
-        .args(["--features", "panic-probe", "--target-dir"])
-        .arg(&target)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .expect("run cargo build");
-    assert!(
-        status.success(),
-        "cargo build --features panic-probe failed"
-    );
-    target.join("debug/libvgpu.so")
-}
-
-fn needed(lib: &Path) -> Vec<String> {
-    let out = Command::new("readelf")
-        .arg("-d")
-        .arg(lib)
-        .output()
-        .expect("run readelf (binutils)");
-    assert!(out.status.success(), "readelf -d {}", lib.display());
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.contains("(NEEDED)"))
-        .filter_map(|l| l.split('[').nth(1))
-        .map(|l| l.trim_end_matches(']').to_owned())
-        .collect()
+    common::build_library(&["panic-probe"], "limiter-cdylib-probe")
 }
 
 #[test]

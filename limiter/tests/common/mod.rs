@@ -13,6 +13,11 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+#[path = "../../examples/support/needed.rs"]
+mod needed;
+#[allow(unused_imports)] // each user takes a subset
+pub use needed::needed;
+
 /// The `libvgpu.so` built for this test run.
 ///
 /// `VGPU_TEST_LIBRARY=<path>` tests another build instead (e.g. the glibc-2.17 one from
@@ -26,6 +31,13 @@ pub fn libvgpu() -> PathBuf {
 }
 
 fn build_libvgpu() -> PathBuf {
+    build_library(&[], "limiter-cdylib")
+}
+
+/// Builds `libvgpu.so` with `features` into `target/<dir>` (a nested `cargo build`, in the test
+/// run's profile) and returns its path. A build with other features needs its own directory, or
+/// each would rebuild the other's artifacts.
+pub fn build_library(features: &[&str], dir: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     // target/<profile>/deps/<test> -> target/
     let profile_dir = exe
@@ -33,10 +45,7 @@ fn build_libvgpu() -> PathBuf {
         .and_then(Path::parent)
         .expect("target/<profile>");
     let release = profile_dir.file_name().is_some_and(|n| n == "release");
-    let target = profile_dir
-        .parent()
-        .expect("target dir")
-        .join("limiter-cdylib");
+    let target = profile_dir.parent().expect("target dir").join(dir);
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.args([
@@ -49,11 +58,17 @@ fn build_libvgpu() -> PathBuf {
     ])
     .arg(&target)
     .current_dir(env!("CARGO_MANIFEST_DIR"));
+    if !features.is_empty() {
+        cmd.arg("--features").arg(features.join(","));
+    }
     if release {
         cmd.arg("--release");
     }
     let status = cmd.status().expect("run cargo build -p vgpu-limiter");
-    assert!(status.success(), "cargo build -p vgpu-limiter failed");
+    assert!(
+        status.success(),
+        "cargo build -p vgpu-limiter {features:?} failed"
+    );
     let lib = target
         .join(if release { "release" } else { "debug" })
         .join("libvgpu.so");
