@@ -32,9 +32,19 @@ const VARIANTS: [&str; 4] = [
     "preload, SM cap",
 ];
 
-/// The preload and the caps of `variant` (the SM-capped variant has its own region: a region
-/// records its SM caps, and the memory-capped variant must not find them there).
+/// The simulated node's environment with a private region, then the preload and the caps of
+/// `variant` (the SM-capped variant has its own region: a region records its SM caps, and the
+/// memory-capped variant must not find them there).
 fn variant_env(cmd: &mut Command, node: &SimNode, lib: &Path, variant: usize) {
+    let (k, v) = gpu_sim::library_path_env();
+    cmd.envs(node.env())
+        .env(k, v)
+        .env_remove("LD_PRELOAD")
+        .env_remove("CUDA_DEVICE_MEMORY_LIMIT")
+        .env(
+            "CUDA_DEVICE_MEMORY_SHARED_CACHE",
+            node.dir().join("cudevshr.cache"),
+        );
     if variant > 0 {
         cmd.env("LD_PRELOAD", lib);
     }
@@ -62,17 +72,8 @@ fn run_once(
     variant: usize,
     counts: (u64, u64),
 ) -> (f64, f64) {
-    let (k, v) = gpu_sim::library_path_env();
     let mut cmd = Command::new(prog);
-    cmd.args([path, &counts.0.to_string(), &counts.1.to_string()])
-        .envs(node.env())
-        .env(k, v)
-        .env_remove("LD_PRELOAD")
-        .env_remove("CUDA_DEVICE_MEMORY_LIMIT")
-        .env(
-            "CUDA_DEVICE_MEMORY_SHARED_CACHE",
-            node.dir().join("cudevshr.cache"),
-        );
+    cmd.args([path, &counts.0.to_string(), &counts.1.to_string()]);
     variant_env(&mut cmd, node, lib, variant);
     let out = cmd.output().expect("spawn bench");
     if !out.stderr.is_empty() {
@@ -112,7 +113,6 @@ fn instructions(
     variant: usize,
     counts: (u64, u64),
 ) -> u64 {
-    let (k, v) = gpu_sim::library_path_env();
     let name = format!("callgrind.{path}.{variant}.{}.{}", counts.0, counts.1);
     let out_file = match std::env::var_os("VGPU_BENCH_CALLGRIND_OUT") {
         Some(dir) => Path::new(&dir).join(name),
@@ -126,15 +126,7 @@ fn instructions(
         .arg("--separate-threads=yes")
         .arg(format!("--callgrind-out-file={}", out_file.display()))
         .arg(prog)
-        .args([path, &counts.0.to_string(), &counts.1.to_string()])
-        .envs(node.env())
-        .env(k, v)
-        .env_remove("LD_PRELOAD")
-        .env_remove("CUDA_DEVICE_MEMORY_LIMIT")
-        .env(
-            "CUDA_DEVICE_MEMORY_SHARED_CACHE",
-            node.dir().join("cudevshr.cache"),
-        );
+        .args([path, &counts.0.to_string(), &counts.1.to_string()]);
     variant_env(&mut cmd, node, lib, variant);
     let out = cmd.output().expect("spawn valgrind");
     let stderr = String::from_utf8_lossy(&out.stderr);
