@@ -1289,7 +1289,7 @@ fn say_program(
         (None, Some(_)) => "",
     };
     let engages = if capped.is_some() {
-        " (the cap engages after the first utilisation samples)"
+        " (launches are paced from the first one, then by measured utilisation)"
     } else {
         ""
     };
