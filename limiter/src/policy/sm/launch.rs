@@ -12,9 +12,11 @@
 //!   while the policy says not to cap now (`utilization_switch` off), so that utilisation is still
 //!   measured and written for the monitor.
 //! * The gates are driven by `watcher`, one thread per process started on the first capped
-//!   launch (never in a process that does not launch under a cap), which every `watcher::TICK`
-//!   reads NVML's per-process utilisation for the container's host PIDs (`hostpid`) and feeds
-//!   `controller`.
+//!   launch (never in a process that does not launch under a cap), which reads NVML's
+//!   per-process utilisation for the container's host PIDs (`hostpid`) just after each of NVML's
+//!   sample periods ends and feeds `controller`; until its first measurement the gate probes
+//!   (`gate.rs`). A paced launch while no watcher runs (it cannot start, or this is a raw `clone`
+//!   child) is refused: nothing would measure it.
 //! * The launch's device is the current context's device; a process that sees one device uses
 //!   it ([`crate::policy::devices::only_device`]), others ask `cuCtxGetDevice` on capped launches.
 //! * The caps are the stricter of the environment's (`caps`, `config`) and the region's `sm_limit`

@@ -33,7 +33,7 @@ use std::time::Duration;
 use vgpu_region::layout::SLOT_STATUS_EXITED;
 
 /// Longest sleep between two polls (the control period when NVML's sampling period is unknown).
-pub(crate) const TICK: Duration = Duration::from_millis(100);
+const TICK: Duration = Duration::from_millis(100);
 
 /// How often the device-wide fallback measurement is used (NVML's averaging window).
 const DEVICE_WINDOW_US: u64 = 1_000_000;
