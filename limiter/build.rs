@@ -61,8 +61,11 @@ fn linker_is_zig() -> bool {
 
 /// The directory of the C compiler's static unwinder, `libgcc_eh.a`, if it has one.
 fn static_unwinder() -> Option<PathBuf> {
+    // `CC` may carry a wrapper and flags ("ccache gcc -m64"): the first word runs the rest.
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_owned());
-    let out = Command::new(cc)
+    let mut words = cc.split_whitespace();
+    let out = Command::new(words.next().unwrap_or("cc"))
+        .args(words)
         .arg("-print-file-name=libgcc_eh.a")
         .output()
         .ok()?;

@@ -2,27 +2,28 @@
 //! it is tested against a simulated GPU below.
 //!
 //! The output is `step_ns`, the wall time the launch gate (`gate.rs`) spaces this process's
-//! launches on one device by (0 = no pacing). The input, once per tick (~100 ms), is what NVML
-//! measured over the tick: this process's share of the device's time, the container's share (all
+//! launches on one device by (0 = no pacing). The input, once per measurement (the span of NVML
+//! samples the watcher reads just after each sample period ends, `watcher.rs`), is what NVML
+//! measured over that span: this process's share of the device's time, the container's share (all
 //! its processes, through their host PIDs), how many launches this process made, and whether the
 //! gate made any launch wait.
 //!
 //! * **First limitation.** While the container stays under its cap and the gate holds nothing
-//!   back, nothing is paced. The first tick over the cap, or in which the probing gate (`gate.rs`)
+//!   back, nothing is paced. The first measurement over the cap, or in which the probing gate (`gate.rs`)
 //!   held a launch back, sets `step = cost / target`, with `cost` = the GPU time per launch just
 //!   measured (own busy time ÷ own launches) and `target` = this process's part of the cap (the
 //!   cap × its share of the container's use): a process under its cap is not slowed by that step,
 //!   one that wants more gets its cap from the start. This is what makes the cap independent of
-//!   kernel shape: a launch costs the time it kept the GPU busy, whatever its grid. A first tick
-//!   with nothing measured opens the gate (step 0).
+//!   kernel shape: a launch costs the time it kept the GPU busy, whatever its grid. A first
+//!   measurement with nothing measured opens the gate (step 0).
 //!   If that first measurement finds the process alone keeping the GPU full (own share ≥ 97 %),
 //!   the launches it counted may not have run yet (a process that does not synchronise queues
 //!   them), so busy ÷ launches would be the queue's rate: launches are then held (a 1 s step)
 //!   until a measurement is no longer full, and the step is set from everything measured since
 //!   the start (busy ÷ launches, exact once the queue has run). The gate wakes launches asleep on
 //!   the long step when it shortens (`gate.rs`).
-//! * **Then an integral controller in log space**: each tick in which the container is over the
-//!   cap, or this process was held back by the gate, `step *= (container / cap)^gain` (each tick's
+//! * **Then an integral controller in log space**: each pooled measurement (8 launches or 1 s) in which the container is
+//!   over the cap, or this process was held back by the gate, `step *= (container / cap)^gain` (each
 //!   factor bounded to [¼, 4]; the gain is smaller for speeding up than for slowing down). At the fixed point the container's use equals the cap; a process
 //!   that is not held back and under the cap keeps its step (no wind-up from idle time). Each
 //!   process scales its own step by the same container-wide ratio, so the processes of one
@@ -30,14 +31,6 @@
 //!
 //! Nothing here depends on the SM count (HAMi-core's token step grows with its square).
 
-/// Integral gain in log space when over the cap: 0.5 halves the (log) error per tick without
-/// overshoot even when the measurement lags the gate by a tick.
-const GAIN: f64 = 0.5;
-/// Gain when under the cap and held back, i.e. speeding up: smaller, because a shortfall can also
-/// come from outside the gate (the process was descheduled, the GPU was busy with a neighbour),
-/// and over-correcting it overshoots the cap once the disturbance ends. Exceeding the cap costs
-/// the neighbours; falling short only costs this tenant a little time.
-const SPEED_UP_GAIN: f64 = 0.25;
 /// Own share from which a first measurement counts as "the GPU was full with this process's
 /// kernels" (or the cap + 2 points, if higher).
 const SATURATED: f64 = 0.97;
@@ -204,13 +197,23 @@ impl Controller {
         }
         let container = pooled.container_ns / pooled.window_ns;
         if container > self.cap || pooled.throttled {
-            let gain = if container > self.cap {
-                GAIN
-            } else {
-                SPEED_UP_GAIN
-            };
             let factor = if container > 0.0 {
-                power(container / self.cap, gain).clamp(1.0 / MAX_FACTOR, MAX_FACTOR)
+                let ratio = container / self.cap;
+                // The integral gain in log space: ½ over the cap (halves the log error per
+                // measurement without overshoot even when the measurement lags the gate by one);
+                // ¼ when under the cap and held back, i.e. speeding up, because a shortfall can
+                // also come from outside the gate (the process was descheduled, the GPU was busy
+                // with a neighbour) and over-correcting it overshoots the cap once that ends:
+                // exceeding the cap costs the neighbours, falling short only costs this tenant a
+                // little time. Square roots, one instruction each: `f64::powf` would call the
+                // system's `pow` and make every process of the container load `libm.so.6`
+                // (about 40 µs per exec, measured).
+                let scaled = if container > self.cap {
+                    ratio.sqrt()
+                } else {
+                    ratio.sqrt().sqrt()
+                };
+                scaled.clamp(1.0 / MAX_FACTOR, MAX_FACTOR)
             } else {
                 // Held back yet nothing measured: the step is far too long (e.g. a kernel became
                 // much shorter). Speed up as fast as allowed.
@@ -218,18 +221,6 @@ impl Controller {
             };
             self.step_ns = (self.step_ns * factor).clamp(MIN_STEP_NS, MAX_STEP_NS);
         }
-    }
-}
-
-/// `x^gain` for the gains above (½ and ¼) with square roots, which compile to one instruction:
-/// `f64::powf` would call the system's `pow` and make every process of the container load
-/// `libm.so.6` (about 40 µs per exec, measured) for a function only the SM watcher uses.
-fn power(x: f64, gain: f64) -> f64 {
-    let root = x.sqrt();
-    if gain == SPEED_UP_GAIN {
-        root.sqrt()
-    } else {
-        root
     }
 }
 

@@ -60,8 +60,12 @@ impl Gate {
     /// [`Gate::sleep`]): a step that grew long while a backlog drained must not keep a launch
     /// asleep for seconds after the GPU has gone idle.
     pub(crate) fn set_step(&self, step_ns: u64) {
-        let old = self.step_ns.swap(step_ns, Ordering::Relaxed);
-        if old != PROBING && step_ns.saturating_mul(2) <= old {
+        let old = match self.step_ns.swap(step_ns, Ordering::Relaxed) {
+            // Reservations made while probing were spaced by the probe's step.
+            PROBING => PROBE_STEP_NS,
+            old => old,
+        };
+        if step_ns.saturating_mul(2) <= old {
             let now = monotonic_ns();
             let _ = self
                 .tat_ns

@@ -28,7 +28,7 @@ use crate::policy::sm::hostpid::{self, HostPid};
 use crate::policy::sm::shared::{self, CAPS, GATES};
 use std::collections::{HashMap, VecDeque};
 use std::ffi::c_uint;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 use vgpu_region::layout::SLOT_STATUS_EXITED;
 
@@ -43,7 +43,7 @@ const NVML_ERROR_INSUFFICIENT_SIZE: NvmlReturn = 7;
 
 const NOT_STARTED: u8 = 0;
 /// The thread is being spawned or is bringing NVML up, the first time: launches pass meanwhile (the
-/// gate is open until the watcher's first measurement anyway).
+/// gate probes until the watcher's first measurement anyway, see `gate.rs`).
 const STARTING: u8 = 1;
 /// NVML is up: the thread measures and sets the gates.
 const RUNNING: u8 = 2;
@@ -53,9 +53,6 @@ const RETRYING: u8 = 3;
 static STATE: AtomicU8 = AtomicU8::new(NOT_STARTED);
 /// The process the watcher was started in (`getpid`).
 static PID: AtomicU32 = AtomicU32::new(0);
-/// Set by the first failure to start the watcher (no thread, no NVML): from then on a start is a
-/// [`RETRYING`] one.
-static FAILED_ONCE: AtomicBool = AtomicBool::new(false);
 /// How long a capped launch waits for a watcher being started after a failure.
 const START_WAIT: Duration = Duration::from_secs(1);
 /// After a failure, a new watcher is tried at most this often (monotonic ns of the next try);
@@ -122,8 +119,10 @@ fn start() -> bool {
             // It failed (again), possibly the thread this call spawned: the next launch retries.
             _ if spawned_here => return false,
             _ => {
-                let retry = FAILED_ONCE.load(Ordering::Acquire);
-                if retry && gate::monotonic_ns() < NEXT_RETRY.load(Ordering::Relaxed) {
+                // Non-zero once a start failed: from then on a start is a `RETRYING` one.
+                let next_retry = NEXT_RETRY.load(Ordering::Acquire);
+                let retry = next_retry != 0;
+                if retry && gate::monotonic_ns() < next_retry {
                     return false;
                 }
                 let to = if retry { RETRYING } else { STARTING };
@@ -153,9 +152,8 @@ fn start() -> bool {
 fn failed(why: std::fmt::Arguments<'_>) {
     NEXT_RETRY.store(
         gate::monotonic_ns().saturating_add(RETRY_NS),
-        Ordering::Relaxed,
+        Ordering::Release,
     );
-    FAILED_ONCE.store(true, Ordering::Release);
     STATE.store(NOT_STARTED, Ordering::Release);
     crate::infra::log::log_refusal!(
         "{why}; capped launches are refused until the SM cap can be enforced"
@@ -513,6 +511,7 @@ fn measure(dev: &mut Device, own_pid: Option<i32>, now_us: u64) -> Option<Span> 
         });
     };
     let rc = query(dev);
+    let repeated = rc == dev.last_rc;
     dev.last_rc = rc;
     if rc == NVML_ERROR_NOT_FOUND
         && dev.measured
@@ -534,8 +533,13 @@ fn measure(dev: &mut Device, own_pid: Option<i32>, now_us: u64) -> Option<Span> 
         });
     }
     if rc != NVML_SUCCESS {
-        if rc != NVML_ERROR_NOT_FOUND {
-            log_at!(WARN, "nvmlDeviceGetProcessUtilization failed ({rc})");
+        // Once per change of answer, not at every poll (every 10-100 ms, for the process's life).
+        if rc != NVML_ERROR_NOT_FOUND && !repeated {
+            log_at!(
+                WARN,
+                "nvmlDeviceGetProcessUtilization failed ({rc}): this device's SM use cannot be \
+                 measured, so its SM cap is not enforced"
+            );
         }
         return None;
     }
