@@ -8,8 +8,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{BindStyle, Cluster, Ctr, PATIENCE, cluster, free_port, http_get};
@@ -20,65 +18,6 @@ use serde_json::{Value, json};
 
 const MIB: u64 = 1 << 20;
 const PERIOD: &str = "200ms";
-
-/// A running `gpu-sim-bypass`.
-struct Bypass {
-    child: Child,
-    _stdout: BufReader<ChildStdout>,
-    pid: u32,
-}
-
-impl Drop for Bypass {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Bypass {
-    fn alive(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-}
-
-/// Starts `gpu-sim-bypass` on CUDA device `ordinal` allocating `bytes`, and waits for `ready`.
-fn bypass(c: &Cluster, ordinal: u32, bytes: u64) -> Bypass {
-    let mut child = Command::new(gpu_sim::bypass_program())
-        .arg(gpu_sim::cuda_library())
-        .arg(ordinal.to_string())
-        .arg(bytes.to_string())
-        .env_remove("CUDA_VISIBLE_DEVICES")
-        .env_remove("LD_PRELOAD")
-        .envs(c.sim.env())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn gpu-sim-bypass");
-    let stdout = BufReader::new(child.stdout.take().unwrap());
-    // Owned by the guard from here, so a failed start is killed and reaped too.
-    let mut b = Bypass {
-        child,
-        _stdout: stdout,
-        pid: 0,
-    };
-    let mut printed = String::new();
-    loop {
-        let mut line = String::new();
-        assert!(
-            b._stdout.read_line(&mut line).unwrap() > 0,
-            "gpu-sim-bypass ended before ready:\n{printed}"
-        );
-        printed.push_str(&line);
-        if let Some(pid) = line.strip_prefix("ready ") {
-            b.pid = pid.trim().parse().unwrap();
-            return b;
-        }
-        assert!(
-            line.starts_with("alloc ") && line.trim_end().ends_with(" 0"),
-            "{printed}"
-        );
-    }
-}
 
 /// Puts `pid` under the fake proc root with `cgroup` and its real `stat` (the start time the agent checks).
 fn place(proc: &ProcRoot, pid: u32, cgroup: &str) {
@@ -241,8 +180,8 @@ async fn report_names_a_bypassing_container_over_its_cap_and_counts_what_nvml_se
         .unwrap();
     // The slot outlives `region` (dropping it would free the slot): the usage stays in the file.
     std::mem::forget(region);
-    let mut over = bypass(c, 0, 2000 * MIB);
-    let mut within = bypass(c, 0, 200 * MIB);
+    let mut over = c.sim.hold(0, 2000 * MIB);
+    let mut within = c.sim.hold(0, 200 * MIB);
     place(
         &n.proc,
         over.pid,
@@ -346,7 +285,7 @@ async fn kill_ends_the_offender_after_the_grace_and_touches_nothing_else() {
     let (id1, id2) = (container_id(1), container_id(2));
     let uid1 = run_pod(&n, "p1", 1000, &id1, 1_787_220_000).await;
     let uid2 = run_pod(&n, "p2", 1000, &id2, 1_787_220_001).await;
-    let mut within = bypass(c, 0, 300 * MIB);
+    let mut within = c.sim.hold(0, 300 * MIB);
     place(
         &n.proc,
         within.pid,
@@ -359,7 +298,7 @@ async fn kill_ends_the_offender_after_the_grace_and_touches_nothing_else() {
         ),
     );
     // A pod that got the GPU without the device plugin (no record), and a host process: unaccounted.
-    let mut rogue = bypass(c, 0, 1500 * MIB);
+    let mut rogue = c.sim.hold(0, 1500 * MIB);
     place(
         &n.proc,
         rogue.pid,
@@ -371,7 +310,7 @@ async fn kill_ends_the_offender_after_the_grace_and_touches_nothing_else() {
             &container_id(3),
         ),
     );
-    let mut host = bypass(c, 1, 100 * MIB);
+    let mut host = c.sim.hold(1, 100 * MIB);
     place(
         &n.proc,
         host.pid,
@@ -388,7 +327,7 @@ async fn kill_ends_the_offender_after_the_grace_and_touches_nothing_else() {
     })
     .await;
 
-    let mut over = bypass(c, 0, 2000 * MIB);
+    let mut over = c.sim.hold(0, 2000 * MIB);
     place(
         &n.proc,
         over.pid,
@@ -457,7 +396,7 @@ async fn only_a_confirmed_container_id_is_killed_and_a_sidecar_is_unaccounted() 
             ]}}),
         )
         .unwrap();
-    let mut sidecar = bypass(c, 0, 1000 * MIB);
+    let mut sidecar = c.sim.hold(0, 1000 * MIB);
     place(
         &n.proc,
         sidecar.pid,
@@ -487,7 +426,7 @@ async fn only_a_confirmed_container_id_is_killed_and_a_sidecar_is_unaccounted() 
     .await;
     // A process whose container ID the pod's status does not carry (yet): counted for the pod's only vGPU
     // container and reported, but never killed without a positive match.
-    let mut unconfirmed = bypass(c, 0, 500 * MIB);
+    let mut unconfirmed = c.sim.hold(0, 500 * MIB);
     place(
         &n.proc,
         unconfirmed.pid,
@@ -518,7 +457,7 @@ async fn a_driver_without_the_v3_listing_is_read_through_v2() {
     let c = &n.c;
     let id1 = container_id(1);
     let uid1 = run_pod(&n, "p1", 500, &id1, 1_787_220_000).await;
-    let _over = bypass(c, 0, 1000 * MIB);
+    let _over = c.sim.hold(0, 1000 * MIB);
     place(
         &n.proc,
         _over.pid,

@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -272,46 +271,13 @@ async fn two_geometries_a_repartition_between_them_and_a_mixed_node() {
     assert_eq!(healthy_ids(&c), ids_before);
 }
 
-/// `gpu-sim-bypass` holding memory on the node's first GPU until dropped.
-struct Holder(Child);
-
-impl Holder {
-    fn start(c: &Cluster) -> Self {
-        let mut child = Command::new(gpu_sim::bypass_program())
-            .args([gpu_sim::cuda_library().to_str().unwrap(), "0", "1048576"])
-            .envs(c.sim.env())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        loop {
-            line.clear();
-            let n = std::io::BufRead::read_line(&mut out, &mut line).unwrap();
-            assert!(n > 0, "gpu-sim-bypass ended before it was ready");
-            if line.starts_with("ready ") {
-                break;
-            }
-        }
-        Self(child)
-    }
-}
-
-impl Drop for Holder {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_process_on_the_gpu_refuses_the_repartition_and_a_failed_one_rolls_back() {
     let c = mig_cluster(NodeSpec::new(vec![GpuSpec::a100_80gb(0)])).await;
     let a100 = c.uuid(0);
 
     // A process holds memory on the parent GPU: the repartition is refused, that pod fails.
-    let holder = Holder::start(&c);
+    let holder = c.sim.hold(0, 1 << 20);
     bind(
         &c,
         "busy",

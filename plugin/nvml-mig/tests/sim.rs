@@ -7,8 +7,7 @@
 //! child the same function sees the variable and runs the NVML part.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use gpu_sim::{ControlLog, GpuSpec, Mig, NodeSpec, SimNode};
@@ -456,47 +455,6 @@ fn existing_instances_are_read_in_placement_order_and_replaced() {
     );
 }
 
-/// `gpu-sim-bypass` holding memory on a GPU through the fake libcuda, killed when dropped.
-struct Holding(Child);
-
-impl Drop for Holding {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `gpu-sim-bypass` allocating `bytes` on CUDA device `ordinal`; returns it once it says `ready`.
-fn hold_memory(node: &SimNode, ordinal: u32, bytes: u64) -> (Holding, u32) {
-    let mut child = Command::new(gpu_sim::bypass_program())
-        .arg(gpu_sim::cuda_library())
-        .arg(ordinal.to_string())
-        .arg(bytes.to_string())
-        .env_remove("CUDA_VISIBLE_DEVICES")
-        .env_remove("LD_PRELOAD")
-        .envs(node.env())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn gpu-sim-bypass");
-    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
-    let mut printed = String::new();
-    loop {
-        let mut line = String::new();
-        let n = stdout.read_line(&mut line).expect("read bypass stdout");
-        assert!(n > 0, "gpu-sim-bypass ended before ready:\n{printed}");
-        printed.push_str(&line);
-        match line.split_whitespace().collect::<Vec<_>>().as_slice() {
-            ["alloc", _, code] => assert_eq!(*code, "0", "allocation failed:\n{printed}"),
-            ["ready", pid] => {
-                let pid = pid.parse().expect("pid");
-                return (Holding(child), pid);
-            }
-            _ => panic!("unexpected line from gpu-sim-bypass: {line:?}"),
-        }
-    }
-}
-
 #[test]
 fn a_cuda_process_holding_memory_blocks_repartitioning_until_it_dies() {
     const PID_ENV: &str = "NVML_MIG_TEST_HOLDER_PID";
@@ -510,7 +468,8 @@ fn a_cuda_process_holding_memory_blocks_repartitioning_until_it_dies() {
         "a_cuda_process_holding_memory_blocks_repartitioning_until_it_dies",
         spec,
         |node| {
-            let (holding, pid) = hold_memory(node, 0, 1 << 30);
+            let holding = node.hold(0, 1 << 30);
+            let pid = holding.pid;
             (holding, vec![(PID_ENV.to_owned(), pid.to_string())])
         },
         || {

@@ -110,6 +110,96 @@ pub fn bypass_program() -> PathBuf {
     PathBuf::from(env!("GPU_SIM_BYPASS"))
 }
 
+/// A running [`bypass_program`], killed and reaped when dropped (also when its start fails: it is
+/// owned by this guard before anything it prints is read).
+#[derive(Debug)]
+pub struct Bypass {
+    child: std::process::Child,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+    /// The pid it printed (its own `getpid()`).
+    pub pid: u32,
+    /// The `CUresult` of each allocation, in order.
+    pub results: Vec<i32>,
+}
+
+impl Drop for Bypass {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Bypass {
+    /// The process itself (to signal it or wait for its status).
+    pub fn child(&mut self) -> &mut std::process::Child {
+        &mut self.child
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+}
+
+impl SimNode {
+    /// Starts [`bypass_program`] on this node allocating each of `sizes` on CUDA device `ordinal`
+    /// (with `extra` environment on top of [`SimNode::env`]), and returns it once it printed `ready`.
+    pub fn bypass(&self, ordinal: u32, sizes: &[u64], extra: &[(&str, &str)]) -> Bypass {
+        use std::io::BufRead as _;
+        let mut child = std::process::Command::new(bypass_program())
+            .arg(cuda_library())
+            .arg(ordinal.to_string())
+            .args(sizes.iter().map(u64::to_string))
+            .env_remove("CUDA_VISIBLE_DEVICES")
+            .env_remove("LD_PRELOAD")
+            .envs(self.env())
+            .envs(extra.iter().copied())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn gpu-sim-bypass");
+        let stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        let mut b = Bypass {
+            child,
+            stdout,
+            pid: 0,
+            results: Vec::new(),
+        };
+        let mut printed = String::new();
+        loop {
+            let mut line = String::new();
+            let n = b.stdout.read_line(&mut line).expect("read bypass stdout");
+            assert!(n > 0, "gpu-sim-bypass ended before ready:\n{printed}");
+            printed.push_str(&line);
+            let words: Vec<&str> = line.split_whitespace().collect();
+            match words.as_slice() {
+                ["alloc", bytes, code] => {
+                    assert_eq!(bytes.parse::<u64>().ok(), Some(sizes[b.results.len()]));
+                    b.results.push(code.parse().expect("CUresult"));
+                }
+                ["ready", pid] => {
+                    b.pid = pid.parse().expect("pid");
+                    assert_eq!(b.pid, b.child.id(), "ready prints getpid()");
+                    assert_eq!(b.results.len(), sizes.len(), "{printed}");
+                    return b;
+                }
+                _ => panic!("unexpected line from gpu-sim-bypass: {line:?} after:\n{printed}"),
+            }
+        }
+    }
+
+    /// [`SimNode::bypass`] with one allocation of `bytes`, which must succeed.
+    pub fn hold(&self, ordinal: u32, bytes: u64) -> Bypass {
+        let b = self.bypass(ordinal, &[bytes], &[]);
+        assert_eq!(
+            b.results,
+            [0],
+            "gpu-sim-bypass could not allocate {bytes} bytes"
+        );
+        b
+    }
+}
+
 /// Directory holding `libnvidia-ml.so.1`, `libcuda.so.1` and their unversioned symlinks, for
 /// programs that `dlopen` NVML or CUDA by name (put it on `LD_LIBRARY_PATH`, see [`library_path_env`]).
 pub fn nvml_library_dir() -> &'static Path {

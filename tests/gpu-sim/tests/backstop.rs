@@ -7,9 +7,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
 use gpu_sim::{GpuSpec, NodeSpec, SimNode};
@@ -117,66 +116,6 @@ fn nvml_procs(node: &SimNode, gpu: u32, extra: &[(&str, &str)]) -> Result<Seen, 
     })
 }
 
-/// A running `gpu-sim-bypass` and what it printed before `ready`.
-struct Bypass {
-    child: Child,
-    _stdout: BufReader<ChildStdout>,
-    /// The pid it printed (its own `getpid()`).
-    pid: u32,
-    /// The `CUresult` of each allocation, in order.
-    results: Vec<i32>,
-}
-
-impl Drop for Bypass {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn bypass(node: &SimNode, ordinal: u32, sizes: &[u64], extra: &[(&str, &str)]) -> Bypass {
-    let mut child = Command::new(gpu_sim::bypass_program())
-        .arg(gpu_sim::cuda_library())
-        .arg(ordinal.to_string())
-        .args(sizes.iter().map(u64::to_string))
-        .env_remove("CUDA_VISIBLE_DEVICES")
-        .env_remove("LD_PRELOAD")
-        .envs(node.env())
-        .envs(extra.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn gpu-sim-bypass");
-    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
-    let mut results = Vec::new();
-    let mut printed = String::new();
-    loop {
-        let mut line = String::new();
-        let n = stdout.read_line(&mut line).expect("read bypass stdout");
-        assert!(n > 0, "gpu-sim-bypass ended before ready:\n{printed}");
-        printed.push_str(&line);
-        let words: Vec<&str> = line.split_whitespace().collect();
-        match words.as_slice() {
-            ["alloc", bytes, code] => {
-                assert_eq!(bytes.parse::<u64>().ok(), Some(sizes[results.len()]));
-                results.push(code.parse().expect("CUresult"));
-            }
-            ["ready", pid] => {
-                let pid = pid.parse().expect("pid");
-                assert_eq!(pid, child.id(), "ready prints getpid()");
-                assert_eq!(results.len(), sizes.len(), "{printed}");
-                return Bypass {
-                    child,
-                    _stdout: stdout,
-                    pid,
-                    results,
-                };
-            }
-            _ => panic!("unexpected line from gpu-sim-bypass: {line:?} after:\n{printed}"),
-        }
-    }
-}
-
 fn signal(pid: u32, name: &str) {
     let status = Command::new("kill")
         .arg(format!("-{name}"))
@@ -199,7 +138,7 @@ fn baseline_used(node: &SimNode, gpu: u32) -> u64 {
 fn bypass_memory_is_listed_on_its_gpu_with_context_and_gone_after_sigkill() {
     let node = a100_node(2);
     let base = baseline_used(&node, 1);
-    let mut held = bypass(&node, 1, &[GIB, 512 * MIB], &[]);
+    let mut held = node.bypass(1, &[GIB, 512 * MIB], &[]);
     assert_eq!(held.results, vec![0, 0]);
 
     // Each context costs cuda_context_mib (300 by default), charged to its process as on a real GPU.
@@ -213,7 +152,7 @@ fn bypass_memory_is_listed_on_its_gpu_with_context_and_gone_after_sigkill() {
 
     // SIGKILL, and ask before the parent reaps it: a zombie has closed its files, so the driver has
     // freed its memory already.
-    held.child.kill().expect("SIGKILL");
+    held.child().kill().expect("SIGKILL");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while !std::fs::read_to_string(format!("/proc/{}/stat", held.pid))
         .map(|s| {
@@ -231,7 +170,7 @@ fn bypass_memory_is_listed_on_its_gpu_with_context_and_gone_after_sigkill() {
     let after = nvml_procs(&node, 1, &[]).expect("nvml");
     assert_eq!(after.procs(), &[] as &[(u32, u64)], "a zombie listed");
     assert_eq!(after.used, base);
-    let status = held.child.wait().expect("wait");
+    let status = held.child().wait().expect("wait");
     assert!(!status.success());
     assert_eq!(
         nvml_procs(&node, 1, &[]).expect("nvml").procs(),
@@ -242,13 +181,13 @@ fn bypass_memory_is_listed_on_its_gpu_with_context_and_gone_after_sigkill() {
 #[test]
 fn sigterm_ends_the_bypass_normally_and_frees_its_memory() {
     let node = a100_node(1);
-    let mut held = bypass(&node, 0, &[256 * MIB], &[]);
+    let mut held = node.bypass(0, &[256 * MIB], &[]);
     assert_eq!(
         nvml_procs(&node, 0, &[]).expect("nvml").procs(),
         &[(held.pid, 556 * MIB)]
     );
     signal(held.pid, "TERM");
-    let status = held.child.wait().expect("wait");
+    let status = held.child().wait().expect("wait");
     assert_eq!(status.code(), Some(0), "{status}");
     // Returned by the driver's exit handler, not by a reaper: the state file shows it at once.
     let state = node.cuda_state().expect("state").expect("exists");
@@ -265,8 +204,7 @@ fn processes_in_a_pid_namespace_are_listed_by_host_pid_on_the_visible_gpu() {
     let node = a100_node(3);
     let offset = 700_000;
     // CUDA ordinal 0 is node GPU 2 for this process; NVML indexes by node GPU.
-    let a = bypass(
-        &node,
+    let a = node.bypass(
         0,
         &[GIB],
         &[
@@ -274,7 +212,7 @@ fn processes_in_a_pid_namespace_are_listed_by_host_pid_on_the_visible_gpu() {
             ("CUDA_VISIBLE_DEVICES", "2"),
         ],
     );
-    let b = bypass(&node, 2, &[2 * GIB], &[]);
+    let b = node.bypass(2, &[2 * GIB], &[]);
     let ctx = NodeSpec::DEFAULT_CUDA_CONTEXT_MIB * MIB;
     let mut listed = nvml_procs(&node, 2, &[]).expect("nvml").procs().to_vec();
     listed.sort_unstable();
@@ -293,7 +231,7 @@ fn processes_in_a_pid_namespace_are_listed_by_host_pid_on_the_visible_gpu() {
 fn context_cost_is_the_node_files_and_failed_allocations_are_not_counted() {
     let node =
         SimNode::new(NodeSpec::uniform(1, GpuSpec::t4).with_cuda_context_mib(0)).expect("node");
-    let held = bypass(&node, 0, &[10 * GIB, 10 * GIB, 64 * MIB], &[]);
+    let held = node.bypass(0, &[10 * GIB, 10 * GIB, 64 * MIB], &[]);
     // CUDA_ERROR_OUT_OF_MEMORY for the one that does not fit on a 16 GB T4.
     assert_eq!(held.results, vec![0, 2, 0]);
     assert_eq!(
@@ -305,7 +243,7 @@ fn context_cost_is_the_node_files_and_failed_allocations_are_not_counted() {
 #[test]
 fn v3_can_be_missing_as_on_an_old_driver() {
     let node = a100_node(1);
-    let held = bypass(&node, 0, &[GIB], &[]);
+    let held = node.bypass(0, &[GIB], &[]);
     let old = nvml_procs(&node, 0, &[("GPU_SIM_NVML_NO_V3", "1")]).expect("nvml");
     assert_eq!(
         old.v3,

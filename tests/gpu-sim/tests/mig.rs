@@ -10,9 +10,8 @@
 mod common;
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
 use gpu_sim::{GpuSpec, Mig, NodeSpec, SimNode};
@@ -319,43 +318,6 @@ fn initial_layout_from_the_node_file() {
     }
 }
 
-/// `gpu-sim-bypass` holding `bytes` on GPU `ordinal` until dropped.
-struct Hog(Child);
-
-impl Drop for Hog {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn hog(node: &SimNode, ordinal: u32, bytes: u64) -> Hog {
-    // Owned by the Hog at once, so it is killed and waited for on every path.
-    let mut hog = Hog(Command::new(gpu_sim::bypass_program())
-        .arg(gpu_sim::cuda_library())
-        .arg(ordinal.to_string())
-        .arg(bytes.to_string())
-        .env_remove("CUDA_VISIBLE_DEVICES")
-        .env_remove("LD_PRELOAD")
-        .envs(node.env())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn gpu-sim-bypass"));
-    let mut out = BufReader::new(hog.0.stdout.take().expect("stdout"));
-    loop {
-        let mut line = String::new();
-        assert!(out.read_line(&mut line).expect("read") > 0, "bypass ended");
-        if line.starts_with("ready ") {
-            return hog;
-        }
-        assert!(
-            line.starts_with("alloc ") && line.ends_with(" 0\n"),
-            "{line}"
-        );
-    }
-}
-
 #[test]
 fn busy_gpu_mode_change_stays_pending_and_destroy_is_in_use() {
     let node = node(vec![
@@ -364,8 +326,8 @@ fn busy_gpu_mode_change_stays_pending_and_destroy_is_in_use() {
             .with_mig(Mig::Enabled)
             .with_mig_instance("7g.80gb@0"),
     ]);
-    let h0 = hog(&node, 0, 1 << 30);
-    let h1 = hog(&node, 1, 1 << 30);
+    let h0 = node.hold(0, 1 << 30);
+    let h1 = node.hold(1, 1 << 30);
     // Enabling while a process holds memory: accepted, not activated (IN_USE), pending.
     let lines = run(&node, &["set", "0", "1", "mode", "0"]);
     assert_eq!(lines, [vec!["set", "0", "19"], vec!["mode", "0", "0", "1"]]);
