@@ -1642,14 +1642,18 @@ static const struct mig_profile a100_40gb_profiles[] = {
     {NVML_GPU_INSTANCE_PROFILE_7_SLICE, 0, "7g.40gb", 7, 1, 98, 7, 5, 0, 1, 1, 40192, 8, 0x01},
 };
 
+/* The profile count from the table itself, so a row added to a table is never left out. */
+#define MIG_MODEL(match, table) {match, table, sizeof table / sizeof table[0]}
+
+/* No "H100 PCIe" row: that board has 114 SMs, not the SXM part's 132, so the H100 table's SM
+ * counts would be wrong for it; an unknown board is simply not MIG-capable here. */
 static const struct mig_model mig_models[] = {
-    {"A100-SXM4-40GB", a100_40gb_profiles, 7},
-    {"A100-PCIE-40GB", a100_40gb_profiles, 7},
-    {"A100-SXM4-80GB", a100_80gb_profiles, 7},
-    {"A100 80GB", a100_80gb_profiles, 7},
-    {"H100 80GB", h100_80gb_profiles, 7},
-    {"H100-SXM5-80GB", h100_80gb_profiles, 7},
-    {"H100 PCIe", h100_80gb_profiles, 7},
+    MIG_MODEL("A100-SXM4-40GB", a100_40gb_profiles),
+    MIG_MODEL("A100-PCIE-40GB", a100_40gb_profiles),
+    MIG_MODEL("A100-SXM4-80GB", a100_80gb_profiles),
+    MIG_MODEL("A100 80GB", a100_80gb_profiles),
+    MIG_MODEL("H100 80GB", h100_80gb_profiles),
+    MIG_MODEL("H100-SXM5-80GB", h100_80gb_profiles),
 };
 
 struct mig_ci_rec {
