@@ -87,9 +87,17 @@ pub struct DeviceMemory {
     pub offset: AtomicU64,
     /// Sum of all categories; what the limit is checked against.
     pub total: AtomicU64,
-    /// Reserved.
+    /// Reserved in HAMi-core (never read or written there). We use word [`DEVICE_GRANT_WORD`] as the
+    /// owner's grant on this device (see `Region::try_add_leased`).
     pub unused: [AtomicU64; 3],
 }
+
+/// Index in [`DeviceMemory::unused`] of the slot owner's **grant** on the device (byte offset 40 in the
+/// device's `device_memory_t`): bytes of the cap it has reserved in advance, counted by every admission
+/// check as the slot's usage when larger than `total`, so the owner can charge up to it without summing
+/// the container. 0 = none. HAMi-core neither reads nor writes the word (a HAMi-core process in the same
+/// container therefore does not count other processes' unused grants).
+pub const DEVICE_GRANT_WORD: usize = 0;
 
 /// `device_util_t`: NVML utilisation samples of one process on one device.
 #[repr(C)]

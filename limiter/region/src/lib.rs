@@ -28,5 +28,5 @@ pub use reader::{
 };
 pub use region::{
     DEFAULT_LOCK_TIMEOUT, LaunchGate, LimitMismatch, MemoryKind, OpenReport, Region, RegionConfig,
-    RegionLock, region_path_from_env,
+    RegionLock, grant_slack, region_path_from_env,
 };

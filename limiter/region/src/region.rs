@@ -45,11 +45,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::error::{RegionError, Result};
 use crate::layout::{
-    CUDA_DEVICE_MAX_COUNT, DEFAULT_PRIORITY, DeviceMemory, INITIAL_UTILIZATION_SWITCH,
-    MAJOR_VERSION, MINOR_VERSION, MULTIPROCESS_SHARED_REGION_MAGIC_FLAG, ProcSlot,
-    RECENT_KERNEL_ACTIVE, REGION_FILE_SIZE, REGION_SIZE, SHARED_CACHE_DEFAULT,
-    SHARED_REGION_MAX_PROCESS_NUM, SLOT_START_TIME_WORD, SLOT_STATUS_EXITED, SLOT_STATUS_RUNNING,
-    SharedRegion, UUID_LEN, v0,
+    CUDA_DEVICE_MAX_COUNT, DEFAULT_PRIORITY, DEVICE_GRANT_WORD, DeviceMemory,
+    INITIAL_UTILIZATION_SWITCH, MAJOR_VERSION, MINOR_VERSION,
+    MULTIPROCESS_SHARED_REGION_MAGIC_FLAG, ProcSlot, RECENT_KERNEL_ACTIVE, REGION_FILE_SIZE,
+    REGION_SIZE, SHARED_CACHE_DEFAULT, SHARED_REGION_MAX_PROCESS_NUM, SLOT_START_TIME_WORD,
+    SLOT_STATUS_EXITED, SLOT_STATUS_RUNNING, SharedRegion, UUID_LEN, v0,
 };
 use crate::lock::{self, Acquired};
 use crate::mapping::{Mapping, ofd_lock};
@@ -197,6 +197,14 @@ pub struct Region {
     own_total: [AtomicU64; CUDA_DEVICE_MAX_COUNT],
     /// The context part of [`Region::own_total`].
     own_context: [AtomicU64; CUDA_DEVICE_MAX_COUNT],
+    /// This process's grant per device (see [`Region::try_add_leased`]): valid only while the slot's grant
+    /// word holds the same value; 0 = none.
+    own_grant: [AtomicU64; CUDA_DEVICE_MAX_COUNT],
+    /// The limit each grant was admitted under: a different limit (the node lowered the file's) voids it.
+    grant_limit: [AtomicU64; CUDA_DEVICE_MAX_COUNT],
+    /// Set while a thread of this process changes a grant (an atomic try-lock: one thread at a time, the
+    /// others simply do without).
+    granting: AtomicBool,
     /// How often this process found its slot tampered with and repaired it.
     repairs: AtomicU64,
 }
@@ -263,6 +271,9 @@ impl Region {
             last_kernel_time: AtomicU64::new(0),
             own_total: [const { AtomicU64::new(0) }; CUDA_DEVICE_MAX_COUNT],
             own_context: [const { AtomicU64::new(0) }; CUDA_DEVICE_MAX_COUNT],
+            own_grant: [const { AtomicU64::new(0) }; CUDA_DEVICE_MAX_COUNT],
+            grant_limit: [const { AtomicU64::new(0) }; CUDA_DEVICE_MAX_COUNT],
+            granting: AtomicBool::new(false),
             repairs: AtomicU64::new(0),
         };
         region.report = region.initialise_or_check(config)?;
@@ -546,6 +557,10 @@ impl Region {
             // forgets its counts): a slot taken again — after it was freed or taken under us, or
             // forgotten in this process's memory — shows the process's charges to the others.
             self.restore_own_counts(slot);
+            // The fresh slot holds no grant (zeroed): neither does the process.
+            for g in &self.own_grant {
+                g.store(0, Ordering::SeqCst);
+            }
             self.slot_pid.store(pid, Ordering::Relaxed);
             self.slot.store(index, Ordering::Release);
             return Ok(index);
@@ -595,9 +610,15 @@ impl Region {
         self.slot.store(NO_SLOT, Ordering::Release);
         self.slot_pid.store(0, Ordering::Relaxed);
         self.registering.store(false, Ordering::Release);
-        for c in self.own_total.iter().chain(&self.own_context) {
+        for c in self
+            .own_total
+            .iter()
+            .chain(&self.own_context)
+            .chain(&self.own_grant)
+        {
             c.store(0, Ordering::Relaxed);
         }
+        self.granting.store(false, Ordering::Relaxed);
     }
 
     /// Releases this process's slot (exit path): claimed for freeing by CAS (so a concurrent reaper cannot
@@ -823,9 +844,11 @@ impl Region {
             // Only a tampered word can be this close to 2^64 (a real one is at most the limit).
             Err(u64::MAX)
         } else {
+            // What this process may hold: its charges with this one, or its grant if larger.
             let own_floor = self.own_total[device]
-                .load(Ordering::Relaxed)
-                .saturating_add(bytes);
+                .load(Ordering::SeqCst)
+                .saturating_add(bytes)
+                .max(self.own_grant[device].load(Ordering::SeqCst));
             let usage = self.device_usage_seqcst(device, index, own_floor);
             if usage <= limit {
                 saturating_add(kind_counter(mem, kind), bytes, Ordering::Relaxed);
@@ -838,6 +861,263 @@ impl Region {
         };
         slot.seqlock.fetch_add(1, Ordering::Release);
         Ok(result)
+    }
+
+    /// Admission, whole: charges `bytes` of `kind` on `device` if the container stays within `limit`.
+    /// Application data within this process's grant takes the fast path ([`Region::try_add_leased`]);
+    /// everything else [`Region::charge_checked`]. `Ok(Err(usage))` = refused, nothing changed.
+    #[inline(always)]
+    pub fn charge(
+        &self,
+        device: usize,
+        kind: MemoryKind,
+        bytes: u64,
+        limit: u64,
+    ) -> Result<std::result::Result<(), u64>> {
+        if kind == MemoryKind::Data && self.try_add_leased(device, bytes, limit) {
+            return Ok(Ok(()));
+        }
+        self.charge_checked(device, kind, bytes, limit)
+    }
+
+    /// [`Region::charge`] beyond the grant: the full check ([`Region::try_add_usage`]); once admitted,
+    /// a grant for the next charges ([`Region::try_raise_grant`]); on a would-be refusal, the unused
+    /// grants are taken back ([`Region::revoke_grants`]) and the dead processes' slots reaped
+    /// (HAMi-core's `oom_check`), then one more try. A request larger than `limit` is refused before
+    /// anything is written.
+    #[cold]
+    #[inline(never)]
+    pub fn charge_checked(
+        &self,
+        device: usize,
+        kind: MemoryKind,
+        bytes: u64,
+        limit: u64,
+    ) -> Result<std::result::Result<(), u64>> {
+        let first = self.try_add_usage(device, kind, bytes, limit)?;
+        if let Ok(usage) = first {
+            self.try_raise_grant(device, usage, limit);
+            return Ok(Ok(()));
+        }
+        if bytes > limit {
+            return Ok(Err(self.device_usage(device)?));
+        }
+        let revoked = self.revoke_grants(device)? > 0;
+        let reaped = self.reap_dead_slots()? > 0;
+        if !(revoked || reaped) {
+            return Ok(first.map(drop));
+        }
+        Ok(self.try_add_usage(device, kind, bytes, limit)?.map(drop))
+    }
+
+    /// Gives back `bytes` of `kind` on `device`: [`Region::remove_leased`] for application data while
+    /// the process holds a grant, else [`Region::remove_usage`].
+    #[inline(always)]
+    pub fn credit(&self, device: usize, kind: MemoryKind, bytes: u64) -> Result<()> {
+        if kind == MemoryKind::Data && self.remove_leased(device, bytes) {
+            return Ok(());
+        }
+        self.remove_usage(device, kind, bytes)
+    }
+
+    /// The fast path of [`Region::try_add_usage`] for application data: charges `bytes` on `device` without
+    /// summing the container when this process holds a **grant** there that covers them — admitted earlier
+    /// under this same `limit` by [`Region::try_raise_grant`], and still in the slot's grant word. `false`
+    /// (nothing changed) sends the caller to [`Region::try_add_usage`].
+    ///
+    /// # Why the cap still holds
+    ///
+    /// A grant is a reservation every admission check counts: a slot contributes the larger of its grant
+    /// and its `total` ([`Region::try_add_usage`] sums contributions, grant first, then total). A grant is
+    /// taken like a charge — raise the own contribution, then sum all, and take it back if the sum exceeds
+    /// the limit — so the proof of [`Region::try_add_usage`] holds with "contribution" for "total": no two
+    /// processes' contributions together exceed the limit. Within its grant a process charges by its own
+    /// count (`own_total + bytes <= own_grant`, process memory nobody else writes), so what it holds never
+    /// exceeds its contribution while the grant stands.
+    ///
+    /// A grant is taken away by another process's admission ([`Region::revoke_grants`], on a would-be
+    /// refusal) or by tampering. The charge here therefore adds to `total` first and only then checks that
+    /// the grant word still holds this process's grant (all `SeqCst`). A revoker writes the word and then
+    /// reads `total`; a checker reads the word and then `total`. If the check here read the grant, it came
+    /// before the revocation in the total order, so the add came before it too, and whoever read the
+    /// revoked word reads a `total` that includes the charge; if the check read anything else, the charge
+    /// is undone and refused here (the caller takes the slow path). The own count is added first and
+    /// checked against the grant by its result, so two threads cannot both squeeze under it.
+    ///
+    /// Against tampering: the grant word is only trusted to *equal* the process's own grant (raising it
+    /// gains nothing; lowering it — or freeing, reaping or re-taking the slot, which zero it — sends every
+    /// later charge to the slow path, which repairs the slot). A tenant lowering it lets *other* processes
+    /// admit more, like lowering `total` does; only the node can see and undo that.
+    #[inline(always)]
+    pub fn try_add_leased(&self, device: usize, bytes: u64, limit: u64) -> bool {
+        let (Some(own), Some(own_grant), Some(granted_under)) = (
+            self.own_total.get(device),
+            self.own_grant.get(device),
+            self.grant_limit.get(device),
+        ) else {
+            return false;
+        };
+        let grant = own_grant.load(Ordering::SeqCst);
+        if bytes > grant || granted_under.load(Ordering::Relaxed) != limit {
+            return false;
+        }
+        let index = self.slot.load(Ordering::Acquire);
+        let Some(slot) = self.shared().procs.get(index) else {
+            return false;
+        };
+        let mem = &slot.used[device];
+        // No overflow: both are at most the limit.
+        if own.fetch_add(bytes, Ordering::SeqCst) + bytes > grant {
+            own.fetch_sub(bytes, Ordering::SeqCst);
+            return false;
+        }
+        mem.total.fetch_add(bytes, Ordering::SeqCst);
+        if mem.unused[DEVICE_GRANT_WORD].load(Ordering::SeqCst) != grant {
+            wrapping_sub_floor(&mem.total, bytes);
+            own.fetch_sub(bytes, Ordering::SeqCst);
+            return false;
+        }
+        mem.data_size.fetch_add(bytes, Ordering::Relaxed);
+        true
+    }
+
+    /// The credit matching [`Region::try_add_leased`]: gives `bytes` of application data back on `device`
+    /// while this process holds a grant there (the grant stays: the next charges need no sum). `false`
+    /// (nothing changed) sends the caller to [`Region::remove_usage`]. A grant that has grown far beyond
+    /// what the process holds (more than twice [`grant_slack`] above it) is cut back to
+    /// `own_total + grant_slack`.
+    #[inline(always)]
+    pub fn remove_leased(&self, device: usize, bytes: u64) -> bool {
+        let (Some(own), Some(own_grant)) = (self.own_total.get(device), self.own_grant.get(device))
+        else {
+            return false;
+        };
+        let grant = own_grant.load(Ordering::SeqCst);
+        let index = self.slot.load(Ordering::Acquire);
+        let Some(slot) = self.shared().procs.get(index) else {
+            return false;
+        };
+        let mem = &slot.used[device];
+        if grant == 0 || mem.unused[DEVICE_GRANT_WORD].load(Ordering::SeqCst) != grant {
+            return false;
+        }
+        let before = own.fetch_sub(bytes, Ordering::SeqCst);
+        if before < bytes {
+            own.store(0, Ordering::SeqCst); // a caller's bug; never a wrapped count
+        }
+        wrapping_sub_floor(&mem.data_size, bytes);
+        wrapping_sub_floor(&mem.total, bytes);
+        let slack = grant_slack(self.grant_limit[device].load(Ordering::Relaxed));
+        if grant - before.saturating_sub(bytes).min(grant) > slack.saturating_mul(2) {
+            self.trim_grant(device, slack);
+        }
+        true
+    }
+
+    /// After a charge admitted by [`Region::try_add_usage`] (with `usage` the container's usage it saw,
+    /// this charge included), reserves [`grant_slack`] more than this process holds on `device` as its
+    /// grant, if
+    /// the container has that much room under `limit`; otherwise (or when the limit changed) holds no
+    /// grant. The same optimistic protocol as a charge: the word is raised, then the container summed,
+    /// and the grant dropped again if the sum exceeds the limit. One thread of the process at a time;
+    /// another one arriving meanwhile does without.
+    pub fn try_raise_grant(&self, device: usize, usage: u64, limit: u64) {
+        let Ok(device) = check_device(device) else {
+            return;
+        };
+        let slack = grant_slack(limit);
+        let granted_under = self.grant_limit[device].load(Ordering::Relaxed);
+        let room = limit.saturating_sub(usage) >= slack;
+        if (!room && granted_under == limit) || slack == 0 {
+            return; // keep what is held (possibly nothing): no room for more
+        }
+        if self
+            .granting
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            return;
+        }
+        if let Ok((index, slot)) = self.own_slot() {
+            let word = &slot.used[device].unused[DEVICE_GRANT_WORD];
+            let own_grant = &self.own_grant[device];
+            // Void the old grant first (file, then own: a charge that read the old own value then
+            // finds the word changed and takes the slow path).
+            word.store(0, Ordering::SeqCst);
+            own_grant.store(0, Ordering::SeqCst);
+            if room {
+                let want = self.own_total[device]
+                    .load(Ordering::SeqCst)
+                    .saturating_add(slack);
+                word.store(want, Ordering::SeqCst);
+                if self.device_usage_seqcst(device, index, want) <= limit {
+                    self.grant_limit[device].store(limit, Ordering::Relaxed);
+                    own_grant.store(want, Ordering::SeqCst);
+                } else {
+                    word.store(0, Ordering::SeqCst);
+                }
+            }
+        }
+        self.granting.store(false, Ordering::Release);
+    }
+
+    /// Cuts this process's grant on `device` back to what it holds plus `slack` (lowering a grant is
+    /// always safe: the others see at least what it holds in `total`).
+    #[cold]
+    #[inline(never)]
+    fn trim_grant(&self, device: usize, slack: u64) {
+        if self
+            .granting
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            return;
+        }
+        if let Ok((_, slot)) = self.own_slot() {
+            let word = &slot.used[device].unused[DEVICE_GRANT_WORD];
+            let own_grant = &self.own_grant[device];
+            let want = self.own_total[device]
+                .load(Ordering::SeqCst)
+                .saturating_add(slack);
+            if want < own_grant.load(Ordering::SeqCst) {
+                word.store(want, Ordering::SeqCst);
+                own_grant.store(want, Ordering::SeqCst);
+            }
+        }
+        self.granting.store(false, Ordering::Release);
+    }
+
+    /// Takes away the grants on `device` that exceed what their processes hold (their `total`), this
+    /// process's own included: called before refusing an allocation, so reservations nobody uses never
+    /// refuse one. A process whose grant is taken charges through the full check from then on (until it
+    /// takes a grant again). Returns how many grants were taken.
+    pub fn revoke_grants(&self, device: usize) -> Result<usize> {
+        let device = check_device(device)?;
+        let r = self.shared();
+        let own = self.slot.load(Ordering::Acquire);
+        let proc_num = clamp_proc_num(r.proc_num.load(Ordering::SeqCst));
+        // The own grant counts as taken even when somebody else already zeroed its word: this
+        // process's own checks count it until here.
+        let mut taken = usize::from(self.own_grant[device].swap(0, Ordering::SeqCst) != 0);
+        for (i, slot) in r.procs[..proc_num].iter().enumerate() {
+            let mem = &slot.used[device];
+            let word = &mem.unused[DEVICE_GRANT_WORD];
+            let grant = word.load(Ordering::SeqCst);
+            if grant != 0
+                && (i == own || grant > mem.total.load(Ordering::SeqCst))
+                && word
+                    .compare_exchange(grant, 0, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+            {
+                taken += 1;
+            }
+        }
+        Ok(taken)
+    }
+
+    /// This process's grant on `device` (0 = none).
+    pub fn grant(&self, device: usize) -> Result<u64> {
+        Ok(self.own_grant[check_device(device)?].load(Ordering::SeqCst))
     }
 
     /// Counts one allocation refused to this process (the slot's [`crate::layout::SLOT_REFUSED_WORD`]
@@ -869,11 +1149,12 @@ impl Region {
         let r = self.shared();
         let proc_num = clamp_proc_num(r.proc_num.load(Ordering::SeqCst));
         let procs = &r.procs[..proc_num];
-        // A live slot's word; every slot in index order, status then total, as one loop would
-        // read them. The own slot is taken out of the loops, so they compare no index.
+        // A live slot's contribution, the larger of its grant and its total; every slot in index
+        // order, status, grant, then total, as one loop would read them (the grant before the total:
+        // see `try_add_leased`). The own slot is taken out of the loops, so they compare no index.
         let live = |s: &ProcSlot| {
             (s.status.load(Ordering::SeqCst) != SLOT_STATUS_EXITED)
-                .then(|| s.used[device].total.load(Ordering::SeqCst))
+                .then(|| contribution(&s.used[device]))
         };
         let (before, from_own) = procs.split_at(own.min(proc_num));
         let mut sum = before
@@ -1094,6 +1375,32 @@ fn own_sub(counter: &AtomicU64, bytes: u64) {
     }
 }
 
+/// The grant a process takes beyond what it holds on a device capped at `limit`: a sixteenth of the cap,
+/// at most 1 GiB. Unused grants never refuse an allocation ([`Region::revoke_grants`]); the size only
+/// decides how often a process needs the full check.
+pub const fn grant_slack(limit: u64) -> u64 {
+    let s = limit / 16;
+    if s < 1 << 30 { s } else { 1 << 30 }
+}
+
+/// A slot's contribution to the container's usage of one device: the larger of its grant and its
+/// `total`, the grant read first (see [`Region::try_add_leased`]).
+#[inline(always)]
+fn contribution(mem: &DeviceMemory) -> u64 {
+    let grant = mem.unused[DEVICE_GRANT_WORD].load(Ordering::SeqCst);
+    mem.total.load(Ordering::SeqCst).max(grant)
+}
+
+/// Subtracts from a slot word with one `fetch_sub`; if the word held less (only tampering makes it), it
+/// is brought back to 0 rather than left wrapped.
+#[inline(always)]
+fn wrapping_sub_floor(counter: &AtomicU64, bytes: u64) {
+    let before = counter.fetch_sub(bytes, Ordering::SeqCst);
+    if before < bytes {
+        counter.fetch_add(bytes - before, Ordering::SeqCst);
+    }
+}
+
 /// Adds without ever wrapping: a counter another process can also write may hold anything.
 #[inline]
 fn saturating_add(counter: &AtomicU64, bytes: u64, order: Ordering) {
@@ -1136,6 +1443,9 @@ fn zero_slot_counters(slot: &ProcSlot) {
             &mem.total,
         ] {
             c.store(0, Ordering::Relaxed);
+        }
+        for c in &mem.unused {
+            c.store(0, Ordering::SeqCst);
         }
     }
     for m in &slot.monitorused {

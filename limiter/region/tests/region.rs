@@ -18,6 +18,9 @@ use vgpu_region::{
 const MIB: u64 = 1 << 20;
 const CHILD_ROLE_ENV: &str = "VGPU_REGION_TEST_CHILD";
 const CHILD_PATH_ENV: &str = "VGPU_REGION_TEST_PATH";
+const CHILD_BYTES_ENV: &str = "VGPU_REGION_TEST_BYTES";
+/// The stress test's shared counter of bytes held (a file of 8 bytes every process maps).
+const CHILD_HELD_ENV: &str = "VGPU_REGION_TEST_HELD";
 
 fn config(limit0: u64) -> RegionConfig {
     let mut c = RegionConfig::default();
@@ -73,8 +76,108 @@ fn child_entry() {
             out.flush().expect("flush");
             std::thread::sleep(Duration::from_secs(60));
         }
+        "charge" => {
+            // Charges `VGPU_REGION_TEST_BYTES` at the test's 100 MiB limit and says whether it fitted.
+            let bytes: u64 = std::env::var(CHILD_BYTES_ENV)
+                .expect("child needs a size")
+                .parse()
+                .expect("size");
+            region.register_current_process().expect("child registers");
+            let got = region
+                .charge(0, MemoryKind::Data, bytes, 100 * MIB)
+                .expect("charge");
+            writeln!(
+                out,
+                "READY {}",
+                if got.is_ok() { "charged" } else { "refused" }
+            )
+            .expect("stdout");
+            out.flush().expect("flush");
+            let mut line = String::new();
+            while std::io::stdin()
+                .read_line(&mut line)
+                .map(|n| n > 0)
+                .unwrap_or(false)
+            {}
+        }
+        "stress" => stress_child(&region),
         other => panic!("unknown child role {other}"),
     }
+}
+
+/// The limit the stress children charge against.
+const STRESS_LIMIT: u64 = 64 * MIB;
+
+/// Two threads charging and freeing sizes from 1 MiB to a third of [`STRESS_LIMIT`] through the whole
+/// protocol (grants, full checks, revocations), keeping the bytes they hold in a counter every process
+/// maps: added after a charge is admitted, taken away before the credit, so it never counts less than
+/// what the processes hold. Exits 3 if it ever exceeds the limit.
+fn stress_child(region: &Region) {
+    let held_path = std::env::var(CHILD_HELD_ENV).expect("child needs the counter file");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(held_path)
+        .expect("counter file");
+    // SAFETY: maps 8 bytes of a file at least 8 bytes long, shared; the mapping is never unmapped.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            8,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED, "mmap the counter");
+    // SAFETY: 8 mapped, page-aligned bytes, only ever accessed atomically.
+    let held = unsafe { &*p.cast::<std::sync::atomic::AtomicU64>() };
+    region.register_current_process().expect("child registers");
+    let (mut admitted, mut refused) = (0u64, 0u64);
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..2u64)
+            .map(|t| {
+                s.spawn(move || {
+                    let mut x = u64::from(std::process::id()) * 0x9E37_79B9 + t + 1;
+                    let (mut ok, mut no) = (0u64, 0u64);
+                    let start = Instant::now();
+                    while start.elapsed() < Duration::from_millis(1500) {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let bytes = MIB + x % (STRESS_LIMIT / 3);
+                        match region.charge(0, MemoryKind::Data, bytes, STRESS_LIMIT) {
+                            Ok(Ok(())) => {
+                                let now = held
+                                    .fetch_add(bytes, std::sync::atomic::Ordering::SeqCst)
+                                    + bytes;
+                                if now > STRESS_LIMIT {
+                                    eprintln!("over the limit: {now} > {STRESS_LIMIT}");
+                                    std::process::exit(3);
+                                }
+                                std::thread::yield_now();
+                                held.fetch_sub(bytes, std::sync::atomic::Ordering::SeqCst);
+                                region.credit(0, MemoryKind::Data, bytes).expect("credit");
+                                ok += 1;
+                            }
+                            Ok(Err(_)) => no += 1,
+                            Err(e) => panic!("charge: {e}"),
+                        }
+                    }
+                    (ok, no)
+                })
+            })
+            .collect();
+        for w in workers {
+            let (ok, no) = w.join().expect("worker");
+            admitted += ok;
+            refused += no;
+        }
+    });
+    let mut out = std::io::stdout();
+    writeln!(out, "READY admitted={admitted} refused={refused}").expect("stdout");
+    out.flush().expect("flush");
 }
 
 struct ChildProc {
@@ -84,10 +187,15 @@ struct ChildProc {
 
 impl ChildProc {
     fn spawn(role: &str, path: &Path) -> Self {
+        Self::spawn_with(role, path, &[])
+    }
+
+    fn spawn_with(role: &str, path: &Path, env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(std::env::current_exe().expect("test binary"))
             .args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
             .env(CHILD_ROLE_ENV, role)
             .env(CHILD_PATH_ENV, path)
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -629,4 +737,166 @@ fn region_files_are_created_exclusively_and_never_opened_through_a_link() {
         Region::open_or_create(&sub.join("r.cache"), &config(MIB)),
         Err(RegionError::UnsafeDirectory { mode: 0o777, .. })
     ));
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Grants: charges within a process's grant skip the sum; nobody's unused grant ever refuses anybody.
+
+/// The slot's grant word on device 0 of the slot at `index`, read and written as raw file bytes (what a
+/// tenant can do): slot base + `used[0]` + the grant's offset in `device_memory_t`.
+fn grant_word(region: &Region, index: usize) -> &std::sync::atomic::AtomicU64 {
+    &region.layout().procs[index].used[0].unused[vgpu_region::layout::DEVICE_GRANT_WORD]
+}
+
+#[test]
+fn a_grant_is_counted_by_the_others_and_taken_back_before_it_refuses_anyone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = region_file(&dir);
+    let limit = 100 * MIB;
+    let region = Region::open_or_create(&path, &config(1 << 30)).expect("create");
+    let me = region.register_current_process().expect("register");
+
+    // The first charge is checked in full and takes a grant of a sixteenth of the cap beyond it.
+    assert_eq!(
+        region
+            .charge(0, MemoryKind::Data, 10 * MIB, limit)
+            .expect("charge"),
+        Ok(())
+    );
+    let slack = vgpu_region::grant_slack(limit);
+    assert_eq!(region.grant(0).expect("grant"), 10 * MIB + slack);
+    assert_eq!(
+        grant_word(&region, me).load(std::sync::atomic::Ordering::SeqCst),
+        10 * MIB + slack
+    );
+    // Within it: charged (usage is exact: the grant is not usage).
+    assert_eq!(
+        region
+            .charge(0, MemoryKind::Data, MIB, limit)
+            .expect("charge"),
+        Ok(())
+    );
+    assert_eq!(region.device_usage(0).expect("usage"), 11 * MIB);
+    assert_eq!(
+        region.grant(0).expect("grant"),
+        10 * MIB + slack,
+        "no new grant was needed"
+    );
+
+    // Another process asks for everything that is left: it fits only if our unused grant is taken
+    // back, and it is.
+    let rest = (limit - 11 * MIB).to_string();
+    let mut other = ChildProc::spawn_with("charge", &path, &[(CHILD_BYTES_ENV, &rest)]);
+    assert_eq!(other.wait_ready(), "charged");
+    assert_eq!(region.device_usage(0).expect("usage"), limit);
+    assert_eq!(
+        grant_word(&region, me).load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "revoked"
+    );
+    // Our own count says the grant still covers a MiB, but the word is gone: the charge takes the full
+    // check and is refused, and nothing changed.
+    assert_eq!(
+        region
+            .charge(0, MemoryKind::Data, MIB, limit)
+            .expect("charge"),
+        Err(limit)
+    );
+    assert_eq!(region.device_usage(0).expect("usage"), limit);
+    drop(other);
+    // The other process is gone (SIGKILLed): its slot is reaped before a refusal, and ours fits again.
+    assert_eq!(
+        region
+            .charge(0, MemoryKind::Data, MIB, limit)
+            .expect("charge"),
+        Ok(())
+    );
+    assert_eq!(region.device_usage(0).expect("usage"), 12 * MIB);
+    for _ in 0..12 {
+        region.credit(0, MemoryKind::Data, MIB).expect("credit");
+    }
+    assert_eq!(region.device_usage(0).expect("usage"), 0);
+    assert_eq!(region.process_usage(0).expect("own"), 0);
+}
+
+#[test]
+fn a_tampered_grant_word_never_lets_its_process_past_the_cap() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = region_file(&dir);
+    let limit = 100 * MIB;
+    let region = Region::open_or_create(&path, &config(1 << 30)).expect("create");
+    let me = region.register_current_process().expect("register");
+    assert_eq!(
+        region
+            .charge(0, MemoryKind::Data, 90 * MIB, limit)
+            .expect("charge"),
+        Ok(())
+    );
+    let word = grant_word(&region, me);
+    // A tenant raises the word to the whole cap and beyond; zeroes the usage words too.
+    for forged in [limit, u64::MAX, 0] {
+        word.store(forged, std::sync::atomic::Ordering::SeqCst);
+        region.layout().procs[me].used[0]
+            .total
+            .store(0, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(
+            region
+                .charge(0, MemoryKind::Data, 11 * MIB, limit)
+                .expect("charge"),
+            Err(90 * MIB),
+            "forged grant {forged:#x}: 90 + 11 MiB does not fit 100"
+        );
+    }
+    // Up to the cap it still charges.
+    assert_eq!(
+        region
+            .charge(0, MemoryKind::Data, 10 * MIB, limit)
+            .expect("charge"),
+        Ok(())
+    );
+    assert!(
+        region
+            .charge(0, MemoryKind::Data, 1, limit)
+            .expect("charge")
+            .is_err()
+    );
+}
+
+#[test]
+fn processes_racing_through_grants_and_revocations_never_hold_more_than_the_cap() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = region_file(&dir);
+    let _creator = Region::open_or_create(&path, &config(1 << 30)).expect("create");
+    let held = dir.path().join("held");
+    std::fs::write(&held, [0u8; 8]).expect("counter file");
+    let held_s = held.to_str().expect("utf-8 path");
+    let mut children: Vec<ChildProc> = (0..4)
+        .map(|_| ChildProc::spawn_with("stress", &path, &[(CHILD_HELD_ENV, held_s)]))
+        .collect();
+    let (mut admitted, mut refused) = (0u64, 0u64);
+    for c in &mut children {
+        let line = c.wait_ready();
+        let mut words = line.split_whitespace().map(|w| {
+            w.split_once('=')
+                .and_then(|(_, v)| v.parse::<u64>().ok())
+                .expect("admitted=N refused=N")
+        });
+        admitted += words.next().expect("admitted");
+        refused += words.next().expect("refused");
+        let status = c.child.wait().expect("wait");
+        assert!(
+            status.success(),
+            "a child held more than the cap (or failed): {status}"
+        );
+    }
+    // Enough of both to have exercised grants, full checks and revocations.
+    assert!(
+        admitted > 1000 && refused > 100,
+        "admitted {admitted}, refused {refused}"
+    );
+    let reader = RegionReader::open(&path).expect("reader");
+    assert_eq!(
+        reader.snapshot().expect("snapshot").device_usage(0).total,
+        0
+    );
 }

@@ -19,10 +19,14 @@
 //! * **Fails closed.** If the region cannot be opened (permissions, a foreign or corrupt file, no
 //!   free slot), one line goes to stderr (always, like HAMi-core's errors) and every allocation on
 //!   a capped device is refused with `CUDA_ERROR_OUT_OF_MEMORY`.
-//! * **Admission** is [`vgpu_region::Region::try_add_usage`]: charge the own slot, re-check the
-//!   container total, roll back on overflow (race-free across processes; the proof is there). On
-//!   a would-be refusal the dead processes' slots are reaped and the charge retried once
-//!   (HAMi-core's `oom_check`). A refusal increments the slot's "allocations refused" counter.
+//! * **Admission** is [`vgpu_region::Region::charge`]. Within this process's **grant** (a
+//!   reservation of a sixteenth of the cap, at most 1 GiB, beyond what it holds, which every other
+//!   process's check counts) a data charge is three atomic additions and two loads; beyond it, the
+//!   full check: charge the own slot, re-check the container total, roll back on overflow
+//!   (race-free across processes; the proofs are in the region crate), then take a new grant if
+//!   there is room. On a would-be refusal the unused grants are taken back and the dead processes'
+//!   slots reaped (HAMi-core's `oom_check`), and the charge is retried once: a reservation nobody
+//!   uses never refuses an allocation. A refusal increments the slot's "allocations refused" counter.
 //! * **Fork.** The child forgets the parent's slot (atomics only) and registers on its first
 //!   charge; an `atexit` handler frees the slot at a normal exit (a SIGKILLed process's slot is
 //!   reaped by the others).
@@ -224,7 +228,9 @@ impl SharedBudget {
 
     /// [`Budget::try_charge_kind`] on a device whose cap `limit` the caller has just read with
     /// [`Budget::limit`] (the allocation hooks do, to decide whether to track at all): spares the
-    /// hot path a second lookup. Inlined into the allocation hooks (its refusals are out of line).
+    /// hot path a second lookup. Inlined into the allocation hooks: within the process's grant
+    /// ([`Region::charge`]) a charge is three atomic additions and two loads; everything else is out
+    /// of line.
     #[inline(always)]
     pub(crate) fn try_charge_within(
         &self,
@@ -236,24 +242,14 @@ impl SharedBudget {
         let Some(region) = self.region() else {
             return Err(OverCap { usage: 0, limit });
         };
-        if bytes > limit {
-            // Absurd sizes (SIZE_MAX, a pitch × height that overflowed and saturated): refused
-            // before anything is written; reaping could not make them fit.
-            return Err(match self.registered() {
-                Some(region) => refuse_oversized(region, dev, limit),
-                None => OverCap { usage: 0, limit },
-            });
+        if kind == MemoryKind::Data && region.try_add_leased(dev, bytes, limit) {
+            return Ok(());
         }
-        // The slot is checked by the charge itself (`NotRegistered`): the first charge of a process
-        // (or of a fork child) takes its slot out of line, like a would-be refusal.
-        match region.try_add_usage(dev, kind, bytes, limit) {
-            Ok(Ok(_)) => Ok(()),
-            first => self.charge_slow(region, dev, kind, bytes, limit, first),
-        }
+        self.charge_slow(region, dev, kind, bytes, limit)
     }
 
-    /// [`SharedBudget::try_charge_within`] when the first attempt did not charge: without a slot,
-    /// take one and try again; then a would-be refusal reaps and retries once.
+    /// [`SharedBudget::try_charge_within`] beyond the process's grant: the full check of
+    /// [`Region::charge_checked`]; without a slot, take one and try again; a refusal is counted.
     #[cold]
     #[inline(never)]
     fn charge_slow(
@@ -263,59 +259,25 @@ impl SharedBudget {
         kind: MemoryKind,
         bytes: u64,
         limit: u64,
-        first: vgpu_region::Result<Result<u64, u64>>,
     ) -> Result<(), OverCap> {
-        let first = match first {
-            Err(vgpu_region::RegionError::NotRegistered { .. }) => {
-                let Some(region) = self.registered() else {
-                    return Err(OverCap { usage: 0, limit });
-                };
-                match region.try_add_usage(dev, kind, bytes, limit) {
-                    Ok(Ok(_)) => return Ok(()),
-                    again => again,
-                }
-            }
+        let result = match region.charge_checked(dev, kind, bytes, limit) {
+            Err(vgpu_region::RegionError::NotRegistered { .. }) => match self.registered() {
+                // The first charge of a process (or of a fork child) takes its slot here.
+                Some(region) => region.charge_checked(dev, kind, bytes, limit),
+                None => return Err(OverCap { usage: 0, limit }),
+            },
             other => other,
         };
-        retry_after_reaping(region, dev, kind, bytes, limit, first.unwrap_or(Err(0)))
-    }
-}
-
-/// [`SharedBudget::try_charge_within`] for a request larger than the limit: counted as refused.
-#[cold]
-#[inline(never)]
-fn refuse_oversized(region: &Region, dev: usize, limit: u64) -> OverCap {
-    let _ = region.add_refused();
-    OverCap {
-        usage: region.device_usage(dev).unwrap_or(0),
-        limit,
-    }
-}
-
-/// [`SharedBudget::try_charge_within`] after the first attempt was refused: reaps the dead
-/// processes' slots and, if any was freed, tries once more (HAMi-core's `oom_check`); a final
-/// refusal is counted in the slot's refused word.
-#[cold]
-#[inline(never)]
-fn retry_after_reaping(
-    region: &Region,
-    dev: usize,
-    kind: MemoryKind,
-    bytes: u64,
-    limit: u64,
-    first: Result<u64, u64>,
-) -> Result<(), OverCap> {
-    let mut result = first;
-    if result.is_err() && region.reap_dead_slots().is_ok_and(|n| n > 0) {
-        result = region
-            .try_add_usage(dev, kind, bytes, limit)
-            .unwrap_or(Err(0));
-    }
-    match result {
-        Ok(_) => Ok(()),
-        Err(usage) => {
-            let _ = region.add_refused();
-            Err(OverCap { usage, limit })
+        match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(usage)) => {
+                // Counted in the slot (taken now if this was the process's first charge).
+                if let Some(region) = self.registered() {
+                    let _ = region.add_refused();
+                }
+                Err(OverCap { usage, limit })
+            }
+            Err(_) => Err(OverCap { usage: 0, limit }),
         }
     }
 }
@@ -391,7 +353,7 @@ impl Budget for SharedBudget {
     #[inline(always)]
     fn credit_kind(&self, dev: usize, kind: MemoryKind, bytes: u64) {
         if let Some(region) = self.region() {
-            let _ = region.remove_usage(dev, kind, bytes);
+            let _ = region.credit(dev, kind, bytes);
         }
     }
 
