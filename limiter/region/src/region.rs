@@ -40,7 +40,7 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::error::{RegionError, Result};
@@ -197,11 +197,8 @@ pub struct Region {
     own_total: [AtomicU64; CUDA_DEVICE_MAX_COUNT],
     /// The context part of [`Region::own_total`].
     own_context: [AtomicU64; CUDA_DEVICE_MAX_COUNT],
-    /// This process's grant per device (see [`Region::try_add_leased`]): valid only while the slot's grant
-    /// word holds the same value; 0 = none.
-    own_grant: [AtomicU64; CUDA_DEVICE_MAX_COUNT],
-    /// The limit each grant was admitted under: a different limit (the node lowered the file's) voids it.
-    grant_limit: [AtomicU64; CUDA_DEVICE_MAX_COUNT],
+    /// This process's grant per device (see [`Region::try_add_leased`]).
+    leases: [Lease; CUDA_DEVICE_MAX_COUNT],
     /// Set while a thread of this process changes a grant (an atomic try-lock: one thread at a time, the
     /// others simply do without).
     granting: AtomicBool,
@@ -271,8 +268,7 @@ impl Region {
             last_kernel_time: AtomicU64::new(0),
             own_total: [const { AtomicU64::new(0) }; CUDA_DEVICE_MAX_COUNT],
             own_context: [const { AtomicU64::new(0) }; CUDA_DEVICE_MAX_COUNT],
-            own_grant: [const { AtomicU64::new(0) }; CUDA_DEVICE_MAX_COUNT],
-            grant_limit: [const { AtomicU64::new(0) }; CUDA_DEVICE_MAX_COUNT],
+            leases: [const { Lease::none() }; CUDA_DEVICE_MAX_COUNT],
             granting: AtomicBool::new(false),
             repairs: AtomicU64::new(0),
         };
@@ -558,8 +554,8 @@ impl Region {
             // forgotten in this process's memory — shows the process's charges to the others.
             self.restore_own_counts(slot);
             // The fresh slot holds no grant (zeroed): neither does the process.
-            for g in &self.own_grant {
-                g.store(0, Ordering::SeqCst);
+            for lease in &self.leases {
+                lease.grant.store(0, Ordering::SeqCst);
             }
             self.slot_pid.store(pid, Ordering::Relaxed);
             self.slot.store(index, Ordering::Release);
@@ -610,13 +606,11 @@ impl Region {
         self.slot.store(NO_SLOT, Ordering::Release);
         self.slot_pid.store(0, Ordering::Relaxed);
         self.registering.store(false, Ordering::Release);
-        for c in self
-            .own_total
-            .iter()
-            .chain(&self.own_context)
-            .chain(&self.own_grant)
-        {
+        for c in self.own_total.iter().chain(&self.own_context) {
             c.store(0, Ordering::Relaxed);
+        }
+        for lease in &self.leases {
+            lease.grant.store(0, Ordering::Relaxed);
         }
         self.granting.store(false, Ordering::Relaxed);
     }
@@ -848,7 +842,7 @@ impl Region {
             let own_floor = self.own_total[device]
                 .load(Ordering::SeqCst)
                 .saturating_add(bytes)
-                .max(self.own_grant[device].load(Ordering::SeqCst));
+                .max(self.leases[device].grant.load(Ordering::SeqCst));
             let usage = self.device_usage_seqcst(device, index, own_floor);
             if usage <= limit {
                 saturating_add(kind_counter(mem, kind), bytes, Ordering::Relaxed);
@@ -874,7 +868,7 @@ impl Region {
         bytes: u64,
         limit: u64,
     ) -> Result<std::result::Result<(), u64>> {
-        if kind == MemoryKind::Data && self.try_add_leased(device, bytes, limit) {
+        if kind == MemoryKind::Data && self.try_add_leased(device, bytes) {
             return Ok(Ok(()));
         }
         self.charge_checked(device, kind, bytes, limit)
@@ -949,23 +943,27 @@ impl Region {
     /// later charge to the slow path, which repairs the slot). A tenant lowering it lets *other* processes
     /// admit more, like lowering `total` does; only the node can see and undo that.
     #[inline(always)]
-    pub fn try_add_leased(&self, device: usize, bytes: u64, limit: u64) -> bool {
-        let (Some(own), Some(own_grant), Some(granted_under)) = (
+    pub fn try_add_leased(&self, device: usize, bytes: u64) -> bool {
+        let (Some(lease), Some(own), Some(file_limit)) = (
+            self.leases.get(device),
             self.own_total.get(device),
-            self.own_grant.get(device),
-            self.grant_limit.get(device),
+            self.shared().limit.get(device),
         ) else {
             return false;
         };
-        let grant = own_grant.load(Ordering::SeqCst);
-        if bytes > grant || granted_under.load(Ordering::Relaxed) != limit {
+        let grant = lease.grant.load(Ordering::SeqCst);
+        // A grant is valid under the file's limit word it was taken with (the environment's cap never
+        // changes): the node lowering the word voids it.
+        if bytes > grant
+            || file_limit.load(Ordering::Relaxed) != lease.file_limit.load(Ordering::Relaxed)
+        {
             return false;
         }
-        let index = self.slot.load(Ordering::Acquire);
-        let Some(slot) = self.shared().procs.get(index) else {
+        // SAFETY: set (to the own slot's entry for `device`, in the mapping that lives as long as `self`)
+        // before `grant` became non-zero, and never cleared.
+        let Some(mem) = (unsafe { lease.mem.load(Ordering::Acquire).as_ref() }) else {
             return false;
         };
-        let mem = &slot.used[device];
         // No overflow: both are at most the limit.
         if own.fetch_add(bytes, Ordering::SeqCst) + bytes > grant {
             own.fetch_sub(bytes, Ordering::SeqCst);
@@ -988,16 +986,14 @@ impl Region {
     /// `own_total + grant_slack`.
     #[inline(always)]
     pub fn remove_leased(&self, device: usize, bytes: u64) -> bool {
-        let (Some(own), Some(own_grant)) = (self.own_total.get(device), self.own_grant.get(device))
-        else {
+        let (Some(lease), Some(own)) = (self.leases.get(device), self.own_total.get(device)) else {
             return false;
         };
-        let grant = own_grant.load(Ordering::SeqCst);
-        let index = self.slot.load(Ordering::Acquire);
-        let Some(slot) = self.shared().procs.get(index) else {
+        let grant = lease.grant.load(Ordering::SeqCst);
+        // SAFETY: as in `try_add_leased`.
+        let Some(mem) = (unsafe { lease.mem.load(Ordering::Acquire).as_ref() }) else {
             return false;
         };
-        let mem = &slot.used[device];
         if grant == 0 || mem.unused[DEVICE_GRANT_WORD].load(Ordering::SeqCst) != grant {
             return false;
         }
@@ -1007,29 +1003,36 @@ impl Region {
         }
         wrapping_sub_floor(&mem.data_size, bytes);
         wrapping_sub_floor(&mem.total, bytes);
-        let slack = grant_slack(self.grant_limit[device].load(Ordering::Relaxed));
-        if grant - before.saturating_sub(bytes).min(grant) > slack.saturating_mul(2) {
-            self.trim_grant(device, slack);
+        if before.wrapping_sub(bytes) < lease.trim_below.load(Ordering::Relaxed) {
+            self.trim_grant(device);
         }
         true
     }
 
     /// After a charge admitted by [`Region::try_add_usage`] (with `usage` the container's usage it saw,
     /// this charge included), reserves [`grant_slack`] more than this process holds on `device` as its
-    /// grant, if
-    /// the container has that much room under `limit`; otherwise (or when the limit changed) holds no
-    /// grant. The same optimistic protocol as a charge: the word is raised, then the container summed,
-    /// and the grant dropped again if the sum exceeds the limit. One thread of the process at a time;
-    /// another one arriving meanwhile does without.
+    /// grant, if the container has that much room under `limit` (and under the file's limit word as it
+    /// is now, if lower: the grant stays valid while that word does); otherwise, or when the word
+    /// changed, holds no grant. The same optimistic protocol as a charge: the word is raised, then the
+    /// container summed, and the grant dropped again if the sum exceeds the limit. One thread of the
+    /// process at a time; another one arriving meanwhile does without.
     pub fn try_raise_grant(&self, device: usize, usage: u64, limit: u64) {
         let Ok(device) = check_device(device) else {
             return;
         };
         let slack = grant_slack(limit);
-        let granted_under = self.grant_limit[device].load(Ordering::Relaxed);
-        let room = limit.saturating_sub(usage) >= slack;
-        if (!room && granted_under == limit) || slack == 0 {
-            return; // keep what is held (possibly nothing): no room for more
+        let lease = &self.leases[device];
+        let file_limit = self.shared().limit[device].load(Ordering::SeqCst);
+        let under = if file_limit == 0 {
+            limit
+        } else {
+            limit.min(file_limit)
+        };
+        let room = under.saturating_sub(usage) >= slack;
+        let held_valid = lease.grant.load(Ordering::SeqCst) != 0
+            && lease.file_limit.load(Ordering::Relaxed) == file_limit;
+        if slack == 0 || (!room && held_valid) {
+            return; // no room for more: keep what is held (possibly nothing)
         }
         if self
             .granting
@@ -1039,20 +1042,27 @@ impl Region {
             return;
         }
         if let Ok((index, slot)) = self.own_slot() {
-            let word = &slot.used[device].unused[DEVICE_GRANT_WORD];
-            let own_grant = &self.own_grant[device];
-            // Void the old grant first (file, then own: a charge that read the old own value then
-            // finds the word changed and takes the slow path).
+            let mem = &slot.used[device];
+            let word = &mem.unused[DEVICE_GRANT_WORD];
+            // Void the old grant first (word, then own: a charge that read the old own value then
+            // finds the word changed and takes the full check).
             word.store(0, Ordering::SeqCst);
-            own_grant.store(0, Ordering::SeqCst);
+            lease.grant.store(0, Ordering::SeqCst);
             if room {
                 let want = self.own_total[device]
                     .load(Ordering::SeqCst)
                     .saturating_add(slack);
                 word.store(want, Ordering::SeqCst);
-                if self.device_usage_seqcst(device, index, want) <= limit {
-                    self.grant_limit[device].store(limit, Ordering::Relaxed);
-                    own_grant.store(want, Ordering::SeqCst);
+                if self.device_usage_seqcst(device, index, want) <= under {
+                    lease
+                        .mem
+                        .store(std::ptr::from_ref(mem).cast_mut(), Ordering::Relaxed);
+                    lease.file_limit.store(file_limit, Ordering::Relaxed);
+                    lease.slack.store(slack, Ordering::Relaxed);
+                    lease
+                        .trim_below
+                        .store(want.saturating_sub(2 * slack), Ordering::Relaxed);
+                    lease.grant.store(want, Ordering::SeqCst);
                 } else {
                     word.store(0, Ordering::SeqCst);
                 }
@@ -1061,11 +1071,11 @@ impl Region {
         self.granting.store(false, Ordering::Release);
     }
 
-    /// Cuts this process's grant on `device` back to what it holds plus `slack` (lowering a grant is
-    /// always safe: the others see at least what it holds in `total`).
+    /// Cuts this process's grant on `device` back to what it holds plus the slack it was taken with
+    /// (lowering a grant is always safe: the others see at least what it holds in `total`).
     #[cold]
     #[inline(never)]
-    fn trim_grant(&self, device: usize, slack: u64) {
+    fn trim_grant(&self, device: usize) {
         if self
             .granting
             .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
@@ -1073,15 +1083,19 @@ impl Region {
         {
             return;
         }
+        let lease = &self.leases[device];
         if let Ok((_, slot)) = self.own_slot() {
             let word = &slot.used[device].unused[DEVICE_GRANT_WORD];
-            let own_grant = &self.own_grant[device];
+            let slack = lease.slack.load(Ordering::Relaxed);
             let want = self.own_total[device]
                 .load(Ordering::SeqCst)
                 .saturating_add(slack);
-            if want < own_grant.load(Ordering::SeqCst) {
+            if want < lease.grant.load(Ordering::SeqCst) {
                 word.store(want, Ordering::SeqCst);
-                own_grant.store(want, Ordering::SeqCst);
+                lease
+                    .trim_below
+                    .store(want.saturating_sub(2 * slack), Ordering::Relaxed);
+                lease.grant.store(want, Ordering::SeqCst);
             }
         }
         self.granting.store(false, Ordering::Release);
@@ -1098,7 +1112,7 @@ impl Region {
         let proc_num = clamp_proc_num(r.proc_num.load(Ordering::SeqCst));
         // The own grant counts as taken even when somebody else already zeroed its word: this
         // process's own checks count it until here.
-        let mut taken = usize::from(self.own_grant[device].swap(0, Ordering::SeqCst) != 0);
+        let mut taken = usize::from(self.leases[device].grant.swap(0, Ordering::SeqCst) != 0);
         for (i, slot) in r.procs[..proc_num].iter().enumerate() {
             let mem = &slot.used[device];
             let word = &mem.unused[DEVICE_GRANT_WORD];
@@ -1117,7 +1131,9 @@ impl Region {
 
     /// This process's grant on `device` (0 = none).
     pub fn grant(&self, device: usize) -> Result<u64> {
-        Ok(self.own_grant[check_device(device)?].load(Ordering::SeqCst))
+        Ok(self.leases[check_device(device)?]
+            .grant
+            .load(Ordering::SeqCst))
     }
 
     /// Counts one allocation refused to this process (the slot's [`crate::layout::SLOT_REFUSED_WORD`]
@@ -1372,6 +1388,35 @@ fn kind_counter(mem: &DeviceMemory, kind: MemoryKind) -> &AtomicU64 {
 fn own_sub(counter: &AtomicU64, bytes: u64) {
     if counter.fetch_sub(bytes, Ordering::Relaxed) < bytes {
         counter.store(0, Ordering::Relaxed);
+    }
+}
+
+/// A process's grant on one device, in process memory (see [`Region::try_add_leased`]). Everything the
+/// charges within it read, on one cache line.
+#[repr(C, align(64))]
+#[derive(Debug)]
+struct Lease {
+    /// The grant in bytes, valid only while the own slot's grant word holds the same value; 0 = none.
+    grant: AtomicU64,
+    /// The own slot's entry for this device (set before `grant` becomes non-zero).
+    mem: AtomicPtr<DeviceMemory>,
+    /// The file's limit word the grant was admitted under.
+    file_limit: AtomicU64,
+    /// A credit that leaves the own count below this cuts the grant back ([`Region::remove_leased`]).
+    trim_below: AtomicU64,
+    /// The slack the grant was taken with.
+    slack: AtomicU64,
+}
+
+impl Lease {
+    const fn none() -> Self {
+        Self {
+            grant: AtomicU64::new(0),
+            mem: AtomicPtr::new(std::ptr::null_mut()),
+            file_limit: AtomicU64::new(0),
+            trim_below: AtomicU64::new(0),
+            slack: AtomicU64::new(0),
+        }
     }
 }
 

@@ -47,8 +47,8 @@ fn alloc_device() -> Option<usize> {
 /// and records the key. `undo` frees a successful allocation that cannot be recorded. `bytes` is
 /// computed only on a capped device (the uncapped path is the flag, two loads and the call).
 #[inline(always)]
-fn tracked_alloc<const N: usize>(
-    table: &AllocTable<N>,
+fn tracked_alloc<const N: usize, const TAGGED: bool, const COUNTED: bool>(
+    table: &AllocTable<N, TAGGED, COUNTED>,
     dev: impl FnOnce() -> Option<usize>,
     bytes: impl FnOnce() -> u64,
     call: impl FnOnce() -> (CUresult, u64),
@@ -56,22 +56,27 @@ fn tracked_alloc<const N: usize>(
 ) -> CUresult {
     state::ensure();
     let b = budget();
-    let capped = if b.any_limit() {
-        dev().and_then(|d| Some((d, b.limit(d)?)))
-    } else {
-        None
-    };
-    let Some((dev, limit)) = capped else {
+    if !b.any_limit() {
+        return call().0;
+    }
+    let Some(dev) = dev() else {
         return call().0;
     };
     let bytes = bytes();
-    if let Err(over) = b.try_charge_within(dev, MemoryKind::Data, bytes, limit) {
-        log_refusal!(
-            "Device {dev} OOM: {} + {bytes} bytes requested exceeds the limit of {} bytes",
-            over.usage,
-            over.limit
-        );
-        return CUDA_ERROR_OUT_OF_MEMORY;
+    // Within the process's grant on the device (only ever taken on a capped one): charged without
+    // reading the limits or summing the container. Otherwise the full admission.
+    if !b.try_charge_leased(dev, bytes) {
+        let Some(limit) = b.limit(dev) else {
+            return call().0;
+        };
+        if let Err(over) = b.charge_checked(dev, MemoryKind::Data, bytes, limit) {
+            log_refusal!(
+                "Device {dev} OOM: {} + {bytes} bytes requested exceeds the limit of {} bytes",
+                over.usage,
+                over.limit
+            );
+            return CUDA_ERROR_OUT_OF_MEMORY;
+        }
     }
     let (rc, key) = call();
     if rc != CUDA_SUCCESS {
@@ -107,8 +112,8 @@ fn unrecorded(dev: usize, key: u64, bytes: u64, undo: impl FnOnce(u64)) -> CUres
 /// table does not know is passed through — for device pointers (`graph_memory`) after checking
 /// whether it is graph memory that outlived its launch.
 #[inline(always)]
-fn tracked_free<const N: usize>(
-    table: &AllocTable<N>,
+fn tracked_free<const N: usize, const TAGGED: bool, const COUNTED: bool>(
+    table: &AllocTable<N, TAGGED, COUNTED>,
     key: u64,
     graph_memory: bool,
     call: impl FnOnce() -> CUresult,

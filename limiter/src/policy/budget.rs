@@ -226,13 +226,39 @@ impl SharedBudget {
         }
     }
 
+    /// Charges `bytes` of application data on `dev` within this process's grant there
+    /// ([`Region::try_add_leased`]): three atomic additions and a few loads, no limit read and no sum
+    /// over the container. `false` (nothing changed): no region yet, no grant, or not within it — the
+    /// caller then reads the limit and takes [`SharedBudget::charge_checked`].
+    #[inline(always)]
+    pub(crate) fn try_charge_leased(&self, dev: usize, bytes: u64) -> bool {
+        let p = self.region.load(Ordering::Acquire);
+        // SAFETY: non-null pointers come from `Box::leak` in `open_slow` and are never freed.
+        unsafe { p.as_ref() }.is_some_and(|region| region.try_add_leased(dev, bytes))
+    }
+
     /// [`Budget::try_charge_kind`] on a device whose cap `limit` the caller has just read with
-    /// [`Budget::limit`] (the allocation hooks do, to decide whether to track at all): spares the
-    /// hot path a second lookup. Inlined into the allocation hooks: within the process's grant
-    /// ([`Region::charge`]) a charge is three atomic additions and two loads; everything else is out
-    /// of line.
+    /// [`Budget::limit`]: the grant first, then the full check.
     #[inline(always)]
     pub(crate) fn try_charge_within(
+        &self,
+        dev: usize,
+        kind: MemoryKind,
+        bytes: u64,
+        limit: u64,
+    ) -> Result<(), OverCap> {
+        if kind == MemoryKind::Data && self.try_charge_leased(dev, bytes) {
+            return Ok(());
+        }
+        self.charge_checked(dev, kind, bytes, limit)
+    }
+
+    /// [`SharedBudget::try_charge_within`] beyond the process's grant: the full check of
+    /// [`Region::charge_checked`] (the region is opened here on first use); without a slot, take one
+    /// and try again; a refusal is counted.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn charge_checked(
         &self,
         dev: usize,
         kind: MemoryKind,
@@ -242,24 +268,6 @@ impl SharedBudget {
         let Some(region) = self.region() else {
             return Err(OverCap { usage: 0, limit });
         };
-        if kind == MemoryKind::Data && region.try_add_leased(dev, bytes, limit) {
-            return Ok(());
-        }
-        self.charge_slow(region, dev, kind, bytes, limit)
-    }
-
-    /// [`SharedBudget::try_charge_within`] beyond the process's grant: the full check of
-    /// [`Region::charge_checked`]; without a slot, take one and try again; a refusal is counted.
-    #[cold]
-    #[inline(never)]
-    fn charge_slow(
-        &self,
-        region: &'static Region,
-        dev: usize,
-        kind: MemoryKind,
-        bytes: u64,
-        limit: u64,
-    ) -> Result<(), OverCap> {
         let result = match region.charge_checked(dev, kind, bytes, limit) {
             Err(vgpu_region::RegionError::NotRegistered { .. }) => match self.registered() {
                 // The first charge of a process (or of a fork child) takes its slot here.
@@ -420,18 +428,14 @@ pub(crate) fn shared() -> &'static SharedBudget {
 /// also put allocations of 1 MiB and more in 2 MiB pages). Small allocations share pages in the
 /// driver; they are charged at their 512-byte-rounded size, so many tiny allocations can use
 /// up to one 2 MiB page more than charged per device.
+#[inline(always)]
 pub(crate) fn linear_reserved(bytes: u64) -> u64 {
     const SMALL: u64 = 1 << 20;
     const PAGE: u64 = 2 << 20;
-    // Rounding up to a power of two, saturating at u64::MAX like `div_ceil(PAGE) * PAGE` would.
-    let (unit, bytes) = if bytes >= SMALL {
-        (PAGE, bytes)
-    } else {
-        (512, bytes)
-    };
-    bytes
-        .checked_add(unit - 1)
-        .map_or(u64::MAX, |b| b & !(unit - 1))
+    let mask = if bytes >= SMALL { PAGE - 1 } else { 511 };
+    // Rounding up to a multiple of a power of two; near u64::MAX it saturates to a size no cap
+    // admits (a wrapped, tiny size would be charged instead of refused).
+    bytes.saturating_add(mask) & !mask
 }
 
 /// What one tracked allocation charged.
@@ -480,11 +484,16 @@ struct Entry {
 /// `BUSY` like a tombstone. Tagged tables remember the context each allocation was made in, so a
 /// context's teardown can give its allocations back ([`context_destroyed`]).
 #[derive(Debug)]
-pub(crate) struct AllocTable<const N: usize> {
+///
+/// `TAGGED` tables remember each entry's context; `COUNTED` ones count their live entries (only the
+/// context table, which allocations ask "any?"). Both are type parameters, so the hot paths test
+/// neither.
+pub(crate) struct AllocTable<
+    const N: usize,
+    const TAGGED: bool = false,
+    const COUNTED: bool = false,
+> {
     segments: [AtomicPtr<Entry>; MAX_SEGMENTS],
-    tagged: bool,
-    /// Live entries (kept only for the context table, which allocations ask "any?").
-    counted: bool,
     live: AtomicU64,
 }
 
@@ -494,19 +503,13 @@ impl std::fmt::Debug for Entry {
     }
 }
 
-impl<const N: usize> AllocTable<N> {
-    const fn with(tagged: bool, counted: bool) -> Self {
+impl<const N: usize, const TAGGED: bool, const COUNTED: bool> AllocTable<N, TAGGED, COUNTED> {
+    pub(crate) const fn new() -> Self {
         assert!(N.is_power_of_two() && N >= PROBE);
         Self {
             segments: [const { AtomicPtr::new(std::ptr::null_mut()) }; MAX_SEGMENTS],
-            tagged,
-            counted,
             live: AtomicU64::new(0),
         }
-    }
-
-    pub(crate) const fn new() -> Self {
-        Self::with(false, false)
     }
 
     fn layout(seg: usize) -> Option<std::alloc::Layout> {
@@ -544,24 +547,25 @@ impl<const N: usize> AllocTable<N> {
         self.segment(seg)
     }
 
+    #[inline(always)]
     fn start(key: u64, len: usize) -> usize {
         // Fibonacci hashing; device pointers are aligned, so the low bits alone would cluster.
         (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 20) as usize & (len - 1)
     }
 
     /// Records `key`; `false` when the key is reserved or no segment can take it (out of memory).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn insert(&self, key: u64, charge: Charge) -> bool {
         if key == EMPTY || key >= BUSY {
             return false;
         }
-        let tag = if self.tagged { context_tag() } else { 0 };
+        let tag = if TAGGED { context_tag() } else { 0 };
         // The first segment inline (the common case: it is allocated and has room); the rest, and
         // growing, out of line.
         if let Some(entries) = self.segment(0)
             && Self::claim(entries, key, charge, tag)
         {
-            if self.counted {
+            if COUNTED {
                 self.live.fetch_add(1, Ordering::AcqRel);
             }
             return true;
@@ -576,7 +580,7 @@ impl<const N: usize> AllocTable<N> {
                 return false;
             };
             if Self::claim(entries, key, charge, tag) {
-                if self.counted {
+                if COUNTED {
                     self.live.fetch_add(1, Ordering::AcqRel);
                 }
                 return true;
@@ -586,7 +590,7 @@ impl<const N: usize> AllocTable<N> {
     }
 
     /// Puts `key` into a free entry of its probe window in `entries`, if there is one.
-    #[inline]
+    #[inline(always)]
     fn claim(entries: &[Entry], key: u64, charge: Charge, tag: u64) -> bool {
         let len = entries.len();
         let start = Self::start(key, len);
@@ -663,7 +667,7 @@ impl<const N: usize> AllocTable<N> {
             return None;
         }
         e.key.store(TOMBSTONE, Ordering::Release);
-        if self.counted {
+        if COUNTED {
             self.live.fetch_sub(1, Ordering::AcqRel);
         }
         Some(charge)
@@ -767,13 +771,13 @@ pub(crate) fn count_refusal() {
 }
 
 /// Device allocations (`cuMemAlloc*`, `cuMemAllocManaged`, `cuMemAllocAsync`, pools) by pointer.
-pub(crate) static DEVICE_PTRS: AllocTable<32768> = AllocTable::with(true, false);
+pub(crate) static DEVICE_PTRS: AllocTable<32768, true> = AllocTable::new();
 /// VMM physical allocations (`cuMemCreate`) by handle (they outlive contexts).
 pub(crate) static VMM_HANDLES: AllocTable<4096> = AllocTable::new();
 /// `CUarray` and `CUmipmappedArray` handles.
-pub(crate) static ARRAYS: AllocTable<4096> = AllocTable::with(true, false);
+pub(crate) static ARRAYS: AllocTable<4096, true> = AllocTable::new();
 /// Contexts made by `cuCtxCreate*` (primary contexts are counted per device instead).
-pub(crate) static CONTEXTS: AllocTable<1024> = AllocTable::with(false, true);
+pub(crate) static CONTEXTS: AllocTable<1024, false, true> = AllocTable::new();
 
 /// The fork-child reset: the region's slot and every table (the child owns none of the parent's
 /// allocations). Only atomics. Registered when the region is opened and when a table first grows,
@@ -799,7 +803,12 @@ mod tests {
         assert_eq!(linear_reserved(1 << 20), 2 << 20);
         assert_eq!(linear_reserved((2 << 20) + 1), 4 << 20);
         assert_eq!(linear_reserved(256 << 20), 256 << 20);
-        assert_eq!(linear_reserved(u64::MAX), u64::MAX, "saturates");
+        assert_eq!(
+            linear_reserved(u64::MAX),
+            !((2u64 << 20) - 1),
+            "saturates far above any cap, never wraps"
+        );
+        assert_eq!(linear_reserved(u64::MAX - (1 << 20)), !((2u64 << 20) - 1));
     }
 
     #[test]
@@ -841,7 +850,7 @@ mod tests {
     #[test]
     fn teardown_takes_exactly_the_entries_of_one_context() {
         // Without created contexts every allocation is tagged with its device's primary context.
-        let t: AllocTable<32> = AllocTable::with(true, true);
+        let t: AllocTable<32, true, true> = AllocTable::new();
         for i in 1..=1000u64 {
             assert!(t.insert(
                 i << 12,
