@@ -584,6 +584,72 @@ impl Drop for Sleeper {
     }
 }
 
+/// Within a grant (charges that do not sum the container) a hidden slot is still noticed at the
+/// next charge, and a forged grant word buys nothing: the tenant clears the slot's PID and status,
+/// then forges the grant word (to the cap, to 2^64 − 1), and the process allocates 512 KiB at a
+/// time until refused.
+#[test]
+fn within_a_grant_a_hidden_slot_is_made_visible_and_a_forged_grant_buys_nothing() {
+    let t = Tenant::new();
+    let mut p = t.spawn(&["direct", "hold", "3"], "2g");
+    assert_eq!(field(&p.line(), "held"), 3);
+    let pid = p.child.id();
+    let slot = t.slot_of(pid);
+    let f = t.file();
+    let grant_at = used_offset(
+        slot,
+        0,
+        offset_of!(DeviceMemory, unused) + 8 * vgpu_region::layout::DEVICE_GRANT_WORD,
+    );
+    let mut word = [0u8; 8];
+    f.read_exact_at(&mut word, grant_at).unwrap();
+    assert!(u64::from_ne_bytes(word) > 0, "the process holds a grant");
+    // Hidden: PID and status cleared, the grant word left alone.
+    f.write_all_at(
+        &0i32.to_ne_bytes(),
+        slot_offset(slot, offset_of!(ProcSlot, status)),
+    )
+    .unwrap();
+    f.write_all_at(
+        &0i32.to_ne_bytes(),
+        slot_offset(slot, offset_of!(ProcSlot, pid)),
+    )
+    .unwrap();
+    // The very next charge (one that fits the grant) shows the process to the others again.
+    p.send("small 1");
+    assert_eq!(field(&p.line(), "small"), 1);
+    let held = CTX + 3 * CHUNK + (512 << 10);
+    let snap = RegionReader::read_snapshot(&t.region).unwrap();
+    let me = snap
+        .processes
+        .iter()
+        .find(|s| s.pid == pid as i32)
+        .unwrap_or_else(|| panic!("slot not taken back at the next charge: {snap:?}"));
+    assert_eq!(me.used[0].total, held, "{snap:?}");
+    p.send("small");
+    let small = p.line();
+    assert_eq!(
+        field(&small, "small"),
+        (2 * GIB - held) / (512 << 10),
+        "exactly what fits: {small}"
+    );
+    // Forged grants: the process is at the cap; no word makes it allocate more.
+    let slot = t.slot_of(pid);
+    let grant_at = used_offset(
+        slot,
+        0,
+        offset_of!(DeviceMemory, unused) + 8 * vgpu_region::layout::DEVICE_GRANT_WORD,
+    );
+    for forged in [2 * GIB, u64::MAX] {
+        f.write_all_at(&forged.to_ne_bytes(), grant_at).unwrap();
+        p.send("small");
+        let small = p.line();
+        assert_eq!(field(&small, "small"), 0, "grant word {forged:#x}: {small}");
+        assert_eq!(field(&small, "rc"), 2, "{small}");
+    }
+    p.finish();
+}
+
 #[test]
 fn a_slot_whose_pid_now_belongs_to_another_process_is_reaped() {
     let t = Tenant::new();

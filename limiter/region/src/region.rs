@@ -959,11 +959,20 @@ impl Region {
         {
             return false;
         }
-        // SAFETY: set (to the own slot's entry for `device`, in the mapping that lives as long as `self`)
-        // before `grant` became non-zero, and never cleared.
-        let Some(mem) = (unsafe { lease.mem.load(Ordering::Acquire).as_ref() }) else {
+        // SAFETY: set (to the own slot, in the mapping that lives as long as `self`) before `grant`
+        // became non-zero, and never cleared.
+        let Some(slot) = (unsafe { lease.slot.load(Ordering::Acquire).as_ref() }) else {
             return false;
         };
+        // The slot as the others see it: still ours, running, below `proc_num` (a tenant hiding it
+        // sends the charge to the full check, which makes it visible again).
+        if slot.pid.load(Ordering::Relaxed) != self.slot_pid.load(Ordering::Relaxed)
+            || slot.status.load(Ordering::Relaxed) == SLOT_STATUS_EXITED
+            || self.shared().proc_num.load(Ordering::Relaxed) <= lease.index.load(Ordering::Relaxed)
+        {
+            return false;
+        }
+        let mem = &slot.used[device];
         // No overflow: both are at most the limit.
         if own.fetch_add(bytes, Ordering::SeqCst) + bytes > grant {
             own.fetch_sub(bytes, Ordering::SeqCst);
@@ -991,9 +1000,10 @@ impl Region {
         };
         let grant = lease.grant.load(Ordering::SeqCst);
         // SAFETY: as in `try_add_leased`.
-        let Some(mem) = (unsafe { lease.mem.load(Ordering::Acquire).as_ref() }) else {
+        let Some(slot) = (unsafe { lease.slot.load(Ordering::Acquire).as_ref() }) else {
             return false;
         };
+        let mem = &slot.used[device];
         if grant == 0 || mem.unused[DEVICE_GRANT_WORD].load(Ordering::SeqCst) != grant {
             return false;
         }
@@ -1055,8 +1065,9 @@ impl Region {
                 word.store(want, Ordering::SeqCst);
                 if self.device_usage_seqcst(device, index, want) <= under {
                     lease
-                        .mem
-                        .store(std::ptr::from_ref(mem).cast_mut(), Ordering::Relaxed);
+                        .slot
+                        .store(std::ptr::from_ref(slot).cast_mut(), Ordering::Relaxed);
+                    lease.index.store(index as i32, Ordering::Relaxed);
                     lease.file_limit.store(file_limit, Ordering::Relaxed);
                     lease.slack.store(slack, Ordering::Relaxed);
                     lease
@@ -1398,8 +1409,9 @@ fn own_sub(counter: &AtomicU64, bytes: u64) {
 struct Lease {
     /// The grant in bytes, valid only while the own slot's grant word holds the same value; 0 = none.
     grant: AtomicU64,
-    /// The own slot's entry for this device (set before `grant` becomes non-zero).
-    mem: AtomicPtr<DeviceMemory>,
+    /// The own slot (set before `grant` becomes non-zero), and its index (as `proc_num` counts).
+    slot: AtomicPtr<ProcSlot>,
+    index: AtomicI32,
     /// The file's limit word the grant was admitted under.
     file_limit: AtomicU64,
     /// A credit that leaves the own count below this cuts the grant back ([`Region::remove_leased`]).
@@ -1412,7 +1424,8 @@ impl Lease {
     const fn none() -> Self {
         Self {
             grant: AtomicU64::new(0),
-            mem: AtomicPtr::new(std::ptr::null_mut()),
+            slot: AtomicPtr::new(std::ptr::null_mut()),
+            index: AtomicI32::new(i32::MAX),
             file_limit: AtomicU64::new(0),
             trim_below: AtomicU64::new(0),
             slack: AtomicU64::new(0),

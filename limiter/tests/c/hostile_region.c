@@ -344,7 +344,20 @@ static int mode_hold(int n)
         k++;
     printf("held %d rc %d used %zu\n", k, rc, used());
     fflush(stdout);
+    /* "small [n]": 512 KiB allocations (charged exactly, and within a grant) until one is refused,
+     * or n of them. */
+    static CUdeviceptr s[MAXP];
+    int ns = 0;
     while (fgets(line, sizeof line, stdin)) {
+        if (strncmp(line, "small", 5) == 0) {
+            int before = ns, want = atoi(line + 5);
+            int end = want > 0 && ns + want < MAXP ? ns + want : MAXP;
+            while (ns < end && (rc = p_alloc(&s[ns], 512 * 1024)) == CUDA_SUCCESS)
+                ns++;
+            printf("small %d rc %d used %zu\n", ns - before, rc, used());
+            fflush(stdout);
+            continue;
+        }
         if (strncmp(line, "more", 4) != 0)
             continue;
         int before = k;
@@ -352,6 +365,8 @@ static int mode_hold(int n)
         printf("more %d rc %d used %zu\n", k - before, rc, used());
         fflush(stdout);
     }
+    while (ns > 0)
+        freed += p_free(s[--ns]) == CUDA_SUCCESS;
     while (k > 0)
         freed += p_free(p[--k]) == CUDA_SUCCESS;
     printf("freed %d\n", freed);
