@@ -56,28 +56,34 @@ fn tracked_alloc<const N: usize, const TAGGED: bool, const COUNTED: bool>(
 ) -> CUresult {
     state::ensure();
     let b = budget();
-    if !b.any_limit() {
-        return call().0;
-    }
-    let Some(dev) = dev() else {
+    // Within the process's grant on the device (only ever taken on a capped one): charged without
+    // reading the limits or summing the container; otherwise the full admission. `None`: the device
+    // is not capped (one call site for that, so the uncapped path stays the flag and the call).
+    let charged = if b.any_limit()
+        && let Some(dev) = dev()
+    {
+        let bytes = bytes();
+        if b.try_charge_leased(dev, bytes) {
+            Some((dev, bytes))
+        } else if let Some(limit) = b.limit(dev) {
+            if let Err(over) = b.charge_checked(dev, MemoryKind::Data, bytes, limit) {
+                log_refusal!(
+                    "Device {dev} OOM: {} + {bytes} bytes requested exceeds the limit of {} bytes",
+                    over.usage,
+                    over.limit
+                );
+                return CUDA_ERROR_OUT_OF_MEMORY;
+            }
+            Some((dev, bytes))
+        } else {
+            None
+        }
+    } else {
+        None
+    };
+    let Some((dev, bytes)) = charged else {
         return call().0;
     };
-    let bytes = bytes();
-    // Within the process's grant on the device (only ever taken on a capped one): charged without
-    // reading the limits or summing the container. Otherwise the full admission.
-    if !b.try_charge_leased(dev, bytes) {
-        let Some(limit) = b.limit(dev) else {
-            return call().0;
-        };
-        if let Err(over) = b.charge_checked(dev, MemoryKind::Data, bytes, limit) {
-            log_refusal!(
-                "Device {dev} OOM: {} + {bytes} bytes requested exceeds the limit of {} bytes",
-                over.usage,
-                over.limit
-            );
-            return CUDA_ERROR_OUT_OF_MEMORY;
-        }
-    }
     let (rc, key) = call();
     if rc != CUDA_SUCCESS {
         b.credit(dev, bytes);
