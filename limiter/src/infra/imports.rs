@@ -14,7 +14,9 @@
 //! check really reads the GOT entry the loader filled (or left 0).
 //!
 //! Which calls reach them: `dlopen`/`dlvsym` (the driver and the real `dlsym`,
-//! `driver/real.rs`), `sem_init` (a new shared region, `policy/budget.rs`), and a thread spawn
+//! `driver/real.rs`), `sem_init` (creating the shared region: checked where it is called, in the
+//! `vgpu-region` crate, `Region::open_or_create`, which then fails and capped devices refuse
+//! device memory; opening an existing region needs no `sem_init`), and a thread spawn
 //! (`std::thread`: `pthread_create`, `pthread_attr_setstacksize`, `pthread_setname_np`,
 //! `pthread_detach`, and the TLS-destructor key `pthread_key_*`/`pthread_setspecific`, which std
 //! uses on glibc 2.17 for thread-local destructors; in this library only on a spawn's path). Fork
@@ -50,11 +52,6 @@ pub(crate) fn threads() -> bool {
     .all(bound)
 }
 
-/// `sem_init` (libpthread before glibc 2.34): initialising a new shared region.
-pub(crate) fn sem_init() -> bool {
-    bound(libc::sem_init as *const ())
-}
-
 #[cfg(test)]
 mod tests {
     #[test]
@@ -64,7 +61,6 @@ mod tests {
         // container tests on glibc 2.31, tests/sim-node/src/containers.rs).
         assert!(super::dl());
         assert!(super::threads());
-        assert!(super::sem_init());
     }
 
     #[test]

@@ -32,7 +32,6 @@
 
 use crate::infra::config::{self, MAX_DEVICES};
 use crate::infra::fork::ChildReset;
-use crate::infra::imports;
 use crate::infra::log::{ERROR, WARN, log_at};
 use crate::policy::caps::{self, UNLIMITED};
 use std::ffi::OsStr;
@@ -145,17 +144,6 @@ impl SharedBudget {
         let mut cfg = RegionConfig::default();
         caps::sm_for_region(&mut cfg);
         caps::memory_for_region(&mut cfg);
-        // A new region's semaphores need `sem_init` (libpthread before glibc 2.34); a process
-        // without it (`infra/imports.rs`) gets no region: capped devices refuse, as on an error.
-        if !imports::sem_init() {
-            log_at!(
-                ERROR,
-                "cannot use the shared region: sem_init is unavailable (glibc < 2.34 and \
-                 libpthread.so.0 not loaded by this process); refusing device memory on capped devices"
-            );
-            claim.finish();
-            return;
-        }
         match Region::open_or_create(path, &cfg) {
             Ok(region) => {
                 let report = region.open_report();
