@@ -11,6 +11,7 @@
 #
 # Both binaries are built with cargo-zigbuild against glibc 2.17: libvgpu.so is loaded into every process of
 # every GPU container (CentOS 7 / Ubuntu 18.04+ images included), and the agent then runs on any base image.
+# libvgpu.so is then edited to need only libc.so.6 and the loader (limiter/elf-unneed, as build-portable.sh does).
 # zig and cargo-zigbuild come from PyPI into target/zig-venv when missing (as limiter/build-portable.sh does).
 set -euo pipefail
 
@@ -60,6 +61,8 @@ fi
 echo "== building vgpu-device-plugin and libvgpu.so for $arch ($triple, glibc $GLIBC)"
 cargo zigbuild --locked --release -p vgpu-device-plugin -p vgpu-limiter --target "$triple.$GLIBC"
 bin="target/$triple/release"
+# libvgpu.so stops needing libpthread.so.0 and libdl.so.2 (limiter/elf-unneed; see limiter/build-portable.sh).
+cargo run --locked --release -q -p vgpu-elf-unneed -- "$bin/libvgpu.so"
 
 echo "== assembling $out"
 rm -rf "$out"

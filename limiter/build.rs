@@ -9,7 +9,10 @@
 //!   every export keeps working. Its symbols stay private: the cdylib's version script exports
 //!   only the hooks, so a C++ program's own `libgcc_s` is never interposed. Builds whose linker is
 //!   zig (`limiter/build-portable.sh`) already link zig's own unwinder statically and are left
-//!   alone; where no `libgcc_eh.a` is found the build falls back to `libgcc_s` with a warning.
+//!   alone (their unwinder's `pthread_rwlock_*` and `dladdr` are defined by the library itself,
+//!   `src/infra/unwind_lock.rs`, cfg `vgpu_zig_unwinder`, so that the post-link edit
+//!   `limiter/elf-unneed` can drop `libpthread.so.0` and `libdl.so.2`); where no `libgcc_eh.a`
+//!   is found the build falls back to `libgcc_s` with a warning.
 //! * **`-Bsymbolic-functions`.** The function table (`src/driver/functions.rs`) holds the address
 //!   of every hook, which `dlsym` and `cuGetProcAddress` hand out. Without this flag each of those
 //!   ~58 addresses is a symbol lookup through every loaded library at every exec; with it the
@@ -29,6 +32,7 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=CC");
     println!("cargo:rerun-if-env-changed=RUSTC_LINKER");
+    println!("cargo::rustc-check-cfg=cfg(vgpu_zig_unwinder)");
     let os = std::env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
     let env = std::env::var("CARGO_CFG_TARGET_ENV").unwrap_or_default();
     if os != "linux" {
@@ -36,6 +40,8 @@ fn main() {
     }
     if linker_is_zig() {
         println!("cargo:rustc-cdylib-link-arg=-Wl,-Bsymbolic");
+        // zig's libunwind: its lock and `dladdr` come from `src/infra/unwind_lock.rs`.
+        println!("cargo:rustc-cfg=vgpu_zig_unwinder");
         return;
     }
     println!("cargo:rustc-cdylib-link-arg=-Wl,-Bsymbolic-functions");

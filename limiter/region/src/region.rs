@@ -345,6 +345,18 @@ impl Region {
                 supported: "1.2 (or a blank file)",
             });
         }
+        // Initialising needs `sem_init`, which the limiter's glibc-2.17 build imports weakly (no
+        // DT_NEEDED libpthread.so.0: limiter/src/infra/imports.rs): NULL on glibc < 2.34 in a
+        // process that did not load libpthread. Such a process cannot create the region (it can
+        // open one that exists). The address goes through `black_box`: Rust assumes a function
+        // pointer is never null and would fold a plain comparison away.
+        if std::hint::black_box(libc::sem_init as *const ()).is_null() {
+            return Err(RegionError::io(
+                "sem_init (glibc < 2.34 and libpthread.so.0 not loaded)",
+                &self.path,
+                io::Error::from_raw_os_error(libc::ENOSYS),
+            ));
+        }
         r.major_version.store(MAJOR_VERSION, Ordering::Relaxed);
         r.minor_version.store(MINOR_VERSION, Ordering::Relaxed);
         for (slot, value) in r.limit.iter().zip(config.limits) {

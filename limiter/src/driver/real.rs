@@ -6,6 +6,7 @@
 //! Resolution happens on first use (`dlopen` + the real `dlsym`), never at load time; afterwards a
 //! call costs one atomic load. Races are benign: two threads resolve the same address.
 
+use crate::infra::imports;
 use std::ffi::{CStr, c_char, c_int, c_void};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -37,6 +38,12 @@ pub(crate) fn library(lib: Lib) -> Option<*mut c_void> {
     match slot.load(Ordering::Acquire) {
         MISSING => None,
         NOT_YET => {
+            // Without `dlopen` (glibc < 2.34 and a process that did not load libdl at start:
+            // `infra/imports.rs`) the driver cannot be loaded: the same answer as no driver.
+            if !imports::dl() {
+                slot.store(MISSING, Ordering::Release);
+                return None;
+            }
             // SAFETY: the soname is NUL-terminated; dlopen has no other preconditions. A failed
             // dlopen only sets dlerror.
             let h = unsafe {
@@ -74,7 +81,10 @@ pub(crate) fn real_dlsym_addr() -> usize {
         return 0;
     }
     let mut found = MISSING;
-    for version in DLSYM_VERSIONS {
+    // Without `dlvsym` there is no real `dlsym` to find (`infra/imports.rs`): 0, and our `dlsym`
+    // answers NULL.
+    let versions: &[&CStr] = if imports::dl() { &DLSYM_VERSIONS } else { &[] };
+    for &version in versions {
         // SAFETY: both strings are NUL-terminated; RTLD_NEXT is a valid pseudo-handle.
         let p = unsafe { libc::dlvsym(libc::RTLD_NEXT, c"dlsym".as_ptr(), version.as_ptr()) };
         if !p.is_null() {

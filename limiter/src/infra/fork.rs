@@ -1,7 +1,7 @@
 //! Fork-child resets: each module that keeps per-process state a `fork()` child must not inherit
 //! (its allocations, its slot, its locks, its watcher thread) registers its own reset here, at its
-//! own lazy initialisation, with a [`ChildReset`]. The first registration installs one
-//! `pthread_atfork` child handler, which runs every registered reset in registration order. So
+//! own lazy initialisation, with a [`ChildReset`]. The first registration installs one fork
+//! child handler, which runs every registered reset in registration order. So
 //! nothing happens at load time, nobody reaches into another module to reset it, and a process that
 //! never initialises anything registers nothing.
 //!
@@ -10,7 +10,7 @@
 //! have been forked while any other thread was anywhere).
 
 use crate::infra::log::{ERROR, log_at};
-use std::ffi::c_int;
+use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 
 /// Room for every module's reset (five modules register one today).
@@ -56,11 +56,17 @@ static REGISTRY: Registry = Registry::new();
 static HANDLER_INSTALLED: AtomicBool = AtomicBool::new(false);
 
 unsafe extern "C" {
-    // glibc: in libpthread before 2.28 (the linker script pulls it from libc_nonshared.a later).
-    fn pthread_atfork(
+    /// What `pthread_atfork` is in glibc: `libc_nonshared.a`'s `pthread_atfork` only calls this
+    /// with the caller's `__dso_handle`. Unlike `pthread_atfork` (in `libpthread.so.0` before
+    /// glibc 2.28, where the glibc-2.17 build imports it from), it is in `libc.so.6` in every
+    /// glibc (`GLIBC_2.3.2` on x86_64, `GLIBC_2.17` on aarch64), so it is never a NULL weak import
+    /// (`infra/imports.rs`). A NULL `dso_handle` means "never unregistered": this library is
+    /// never unloaded (it is preloaded, and the driver handles are `RTLD_NODELETE`).
+    fn __register_atfork(
         prepare: Option<unsafe extern "C" fn()>,
         parent: Option<unsafe extern "C" fn()>,
         child: Option<unsafe extern "C" fn()>,
+        dso_handle: *mut c_void,
     ) -> c_int;
 }
 
@@ -110,12 +116,14 @@ fn install_handler() {
     if HANDLER_INSTALLED.swap(true, Ordering::AcqRel) {
         return;
     }
-    // SAFETY: `after_fork_in_child` is a valid `extern "C" fn()` that only touches atomics.
-    let rc = unsafe { pthread_atfork(None, None, Some(after_fork_in_child)) };
+    // SAFETY: `after_fork_in_child` is a valid `extern "C" fn()` that only touches atomics; a
+    // NULL `dso_handle` is allowed (the handler is then never unregistered).
+    let rc =
+        unsafe { __register_atfork(None, None, Some(after_fork_in_child), std::ptr::null_mut()) };
     if rc != 0 {
         log_at!(
             ERROR,
-            "pthread_atfork failed ({rc}); forked children inherit usage"
+            "__register_atfork failed ({rc}); forked children inherit usage"
         );
     }
 }

@@ -4,5 +4,8 @@
 pub(crate) mod config;
 pub(crate) mod fork;
 pub(crate) mod guard;
+pub(crate) mod imports;
 pub(crate) mod log;
 pub(crate) mod sync;
+#[cfg(vgpu_zig_unwinder)]
+mod unwind_lock;

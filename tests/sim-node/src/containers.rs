@@ -49,6 +49,8 @@ const SIM_HOST_PROC: &str = "/run/gpu-sim-host-proc";
 const PYNVML_IN_CONTAINER: &str = "/opt/pynvml";
 /// Where the CUDA program is mounted in workload containers.
 const DEMO_IN_CONTAINER: &str = "/usr/local/bin/vgpu-demo";
+/// Where the C tools of [`compile_tools`] are mounted in workload containers.
+const TOOLS_IN_CONTAINER: &str = "/opt/vgpu-e2e-tools";
 
 /// What to run, from `docker/e2e.sh`'s environment.
 #[derive(Debug, Clone)]
@@ -412,6 +414,21 @@ pub struct WorkloadRun {
     pub restarted: Option<Box<WorkloadRun>>,
 }
 
+/// A short-lived process run in a workload container (the limiter in its `/etc/ld.so.preload`).
+#[derive(Debug, Clone)]
+pub struct ToolRun {
+    /// The image it ran in.
+    pub image: String,
+    /// The command, words joined by spaces.
+    pub command: String,
+    /// Its exit code (`None`: killed by a signal).
+    pub exit_code: Option<i32>,
+    /// Its stdout.
+    pub stdout: String,
+    /// Its stderr.
+    pub stderr: String,
+}
+
 /// What the whole run saw.
 #[derive(Debug, Clone)]
 pub struct E2eReport {
@@ -433,6 +450,10 @@ pub struct E2eReport {
     pub workloads: Vec<WorkloadRun>,
     /// The program in a second pod whose container sets `CUDA_DISABLE_CONTROL=true` in its spec.
     pub uncontrolled: WorkloadRun,
+    /// In each workload image, with the workload's flags: `/bin/true`, a shell running `ls`, a C tool that
+    /// links neither libpthread nor libdl, and the probe of what such a process reaches of the limiter
+    /// (`csrc/old_glibc_probe.c`).
+    pub tools: Vec<ToolRun>,
     /// `pynvml`'s view inside the workload container while its program holds its memory (JSON printed by
     /// the check script), if it ran.
     pub nvml_client: Option<Value>,
@@ -975,6 +996,29 @@ pub async fn run(opts: &E2eOptions) -> anyhow::Result<E2eReport> {
         .first()
         .context("no workload image")?
         .clone();
+    // Processes that load neither libpthread nor libdl, which is most of a container's (shells, coreutils):
+    // on a glibc before 2.34 the limiter's imports from those two files are NULL in them
+    // (limiter/src/infra/imports.rs). They must start and exit as without the limiter, and what of it they
+    // can reach must fail closed.
+    let tools_dir = root.path().join("tools");
+    std::fs::create_dir_all(&tools_dir)?;
+    compile_tools(opts.cc.as_deref(), &tools_dir)?;
+    let mut tool_flags = flags.clone();
+    tool_flags.push(format!(
+        "--volume={}:{TOOLS_IN_CONTAINER}:ro",
+        tools_dir.display()
+    ));
+    let mut tools = Vec::new();
+    for image in &opts.workload_images {
+        for command in [
+            vec!["/bin/true".to_owned()],
+            vec!["sh".into(), "-c".into(), "ls -d / && echo sh ok".into()],
+            vec![format!("{TOOLS_IN_CONTAINER}/plain")],
+            vec![format!("{TOOLS_IN_CONTAINER}/probe")],
+        ] {
+            tools.push(run_tool(&docker, image, &tool_flags, &command)?);
+        }
+    }
     // A second pod whose container says CUDA_DISABLE_CONTROL: Allocate leaves out the /etc/ld.so.preload
     // mount (the device plugin reads the variable, not libvgpu.so), so nothing limits it.
     let uncontrolled = {
@@ -1024,11 +1068,87 @@ pub async fn run(opts: &E2eOptions) -> anyhow::Result<E2eReport> {
         bind_phase,
         workloads,
         uncontrolled,
+        tools,
         nvml_client,
         nvml_client_stderr,
         sockets_after_stop,
         sockets_while_running,
         agent_exit_code,
+    })
+}
+
+/// Compiles into `dir` the tools [`run`] starts in each workload image: `plain` (`csrc/old_glibc_plain.c`)
+/// and `probe` (`csrc/old_glibc_probe.c`) with its link-time stub `libvgpu-e2e-stub.so`, found through
+/// the run path [`TOOLS_IN_CONTAINER`]. No `-lpthread`, no `-ldl`. `cc` targets the oldest glibc among
+/// the images (`None`: `$CC` or `cc`).
+fn compile_tools(cc: Option<&str>, dir: &Path) -> anyhow::Result<()> {
+    let cc = cc
+        .map(str::to_owned)
+        .or_else(|| std::env::var("CC").ok())
+        .unwrap_or_else(|| "cc".to_owned());
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("csrc");
+    let compile = |out: &str, source: &str, extra: &[String]| -> anyhow::Result<()> {
+        let status = Command::new(&cc)
+            .args(["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-o"])
+            .arg(dir.join(out))
+            .arg(src.join(source))
+            .args(extra)
+            .status()
+            .with_context(|| format!("run {cc}"))?;
+        ensure!(status.success(), "compiling {source} failed");
+        Ok(())
+    };
+    compile("plain", "old_glibc_plain.c", &[])?;
+    compile(
+        "libvgpu-e2e-stub.so",
+        "old_glibc_stub.c",
+        &[
+            "-shared".into(),
+            "-fPIC".into(),
+            format!(
+                "-Wl,--version-script={}",
+                src.join("old_glibc_stub.map").display()
+            ),
+            "-Wl,-soname,libvgpu-e2e-stub.so".into(),
+        ],
+    )?;
+    compile(
+        "probe",
+        "old_glibc_probe.c",
+        &[
+            format!("-L{}", dir.display()),
+            "-l:libvgpu-e2e-stub.so".into(),
+            format!("-Wl,-rpath,{TOOLS_IN_CONTAINER}"),
+        ],
+    )
+}
+
+/// `command` in a new container of `image` with `flags`, to its end.
+fn run_tool(
+    docker: &Docker,
+    image: &str,
+    flags: &[String],
+    command: &[String],
+) -> anyhow::Result<ToolRun> {
+    let name = container_name("tool");
+    let _container = Container {
+        docker: docker.clone(),
+        name: name.clone(),
+    };
+    let out = docker
+        .command(["run", "--rm", &format!("--name={name}")])
+        .args(flags)
+        .arg(image)
+        .args(command)
+        .stdin(Stdio::null())
+        .output()
+        .context("docker run a tool")?;
+    Ok(ToolRun {
+        image: image.to_owned(),
+        command: command.join(" "),
+        exit_code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     })
 }
 

@@ -267,3 +267,71 @@ fn stopping_the_agent_container_removes_its_sockets() {
     );
     assert_eq!(r.agent_exit_code, "0", "the agent exits cleanly on SIGTERM");
 }
+
+/// The probe's `key=value` lines.
+fn probe_fields(stdout: &str) -> std::collections::BTreeMap<&str, &str> {
+    stdout.lines().filter_map(|l| l.split_once('=')).collect()
+}
+
+/// Whether a glibc version string (`2.31`) is older than 2.34, where libpthread and libdl merged into libc.
+fn before_2_34(version: &str) -> bool {
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap());
+    (parts.next().unwrap(), parts.next().unwrap()) < (2, 34)
+}
+
+#[test]
+#[ignore = "needs Docker and the images docker/e2e.sh builds: run docker/e2e.sh"]
+fn processes_that_load_neither_libpthread_nor_libdl_run_as_without_the_limiter() {
+    let r = report();
+    let mut old_glibc_images = 0;
+    for image in r.workloads.iter().map(|w| w.image.as_str()) {
+        let run = |suffix: &str| {
+            r.tools
+                .iter()
+                .find(|t| t.image == image && t.command.ends_with(suffix))
+                .unwrap_or_else(|| panic!("{image}: no run of {suffix}"))
+        };
+        for (suffix, stdout) in [
+            ("/bin/true", ""),
+            ("echo sh ok", "/\nsh ok\n"),
+            ("/plain", "plain ok\n"),
+        ] {
+            let t = run(suffix);
+            assert_eq!(t.exit_code, Some(0), "{image}: {}: {}", t.command, t.stderr);
+            assert_eq!(t.stdout, stdout, "{image}: {}", t.command);
+            assert_eq!(t.stderr, "", "{image}: {} wrote to stderr", t.command);
+        }
+        let probe = run("/probe");
+        assert_eq!(
+            probe.exit_code,
+            Some(0),
+            "{image}: the probe: {}{}",
+            probe.stdout,
+            probe.stderr
+        );
+        let f = probe_fields(&probe.stdout);
+        let glibc = f.get("glibc").copied().unwrap_or_default();
+        // The forked child ran (no signal) and got CUDA_ERROR_NOT_INITIALIZED: without a driver on the old
+        // glibc, and from a driver that does not survive a fork (the gpu-sim, like NVIDIA's) on the new one.
+        assert_eq!(f.get("fork_child_cuInit"), Some(&"3"), "{image}: {f:?}");
+        if before_2_34(glibc) {
+            old_glibc_images += 1;
+            // No dlvsym: no real dlsym to find; our dlsym answers NULL for everything (the stub's 0x57ab
+            // would mean it was not interposed), and the driver cannot be opened: not initialised (3),
+            // never a call into a NULL import.
+            assert_eq!(f.get("dlsym_printf"), Some(&"null"), "{image}: {f:?}");
+            assert_eq!(f.get("dlsym_cuInit"), Some(&"null"), "{image}: {f:?}");
+            assert_eq!(f.get("cuInit"), Some(&"3"), "{image}: {f:?}");
+            assert_eq!(f.get("cuMemAlloc"), Some(&"3"), "{image}: {f:?}");
+        } else {
+            // libc.so.6 has everything: the usual answers, the gpu-sim driver initialises.
+            assert_eq!(f.get("dlsym_printf"), Some(&"set"), "{image}: {f:?}");
+            assert_eq!(f.get("dlsym_cuInit"), Some(&"set"), "{image}: {f:?}");
+            assert_eq!(f.get("cuInit"), Some(&"0"), "{image}: {f:?}");
+        }
+    }
+    assert!(
+        old_glibc_images > 0,
+        "no workload image has a glibc before 2.34: nothing was proven (docker/e2e.sh adds bullseye)"
+    );
+}

@@ -20,6 +20,7 @@ use crate::driver::ffi::{Handle, NVML_SUCCESS, NvmlReturn, ProcessSample, Utiliz
 use crate::driver::table::real;
 use crate::infra::config::MAX_DEVICES;
 use crate::infra::fork::ChildReset;
+use crate::infra::imports;
 use crate::infra::log::{DEBUG, INFO, WARN, log_at};
 use crate::policy::budget;
 use crate::policy::sm::controller::{Controller, Measurement};
@@ -134,6 +135,15 @@ fn start() -> bool {
                 }
                 PID.store(std::process::id(), Ordering::Relaxed);
                 spawned_here = true;
+                // No thread without libpthread's functions (glibc < 2.34, a process that did not
+                // load it at start: `infra/imports.rs`): a failed start, so paced launches are refused.
+                if !imports::threads() {
+                    failed(format_args!(
+                        "cannot start the SM watcher thread (glibc < 2.34 and libpthread.so.0 \
+                         not loaded by this process)"
+                    ));
+                    return false;
+                }
                 let spawned = std::thread::Builder::new()
                     .name("vgpu-sm-watcher".into())
                     .spawn(run);
