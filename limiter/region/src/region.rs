@@ -985,8 +985,9 @@ impl Region {
             return false;
         }
         let mem = &slot.used[device];
-        // No overflow: both are at most the limit.
-        if own.fetch_add(bytes, Ordering::SeqCst) + bytes > grant {
+        // `bytes <= grant` (checked above), so `grant - bytes` cannot wrap; `old + bytes` could under
+        // a cap near 2^64.
+        if own.fetch_add(bytes, Ordering::SeqCst) > grant - bytes {
             own.fetch_sub(bytes, Ordering::SeqCst);
             return false;
         }
@@ -1113,8 +1114,15 @@ impl Region {
             let want = self.own_total[device]
                 .load(Ordering::SeqCst)
                 .saturating_add(slack);
-            if want < lease.grant.load(Ordering::SeqCst) {
-                word.store(want, Ordering::SeqCst);
+            let held = lease.grant.load(Ordering::SeqCst);
+            // A CAS from the grant held, never a store: another process may have revoked it (the
+            // word is 0 and it counts only our `total`); writing the trimmed value then would
+            // reinstate a grant nobody's sum admitted.
+            if want < held
+                && word
+                    .compare_exchange(held, want, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+            {
                 lease
                     .trim_below
                     .store(want.saturating_sub(2 * slack), Ordering::Relaxed);
