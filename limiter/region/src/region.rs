@@ -991,13 +991,26 @@ impl Region {
             own.fetch_sub(bytes, Ordering::SeqCst);
             return false;
         }
-        mem.total.fetch_add(bytes, Ordering::SeqCst);
-        if mem.unused[DEVICE_GRANT_WORD].load(Ordering::SeqCst) != grant {
-            wrapping_sub_floor(&mem.total, bytes);
+        // Never wraps, even a word a tenant set near 2^64 (then: the full check, which refuses).
+        if mem
+            .total
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_add(bytes))
+            .is_err()
+        {
             own.fetch_sub(bytes, Ordering::SeqCst);
             return false;
         }
-        mem.data_size.fetch_add(bytes, Ordering::Relaxed);
+        // The word, then the own grant again: a raise by another thread of this process zeroes the
+        // own grant before it writes a provisional word (which may equal the old grant) and sets it
+        // only once a sum admitted it.
+        if mem.unused[DEVICE_GRANT_WORD].load(Ordering::SeqCst) != grant
+            || lease.grant.load(Ordering::SeqCst) != grant
+        {
+            saturating_sub(&mem.total, bytes, Ordering::SeqCst);
+            own.fetch_sub(bytes, Ordering::SeqCst);
+            return false;
+        }
+        saturating_add(&mem.data_size, bytes, Ordering::Relaxed);
         true
     }
 
@@ -1024,8 +1037,8 @@ impl Region {
         if before < bytes {
             own.store(0, Ordering::SeqCst); // a caller's bug; never a wrapped count
         }
-        wrapping_sub_floor(&mem.data_size, bytes);
-        wrapping_sub_floor(&mem.total, bytes);
+        saturating_sub(&mem.data_size, bytes, Ordering::Relaxed);
+        saturating_sub(&mem.total, bytes, Ordering::SeqCst);
         if before.wrapping_sub(bytes) < lease.trim_below.load(Ordering::Relaxed) {
             self.trim_grant(device);
         }
@@ -1469,23 +1482,13 @@ fn contribution(mem: &DeviceMemory) -> u64 {
     mem.total.load(Ordering::SeqCst).max(grant)
 }
 
-/// Subtracts from a slot word with one `fetch_sub`; if the word held less (only tampering makes it), it
-/// is brought back to 0 rather than left wrapped.
-#[inline(always)]
-fn wrapping_sub_floor(counter: &AtomicU64, bytes: u64) {
-    let before = counter.fetch_sub(bytes, Ordering::SeqCst);
-    if before < bytes {
-        counter.fetch_add(bytes - before, Ordering::SeqCst);
-    }
-}
-
 /// Adds without ever wrapping: a counter another process can also write may hold anything.
-#[inline]
+#[inline(always)]
 fn saturating_add(counter: &AtomicU64, bytes: u64, order: Ordering) {
     let _ = counter.fetch_update(order, Ordering::Relaxed, |v| Some(v.saturating_add(bytes)));
 }
 
-#[inline]
+#[inline(always)]
 fn saturating_sub(counter: &AtomicU64, bytes: u64, order: Ordering) {
     let _ = counter.fetch_update(order, Ordering::Relaxed, |v| Some(v.saturating_sub(bytes)));
 }

@@ -101,6 +101,7 @@ fn child_entry() {
             {}
         }
         "stress" => stress_child(&region),
+        "revoke-rounds" => revoke_rounds_child(&region),
         other => panic!("unknown child role {other}"),
     }
 }
@@ -178,6 +179,63 @@ fn stress_child(region: &Region) {
     let mut out = std::io::stdout();
     writeln!(out, "READY admitted={admitted} refused={refused}").expect("stdout");
     out.flush().expect("flush");
+}
+
+/// Maps the first `n` u64 words of the file at `path` (shared between the test and its children).
+fn map_words(path: &str, n: usize) -> &'static [std::sync::atomic::AtomicU64] {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("words file");
+    // SAFETY: maps n*8 bytes of a file at least that long, shared; never unmapped.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            n * 8,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED, "mmap the words");
+    // SAFETY: n mapped, page-aligned words, only ever accessed atomically.
+    unsafe { std::slice::from_raw_parts(p.cast::<std::sync::atomic::AtomicU64>(), n) }
+}
+
+/// The revoker of `attack_trimming_a_grant_after_another_process_revoked_it_reinstates_it`: per round
+/// (words[0], written by the test), after a varying delay, one `revoke_grants(0)` — exactly what a
+/// process about to be refused does; words[2] = the round if it took a grant, then words[1] = the round.
+fn revoke_rounds_child(region: &Region) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let w = map_words(&std::env::var(CHILD_HELD_ENV).expect("words file"), 3);
+    let mut x = u64::from(std::process::id()) * 0x9E37_79B9 + 1;
+    let mut last = 0;
+    let mut out = std::io::stdout();
+    writeln!(out, "READY revoker").expect("stdout");
+    out.flush().expect("flush");
+    loop {
+        let r = w[0].load(SeqCst);
+        if r == u64::MAX {
+            return;
+        }
+        if r == last {
+            std::hint::spin_loop();
+            continue;
+        }
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        for _ in 0..(x % 3000) {
+            std::hint::spin_loop();
+        }
+        if region.revoke_grants(0).expect("revoke") > 0 {
+            w[2].store(r, SeqCst);
+        }
+        w[1].store(r, SeqCst);
+        last = r;
+    }
 }
 
 struct ChildProc {
@@ -898,5 +956,177 @@ fn processes_racing_through_grants_and_revocations_never_hold_more_than_the_cap(
     assert_eq!(
         reader.snapshot().expect("snapshot").device_usage(0).total,
         0
+    );
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Attacks on the grant protocol (an attacker's review; the first three failed before their fixes).
+
+/// A tenant writes a revoked grant word back to the value its process remembers. With only words the
+/// tenant can write, the process cannot tell "never revoked" from "revoked and written back", so it
+/// charges within the grant once more: like a tenant lowering another process's `total` (which the
+/// full check trusts as much), this lets the container pass the cap — by at most that one grant's
+/// slack, because the grant was admitted by a sum and beyond it the full check counts everybody. The
+/// node's record is the backstop (README, "What only the node guarantees"). This pins the bound.
+#[test]
+fn a_grant_word_restored_after_its_revocation_buys_at_most_its_slack() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = region_file(&dir);
+    let limit = 100 * MIB;
+    let region = Region::open_or_create(&path, &config(1 << 30)).expect("create");
+    let me = region.register_current_process().expect("register");
+    assert_eq!(
+        region
+            .charge(0, MemoryKind::Data, 10 * MIB, limit)
+            .expect("charge"),
+        Ok(())
+    );
+    let slack = vgpu_region::grant_slack(limit);
+    let grant = region.grant(0).expect("grant");
+    assert_eq!(grant, 10 * MIB + slack);
+    // Another process takes everything that is left: our unused grant is revoked.
+    let rest = (limit - 10 * MIB).to_string();
+    let mut other = ChildProc::spawn_with("charge", &path, &[(CHILD_BYTES_ENV, &rest)]);
+    assert_eq!(other.wait_ready(), "charged");
+    assert_eq!(region.device_usage(0).expect("usage"), limit);
+    assert_eq!(grant_word(&region, me).load(SeqCst), 0, "revoked");
+    // The tenant writes the word back, and again after every charge: what the process can take is
+    // what remained of its grant, nothing more.
+    let mut admitted = 0;
+    for _ in 0..64 {
+        grant_word(&region, me).store(grant, SeqCst);
+        if region
+            .charge(0, MemoryKind::Data, MIB, limit)
+            .expect("charge")
+            .is_ok()
+        {
+            admitted += MIB;
+        }
+    }
+    assert!(
+        admitted <= slack,
+        "{admitted} bytes admitted, slack {slack}"
+    );
+    assert!(region.device_usage(0).expect("usage") <= limit + slack);
+    grant_word(&region, me).store(grant, SeqCst);
+    assert!(
+        region
+            .charge(0, MemoryKind::Data, MIB, limit)
+            .expect("charge")
+            .is_err(),
+        "beyond the grant the full check counts the other process"
+    );
+}
+
+/// No tampering at all: a process trimming its grant (after a large free) used to store the trimmed
+/// value into the grant word without checking that the word still held its grant. If another process
+/// revoked it in between (it then counts only our `total`), the trim re-instated a grant no sum
+/// admitted. Detected exactly: the revoker took a grant in this round (and this round our process
+/// only frees, it never raises), yet the word is non-zero afterwards.
+#[test]
+fn trimming_a_grant_never_reinstates_one_another_process_revoked() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = region_file(&dir);
+    let limit = 100 * MIB;
+    let region = Region::open_or_create(&path, &config(1 << 30)).expect("create");
+    let me = region.register_current_process().expect("register");
+    let words = dir.path().join("words");
+    std::fs::write(&words, [0u8; 24]).expect("words file");
+    let words_s = words.to_str().expect("utf-8");
+    let w = map_words(words_s, 3);
+    let mut revoker = ChildProc::spawn_with("revoke-rounds", &path, &[(CHILD_HELD_ENV, words_s)]);
+    assert_eq!(revoker.wait_ready(), "revoker");
+    let x = 20 * MIB;
+    let (mut reinstated, mut revoked_rounds) = (0u64, 0u64);
+    let start = Instant::now();
+    let mut r = 0;
+    while start.elapsed() < Duration::from_secs(6) && reinstated == 0 {
+        r += 1;
+        assert_eq!(
+            region
+                .charge(0, MemoryKind::Data, x, limit)
+                .expect("charge"),
+            Ok(())
+        );
+        assert_eq!(
+            region.grant(0).expect("grant"),
+            x + vgpu_region::grant_slack(limit)
+        );
+        w[0].store(r, SeqCst);
+        region.credit(0, MemoryKind::Data, x).expect("credit");
+        while w[1].load(SeqCst) != r {
+            std::hint::spin_loop();
+        }
+        if w[2].load(SeqCst) == r {
+            revoked_rounds += 1;
+            if grant_word(&region, me).load(SeqCst) != 0 {
+                reinstated += 1;
+            }
+        }
+    }
+    w[0].store(u64::MAX, SeqCst);
+    let _ = revoker.child.wait();
+    assert_eq!(
+        reinstated, 0,
+        "a grant revoked by another process was written back by the trim ({reinstated} of \
+         {revoked_rounds} revoked rounds, {r} rounds)"
+    );
+}
+
+/// Under a cap near 2^64 (the environment accepts up to u64::MAX - 1), the own count's
+/// `fetch_add(bytes) + bytes` in a charge within the grant overflowed: a panic in a debug build, a
+/// wrapped count (and an admitted charge) in a release build.
+#[test]
+fn a_charge_within_a_grant_under_a_huge_cap_does_not_overflow() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = region_file(&dir);
+    let limit = u64::MAX - 1;
+    // The file says "no limit" (0): the environment's huge cap is the one in force.
+    let region = Region::open_or_create(&path, &RegionConfig::default()).expect("create");
+    region.register_current_process().expect("register");
+    assert_eq!(
+        region
+            .charge(0, MemoryKind::Data, 1 << 63, limit)
+            .expect("charge"),
+        Ok(())
+    );
+    assert_eq!(region.grant(0).expect("grant"), (1 << 63) + (1 << 30));
+    let got = std::panic::catch_unwind(|| region.charge(0, MemoryKind::Data, 1 << 63, limit));
+    assert!(
+        matches!(got, Ok(Ok(Err(_)))),
+        "2^63 + 2^63 bytes under a cap of 2^64 - 2: {got:?}"
+    );
+}
+
+/// README (threat model, Arithmetic): "Every region word is updated saturating (never wrapping), so no
+/// process ever reads a wrapped value." A charge within a grant added to `total` and `data_size` with a
+/// plain `fetch_add`: a tenant who left the grant word alone and raised `total` near 2^64 got it
+/// wrapped to a small value by the process's own next charge.
+#[test]
+fn a_charge_within_a_grant_never_wraps_a_tampered_total() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = region_file(&dir);
+    let limit = 100 * MIB;
+    let region = Region::open_or_create(&path, &config(1 << 30)).expect("create");
+    let me = region.register_current_process().expect("register");
+    assert_eq!(
+        region
+            .charge(0, MemoryKind::Data, 10 * MIB, limit)
+            .expect("charge"),
+        Ok(())
+    );
+    assert!(region.grant(0).expect("grant") > 10 * MIB);
+    let total = &region.layout().procs[me].used[0].total;
+    total.store(u64::MAX - MIB / 2, SeqCst);
+    let _ = region
+        .charge(0, MemoryKind::Data, MIB, limit)
+        .expect("charge");
+    let after = total.load(SeqCst);
+    assert!(
+        after >= u64::MAX - MIB / 2,
+        "the slot's total wrapped: {after:#x}"
     );
 }
