@@ -194,6 +194,12 @@ fn second_process_is_refused_while_the_first_holds_the_cap_and_served_after_it_e
 
     first.finish();
     second.finish();
+    // Freed by the processes themselves (their atexit handler), before anybody could reap them.
+    let left = c.snapshot();
+    assert!(
+        left.processes.is_empty() && left.device_usage(0).total == 0,
+        "slots left after a normal exit: {left:?}"
+    );
     assert_eq!(c.run(&["hold", "1"]), "held 1 rc 0\n");
     assert_eq!(c.snapshot().device_usage(0).total, 0, "slots freed at exit");
 }
