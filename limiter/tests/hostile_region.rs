@@ -233,6 +233,23 @@ fn used_offset(slot: usize, dev: usize, field: usize) -> u64 {
         + field) as u64
 }
 
+/// Byte offset of slot `slot`'s grant word on device 0.
+fn grant_offset(slot: usize) -> u64 {
+    used_offset(
+        slot,
+        0,
+        offset_of!(DeviceMemory, unused) + 8 * vgpu_region::layout::DEVICE_GRANT_WORD,
+    )
+}
+
+/// What a tenant does to hide a slot from the others: its status and PID cleared.
+fn hide_slot(f: &std::fs::File, slot: usize) {
+    for field in [offset_of!(ProcSlot, status), offset_of!(ProcSlot, pid)] {
+        f.write_all_at(&0i32.to_ne_bytes(), slot_offset(slot, field))
+            .unwrap();
+    }
+}
+
 fn slot_offset(slot: usize, field: usize) -> u64 {
     (offset_of!(SharedRegion, procs) + slot * size_of::<ProcSlot>() + field) as u64
 }
@@ -444,16 +461,7 @@ fn a_cleared_slot_is_taken_back_and_counted_again() {
     let pid = p.child.id();
     let slot = t.slot_of(pid);
     let f = t.file();
-    f.write_all_at(
-        &0i32.to_ne_bytes(),
-        slot_offset(slot, offset_of!(ProcSlot, status)),
-    )
-    .unwrap();
-    f.write_all_at(
-        &0i32.to_ne_bytes(),
-        slot_offset(slot, offset_of!(ProcSlot, pid)),
-    )
-    .unwrap();
+    hide_slot(&f, slot);
     p.send("more");
     let more = p.line();
     assert_eq!(
@@ -596,25 +604,12 @@ fn within_a_grant_a_hidden_slot_is_made_visible_and_a_forged_grant_buys_nothing(
     let pid = p.child.id();
     let slot = t.slot_of(pid);
     let f = t.file();
-    let grant_at = used_offset(
-        slot,
-        0,
-        offset_of!(DeviceMemory, unused) + 8 * vgpu_region::layout::DEVICE_GRANT_WORD,
-    );
+    let grant_at = grant_offset(slot);
     let mut word = [0u8; 8];
     f.read_exact_at(&mut word, grant_at).unwrap();
     assert!(u64::from_ne_bytes(word) > 0, "the process holds a grant");
     // Hidden: PID and status cleared, the grant word left alone.
-    f.write_all_at(
-        &0i32.to_ne_bytes(),
-        slot_offset(slot, offset_of!(ProcSlot, status)),
-    )
-    .unwrap();
-    f.write_all_at(
-        &0i32.to_ne_bytes(),
-        slot_offset(slot, offset_of!(ProcSlot, pid)),
-    )
-    .unwrap();
+    hide_slot(&f, slot);
     // The very next charge (one that fits the grant) shows the process to the others again.
     p.send("small 1");
     assert_eq!(field(&p.line(), "small"), 1);
@@ -635,11 +630,7 @@ fn within_a_grant_a_hidden_slot_is_made_visible_and_a_forged_grant_buys_nothing(
     );
     // Forged grants: the process is at the cap; no word makes it allocate more.
     let slot = t.slot_of(pid);
-    let grant_at = used_offset(
-        slot,
-        0,
-        offset_of!(DeviceMemory, unused) + 8 * vgpu_region::layout::DEVICE_GRANT_WORD,
-    );
+    let grant_at = grant_offset(slot);
     for forged in [2 * GIB, u64::MAX] {
         f.write_all_at(&forged.to_ne_bytes(), grant_at).unwrap();
         p.send("small");

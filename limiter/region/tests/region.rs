@@ -800,6 +800,30 @@ fn region_files_are_created_exclusively_and_never_opened_through_a_link() {
 // ---------------------------------------------------------------------------------------------------------
 // Grants: charges within a process's grant skip the sum; nobody's unused grant ever refuses anybody.
 
+/// The limit the grant tests charge against.
+const GRANT_TEST_LIMIT: u64 = 100 * MIB;
+
+/// A fresh region file (cap 1 GiB on device 0) with this process registered: the directory (keep it),
+/// the file, the region and the slot.
+fn registered_region() -> (tempfile::TempDir, PathBuf, Region, usize) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = region_file(&dir);
+    let region = Region::open_or_create(&path, &config(1 << 30)).expect("create");
+    let me = region.register_current_process().expect("register");
+    (dir, path, region, me)
+}
+
+/// `bytes` of data on device 0 under [`GRANT_TEST_LIMIT`], which must be admitted.
+fn charge_ok(region: &Region, bytes: u64) {
+    assert_eq!(
+        region
+            .charge(0, MemoryKind::Data, bytes, GRANT_TEST_LIMIT)
+            .expect("charge"),
+        Ok(()),
+        "{bytes} bytes"
+    );
+}
+
 /// The slot's grant word on device 0 of the slot at `index`, read and written as raw file bytes (what a
 /// tenant can do): slot base + `used[0]` + the grant's offset in `device_memory_t`.
 fn grant_word(region: &Region, index: usize) -> &std::sync::atomic::AtomicU64 {
@@ -808,19 +832,11 @@ fn grant_word(region: &Region, index: usize) -> &std::sync::atomic::AtomicU64 {
 
 #[test]
 fn a_grant_is_counted_by_the_others_and_taken_back_before_it_refuses_anyone() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = region_file(&dir);
-    let limit = 100 * MIB;
-    let region = Region::open_or_create(&path, &config(1 << 30)).expect("create");
-    let me = region.register_current_process().expect("register");
+    let (_dir, path, region, me) = registered_region();
+    let limit = GRANT_TEST_LIMIT;
 
     // The first charge is checked in full and takes a grant of a sixteenth of the cap beyond it.
-    assert_eq!(
-        region
-            .charge(0, MemoryKind::Data, 10 * MIB, limit)
-            .expect("charge"),
-        Ok(())
-    );
+    charge_ok(&region, 10 * MIB);
     let slack = vgpu_region::grant_slack(limit);
     assert_eq!(region.grant(0).expect("grant"), 10 * MIB + slack);
     assert_eq!(
@@ -879,17 +895,9 @@ fn a_grant_is_counted_by_the_others_and_taken_back_before_it_refuses_anyone() {
 
 #[test]
 fn a_tampered_grant_word_never_lets_its_process_past_the_cap() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = region_file(&dir);
-    let limit = 100 * MIB;
-    let region = Region::open_or_create(&path, &config(1 << 30)).expect("create");
-    let me = region.register_current_process().expect("register");
-    assert_eq!(
-        region
-            .charge(0, MemoryKind::Data, 90 * MIB, limit)
-            .expect("charge"),
-        Ok(())
-    );
+    let (_dir, _path, region, me) = registered_region();
+    let limit = GRANT_TEST_LIMIT;
+    charge_ok(&region, 90 * MIB);
     let word = grant_word(&region, me);
     // A tenant raises the word to the whole cap and beyond; zeroes the usage words too.
     for forged in [limit, u64::MAX, 0] {
@@ -906,12 +914,7 @@ fn a_tampered_grant_word_never_lets_its_process_past_the_cap() {
         );
     }
     // Up to the cap it still charges.
-    assert_eq!(
-        region
-            .charge(0, MemoryKind::Data, 10 * MIB, limit)
-            .expect("charge"),
-        Ok(())
-    );
+    charge_ok(&region, 10 * MIB);
     assert!(
         region
             .charge(0, MemoryKind::Data, 1, limit)
@@ -971,17 +974,9 @@ fn processes_racing_through_grants_and_revocations_never_hold_more_than_the_cap(
 #[test]
 fn a_grant_word_restored_after_its_revocation_buys_at_most_its_slack() {
     use std::sync::atomic::Ordering::SeqCst;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = region_file(&dir);
-    let limit = 100 * MIB;
-    let region = Region::open_or_create(&path, &config(1 << 30)).expect("create");
-    let me = region.register_current_process().expect("register");
-    assert_eq!(
-        region
-            .charge(0, MemoryKind::Data, 10 * MIB, limit)
-            .expect("charge"),
-        Ok(())
-    );
+    let (_dir, path, region, me) = registered_region();
+    let limit = GRANT_TEST_LIMIT;
+    charge_ok(&region, 10 * MIB);
     let slack = vgpu_region::grant_slack(limit);
     let grant = region.grant(0).expect("grant");
     assert_eq!(grant, 10 * MIB + slack);
@@ -1027,11 +1022,8 @@ fn a_grant_word_restored_after_its_revocation_buys_at_most_its_slack() {
 #[test]
 fn trimming_a_grant_never_reinstates_one_another_process_revoked() {
     use std::sync::atomic::Ordering::SeqCst;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = region_file(&dir);
-    let limit = 100 * MIB;
-    let region = Region::open_or_create(&path, &config(1 << 30)).expect("create");
-    let me = region.register_current_process().expect("register");
+    let (dir, path, region, me) = registered_region();
+    let limit = GRANT_TEST_LIMIT;
     let words = dir.path().join("words");
     std::fs::write(&words, [0u8; 24]).expect("words file");
     let words_s = words.to_str().expect("utf-8");
@@ -1107,17 +1099,9 @@ fn a_charge_within_a_grant_under_a_huge_cap_does_not_overflow() {
 #[test]
 fn a_charge_within_a_grant_never_wraps_a_tampered_total() {
     use std::sync::atomic::Ordering::SeqCst;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = region_file(&dir);
-    let limit = 100 * MIB;
-    let region = Region::open_or_create(&path, &config(1 << 30)).expect("create");
-    let me = region.register_current_process().expect("register");
-    assert_eq!(
-        region
-            .charge(0, MemoryKind::Data, 10 * MIB, limit)
-            .expect("charge"),
-        Ok(())
-    );
+    let (_dir, _path, region, me) = registered_region();
+    let limit = GRANT_TEST_LIMIT;
+    charge_ok(&region, 10 * MIB);
     assert!(region.grant(0).expect("grant") > 10 * MIB);
     let total = &region.layout().procs[me].used[0].total;
     total.store(u64::MAX - MIB / 2, SeqCst);

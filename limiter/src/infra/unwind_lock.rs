@@ -74,7 +74,8 @@ unsafe extern "C" fn dladdr(_addr: *const c_void, _info: *mut c_void) -> c_int {
     0
 }
 
-#[cfg(target_arch = "x86_64")]
+/// The label of a hidden global function `name` (`%function`: the spelling both assemblers accept
+/// on both architectures; `@` starts a comment on aarch64).
 macro_rules! tail {
     ($name:literal) => {
         concat!(
@@ -84,7 +85,7 @@ macro_rules! tail {
             $name,
             "\n.type ",
             $name,
-            ",@function\n",
+            ",%function\n",
             $name,
             ":\n"
         )
@@ -106,23 +107,6 @@ std::arch::global_asm!(
     un = sym unlock,
     da = sym dladdr,
 );
-
-#[cfg(target_arch = "aarch64")]
-macro_rules! tail {
-    ($name:literal) => {
-        concat!(
-            ".globl ",
-            $name,
-            "\n.hidden ",
-            $name,
-            "\n.type ",
-            $name,
-            ",%function\n",
-            $name,
-            ":\n"
-        )
-    };
-}
 
 #[cfg(target_arch = "aarch64")]
 std::arch::global_asm!(
