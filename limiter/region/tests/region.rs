@@ -114,26 +114,10 @@ const STRESS_LIMIT: u64 = 64 * MIB;
 /// maps: added after a charge is admitted, taken away before the credit, so it never counts less than
 /// what the processes hold. Exits 3 if it ever exceeds the limit.
 fn stress_child(region: &Region) {
-    let held_path = std::env::var(CHILD_HELD_ENV).expect("child needs the counter file");
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(held_path)
-        .expect("counter file");
-    // SAFETY: maps 8 bytes of a file at least 8 bytes long, shared; the mapping is never unmapped.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            8,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            std::os::fd::AsRawFd::as_raw_fd(&file),
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED, "mmap the counter");
-    // SAFETY: 8 mapped, page-aligned bytes, only ever accessed atomically.
-    let held = unsafe { &*p.cast::<std::sync::atomic::AtomicU64>() };
+    let held = &map_words(
+        &std::env::var(CHILD_HELD_ENV).expect("child needs the counter file"),
+        1,
+    )[0];
     region.register_current_process().expect("child registers");
     let (mut admitted, mut refused) = (0u64, 0u64);
     std::thread::scope(|s| {
