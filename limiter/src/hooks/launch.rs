@@ -18,6 +18,9 @@ use std::ffi::{c_uint, c_void};
 macro_rules! gated {
     ($(#[$doc:meta])* $body:ident => $real:ident ( $($arg:ident : $ty:ty),* )) => {
         $(#[$doc])*
+        // Into the export's slow path, which is its only caller (left to the compiler, it stopped
+        // inlining this one after unrelated changes elsewhere: +16 instructions per SM-capped launch).
+        #[inline(always)]
         pub(crate) unsafe fn $body($($arg: $ty),*) -> CUresult {
             match real::$real() {
                 // Refused when the device's cap cannot be enforced (`sm::before_launch`).
