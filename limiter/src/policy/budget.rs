@@ -237,23 +237,7 @@ impl SharedBudget {
         unsafe { p.as_ref() }.is_some_and(|region| region.try_add_leased(dev, bytes))
     }
 
-    /// [`Budget::try_charge_kind`] on a device whose cap `limit` the caller has just read with
-    /// [`Budget::limit`]: the grant first, then the full check.
-    #[inline(always)]
-    pub(crate) fn try_charge_within(
-        &self,
-        dev: usize,
-        kind: MemoryKind,
-        bytes: u64,
-        limit: u64,
-    ) -> Result<(), OverCap> {
-        if kind == MemoryKind::Data && self.try_charge_leased(dev, bytes) {
-            return Ok(());
-        }
-        self.charge_checked(dev, kind, bytes, limit)
-    }
-
-    /// [`SharedBudget::try_charge_within`] beyond the process's grant: the full check of
+    /// A charge beyond the process's grant, on a device capped at `limit`: the full check of
     /// [`Region::charge_checked`] (the region is opened here on first use); without a slot, take one
     /// and try again; a refusal is counted.
     #[cold]
@@ -351,9 +335,14 @@ impl Budget for SharedBudget {
             .unwrap_or(0)
     }
 
+    /// The grant first (data only; it is only ever taken on a capped device), then the device's cap
+    /// and the full check — the order of the allocation hooks' own path (`hooks::memory`).
     fn try_charge_kind(&self, dev: usize, kind: MemoryKind, bytes: u64) -> Result<(), OverCap> {
+        if kind == MemoryKind::Data && self.try_charge_leased(dev, bytes) {
+            return Ok(());
+        }
         match self.limit(dev) {
-            Some(limit) => self.try_charge_within(dev, kind, bytes, limit),
+            Some(limit) => self.charge_checked(dev, kind, bytes, limit),
             None => Ok(()),
         }
     }
