@@ -71,13 +71,15 @@ struct Bench {
     secs: f64,
     sync_every: u32,
     period_us: u64,
+    jitter_us: u64,
 }
 
 impl Bench {
-    fn node(gpus: usize, period_us: u64) -> SimNode {
+    fn node(gpus: usize, period_us: u64, jitter_us: u64) -> SimNode {
         SimNode::new(
             NodeSpec::uniform(gpus as u32, GpuSpec::a100_80gb)
-                .with_utilization_period_us(period_us),
+                .with_utilization_period_us(period_us)
+                .with_utilization_jitter_us(jitter_us),
         )
         .expect("sim node")
     }
@@ -112,7 +114,7 @@ impl Bench {
     /// utilisation (percent) and outcome.
     fn batch(&self, runs: &[(Run, usize)]) -> (Timeline, Vec<Outcome>) {
         let gpus = runs.iter().map(|r| r.1 + 1).max().unwrap_or(1);
-        let node = Self::node(gpus, self.period_us);
+        let node = Self::node(gpus, self.period_us, self.jitter_us);
         let children: Vec<Child> = runs
             .iter()
             .enumerate()
@@ -292,6 +294,7 @@ struct Options {
     lib: Option<PathBuf>,
     sync_every: u32,
     period_us: u64,
+    jitter_us: u64,
     caps: Vec<u32>,
     kernel_ns: u64,
 }
@@ -305,6 +308,7 @@ fn options() -> Options {
         lib: None,
         sync_every: 16,
         period_us: PERIOD_US,
+        jitter_us: 0,
         caps: (1..=9).map(|c| c * 10).collect(),
         kernel_ns: 1_000_000,
     };
@@ -321,6 +325,7 @@ fn options() -> Options {
             "--lib" => o.lib = Some(PathBuf::from(value)),
             "--sync" => o.sync_every = number() as u32,
             "--period-us" => o.period_us = number() as u64,
+            "--jitter-us" => o.jitter_us = number() as u64,
             "--kernel-us" => o.kernel_ns = (number() * 1000.0) as u64,
             "--caps" => {
                 o.caps = value
@@ -330,7 +335,7 @@ fn options() -> Options {
             }
             _ => panic!(
                 "unknown option {flag} (--secs, --reps, --parallel, --launch-runs, --lib, --sync, \
-                 --period-us, --caps, --kernel-us)"
+                 --period-us, --jitter-us, --caps, --kernel-us)"
             ),
         }
     }
@@ -352,15 +357,17 @@ fn main() {
         secs: opt.secs,
         sync_every: opt.sync_every,
         period_us: opt.period_us,
+        jitter_us: opt.jitter_us,
     };
     println!(
-        "libvgpu.so: {}\n{} µs kernels, sync every {}, NVML period {} µs, {} s per run, {} run(s) at once, {} repetition(s); \
+        "libvgpu.so: {}\n{} µs kernels, sync every {}, NVML period {} µs (samples recorded up to {} µs late), {} s per run, {} run(s) at once, {} repetition(s); \
          1 s windows sliding by {} ms from {} s after the first launch; goal: every window within \
          ±{BAND} points of the cap\n",
         lib.display(),
         opt.kernel_ns / 1000,
         opt.sync_every,
         opt.period_us,
+        opt.jitter_us,
         opt.secs,
         opt.parallel,
         opt.reps,
@@ -537,7 +544,7 @@ fn main() {
         "preload, memory cap only",
         "preload, SM cap 50",
     ];
-    let n = Bench::node(1, PERIOD_US);
+    let n = Bench::node(1, PERIOD_US, 0);
     let mut fastest = Vec::new();
     for (variant, name) in names.iter().enumerate() {
         let v: Vec<f64> = (0..opt.launch_runs)

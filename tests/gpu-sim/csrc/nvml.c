@@ -807,36 +807,88 @@ nvmlReturn_t nvmlDeviceGetUtilizationRates(nvmlDevice_t device, nvmlUtilization_
 
 #define MAX_SAMPLES (SIM_TL_HISTORY * SIM_TL_PROCS)
 
+/* One process's records newer than lastSeenTimeStamp. */
+struct process_records {
+    int pid;
+    unsigned int count;
+    uint64_t pct_sum;
+    unsigned long long newest;
+};
+
 struct sample_list {
-    nvmlProcessUtilizationSample_t items[MAX_SAMPLES];
+    struct process_records procs[MAX_SAMPLES];
     unsigned int count;
     uint64_t period_ns;
+    uint64_t jitter_ns;
+    uint64_t now_ns;
+    unsigned int gpu;
     unsigned long long last_seen;
 };
 
-static void add_sample(uint64_t period, int pid, uint64_t busy_ns, void *arg)
+/* How late period `period` of GPU `gpu` is recorded: 0..=jitter_ns, the same in every process. */
+static uint64_t sample_delay_ns(const struct sample_list *list, uint64_t period)
+{
+    uint64_t x = period * 0x9e3779b97f4a7c15ull + list->gpu + 1;
+
+    if (list->jitter_ns == 0)
+        return 0;
+    /* splitmix64's finaliser */
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    x ^= x >> 31;
+    return x % (list->jitter_ns + 1);
+}
+
+/* A record of (period, process): folded into the process's entry. */
+static void add_record(uint64_t period, int pid, uint64_t busy_ns, void *arg)
 {
     struct sample_list *list = arg;
-    unsigned long long stamp = (period + 1) * list->period_ns / 1000ull; /* period end, in us */
+    /* Recorded at the period's end, late by the sampling thread's delay. */
+    uint64_t at_ns = (period + 1) * list->period_ns + sample_delay_ns(list, period);
+    unsigned long long stamp = at_ns / 1000ull; /* in us */
     uint64_t pct = (busy_ns * 100 + list->period_ns / 2) / list->period_ns;
-    nvmlProcessUtilizationSample_t *out;
+    struct process_records *p = NULL;
+    unsigned int i;
 
-    if (stamp <= list->last_seen || list->count == MAX_SAMPLES)
+    if (at_ns > list->now_ns || stamp <= list->last_seen)
         return;
-    out = &list->items[list->count++];
-    out->pid = (unsigned int)pid;
-    out->timeStamp = stamp;
-    out->smUtil = pct > 100 ? 100 : (unsigned int)pct;
-    out->memUtil = 0;
-    out->encUtil = 0;
-    out->decUtil = 0;
+    for (i = 0; i < list->count; i++) {
+        if (list->procs[i].pid == pid) {
+            p = &list->procs[i];
+            break;
+        }
+    }
+    if (p == NULL) {
+        if (list->count == MAX_SAMPLES)
+            return;
+        p = &list->procs[list->count++];
+        p->pid = pid;
+        p->count = 0;
+        p->pct_sum = 0;
+        p->newest = 0;
+    }
+    p->count++;
+    p->pct_sum += pct > 100 ? 100 : pct;
+    if (stamp > p->newest)
+        p->newest = stamp;
+}
+
+static int by_newest(const void *a, const void *b)
+{
+    const struct process_records *x = a, *y = b;
+
+    return x->newest < y->newest ? -1 : x->newest > y->newest ? 1 : x->pid - y->pid;
 }
 
 /*
- * One sample per (completed sample period, process that ran kernels in it), oldest first,
- * newer than lastSeenTimeStamp (microseconds since the epoch; 0: all that are kept).
- * *processSamplesCount is the capacity in and the count out; too small (or no buffer) →
- * INSUFFICIENT_SIZE with the count needed; no samples → NOT_FOUND with 0.
+ * As the real driver: one entry per process, never one per sample. The driver records, at the
+ * end of each sample period (stamped when recorded: late by up to utilization_jitter_us), each
+ * process that ran kernels in it; a query returns, for every process with records newer than
+ * lastSeenTimeStamp (microseconds since the epoch; 0: all that are kept), ONE entry: timeStamp =
+ * its newest record, smUtil = the mean of its records' shares (rounded), so a process that ran
+ * in some of the periods only is averaged over those. Ordered oldest first. *processSamplesCount
+ * is the capacity in and the count out; too small (or no buffer) → INSUFFICIENT_SIZE with the
+ * count needed; none → NOT_FOUND with 0.
  */
 nvmlReturn_t nvmlDeviceGetProcessUtilization(nvmlDevice_t device,
                                              nvmlProcessUtilizationSample_t *utilization,
@@ -856,10 +908,13 @@ nvmlReturn_t nvmlDeviceGetProcessUtilization(nvmlDevice_t device,
         if (timeline_ready()) {
             uint64_t now_period;
             list.period_ns = g_tl.map->period_ns;
+            list.jitter_ns = g_node->utilization_jitter_ns;
+            list.gpu = (unsigned int)(gpu - g_node->gpus);
             list.last_seen = lastSeenTimeStamp;
-            now_period = sim_tl_now_ns() / list.period_ns;
+            list.now_ns = sim_tl_now_ns();
+            now_period = list.now_ns / list.period_ns;
             sim_tl_for_each_sample(&g_tl, (unsigned int)(gpu - g_node->gpus),
-                                   now_period - SIM_TL_HISTORY, now_period, add_sample, &list);
+                                   now_period - SIM_TL_HISTORY, now_period, add_record, &list);
         }
         if (list.count == 0) {
             *processSamplesCount = 0;
@@ -868,7 +923,18 @@ nvmlReturn_t nvmlDeviceGetProcessUtilization(nvmlDevice_t device,
             *processSamplesCount = list.count;
             ret = NVML_ERROR_INSUFFICIENT_SIZE;
         } else {
-            memcpy(utilization, list.items, list.count * sizeof *utilization);
+            unsigned int i;
+
+            qsort(list.procs, list.count, sizeof list.procs[0], by_newest);
+            for (i = 0; i < list.count; i++) {
+                const struct process_records *p = &list.procs[i];
+                utilization[i].pid = (unsigned int)p->pid;
+                utilization[i].timeStamp = p->newest;
+                utilization[i].smUtil = (unsigned int)((p->pct_sum + p->count / 2) / p->count);
+                utilization[i].memUtil = 0;
+                utilization[i].encUtil = 0;
+                utilization[i].decUtil = 0;
+            }
             *processSamplesCount = list.count;
         }
     }

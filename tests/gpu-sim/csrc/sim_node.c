@@ -252,6 +252,7 @@ enum global_key {
     GK_NVML_VERSION,
     GK_CUDA_CONTEXT_MIB,
     GK_UTILIZATION_PERIOD_US,
+    GK_UTILIZATION_JITTER_US,
     GK_COUNT
 };
 
@@ -261,6 +262,7 @@ static const char *const global_keys[GK_COUNT] = {
     "nvml_version",
     "cuda_context_mib",
     "utilization_period_us",
+    "utilization_jitter_us",
 };
 
 enum gpu_key {
@@ -338,7 +340,7 @@ static bool set_global(struct parser *p, const char *key, const char *value)
         sim_report(p->path, p->line,
                    "unknown key '%s' before the first [gpu] section (expected one of "
                    "driver_version, cuda_driver_version, nvml_version, cuda_context_mib, "
-                   "utilization_period_us)",
+                   "utilization_period_us, utilization_jitter_us)",
                    key);
         return false;
     }
@@ -371,6 +373,12 @@ static bool set_global(struct parser *p, const char *key, const char *value)
             return bad_value(p, key, value,
                              "a decimal number of microseconds from 10000 to 1000000");
         node->utilization_period_ns = n * 1000ull;
+        return true;
+    case GK_UTILIZATION_JITTER_US:
+        /* Checked against the period once both are known (see sim_node_load). */
+        if (!parse_decimal(value, 1000000, &n))
+            return bad_value(p, key, value, "a decimal number of microseconds");
+        node->utilization_jitter_ns = n * 1000ull;
         return true;
     case GK_COUNT:
         break;
@@ -711,6 +719,13 @@ static enum sim_load_status parse_node_file(struct sim_node *node)
         node->cuda_context_bytes = SIM_DEFAULT_CUDA_CONTEXT_MIB * SIM_MIB;
     if (p.global_line[GK_UTILIZATION_PERIOD_US] == 0)
         node->utilization_period_ns = SIM_DEFAULT_UTILIZATION_PERIOD_NS;
+    if (node->utilization_jitter_ns * 4 > node->utilization_period_ns) {
+        sim_report(p.path, p.global_line[GK_UTILIZATION_JITTER_US],
+                   "bad value %llu for key 'utilization_jitter_us': expected at most a quarter "
+                   "of the sample period (%llu us)",
+                   node->utilization_jitter_ns / 1000ull, node->utilization_period_ns / 4000ull);
+        return SIM_LOAD_INVALID;
+    }
     if (node->nvml_version[0] == '\0') {
         /* Real NVML reports "<CUDA major>.<driver version>", e.g. "12.550.54.15". */
         char version[SIM_VERSION_SIZE + 16];

@@ -106,6 +106,10 @@ struct sim_node {
     char nvml_version[SIM_VERSION_SIZE];
     unsigned long long cuda_context_bytes; /* device memory each CUDA context takes */
     unsigned long long utilization_period_ns; /* NVML sample period of the kernel timeline */
+    /* How late after its period's end each NVML sample is recorded: 0..jitter, fixed per
+     * (GPU, period), the same in every process (the real driver's sampling thread is late by a
+     * varying amount, so successive sample timestamps are not exactly a period apart). */
+    unsigned long long utilization_jitter_ns;
 
     unsigned int gpu_count;
     struct sim_gpu *gpus;

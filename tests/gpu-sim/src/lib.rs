@@ -236,6 +236,11 @@ pub struct NodeSpec {
     /// The kernel timeline's NVML sample period in µs (`utilization_period_us`, 10,000 to
     /// 1,000,000); `None` leaves the fake's default, 1/6 s (see [`Timeline`]).
     pub utilization_period_us: Option<u64>,
+    /// How late each NVML process sample is recorded after its period ends, at most, in µs
+    /// (`utilization_jitter_us`, up to a quarter of the period): 0..=this, fixed per (GPU, period)
+    /// and the same in every process, so successive sample timestamps are not exactly a period
+    /// apart, as on a real driver. `None`: 0.
+    pub utilization_jitter_us: Option<u64>,
     /// One entry per GPU; the NVML index is the position here, whatever the minor numbers.
     pub gpus: Vec<GpuSpec>,
 }
@@ -262,6 +267,7 @@ impl NodeSpec {
             nvml_version: None,
             cuda_context_mib: None,
             utilization_period_us: None,
+            utilization_jitter_us: None,
             gpus,
         }
     }
@@ -281,6 +287,12 @@ impl NodeSpec {
     /// Sets the kernel timeline's NVML sample period (`utilization_period_us` in the node file).
     pub fn with_utilization_period_us(mut self, us: u64) -> Self {
         self.utilization_period_us = Some(us);
+        self
+    }
+
+    /// Sets how late NVML's process samples are recorded, at most (`utilization_jitter_us`).
+    pub fn with_utilization_jitter_us(mut self, us: u64) -> Self {
+        self.utilization_jitter_us = Some(us);
         self
     }
 
@@ -329,6 +341,9 @@ impl NodeSpec {
         }
         if let Some(us) = self.utilization_period_us {
             kv("utilization_period_us", &us)?;
+        }
+        if let Some(us) = self.utilization_jitter_us {
+            kv("utilization_jitter_us", &us)?;
         }
         for gpu in &self.gpus {
             out.push_str("\n[gpu]\n");

@@ -2,8 +2,8 @@
 //! container, on every launch path (`cuLaunchKernel`, `cuLaunchKernelEx`,
 //! `cuLaunchCooperativeKernel`, `cuGraphLaunch`, each with its `_ptsz` twin). Start at [`launch`].
 //!
-//! Order of use inside (no circle): [`config`] (parsing), [`controller`] and [`gate`] (pure),
-//! [`hostpid`] → [`shared`] (caps, gates and the region cached for launches) → [`watcher`] →
+//! Order of use inside (no circle): [`config`] (parsing), [`controller`], [`gate`] and [`period`]
+//! (pure), [`hostpid`] → [`shared`] (caps, gates and the region cached for launches) → [`watcher`] →
 //! [`launch`].
 
 pub(crate) mod config;
@@ -11,5 +11,6 @@ pub(crate) mod controller;
 pub(crate) mod gate;
 pub(crate) mod hostpid;
 pub(crate) mod launch;
+pub(crate) mod period;
 pub(crate) mod shared;
 pub(crate) mod watcher;

@@ -26,6 +26,7 @@ use crate::policy::budget;
 use crate::policy::sm::controller::{Controller, Measurement};
 use crate::policy::sm::gate;
 use crate::policy::sm::hostpid::{self, HostPid};
+use crate::policy::sm::period::SamplePeriod;
 use crate::policy::sm::shared::{self, CAPS, GATES};
 use std::collections::{HashMap, VecDeque};
 use std::ffi::c_uint;
@@ -182,8 +183,10 @@ struct Device {
     last_seen: u64,
     /// Whether a measurement has been made (the first one may cover part of a period).
     measured: bool,
-    /// NVML's sampling period as observed (smallest gap between sample timestamps), µs.
-    period_us: Option<u64>,
+    /// NVML's sampling period, learnt from the gaps between its samples.
+    period: SamplePeriod,
+    /// The newest sample stamp any query returned (µs; 0 = none yet).
+    newest_seen: u64,
     controller: Controller,
     cap: u8,
     samples: Vec<ProcessSample>,
@@ -242,7 +245,7 @@ impl Device {
 
     /// When the next sample is expected (realtime µs), if the sampling period is known.
     fn next_sample_due(&self) -> Option<u64> {
-        let period = self.period_us?;
+        let period = self.period.get()?;
         (self.measured && !self.idle).then(|| self.last_seen + period + SAMPLE_MARGIN_US)
     }
 }
@@ -325,12 +328,13 @@ fn run() {
                     GATES[d].set_step(0); // not measurable: do not probe for ever
                     continue;
                 };
-                let mut dev = Device {
+                let dev = Device {
                     handle,
                     // Its first launch came after the previous poll.
                     last_seen: previous_poll_us,
                     measured: false,
-                    period_us: None,
+                    period: SamplePeriod::new(),
+                    newest_seen: 0,
                     launch_log: VecDeque::from([(previous_poll_us, 0)]),
                     launches: 0,
                     throttled: false,
@@ -342,7 +346,6 @@ fn run() {
                     cap,
                     samples: Vec::with_capacity(64),
                 };
-                learn_period(&mut dev);
                 *state = Some(dev);
             }
             let Some(dev) = state.as_mut() else { continue };
@@ -406,7 +409,7 @@ fn next_poll(devices: &[Option<Device>], started_us: u64, now_us: u64) -> Durati
         let want = match state {
             // A capped device with no launch yet, early in the process: its first launch may come.
             None => (now_us < started_us + FIRST_SAMPLE_WINDOW_US).then_some(fast),
-            Some(dev) => match (dev.next_sample_due(), dev.period_us) {
+            Some(dev) => match (dev.next_sample_due(), dev.period.get()) {
                 (Some(due), _) if due > now_us => Some(due - now_us),
                 // Late (up to a few periods; longer: the device went idle).
                 (Some(due), Some(period)) if now_us < due + 3 * period => Some(fast),
@@ -440,19 +443,6 @@ struct Span {
     to_us: u64,
 }
 
-/// Reads the samples the GPU holds (all of them: `lastSeen` 0) once, to learn the sampling period
-/// from their timestamps if the device has been busy before; otherwise it is learnt from this
-/// process's first two samples.
-fn learn_period(dev: &mut Device) {
-    let saved = dev.last_seen;
-    dev.last_seen = 0;
-    if query(dev) == NVML_SUCCESS {
-        let stamps = sorted_stamps(&dev.samples, 0);
-        note_period(dev, &stamps);
-    }
-    dev.last_seen = saved;
-}
-
 /// `nvmlDeviceGetProcessUtilization` for the samples newer than `dev.last_seen` into
 /// `dev.samples`; returns NVML's code.
 fn query(dev: &mut Device) -> NvmlReturn {
@@ -484,24 +474,6 @@ fn query(dev: &mut Device) -> NvmlReturn {
     }
 }
 
-fn sorted_stamps(samples: &[ProcessSample], since: u64) -> Vec<u64> {
-    let mut stamps: Vec<u64> = samples
-        .iter()
-        .map(|s| s.time_stamp)
-        .filter(|&t| t > since)
-        .collect();
-    stamps.sort_unstable();
-    stamps.dedup();
-    stamps
-}
-
-fn note_period(dev: &mut Device, stamps: &[u64]) {
-    for pair in stamps.windows(2) {
-        let gap = pair[1] - pair[0];
-        dev.period_us = Some(dev.period_us.map_or(gap, |p| p.min(gap)));
-    }
-}
-
 /// Own and container share over the samples since the last measurement; `None` without news.
 fn measure(dev: &mut Device, own_pid: Option<i32>, now_us: u64) -> Option<Span> {
     let Some(own_pid) = own_pid else {
@@ -525,7 +497,7 @@ fn measure(dev: &mut Device, own_pid: Option<i32>, now_us: u64) -> Option<Span> 
     dev.last_rc = rc;
     if rc == NVML_ERROR_NOT_FOUND
         && dev.measured
-        && let Some(period) = dev.period_us
+        && let Some(period) = dev.period.get()
         && now_us.saturating_sub(dev.last_seen) > 3 * period
     {
         // Several whole periods without a sample from anybody: the device was idle. Move on by
@@ -554,13 +526,22 @@ fn measure(dev: &mut Device, own_pid: Option<i32>, now_us: u64) -> Option<Span> 
         return None;
     }
     let since = dev.last_seen;
-    let stamps = sorted_stamps(&dev.samples, since);
-    let &newest = stamps.last()?;
+    // Entries a driver should not return (seen on real ones next to zombie processes: pid 0,
+    // shares above 100 %, stamps older than asked for) are dropped.
+    dev.samples
+        .retain(|s| s.pid != 0 && s.sm_util <= 100 && s.time_stamp > since);
+    let newest = dev.samples.iter().map(|s| s.time_stamp).max()?;
     dev.idle = false;
-    note_period(dev, &stamps);
-    // Without the period a sample's percentage is not a duration: wait for a second sample
-    // (the next query returns these again, as `last_seen` stays).
-    let period = dev.period_us?;
+    // The period is learnt from the newest sample of successive queries (polls come at least
+    // every TICK, more often than samples): within one query, the entries of different processes
+    // are each one's newest record, not successive samples.
+    if dev.newest_seen != 0 && newest > dev.newest_seen {
+        dev.period.note(dev.newest_seen, newest);
+    }
+    dev.newest_seen = dev.newest_seen.max(newest);
+    // Without the period a share cannot be turned into busy time: wait for a second sample
+    // (the next query returns these processes again, as `last_seen` stays).
+    let period = dev.period.get()?;
     // The first measurement starts at the first launch, maybe late in a period: wait until it
     // covers half a period at least, so that one short period does not set the first step.
     if !dev.measured && newest.saturating_sub(since) < period / 2 {
@@ -568,26 +549,31 @@ fn measure(dev: &mut Device, own_pid: Option<i32>, now_us: u64) -> Option<Span> 
     }
     dev.last_seen = newest;
     let first = !std::mem::replace(&mut dev.measured, true);
-    let mut per_pid: HashMap<u32, u64> = HashMap::new();
-    for s in dev.samples.iter().filter(|s| s.time_stamp > since) {
-        *per_pid.entry(s.pid).or_default() += u64::from(s.sm_util.min(100));
+    // NVML's answer (see the module doc): one entry per process that ran since `since`, its
+    // share averaged over the sample periods it ran in. (A driver that answered one entry per
+    // sample instead gets the same treatment: the entries of a process are averaged.)
+    let mut per_pid: HashMap<u32, (u64, u64)> = HashMap::new();
+    for s in &dev.samples {
+        let e = per_pid.entry(s.pid).or_default();
+        e.0 += u64::from(s.sm_util);
+        e.1 += 1;
     }
-    // NVML reports a sample per (period, process that ran in it): periods nobody ran in are
-    // silent, so shares are of the time elapsed, not of the samples received. A percentage of
-    // one period is that many hundredths of `period` of busy time.
-    // The first measurement starts at the first launch, inside a period; later ones at a sample's
-    // end, and cover at least the periods they hold samples of.
+    // Each process is taken to have run in every period of the span: the larger reading of an
+    // average over "the periods it ran in", so a measurement never under-counts (when polls come
+    // on time, a span is one period and there is nothing to choose). Later measurements start
+    // at a sample and cover whole periods (stamps are late by a varying amount, less than half
+    // a period: rounding removes it); the first starts at the first launch, inside a period, and
+    // covers the periods that ended after it.
     let elapsed = newest - since;
-    let span_us = if first {
-        elapsed.max(1)
+    let (periods, span_us) = if first {
+        (elapsed.div_ceil(period).max(1), elapsed.max(1))
     } else {
-        elapsed.max(stamps.len() as u64 * period)
-    } as f64;
-    let share = |pid: i32| {
-        per_pid.get(&(pid as u32)).map_or(0.0, |&sum| {
-            (sum as f64 * period as f64 / 100.0 / span_us).min(1.0)
-        })
+        let periods = ((elapsed + period / 2) / period).max(1);
+        (periods, periods * period)
     };
+    let coverage = (periods * period) as f64 / span_us as f64;
+    let pid_share = |&(sum, n): &(u64, u64)| (sum as f64 / n as f64 / 100.0 * coverage).min(1.0);
+    let share = |pid: i32| per_pid.get(&(pid as u32)).map_or(0.0, pid_share);
     let own = share(own_pid);
     let mut container = own;
     if let Some(region) = budget::registered_region() {
@@ -603,7 +589,7 @@ fn measure(dev: &mut Device, own_pid: Option<i32>, now_us: u64) -> Option<Span> 
             }
         }
     }
-    let device = per_pid.values().sum::<u64>() as f64 * period as f64 / 100.0 / span_us;
+    let device: f64 = per_pid.values().map(pid_share).sum();
     Some(Span {
         own,
         container: container.min(1.0),
