@@ -30,10 +30,13 @@ pub fn sm_load() -> PathBuf {
         .clone()
 }
 
-/// A simulated node of `gpus` A100s with 100 ms NVML sample periods.
+/// A simulated node of `gpus` A100s with 100 ms NVML sample periods, recorded up to 4 ms late (a
+/// real driver's samples are a few varying ms late).
 pub fn node(gpus: usize) -> SimNode {
     SimNode::new(
-        NodeSpec::uniform(gpus as u32, GpuSpec::a100_80gb).with_utilization_period_us(100_000),
+        NodeSpec::uniform(gpus as u32, GpuSpec::a100_80gb)
+            .with_utilization_period_us(100_000)
+            .with_utilization_jitter_us(4_000),
     )
     .expect("sim node")
 }

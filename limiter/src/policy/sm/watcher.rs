@@ -2,12 +2,19 @@
 //! PID, then measures each capped device through NVML just after each of NVML's sample periods
 //! ends (at most every [`TICK`]) and sets its gate's spacing.
 //!
-//! Measurement: `nvmlDeviceGetProcessUtilization(device, …, lastSeen)` returns the samples newer
-//! than the last one seen; a process's share is its samples' `smUtil` × the sampling period over
-//! the span they cover (from the previous sample, or from the first launch), the container's is
-//! the sum over the container's host PIDs (every live slot of the shared region that has one —
-//! each process writes its own). A query that brings no new sample carries no information and
-//! changes nothing. The launches of a span are read from a log of the launch counter at each poll,
+//! Measurement: `nvmlDeviceGetProcessUtilization(device, …, lastSeen)` answers, as real drivers
+//! do (printed answers in nvtop#110 and go-nvml#51, NVML's header), **one entry per process**
+//! that ran since `lastSeen`: stamped with its newest record, its `smUtil` averaged over the
+//! sample periods it ran in. Polled just after each period ends, an answer covers one period
+//! and the average is that period's share. A process's share over a span is its entry's `smUtil`
+//! (entries of one process averaged, for a driver that answers more), taken to hold for every
+//! period of the span — the larger reading of an average "over the periods it ran in", so a late
+//! poll never under-counts; the first span, from the first launch to inside a period, counts the
+//! periods that ended after it. The container's share is the sum over the container's host PIDs
+//! (every live slot of the shared region that has one — each process writes its own). NVML's
+//! period (`period.rs`) is learnt from the newest stamps of successive polls. A query that brings
+//! no new sample carries no information and changes nothing. The launches of a span are read from
+//! a log of the launch counter at each poll,
 //! at the span's two ends. Without a host PID (see `hostpid.rs`), or without a usable shared
 //! region (the other processes of the container cannot be seen), the device's overall utilisation
 //! stands in for both, once a second: the cap holds, at the price of over-throttling on a shared
