@@ -455,3 +455,26 @@ fn tenants_that_never_synchronise_are_capped_too() {
         50.0,
     );
 }
+
+/// Review: a bursty tenant (kernels for `busy` ms, then `idle` ms of CPU work, like training with
+/// data loading) whose uncapped use is below its cap must not be throttled.
+#[test]
+fn review_a_bursty_tenant_below_its_cap_is_not_throttled() {
+    let _serial = serial();
+    let duty = std::env::var("REVIEW_DUTY").unwrap_or_else(|_| "90,210".into());
+    let cap: u32 = std::env::var("REVIEW_CAP").ok().and_then(|c| c.parse().ok()).unwrap_or(50);
+    let node = node(2);
+    let loads = [
+        on_gpu(&node, "free", 0).env("SM_LOAD_DUTY_MS", &duty),
+        on_gpu(&node, "capped", 1).env("SM_LOAD_DUTY_MS", &duty).env("LIBCUDA_LOG_LEVEL", "4").capped(cap),
+    ];
+    let out = run_all(&node, &loads);
+    if std::env::var_os("REVIEW_TRACE").is_some() {
+        eprintln!("{}", out[1].stderr);
+    }
+    let free = share(&node, 0, &out[0]);
+    let capped = share(&node, 1, &out[1]);
+    eprintln!("duty {duty}: uncapped {free:.1} %, capped at {cap}: {capped:.1} %");
+    assert!(free < f64::from(cap), "the workload reaches its cap uncapped");
+    assert_near("bursty tenant below its cap", capped, free);
+}

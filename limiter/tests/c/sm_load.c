@@ -193,6 +193,13 @@ int main(int argc, char **argv) {
     }
     const char *rc_env = getenv("SM_LOAD_RAW_CLONE");
     int raw_clone = rc_env != NULL && rc_env[0] == '1';
+    /* SM_LOAD_DUTY_MS="busy,idle": after a synchronisation, once busy ms have passed since the
+     * phase began, sleep idle ms (a bursty workload: training with data loading). */
+    const char *duty_env = getenv("SM_LOAD_DUTY_MS");
+    long duty_busy = 0, duty_idle = 0;
+    if (duty_env != NULL)
+        sscanf(duty_env, "%ld,%ld", &duty_busy, &duty_idle);
+    uint64_t phase = realtime_ns();
     while (realtime_ns() < end) {
         CUresult rc;
         if (!strcmp(base, "cuLaunchKernel"))
@@ -224,6 +231,10 @@ int main(int argc, char **argv) {
         launches++;
         if (sync_every > 0 && launches % (unsigned long)sync_every == 0) {
             CHECK(cuCtxSynchronize());
+            if (duty_idle > 0 && realtime_ns() - phase >= (uint64_t)duty_busy * 1000000u) {
+                usleep((useconds_t)(duty_idle * 1000));
+                phase = realtime_ns();
+            }
             if (limit_as && launches == (unsigned long)sync_every) {
                 setrlimit(resource, &as_saved);
                 limit_as = 0;

@@ -393,7 +393,8 @@ fn run() {
             });
             log_at!(
                 DEBUG,
-                "SM device {d}: own {:.1} % container {:.1} % cap {cap} % -> step {step} ns",
+                "SM device {d}: span {} ms launches {window_launches} own {:.1} % container {:.1} % cap {cap} % -> step {step} ns",
+                (span.to_us - span.from_us) / 1000,
                 span.own * 100.0,
                 span.container * 100.0
             );
