@@ -506,14 +506,16 @@ fn measure(dev: &mut Device, own_pid: Option<i32>, now_us: u64) -> Option<Span> 
     if rc == NVML_ERROR_NOT_FOUND
         && dev.measured
         && let Some(period) = dev.period.get()
-        && now_us.saturating_sub(dev.last_seen) > 3 * period
+        && now_us.saturating_sub(dev.last_seen) >= period + period / 4
     {
-        // Several whole periods without a sample from anybody: the device was idle. Move on by
-        // whole periods, so that `last_seen` stays a period's end.
-        let idle = ((now_us - dev.last_seen) / period).saturating_sub(1) * period;
+        // Whole periods without a sample from anybody (their records would be visible by now,
+        // stamps being less than a quarter period late): nobody ran in them. Count them as idle
+        // now, or the next entry's average would be taken to hold for them too. Move on by whole
+        // periods, so that `last_seen` stays a period's end.
+        let idle = (now_us - dev.last_seen - period / 4) / period * period;
         let from_us = dev.last_seen;
         dev.last_seen += idle;
-        dev.idle = true;
+        dev.idle = now_us - from_us > 3 * period;
         return Some(Span {
             own: 0.0,
             container: 0.0,
