@@ -463,7 +463,13 @@ fn review_a_bursty_tenant_below_its_cap_is_not_throttled() {
     let _serial = serial();
     let duty = std::env::var("REVIEW_DUTY").unwrap_or_else(|_| "90,210".into());
     let cap: u32 = std::env::var("REVIEW_CAP").ok().and_then(|c| c.parse().ok()).unwrap_or(50);
-    let node = node(2);
+    let period: u64 = std::env::var("REVIEW_PERIOD_US").ok().and_then(|c| c.parse().ok()).unwrap_or(100_000);
+    let node = SimNode::new(
+        gpu_sim::NodeSpec::uniform(2, gpu_sim::GpuSpec::a100_80gb)
+            .with_utilization_period_us(period)
+            .with_utilization_jitter_us(period / 25),
+    )
+    .expect("sim node");
     let loads = [
         on_gpu(&node, "free", 0).env("SM_LOAD_DUTY_MS", &duty),
         on_gpu(&node, "capped", 1).env("SM_LOAD_DUTY_MS", &duty).env("LIBCUDA_LOG_LEVEL", "4").capped(cap),

@@ -54,6 +54,11 @@ impl SamplePeriod {
         if !(SAME_SAMPLE_US..=MAX_GAP_US).contains(&gap) {
             return;
         }
+        // The driver's period does not change: a gap of several periods must not push the single
+        // ones out of the memory (a smaller period still takes over).
+        if self.estimate.is_some_and(|e| gap > e.saturating_mul(7) / 4) {
+            return;
+        }
         self.gaps[self.next] = gap;
         self.next = (self.next + 1) % KEPT;
         self.len = (self.len + 1).min(KEPT);
@@ -155,5 +160,36 @@ mod tests {
         // A period then seen shorter takes over.
         note_all(&mut p, &stamps(200_000, KEPT as u64 + 1, |_| 0));
         assert_eq!(p.get(), Some(200_000));
+    }
+
+    /// Review: a lone tenant whose bursts mostly fall in every other period (a 3 Hz pipeline on a
+    /// 1/6 s grid) shows gaps of 2 periods, and now and then a single one. The driver's period
+    /// never changes, yet after KEPT multi-period gaps the single one is forgotten and the estimate
+    /// doubles (each measurement then takes one period's share to hold for two).
+    #[test]
+    fn review_a_period_once_seen_is_not_forgotten_for_multi_period_gaps() {
+        let period = 166_667;
+        let mut p = SamplePeriod::new();
+        let mut t = 1_700_000_000_000_000u64;
+        p.note(t, t + period);
+        t += period;
+        assert_eq!(p.get(), Some(period));
+        for _ in 0..KEPT {
+            p.note(t, t + 2 * period);
+            t += 2 * period;
+        }
+        assert_eq!(p.get(), Some(period), "the estimate drifted to 2 periods");
+    }
+
+    /// Review: the first gap seen is 2 periods (the process idled): the estimate is 2 periods
+    /// until a single gap comes, and then corrects at once.
+    #[test]
+    fn review_a_first_double_gap_is_corrected_by_the_first_single_one() {
+        let period = 166_667;
+        let mut p = SamplePeriod::new();
+        p.note(0, 2 * period);
+        assert_eq!(p.get(), Some(2 * period));
+        p.note(2 * period, 3 * period + 3_000);
+        assert_eq!(p.get(), Some(period + 3_000));
     }
 }
