@@ -456,31 +456,45 @@ fn tenants_that_never_synchronise_are_capped_too() {
     );
 }
 
-/// Review: a bursty tenant (kernels for `busy` ms, then `idle` ms of CPU work, like training with
-/// data loading) whose uncapped use is below its cap must not be throttled.
+/// A bursty tenant (kernels for `busy` ms, then `idle` ms of CPU work, like training with data
+/// loading) whose use is below its cap is not throttled: NVML averages a process's share over the
+/// periods it ran in, so periods nobody ran in must be counted as idle when they pass, not taken
+/// to hold the next entry's average (which cut such a tenant from 20 % to 14 % under a cap of 30).
 #[test]
-fn review_a_bursty_tenant_below_its_cap_is_not_throttled() {
+fn a_bursty_tenant_below_its_cap_is_not_throttled() {
     let _serial = serial();
-    let duty = std::env::var("REVIEW_DUTY").unwrap_or_else(|_| "90,210".into());
-    let cap: u32 = std::env::var("REVIEW_CAP").ok().and_then(|c| c.parse().ok()).unwrap_or(50);
-    let period: u64 = std::env::var("REVIEW_PERIOD_US").ok().and_then(|c| c.parse().ok()).unwrap_or(100_000);
+    let cap = 30;
     let node = SimNode::new(
-        gpu_sim::NodeSpec::uniform(2, gpu_sim::GpuSpec::a100_80gb)
-            .with_utilization_period_us(period)
-            .with_utilization_jitter_us(period / 25),
+        gpu_sim::NodeSpec::uniform(4, gpu_sim::GpuSpec::a100_80gb)
+            .with_utilization_period_us(166_667)
+            .with_utilization_jitter_us(4_000),
     )
     .expect("sim node");
-    let loads = [
-        on_gpu(&node, "free", 0).env("SM_LOAD_DUTY_MS", &duty),
-        on_gpu(&node, "capped", 1).env("SM_LOAD_DUTY_MS", &duty).env("LIBCUDA_LOG_LEVEL", "4").capped(cap),
-    ];
+    let duties = ["80,320", "50,200"];
+    let loads: Vec<Load<'_>> = duties
+        .iter()
+        .enumerate()
+        .flat_map(|(i, duty)| {
+            [
+                on_gpu(&node, &format!("free{i}"), 2 * i).env("SM_LOAD_DUTY_MS", duty),
+                on_gpu(&node, &format!("capped{i}"), 2 * i + 1)
+                    .env("SM_LOAD_DUTY_MS", duty)
+                    .capped(cap),
+            ]
+        })
+        .collect();
     let out = run_all(&node, &loads);
-    if std::env::var_os("REVIEW_TRACE").is_some() {
-        eprintln!("{}", out[1].stderr);
+    for (i, duty) in duties.iter().enumerate() {
+        let free = share(&node, 2 * i, &out[2 * i]);
+        let capped = share(&node, 2 * i + 1, &out[2 * i + 1]);
+        eprintln!("duty {duty}: uncapped {free:.1} %, capped at {cap}: {capped:.1} %");
+        assert!(
+            free < f64::from(cap) - 3.0,
+            "duty {duty} reaches its cap uncapped: {free:.1} %"
+        );
+        assert!(
+            capped >= 0.9 * free,
+            "duty {duty}: throttled below its cap, {capped:.1} % of {free:.1} %"
+        );
     }
-    let free = share(&node, 0, &out[0]);
-    let capped = share(&node, 1, &out[1]);
-    eprintln!("duty {duty}: uncapped {free:.1} %, capped at {cap}: {capped:.1} %");
-    assert!(free < f64::from(cap), "the workload reaches its cap uncapped");
-    assert_near("bursty tenant below its cap", capped, free);
 }

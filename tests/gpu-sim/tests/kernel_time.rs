@@ -344,7 +344,11 @@ fn process_samples_carry_the_host_pid_and_respect_last_seen() {
     assert!(!all["process"].contains(&(host_pid - offset).to_string()));
     let samples = parse_samples(&all["sample"]);
     let mine: Vec<_> = samples.iter().filter(|s| s.0 == host_pid).collect();
-    assert_eq!(mine.len(), 1, "one entry per process, as real drivers answer: {samples:?}");
+    assert_eq!(
+        mine.len(),
+        1,
+        "one entry per process, as real drivers answer: {samples:?}"
+    );
     let (_, stamp, sm) = *mine[0];
     // The 200 ms of work spans at least 2 periods; the entry is stamped with the newest period it
     // ran in (its end in microseconds) and carries the mean of its periods' shares.
@@ -358,8 +362,15 @@ fn process_samples_carry_the_host_pid_and_respect_last_seen() {
     let sum: u64 = ran.iter().map(|&i| pct(i)).sum();
     let n = ran.len() as u64;
     assert_eq!(sm, (sum + n / 2) / n, "the mean over the periods it ran in");
-    let busy: u64 = ran.iter().map(|&i| tl.process_busy_ns(0, host_pid, i..i + 1)).sum();
-    assert_eq!(busy, 200 * MS, "every busy ns of the process is in those periods");
+    let busy: u64 = ran
+        .iter()
+        .map(|&i| tl.process_busy_ns(0, host_pid, i..i + 1))
+        .sum();
+    assert_eq!(
+        busy,
+        200 * MS,
+        "every busy ns of the process is in those periods"
+    );
 
     // Newer than lastSeenTimeStamp only: from the first period's end, the mean of the others.
     let first_end = (ran[0] + 1) * period / 1000;

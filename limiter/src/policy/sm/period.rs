@@ -81,7 +81,9 @@ mod tests {
 
     /// Successive sample stamps of a `period` late by `delay(i)`, as the driver records them.
     fn stamps(period: u64, n: u64, delay: impl Fn(u64) -> u64) -> Vec<u64> {
-        (1..=n).map(|i| 1_700_000_000_000_000 + i * period + delay(i)).collect()
+        (1..=n)
+            .map(|i| 1_700_000_000_000_000 + i * period + delay(i))
+            .collect()
     }
 
     /// A repeatable delay in `0..=max` (the gpu-sim's kind of jitter).
@@ -162,12 +164,12 @@ mod tests {
         assert_eq!(p.get(), Some(200_000));
     }
 
-    /// Review: a lone tenant whose bursts mostly fall in every other period (a 3 Hz pipeline on a
-    /// 1/6 s grid) shows gaps of 2 periods, and now and then a single one. The driver's period
-    /// never changes, yet after KEPT multi-period gaps the single one is forgotten and the estimate
-    /// doubles (each measurement then takes one period's share to hold for two).
+    /// A lone tenant whose bursts mostly fall in every other period (a 3 Hz pipeline on a 1/6 s
+    /// grid) shows gaps of 2 periods, and now and then a single one. The driver's period never
+    /// changes: the single one must not be forgotten after KEPT double gaps (the estimate doubled,
+    /// and each measurement took one period's share to hold for two).
     #[test]
-    fn review_a_period_once_seen_is_not_forgotten_for_multi_period_gaps() {
+    fn a_period_once_seen_is_not_forgotten_for_multi_period_gaps() {
         let period = 166_667;
         let mut p = SamplePeriod::new();
         let mut t = 1_700_000_000_000_000u64;
@@ -181,10 +183,10 @@ mod tests {
         assert_eq!(p.get(), Some(period), "the estimate drifted to 2 periods");
     }
 
-    /// Review: the first gap seen is 2 periods (the process idled): the estimate is 2 periods
-    /// until a single gap comes, and then corrects at once.
+    /// The first gap seen is 2 periods (the process idled): the estimate is 2 periods until a
+    /// single gap comes, and then corrects at once.
     #[test]
-    fn review_a_first_double_gap_is_corrected_by_the_first_single_one() {
+    fn a_first_double_gap_is_corrected_by_the_first_single_one() {
         let period = 166_667;
         let mut p = SamplePeriod::new();
         p.note(0, 2 * period);

@@ -500,7 +500,18 @@ fn measure(dev: &mut Device, own_pid: Option<i32>, now_us: u64) -> Option<Span> 
             to_us: now_us,
         });
     };
-    let rc = query(dev);
+    let mut rc = query(dev);
+    let since = dev.last_seen;
+    if rc == NVML_SUCCESS {
+        // Entries a driver should not return (seen on real ones next to zombie processes: pid 0,
+        // shares above 100 %, stamps older than asked for) are dropped; an answer of nothing else
+        // is "nothing new" (else junk that keeps coming would hide idle periods).
+        dev.samples
+            .retain(|s| s.pid != 0 && s.sm_util <= 100 && s.time_stamp > since);
+        if dev.samples.is_empty() {
+            rc = NVML_ERROR_NOT_FOUND;
+        }
+    }
     let repeated = rc == dev.last_rc;
     dev.last_rc = rc;
     if rc == NVML_ERROR_NOT_FOUND
@@ -535,11 +546,6 @@ fn measure(dev: &mut Device, own_pid: Option<i32>, now_us: u64) -> Option<Span> 
         }
         return None;
     }
-    let since = dev.last_seen;
-    // Entries a driver should not return (seen on real ones next to zombie processes: pid 0,
-    // shares above 100 %, stamps older than asked for) are dropped.
-    dev.samples
-        .retain(|s| s.pid != 0 && s.sm_util <= 100 && s.time_stamp > since);
     let newest = dev.samples.iter().map(|s| s.time_stamp).max()?;
     dev.idle = false;
     // The period is learnt from the newest sample of successive queries (polls come at least
@@ -573,7 +579,9 @@ fn measure(dev: &mut Device, own_pid: Option<i32>, now_us: u64) -> Option<Span> 
     // on time, a span is one period and there is nothing to choose). Later measurements start
     // at a sample and cover whole periods (stamps are late by a varying amount, less than half
     // a period: rounding removes it); the first starts at the first launch, inside a period, and
-    // covers the periods that ended after it.
+    // covers the periods that ended after it: for this process, which started inside it, that
+    // many periods' worth of its average over the span (`coverage` ≥ 1); the others ran before
+    // it began and are counted at their average.
     let elapsed = newest - since;
     let (periods, span_us) = if first {
         (elapsed.div_ceil(period).max(1), elapsed.max(1))
@@ -582,9 +590,10 @@ fn measure(dev: &mut Device, own_pid: Option<i32>, now_us: u64) -> Option<Span> 
         (periods, periods * period)
     };
     let coverage = (periods * period) as f64 / span_us as f64;
-    let pid_share = |&(sum, n): &(u64, u64)| (sum as f64 / n as f64 / 100.0 * coverage).min(1.0);
-    let share = |pid: i32| per_pid.get(&(pid as u32)).map_or(0.0, pid_share);
-    let own = share(own_pid);
+    let average = |&(sum, n): &(u64, u64)| sum as f64 / n as f64 / 100.0;
+    let share = |pid: i32| per_pid.get(&(pid as u32)).map_or(0.0, average);
+    let own_entry = per_pid.get(&(own_pid as u32)).map_or(0.0, average);
+    let own = (own_entry * coverage).min(1.0);
     let mut container = own;
     if let Some(region) = budget::registered_region() {
         let me = region.slot_index();
@@ -599,7 +608,7 @@ fn measure(dev: &mut Device, own_pid: Option<i32>, now_us: u64) -> Option<Span> 
             }
         }
     }
-    let device: f64 = per_pid.values().map(pid_share).sum();
+    let device = per_pid.values().map(average).sum::<f64>() - own_entry + own;
     Some(Span {
         own,
         container: container.min(1.0),
