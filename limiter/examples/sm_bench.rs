@@ -23,8 +23,10 @@
 //! `--secs S` (each run, default 6), `--reps N` (repetitions of every case; the table shows the
 //! median and the worst over them, default 1), `--parallel P` (runs at once, each on its own
 //! simulated GPU, default 3), `--launch-runs N` (default 7; 0 skips the launch-cost part),
-//! `--lib PATH` (measure that `libvgpu.so` instead of building this tree's). About 1.5 minutes
-//! with the defaults.
+//! `--lib PATH` (measure that `libvgpu.so` instead of building this tree's), and other workload
+//! and driver shapes: `--sync N` (0 = never synchronise), `--kernel-us`, `--period-us` (NVML's
+//! sample period), `--jitter-us` (how late NVML records a sample, at most; a real driver is a few
+//! ms late), `--caps 10,50`. About 1.5 minutes with the defaults.
 
 use gpu_sim::{GpuSpec, NodeSpec, SimNode, Timeline};
 use std::path::{Path, PathBuf};
