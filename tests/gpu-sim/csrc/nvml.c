@@ -805,7 +805,7 @@ nvmlReturn_t nvmlDeviceGetUtilizationRates(nvmlDevice_t device, nvmlUtilization_
     return ret;
 }
 
-#define MAX_SAMPLES (SIM_TL_HISTORY * SIM_TL_PROCS)
+#define MAX_SAMPLES (SIM_TL_HISTORY * SIM_TL_PROCS + SIM_MAX_JUNK_ENTRIES)
 
 /* One process's records newer than lastSeenTimeStamp. */
 struct process_records {
@@ -886,7 +886,9 @@ static int by_newest(const void *a, const void *b)
  * process that ran kernels in it; a query returns, for every process with records newer than
  * lastSeenTimeStamp (microseconds since the epoch; 0: all that are kept), ONE entry: timeStamp =
  * its newest record, smUtil = the mean of its records' shares (rounded), so a process that ran
- * in some of the periods only is averaged over those. Ordered oldest first. *processSamplesCount
+ * in some of the periods only is averaged over those. Ordered oldest first, then the node's
+ * utilization_junk_entries (a real driver's junk next to zombies, even when nothing ran: pid
+ * 50554 with smUtil 37100 and timeStamp 49936, the rest all zero). *processSamplesCount
  * is the capacity in and the count out; too small (or no buffer) → INSUFFICIENT_SIZE with the
  * count needed; none → NOT_FOUND with 0.
  */
@@ -916,6 +918,18 @@ nvmlReturn_t nvmlDeviceGetProcessUtilization(nvmlDevice_t device,
             sim_tl_for_each_sample(&g_tl, (unsigned int)(gpu - g_node->gpus),
                                    now_period - SIM_TL_HISTORY, now_period, add_record, &list);
         }
+        if (list.count > 0 || g_node->utilization_junk_entries > 0) {
+            unsigned int k;
+
+            /* After the real entries (sorted below, junk kept last). */
+            for (k = 0; k < g_node->utilization_junk_entries && list.count < MAX_SAMPLES; k++) {
+                struct process_records *j = &list.procs[list.count++];
+                j->pid = k == 0 ? 50554 : 0;
+                j->count = 1;
+                j->pct_sum = k == 0 ? 37100 : 0;
+                j->newest = k == 0 ? 49936 : 0;
+            }
+        }
         if (list.count == 0) {
             *processSamplesCount = 0;
             ret = NVML_ERROR_NOT_FOUND;
@@ -925,7 +939,8 @@ nvmlReturn_t nvmlDeviceGetProcessUtilization(nvmlDevice_t device,
         } else {
             unsigned int i;
 
-            qsort(list.procs, list.count, sizeof list.procs[0], by_newest);
+            qsort(list.procs, list.count - g_node->utilization_junk_entries,
+                  sizeof list.procs[0], by_newest);
             for (i = 0; i < list.count; i++) {
                 const struct process_records *p = &list.procs[i];
                 utilization[i].pid = (unsigned int)p->pid;

@@ -253,6 +253,7 @@ enum global_key {
     GK_CUDA_CONTEXT_MIB,
     GK_UTILIZATION_PERIOD_US,
     GK_UTILIZATION_JITTER_US,
+    GK_UTILIZATION_JUNK_ENTRIES,
     GK_COUNT
 };
 
@@ -263,6 +264,7 @@ static const char *const global_keys[GK_COUNT] = {
     "cuda_context_mib",
     "utilization_period_us",
     "utilization_jitter_us",
+    "utilization_junk_entries",
 };
 
 enum gpu_key {
@@ -340,7 +342,7 @@ static bool set_global(struct parser *p, const char *key, const char *value)
         sim_report(p->path, p->line,
                    "unknown key '%s' before the first [gpu] section (expected one of "
                    "driver_version, cuda_driver_version, nvml_version, cuda_context_mib, "
-                   "utilization_period_us, utilization_jitter_us)",
+                   "utilization_period_us, utilization_jitter_us, utilization_junk_entries)",
                    key);
         return false;
     }
@@ -379,6 +381,11 @@ static bool set_global(struct parser *p, const char *key, const char *value)
         if (!parse_decimal(value, 1000000, &n))
             return bad_value(p, key, value, "a decimal number of microseconds");
         node->utilization_jitter_ns = n * 1000ull;
+        return true;
+    case GK_UTILIZATION_JUNK_ENTRIES:
+        if (!parse_decimal(value, SIM_MAX_JUNK_ENTRIES, &n))
+            return bad_value(p, key, value, "a decimal number of entries from 0 to 100");
+        node->utilization_junk_entries = (unsigned int)n;
         return true;
     case GK_COUNT:
         break;

@@ -40,6 +40,7 @@
 #define SIM_DEFAULT_CUDA_CONTEXT_MIB 300ULL
 /* The kernel timeline's NVML sample period unless the node file says otherwise (1/6 s). */
 #define SIM_DEFAULT_UTILIZATION_PERIOD_NS 166666667ULL
+#define SIM_MAX_JUNK_ENTRIES 100
 
 enum sim_mig {
     SIM_MIG_UNSUPPORTED = 0, /* the GPU is not MIG-capable */
@@ -110,6 +111,10 @@ struct sim_node {
      * (GPU, period), the same in every process (the real driver's sampling thread is late by a
      * varying amount, so successive sample timestamps are not exactly a period apart). */
     unsigned long long utilization_jitter_ns;
+    /* Entries a real driver sometimes appends to nvmlDeviceGetProcessUtilization's answer (seen
+     * next to zombie processes, nvtop#110): one with a pid nobody has, smUtil far above 100 and
+     * a stamp long past, the rest all zero. 0..=SIM_MAX_JUNK_ENTRIES. */
+    unsigned int utilization_junk_entries;
 
     unsigned int gpu_count;
     struct sim_gpu *gpus;

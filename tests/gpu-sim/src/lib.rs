@@ -241,6 +241,10 @@ pub struct NodeSpec {
     /// and the same in every process, so successive sample timestamps are not exactly a period
     /// apart, as on a real driver. `None`: 0.
     pub utilization_jitter_us: Option<u64>,
+    /// Junk entries appended to every `nvmlDeviceGetProcessUtilization` answer, as a real driver
+    /// does next to zombie processes (`utilization_junk_entries`, 0 to 100): one with a pid nobody
+    /// has, `smUtil` 37,100 and a stamp long past, the rest all zero. `None`: 0.
+    pub utilization_junk_entries: Option<u32>,
     /// One entry per GPU; the NVML index is the position here, whatever the minor numbers.
     pub gpus: Vec<GpuSpec>,
 }
@@ -268,6 +272,7 @@ impl NodeSpec {
             cuda_context_mib: None,
             utilization_period_us: None,
             utilization_jitter_us: None,
+            utilization_junk_entries: None,
             gpus,
         }
     }
@@ -293,6 +298,12 @@ impl NodeSpec {
     /// Sets how late NVML's process samples are recorded, at most (`utilization_jitter_us`).
     pub fn with_utilization_jitter_us(mut self, us: u64) -> Self {
         self.utilization_jitter_us = Some(us);
+        self
+    }
+
+    /// Appends junk entries to NVML's process-utilisation answers (`utilization_junk_entries`).
+    pub fn with_utilization_junk_entries(mut self, n: u32) -> Self {
+        self.utilization_junk_entries = Some(n);
         self
     }
 
@@ -344,6 +355,9 @@ impl NodeSpec {
         }
         if let Some(us) = self.utilization_jitter_us {
             kv("utilization_jitter_us", &us)?;
+        }
+        if let Some(n) = self.utilization_junk_entries {
+            kv("utilization_junk_entries", &n)?;
         }
         for gpu in &self.gpus {
             out.push_str("\n[gpu]\n");

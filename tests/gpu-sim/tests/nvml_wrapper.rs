@@ -1056,3 +1056,29 @@ fn monitoring_queries_answer_like_a_datacentre_gpu() {
         },
     );
 }
+
+#[test]
+fn junk_entries_come_with_every_process_utilisation_answer() {
+    // As a real driver next to zombie processes (nvtop#110): even with nothing run, the answer
+    // is a success holding the junk (a pid nobody has at 37,100 %, long-past stamps, zeros).
+    let spec = NodeSpec::uniform(1, GpuSpec::a100_80gb).with_utilization_junk_entries(3);
+    scenario(
+        "junk_entries_come_with_every_process_utilisation_answer",
+        &spec,
+        |_| {
+            let nvml = init();
+            let dev = nvml.device_by_index(0).unwrap();
+            let samples = dev.process_utilization_stats(0).unwrap();
+            let got: Vec<(u32, u64, u32)> = samples
+                .iter()
+                .map(|s| (s.pid, s.timestamp, s.sm_util))
+                .collect();
+            assert_eq!(got, vec![(50554, 49936, 37100), (0, 0, 0), (0, 0, 0)]);
+            // Whatever lastSeen asks for.
+            assert_eq!(
+                dev.process_utilization_stats(u64::MAX / 2).unwrap().len(),
+                3
+            );
+        },
+    );
+}
