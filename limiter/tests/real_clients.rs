@@ -521,7 +521,30 @@ fn cuda_bindings_allocate_map_create_contexts_and_launch_under_the_caps() {
             UNCAPPED_RUN_S
         };
         let args = [mode.too_big_mib().to_string(), seconds.to_owned()];
-        let (stdout, stderr) = run_script(&node, mode, "cuda_bindings_check.py", &args);
+        let mut load = command(&node, mode, &python());
+        load.arg(script("cuda_bindings_check.py"))
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let load = load.spawn().expect("run cuda_bindings_check.py");
+        // While it launches under the cap: what a node-side monitor (nvitop's API, reading
+        // NVML's per-process samples) shows for each process, once the cap has settled.
+        let monitor = (mode == Mode::Capped).then(|| {
+            std::thread::sleep(SM_SETTLE + Duration::from_secs(1));
+            let mut cmd = command(&node, Mode::Bare, &python());
+            cmd.arg(script("nvitop_sm.py")).args(["4", "0.3"]);
+            finish("nvitop_sm.py", cmd).0
+        });
+        let out = load
+            .wait_with_output()
+            .expect("wait cuda_bindings_check.py");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            out.status.success(),
+            "cuda_bindings_check.py ({mode:?}) exited with {}:\n{stdout}\n{stderr}",
+            out.status
+        );
         let what = format!("cuda-bindings ({mode:?})");
         assert_quiet(&what, mode, &stderr);
         let r = Report::new(what, &stdout);
@@ -560,6 +583,26 @@ fn cuda_bindings_allocate_map_create_contexts_and_launch_under_the_caps() {
                 "{}: kernels used {share:.1} % of the GPU, cap {SM_CAP} % (±{SM_TOLERANCE})",
                 r.what
             );
+            // nvitop shows the process at its cap too (NVML's per-process samples as a real
+            // consumer reads them: one entry per process, its share over the last second).
+            let json = monitor.expect("capped runs are monitored");
+            let flat = flatten("nvitop_sm.py", &json);
+            let shown: Vec<f64> = flat
+                .iter()
+                .filter(|(k, _)| {
+                    k.starts_with("readings.") && k.ends_with(&format!(".{}", run.pid))
+                })
+                .filter_map(|(_, v)| v.parse().ok())
+                .collect();
+            eprintln!("{}: nvitop shows {shown:?} % SM", r.what);
+            assert!(shown.len() >= 3, "nvitop saw the process: {json}");
+            for sm in &shown {
+                assert!(
+                    (sm - SM_CAP).abs() <= SM_TOLERANCE,
+                    "{}: nvitop shows {sm} % SM for the process, cap {SM_CAP} %: {json}",
+                    r.what
+                );
+            }
         } else {
             let share = achieved(&node, 0, run.pid, &run, UNCAPPED_SETTLE);
             eprintln!("{}: {share:.1} % of the GPU (no cap)", r.what);
