@@ -608,7 +608,11 @@ fn measure(dev: &mut Device, own_pid: Option<i32>, now_us: u64) -> Option<Span> 
             }
         }
     }
-    let device = per_pid.values().map(average).sum::<f64>() - own_entry + own;
+    // The device's share, which only tells the controller whether the GPU was full (its kernels
+    // may then be queued, not run): the upper reading, every process scaled like this one (on
+    // the first span others may have started inside it too; a false "full" costs a tick or two
+    // of held launches, a missed one lets a queue of seconds build up).
+    let device = (per_pid.values().map(average).sum::<f64>() * coverage).max(own);
     Some(Span {
         own,
         container: container.min(1.0),
