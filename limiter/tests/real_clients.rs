@@ -225,6 +225,11 @@ fn run_script(node: &SimNode, mode: Mode, name: &str, args: &[String]) -> (Strin
 
 fn finish(what: &str, mut cmd: Command) -> (String, String) {
     let out = cmd.output().unwrap_or_else(|e| panic!("run {what}: {e}"));
+    succeeded(what, &out)
+}
+
+/// A finished process's stdout and stderr, after checking that it exited successfully.
+fn succeeded(what: &str, out: &std::process::Output) -> (String, String) {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
@@ -538,13 +543,7 @@ fn cuda_bindings_allocate_map_create_contexts_and_launch_under_the_caps() {
         let out = load
             .wait_with_output()
             .expect("wait cuda_bindings_check.py");
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(
-            out.status.success(),
-            "cuda_bindings_check.py ({mode:?}) exited with {}:\n{stdout}\n{stderr}",
-            out.status
-        );
+        let (stdout, stderr) = succeeded(&format!("cuda_bindings_check.py ({mode:?})"), &out);
         let what = format!("cuda-bindings ({mode:?})");
         assert_quiet(&what, mode, &stderr);
         let r = Report::new(what, &stdout);
