@@ -482,6 +482,23 @@ fn query(dev: &mut Device) -> NvmlReturn {
     }
 }
 
+/// Drops the entries a driver should not return (seen on real ones next to zombie processes:
+/// pid 0, shares above 100 %, stamps older than asked for); `false` if nothing else was there: the
+/// answer is then "nothing new" (junk that keeps coming must not hide idle periods).
+fn keep_real_entries(samples: &mut Vec<ProcessSample>, since: u64) -> bool {
+    samples.retain(|s| s.pid != 0 && s.sm_util <= 100 && s.time_stamp > since);
+    !samples.is_empty()
+}
+
+/// After an answer of "nothing new" at `now_us`, the µs since the last sample (`last_seen`) that
+/// nobody ran in: the whole periods whose records would be visible by now (stamps are less than
+/// a quarter period late), so that `last_seen` stays a period's end; 0 if none has passed. They
+/// are counted as idle at once, or the next entry's average (over the periods its process ran
+/// in) would be taken to hold for them too.
+fn idle_since(last_seen: u64, now_us: u64, period: u64) -> u64 {
+    now_us.saturating_sub(last_seen).saturating_sub(period / 4) / period * period
+}
+
 /// Own and container share over the samples since the last measurement; `None` without news.
 fn measure(dev: &mut Device, own_pid: Option<i32>, now_us: u64) -> Option<Span> {
     let Some(own_pid) = own_pid else {
@@ -502,28 +519,17 @@ fn measure(dev: &mut Device, own_pid: Option<i32>, now_us: u64) -> Option<Span> 
     };
     let mut rc = query(dev);
     let since = dev.last_seen;
-    if rc == NVML_SUCCESS {
-        // Entries a driver should not return (seen on real ones next to zombie processes: pid 0,
-        // shares above 100 %, stamps older than asked for) are dropped; an answer of nothing else
-        // is "nothing new" (else junk that keeps coming would hide idle periods).
-        dev.samples
-            .retain(|s| s.pid != 0 && s.sm_util <= 100 && s.time_stamp > since);
-        if dev.samples.is_empty() {
-            rc = NVML_ERROR_NOT_FOUND;
-        }
+    if rc == NVML_SUCCESS && !keep_real_entries(&mut dev.samples, since) {
+        rc = NVML_ERROR_NOT_FOUND;
     }
     let repeated = rc == dev.last_rc;
     dev.last_rc = rc;
     if rc == NVML_ERROR_NOT_FOUND
         && dev.measured
         && let Some(period) = dev.period.get()
-        && now_us.saturating_sub(dev.last_seen) >= period + period / 4
+        && let idle = idle_since(dev.last_seen, now_us, period)
+        && idle > 0
     {
-        // Whole periods without a sample from anybody (their records would be visible by now,
-        // stamps being less than a quarter period late): nobody ran in them. Count them as idle
-        // now, or the next entry's average would be taken to hold for them too. Move on by whole
-        // periods, so that `last_seen` stays a period's end.
-        let idle = (now_us - dev.last_seen - period / 4) / period * period;
         let from_us = dev.last_seen;
         dev.last_seen += idle;
         dev.idle = now_us - from_us > 3 * period;
@@ -644,4 +650,53 @@ fn realtime_us() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: u64 = 166_667;
+
+    #[test]
+    fn periods_nobody_ran_in_are_idle_once_their_records_would_be_visible() {
+        let last = 1_700_000_000_000_000;
+        // Within the next period, or before its record can have come (a quarter late): nothing.
+        assert_eq!(idle_since(last, last + P / 2, P), 0);
+        assert_eq!(idle_since(last, last + P + P / 4 - 1, P), 0);
+        // One period later than its record could be: that period was idle (the old rule waited
+        // for three, and the next entry's average was taken to hold for them).
+        assert_eq!(idle_since(last, last + P + P / 4, P), P);
+        assert_eq!(idle_since(last, last + 2 * P + P / 4, P), 2 * P);
+        assert_eq!(idle_since(last, last + 3 * P, P), 2 * P);
+        // A clock that went back counts nothing.
+        assert_eq!(idle_since(last, last - 5, P), 0);
+    }
+
+    fn entry(pid: u32, time_stamp: u64, sm_util: u32) -> ProcessSample {
+        ProcessSample {
+            pid,
+            time_stamp,
+            sm_util,
+            ..ProcessSample::default()
+        }
+    }
+
+    #[test]
+    fn junk_entries_are_dropped_and_an_answer_of_only_junk_is_nothing_new() {
+        let since = 1_700_000_000_000_000;
+        // As a real driver printed next to zombies (nvtop#110): a pid at 37,100 %, zeros.
+        let junk = [entry(50554, 49_936, 37_100), entry(0, 0, 0), entry(0, 0, 0)];
+        let mut only_junk = junk.to_vec();
+        assert!(!keep_real_entries(&mut only_junk, since));
+        let real = entry(4242, since + P, 30);
+        let mut mixed = junk.to_vec();
+        mixed.insert(1, real);
+        // An entry older than asked for, and one above 100 %, are junk too.
+        mixed.push(entry(4243, since, 20));
+        mixed.push(entry(4244, since + P, 101));
+        assert!(keep_real_entries(&mut mixed, since));
+        assert_eq!(mixed.len(), 1);
+        assert_eq!((mixed[0].pid, mixed[0].sm_util), (4242, 30));
+    }
 }
