@@ -805,7 +805,8 @@ nvmlReturn_t nvmlDeviceGetUtilizationRates(nvmlDevice_t device, nvmlUtilization_
     return ret;
 }
 
-#define MAX_SAMPLES (SIM_TL_HISTORY * SIM_TL_PROCS + SIM_MAX_JUNK_ENTRIES)
+/* Entries of one answer at most: every process recorded in the kept periods, and the junk. */
+#define MAX_ENTRIES (SIM_TL_HISTORY * SIM_TL_PROCS + SIM_MAX_JUNK_ENTRIES)
 
 /* One process's records newer than lastSeenTimeStamp. */
 struct process_records {
@@ -816,7 +817,7 @@ struct process_records {
 };
 
 struct sample_list {
-    struct process_records procs[MAX_SAMPLES];
+    struct process_records procs[MAX_ENTRIES];
     unsigned int count;
     uint64_t period_ns;
     uint64_t jitter_ns;
@@ -859,7 +860,7 @@ static void add_record(uint64_t period, int pid, uint64_t busy_ns, void *arg)
         }
     }
     if (p == NULL) {
-        if (list->count == MAX_SAMPLES)
+        if (list->count == MAX_ENTRIES - SIM_MAX_JUNK_ENTRIES)
             return;
         p = &list->procs[list->count++];
         p->pid = pid;
@@ -918,17 +919,13 @@ nvmlReturn_t nvmlDeviceGetProcessUtilization(nvmlDevice_t device,
             sim_tl_for_each_sample(&g_tl, (unsigned int)(gpu - g_node->gpus),
                                    now_period - SIM_TL_HISTORY, now_period, add_record, &list);
         }
-        if (list.count > 0 || g_node->utilization_junk_entries > 0) {
-            unsigned int k;
-
-            /* After the real entries (sorted below, junk kept last). */
-            for (k = 0; k < g_node->utilization_junk_entries && list.count < MAX_SAMPLES; k++) {
-                struct process_records *j = &list.procs[list.count++];
-                j->pid = k == 0 ? 50554 : 0;
-                j->count = 1;
-                j->pct_sum = k == 0 ? 37100 : 0;
-                j->newest = k == 0 ? 49936 : 0;
-            }
+        /* After the real entries (sorted below, the junk kept last); MAX_ENTRIES leaves room. */
+        for (unsigned int k = 0; k < g_node->utilization_junk_entries; k++) {
+            struct process_records *j = &list.procs[list.count++];
+            j->pid = k == 0 ? 50554 : 0;
+            j->count = 1;
+            j->pct_sum = k == 0 ? 37100 : 0;
+            j->newest = k == 0 ? 49936 : 0;
         }
         if (list.count == 0) {
             *processSamplesCount = 0;
