@@ -9,11 +9,14 @@
 //!
 //! **Probing.** A gate starts (and restarts after a fork) in the probing state: until the watcher's
 //! first measurement sets a step, [`PROBE_LAUNCHES`] launches pass and then one per
-//! [`PROBE_STEP_NS`]. Launches are asynchronous: unpaced, a process that does not synchronise
-//! would queue about a second of kernels (the driver's launch queue) before anything is measured,
-//! and that backlog would run uncapped whatever the gate did next. The probe keeps the backlog to
-//! what its launches cost, and gives the first measurement a cost per launch that is the GPU's,
-//! not the queue's.
+//! [`PROBE_STEP_NS`], the spacing doubling with each launch up to [`PROBE_MAX_STEP_NS`].
+//! Launches are asynchronous: unpaced, a process that does not synchronise would queue about a
+//! second of kernels (the driver's launch queue) before anything is measured, and that backlog
+//! would run uncapped whatever the gate did next. The probe keeps the backlog to what its launches
+//! cost, and gives the first measurement a cost per launch that is the GPU's, not the queue's. The
+//! spacing grows because nothing yet says what a launch costs: at a fixed 10 ms, kernels of 20 ms
+//! queued twice as fast as they ran until the first measurement (about 0.3 s of extra backlog
+//! with NVML's 1/6 s period), which two such tenants then ran side by side, uncapped, for a second.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -22,9 +25,12 @@ pub(crate) const AHEAD_NS: u64 = 2_000_000;
 /// Credit an idle process may bank for a later burst.
 pub(crate) const BURST_NS: u64 = 2_000_000;
 /// Launches a probing gate lets through at once.
-pub(crate) const PROBE_LAUNCHES: u64 = 32;
-/// Spacing of a probing gate's later launches.
+pub(crate) const PROBE_LAUNCHES: u64 = 8;
+/// Spacing of a probing gate's first launch after [`PROBE_LAUNCHES`]; it doubles with each
+/// later launch,
 pub(crate) const PROBE_STEP_NS: u64 = 10_000_000;
+/// up to this (16 × [`PROBE_STEP_NS`]).
+pub(crate) const PROBE_MAX_STEP_NS: u64 = PROBE_STEP_NS << 4;
 /// Longest uninterrupted sleep of a held-back launch.
 pub(crate) const SLEEP_SLICE_NS: u64 = 20_000_000;
 /// The step of a probing gate (no step has been set since it started).
@@ -61,8 +67,8 @@ impl Gate {
     /// asleep for seconds after the GPU has gone idle.
     pub(crate) fn set_step(&self, step_ns: u64) {
         let old = match self.step_ns.swap(step_ns, Ordering::Relaxed) {
-            // Reservations made while probing were spaced by the probe's step.
-            PROBING => PROBE_STEP_NS,
+            // Reservations made while probing were spaced by the probe's steps, at most this.
+            PROBING => PROBE_MAX_STEP_NS,
             old => old,
         };
         if step_ns.saturating_mul(2) <= old {
@@ -118,10 +124,11 @@ impl Gate {
             return 0;
         }
         if step == PROBING {
-            if self.probed.fetch_add(1, Ordering::Relaxed) < PROBE_LAUNCHES {
+            let n = self.probed.fetch_add(1, Ordering::Relaxed);
+            if n < PROBE_LAUNCHES {
                 return 0;
             }
-            step = PROBE_STEP_NS;
+            step = probe_step(n - PROBE_LAUNCHES);
         }
         let mut tat = self.tat_ns.load(Ordering::Relaxed);
         let start = loop {
@@ -154,6 +161,11 @@ impl Gate {
     }
 }
 
+/// The spacing of the `k`-th launch after a probing gate's first [`PROBE_LAUNCHES`].
+fn probe_step(k: u64) -> u64 {
+    PROBE_MAX_STEP_NS.min(PROBE_STEP_NS << k.min(4))
+}
+
 /// `CLOCK_MONOTONIC` in ns (vDSO, no syscall).
 #[inline]
 pub(crate) fn monotonic_ns() -> u64 {
@@ -180,10 +192,15 @@ mod tests {
             assert_eq!(g.admit(now), 0);
         }
         assert_eq!(g.take_counts(), (PROBE_LAUNCHES, false));
-        // Then one per probe step, after the usual slack.
-        let waits: Vec<u64> = (0..4).map(|_| g.admit(now)).collect();
+        // Then spaced by the probe's step, doubling up to its longest, after the usual slack.
+        let waits: Vec<u64> = (0..8).map(|_| g.admit(now)).collect();
         assert_eq!(waits[0], 0);
-        assert_eq!(waits[3] - waits[2], PROBE_STEP_NS);
+        let gaps: Vec<u64> = waits.windows(2).skip(1).map(|w| w[1] - w[0]).collect();
+        assert_eq!(
+            gaps,
+            [2, 4, 8, 16, 16, 16].map(|m| m * PROBE_STEP_NS),
+            "waits {waits:?}"
+        );
         assert!(g.take_counts().1, "the probe held launches back");
         // A step from the watcher ends probing.
         g.set_step(0);
