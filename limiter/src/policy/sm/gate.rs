@@ -29,8 +29,8 @@ pub(crate) const PROBE_LAUNCHES: u64 = 8;
 /// Spacing of a probing gate's first launch after [`PROBE_LAUNCHES`]; it doubles with each
 /// later launch,
 pub(crate) const PROBE_STEP_NS: u64 = 10_000_000;
-/// up to this (16 × [`PROBE_STEP_NS`]).
-pub(crate) const PROBE_MAX_STEP_NS: u64 = PROBE_STEP_NS << 4;
+/// up to this (4 × [`PROBE_STEP_NS`]).
+pub(crate) const PROBE_MAX_STEP_NS: u64 = PROBE_STEP_NS << 2;
 /// Longest uninterrupted sleep of a held-back launch.
 pub(crate) const SLEEP_SLICE_NS: u64 = 20_000_000;
 /// The step of a probing gate (no step has been set since it started).
@@ -44,6 +44,8 @@ pub(crate) struct Gate {
     launches: AtomicU64,
     /// Launches while probing.
     probed: AtomicU64,
+    /// Probe at [`PROBE_STEP_NS`] without backing off (see [`Gate::probe_patiently`]).
+    patient: AtomicBool,
     /// Bumped when the step shortens a lot: launches sleeping on the old step stop sleeping.
     epoch: AtomicU64,
     waited: AtomicBool,
@@ -56,6 +58,7 @@ impl Gate {
             tat_ns: AtomicU64::new(0),
             launches: AtomicU64::new(0),
             probed: AtomicU64::new(0),
+            patient: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
             waited: AtomicBool::new(false),
         }
@@ -128,7 +131,11 @@ impl Gate {
             if n < PROBE_LAUNCHES {
                 return 0;
             }
-            step = probe_step(n - PROBE_LAUNCHES);
+            step = if self.patient.load(Ordering::Relaxed) {
+                PROBE_STEP_NS
+            } else {
+                probe_step(n - PROBE_LAUNCHES)
+            };
         }
         let mut tat = self.tat_ns.load(Ordering::Relaxed);
         let start = loop {
@@ -150,8 +157,17 @@ impl Gate {
         wait
     }
 
+    /// The first measurement will cover a second (the device-wide fallback, see `watcher.rs`):
+    /// the probe keeps its first spacing instead of backing off, or a second of a backed-off probe
+    /// would be a few percent of the GPU, a cost per launch NVML's whole percents cannot tell
+    /// (a cap of 30 held at 46 %).
+    pub(crate) fn probe_patiently(&self) {
+        self.patient.store(true, Ordering::Relaxed);
+    }
+
     /// Forgets everything and probes again (fork child). Atomics only.
     pub(crate) fn reset(&self) {
+        self.patient.store(false, Ordering::Relaxed);
         self.step_ns.store(PROBING, Ordering::Relaxed);
         self.tat_ns.store(0, Ordering::Relaxed);
         self.launches.store(0, Ordering::Relaxed);
@@ -163,7 +179,7 @@ impl Gate {
 
 /// The spacing of the `k`-th launch after a probing gate's first [`PROBE_LAUNCHES`].
 fn probe_step(k: u64) -> u64 {
-    PROBE_MAX_STEP_NS.min(PROBE_STEP_NS << k.min(4))
+    PROBE_MAX_STEP_NS.min(PROBE_STEP_NS << k.min(2))
 }
 
 /// `CLOCK_MONOTONIC` in ns (vDSO, no syscall).
@@ -198,7 +214,7 @@ mod tests {
         let gaps: Vec<u64> = waits.windows(2).skip(1).map(|w| w[1] - w[0]).collect();
         assert_eq!(
             gaps,
-            [2, 4, 8, 16, 16, 16].map(|m| m * PROBE_STEP_NS),
+            [2, 4, 4, 4, 4, 4].map(|m| m * PROBE_STEP_NS),
             "waits {waits:?}"
         );
         assert!(g.take_counts().1, "the probe held launches back");
@@ -207,6 +223,21 @@ mod tests {
         assert_eq!(g.admit(now), 0);
         g.reset();
         assert_eq!(g.step_ns.load(Ordering::Relaxed), PROBING);
+    }
+
+    #[test]
+    fn a_patient_probe_keeps_its_first_spacing_until_a_fork_resets_it() {
+        let g = Gate::new();
+        g.probe_patiently();
+        let now = 10_000_000_000;
+        for _ in 0..PROBE_LAUNCHES {
+            assert_eq!(g.admit(now), 0);
+        }
+        let waits: Vec<u64> = (0..6).map(|_| g.admit(now)).collect();
+        let gaps: Vec<u64> = waits.windows(2).skip(1).map(|w| w[1] - w[0]).collect();
+        assert_eq!(gaps, [PROBE_STEP_NS; 4], "waits {waits:?}");
+        g.reset();
+        assert!(!g.patient.load(Ordering::Relaxed));
     }
 
     #[test]

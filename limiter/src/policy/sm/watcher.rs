@@ -335,6 +335,9 @@ fn run() {
                     GATES[d].set_step(0); // not measurable: do not probe for ever
                     continue;
                 };
+                if own_pid.is_none() {
+                    GATES[d].probe_patiently(); // measured once a second
+                }
                 let dev = Device {
                     handle,
                     // Its first launch came after the previous poll.
