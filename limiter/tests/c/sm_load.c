@@ -193,6 +193,7 @@ int main(int argc, char **argv) {
     }
     const char *rc_env = getenv("SM_LOAD_RAW_CLONE");
     int raw_clone = rc_env != NULL && rc_env[0] == '1';
+    int in_clone = 0; /* this is the raw clone (its first launch may already be refused) */
     /* SM_LOAD_DUTY_MS="busy,idle": after a synchronisation, once busy ms have passed since the
      * phase began, sleep idle ms (a bursty workload: training with data loading). */
     const char *duty_env = getenv("SM_LOAD_DUTY_MS");
@@ -220,7 +221,7 @@ int main(int argc, char **argv) {
             usleep(1000);
             continue;
         }
-        if (rc == 701 && raw_clone && launches > (unsigned long)sync_every) {
+        if (rc == 701 && in_clone) {
             fprintf(stderr, "refused %d after %lu launches\n", rc, launches);
             break;
         }
@@ -248,6 +249,7 @@ int main(int argc, char **argv) {
                     waitpid(c, &status, 0);
                     _exit(WIFEXITED(status) ? WEXITSTATUS(status) : 2);
                 }
+                in_clone = 1;
             }
         }
     }
