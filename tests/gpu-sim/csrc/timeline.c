@@ -349,11 +349,13 @@ uint64_t sim_tl_enqueue(struct sim_tl *tl, unsigned int gpu, int slot, int owner
     begin_write(d);
     advance(f, gpu, now_ns);
     l = lane_of(d, slot, owner, host_pid);
-    if (d->pending_ns + duration_ns > f->horizon_ns) {
-        /* Work drains at one ns per ns at best. */
-        retry = now_ns + (d->pending_ns + duration_ns - f->horizon_ns);
-    } else if (l == NULL) {
+    if (l == NULL) {
         retry = now_ns + f->slice_ns; /* a lane frees when its process's work is done */
+    } else if (l->pending_ns + duration_ns > f->horizon_ns) {
+        /* The horizon bounds each process's pending work, not the GPU's: as on a real GPU, where
+         * each context has its own channel, another process's deep queue never blocks a launch.
+         * A lane drains at one ns per ns at best. */
+        retry = now_ns + (l->pending_ns + duration_ns - f->horizon_ns);
     } else if (l->count == SIM_TL_LANE_DEPTH) {
         retry = now_ns + l->head_left;
     } else {

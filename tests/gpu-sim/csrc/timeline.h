@@ -31,7 +31,7 @@
  *   32       4               periods per device ring (256)
  *   36       4               processes per period (16)
  *   40       8               period_ns (sample period)
- *   48       8               horizon_ns (most pending work per GPU)
+ *   48       8               horizon_ns (most pending work per process and GPU)
  *   56       8               slice_ns (time slice)
  *   64       128 x struct sim_tl_device
  *   42868800 256 x struct sim_tl_slot
@@ -63,8 +63,9 @@
 #define SIM_TL_SLOTS 256
 #define SIM_TL_PERIODS 256
 #define SIM_TL_PROCS 16
-/* Pending work on a GPU is at most min(SIM_TL_HORIZON_MAX_NS, SIM_TL_HORIZON_PERIODS periods)
- * (a launch blocks beyond); a single kernel lasts at most that long. */
+/* A process's pending work on a GPU is at most min(SIM_TL_HORIZON_MAX_NS,
+ * SIM_TL_HORIZON_PERIODS periods) (its launch blocks beyond; other processes' launches do not);
+ * a single kernel lasts at most that long. */
 #define SIM_TL_HORIZON_PERIODS 64u
 #define SIM_TL_HORIZON_MAX_NS 4000000000ull
 /* Periods that stay readable behind the current one. */
@@ -202,8 +203,8 @@ struct sim_tl_mark {
 /*
  * Queues duration_ns of work on gpu for the process in slot (getpid() owner, reported as
  * host_pid), after playing the schedule to now_ns. Returns 0 and sets *mark, or queues
- * nothing and returns a time (> 0) to retry at: the GPU already has a horizon of pending
- * work, or this process SIM_TL_LANE_DEPTH kernels, or SIM_TL_LANES other processes have
+ * nothing and returns a time (> 0) to retry at: this process already has a horizon of
+ * pending work on the GPU, or SIM_TL_LANE_DEPTH kernels, or SIM_TL_LANES other processes have
  * pending work.
  */
 uint64_t sim_tl_enqueue(struct sim_tl *tl, unsigned int gpu, int slot, int owner, int host_pid,

@@ -529,6 +529,38 @@ fn a_process_gets_time_slices_beside_one_with_a_deep_queue() {
 }
 
 #[test]
+fn another_process_s_full_queue_never_blocks_a_launch() {
+    // 10 ms sample periods: a horizon of 640 ms.
+    let node =
+        SimNode::new(NodeSpec::uniform(1, GpuSpec::a100_80gb).with_utilization_period_us(10_000))
+            .unwrap();
+    // A keeps 640 ms of 1 ms kernels queued (its horizon), refilling as they run, for 1.5 s.
+    let mut a = Interactive::start(&node, &["paced", "1000000", "0", "1500"], &[]);
+    a.until("t_start=");
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(timeline(&node).horizon_ns(), 640 * MS);
+    assert!(
+        timeline(&node).device(0).pending_ns > 500 * MS,
+        "A's queue is not full yet"
+    );
+    // B's 100 ms kernel goes into its own queue at once (with a GPU-wide horizon it waited until
+    // A had no more to launch and its queue had fallen to 540 ms: about a second), and runs in
+    // time slices beside A's.
+    let b = run(&node, &["paced", "100000000", "0", "1"], &[]);
+    let va = a.finish();
+    let blocked = num(&b, "t_launched") - num(&b, "t_start");
+    assert!(blocked < 50 * MS, "B's launch blocked {blocked} ns");
+    let tl = timeline(&node);
+    let pid_b = num(&b, "pid") as u32;
+    assert_eq!(tl.process_busy_total_ns(pid_b, 0), 100 * MS);
+    assert_eq!(
+        tl.process_busy_total_ns(num(&va, "pid") as u32, 0),
+        1500 * MS
+    );
+    assert_no_overlap(&tl);
+}
+
+#[test]
 fn a_snapshot_plays_the_schedule_to_now_as_the_driver_does() {
     let node = a100_node();
     // Two processes leave 3 x 100 ms and 2 x 100 ms pending and exit without synchronising:
