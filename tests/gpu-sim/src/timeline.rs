@@ -251,7 +251,8 @@ impl Timeline {
         self.period_ns
     }
 
-    /// The most kernel time a GPU may have pending, in nanoseconds (launches block beyond).
+    /// The most kernel time one process may have pending on a GPU, in nanoseconds (its launches
+    /// block beyond).
     pub fn horizon_ns(&self) -> u64 {
         self.horizon_ns
     }

@@ -428,7 +428,8 @@ mod tests {
 
     #[test]
     fn a_backlog_found_by_the_first_measurement_runs_then_the_cap_holds() {
-        // 20 ms kernels, 32 probe launches (640 ms of work) and a 1,024-launch queue: the first
+        // 20 ms kernels, 32 launches before the first measurement (640 ms of work: the probe before
+        // 2026-12-06, harsher than today's 8 and back-off) and a 1,024-launch queue: the first
         // measurement sees a full GPU and 32 launches; busy ÷ launches would be 3 ms.
         for cap in (10..=90).step_by(10) {
             let h = simulate_queue(cap, 2e7, 32, 1024, 80);

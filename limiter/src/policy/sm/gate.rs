@@ -14,9 +14,11 @@
 //! second of kernels (the driver's launch queue) before anything is measured, and that backlog
 //! would run uncapped whatever the gate did next. The probe keeps the backlog to what its launches
 //! cost, and gives the first measurement a cost per launch that is the GPU's, not the queue's. The
-//! spacing grows because nothing yet says what a launch costs: at a fixed 10 ms, kernels of 20 ms
-//! queued twice as fast as they ran until the first measurement (about 0.3 s of extra backlog
-//! with NVML's 1/6 s period), which two such tenants then ran side by side, uncapped, for a second.
+//! probe is short and its spacing grows because nothing yet says what a launch costs: 32 launches
+//! and then one per 10 ms let kernels of 20 ms queue about 0.75 s of work before NVML's first
+//! sample, which two such tenants then ran side by side, uncapped, for 1.5 s. Where the first
+//! measurement covers a whole second (the device-wide fallback) the probe is patient
+//! ([`Gate::probe_patiently`]): backed off, it would be too little for NVML's whole percents.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -26,10 +28,10 @@ pub(crate) const AHEAD_NS: u64 = 2_000_000;
 pub(crate) const BURST_NS: u64 = 2_000_000;
 /// Launches a probing gate lets through at once.
 pub(crate) const PROBE_LAUNCHES: u64 = 8;
-/// Spacing of a probing gate's first launch after [`PROBE_LAUNCHES`]; it doubles with each
-/// later launch,
+/// Spacing of a probing gate's first launch after [`PROBE_LAUNCHES`] (it doubles with each later
+/// launch up to [`PROBE_MAX_STEP_NS`]; a patient probe keeps it).
 pub(crate) const PROBE_STEP_NS: u64 = 10_000_000;
-/// up to this (4 × [`PROBE_STEP_NS`]).
+/// The longest spacing of a probing gate: 4 × [`PROBE_STEP_NS`].
 pub(crate) const PROBE_MAX_STEP_NS: u64 = PROBE_STEP_NS << 2;
 /// Longest uninterrupted sleep of a held-back launch.
 pub(crate) const SLEEP_SLICE_NS: u64 = 20_000_000;
@@ -71,6 +73,7 @@ impl Gate {
     pub(crate) fn set_step(&self, step_ns: u64) {
         let old = match self.step_ns.swap(step_ns, Ordering::Relaxed) {
             // Reservations made while probing were spaced by the probe's steps, at most this.
+            PROBING if self.patient.load(Ordering::Relaxed) => PROBE_STEP_NS,
             PROBING => PROBE_MAX_STEP_NS,
             old => old,
         };
@@ -85,11 +88,18 @@ impl Gate {
         }
     }
 
+    /// The gate's epoch, bumped when the step shortens a lot: read it before [`Gate::admit`] and
+    /// pass it to [`Gate::sleep`]. Read after, a step set between the reservation and the read
+    /// would go unseen and the launch would sleep out a reservation the gate has forgotten.
+    #[inline]
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
     /// Sleeps `wait_ns` as [`Gate::admit`] told, in slices of at most [`SLEEP_SLICE_NS`],
-    /// returning early when the step shortens a lot meanwhile. A launch still asleep after a
-    /// slice counts as held back.
-    pub(crate) fn sleep(&self, wait_ns: u64) {
-        let epoch = self.epoch.load(Ordering::Acquire);
+    /// returning early when the step has shortened a lot since `epoch` ([`Gate::epoch`], read
+    /// before the launch was admitted). A launch still asleep after a slice counts as held back.
+    pub(crate) fn sleep(&self, wait_ns: u64, epoch: u64) {
         let mut left = wait_ns;
         while left > 0 {
             let slice = left.min(SLEEP_SLICE_NS);
@@ -241,6 +251,45 @@ mod tests {
     }
 
     #[test]
+    fn the_first_step_forgets_the_probe_s_reservations_only_when_much_shorter_than_them() {
+        // Backed off, the probe spaced launches up to 40 ms apart: a 15 ms step is much shorter.
+        let g = Gate::new();
+        let e = g.epoch();
+        g.set_step(15_000_000);
+        assert_ne!(g.epoch(), e);
+        // A patient probe spaced them 10 ms apart: 15 ms is not, 5 ms is.
+        let g = Gate::new();
+        g.probe_patiently();
+        let e = g.epoch();
+        g.set_step(15_000_000);
+        assert_eq!(g.epoch(), e);
+        let g = Gate::new();
+        g.probe_patiently();
+        let e = g.epoch();
+        g.set_step(5_000_000);
+        assert_ne!(g.epoch(), e);
+    }
+
+    #[test]
+    fn a_step_set_between_a_reservation_and_its_sleep_still_wakes_it() {
+        static G: Gate = Gate::new();
+        G.set_step(10_000_000_000); // 10 s
+        let now = monotonic_ns();
+        G.admit(now);
+        let epoch = G.epoch(); // read before the launch was admitted
+        let wait = G.admit(now);
+        assert!(wait > 1_000_000_000, "far ahead: {wait}");
+        G.set_step(1_000_000); // before the launch goes to sleep
+        let t = std::time::Instant::now();
+        G.sleep(wait, epoch);
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(1),
+            "slept {:?}",
+            t.elapsed()
+        );
+    }
+
+    #[test]
     fn a_much_shorter_step_forgets_reservations_and_wakes_sleepers() {
         let g = Gate::new();
         g.set_step(10_000_000_000); // 10 s
@@ -264,7 +313,7 @@ mod tests {
         static G: Gate = Gate::new();
         G.set_step(10_000_000_000);
         let t = std::time::Instant::now();
-        let sleeper = std::thread::spawn(|| G.sleep(5_000_000_000));
+        let sleeper = std::thread::spawn(|| G.sleep(5_000_000_000, G.epoch()));
         std::thread::sleep(std::time::Duration::from_millis(50));
         G.set_step(1_000_000);
         sleeper.join().expect("sleeper");

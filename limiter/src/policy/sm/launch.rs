@@ -136,9 +136,10 @@ fn launch_slow() -> bool {
         // Without its watcher the gate is never set: the launch would be uncapped.
         return false;
     }
+    let epoch = GATES[dev].epoch(); // before the reservation: see `Gate::epoch`
     let wait = GATES[dev].admit(now);
     if wait > 0 {
-        GATES[dev].sleep(wait);
+        GATES[dev].sleep(wait, epoch);
     }
     true
 }
