@@ -17,10 +17,13 @@
 //! remembered per device for the process's later contexts, which are then charged *before* the
 //! driver is called (refused with `CUDA_ERROR_OUT_OF_MEMORY` without calling it). The first one is
 //! charged just after: if it does not fit, the new context is destroyed again and the call
-//! refused. Limits: other containers allocating or freeing on a shared GPU during the creation
+//! refused. First measurements are serialised across the container's processes (the region's
+//! lock, waited for at most 1 s: a process stuck in its driver call delays the others' first
+//! contexts by that much, after which they measure unserialised), so one never counts another's
+//! context. Limits: other containers allocating or freeing on a shared GPU during the creation
 //! skew the first measurement either way (later processes of the container take the smallest
-//! seen), as do allocations of this container in flight between their charge and the driver call
-//! (this process's own context creations are serialised); a result of 0 or more than
+//! seen), as do allocations of this container in
+//! flight between their charge and the driver call; a result of 0 or more than
 //! [`MAX_PLAUSIBLE`] is not trusted: the smallest context the container's other processes hold is
 //! charged instead or, when there is none (or no NVML), [`FALLBACK_CONTEXT_BYTES`], and the size is
 //! measured again next time. HAMi-core
@@ -50,6 +53,10 @@ use vgpu_region::MemoryKind;
 pub(crate) const FALLBACK_CONTEXT_BYTES: u64 = 300 << 20;
 /// Larger measured differences are taken for other processes' activity, not the context.
 pub(crate) const MAX_PLAUSIBLE: u64 = 4 << 30;
+/// How long a first context's measurement waits for another process of the container measuring
+/// its own (a context takes a few hundred ms to create on real GPUs; a holder stuck in the driver
+/// — a fork child of a CUDA process, say — must not hold the others for long).
+const MEASURE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Measured context size per container device (0 = not measured yet).
 static MEASURED: [AtomicU64; MAX_DEVICES] = [const { AtomicU64::new(0) }; MAX_DEVICES];
@@ -158,6 +165,16 @@ fn charged_create(
         log_at!(DEBUG, "device {dev}: +{known} bytes of context");
         return (rc, known);
     }
+    // One first-context measurement at a time in the container: two processes creating their
+    // first contexts at once each saw the other's in NVML's `used` (not yet charged: a first
+    // context is charged after it is made) and charged both (1 in 5 runs of two racing
+    // processes). Under the region's lock, the second measures after the first has charged, and
+    // the first's charge bounds it. The process registers first (its slot and its devices'
+    // UUIDs, which take the same lock, not reentrant); the lock is not waited for longer than
+    // [`MEASURE_LOCK_WAIT`] (a holder stopped mid-creation), after which the measurement runs
+    // unserialised, as before.
+    let _serial =
+        crate::policy::budget::registered_region().and_then(|r| r.lock(MEASURE_LOCK_WAIT).ok());
     let region_before = b.usage(dev);
     let before = nvml_used(dev);
     let rc = call();
