@@ -22,9 +22,8 @@
 //! contexts by that much, after which they measure unserialised), so one never counts another's
 //! context. Limits: other containers allocating or freeing on a shared GPU during the creation
 //! skew the first measurement either way (later processes of the container take the smallest
-//! seen), as do allocations of this container in
-//! flight between their charge and the driver call; a result of 0 or more than
-//! [`MAX_PLAUSIBLE`] is not trusted: the smallest context the container's other processes hold is
+//! seen), as do allocations of this container in flight between their charge and the driver
+//! call; a result of 0 or more than [`MAX_PLAUSIBLE`] is not trusted: the smallest context the container's other processes hold is
 //! charged instead or, when there is none (or no NVML), [`FALLBACK_CONTEXT_BYTES`], and the size is
 //! measured again next time. HAMi-core
 //! instead reads its process's NVML per-process usage once at start-up, which needs the host PID,

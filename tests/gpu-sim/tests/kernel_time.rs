@@ -141,6 +141,12 @@ fn a100_node() -> SimNode {
     SimNode::new(NodeSpec::uniform(1, GpuSpec::a100_80gb)).unwrap()
 }
 
+/// One A100 with 10 ms sample periods (to locate work finely; a horizon of 640 ms).
+fn a100_node_10ms_periods() -> SimNode {
+    SimNode::new(NodeSpec::uniform(1, GpuSpec::a100_80gb).with_utilization_period_us(10_000))
+        .unwrap()
+}
+
 fn timeline(node: &SimNode) -> Timeline {
     node.timeline()
         .unwrap()
@@ -263,9 +269,7 @@ fn a_full_launch_queue_blocks_the_launcher() {
 #[test]
 fn the_queue_never_reaches_past_the_horizon() {
     // 10 ms periods: the queue may reach 64 periods = 640 ms ahead.
-    let node =
-        SimNode::new(NodeSpec::uniform(1, GpuSpec::a100_80gb).with_utilization_period_us(10_000))
-            .unwrap();
+    let node = a100_node_10ms_periods();
     let v = run(&node, &["paced", "10000000", "0", "100"], &[]);
     let tl = timeline(&node);
     assert_eq!(tl.horizon_ns(), 640 * MS);
@@ -499,9 +503,7 @@ fn a_process_killed_holding_a_gpu_lock_does_not_wedge_the_others() {
 #[test]
 fn a_process_gets_time_slices_beside_one_with_a_deep_queue() {
     // 10 ms sample periods, to locate the work finely.
-    let node =
-        SimNode::new(NodeSpec::uniform(1, GpuSpec::a100_80gb).with_utilization_period_us(10_000))
-            .unwrap();
+    let node = a100_node_10ms_periods();
     // A queues 2 s of 10 ms kernels (as deep as the 640 ms horizon lets it).
     let mut a = Interactive::start(&node, &["paced", "10000000", "0", "200"], &[]);
     let pid_a = num(&a.until("t_start="), "pid") as u32;
@@ -531,9 +533,7 @@ fn a_process_gets_time_slices_beside_one_with_a_deep_queue() {
 #[test]
 fn another_process_s_full_queue_never_blocks_a_launch() {
     // 10 ms sample periods: a horizon of 640 ms.
-    let node =
-        SimNode::new(NodeSpec::uniform(1, GpuSpec::a100_80gb).with_utilization_period_us(10_000))
-            .unwrap();
+    let node = a100_node_10ms_periods();
     // A keeps 640 ms of 1 ms kernels queued (its horizon), refilling as they run, for 1.5 s.
     let mut a = Interactive::start(&node, &["paced", "1000000", "0", "1500"], &[]);
     a.until("t_start=");
