@@ -158,6 +158,28 @@ fn usage_of(snapshot: &RegionSnapshot, pid: i32) -> u64 {
         .map_or(0, |p| p.used[0].total)
 }
 
+/// Two processes create their first contexts at the same moment, each taking 200 ms as real
+/// drivers take hundreds: each measured its context as NVML's `used` growing across its creation,
+/// saw the other's appear too, and charged both (3 or 4 contexts for two). Measured one at a time
+/// in the container, each is charged exactly one.
+#[test]
+fn processes_creating_their_first_contexts_at_once_are_charged_one_each() {
+    let spec = NodeSpec::uniform(1, GpuSpec::a100_80gb)
+        .with_cuda_context_mib(CTX / MIB)
+        .with_cuda_context_create_ms(200);
+    let c = Container::with(spec, "1g", &[]);
+    let mut a = c.spawn(&["hold", "0"]);
+    let mut b = c.spawn(&["hold", "0"]);
+    assert_eq!(a.line(), "held 0 rc 0");
+    assert_eq!(b.line(), "held 0 rc 0");
+    let snap = c.snapshot();
+    assert_eq!(usage_of(&snap, a.pid()), CTX);
+    assert_eq!(usage_of(&snap, b.pid()), CTX);
+    assert_eq!(snap.device_usage(0).context, 2 * CTX);
+    a.finish();
+    b.finish();
+}
+
 #[test]
 fn second_process_is_refused_while_the_first_holds_the_cap_and_served_after_it_exits() {
     let c = Container::new();

@@ -575,6 +575,9 @@ static CUresult ctx_new(int dev, unsigned int flags, bool primary, struct CUctx_
     c->alive = true;
     c->flags = flags;
     *out = c;
+    /* The memory is in use (NVML sees it) before the creation returns, as on a real driver. */
+    if (g_node->cuda_context_create_ns > 0)
+        sim_tl_sleep_until(sim_tl_now_ns() + g_node->cuda_context_create_ns);
     return CUDA_SUCCESS;
 }
 

@@ -254,6 +254,7 @@ enum global_key {
     GK_UTILIZATION_PERIOD_US,
     GK_UTILIZATION_JITTER_US,
     GK_UTILIZATION_JUNK_ENTRIES,
+    GK_CUDA_CONTEXT_CREATE_MS,
     GK_COUNT
 };
 
@@ -265,6 +266,7 @@ static const char *const global_keys[GK_COUNT] = {
     "utilization_period_us",
     "utilization_jitter_us",
     "utilization_junk_entries",
+    "cuda_context_create_ms",
 };
 
 enum gpu_key {
@@ -342,7 +344,8 @@ static bool set_global(struct parser *p, const char *key, const char *value)
         sim_report(p->path, p->line,
                    "unknown key '%s' before the first [gpu] section (expected one of "
                    "driver_version, cuda_driver_version, nvml_version, cuda_context_mib, "
-                   "utilization_period_us, utilization_jitter_us, utilization_junk_entries)",
+                   "utilization_period_us, utilization_jitter_us, utilization_junk_entries, "
+                   "cuda_context_create_ms)",
                    key);
         return false;
     }
@@ -386,6 +389,11 @@ static bool set_global(struct parser *p, const char *key, const char *value)
         if (!parse_decimal(value, SIM_MAX_JUNK_ENTRIES, &n))
             return bad_value(p, key, value, "a decimal number of entries from 0 to 100");
         node->utilization_junk_entries = (unsigned int)n;
+        return true;
+    case GK_CUDA_CONTEXT_CREATE_MS:
+        if (!parse_decimal(value, 10000, &n))
+            return bad_value(p, key, value, "a decimal number of milliseconds from 0 to 10000");
+        node->cuda_context_create_ns = n * 1000000ull;
         return true;
     case GK_COUNT:
         break;

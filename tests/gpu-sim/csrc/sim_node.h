@@ -106,6 +106,9 @@ struct sim_node {
     int cuda_driver_version;     /* e.g. 12040 for CUDA 12.4 */
     char nvml_version[SIM_VERSION_SIZE];
     unsigned long long cuda_context_bytes; /* device memory each CUDA context takes */
+    /* How long creating a context takes once its memory is taken (real drivers: hundreds of ms;
+     * 0 by default, so tests that start many processes stay fast). */
+    unsigned long long cuda_context_create_ns;
     unsigned long long utilization_period_ns; /* NVML sample period of the kernel timeline */
     /* How late after its period's end each NVML sample is recorded: 0..jitter, fixed per
      * (GPU, period), the same in every process (the real driver's sampling thread is late by a

@@ -245,6 +245,9 @@ pub struct NodeSpec {
     /// does next to zombie processes (`utilization_junk_entries`, 0 to 100): one with a pid nobody
     /// has, `smUtil` 37,100 and a stamp long past, the rest all zero. `None`: 0.
     pub utilization_junk_entries: Option<u32>,
+    /// How long creating a CUDA context takes once its memory is in use
+    /// (`cuda_context_create_ms`, 0 to 10,000; real drivers take hundreds of ms). `None`: 0.
+    pub cuda_context_create_ms: Option<u64>,
     /// One entry per GPU; the NVML index is the position here, whatever the minor numbers.
     pub gpus: Vec<GpuSpec>,
 }
@@ -273,6 +276,7 @@ impl NodeSpec {
             utilization_period_us: None,
             utilization_jitter_us: None,
             utilization_junk_entries: None,
+            cuda_context_create_ms: None,
             gpus,
         }
     }
@@ -304,6 +308,12 @@ impl NodeSpec {
     /// Appends junk entries to NVML's process-utilisation answers (`utilization_junk_entries`).
     pub fn with_utilization_junk_entries(mut self, n: u32) -> Self {
         self.utilization_junk_entries = Some(n);
+        self
+    }
+
+    /// Makes creating a CUDA context take `ms` milliseconds (`cuda_context_create_ms`).
+    pub fn with_cuda_context_create_ms(mut self, ms: u64) -> Self {
+        self.cuda_context_create_ms = Some(ms);
         self
     }
 
@@ -358,6 +368,9 @@ impl NodeSpec {
         }
         if let Some(n) = self.utilization_junk_entries {
             kv("utilization_junk_entries", &n)?;
+        }
+        if let Some(ms) = self.cuda_context_create_ms {
+            kv("cuda_context_create_ms", &ms)?;
         }
         for gpu in &self.gpus {
             out.push_str("\n[gpu]\n");
@@ -1201,8 +1214,17 @@ mod tests {
     fn cuda_context_overhead_is_rendered_only_when_set() {
         let spec = NodeSpec::uniform(1, GpuSpec::t4);
         assert!(!spec.render().unwrap().contains("cuda_context_mib"));
-        let text = spec.with_cuda_context_mib(64).render().unwrap();
+        assert!(!spec.render().unwrap().contains("cuda_context_create_ms"));
+        let text = spec
+            .with_cuda_context_mib(64)
+            .with_cuda_context_create_ms(200)
+            .render()
+            .unwrap();
         assert!(text.lines().any(|l| l == "cuda_context_mib = 64"), "{text}");
+        assert!(
+            text.lines().any(|l| l == "cuda_context_create_ms = 200"),
+            "{text}"
+        );
     }
 
     #[test]
