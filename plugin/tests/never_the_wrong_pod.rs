@@ -520,3 +520,155 @@ async fn a_hung_event_write_holds_up_neither_the_refusal_nor_the_next_allocate()
         started.elapsed()
     );
 }
+
+/// The admitted pod's uid and the cache directory the kubelet mounted for its container (`/tmp/vgpu`).
+fn cache_mount(r: &kubelet_api::v1beta1::AllocateResponse) -> String {
+    r.container_responses[0]
+        .mounts
+        .iter()
+        .find(|m| m.container_path == "/tmp/vgpu")
+        .map(|m| m.host_path.clone())
+        .expect("a /tmp/vgpu mount")
+}
+
+/// A tenant allowed to patch its own pod (the `edit` role) re-opens it after the kubelet started it: a pod
+/// stays `Pending` while one of its containers waits (an image that never pulls), so it puts its running pod
+/// back to `allocating`, first in line (`vgpu-time` 0), with a queue of its choosing. The next pod's Allocate
+/// used to be handed the tenant's GPU, limits and cache directory — the one the tenant's running container has
+/// mounted, region and all. A pod the kubelet started is never a candidate; the other pod gets its own.
+/// With the status rewritten too (a tenant that may write `pods/status`), the node's record refuses to hand
+/// the container out twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_started_pod_reopened_by_its_tenant_never_takes_another_pod_s_allocate() {
+    let c = Cluster::start(2, &[]).await;
+    let (a, b) = (c.uuid(0), c.uuid(1));
+    let tenant_queue = dev(&a, 1000, 0);
+    c.bind("tenant", &[("cuda", 1, 1000)], &tenant_queue, "1787220000")
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let tenant = c.kubelet.admit(NUMBER, 1).await.unwrap().unwrap();
+    let tenant_dir = cache_mount(&tenant);
+    assert_eq!(
+        tenant.container_responses[0].envs["NVIDIA_VISIBLE_DEVICES"],
+        a
+    );
+    let records = c.dir.path().join("hook/vgpu/containers.records");
+    let record_of = |dir: &str| {
+        let key = std::path::Path::new(dir)
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned();
+        std::fs::read(records.join(format!("{key}.json"))).unwrap()
+    };
+    let tenant_record = record_of(&tenant_dir);
+
+    // The kubelet starts the pod; one container runs, the other's image never pulls.
+    c.api
+        .patch_object(
+            "pods",
+            Some("default"),
+            "tenant",
+            serde_json::json!({"status": {
+                "phase": "Pending",
+                "startTime": "2026-12-06T10:00:00Z",
+                "containerStatuses": [{"name": "cuda", "image": "i", "imageID": "", "ready": true,
+                    "restartCount": 0, "containerID": "containerd://0123abcd"}],
+            }}),
+        )
+        .unwrap();
+    let reopen = || {
+        c.api
+            .patch_object(
+                "pods",
+                Some("default"),
+                "tenant",
+                serde_json::json!({"metadata": {"annotations": {
+                    "volcano.sh/bind-phase": "allocating",
+                    "volcano.sh/vgpu-time": "0",
+                    "volcano.sh/devices-to-allocate": tenant_queue,
+                }}}),
+            )
+            .unwrap();
+    };
+    reopen();
+    c.bind(
+        "victim",
+        &[("cuda", 1, 2000)],
+        &dev(&b, 2000, 0),
+        "1787220001",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let victim = c
+        .kubelet
+        .admit(NUMBER, 1)
+        .await
+        .unwrap()
+        .unwrap_or_else(|s| panic!("{}\n{}", s.message(), c.agent.log_text()));
+    let envs = &victim.container_responses[0].envs;
+    assert_eq!(
+        envs["NVIDIA_VISIBLE_DEVICES"], b,
+        "the victim gets its own GPU"
+    );
+    assert_eq!(envs["CUDA_DEVICE_MEMORY_LIMIT_0"], "2000m");
+    assert_ne!(cache_mount(&victim), tenant_dir);
+    assert_eq!(
+        c.annotation("victim", "volcano.sh/bind-phase")
+            .await
+            .as_deref(),
+        Some("success")
+    );
+    assert_eq!(
+        record_of(&tenant_dir),
+        tenant_record,
+        "the tenant's record is untouched"
+    );
+
+    // A tenant that can also clear its pod's status: the record refuses the second hand-off, and the
+    // container's record and directory stay the running container's.
+    c.api
+        .patch_object(
+            "pods",
+            Some("default"),
+            "tenant",
+            serde_json::json!({"status": {"startTime": null, "containerStatuses": null}}),
+        )
+        .unwrap();
+    reopen();
+    c.bind(
+        "victim-2",
+        &[("cuda", 1, 3000)],
+        &dev(&b, 3000, 0),
+        "1787220002",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = c.refused(1).await;
+    assert!(
+        status.message().contains("default/tenant")
+            && status.message().contains("already handed its vGPUs"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(
+        record_of(&tenant_dir),
+        tenant_record,
+        "the tenant's record is untouched"
+    );
+    assert_eq!(
+        c.annotation("tenant", "volcano.sh/bind-phase")
+            .await
+            .as_deref(),
+        Some("failed")
+    );
+    // The next call is victim-2's, and it gets its own GPU and limits.
+    let r = c.kubelet.admit(NUMBER, 1).await.unwrap().unwrap();
+    assert_eq!(r.container_responses[0].envs["NVIDIA_VISIBLE_DEVICES"], b);
+    assert_eq!(
+        r.container_responses[0].envs["CUDA_DEVICE_MEMORY_LIMIT_0"],
+        "3000m"
+    );
+    assert_ne!(cache_mount(&r), tenant_dir);
+}

@@ -38,7 +38,7 @@ use crate::gpu::mig::{MigControl, MigInstance};
 use crate::gpu::plan::{DevicePlan, device_id};
 use crate::handoff::decision::{Decision, HandoffError, HandoffSettings, Plan, decide};
 use crate::handoff::pod_cache::PodCache;
-use crate::handoff::record::{RecordStore, record_allocation};
+use crate::handoff::record::{RecordStore, already_recorded, record_allocation};
 use crate::handoff::selection::{AllocatingEndpoint, GpuFacts, PodView, Request, Verdict, choose};
 use crate::handoff::store::{KubePodStore, PodKey, PodStore};
 use crate::volcano::mig::{MigDeviceId, encode_mig_id, lookup_mig_slot};
@@ -629,6 +629,14 @@ impl<S: PodStore> Allocator<S> {
     /// hand-off is committed: the monitor restores the region from it, so a tenant cannot lift its caps), then
     /// the guarded patch, checked as read back.
     async fn commit(&self, plan: &Plan) -> Result<(), HandoffError> {
+        // A container is handed devices once: its queue segment is taken off in the same step. A queue that
+        // offers it again was rewritten after its hand-off, and the call must not give another pod's container
+        // this one's cache directory (mounted in the running container) or overwrite its record.
+        if already_recorded(&self.settings.cache_root, &plan.record) {
+            return Err(HandoffError::HandedOffBefore {
+                container: plan.record.container.clone(),
+            });
+        }
         prepare_cache_dir(&plan.cache_host_dir)?;
         record_allocation(&self.settings.cache_root, &plan.record)?;
         let annotations = self
@@ -1069,6 +1077,7 @@ mod tests {
                     disable_control: false,
                 })
                 .collect(),
+            started: false,
         }
     }
 

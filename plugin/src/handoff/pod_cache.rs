@@ -148,6 +148,8 @@ pub fn pod_view(pod: &Pod, names: &ResourceNames) -> PodView {
         creation_timestamp: meta.creation_timestamp.as_ref().map(|t| t.0.as_second()),
         annotations: meta.annotations.clone().unwrap_or_default(),
         containers,
+        started: pod.status.as_ref().is_some_and(|s| s.start_time.is_some())
+            || container_ids(pod).next().is_some(),
     }
 }
 
@@ -232,6 +234,32 @@ mod tests {
                 ("init", "0f".to_owned())
             ]
         );
+    }
+
+    #[test]
+    fn a_pod_counts_as_started_once_it_has_a_start_time_or_a_container_id() {
+        let names = ResourceNames::default();
+        let view = |status: serde_json::Value| {
+            let pod: Pod = serde_json::from_value(
+                serde_json::json!({"metadata": {"name": "p"}, "status": status}),
+            )
+            .unwrap();
+            pod_view(&pod, &names).started
+        };
+        assert!(!view(serde_json::json!({"phase": "Pending"})));
+        assert!(view(
+            serde_json::json!({"phase": "Pending", "startTime": "2026-12-06T10:00:00Z"})
+        ));
+        assert!(view(
+            serde_json::json!({"phase": "Pending", "containerStatuses": [
+            {"name": "a", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+             "containerID": "containerd://ab"}]})
+        ));
+        // A status the kubelet wrote before the container was created names no runtime ID yet.
+        assert!(!view(
+            serde_json::json!({"phase": "Pending", "containerStatuses": [
+            {"name": "a", "image": "i", "imageID": "", "ready": false, "restartCount": 0}]})
+        ));
     }
 
     #[test]

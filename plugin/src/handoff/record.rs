@@ -224,6 +224,14 @@ impl RecordStore {
         result.map_err(fail)
     }
 
+    /// Whether a record of `key` exists (anything at its path counts: a path that cannot be checked too).
+    pub fn contains(&self, key: &str) -> bool {
+        !matches!(
+            std::fs::symlink_metadata(self.path_of(key)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound
+        )
+    }
+
     /// Removes the record of `key` (its pod is gone); a missing record is fine.
     pub fn remove(&self, key: &str) {
         match std::fs::remove_file(self.path_of(key)) {
@@ -276,6 +284,12 @@ impl RecordStore {
 pub fn record_allocation(cache_root: &Path, record: &ContainerRecord) -> Result<(), RecordError> {
     let key = crate::container::response::cache_dir_name(&record.pod_uid, &record.container);
     RecordStore::beside(cache_root).write(&key, record)
+}
+
+/// Whether the node already holds a record of `record`'s container, i.e. it was handed devices before.
+pub fn already_recorded(cache_root: &Path, record: &ContainerRecord) -> bool {
+    let key = crate::container::response::cache_dir_name(&record.pod_uid, &record.container);
+    RecordStore::beside(cache_root).contains(&key)
 }
 
 /// What a tenant changed, as reported.

@@ -9,7 +9,13 @@
 //! - #5: only `Pending` pods still in bind-phase `allocating` are candidates, so a running pod whose final
 //!   PATCH failed is never handed out again;
 //! - #9: a memory-only container (no `vgpu-number` limit) is served by the memory endpoint, the only one the
-//!   kubelet calls for it.
+//!   kubelet calls for it;
+//! - a pod the kubelet has already started (`status.startTime`, or a container with a runtime ID) is never a
+//!   candidate, whatever its annotations say: the kubelet calls Allocate only while it admits a pod, before it
+//!   starts it, and a pod stays `Pending` while any of its containers waits (an image that never pulls), so a
+//!   tenant allowed to patch its own pod could otherwise put a running pod back to `allocating` with a queue
+//!   of its choosing and be handed the next pod's Allocate call: that pod's container would then start with
+//!   the tenant's GPUs, limits and cache directory (shared with the tenant's running container).
 //!
 //! Among candidates the smallest `vgpu-time` wins, then the older pod, then namespace/name: the answer does not
 //! depend on list order. The Go plugin takes the **last** listed pod on a `vgpu-time` tie, which with its
@@ -66,6 +72,9 @@ pub struct PodView {
     pub annotations: BTreeMap<String, String>,
     /// `spec.containers` only, in order (init containers never get a segment).
     pub containers: Vec<ContainerLimits>,
+    /// The kubelet has started the pod (`status.startTime` set, or a container with a runtime ID): it
+    /// was admitted, and admission is the only time the kubelet calls Allocate for it.
+    pub started: bool,
 }
 
 /// Which kubelet endpoint is asking.
@@ -480,6 +489,7 @@ pub fn vgpu_time(pod: &PodView) -> u64 {
 /// Pending, bound to `node` by the scheduler, and waiting for the agent.
 fn is_allocating_on(pod: &PodView, node: &str) -> bool {
     pod.phase.as_deref() == Some(PHASE_PENDING)
+        && !pod.started
         && pod.annotations.get(VGPU_NODE).map(String::as_str) == Some(node)
         && pod.node_name.as_deref().is_none_or(|n| n == node)
         && pod.annotations.get(BIND_PHASE).map(String::as_str) == Some(PHASE_ALLOCATING)
@@ -538,6 +548,7 @@ mod tests {
             creation_timestamp: Some(1_787_219_000),
             annotations,
             containers,
+            started: false,
         }
     }
 
@@ -601,6 +612,25 @@ mod tests {
         assert!(matches(&p, "node-a", AllocatingEndpoint::Number, 2));
         let a = next_assignment(&p).unwrap().unwrap();
         assert_eq!((a.segment, a.container, a.devices.len()), (1, 2, 2));
+    }
+
+    #[test]
+    fn a_started_pod_is_never_a_candidate_whatever_its_annotations() {
+        let fresh = single("fresh", "2");
+        let mut reopened = single("reopened", "0");
+        reopened.started = true;
+        let pods = [reopened.clone(), fresh];
+        assert!(!matches(&reopened, "node-a", AllocatingEndpoint::Number, 1));
+        assert_eq!(
+            select_pending_pod(&pods, "node-a", AllocatingEndpoint::Number, 1),
+            Some(1),
+            "the older vgpu-time of a started pod does not put it first"
+        );
+        // Not even as an unusable pod that would be failed in the call's place.
+        reopened
+            .annotations
+            .insert(DEVICES_TO_ALLOCATE.to_owned(), "not a queue".to_owned());
+        assert!(choose(&[reopened], "node-a", Some(&gpus()), request(1)).is_none());
     }
 
     #[test]

@@ -136,6 +136,11 @@ mod status;
 mod store;
 mod util;
 
+/// `metav1.Time` text of now: what the kubelet writes into `status.startTime` when it starts a pod.
+pub fn now_rfc3339() -> String {
+    util::rfc3339(util::unix_now())
+}
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;

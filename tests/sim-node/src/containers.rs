@@ -923,7 +923,8 @@ pub async fn run(opts: &E2eOptions) -> anyhow::Result<E2eReport> {
         "pods",
         Some(NAMESPACE),
         &pod_name,
-        json!({"status": {"phase": "Running"}}),
+        // The kubelet starts the pod: it is no longer one Allocate can be for.
+        json!({"status": {"phase": "Running", "startTime": harness::apiserver::now_rfc3339()}}),
     )?;
     let a = allocated
         .first()

@@ -1048,7 +1048,8 @@ pub async fn run(
         "pods",
         Some(NAMESPACE),
         &pod_name,
-        json!({"status": {"phase": "Running"}}),
+        // The kubelet starts the pod: it is no longer one Allocate can be for.
+        json!({"status": {"phase": "Running", "startTime": harness::apiserver::now_rfc3339()}}),
     )?;
     for a in &allocated {
         let calls: Vec<String> = a
