@@ -20,7 +20,7 @@
 //!   [`socket_path`]. The limiter (the client, `libvgpu.so`) uses only these.
 //! * **The one server**: [`bind`] (creates the socket, replaces a stale one, refuses to displace a
 //!   live one), [`serve`] (a blocking accept loop for the caller's thread, one short-lived thread
-//!   per connection, until a [`Stop`] is signalled), [`run`] (bind, wait while another broker
+//!   per connection, at most [`MAX_THREADS`] at once, until a [`Stop`] is signalled), [`run`] (bind, wait while another broker
 //!   answers, serve — what the node agent runs). Events go to a plain `fn` so the caller logs them
 //!   its own way.
 
@@ -284,28 +284,24 @@ impl Stop {
 }
 
 /// Serves `listener` on the calling thread until `stop` is signalled: each connection is answered
-/// on its own short-lived thread (a client that sends nothing delays nobody else).
+/// on its own short-lived thread (a client that sends nothing delays nobody else), at most
+/// [`MAX_THREADS`] at a time. The socket is open to every container, so a tenant can connect in a
+/// loop and send nothing: past the bound a connection is answered on the accept loop only if its
+/// request is already there (a real client writes it right after connecting), and dropped
+/// otherwise, so neither threads nor the accept loop's time grow with a flood.
 pub fn serve(listener: UnixListener, map: PidMap, stop: &Stop, on_event: fn(Event<'_>)) {
     if !stop.watch(Some(listener.as_raw_fd())) {
         return;
     }
+    let threads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     loop {
         match listener.accept() {
             Ok((stream, _)) => {
                 if stop.is_stopped() {
                     break;
                 }
-                // The thread gets its own descriptor of the connection, so that the connection is
-                // still here to answer inline if no thread can be started.
-                let spawned = stream.try_clone().is_ok_and(|s| {
-                    let map = Arc::clone(&map);
-                    std::thread::Builder::new()
-                        .name("hostpid-broker".into())
-                        .spawn(move || respond(s, &map, on_event))
-                        .is_ok()
-                });
-                if !spawned {
-                    respond(stream, &map, on_event);
+                if !spawn_responder(&stream, &map, &threads, on_event) {
+                    answer_waiting(stream, &map, on_event);
                 }
             }
             Err(error) => {
@@ -320,6 +316,73 @@ pub fn serve(listener: UnixListener, map: PidMap, stop: &Stop, on_event: fn(Even
         }
     }
     stop.watch(None);
+}
+
+/// Most connections answered on threads of their own at once.
+pub const MAX_THREADS: usize = 32;
+
+/// Answers `stream` on a thread of its own (with its own descriptor of the connection, so that the
+/// connection is still here if no thread can be started); `false` when [`MAX_THREADS`] are busy or
+/// no thread can be started.
+fn spawn_responder(
+    stream: &UnixStream,
+    map: &PidMap,
+    threads: &Arc<std::sync::atomic::AtomicUsize>,
+    on_event: fn(Event<'_>),
+) -> bool {
+    use std::sync::atomic::Ordering::{AcqRel, Relaxed};
+    if threads
+        .fetch_update(AcqRel, Relaxed, |n| (n < MAX_THREADS).then_some(n + 1))
+        .is_err()
+    {
+        return false;
+    }
+    let spawned = stream.try_clone().is_ok_and(|s| {
+        let map = Arc::clone(map);
+        let done = Arc::clone(threads);
+        std::thread::Builder::new()
+            .name("hostpid-broker".into())
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                respond(s, &map, on_event);
+                done.fetch_sub(1, AcqRel);
+            })
+            .is_ok()
+    });
+    if !spawned {
+        threads.fetch_sub(1, AcqRel);
+    }
+    spawned
+}
+
+/// Answers `stream` on the accept loop without waiting: only if its request has already arrived.
+fn answer_waiting(stream: UnixStream, map: &PidMap, on_event: fn(Event<'_>)) {
+    let result = stream.set_nonblocking(true).and_then(|()| {
+        let mut request = [0u8; REQUEST_LEN];
+        let n = (&stream).read(&mut request).map_err(|e| {
+            if e.kind() == io::ErrorKind::WouldBlock {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no request yet while busy; dropped",
+                )
+            } else {
+                e
+            }
+        })?;
+        if n < REQUEST_LEN {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "incomplete request while busy; dropped",
+            ));
+        }
+        let (status, pid) = decide(&request, peer_pid(&stream)?, &**map);
+        // 12 bytes fit in any socket buffer: a non-blocking write does not come up short.
+        (&stream).write_all(&encode_reply(status, pid))?;
+        stream.shutdown(std::net::Shutdown::Write)
+    });
+    if let Err(error) = result {
+        on_event(Event::ConnectionFailed(&error));
+    }
 }
 
 /// Binds under `lock_dir` and serves with `map` until `stop`, then removes the socket it bound. While
@@ -580,6 +643,52 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert_eq!(TIMED_OUT.load(Ordering::Relaxed), 1);
+    }
+
+    /// This process's threads named like the broker's responders.
+    fn responder_threads() -> usize {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .flatten()
+            .filter(|t| {
+                std::fs::read_to_string(t.path().join("comm"))
+                    .is_ok_and(|c| c.trim_end() == "hostpid-broker")
+            })
+            .count()
+    }
+
+    #[test]
+    fn a_flood_of_silent_clients_takes_a_bounded_number_of_threads_and_real_clients_are_answered() {
+        let server = Running::start(identity(), ignore);
+        let silent: Vec<UnixStream> = (0..MAX_THREADS * 6)
+            .map(|_| UnixStream::connect(server.socket()).unwrap())
+            .collect();
+        // A real client (request written right after connecting) is answered at once, flood or not.
+        let started = Instant::now();
+        for _ in 0..5 {
+            assert_eq!(
+                parse_reply(&server.exchange(&request()).try_into().unwrap()),
+                Some(std::process::id() as i32)
+            );
+        }
+        assert!(
+            started.elapsed() < REQUEST_TIMEOUT,
+            "{:?}",
+            started.elapsed()
+        );
+        // Other tests of this binary run beside this one, each with a responder or so of its own.
+        let threads = responder_threads();
+        assert!(
+            threads <= MAX_THREADS + 4,
+            "{threads} responder threads for {} silent clients",
+            silent.len()
+        );
+        // Those past the bound were dropped at once, the others after the timeout: every one ends.
+        for mut s in silent {
+            let mut reply = Vec::new();
+            s.read_to_end(&mut reply).unwrap();
+            assert!(reply.is_empty());
+        }
     }
 
     #[test]
