@@ -380,7 +380,10 @@ async fn start(
         Arc::clone(&repartitions),
     )
     .map_err(AgentError::HealthThread)?;
-    tasks.adopt_thread("gpu-health", monitor);
+    // Without it no GPU's health reaches the kubelet (every ListAndWatch stream ends with its channel) and the
+    // node annotations stop: the agent stops, and its DaemonSet starts it again, rather than serve on blind.
+    // It ends by itself only once the endpoints have stopped, after the stop token.
+    tasks.adopt_thread("gpu-health", OnEnd::Stop, monitor);
 
     // The limiters in containers ask it for their host PIDs (the SM cap); see `pid_broker`.
     let broker = pid_broker::run(config.lock_dir.clone(), stop.clone());

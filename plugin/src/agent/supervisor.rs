@@ -109,8 +109,13 @@ where
     }
 
     /// Owns an OS thread that watches the token itself: joined off the runtime, its panic is the task's.
-    pub fn adopt_thread(&mut self, name: &'static str, thread: std::thread::JoinHandle<()>) {
-        self.spawn(name, OnEnd::Log, async move {
+    pub fn adopt_thread(
+        &mut self,
+        name: &'static str,
+        on_end: OnEnd,
+        thread: std::thread::JoinHandle<()>,
+    ) {
+        self.spawn(name, on_end, async move {
             match tokio::task::spawn_blocking(move || thread.join()).await {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(panic)) => std::panic::resume_unwind(panic),
@@ -301,7 +306,7 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(5));
             }
         });
-        tasks.adopt_thread("thread", thread);
+        tasks.adopt_thread("thread", OnEnd::Log, thread);
 
         let started = tokio::time::Instant::now();
         tasks.stop(Duration::from_secs(5)).await.unwrap();
@@ -436,6 +441,17 @@ mod tests {
         tasks.spawn("kubelet", OnEnd::Stop, async { panic!("lost") });
         let error = tasks.supervise().await.unwrap_err();
         assert_eq!(error.to_string(), "the kubelet task panicked: lost");
+
+        // A vital OS thread (the GPU health monitor's) that panics stops the agent the same way.
+        let mut tasks = supervisor();
+        let thread = std::thread::spawn(|| panic!("nvml went away"));
+        tasks.adopt_thread("gpu-health", OnEnd::Stop, thread);
+        let error = tasks.supervise().await.unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "the gpu-health task panicked: nvml went away"
+        );
+        assert!(tasks.token().is_cancelled());
     }
 
     struct CountOnDrop(Arc<AtomicUsize>);
