@@ -39,7 +39,9 @@ use crate::gpu::plan::{DevicePlan, device_id};
 use crate::handoff::decision::{Decision, HandoffError, HandoffSettings, Plan, decide};
 use crate::handoff::pod_cache::PodCache;
 use crate::handoff::record::{RecordStore, already_recorded, record_allocation};
-use crate::handoff::selection::{AllocatingEndpoint, GpuFacts, PodView, Request, Verdict, choose};
+use crate::handoff::selection::{
+    AllocatingEndpoint, GpuFacts, PHASE_PENDING, PodView, Request, Verdict, choose,
+};
 use crate::handoff::store::{KubePodStore, PodKey, PodStore};
 use crate::volcano::mig::{MigDeviceId, encode_mig_id, lookup_mig_slot};
 use crate::volcano::{BIND_PHASE, PHASE_FAILED};
@@ -137,7 +139,8 @@ pub struct Allocator<S = KubePodStore> {
 /// number call has handed a container off, the pod's queue points at its next container, so the memory call
 /// still to come for the container just served would look like the next container's if that one is
 /// memory-only with the same size. So each such memory call is remembered: answered before the number call,
-/// or owed after it; an owed call is answered empty when it comes.
+/// or owed after it; an owed call is answered empty when it comes, if its pod is still the one being admitted
+/// (entries match by size only: the kubelet's request names no pod).
 #[derive(Debug, Default)]
 struct MemoryCalls {
     entries: Vec<MemoryCall>,
@@ -145,6 +148,8 @@ struct MemoryCalls {
 
 #[derive(Debug)]
 struct MemoryCall {
+    /// The pod's namespace and name, to check that it is still being admitted.
+    pod: (String, String),
     uid: String,
     container: usize,
     size: usize,
@@ -173,6 +178,7 @@ impl MemoryCalls {
     fn answered(&mut self, uid: &str, container: usize, size: usize) {
         self.expire();
         self.entries.push(MemoryCall {
+            pod: Default::default(),
             uid: uid.to_owned(),
             container,
             size,
@@ -181,8 +187,9 @@ impl MemoryCalls {
         });
     }
 
-    /// The number endpoint handed `container` off; `memory` is its `vgpu-memory` limit.
-    fn handed_off(&mut self, uid: &str, container: usize, memory: Option<u64>) {
+    /// The number endpoint handed `container` of `pod` off; `memory` is its `vgpu-memory` limit.
+    fn handed_off(&mut self, pod: &PodView, container: usize, memory: Option<u64>) {
+        let uid = pod.uid.as_str();
         self.expire();
         let Some(size) = memory
             .filter(|&m| m > 0)
@@ -199,6 +206,7 @@ impl MemoryCalls {
                 self.entries.remove(i);
             }
             None => self.entries.push(MemoryCall {
+                pod: (pod.namespace.clone(), pod.name.clone()),
                 uid: uid.to_owned(),
                 container,
                 size,
@@ -208,16 +216,13 @@ impl MemoryCalls {
         }
     }
 
-    /// Whether a memory call of `size` is one still owed (and so answered empty); consumes it.
-    fn take_owed(&mut self, size: usize) -> bool {
+    /// The owed memory call of `size`, if any (consumed): the pod it is owed by, as (namespace, name, uid).
+    /// Whether the call is really that one is for the caller to check ([`Allocator::still_owed`]).
+    fn take_owed(&mut self, size: usize) -> Option<(String, String, String)> {
         self.expire();
-        match self.entries.iter().position(|e| e.owed && e.size == size) {
-            Some(i) => {
-                self.entries.remove(i);
-                true
-            }
-            None => false,
-        }
+        let i = self.entries.iter().position(|e| e.owed && e.size == size)?;
+        let e = self.entries.remove(i);
+        Some((e.pod.0, e.pod.1, e.uid))
     }
 }
 
@@ -445,7 +450,14 @@ impl<S: PodStore> Allocator<S> {
                 node: self.node.clone(),
             });
         }
-        if endpoint == AllocatingEndpoint::Memory && self.memory_calls().take_owed(size) {
+        let owed = if endpoint == AllocatingEndpoint::Memory {
+            self.memory_calls().take_owed(size)
+        } else {
+            None
+        };
+        if let Some(owed) = owed
+            && self.still_owed(&owed).await?
+        {
             return Ok(Outcome::NotMine);
         }
         let gpus = self.gpu_facts(healthy);
@@ -477,6 +489,35 @@ impl<S: PodStore> Allocator<S> {
         }
     }
 
+    /// Whether the pod an owed memory call was remembered for is still being admitted: the same pod (uid),
+    /// `Pending` and not started. The kubelet admits one pod at a time and fails a pod whose admission
+    /// failed, so an entry whose pod has moved on was left by an admission given up on (another plugin
+    /// refused, too few healthy IDs) and must not answer a later memory-only container of the same size
+    /// empty: that container would start without its GPU and limits.
+    async fn still_owed(
+        &self,
+        (namespace, name, uid): &(String, String, String),
+    ) -> Result<bool, AllocateError> {
+        let pod = tokio::time::timeout(self.limit(), self.store.get(namespace, name))
+            .await
+            .map_err(|_| AllocateError::TimedOut {
+                node: self.node.clone(),
+                limit: self.limit(),
+            })?
+            .map_err(|e| self.unavailable(e))?;
+        let owed = pod.is_some_and(|p| {
+            &p.uid == uid && p.phase.as_deref() == Some(PHASE_PENDING) && !p.started
+        });
+        if !owed {
+            tracing::info!(
+                pod = %format!("{namespace}/{name}"),
+                "a remembered memory call of a container handed off earlier is stale (its pod was not \
+                 admitted); this call is served as a new one"
+            );
+        }
+        Ok(owed)
+    }
+
     /// Commits a decided hand-off and answers with it, or fails the pod.
     async fn hand_off(
         &self,
@@ -488,7 +529,7 @@ impl<S: PodStore> Allocator<S> {
                 if endpoint == AllocatingEndpoint::Number {
                     let memory = plan.pod.containers[plan.container].memory;
                     self.memory_calls()
-                        .handed_off(&plan.pod.uid, plan.container, memory);
+                        .handed_off(&plan.pod, plan.container, memory);
                 }
                 Ok(Outcome::Handoff(plan.answer))
             }
@@ -1258,6 +1299,26 @@ mod tests {
             "GPU-b"
         );
 
+        // An admission given up on after the number call (another plugin refused; the kubelet fails the pod):
+        // the memory call it owed never comes, and a memory-only container of the same size bound later is
+        // served, not answered empty (it would start without its GPU and limits: upstream bug #9 again).
+        let allocator = serving(root.path(), vec![bound("r", &containers, queue)]);
+        assert_eq!(
+            handed(number(&allocator, 1).await).envs["NVIDIA_VISIBLE_DEVICES"],
+            "GPU-a"
+        );
+        allocator.store.set_phase("r", "Failed");
+        allocator.store.add(bound(
+            "s",
+            &[("memory-only", None, Some(1000))],
+            "GPU-b,NVIDIA,1000,0:",
+        ));
+        assert_eq!(
+            handed(memory(&allocator, 1000).await).envs["NVIDIA_VISIBLE_DEVICES"],
+            "GPU-b"
+        );
+        assert_eq!(annotations(&allocator.store, "s")[BIND_PHASE], "success");
+
         // No pod at all: a memory call is answered empty and changes nothing.
         let idle = serving(root.path(), Vec::new());
         assert!(matches!(memory(&idle, 7).await, Ok(Outcome::NotMine)));
@@ -1484,25 +1545,29 @@ mod tests {
     #[test]
     fn a_count_container_s_memory_call_is_owed_or_answered_whatever_the_order() {
         let mut calls = MemoryCalls::default();
+        let (p, q) = (bound("p", &[], ""), bound("q", &[], ""));
         // Number first: the memory call of 1000 is owed and answered empty once.
-        calls.handed_off("p", 0, Some(1000));
-        assert!(!calls.take_owed(999));
-        assert!(calls.take_owed(1000));
+        calls.handed_off(&p, 0, Some(1000));
+        assert!(calls.take_owed(999).is_none());
+        assert_eq!(
+            calls.take_owed(1000),
+            Some(("default".to_owned(), "p".to_owned(), "uid-p".to_owned()))
+        );
         assert!(
-            !calls.take_owed(1000),
+            calls.take_owed(1000).is_none(),
             "the next memory-only container's call is served"
         );
         // Memory first: nothing is owed after the number call.
-        calls.answered("p", 1, 1000);
-        calls.handed_off("p", 1, Some(1000));
-        assert!(!calls.take_owed(1000));
+        calls.answered("uid-p", 1, 1000);
+        calls.handed_off(&p, 1, Some(1000));
+        assert!(calls.take_owed(1000).is_none());
         assert!(calls.entries.is_empty());
         // No memory limit, no memory call.
-        calls.handed_off("p", 2, None);
-        calls.handed_off("p", 3, Some(0));
+        calls.handed_off(&p, 2, None);
+        calls.handed_off(&p, 3, Some(0));
         assert!(calls.entries.is_empty());
         for i in 0..1000 {
-            calls.handed_off("q", i, Some(1));
+            calls.handed_off(&q, i, Some(1));
         }
         assert_eq!(calls.entries.len(), MemoryCalls::MOST + 1);
     }

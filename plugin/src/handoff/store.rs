@@ -328,6 +328,19 @@ pub(crate) mod memory {
                 .unwrap_or_default()
         }
 
+        /// The kubelet sets pod `name`'s `status.phase` (e.g. `Failed` when its admission failed).
+        pub(crate) fn set_phase(&self, name: &str, phase: &str) {
+            let mut state = self.state();
+            if let Some(p) = state.pods.iter_mut().find(|p| p.name == name) {
+                p.phase = Some(phase.to_owned());
+            }
+        }
+
+        /// The scheduler binds another pod to the node.
+        pub(crate) fn add(&self, pod: PodView) {
+            self.state().pods.push(pod);
+        }
+
         /// From now on the watch shows the pods as they are now: it lags behind every later write.
         pub(crate) fn watch_lags(&self) {
             let mut state = self.state();
