@@ -3,7 +3,8 @@
 //! each is refused with `CUDA_ERROR_OUT_OF_MEMORY` exactly when the next object would pass the cap
 //! (the primary context's 300 MiB included), the container's usage while holding them is what
 //! was charged, and every free (or destroy/release) gives it back. Host-located `cuMemCreate`
-//! is not charged at all.
+//! is not charged at all. VMM memory stays charged while the driver keeps it: mapped after its
+//! handle was released, or held by the creation's reference after NCCL's retain/release/unmap.
 
 #![allow(clippy::unwrap_used)]
 
@@ -114,6 +115,10 @@ fn every_allocation_family_is_refused_at_the_cap_and_credited_on_free() {
         "pool",
         "pool_ptsz",
         "vmm_device",
+        // Released while mapped (the samples' pattern), and NCCL's retain/release/unmap: charged
+        // until the driver frees the memory, i.e. the last unmap or the last release.
+        "vmm_mapped",
+        "vmm_retained",
     ] {
         refused_at_the_cap_and_credited(&prog, family, OBJ);
     }

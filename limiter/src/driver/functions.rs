@@ -59,6 +59,14 @@ macro_rules! driver_functions {
                     ["cuMemCreate", 10020, false];
                 Cuda fn cuMemRelease(handle: CUmemGenericAllocationHandle) -> CUresult
                     ["cuMemRelease", 10020, false];
+                Cuda fn cuMemMap(ptr: CUdeviceptr, size: usize, offset: usize,
+                        handle: CUmemGenericAllocationHandle, flags: u64) -> CUresult
+                    ["cuMemMap", 10020, false];
+                Cuda fn cuMemUnmap(ptr: CUdeviceptr, size: usize) -> CUresult
+                    ["cuMemUnmap", 10020, false];
+                Cuda fn cuMemRetainAllocationHandle(handle: *mut CUmemGenericAllocationHandle,
+                        addr: *mut c_void) -> CUresult
+                    ["cuMemRetainAllocationHandle", 11000, false];
 
                 Cuda fn cuCtxCreate(pctx: *mut Handle, flags: c_uint, dev: CUdevice) -> CUresult
                     ["cuCtxCreate", 2000, false];

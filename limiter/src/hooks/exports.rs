@@ -61,8 +61,7 @@ mod bodies {
         mem_alloc_pitch_v1 as cuMemAllocPitch, mem_alloc_v1 as cuMemAlloc,
         mem_create as cuMemCreate, mem_free as cuMemFree_v2, mem_free_async as cuMemFreeAsync,
         mem_free_async_ptsz as cuMemFreeAsync_ptsz, mem_free_v1 as cuMemFree,
-        mem_release as cuMemRelease, mipmapped_create as cuMipmappedArrayCreate,
-        mipmapped_destroy as cuMipmappedArrayDestroy,
+        mipmapped_create as cuMipmappedArrayCreate, mipmapped_destroy as cuMipmappedArrayDestroy,
     };
     pub(super) use crate::hooks::nvml::{
         device_memory_info as nvmlDeviceGetMemoryInfo,
@@ -70,6 +69,10 @@ mod bodies {
         init_v2 as nvmlInit_v2,
     };
     use crate::hooks::procaddr;
+    pub(super) use crate::hooks::vmm::{
+        mem_map as cuMemMap, mem_release as cuMemRelease,
+        mem_retain_allocation_handle as cuMemRetainAllocationHandle, mem_unmap as cuMemUnmap,
+    };
     use std::ffi::{c_char, c_int, c_void};
 
     /// `cuGetProcAddress` hands out our exports, so its body is given [`super::hook_address`].

@@ -118,7 +118,7 @@ fn unrecorded(dev: usize, key: u64, bytes: u64, undo: impl FnOnce(u64)) -> CUres
 /// table does not know is passed through — for device pointers (`graph_memory`) after checking
 /// whether it is graph memory that outlived its launch.
 #[inline(always)]
-fn tracked_free<const N: usize, const TAGGED: bool, const COUNTED: bool>(
+pub(crate) fn tracked_free<const N: usize, const TAGGED: bool, const COUNTED: bool>(
     table: &AllocTable<N, TAGGED, COUNTED>,
     key: u64,
     graph_memory: bool,
@@ -630,14 +630,6 @@ pub(crate) unsafe fn mem_create(
             }
         },
     )
-}
-
-pub(crate) unsafe fn mem_release(handle: CUmemGenericAllocationHandle) -> CUresult {
-    let Some(real) = real::cuMemRelease() else {
-        return unavailable(Lib::Cuda);
-    };
-    // SAFETY: the caller's argument, forwarded.
-    tracked_free(&VMM_HANDLES, handle, false, || unsafe { real(handle) })
 }
 
 /// Estimated bytes of a `w × h × d` array of `channels` elements of `format`.

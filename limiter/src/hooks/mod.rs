@@ -14,3 +14,4 @@ pub(crate) mod meminfo;
 pub(crate) mod memory;
 pub(crate) mod nvml;
 pub(crate) mod procaddr;
+pub(crate) mod vmm;

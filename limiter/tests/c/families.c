@@ -6,7 +6,8 @@
  * (cuMemGetInfo: total - free, virtualised) before, while holding them and after freeing, F is
  * how many frees returned 0. Families:
  *   array array_v1 array3d array3d_v1 mipmap pitch pitch_v1 managed async async_ptsz pool
- *   pool_ptsz vmm_device vmm_host context primary graph_node graph_capture graph_escape
+ *   pool_ptsz vmm_device vmm_host vmm_mapped vmm_retained context primary graph_node graph_capture
+ *   graph_escape
  * Each object is 64 MiB of device memory (80 MiB for mipmap: two levels; 300 MiB-ish contexts;
  * vmm_host: 512 MiB of host memory, up to 4). */
 #define _GNU_SOURCE
@@ -164,6 +165,57 @@ static int vmm_family(const char *f)
     return 0;
 }
 
+/* VMM memory mapped into reserved address space, which the driver keeps until every handle
+ * reference is released and no mapping uses it:
+ *   vmm_mapped: create, reserve, map, release at once (NVIDIA's samples and programming guide);
+ *     held is measured with every handle released and the mappings in place, freed counts the
+ *     unmaps that returned 0;
+ *   vmm_retained: create, reserve, map, keep the handle; then NCCL's free: retain the handle by
+ *     address, release that reference, unmap; held is measured there (the creation's reference
+ *     still holds the memory), freed counts the final releases that returned 0. */
+static int vmm_mapped_family(const char *f)
+{
+    static CUmemGenericAllocationHandle h[MAX];
+    static CUdeviceptr va[MAX];
+    CUmemAllocationProp p = prop_at(CU_MEM_LOCATION_TYPE_DEVICE, 0);
+    bool retained = strcmp(f, "vmm_retained") == 0;
+    size_t before = used(), held;
+    int k = 0, rc = 0, freed = 0;
+
+    for (; k < MAX; k++) {
+        rc = cuMemCreate(&h[k], OBJ, &p, 0);
+        if (rc != CUDA_SUCCESS)
+            break;
+        if (cuMemAddressReserve(&va[k], OBJ, 0, 0, 0) != CUDA_SUCCESS ||
+            cuMemMap(va[k], OBJ, 0, h[k], 0) != CUDA_SUCCESS)
+            return 1;
+        if (!retained && cuMemRelease(h[k]) != CUDA_SUCCESS)
+            return 1;
+    }
+    if (retained) {
+        for (int i = 0; i < k; i++) {
+            CUmemGenericAllocationHandle again = 0;
+            if (cuMemRetainAllocationHandle(&again, (void *)(uintptr_t)va[i]) != CUDA_SUCCESS ||
+                again != h[i] || cuMemRelease(again) != CUDA_SUCCESS ||
+                cuMemUnmap(va[i], OBJ) != CUDA_SUCCESS)
+                return 1;
+        }
+        held = used();
+        for (int i = 0; i < k; i++) {
+            freed += cuMemRelease(h[i]) == CUDA_SUCCESS;
+            cuMemAddressFree(va[i], OBJ);
+        }
+    } else {
+        held = used();
+        for (int i = 0; i < k; i++) {
+            freed += cuMemUnmap(va[i], OBJ) == CUDA_SUCCESS;
+            cuMemAddressFree(va[i], OBJ);
+        }
+    }
+    report(f, k, rc, before, held, freed);
+    return 0;
+}
+
 static int context_family(const char *f)
 {
     CUcontext c[64];
@@ -297,6 +349,8 @@ int main(int argc, char **argv)
     }
     if (strncmp(f, "array", 5) == 0 || strcmp(f, "mipmap") == 0)
         return array_family(f);
+    if (strcmp(f, "vmm_mapped") == 0 || strcmp(f, "vmm_retained") == 0)
+        return vmm_mapped_family(f);
     if (strncmp(f, "vmm_", 4) == 0)
         return vmm_family(f);
     if (strcmp(f, "context") == 0)

@@ -146,7 +146,8 @@ struct alloc {
     int ipc_pid;              /* A_IPC: the exporting process */
     uint64_t ipc_key;         /* A_IPC: the exporter's device address */
     unsigned int map_count;   /* VMM: live cuMemMap mappings */
-    bool released;            /* VMM: cuMemRelease'd while still mapped */
+    unsigned int handle_refs; /* VMM: cuMemCreate + cuMemRetainAllocationHandle - cuMemRelease */
+    bool released;            /* VMM: no handle reference left while still mapped */
 };
 
 struct reservation {
@@ -2254,12 +2255,14 @@ CUresult cuMemCreate(CUmemGenericAllocationHandle *handle, size_t size,
         g_allocs = a;
     }
     a->key = g_next_handle;
+    a->handle_refs = 1;
     g_next_handle += 0x10;
     *handle = a->key;
     return leave(CUDA_SUCCESS);
 }
 
-/* The memory goes back once the handle is released and no mapping uses it any more. */
+/* The memory goes back once every reference to the handle (its creation and each
+ * cuMemRetainAllocationHandle) is released and no mapping uses it any more. */
 CUresult cuMemRelease(CUmemGenericAllocationHandle handle)
 {
     struct alloc *a;
@@ -2268,12 +2271,39 @@ CUresult cuMemRelease(CUmemGenericAllocationHandle handle)
     if (r != CUDA_SUCCESS)
         return r;
     a = find_alloc(handle, is_vmm);
-    if (a == NULL || a->released)
+    if (a == NULL || a->released || a->handle_refs == 0)
         return leave(CUDA_ERROR_INVALID_VALUE);
+    if (--a->handle_refs > 0)
+        return leave(CUDA_SUCCESS);
     if (a->map_count > 0)
         a->released = true;
     else
         free_object(a);
+    return leave(CUDA_SUCCESS);
+}
+
+/* The handle of the allocation mapped at addr (the same value cuMemCreate returned), with one
+ * more reference to release; an allocation whose handles were all released while it stayed
+ * mapped gets one again. */
+CUresult cuMemRetainAllocationHandle(CUmemGenericAllocationHandle *handle, void *addr)
+{
+    struct mapping *m;
+    uint64_t at = (uint64_t)(uintptr_t)addr;
+    CUresult r = enter();
+
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (handle == NULL)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    for (m = g_mappings; m != NULL; m = m->next) {
+        if (at >= m->va && at - m->va < m->size)
+            break;
+    }
+    if (m == NULL)
+        return leave(CUDA_ERROR_INVALID_VALUE);
+    m->handle->handle_refs++;
+    m->handle->released = false;
+    *handle = m->handle->key;
     return leave(CUDA_SUCCESS);
 }
 

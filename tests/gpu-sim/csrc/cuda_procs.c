@@ -116,6 +116,7 @@ const struct cuda_proc cuda_procs[] = {
     ONE(cuMemAddressFree, 10020),
     ONE(cuMemMap, 10020),
     ONE(cuMemUnmap, 10020),
+    ONE(cuMemRetainAllocationHandle, 11000),
     ONE(cuMemSetAccess, 10020),
 
     /* Arrays */
