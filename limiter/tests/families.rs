@@ -156,8 +156,9 @@ fn graph_memory_nodes_are_charged_until_their_graph_or_the_allocation_is_freed()
     let dir = tempfile::tempdir().unwrap();
     let prog = program(dir.path());
     // cuGraphAddMemAllocNode, and cuMemAllocAsync during stream capture (freed in the graph or,
-    // for graph_escape, after the launch with cuMemFree).
-    for family in ["graph_node", "graph_capture", "graph_escape"] {
+    // for graph_escape, after the launch with cuMemFree); graph_cross: freed by a free node of
+    // another graph that never runs, both graphs destroyed (the memory lives until cuMemFree).
+    for family in ["graph_node", "graph_capture", "graph_escape", "graph_cross"] {
         refused_at_the_cap_and_credited(&prog, family, OBJ);
     }
 }

@@ -18,6 +18,14 @@
 //!   is gone) credits them. `cuDeviceGraphMemTrim` is passed through: charges follow allocation
 //!   lifetimes, not the pool's cache.
 //!
+//! A free node (or a captured `cuMemFreeAsync`) counts as "freed inside the graph" only for an
+//! allocation of the same graph (or of the capture in progress): CUDA lets a graph free another
+//! graph's allocation, but that memory then lives from the allocating graph's launch until the
+//! freeing graph's, which may never come, so crediting it with the allocating graph's destruction
+//! let a tenant destroy graphs and keep their memory (found by a review helper on 2026-12-06). Such
+//! an allocation stays charged until freed outside a graph or the process exits (an over-count
+//! for a program that really frees it in another graph).
+//!
 //! Limits: an executable graph that outlives its graph (`cuGraphDestroy` before
 //! `cuGraphExecDestroy`) can launch again with its in-graph allocations no longer charged; an
 //! allocation node never freed inside its graph whose graph is destroyed without the allocation
@@ -213,15 +221,19 @@ pub(crate) unsafe fn add_mem_free_node(
     // SAFETY: the caller's arguments, forwarded.
     let rc = unsafe { real(node, graph, deps, ndeps, dptr) };
     if rc == CUDA_SUCCESS && COUNT.load(Ordering::Acquire) > 0 {
-        mark_freed_in_graph(dptr);
+        // Only an allocation of this same graph is freed within each of its launches; one made
+        // by another graph outlives that graph's launch until this graph runs, which may be never.
+        let key = graph as u64;
+        mark_freed_in_graph(dptr, |a| !a.pending && a.owner == key);
     }
     rc
 }
 
-fn mark_freed_in_graph(dptr: u64) -> bool {
+/// Marks the graph allocation at `dptr` that `owned` accepts as freed inside its own graph.
+fn mark_freed_in_graph(dptr: u64, owned: impl Fn(&GraphAlloc) -> bool) -> bool {
     with_allocs(|v| {
         v.iter_mut()
-            .find(|a| a.dptr == dptr && !a.freed_in_graph)
+            .find(|a| a.dptr == dptr && !a.freed_in_graph && owned(a))
             .map(|a| a.freed_in_graph = true)
             .is_some()
     })
@@ -349,7 +361,9 @@ pub(crate) fn is_graph_alloc(dptr: u64) -> bool {
 pub(crate) fn captured_free(dptr: u64, call: impl FnOnce() -> CUresult) -> CUresult {
     let rc = call();
     if rc == CUDA_SUCCESS {
-        mark_freed_in_graph(dptr);
+        // An allocation captured in a capture still going on (on any of its streams); one of a
+        // finished graph stays charged (see `add_mem_free_node`).
+        mark_freed_in_graph(dptr, |a| a.pending);
     }
     rc
 }

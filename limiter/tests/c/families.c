@@ -7,7 +7,7 @@
  * how many frees returned 0. Families:
  *   array array_v1 array3d array3d_v1 mipmap pitch pitch_v1 managed async async_ptsz pool
  *   pool_ptsz vmm_device vmm_host vmm_mapped vmm_retained context primary graph_node graph_capture
- *   graph_escape
+ *   graph_escape graph_cross
  * Each object is 64 MiB of device memory (80 MiB for mipmap: two levels; 300 MiB-ish contexts;
  * vmm_host: 512 MiB of host memory, up to 4). */
 #define _GNU_SOURCE
@@ -337,6 +337,42 @@ static int graph_capture_family(const char *f)
     return 0;
 }
 
+/* graph_cross: one graph per object, each with an allocation node, launched (the memory is live),
+ * then freed by a free node of a second graph that is never launched, and both graphs
+ * destroyed: the memory lives on until freed with cuMemFree, and stays charged meanwhile. */
+static int graph_cross_family(const char *f)
+{
+    static CUdeviceptr p[MAX];
+    size_t before = used(), held;
+    int k = 0, rc = 0, freed = 0;
+
+    for (; k < MAX; k++) {
+        CUgraph g, other;
+        CUgraphNode n, fn;
+        CUgraphExec e;
+        CUDA_MEM_ALLOC_NODE_PARAMS np = node_params(OBJ);
+        if (cuGraphCreate(&g, 0) != CUDA_SUCCESS)
+            return 1;
+        rc = cuGraphAddMemAllocNode(&n, g, NULL, 0, &np);
+        if (rc != CUDA_SUCCESS) {
+            cuGraphDestroy(g);
+            break;
+        }
+        p[k] = np.dptr;
+        if (cuGraphInstantiateWithFlags(&e, g, 0) != CUDA_SUCCESS ||
+            cuGraphLaunch(e, stream) != CUDA_SUCCESS || cuGraphCreate(&other, 0) != CUDA_SUCCESS ||
+            cuGraphAddMemFreeNode(&fn, other, NULL, 0, p[k]) != CUDA_SUCCESS ||
+            cuGraphExecDestroy(e) != CUDA_SUCCESS || cuGraphDestroy(g) != CUDA_SUCCESS ||
+            cuGraphDestroy(other) != CUDA_SUCCESS)
+            return 3;
+    }
+    held = used();
+    for (int i = 0; i < k; i++)
+        freed += cuMemFree_v2(p[i]) == CUDA_SUCCESS;
+    report(f, k, rc, before, held, freed);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     const char *f = argc > 1 ? argv[1] : "";
@@ -359,6 +395,8 @@ int main(int argc, char **argv)
         return primary_family(f);
     if (strcmp(f, "graph_node") == 0)
         return graph_node_family(f);
+    if (strcmp(f, "graph_cross") == 0)
+        return graph_cross_family(f);
     if (strcmp(f, "graph_capture") == 0 || strcmp(f, "graph_escape") == 0)
         return graph_capture_family(f);
     return linear_family(f);

@@ -399,6 +399,11 @@ static bool is_mipmap(enum alloc_kind k)
     return k == A_MIPMAP;
 }
 
+static bool is_graph_kind(enum alloc_kind k)
+{
+    return k == A_GRAPH;
+}
+
 static bool is_vmm(enum alloc_kind k)
 {
     return k == A_VMM;
@@ -2474,9 +2479,12 @@ CUresult cuMemUnmap(CUdeviceptr ptr, size_t size)
  *     CUDA_ERROR_INVALID_VALUE);
  *   - the pool keeps its memory until cuDeviceGraphMemTrim gives back what
  *     no live allocation uses.
- * Limits: a free node must free an allocation node of the same graph; a
- * launch completes at once; dependencies are only checked to belong to the
- * graph.
+ * A free node may also free another graph's allocation (as CUDA allows): it
+ * frees that allocation, live since its own graph's launch, when the freeing
+ * graph is launched (CUDA_ERROR_INVALID_VALUE if it is not live then), and
+ * never if that graph is not launched.
+ * Limits: a launch completes at once; dependencies are only checked to belong
+ * to the graph.
  */
 
 struct graph_alloc {
@@ -2489,6 +2497,7 @@ struct graph_alloc {
 
 struct CUgraph_st {
     struct graph_alloc *allocs;
+    struct graph_alloc *frees;  /* free nodes of other graphs' allocations (dptr only) */
     uint64_t kernel_ns;         /* time of the kernels captured into it (kernel time model) */
 };
 
@@ -2498,6 +2507,7 @@ struct CUgraphNode_st {
 
 struct CUgraphExec_st {
     struct graph_alloc *allocs; /* a copy of the graph's at instantiation */
+    struct graph_alloc *frees;  /* likewise */
     uint64_t kernel_ns;         /* the graph's kernel time at instantiation */
 };
 
@@ -2530,6 +2540,37 @@ static CUresult graph_alloc_node(struct CUgraph_st *g, int dev, uint64_t bytes, 
     return CUDA_SUCCESS;
 }
 
+/* A free node in g of another graph's allocation (one a graph that exists made, or live since a
+ * launch): it frees it when g is launched. */
+static CUresult graph_foreign_free(struct CUgraph_st *g, uint64_t dptr)
+{
+    struct graph_alloc *f;
+    bool known = find_alloc(dptr, is_graph_kind) != NULL;
+
+    for (f = g->allocs; f != NULL; f = f->next) {
+        if (f->dptr == dptr)
+            return CUDA_ERROR_INVALID_VALUE; /* its own, freed in it already */
+    }
+    for (f = g->frees; f != NULL; f = f->next) {
+        if (f->dptr == dptr)
+            return CUDA_ERROR_INVALID_VALUE; /* freed in it already */
+    }
+    for (size_t i = 0; !known && i < g_graphs.count; i++) {
+        const struct CUgraph_st *other = g_graphs.items[i];
+        for (const struct graph_alloc *o = other->allocs; o != NULL && !known; o = o->next)
+            known = o->dptr == dptr;
+    }
+    if (!known)
+        return CUDA_ERROR_INVALID_VALUE;
+    f = calloc(1, sizeof *f);
+    if (f == NULL)
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    f->dptr = dptr;
+    f->next = g->frees;
+    g->frees = f;
+    return CUDA_SUCCESS;
+}
+
 static CUresult graph_free_node(struct CUgraph_st *g, uint64_t dptr)
 {
     struct graph_alloc *a;
@@ -2540,7 +2581,7 @@ static CUresult graph_free_node(struct CUgraph_st *g, uint64_t dptr)
             return CUDA_SUCCESS;
         }
     }
-    return CUDA_ERROR_INVALID_VALUE;
+    return graph_foreign_free(g, dptr);
 }
 
 static CUresult new_node(CUgraphNode *out, struct CUgraph_st *g, const CUgraphNode *deps,
@@ -2601,6 +2642,7 @@ CUresult cuGraphDestroy(CUgraph hGraph)
         }
     }
     graph_allocs_free(hGraph->allocs);
+    graph_allocs_free(hGraph->frees);
     reg_remove(&g_graphs, hGraph);
     free(hGraph);
     return leave(CUDA_SUCCESS);
@@ -2654,19 +2696,42 @@ CUresult cuGraphAddMemFreeNode(CUgraphNode *phGraphNode, CUgraph hGraph,
         if (a->dptr == dptr && !a->freed_in_graph)
             break;
     }
-    if (a == NULL)
-        return leave(CUDA_ERROR_INVALID_VALUE);
+    if (a == NULL) {
+        r = new_node(phGraphNode, hGraph, dependencies, numDependencies);
+        if (r != CUDA_SUCCESS)
+            return leave(r);
+        r = graph_foreign_free(hGraph, dptr);
+        if (r != CUDA_SUCCESS) {
+            reg_remove(&g_graph_nodes, *phGraphNode);
+            free(*phGraphNode);
+        }
+        return leave(r);
+    }
     r = new_node(phGraphNode, hGraph, dependencies, numDependencies);
     if (r == CUDA_SUCCESS)
         a->freed_in_graph = true;
     return leave(r);
 }
 
+/* Copies a list of graph allocations; false when the host is out of memory (*out then holds
+ * what was copied, for the caller to free). */
+static bool graph_allocs_copy(const struct graph_alloc *from, struct graph_alloc **out)
+{
+    for (; from != NULL; from = from->next) {
+        struct graph_alloc *copy = malloc(sizeof *copy);
+        if (copy == NULL)
+            return false;
+        *copy = *from;
+        copy->next = *out;
+        *out = copy;
+    }
+    return true;
+}
+
 CUresult cuGraphInstantiateWithFlags(CUgraphExec *phGraphExec, CUgraph hGraph,
                                      unsigned long long flags)
 {
     struct CUgraphExec_st *e;
-    struct graph_alloc *a;
     CUresult r = enter();
 
     if (r != CUDA_SUCCESS)
@@ -2677,20 +2742,11 @@ CUresult cuGraphInstantiateWithFlags(CUgraphExec *phGraphExec, CUgraph hGraph,
     e = calloc(1, sizeof *e);
     if (e == NULL)
         return leave(CUDA_ERROR_OUT_OF_MEMORY);
-    for (a = hGraph->allocs; a != NULL; a = a->next) {
-        struct graph_alloc *copy = malloc(sizeof *copy);
-        if (copy == NULL) {
-            graph_allocs_free(e->allocs);
-            free(e);
-            return leave(CUDA_ERROR_OUT_OF_MEMORY);
-        }
-        *copy = *a;
-        copy->next = e->allocs;
-        e->allocs = copy;
-    }
     e->kernel_ns = hGraph->kernel_ns;
-    if (!reg_add(&g_graph_execs, e)) {
+    if (!graph_allocs_copy(hGraph->allocs, &e->allocs) ||
+        !graph_allocs_copy(hGraph->frees, &e->frees) || !reg_add(&g_graph_execs, e)) {
         graph_allocs_free(e->allocs);
+        graph_allocs_free(e->frees);
         free(e);
         return leave(CUDA_ERROR_OUT_OF_MEMORY);
     }
@@ -2708,6 +2764,7 @@ CUresult cuGraphExecDestroy(CUgraphExec hGraphExec)
         return leave(CUDA_ERROR_INVALID_VALUE);
     reg_remove(&g_graph_execs, hGraphExec);
     graph_allocs_free(hGraphExec->allocs);
+    graph_allocs_free(hGraphExec->frees);
     free(hGraphExec);
     return leave(CUDA_SUCCESS);
 }
@@ -2728,6 +2785,12 @@ static CUresult graph_exec_memory(struct CUgraphExec_st *e, struct CUctx_st *c)
             return CUDA_ERROR_INVALID_VALUE; /* still live from an earlier launch */
         need[a->dev] += a->size;
     }
+    for (a = e->frees; a != NULL; a = a->next) {
+        if (find_alloc(a->dptr, is_graph_kind) == NULL)
+            return CUDA_ERROR_INVALID_VALUE; /* another graph's allocation, not live now */
+    }
+    for (a = e->frees; a != NULL; a = a->next)
+        free_object(find_alloc(a->dptr, is_graph_kind));
     for (d = 0; d < g_dev_count; d++) {
         struct device *dv = &g_devs[d];
         uint64_t want = dv->graph_in_use + need[d];

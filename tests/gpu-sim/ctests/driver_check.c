@@ -771,6 +771,35 @@ static int graphs(void)
     printf("after_capture_trim=%zu\n", f0 - free_mem());
     OK(cuGraphExecDestroy(ce));
     OK(cuGraphDestroy(cg));
+
+    /* A graph frees another graph's allocation: live from the first's launch until the
+     * second's; destroying the first changes nothing. */
+    {
+        CUgraph g1, g2;
+        CUgraphNode n1, n2;
+        CUgraphExec e1, e2;
+        OK(cuGraphCreate(&g1, 0));
+        np.bytesize = 6 * MIB;
+        OK(cuGraphAddMemAllocNode(&n1, g1, NULL, 0, &np));
+        p = np.dptr;
+        OK(cuGraphCreate(&g2, 0));
+        OK(cuGraphAddMemFreeNode(&n2, g2, NULL, 0, p));
+        EXPECT(CUDA_ERROR_INVALID_VALUE, cuGraphAddMemFreeNode(&n2, g2, NULL, 0, p)); /* twice */
+        EXPECT(CUDA_ERROR_INVALID_VALUE, cuGraphAddMemFreeNode(&n2, g2, NULL, 0, p + 64 * MIB));
+        OK(cuGraphInstantiateWithFlags(&e1, g1, 0));
+        OK(cuGraphInstantiateWithFlags(&e2, g2, 0));
+        EXPECT(CUDA_ERROR_INVALID_VALUE, cuGraphLaunch(e2, s)); /* not live yet */
+        OK(cuGraphLaunch(e1, s));
+        OK(cuGraphExecDestroy(e1));
+        OK(cuGraphDestroy(g1));
+        OK(cuDeviceGraphMemTrim(0));
+        printf("cross_live=%zu\n", f0 - free_mem());
+        OK(cuGraphLaunch(e2, s));
+        OK(cuDeviceGraphMemTrim(0));
+        printf("cross_freed=%zu\n", f0 - free_mem());
+        OK(cuGraphExecDestroy(e2));
+        OK(cuGraphDestroy(g2));
+    }
     printf("ok\n");
     return 0;
 }

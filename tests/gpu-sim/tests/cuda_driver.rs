@@ -338,6 +338,9 @@ fn graph_memory_is_taken_at_launch_and_kept_by_the_pool_until_trimmed() {
     );
     assert_eq!(num(&v, "after_capture_launch"), 8 * MIB);
     assert_eq!(num(&v, "after_capture_trim"), 0);
+    // Another graph's free: the memory outlives its own graph until the freeing graph runs.
+    assert_eq!(num(&v, "cross_live"), 6 * MIB);
+    assert_eq!(num(&v, "cross_freed"), 0);
 }
 
 #[test]
