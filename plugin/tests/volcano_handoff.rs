@@ -689,6 +689,55 @@ async fn the_scheduler_s_node_lock_is_released_after_allocation() {
     );
 }
 
+/// The release is guarded: a lock taken again after the agent read it (the scheduler locking the node for
+/// another pod) is not removed; the one read is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_lock_taken_again_since_it_was_read_is_not_released() {
+    use vgpu_device_plugin::handoff::node_annotations::lock_removal;
+    let c = Cluster::start(NodeSpec::uniform(1, GpuSpec::t4), &[]).await;
+    let nodes: Api<Node> = Api::all(c.client.clone());
+    let lock_at = |t: &str| json!({"metadata": {"annotations": {"hamivgpu": t}}});
+    nodes
+        .patch(
+            NODE,
+            &PatchParams::default(),
+            &Patch::Merge(&lock_at("2026-08-20T10:00:05Z")),
+        )
+        .await
+        .unwrap();
+    let stale = nodes
+        .patch(
+            NODE,
+            &PatchParams::default(),
+            &Patch::Json::<()>(lock_removal("2026-08-20T10:00:00Z")),
+        )
+        .await;
+    assert!(
+        matches!(&stale, Err(kube::Error::Api(s)) if s.code == 422),
+        "{stale:?}"
+    );
+    let lock = |n: Node| {
+        n.metadata
+            .annotations
+            .unwrap_or_default()
+            .get("hamivgpu")
+            .cloned()
+    };
+    assert_eq!(
+        lock(nodes.get(NODE).await.unwrap()).as_deref(),
+        Some("2026-08-20T10:00:05Z")
+    );
+    nodes
+        .patch(
+            NODE,
+            &PatchParams::default(),
+            &Patch::Json::<()>(lock_removal("2026-08-20T10:00:05Z")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(lock(nodes.get(NODE).await.unwrap()), None);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_map_in_volcano_system_and_node_config_filters_are_honoured() {
     let c = Cluster::start_with(NodeSpec::uniform(3, GpuSpec::t4), &[], |api, dir| {

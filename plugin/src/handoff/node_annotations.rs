@@ -188,17 +188,15 @@ async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
 }
 
 /// Removes the scheduler's `hamivgpu` node lock if it is there (docs/volcano-contract.md §2.2): after a successful or failed
-/// allocation, and when no pending pod matches. Reads first, so a node without the lock costs no write.
-/// Returns whether it wrote. Each of its two calls runs under `limit` (the request bound of [`crate::cluster::ApiBounds`]), like every
-/// apiserver call on the Allocate path: a lock we cannot release expires in 5 minutes.
+/// allocation, and when no pending pod matches. Reads first, so a node without the lock costs no write; the removal
+/// is a JSON patch that `test`s the value read, so a lock the scheduler took again meanwhile (for another pod,
+/// between our read and our write) is left in place. Returns whether it wrote. Each of its two calls runs under
+/// `limit` (the request bound of [`crate::cluster::ApiBounds`]), like every apiserver call on the Allocate path: a
+/// lock we cannot release expires in 5 minutes.
 pub async fn release_node_lock(api: &Api<Node>, node: &str, limit: Duration) -> bool {
-    let has_lock = match tokio::time::timeout(limit, api.get_opt(node)).await {
-        Ok(Ok(Some(n))) => n
-            .metadata
-            .annotations
-            .as_ref()
-            .is_some_and(|a| a.contains_key(NODE_LOCK)),
-        Ok(Ok(None)) => false,
+    let held = match tokio::time::timeout(limit, api.get_opt(node)).await {
+        Ok(Ok(Some(n))) => n.metadata.annotations.and_then(|mut a| a.remove(NODE_LOCK)),
+        Ok(Ok(None)) => None,
         Ok(Err(error)) => {
             tracing::warn!(%error, "cannot read the node to release its lock");
             return false;
@@ -208,23 +206,45 @@ pub async fn release_node_lock(api: &Api<Node>, node: &str, limit: Duration) -> 
             return false;
         }
     };
-    if has_lock {
-        let body = serde_json::json!({ "metadata": { "annotations": { NODE_LOCK: null } } });
-        match tokio::time::timeout(
-            limit,
-            api.patch(node, &PatchParams::default(), &Patch::Merge(&body)),
-        )
-        .await
-        {
-            Ok(Ok(_)) => {
-                tracing::info!("node lock {NODE_LOCK} released");
-                return true;
-            }
-            Ok(Err(error)) => tracing::warn!(%error, "cannot release the node lock"),
-            Err(_) => tracing::warn!("no answer releasing the node lock"),
+    let Some(value) = held else {
+        return false;
+    };
+    match tokio::time::timeout(
+        limit,
+        api.patch(
+            node,
+            &PatchParams::default(),
+            &Patch::Json::<()>(lock_removal(&value)),
+        ),
+    )
+    .await
+    {
+        Ok(Ok(_)) => {
+            tracing::info!("node lock {NODE_LOCK} released");
+            return true;
         }
+        Ok(Err(kube::Error::Api(status))) if status.code == 422 || status.code == 409 => {
+            tracing::info!(
+                "node lock {NODE_LOCK} changed since it was read (taken again for another pod); left in place"
+            )
+        }
+        Ok(Err(error)) => tracing::warn!(%error, "cannot release the node lock"),
+        Err(_) => tracing::warn!("no answer releasing the node lock"),
     }
     false
+}
+
+/// The release of a lock read as `value`: `test` that it still holds `value`, then `remove` it.
+pub fn lock_removal(value: &str) -> json_patch::Patch {
+    use json_patch::{PatchOperation, RemoveOperation, TestOperation};
+    let path = json_patch::jsonptr::PointerBuf::from_tokens(["metadata", "annotations", NODE_LOCK]);
+    json_patch::Patch(vec![
+        PatchOperation::Test(TestOperation {
+            path: path.clone(),
+            value: value.into(),
+        }),
+        PatchOperation::Remove(RemoveOperation { path }),
+    ])
 }
 
 #[cfg(test)]
