@@ -448,6 +448,7 @@ fn vector_pod(v: &Value) -> PodView {
         creation_timestamp: None,
         annotations,
         containers,
+        started: false,
     }
 }
 
@@ -635,6 +636,7 @@ fn walk_case(index: usize) {
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect(),
         containers,
+        started: false,
     };
 
     for step in steps {
