@@ -460,6 +460,11 @@ static int vmm(void)
     EXPECT(CUDA_ERROR_INVALID_VALUE, cuMemMap(va + 16 * gran, 4 * gran, 0, h, 0));
     OK(cuMemMap(va, 4 * gran, 0, h, 0));
     EXPECT(CUDA_ERROR_INVALID_VALUE, cuMemMap(va + 2 * gran, 2 * gran, 0, h, 0)); /* overlap */
+    /* Retained by address: the same handle, one more reference to release. */
+    EXPECT(CUDA_ERROR_INVALID_VALUE, cuMemRetainAllocationHandle(&hh, (void *)(uintptr_t)(va + 4 * gran)));
+    OK(cuMemRetainAllocationHandle(&hh, (void *)(uintptr_t)(va + gran)));
+    CHECK(hh == h);
+    OK(cuMemRelease(h));
     OK(cuMemRelease(h));
     EXPECT(CUDA_ERROR_INVALID_VALUE, cuMemRelease(h));
     printf("released_mapped_used=%zu\n", f0 - free_mem());

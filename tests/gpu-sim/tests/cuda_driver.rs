@@ -696,6 +696,11 @@ const PROCS: &[(&str, Rows, Rows)] = &[
     ("cuMemAddressFree", &[(10020, "cuMemAddressFree")], &[]),
     ("cuMemMap", &[(10020, "cuMemMap")], &[]),
     ("cuMemUnmap", &[(10020, "cuMemUnmap")], &[]),
+    (
+        "cuMemRetainAllocationHandle",
+        &[(11000, "cuMemRetainAllocationHandle")],
+        &[],
+    ),
     ("cuMemSetAccess", &[(10020, "cuMemSetAccess")], &[]),
     (
         "cuArrayCreate",
