@@ -265,39 +265,55 @@ pub(crate) unsafe fn mem_free_v1(dptr: CUdeviceptrV1) -> CUresult {
     })
 }
 
-/// Pitched allocations: charge `width × height` up front (a lower bound), then top up to the
-/// driver's `pitch × height`; if the top-up does not fit, free and refuse. Without any cap the
-/// device is not looked up (as in [`tracked_alloc`]).
+/// Pitched allocations: charge `width × height` up front (a lower bound), call the driver, then top
+/// up to the driver's `pitch × height` **before** the record is made, which holds the full size from
+/// the start; if the top-up does not fit, free and refuse. (The record used to be made with the
+/// lower bound and replaced afterwards: a free of the pointer by another thread in between, and a
+/// new allocation at the same address, left that allocation's record with this one's size.)
+/// Without any cap the device is not looked up (as in [`tracked_alloc`]).
 fn pitched(width: u64, height: u64, call: impl FnOnce() -> (CUresult, u64, u64)) -> CUresult {
     state::ensure();
-    let dev = if budget().any_limit() {
-        alloc_device()
+    let b = budget();
+    let dev = if b.any_limit() {
+        alloc_device().filter(|&d| b.limit(d).is_some())
     } else {
         None
     };
-    let mut pitch_out = 0;
-    let rc = tracked_alloc(
-        &DEVICE_PTRS,
-        || dev,
-        || width.saturating_mul(height),
-        || {
-            let (rc, ptr, pitch) = call();
-            pitch_out = pitch;
-            (rc, ptr)
-        },
-        free_device_ptr,
-    );
-    let Some(dev) = dev else { return rc };
-    let full = linear_reserved(pitch_out.max(width).saturating_mul(height));
-    let extra = full.saturating_sub(width.saturating_mul(height));
-    if rc != CUDA_SUCCESS || extra == 0 || budget().limit(dev).is_none() {
+    let Some(dev) = dev else {
+        return call().0;
+    };
+    let lower = width.saturating_mul(height);
+    if let Err(over) = b.try_charge_kind(dev, MemoryKind::Data, lower) {
+        log_refusal!(
+            "Device {dev} OOM: {} + {lower} bytes requested exceeds the limit of {} bytes",
+            over.usage,
+            over.limit
+        );
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    let (rc, ptr, pitch) = call();
+    if rc != CUDA_SUCCESS {
+        b.credit(dev, lower);
         return rc;
     }
-    // Re-record with the full size (the key was inserted a moment ago by this thread).
-    if budget().try_charge(dev, extra).is_err() {
-        log_refusal!("Device {dev} OOM: pitched allocation needs {extra} more bytes");
-        return CUDA_ERROR_OUT_OF_MEMORY; // the caller's pointer is freed below
+    let full = linear_reserved(pitch.max(width).saturating_mul(height)).max(lower);
+    if full > lower && b.try_charge(dev, full - lower).is_err() {
+        free_device_ptr(ptr);
+        b.credit(dev, lower);
+        log_refusal!(
+            "Device {dev} OOM: pitched allocation needs {} more bytes",
+            full - lower
+        );
+        return CUDA_ERROR_OUT_OF_MEMORY;
     }
+    let charge = Charge {
+        dev: dev as u32,
+        bytes: full,
+    };
+    if !DEVICE_PTRS.insert(ptr, charge) {
+        return unrecorded(dev, ptr, full, free_device_ptr);
+    }
+    log_at!(DEBUG, "device {dev}: +{full} bytes at {ptr:#x} (pitched)");
     CUDA_SUCCESS
 }
 
@@ -311,16 +327,14 @@ pub(crate) unsafe fn mem_alloc_pitch(
     let Some(real) = real::cuMemAllocPitch_v2() else {
         return unavailable(Lib::Cuda);
     };
-    let mut ptr = 0;
-    let rc = pitched(width as u64, height as u64, || {
+    pitched(width as u64, height as u64, || {
         // SAFETY: the caller's arguments, forwarded.
         let rc = unsafe { real(dptr, pitch, width, height, elem) };
         // SAFETY: the caller's out-pointers.
-        ptr = unsafe { out(rc, dptr) };
-        // SAFETY: as above.
-        (rc, ptr, unsafe { out(rc, pitch.cast_const()) })
-    });
-    settle_pitched(rc, ptr, width as u64, height as u64, pitch.cast_const())
+        (rc, unsafe { out(rc, dptr) }, unsafe {
+            out(rc, pitch.cast_const())
+        })
+    })
 }
 
 pub(crate) unsafe fn mem_alloc_pitch_v1(
@@ -333,55 +347,14 @@ pub(crate) unsafe fn mem_alloc_pitch_v1(
     let Some(real) = real::cuMemAllocPitch() else {
         return unavailable(Lib::Cuda);
     };
-    let mut ptr = 0;
-    let rc = pitched(u64::from(width), u64::from(height), || {
+    pitched(u64::from(width), u64::from(height), || {
         // SAFETY: the caller's arguments, forwarded.
         let rc = unsafe { real(dptr, pitch, width, height, elem) };
         // SAFETY: the caller's out-pointers.
-        ptr = unsafe { out(rc, dptr) };
-        // SAFETY: as above.
-        (rc, ptr, unsafe { out(rc, pitch.cast_const()) })
-    });
-    settle_pitched(
-        rc,
-        ptr,
-        u64::from(width),
-        u64::from(height),
-        pitch.cast_const(),
-    )
-}
-
-/// After [`pitched`]: on success fix the record's size to `pitch × height`; if the top-up was
-/// refused, free the allocation (which credits the lower bound) and report OOM.
-fn settle_pitched<T: AsU64>(
-    rc: CUresult,
-    ptr: u64,
-    width: u64,
-    height: u64,
-    pitch: *const T,
-) -> CUresult {
-    if ptr == 0 {
-        return rc;
-    }
-    let Some(charge) = DEVICE_PTRS.remove(ptr) else {
-        return rc;
-    };
-    if rc == CUDA_SUCCESS {
-        // SAFETY: the driver wrote the pitch (rc was success when `ptr` was set).
-        let pitch = unsafe { out(CUDA_SUCCESS, pitch) }.max(width);
-        DEVICE_PTRS.insert(
-            ptr,
-            Charge {
-                bytes: linear_reserved(pitch.saturating_mul(height)),
-                ..charge
-            },
-        );
-        rc
-    } else {
-        free_device_ptr(ptr);
-        budget().credit(charge.dev as usize, charge.bytes);
-        rc
-    }
+        (rc, unsafe { out(rc, dptr) }, unsafe {
+            out(rc, pitch.cast_const())
+        })
+    })
 }
 
 pub(crate) unsafe fn mem_alloc_managed(
