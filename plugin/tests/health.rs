@@ -200,3 +200,65 @@ async fn a_gpu_without_event_support_is_warned_about_not_marked_unhealthy() {
         .await
         .unwrap();
 }
+
+/// A GPU that had an uncorrectable memory error answers NVML again at once, but its repair (rows
+/// to remap on Ampere and later, pages to retire before) waits for a GPU reset: it stays
+/// `Unhealthy` past the quiet period while NVML reports the repair pending, and recovers once the
+/// GPU has been reset. Both generations: the T4 reports pending page retirement, the A100
+/// pending row remapping (each NVML field the other does not support).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gpu_whose_memory_repair_waits_for_a_reset_stays_unhealthy_until_it_is_reset() {
+    let generations: [fn(u32) -> GpuSpec; 2] = [GpuSpec::t4, GpuSpec::a100_80gb];
+    for gpu in generations {
+        let sim = SimNode::new(NodeSpec::uniform(2, gpu)).unwrap();
+        let model = sim.spec().gpus[0].name.clone();
+        let (_dir, kubelet) = kubelet().await;
+        let agent = spawn(
+            &sim,
+            &kubelet,
+            &[
+                "--health-recovery-period",
+                "1s",
+                "--health-probe-interval",
+                "200ms",
+                // Two 80 GB GPUs in 1 MiB units would pass the kubelet's 4 MiB message limit.
+                "--gpu-memory-factor",
+                "4",
+            ],
+        );
+        kubelet
+            .wait_for_resources(&ALL, PATIENCE)
+            .await
+            .unwrap_or_else(|e| panic!("{model}: {e}\n{}", agent.log_text()));
+        let bad = sim.spec().gpus[1].uuid.clone();
+        sim.set_reset_pending(&bad).unwrap();
+        sim.inject_xid(&bad, 48).unwrap();
+        kubelet
+            .wait_until(PATIENCE, "GPU 1 Unhealthy", |v| gpu_is(v, &bad, true))
+            .await
+            .unwrap_or_else(|e| panic!("{model}: {e}\n{}", agent.log_text()));
+        // Three quiet periods: still Unhealthy, and the log says why.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let views: std::collections::HashMap<String, ResourceView> = ALL
+            .iter()
+            .filter_map(|r| Some(((*r).to_owned(), kubelet.resource(r)?)))
+            .collect();
+        assert!(
+            gpu_is(&views, &bad, true),
+            "{model}: recovered with a reset pending\n{}",
+            agent.log_text()
+        );
+        assert!(
+            agent.log_text().contains("wait for a GPU reset"),
+            "{}",
+            agent.log_text()
+        );
+        sim.reset_gpu(&bad).unwrap();
+        kubelet
+            .wait_until(PATIENCE, "GPU 1 Healthy after its reset", |v| {
+                gpu_is(v, &bad, false)
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{model}: {e}\n{}", agent.log_text()));
+    }
+}

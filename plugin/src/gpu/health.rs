@@ -365,6 +365,15 @@ impl<'a> Monitor<'a> {
         let mut recovered = false;
         for g in self.tracker.due_for_recovery(now) {
             match self.probe(g) {
+                // Quiet and answering, but a memory repair waits for a reset: not healthy yet.
+                Ok(()) if self.reset_pending(g) => {
+                    tracing::warn!(
+                        uuid = %self.inventory.gpus[g].uuid,
+                        "GPU quiet and answering NVML, but retired pages or remapped rows wait for a GPU \
+                         reset; it stays Unhealthy until the GPU is reset"
+                    );
+                    self.tracker.fault(g, now);
+                }
                 Ok(()) => {
                     self.tracker.recover(g);
                     tracing::info!(uuid = %self.inventory.gpus[g].uuid, "GPU quiet and answering NVML; marked Healthy again");
@@ -386,6 +395,32 @@ impl<'a> Monitor<'a> {
                 self.rebuild_events();
             }
         }
+    }
+
+    /// Whether NVML says a memory repair of GPU `g` waits for a GPU reset: rows remapped after an
+    /// uncorrectable ECC error (Ampere and later) or pages to retire (earlier GPUs) take effect only then,
+    /// and the GPU keeps answering NVML meanwhile. Unknown (not supported, an error) counts as no.
+    fn reset_pending(&self, g: usize) -> bool {
+        use nvml_wrapper::enums::device::SampleValue;
+        use nvml_wrapper::structs::device::FieldId;
+        use nvml_wrapper::sys_exports::field_id::{
+            NVML_FI_DEV_REMAPPED_PENDING, NVML_FI_DEV_RETIRED_PENDING,
+        };
+        let Some(device) = self.devices[g].as_ref() else {
+            return false;
+        };
+        let fields = [
+            FieldId(NVML_FI_DEV_REMAPPED_PENDING),
+            FieldId(NVML_FI_DEV_RETIRED_PENDING),
+        ];
+        device.field_values_for(&fields).is_ok_and(|samples| {
+            samples.iter().flatten().any(|s| {
+                matches!(
+                    s.value,
+                    Ok(SampleValue::U32(1..) | SampleValue::U64(1..) | SampleValue::I64(1..))
+                )
+            })
+        })
     }
 
     fn probe(&self, g: usize) -> Result<(), NvmlError> {

@@ -1433,6 +1433,88 @@ nvmlReturn_t nvmlDeviceGetPersistenceMode(nvmlDevice_t device, nvmlEnableState_t
     return device_uint(device, (unsigned int *)mode, one);
 }
 
+/*
+ * Memory repairs that wait for a GPU reset (the control log's "reset-pending" / "reset"): Ampere
+ * and later remap rows (nvmlDeviceGetRemappedRows; page retirement is not supported there),
+ * earlier GPUs retire pages (nvmlDeviceGetRetiredPagesPendingStatus; no row remapping). The
+ * MIG-capable GPUs of the node file stand for Ampere and later.
+ */
+static bool remaps_rows(const struct sim_gpu *gpu)
+{
+    return gpu->mig != SIM_MIG_UNSUPPORTED;
+}
+
+nvmlReturn_t nvmlDeviceGetRemappedRows(nvmlDevice_t device, unsigned int *corrRows,
+                                       unsigned int *uncRows, unsigned int *isPending,
+                                       unsigned int *failureOccurred)
+{
+    struct sim_gpu *gpu;
+    nvmlReturn_t ret;
+
+    lock();
+    ret = use_device(device,
+                     corrRows != NULL && uncRows != NULL && isPending != NULL &&
+                         failureOccurred != NULL,
+                     &gpu);
+    if (ret == NVML_SUCCESS && !remaps_rows(gpu))
+        ret = NVML_ERROR_NOT_SUPPORTED;
+    if (ret == NVML_SUCCESS) {
+        *corrRows = 0;
+        *uncRows = gpu->reset_pending ? 1 : 0;
+        *isPending = gpu->reset_pending ? 1 : 0;
+        *failureOccurred = 0;
+    }
+    unlock();
+    return ret;
+}
+
+/* The same two facts as field values (what nvidia-smi and DCGM read); other fields answer
+ * NOT_SUPPORTED each. */
+nvmlReturn_t nvmlDeviceGetFieldValues(nvmlDevice_t device, int valuesCount,
+                                      nvmlFieldValue_t *values)
+{
+    struct sim_gpu *gpu;
+    struct timespec now;
+    nvmlReturn_t ret;
+    int i;
+
+    lock();
+    ret = use_device(device, valuesCount > 0 && values != NULL, &gpu);
+    if (ret == NVML_SUCCESS) {
+        clock_gettime(CLOCK_REALTIME, &now);
+        for (i = 0; i < valuesCount; i++) {
+            nvmlFieldValue_t *v = &values[i];
+            bool supported = (v->fieldId == NVML_FI_DEV_REMAPPED_PENDING && remaps_rows(gpu)) ||
+                             (v->fieldId == NVML_FI_DEV_RETIRED_PENDING && !remaps_rows(gpu));
+            v->timestamp = (long long)now.tv_sec * 1000000 + now.tv_nsec / 1000;
+            v->latencyUsec = 0;
+            v->valueType = NVML_VALUE_TYPE_UNSIGNED_INT;
+            v->nvmlReturn = supported ? NVML_SUCCESS : NVML_ERROR_NOT_SUPPORTED;
+            v->value.ullVal = 0;
+            if (supported)
+                v->value.uiVal = gpu->reset_pending ? 1 : 0;
+        }
+    }
+    unlock();
+    return ret;
+}
+
+nvmlReturn_t nvmlDeviceGetRetiredPagesPendingStatus(nvmlDevice_t device,
+                                                    nvmlEnableState_t *isPending)
+{
+    struct sim_gpu *gpu;
+    nvmlReturn_t ret;
+
+    lock();
+    ret = use_device(device, isPending != NULL, &gpu);
+    if (ret == NVML_SUCCESS && remaps_rows(gpu))
+        ret = NVML_ERROR_NOT_SUPPORTED;
+    if (ret == NVML_SUCCESS)
+        *isPending = gpu->reset_pending ? NVML_FEATURE_ENABLED : NVML_FEATURE_DISABLED;
+    unlock();
+    return ret;
+}
+
 /* No display is attached to a data-centre GPU (nvidia-smi's "Disp.A Off"). */
 nvmlReturn_t nvmlDeviceGetDisplayActive(nvmlDevice_t device, nvmlEnableState_t *isActive)
 {

@@ -839,14 +839,18 @@ static void apply_control_line(struct sim_node *node, char *raw)
         node->gpus[gpu].failed = true;
     else if (strcmp(command, "recover") == 0)
         node->gpus[gpu].failed = false;
+    else if (strcmp(command, "reset-pending") == 0)
+        node->gpus[gpu].reset_pending = true;
+    else if (strcmp(command, "reset") == 0)
+        node->gpus[gpu].reset_pending = false;
     else if (strcmp(command, "ecc-dbe") == 0)
         push_event(node, (unsigned int)gpu, SIM_EVENT_ECC_DBE, 0);
     else if (strcmp(command, "ecc-sbe") == 0)
         push_event(node, (unsigned int)gpu, SIM_EVENT_ECC_SBE, 0);
     else
         sim_report(path, line,
-                   "unknown command '%s' (expected xid, fail, recover, ecc-dbe, ecc-sbe or "
-                   "mig-fail); "
+                   "unknown command '%s' (expected xid, fail, recover, reset-pending, reset, "
+                   "ecc-dbe, ecc-sbe or mig-fail); "
                    "line ignored",
                    command);
 }

@@ -784,6 +784,19 @@ impl ControlLog {
         self.append(&format!("recover {}", checked_uuid(uuid)?))
     }
 
+    /// `reset-pending <uuid>`: a memory repair waits for a GPU reset (a row remap on Ampere and
+    /// later, a page retirement before; `nvmlDeviceGetRemappedRows` /
+    /// `nvmlDeviceGetRetiredPagesPendingStatus` report it pending), as after an uncorrectable ECC
+    /// error. The GPU keeps answering NVML.
+    pub fn set_reset_pending(&self, uuid: &str) -> io::Result<()> {
+        self.append(&format!("reset-pending {}", checked_uuid(uuid)?))
+    }
+
+    /// `reset <uuid>`: the GPU was reset; nothing is pending any more.
+    pub fn reset_gpu(&self, uuid: &str) -> io::Result<()> {
+        self.append(&format!("reset {}", checked_uuid(uuid)?))
+    }
+
     /// `mig-fail <uuid> <count> <code>`: the next `count` GPU- or compute-instance creations on
     /// that GPU, by any process, fail with NVML error `code` (e.g. 23,
     /// `NVML_ERROR_INSUFFICIENT_RESOURCES`) and create nothing. A later line replaces an earlier
@@ -1028,6 +1041,16 @@ impl SimNode {
     /// See [`ControlLog::recover_gpu`].
     pub fn recover_gpu(&self, uuid: &str) -> io::Result<()> {
         self.control.recover_gpu(uuid)
+    }
+
+    /// See [`ControlLog::set_reset_pending`].
+    pub fn set_reset_pending(&self, uuid: &str) -> io::Result<()> {
+        self.control.set_reset_pending(uuid)
+    }
+
+    /// See [`ControlLog::reset_gpu`].
+    pub fn reset_gpu(&self, uuid: &str) -> io::Result<()> {
+        self.control.reset_gpu(uuid)
     }
 
     /// See [`ControlLog::fail_mig_creations`].
