@@ -672,3 +672,50 @@ async fn a_started_pod_reopened_by_its_tenant_never_takes_another_pod_s_allocate
     );
     assert_ne!(cache_mount(&r), tenant_dir);
 }
+
+/// An init container with a vGPU limit (a native sidecar too): the scheduler gives it no segment, and the
+/// kubelet allocates it first. The Go plugin handed it the first app container's devices (and the app
+/// container then failed, or got the next pod's); the call is refused naming it, and the next pod is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_init_container_with_a_vgpu_limit_is_refused_by_name_not_given_the_app_container_s_gpu()
+{
+    let c = Cluster::start(2, &[]).await;
+    let (a, b) = (c.uuid(0), c.uuid(1));
+    let mut pod = pod_json("sidecar", &[("cuda", Some(1), Some(1000), None)]);
+    pod["spec"]["initContainers"] = serde_json::json!([{
+        "name": "warmup", "image": "i", "restartPolicy": "Always",
+        "resources": {"limits": {"volcano.sh/vgpu-number": "1"}},
+    }]);
+    c.0.create_pod(pod).await;
+    c.0.bind_pod(
+        "sidecar",
+        BindStyle::InBinding,
+        bind_annotations("node-a", &dev(&a, 1000, 0), "1787220000"),
+    )
+    .await;
+    c.bind(
+        "next",
+        &[("cuda", 1, 2000)],
+        &dev(&b, 2000, 0),
+        "1787220001",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = c.refused(1).await;
+    assert!(
+        status.message().contains("default/sidecar")
+            && status.message().contains("init container \"warmup\""),
+        "{}",
+        status.message()
+    );
+    assert_eq!(
+        c.annotation("sidecar", "volcano.sh/bind-phase")
+            .await
+            .as_deref(),
+        Some("failed"),
+        "{}",
+        c.agent.log_text()
+    );
+    let r = c.kubelet.admit(NUMBER, 1).await.unwrap().unwrap();
+    assert_eq!(r.container_responses[0].envs["NVIDIA_VISIBLE_DEVICES"], b);
+}

@@ -448,6 +448,7 @@ fn vector_pod(v: &Value) -> PodView {
         creation_timestamp: None,
         annotations,
         containers,
+        init_with_vgpu: Vec::new(),
         started: false,
     }
 }
@@ -636,6 +637,7 @@ fn walk_case(index: usize) {
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect(),
         containers,
+        init_with_vgpu: Vec::new(),
         started: false,
     };
 

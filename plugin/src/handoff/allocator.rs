@@ -1118,6 +1118,7 @@ mod tests {
                     disable_control: false,
                 })
                 .collect(),
+            init_with_vgpu: Vec::new(),
             started: false,
         }
     }

@@ -148,6 +148,15 @@ pub fn pod_view(pod: &Pod, names: &ResourceNames) -> PodView {
         creation_timestamp: meta.creation_timestamp.as_ref().map(|t| t.0.as_second()),
         annotations: meta.annotations.clone().unwrap_or_default(),
         containers,
+        init_with_vgpu: pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.init_containers.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|c| limits(c, names))
+            .filter(ContainerLimits::has_vgpu)
+            .collect(),
         started: pod.status.as_ref().is_some_and(|s| s.start_time.is_some())
             || container_ids(pod).next().is_some(),
     }

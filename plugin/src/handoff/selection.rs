@@ -72,6 +72,9 @@ pub struct PodView {
     pub annotations: BTreeMap<String, String>,
     /// `spec.containers` only, in order (init containers never get a segment).
     pub containers: Vec<ContainerLimits>,
+    /// `spec.initContainers` (native sidecars included) that have a vGPU limit: the scheduler gives them no
+    /// segment, yet the kubelet calls Allocate for them, first.
+    pub init_with_vgpu: Vec<ContainerLimits>,
     /// The kubelet has started the pod (`status.startTime` set, or a container with a runtime ID): it
     /// was admitted, and admission is the only time the kubelet calls Allocate for it.
     pub started: bool,
@@ -307,8 +310,25 @@ fn verdict(pod: &PodView, gpus: Option<&[GpuFacts]>, request: Request) -> Option
     }
     let vgpu = gpu_containers(pod);
     let asks = |c: usize| kubelet_request(&pod.containers[c]) == Some(request);
-    let &first_asking = vgpu.iter().find(|&&c| asks(c))?;
     let unusable = |cause: String| Some(Verdict::Unusable(cause));
+    // An init container with a vGPU limit: the kubelet allocates it first, and the queue's first segment is
+    // an app container's, which it would take (the Go plugin's behaviour). Any call this pod can be asked
+    // is refused instead, naming the container.
+    if let Some(init) = pod.init_with_vgpu.first()
+        && (pod
+            .init_with_vgpu
+            .iter()
+            .any(|c| kubelet_request(c) == Some(request))
+            || vgpu.iter().any(|&c| asks(c)))
+    {
+        return unusable(format!(
+            "init container {:?} has a vGPU limit, but Volcano's scheduler places devices for spec.containers \
+             only (no segment of {DEVICES_TO_ALLOCATE} is an init container's), so the kubelet's call for it \
+             would take an app container's devices; move the limit to an app container",
+            init.name
+        ));
+    }
+    let &first_asking = vgpu.iter().find(|&&c| asks(c))?;
     let assignment = match next {
         Err(error) => return unusable(error.to_string()),
         Ok(None) => {
@@ -548,6 +568,7 @@ mod tests {
             creation_timestamp: Some(1_787_219_000),
             annotations,
             containers,
+            init_with_vgpu: Vec::new(),
             started: false,
         }
     }
@@ -631,6 +652,32 @@ mod tests {
             .annotations
             .insert(DEVICES_TO_ALLOCATE.to_owned(), "not a queue".to_owned());
         assert!(choose(&[reopened], "node-a", Some(&gpus()), request(1)).is_none());
+    }
+
+    #[test]
+    fn an_init_container_with_a_vgpu_limit_fails_the_pod_instead_of_taking_an_app_container_s_devices()
+     {
+        let mut p = single("p", "1");
+        p.init_with_vgpu = vec![limits("setup", Some(1), None)];
+        let Some(Verdict::Unusable(cause)) = verdict(&p, Some(&gpus()), request(1)) else {
+            panic!("the init container's call is not refused");
+        };
+        assert!(
+            cause.contains("\"setup\"") && cause.contains("init container"),
+            "{cause}"
+        );
+        // Also when only the init container asks for this size.
+        p.init_with_vgpu = vec![limits("setup", Some(2), None)];
+        assert!(matches!(
+            verdict(&p, Some(&gpus()), request(2)),
+            Some(Verdict::Unusable(_))
+        ));
+        // An init container without a vGPU limit is not there at all.
+        p.init_with_vgpu.clear();
+        assert!(matches!(
+            verdict(&p, Some(&gpus()), request(1)),
+            Some(Verdict::Ready(_))
+        ));
     }
 
     #[test]
