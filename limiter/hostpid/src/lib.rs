@@ -19,8 +19,8 @@
 //! * **The protocol**, for both sides: [`request`], [`decide`], [`encode_reply`], [`parse_reply`],
 //!   [`socket_path`]. The limiter (the client, `libvgpu.so`) uses only these.
 //! * **The one server**: [`bind`] (creates the socket, replaces a stale one, refuses to displace a
-//!   live one), [`serve`] (a blocking accept loop for the caller's thread, one short-lived thread
-//!   per connection, at most [`MAX_THREADS`] at once, until a [`Stop`] is signalled), [`run`] (bind, wait while another broker
+//!   live one), [`serve`] (a blocking accept loop for the caller's thread and one responder thread
+//!   that waits for every connection's request at once, until a [`Stop`] is signalled), [`run`] (bind, wait while another broker
 //!   answers, serve — what the node agent runs). Events go to a plain `fn` so the caller logs them
 //!   its own way.
 
@@ -283,25 +283,35 @@ impl Stop {
     }
 }
 
-/// Serves `listener` on the calling thread until `stop` is signalled: each connection is answered
-/// on its own short-lived thread (a client that sends nothing delays nobody else), at most
-/// [`MAX_THREADS`] at a time. The socket is open to every container, so a tenant can connect in a
-/// loop and send nothing: past the bound a connection is answered on the accept loop only if its
-/// request is already there (a real client writes it right after connecting), and dropped
-/// otherwise, so neither threads nor the accept loop's time grow with a flood.
+/// Serves `listener` on the calling thread until `stop` is signalled. Connections are answered by
+/// one responder thread that waits for all their requests at once (`poll`), each for at most
+/// [`REQUEST_TIMEOUT`]: a client that sends nothing delays nobody else, and since the socket is open
+/// to every container, a tenant that connects in a loop and sends nothing costs the agent at most
+/// [`MAX_WAITING`] descriptors (the oldest waiting connection is dropped for a new one), never a
+/// thread per connection. If the responder cannot be started, each connection is answered on the
+/// accept loop.
 pub fn serve(listener: UnixListener, map: PidMap, stop: &Stop, on_event: fn(Event<'_>)) {
     if !stop.watch(Some(listener.as_raw_fd())) {
         return;
     }
-    let threads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (tx, rx) = std::sync::mpsc::channel::<UnixStream>();
+    let responder = {
+        let map = Arc::clone(&map);
+        std::thread::Builder::new()
+            .name("hostpid-broker".into())
+            .spawn(move || respond_all(&rx, &map, on_event))
+            .is_ok()
+    };
     loop {
         match listener.accept() {
             Ok((stream, _)) => {
                 if stop.is_stopped() {
                     break;
                 }
-                if !spawn_responder(&stream, &map, &threads, on_event) {
-                    answer_waiting(stream, &map, on_event);
+                if !responder {
+                    respond(stream, &map, on_event);
+                } else if let Err(std::sync::mpsc::SendError(stream)) = tx.send(stream) {
+                    respond(stream, &map, on_event); // the responder is gone (it panicked)
                 }
             }
             Err(error) => {
@@ -315,74 +325,142 @@ pub fn serve(listener: UnixListener, map: PidMap, stop: &Stop, on_event: fn(Even
             }
         }
     }
+    // Dropping the sender ends the responder once it has answered or dropped what it holds.
     stop.watch(None);
 }
 
-/// Most connections answered on threads of their own at once.
-pub const MAX_THREADS: usize = 32;
+/// Most connections waiting for their request at once.
+pub const MAX_WAITING: usize = 256;
+/// How often the responder takes new connections while others wait.
+const RESPONDER_TICK_MS: u64 = 10;
 
-/// Answers `stream` on a thread of its own (with its own descriptor of the connection, so that the
-/// connection is still here if no thread can be started); `false` when [`MAX_THREADS`] are busy or
-/// no thread can be started.
-fn spawn_responder(
-    stream: &UnixStream,
-    map: &PidMap,
-    threads: &Arc<std::sync::atomic::AtomicUsize>,
-    on_event: fn(Event<'_>),
-) -> bool {
-    use std::sync::atomic::Ordering::{AcqRel, Relaxed};
-    if threads
-        .fetch_update(AcqRel, Relaxed, |n| (n < MAX_THREADS).then_some(n + 1))
-        .is_err()
-    {
-        return false;
-    }
-    let spawned = stream.try_clone().is_ok_and(|s| {
-        let map = Arc::clone(map);
-        let done = Arc::clone(threads);
-        std::thread::Builder::new()
-            .name("hostpid-broker".into())
-            .stack_size(256 * 1024)
-            .spawn(move || {
-                respond(s, &map, on_event);
-                done.fetch_sub(1, AcqRel);
-            })
-            .is_ok()
-    });
-    if !spawned {
-        threads.fetch_sub(1, AcqRel);
-    }
-    spawned
+/// A connection waiting for its request.
+struct Waiting {
+    stream: UnixStream,
+    deadline: std::time::Instant,
+    request: [u8; REQUEST_LEN],
+    got: usize,
 }
 
-/// Answers `stream` on the accept loop without waiting: only if its request has already arrived.
-fn answer_waiting(stream: UnixStream, map: &PidMap, on_event: fn(Event<'_>)) {
-    let result = stream.set_nonblocking(true).and_then(|()| {
-        let mut request = [0u8; REQUEST_LEN];
-        let n = (&stream).read(&mut request).map_err(|e| {
-            if e.kind() == io::ErrorKind::WouldBlock {
-                io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "no request yet while busy; dropped",
-                )
-            } else {
-                e
-            }
-        })?;
-        if n < REQUEST_LEN {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "incomplete request while busy; dropped",
-            ));
+/// The responder: answers each connection handed over by `rx` once its request has come, drops
+/// those that send nothing within [`REQUEST_TIMEOUT`]; returns when `rx`'s sender is gone.
+fn respond_all(rx: &std::sync::mpsc::Receiver<UnixStream>, map: &PidMap, on_event: fn(Event<'_>)) {
+    use std::sync::mpsc::TryRecvError;
+    let mut waiting: std::collections::VecDeque<Waiting> = std::collections::VecDeque::new();
+    let take = |waiting: &mut std::collections::VecDeque<Waiting>, stream: UnixStream| {
+        if stream.set_nonblocking(true).is_err() {
+            return;
         }
-        let (status, pid) = decide(&request, peer_pid(&stream)?, &**map);
-        // 12 bytes fit in any socket buffer: a non-blocking write does not come up short.
-        (&stream).write_all(&encode_reply(status, pid))?;
-        stream.shutdown(std::net::Shutdown::Write)
-    });
-    if let Err(error) = result {
-        on_event(Event::ConnectionFailed(&error));
+        if waiting.len() >= MAX_WAITING {
+            drop(waiting.pop_front());
+            on_event(Event::ConnectionFailed(&io::Error::other(
+                "too many connections waiting for their request; the oldest was dropped",
+            )));
+        }
+        waiting.push_back(Waiting {
+            stream,
+            deadline: std::time::Instant::now() + REQUEST_TIMEOUT,
+            request: [0; REQUEST_LEN],
+            got: 0,
+        });
+    };
+    loop {
+        if waiting.is_empty() {
+            match rx.recv() {
+                Ok(stream) => take(&mut waiting, stream),
+                Err(_) => return,
+            }
+        }
+        loop {
+            match rx.try_recv() {
+                Ok(stream) => take(&mut waiting, stream),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) if waiting.is_empty() => return,
+                Err(TryRecvError::Disconnected) => break,
+            }
+        }
+        let mut fds: Vec<libc::pollfd> = waiting
+            .iter()
+            .map(|w| libc::pollfd {
+                fd: w.stream.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        let now = std::time::Instant::now();
+        let wait = waiting
+            .iter()
+            .map(|w| w.deadline.saturating_duration_since(now))
+            .min()
+            .unwrap_or_default()
+            .min(Duration::from_millis(RESPONDER_TICK_MS));
+        // SAFETY: `fds` holds `fds.len()` valid pollfd entries for descriptors `waiting` owns.
+        unsafe {
+            libc::poll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                i32::try_from(wait.as_millis()).unwrap_or(i32::MAX),
+            )
+        };
+        let now = std::time::Instant::now();
+        let mut kept = std::collections::VecDeque::with_capacity(waiting.len());
+        for (mut w, fd) in waiting.drain(..).zip(&fds) {
+            let outcome = if fd.revents != 0 {
+                read_some(&mut w)
+            } else {
+                Ok(false)
+            };
+            match outcome {
+                Ok(true) => {
+                    if let Err(error) = reply(&w.stream, &w.request, map) {
+                        on_event(Event::ConnectionFailed(&error));
+                    }
+                }
+                Ok(false) if now < w.deadline => kept.push_back(w),
+                Ok(false) => {
+                    drop(w); // closed before it is reported
+                    on_event(Event::ConnectionFailed(&io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no request",
+                    )));
+                }
+                Err(error) => on_event(Event::ConnectionFailed(&error)),
+            }
+        }
+        waiting = kept;
     }
+}
+
+/// Reads what has arrived of `w`'s request; `Ok(true)` once it is complete.
+fn read_some(w: &mut Waiting) -> io::Result<bool> {
+    loop {
+        match (&w.stream).read(&mut w.request[w.got..]) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "closed before a whole request",
+                ));
+            }
+            Ok(n) => {
+                w.got += n;
+                if w.got == REQUEST_LEN {
+                    return Ok(true);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The reply to a whole request, then end of stream (12 bytes fit any socket buffer: a
+/// non-blocking write does not come up short).
+fn reply(stream: &UnixStream, request: &[u8; REQUEST_LEN], map: &PidMap) -> io::Result<()> {
+    let (status, pid) = decide(request, peer_pid(stream)?, &**map);
+    let mut out = stream;
+    out.write_all(&encode_reply(status, pid))?;
+    stream.shutdown(std::net::Shutdown::Write)
 }
 
 /// Binds under `lock_dir` and serves with `map` until `stop`, then removes the socket it bound. While
@@ -658,9 +736,9 @@ mod tests {
     }
 
     #[test]
-    fn a_flood_of_silent_clients_takes_a_bounded_number_of_threads_and_real_clients_are_answered() {
+    fn a_flood_of_silent_clients_takes_no_thread_each_and_real_clients_are_answered_at_once() {
         let server = Running::start(identity(), ignore);
-        let silent: Vec<UnixStream> = (0..MAX_THREADS * 6)
+        let silent: Vec<UnixStream> = (0..MAX_WAITING / 2)
             .map(|_| UnixStream::connect(server.socket()).unwrap())
             .collect();
         // A real client (request written right after connecting) is answered at once, flood or not.
@@ -676,10 +754,10 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
-        // Other tests of this binary run beside this one, each with a responder or so of its own.
+        // Other tests of this binary run beside this one, each with a responder of its own.
         let threads = responder_threads();
         assert!(
-            threads <= MAX_THREADS + 4,
+            threads <= 8,
             "{threads} responder threads for {} silent clients",
             silent.len()
         );
