@@ -61,6 +61,26 @@ impl Cluster {
         }
     }
 
+    /// The kubelet admits a 1-vGPU container and the agent refuses it as pod `pod`'s, for a cause that says
+    /// `cause`; the pod is marked failed.
+    async fn refused_as(&self, pod: &str, cause: &str) {
+        let status = self.refused(1).await;
+        assert!(
+            status.message().contains(&format!("default/{pod}"))
+                && status.message().contains(cause),
+            "{}",
+            status.message()
+        );
+        assert_eq!(
+            self.annotation(pod, "volcano.sh/bind-phase")
+                .await
+                .as_deref(),
+            Some("failed"),
+            "{}",
+            self.agent.log_text()
+        );
+    }
+
     /// The `VGPUAllocateFailed` Event notes recorded on a pod, waiting for the first (they are published off
     /// the Allocate lock, after the kubelet's answer).
     async fn failure_events(&self, pod: &str) -> Vec<String> {
@@ -645,23 +665,11 @@ async fn a_started_pod_reopened_by_its_tenant_never_takes_another_pod_s_allocate
     )
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let status = c.refused(1).await;
-    assert!(
-        status.message().contains("default/tenant")
-            && status.message().contains("already handed its vGPUs"),
-        "{}",
-        status.message()
-    );
+    c.refused_as("tenant", "already handed its vGPUs").await;
     assert_eq!(
         record_of(&tenant_dir),
         tenant_record,
         "the tenant's record is untouched"
-    );
-    assert_eq!(
-        c.annotation("tenant", "volcano.sh/bind-phase")
-            .await
-            .as_deref(),
-        Some("failed")
     );
     // The next call is victim-2's, and it gets its own GPU and limits.
     let r = c.kubelet.admit(NUMBER, 1).await.unwrap().unwrap();
@@ -701,21 +709,7 @@ async fn an_init_container_with_a_vgpu_limit_is_refused_by_name_not_given_the_ap
     )
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let status = c.refused(1).await;
-    assert!(
-        status.message().contains("default/sidecar")
-            && status.message().contains("init container \"warmup\""),
-        "{}",
-        status.message()
-    );
-    assert_eq!(
-        c.annotation("sidecar", "volcano.sh/bind-phase")
-            .await
-            .as_deref(),
-        Some("failed"),
-        "{}",
-        c.agent.log_text()
-    );
+    c.refused_as("sidecar", "init container \"warmup\"").await;
     let r = c.kubelet.admit(NUMBER, 1).await.unwrap().unwrap();
     assert_eq!(r.container_responses[0].envs["NVIDIA_VISIBLE_DEVICES"], b);
 }
