@@ -196,3 +196,64 @@ async fn the_record_goes_with_its_pod() {
         || !record.exists(),
     );
 }
+
+/// The per-container metrics take the GPU and the caps from the node's record, not from the region the
+/// tenant writes: a region that names another container's GPU and drops its cap shows neither on the
+/// dashboards, also before the monitor's next round writes the region back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_label_a_container_with_its_recorded_gpu_and_caps_whatever_its_region_says() {
+    let port = free_port();
+    let c = cluster(NodeSpec::uniform(2, GpuSpec::t4))
+        .env("METRICS_BIND_ADDRESS", format!("127.0.0.1:{port}"))
+        .start()
+        .await;
+    let (mine, other) = (c.uuid(0), c.uuid(1));
+    let uid = bind(&c, "pod-a", &format!("{mine},NVIDIA,3000,30:"), "low").await;
+    let response = c
+        .kubelet
+        .admit(NUMBER, 1)
+        .await
+        .unwrap()
+        .unwrap_or_else(|s| panic!("Allocate failed: {}\n{}", s.message(), c.agent.log_text()));
+    let file_name = response.container_responses[0].envs["CUDA_DEVICE_MEMORY_SHARED_CACHE"]
+        .strip_prefix("/tmp/vgpu/")
+        .unwrap()
+        .to_owned();
+    let region_path = c
+        .dir
+        .path()
+        .join(format!("hook/vgpu/containers/{uid}_cuda/{file_name}"));
+    let mut config = RegionConfig::default();
+    config.limits[0] = 3000 * MIB;
+    config.sm_limits[0] = 30;
+    let region = Region::open_or_create(&region_path, &config).unwrap();
+    region.set_device_info(&[mine.as_str()]).unwrap();
+    let limit = |uuid: &str| {
+        let (_, body) = http_get(port, "/metrics");
+        vgpu_metrics::find_value(
+            &body,
+            "vgpu_container_memory_limit_bytes",
+            &[("pod", "pod-a"), ("gpu_uuid", uuid)],
+        )
+    };
+    wait_until(
+        "the container in the metrics",
+        || c.agent.log_text(),
+        || limit(&mine) == Some((3000 * MIB) as f64),
+    );
+
+    // The tenant lifts its cap: the metrics still show the recorded one.
+    poke(
+        &region_path,
+        std::mem::offset_of!(SharedRegion, limit),
+        &0u64.to_ne_bytes(),
+    );
+    assert_eq!(limit(&mine), Some((3000 * MIB) as f64));
+    // It names the other GPU: no sample of this container lands on that GPU.
+    poke(
+        &region_path,
+        std::mem::offset_of!(SharedRegion, uuids),
+        other.as_bytes(),
+    );
+    assert_eq!(limit(&other), None, "{}", http_get(port, "/metrics").1);
+}

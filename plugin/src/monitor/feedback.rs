@@ -39,7 +39,9 @@ use std::time::{Duration, Instant, SystemTime};
 use vgpu_region::RegionReader;
 use vgpu_region::layout::RECENT_KERNEL_ACTIVE;
 
-use crate::handoff::record::{LOW_PRIORITY, RecordStore, RegionGuard, Tamper, clamp_priority};
+use crate::handoff::record::{
+    ContainerRecord, LOW_PRIORITY, RecordStore, RegionGuard, Tamper, clamp_priority,
+};
 use crate::monitor::events::{PodEvent, Reporting};
 
 /// How often HAMi's monitor runs its feedback round (`Observe`, every 5 s: `docs/hami-core-region.md` §4.3).
@@ -110,13 +112,18 @@ fn regular_file(path: PathBuf) -> Option<PathBuf> {
 #[derive(Debug, Default)]
 pub struct RegionDirs {
     known: HashMap<PathBuf, (SystemTime, Option<PathBuf>)>,
-    /// The node's record: container directory → region file name, read again when the records directory
-    /// changes (or changed in the last two seconds).
-    recorded: HashMap<String, String>,
+    /// The node's records by container directory, read again when the records directory changes (or
+    /// changed in the last two seconds).
+    recorded: HashMap<String, ContainerRecord>,
     recorded_mtime: Option<SystemTime>,
 }
 
 impl RegionDirs {
+    /// The node's record of container directory `<uid>_<container>`, as of the last [`Self::files`].
+    pub fn record(&self, uid: &str, container: &str) -> Option<&ContainerRecord> {
+        self.recorded.get(&format!("{uid}_{container}"))
+    }
+
     /// As [`region_files`].
     pub fn files(&mut self, root: &Path) -> Vec<(String, String, PathBuf)> {
         let now = SystemTime::now();
@@ -128,13 +135,13 @@ impl RegionDirs {
                 .is_ok_and(|age| age >= Duration::from_secs(2))
         });
         if records_mtime != self.recorded_mtime || !records_settled {
-            self.recorded = recorded_files(root);
+            self.recorded = RecordStore::beside(root).load();
             self.recorded_mtime = records_mtime;
         }
         let mut out = Vec::new();
         let mut seen = HashMap::with_capacity(self.known.len());
         for (dir, uid, container) in container_dirs(root) {
-            if let Some(name) = self.recorded.get(&dir_key(&dir)) {
+            if let Some(name) = self.recorded.get(&dir_key(&dir)).map(|r| &r.cache_file) {
                 // One `lstat`: the recorded file or nothing, whatever else the tenant put beside it.
                 if let Some(file) = regular_file(dir.join(name)) {
                     out.push((uid, container, file));

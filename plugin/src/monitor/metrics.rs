@@ -103,12 +103,18 @@ impl NodeSnapshot {
             .collect();
         let mut samples = Vec::new();
         // A panic mid-listing leaves at worst a stale choice for one directory, re-checked when it changes.
-        let files = regions
-            .dirs
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .files(&regions.root);
-        for (uid, container, file) in files {
+        let files: Vec<_> = {
+            let mut dirs = regions.dirs.lock().unwrap_or_else(PoisonError::into_inner);
+            let files = dirs.files(&regions.root);
+            files
+                .into_iter()
+                .map(|(uid, container, file)| {
+                    let record = dirs.record(&uid, &container).cloned();
+                    (uid, container, file, record)
+                })
+                .collect()
+        };
+        for (uid, container, file, record) in files {
             let Some((namespace, pod)) = by_uid.get(&uid) else {
                 continue;
             };
@@ -124,6 +130,16 @@ impl NodeSnapshot {
                         // The monitors skip a device whose UUID slot is empty or not UTF-8.
                         let Some(uuid) = region.uuid_label(device).map(str::to_owned) else {
                             continue;
+                        };
+                        // The GPU and the caps come from the node's record where there is one: the region is
+                        // the tenant's to write, and a region naming another container's GPU would put this
+                        // container's usage on that GPU's dashboards until the next correction.
+                        let recorded = match &record {
+                            Some(r) => match r.gpus.iter().find(|g| g.uuid.starts_with(&uuid)) {
+                                Some(g) => Some((g.memory_limit_bytes, r.sm_limit_percent)),
+                                None => continue,
+                            },
+                            None => None,
                         };
                         let gpu_index = self
                             .inventory
@@ -143,9 +159,11 @@ impl NodeSnapshot {
                             memory_module_bytes: usage.module,
                             memory_data_bytes: usage.data,
                             memory_offset_bytes: usage.offset,
-                            memory_limit_bytes: region.limit(device).unwrap_or(0),
+                            memory_limit_bytes: recorded
+                                .map_or_else(|| region.limit(device).unwrap_or(0), |r| r.0),
                             sm_utilization_percent: region.device_sm_util(device),
-                            sm_limit_percent: region.sm_limit(device).unwrap_or(0),
+                            sm_limit_percent: recorded
+                                .map_or_else(|| region.sm_limit(device).unwrap_or(0), |r| r.1),
                             allocations_refused: refused,
                             last_kernel_unix: region
                                 .last_kernel_time
