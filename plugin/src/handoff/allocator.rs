@@ -191,6 +191,9 @@ impl MemoryCalls {
     fn handed_off(&mut self, pod: &PodView, container: usize, memory: Option<u64>) {
         let uid = pod.uid.as_str();
         self.expire();
+        // The kubelet admits one pod at a time: a memory call still owed by another pod belongs to an
+        // admission it gave up on, and must not be taken for this pod's (it would be answered in its place).
+        self.entries.retain(|e| !e.owed || e.uid == uid);
         let Some(size) = memory
             .filter(|&m| m > 0)
             .and_then(|m| usize::try_from(m).ok())
@@ -220,7 +223,10 @@ impl MemoryCalls {
     /// Whether the call is really that one is for the caller to check ([`Allocator::still_owed`]).
     fn take_owed(&mut self, size: usize) -> Option<(String, String, String)> {
         self.expire();
-        let i = self.entries.iter().position(|e| e.owed && e.size == size)?;
+        let i = self
+            .entries
+            .iter()
+            .rposition(|e| e.owed && e.size == size)?;
         let e = self.entries.remove(i);
         Some((e.pod.0, e.pod.1, e.uid))
     }
@@ -456,7 +462,7 @@ impl<S: PodStore> Allocator<S> {
             None
         };
         if let Some(owed) = owed
-            && self.still_owed(&owed).await?
+            && self.still_owed(&owed).await
         {
             return Ok(Outcome::NotMine);
         }
@@ -494,17 +500,17 @@ impl<S: PodStore> Allocator<S> {
     /// failed, so an entry whose pod has moved on was left by an admission given up on (another plugin
     /// refused, too few healthy IDs) and must not answer a later memory-only container of the same size
     /// empty: that container would start without its GPU and limits.
-    async fn still_owed(
-        &self,
-        (namespace, name, uid): &(String, String, String),
-    ) -> Result<bool, AllocateError> {
-        let pod = tokio::time::timeout(self.limit(), self.store.get(namespace, name))
-            .await
-            .map_err(|_| AllocateError::TimedOut {
-                node: self.node.clone(),
-                limit: self.limit(),
-            })?
-            .map_err(|e| self.unavailable(e))?;
+    /// A read that fails (apiserver down or slow) keeps the entry's word, as before there was a check: the
+    /// call is answered empty.
+    async fn still_owed(&self, (namespace, name, uid): &(String, String, String)) -> bool {
+        let read = tokio::time::timeout(self.limit(), self.store.get(namespace, name)).await;
+        let Ok(Ok(pod)) = read else {
+            tracing::warn!(
+                pod = %format!("{namespace}/{name}"),
+                "cannot read the pod a remembered memory call is owed by; answered empty as owed"
+            );
+            return true;
+        };
         let owed = pod.is_some_and(|p| {
             &p.uid == uid && p.phase.as_deref() == Some(PHASE_PENDING) && !p.started
         });
@@ -515,7 +521,7 @@ impl<S: PodStore> Allocator<S> {
                  admitted); this call is served as a new one"
             );
         }
-        Ok(owed)
+        owed
     }
 
     /// Commits a decided hand-off and answers with it, or fails the pod.
@@ -1319,6 +1325,28 @@ mod tests {
             "GPU-b"
         );
         assert_eq!(annotations(&allocator.store, "s")[BIND_PHASE], "success");
+        // A stale entry must not hide the next pod's own: its number call drops the entries other pods owe,
+        // so its count container's memory call is answered empty and its memory-only container is served.
+        let allocator = serving(root.path(), vec![bound("u", &containers, queue)]);
+        assert_eq!(
+            handed(number(&allocator, 1).await).envs["NVIDIA_VISIBLE_DEVICES"],
+            "GPU-a"
+        );
+        allocator.store.set_phase("u", "Failed");
+        allocator.store.add(bound("v", &containers, queue));
+        assert_eq!(
+            handed(number(&allocator, 1).await).envs["NVIDIA_VISIBLE_DEVICES"],
+            "GPU-a"
+        );
+        assert!(matches!(
+            memory(&allocator, 1000).await,
+            Ok(Outcome::NotMine)
+        ));
+        assert_eq!(
+            handed(memory(&allocator, 1000).await).envs["NVIDIA_VISIBLE_DEVICES"],
+            "GPU-b"
+        );
+        assert_eq!(annotations(&allocator.store, "v")[BIND_PHASE], "success");
 
         // No pod at all: a memory call is answered empty and changes nothing.
         let idle = serving(root.path(), Vec::new());
