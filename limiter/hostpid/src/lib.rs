@@ -287,9 +287,9 @@ impl Stop {
 /// one responder thread that waits for all their requests at once (`poll`), each for at most
 /// [`REQUEST_TIMEOUT`]: a client that sends nothing delays nobody else, and since the socket is open
 /// to every container, a tenant that connects in a loop and sends nothing costs the agent at most
-/// [`MAX_WAITING`] descriptors (the oldest waiting connection is dropped for a new one), never a
-/// thread per connection. If the responder cannot be started, each connection is answered on the
-/// accept loop.
+/// [`MAX_WAITING`] descriptors (the oldest connection that has sent nothing is dropped for a new
+/// one; a request already there is answered as the connection is taken), never a thread each. If
+/// the responder cannot be started, each connection is answered on the accept loop.
 pub fn serve(listener: UnixListener, map: PidMap, stop: &Stop, on_event: fn(Event<'_>)) {
     if !stop.watch(Some(listener.as_raw_fd())) {
         return;
@@ -347,22 +347,40 @@ struct Waiting {
 fn respond_all(rx: &std::sync::mpsc::Receiver<UnixStream>, map: &PidMap, on_event: fn(Event<'_>)) {
     use std::sync::mpsc::TryRecvError;
     let mut waiting: std::collections::VecDeque<Waiting> = std::collections::VecDeque::new();
+    // A new connection whose request is already there is answered at once; the others wait. Past
+    // `MAX_WAITING`, the oldest that has sent nothing at all makes room (a flood of silent connections
+    // cannot push out a client that is mid-request).
     let take = |waiting: &mut std::collections::VecDeque<Waiting>, stream: UnixStream| {
         if stream.set_nonblocking(true).is_err() {
             return;
         }
-        if waiting.len() >= MAX_WAITING {
-            drop(waiting.pop_front());
-            on_event(Event::ConnectionFailed(&io::Error::other(
-                "too many connections waiting for their request; the oldest was dropped",
-            )));
-        }
-        waiting.push_back(Waiting {
+        let mut w = Waiting {
             stream,
             deadline: std::time::Instant::now() + REQUEST_TIMEOUT,
             request: [0; REQUEST_LEN],
             got: 0,
-        });
+        };
+        match read_some(&mut w) {
+            Ok(true) => {
+                if let Err(error) = reply(&w.stream, &w.request, map) {
+                    on_event(Event::ConnectionFailed(&error));
+                }
+                return;
+            }
+            Ok(false) => {}
+            Err(error) => {
+                on_event(Event::ConnectionFailed(&error));
+                return;
+            }
+        }
+        if waiting.len() >= MAX_WAITING {
+            let silent = waiting.iter().position(|w| w.got == 0).unwrap_or(0);
+            drop(waiting.remove(silent));
+            on_event(Event::ConnectionFailed(&io::Error::other(
+                "too many connections waiting for their request; the oldest silent one was dropped",
+            )));
+        }
+        waiting.push_back(w);
     };
     loop {
         if waiting.is_empty() {
@@ -737,10 +755,35 @@ mod tests {
 
     #[test]
     fn a_flood_of_silent_clients_takes_no_thread_each_and_real_clients_are_answered_at_once() {
-        let server = Running::start(identity(), ignore);
-        let silent: Vec<UnixStream> = (0..MAX_WAITING / 2)
+        static CROWDED: AtomicUsize = AtomicUsize::new(0);
+        fn count_crowded(e: Event<'_>) {
+            if let Event::ConnectionFailed(e) = e
+                && e.to_string().contains("too many connections")
+            {
+                CROWDED.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let server = Running::start(identity(), count_crowded);
+        // A client half-way through its request when the flood comes is not pushed out by it.
+        let mut halfway = UnixStream::connect(server.socket()).unwrap();
+        halfway.write_all(&request()[..4]).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        // More than fit: the oldest silent ones make room, never a real client.
+        let silent: Vec<UnixStream> = (0..MAX_WAITING + 64)
             .map(|_| UnixStream::connect(server.socket()).unwrap())
             .collect();
+        let crowded = Instant::now() + Duration::from_secs(5);
+        while CROWDED.load(Ordering::Relaxed) < 64 && Instant::now() < crowded {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(CROWDED.load(Ordering::Relaxed) >= 64, "the flood made room");
+        halfway.write_all(&request()[4..]).unwrap();
+        let mut reply = Vec::new();
+        halfway.read_to_end(&mut reply).unwrap();
+        assert_eq!(
+            parse_reply(&reply.try_into().unwrap()),
+            Some(std::process::id() as i32)
+        );
         // A real client (request written right after connecting) is answered at once, flood or not.
         let started = Instant::now();
         for _ in 0..5 {
