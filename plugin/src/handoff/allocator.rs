@@ -38,7 +38,9 @@ use crate::gpu::mig::{MigControl, MigInstance};
 use crate::gpu::plan::{DevicePlan, device_id};
 use crate::handoff::decision::{Decision, HandoffError, HandoffSettings, Plan, decide};
 use crate::handoff::pod_cache::PodCache;
-use crate::handoff::record::{RecordStore, already_recorded, record_allocation};
+use crate::handoff::record::{
+    RecordStore, already_recorded, record_allocation, recorded_container,
+};
 use crate::handoff::selection::{
     AllocatingEndpoint, GpuFacts, PHASE_PENDING, PodView, Request, Verdict, choose,
 };
@@ -396,8 +398,17 @@ impl<S: PodStore> Allocator<S> {
         gpus: &[GpuFacts],
     ) -> Result<Option<(PodView, Verdict)>, AllocateError> {
         // Only pods still waiting for this node can be chosen: most of the node's pods are long done, and
-        // building the view of each would cost more than the rest of the search.
-        let cached = self.store.cached_waiting();
+        // building the view of each would cost more than the rest of the search. A pod whose next container
+        // the node already holds a record of was handed out before and its queue rewritten since: provably
+        // not the pod being admitted (a pod is admitted once), so it is passed over, never chosen to fail
+        // the call of the pod that is.
+        let not_handed_out = |views: Vec<PodView>| -> Vec<PodView> {
+            views
+                .into_iter()
+                .filter(|p| !self.handed_out_before(p))
+                .collect()
+        };
+        let cached = not_handed_out(self.store.cached_waiting());
         if let Some(choice) = choose(&cached, &self.node, Some(gpus), request) {
             // The watch may lag behind our own last patch (the kubelet allocates a pod's next container
             // milliseconds after the previous one), so the chosen pod, usable or not, is read fresh and judged
@@ -409,6 +420,7 @@ impl<S: PodStore> Allocator<S> {
                 .await
                 .map_err(|e| self.unavailable(e))?;
             if let Some(fresh) = fresh
+                && !self.handed_out_before(&fresh)
                 && let Some(choice) = choose(
                     std::slice::from_ref(&fresh),
                     &self.node,
@@ -419,13 +431,22 @@ impl<S: PodStore> Allocator<S> {
                 return Ok(Some((fresh, choice.verdict)));
             }
         }
-        let views = self
-            .store
-            .list_waiting()
-            .await
-            .map_err(|e| self.unavailable(e))?;
+        let views = not_handed_out(
+            self.store
+                .list_waiting()
+                .await
+                .map_err(|e| self.unavailable(e))?,
+        );
         Ok(choose(&views, &self.node, Some(gpus), request)
             .map(|choice| (views[choice.index].clone(), choice.verdict)))
+    }
+
+    /// Whether the node already holds a record of `pod`'s next queue container.
+    fn handed_out_before(&self, pod: &PodView) -> bool {
+        matches!(
+            crate::handoff::selection::next_assignment(pod),
+            Ok(Some(a)) if recorded_container(&self.settings.cache_root, &pod.uid, &pod.containers[a.container].name)
+        )
     }
 
     /// [`Self::find`] under the request bound as a whole: both callers hold the serial lock while it runs.

@@ -77,7 +77,8 @@ pub enum HandoffError {
     /// The queue offers a container the node already handed devices to: the pod's annotations were rewritten
     /// after its hand-off (a pod is admitted once), so nothing is handed out.
     #[error(
-        "container {container:?} was already handed its vGPUs on this node (the node holds its record);          {DEVICES_TO_ALLOCATE} was rewritten after the hand-off and is not served again"
+        "container {container:?} was already handed its vGPUs on this node (the node holds its record); \
+         {DEVICES_TO_ALLOCATE} was rewritten after the hand-off and is not served again"
     )]
     HandedOffBefore {
         /// The container's name.
