@@ -312,14 +312,13 @@ fn verdict(pod: &PodView, gpus: Option<&[GpuFacts]>, request: Request) -> Option
     let asks = |c: usize| kubelet_request(&pod.containers[c]) == Some(request);
     let unusable = |cause: String| Some(Verdict::Unusable(cause));
     // An init container with a vGPU limit: the kubelet allocates it first, and the queue's first segment is
-    // an app container's, which it would take (the Go plugin's behaviour). Any call this pod can be asked
-    // is refused instead, naming the container.
-    if let Some(init) = pod.init_with_vgpu.first()
-        && (pod
-            .init_with_vgpu
-            .iter()
-            .any(|c| kubelet_request(c) == Some(request))
-            || vgpu.iter().any(|&c| asks(c)))
+    // an app container's, which it would take (the Go plugin's behaviour). Its call is refused instead,
+    // naming it; a call only an app container of this pod could make is not this pod's (the init
+    // container's call comes first and fails the pod).
+    if let Some(init) = pod
+        .init_with_vgpu
+        .iter()
+        .find(|c| kubelet_request(c) == Some(request))
     {
         return unusable(format!(
             "init container {:?} has a vGPU limit, but Volcano's scheduler places devices for spec.containers \
@@ -327,6 +326,9 @@ fn verdict(pod: &PodView, gpus: Option<&[GpuFacts]>, request: Request) -> Option
              would take an app container's devices; move the limit to an app container",
             init.name
         ));
+    }
+    if !pod.init_with_vgpu.is_empty() {
+        return None;
     }
     let &first_asking = vgpu.iter().find(|&&c| asks(c))?;
     let assignment = match next {
@@ -666,12 +668,14 @@ mod tests {
             cause.contains("\"setup\"") && cause.contains("init container"),
             "{cause}"
         );
-        // Also when only the init container asks for this size.
+        // Also when only the init container asks for this size; a size only the app container asks for is
+        // not this pod's call (its init container's comes first).
         p.init_with_vgpu = vec![limits("setup", Some(2), None)];
         assert!(matches!(
             verdict(&p, Some(&gpus()), request(2)),
             Some(Verdict::Unusable(_))
         ));
+        assert!(verdict(&p, Some(&gpus()), request(1)).is_none());
         // An init container without a vGPU limit is not there at all.
         p.init_with_vgpu.clear();
         assert!(matches!(
