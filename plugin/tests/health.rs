@@ -260,5 +260,20 @@ async fn a_gpu_whose_memory_repair_waits_for_a_reset_stays_unhealthy_until_it_is
             })
             .await
             .unwrap_or_else(|e| panic!("{model}: {e}\n{}", agent.log_text()));
+
+        // An agent started while a GPU waits for its reset does not vouch for it either.
+        drop(agent);
+        sim.set_reset_pending(&bad).unwrap();
+        let agent = spawn(
+            &sim,
+            &kubelet,
+            &["--health-recovery-period", "1s", "--gpu-memory-factor", "4"],
+        );
+        kubelet
+            .wait_until(PATIENCE, "GPU 1 Unhealthy from the start", |v| {
+                gpu_is(v, &bad, true)
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{model}: {e}\n{}", agent.log_text()));
     }
 }

@@ -235,6 +235,19 @@ impl<'a> Monitor<'a> {
             repartitions: Arc::default(),
         };
         monitor.rebuild_events();
+        // A GPU still waiting for a reset when the agent starts (an agent restarted after the fault) is not
+        // vouched for either.
+        let now = Instant::now();
+        for g in 0..gpus {
+            if monitor.reset_pending(g) {
+                tracing::warn!(
+                    uuid = %inventory.gpus[g].uuid,
+                    "retired pages or remapped rows wait for a GPU reset; GPU marked Unhealthy until it is reset"
+                );
+                monitor.tracker.fault(g, now);
+            }
+        }
+        monitor.publish();
         monitor
     }
 
