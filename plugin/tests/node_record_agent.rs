@@ -249,6 +249,13 @@ async fn metrics_label_a_container_with_its_recorded_gpu_and_caps_whatever_its_r
         &0u64.to_ne_bytes(),
     );
     assert_eq!(limit(&mine), Some((3000 * MIB) as f64));
+    // A slot holding only "GPU-" matches no GPU: no sample with that label.
+    poke(
+        &region_path,
+        std::mem::offset_of!(SharedRegion, uuids),
+        b"GPU-\0",
+    );
+    assert_eq!(limit("GPU-"), None, "{}", http_get(port, "/metrics").1);
     // It names the other GPU: no sample of this container lands on that GPU.
     poke(
         &region_path,

@@ -134,8 +134,10 @@ impl NodeSnapshot {
                         // The GPU and the caps come from the node's record where there is one: the region is
                         // the tenant's to write, and a region naming another container's GPU would put this
                         // container's usage on that GPU's dashboards until the next correction.
+                        // The label is the UUID's first 40 bytes, as the monitors take it: compared whole
+                        // (a region slot holding only "GPU-" must not match every GPU).
                         let recorded = match &record {
-                            Some(r) => match r.gpus.iter().find(|g| g.uuid.starts_with(&uuid)) {
+                            Some(r) => match r.gpus.iter().find(|g| label_of(&g.uuid) == uuid) {
                                 Some(g) => Some((g.memory_limit_bytes, r.sm_limit_percent)),
                                 None => continue,
                             },
@@ -304,6 +306,15 @@ fn mig_profile(name: &str) -> String {
         .map_or(name, |(_, profile)| profile)
         .trim()
         .to_owned()
+}
+
+/// The monitors' `deviceuuid` label of a UUID: its first 40 bytes (all of a GPU's or a MIG device's UUID).
+fn label_of(uuid: &str) -> &str {
+    let mut end = uuid.len().min(vgpu_region::layout::UUID_LABEL_LEN);
+    while !uuid.is_char_boundary(end) {
+        end -= 1;
+    }
+    &uuid[..end]
 }
 
 #[cfg(test)]
