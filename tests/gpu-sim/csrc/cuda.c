@@ -2789,8 +2789,6 @@ static CUresult graph_exec_memory(struct CUgraphExec_st *e, struct CUctx_st *c)
         if (find_alloc(a->dptr, is_graph_kind) == NULL)
             return CUDA_ERROR_INVALID_VALUE; /* another graph's allocation, not live now */
     }
-    for (a = e->frees; a != NULL; a = a->next)
-        free_object(find_alloc(a->dptr, is_graph_kind));
     for (d = 0; d < g_dev_count; d++) {
         struct device *dv = &g_devs[d];
         uint64_t want = dv->graph_in_use + need[d];
@@ -2806,6 +2804,9 @@ static CUresult graph_exec_memory(struct CUgraphExec_st *e, struct CUctx_st *c)
             dv->graph_reserved = want;
         }
     }
+    /* The launch succeeds from here on: other graphs' allocations it frees go back to the pool. */
+    for (a = e->frees; a != NULL; a = a->next)
+        free_object(find_alloc(a->dptr, is_graph_kind));
     for (a = e->allocs; a != NULL; a = a->next) {
         struct alloc *live;
         if (a->freed_in_graph)

@@ -1460,7 +1460,7 @@ nvmlReturn_t nvmlDeviceGetRemappedRows(nvmlDevice_t device, unsigned int *corrRo
         ret = NVML_ERROR_NOT_SUPPORTED;
     if (ret == NVML_SUCCESS) {
         *corrRows = 0;
-        *uncRows = gpu->reset_pending ? 1 : 0;
+        *uncRows = gpu->repairs; /* remapped rows stay counted after the reset */
         *isPending = gpu->reset_pending ? 1 : 0;
         *failureOccurred = 0;
     }

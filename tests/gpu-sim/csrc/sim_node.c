@@ -839,8 +839,10 @@ static void apply_control_line(struct sim_node *node, char *raw)
         node->gpus[gpu].failed = true;
     else if (strcmp(command, "recover") == 0)
         node->gpus[gpu].failed = false;
-    else if (strcmp(command, "reset-pending") == 0)
+    else if (strcmp(command, "reset-pending") == 0) {
         node->gpus[gpu].reset_pending = true;
+        node->gpus[gpu].repairs++;
+    }
     else if (strcmp(command, "reset") == 0)
         node->gpus[gpu].reset_pending = false;
     else if (strcmp(command, "ecc-dbe") == 0)

@@ -86,6 +86,7 @@ struct sim_gpu {
     /* ---- dynamic, from the control log ---- */
     bool failed;                              /* fallen off the bus */
     bool reset_pending;                       /* retired pages / remapped rows await a GPU reset */
+    unsigned int repairs;                     /* "reset-pending" lines so far (rows remapped) */
     /* The last "mig-fail" line for this GPU (0: none): its line number, count and NVML code.
      * The node's MIG state file records which line was adopted, so each line arms once. */
     unsigned long mig_fault_line;
