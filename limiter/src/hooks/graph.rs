@@ -24,7 +24,9 @@
 //! freeing graph's, which may never come, so crediting it with the allocating graph's destruction
 //! let a tenant destroy graphs and keep their memory (found by a review helper on 2026-12-06). Such
 //! an allocation stays charged until freed outside a graph or the process exits (an over-count
-//! for a program that really frees it in another graph).
+//! for a program that really frees it in another graph). Not closed: a captured free accepts the
+//! allocation of any capture in progress (allocations are keyed by the capturing stream, not the
+//! capture), so two captures at once can credit an allocation the other's graph never frees.
 //!
 //! Limits: an executable graph that outlives its graph (`cuGraphDestroy` before
 //! `cuGraphExecDestroy`) can launch again with its in-graph allocations no longer charged; an

@@ -15,7 +15,8 @@
 //! call the driver, credit on success). Mappings are counted only for charged handles; a range
 //! unmapped is matched as the driver matches it (every mapping wholly inside it).
 //!
-//! Every VMM call of a process with a memory cap runs under one lock, **driver call included**, so
+//! Every map, unmap, release and retain of a process with a memory cap runs under one lock,
+//! **driver call included** (`cuMemCreate` needs none: its handle is new), so
 //! the counts and the driver cannot disagree: a release that finds "last reference, nothing
 //! mapped" cannot race a map of the same handle into the driver, and a map counted is a map made.
 //! These calls are rare and slow (page-table updates in the driver); without a cap each is the
