@@ -1200,6 +1200,11 @@ mod tests {
         }
     }
 
+    /// The GPU a handed-off container sees (`NVIDIA_VISIBLE_DEVICES`).
+    fn visible(outcome: Result<Outcome, AllocateError>) -> String {
+        handed(outcome).envs["NVIDIA_VISIBLE_DEVICES"].clone()
+    }
+
     fn annotations(store: &MemoryPodStore, pod: &str) -> BTreeMap<String, String> {
         store.pod(pod).annotations
     }
@@ -1298,22 +1303,13 @@ mod tests {
             Ok(Outcome::NotMine)
         ));
         assert!(store.writes().is_empty());
-        assert_eq!(
-            handed(number(&allocator, 1).await).envs["NVIDIA_VISIBLE_DEVICES"],
-            "GPU-a"
-        );
+        assert_eq!(visible(number(&allocator, 1).await), "GPU-a");
         // The memory-only container's call gets its own GPU.
-        assert_eq!(
-            handed(memory(&allocator, 1000).await).envs["NVIDIA_VISIBLE_DEVICES"],
-            "GPU-b"
-        );
+        assert_eq!(visible(memory(&allocator, 1000).await), "GPU-b");
 
         // Number first, then the counted container's memory call: owed, answered empty; the next one is served.
         let allocator = serving(root.path(), vec![bound("q", &containers, queue)]);
-        assert_eq!(
-            handed(number(&allocator, 1).await).envs["NVIDIA_VISIBLE_DEVICES"],
-            "GPU-a"
-        );
+        assert_eq!(visible(number(&allocator, 1).await), "GPU-a");
         assert!(matches!(
             memory(&allocator, 1000).await,
             Ok(Outcome::NotMine)
@@ -1322,51 +1318,33 @@ mod tests {
             annotations(&allocator.store, "q")[DEVICES_TO_ALLOCATE],
             ";GPU-b,NVIDIA,1000,0:"
         );
-        assert_eq!(
-            handed(memory(&allocator, 1000).await).envs["NVIDIA_VISIBLE_DEVICES"],
-            "GPU-b"
-        );
+        assert_eq!(visible(memory(&allocator, 1000).await), "GPU-b");
 
         // An admission given up on after the number call (another plugin refused; the kubelet fails the pod):
         // the memory call it owed never comes, and a memory-only container of the same size bound later is
         // served, not answered empty (it would start without its GPU and limits: upstream bug #9 again).
         let allocator = serving(root.path(), vec![bound("r", &containers, queue)]);
-        assert_eq!(
-            handed(number(&allocator, 1).await).envs["NVIDIA_VISIBLE_DEVICES"],
-            "GPU-a"
-        );
+        assert_eq!(visible(number(&allocator, 1).await), "GPU-a");
         allocator.store.set_phase("r", "Failed");
         allocator.store.add(bound(
             "s",
             &[("memory-only", None, Some(1000))],
             "GPU-b,NVIDIA,1000,0:",
         ));
-        assert_eq!(
-            handed(memory(&allocator, 1000).await).envs["NVIDIA_VISIBLE_DEVICES"],
-            "GPU-b"
-        );
+        assert_eq!(visible(memory(&allocator, 1000).await), "GPU-b");
         assert_eq!(annotations(&allocator.store, "s")[BIND_PHASE], "success");
         // A stale entry must not hide the next pod's own: its number call drops the entries other pods owe,
         // so its count container's memory call is answered empty and its memory-only container is served.
         let allocator = serving(root.path(), vec![bound("u", &containers, queue)]);
-        assert_eq!(
-            handed(number(&allocator, 1).await).envs["NVIDIA_VISIBLE_DEVICES"],
-            "GPU-a"
-        );
+        assert_eq!(visible(number(&allocator, 1).await), "GPU-a");
         allocator.store.set_phase("u", "Failed");
         allocator.store.add(bound("v", &containers, queue));
-        assert_eq!(
-            handed(number(&allocator, 1).await).envs["NVIDIA_VISIBLE_DEVICES"],
-            "GPU-a"
-        );
+        assert_eq!(visible(number(&allocator, 1).await), "GPU-a");
         assert!(matches!(
             memory(&allocator, 1000).await,
             Ok(Outcome::NotMine)
         ));
-        assert_eq!(
-            handed(memory(&allocator, 1000).await).envs["NVIDIA_VISIBLE_DEVICES"],
-            "GPU-b"
-        );
+        assert_eq!(visible(memory(&allocator, 1000).await), "GPU-b");
         assert_eq!(annotations(&allocator.store, "v")[BIND_PHASE], "success");
 
         // No pod at all: a memory call is answered empty and changes nothing.
@@ -1556,10 +1534,7 @@ mod tests {
         );
         assert!(!root.path().join("containers/uid-urgent_c").exists());
 
-        assert_eq!(
-            handed(number(&allocator, 1).await).envs["NVIDIA_VISIBLE_DEVICES"],
-            "GPU-b"
-        );
+        assert_eq!(visible(number(&allocator, 1).await), "GPU-b");
         settle(&allocator).await;
         let failed: Vec<String> = events(&store).into_iter().map(|(pod, _)| pod).collect();
         assert_eq!(failed, ["bad", "urgent"]);
