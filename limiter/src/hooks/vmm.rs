@@ -127,6 +127,22 @@ pub(crate) unsafe fn mem_release(handle: CUmemGenericAllocationHandle) -> CUresu
     .unwrap_or_else(call)
 }
 
+/// Runs the driver's `call` under the lock and, on success, `counted` on the counts; without a cap
+/// (or re-entered) the call alone.
+fn counted_call(call: impl Fn() -> CUresult, counted: impl FnOnce(&mut State)) -> CUresult {
+    if !budget().any_limit() {
+        return call();
+    }
+    with_state(|s| {
+        let rc = call();
+        if rc == CUDA_SUCCESS {
+            counted(s);
+        }
+        rc
+    })
+    .unwrap_or_else(call)
+}
+
 pub(crate) unsafe fn mem_map(
     ptr: CUdeviceptr,
     size: usize,
@@ -139,19 +155,13 @@ pub(crate) unsafe fn mem_map(
     };
     // SAFETY: the caller's arguments, forwarded.
     let call = || unsafe { real(ptr, size, offset, handle, flags) };
-    if !budget().any_limit() {
-        return call();
-    }
-    with_state(|s| {
-        let rc = call();
-        if rc == CUDA_SUCCESS && VMM_HANDLES.contains(handle) {
+    counted_call(call, |s| {
+        if VMM_HANDLES.contains(handle) {
             let h = s.held.entry(handle).or_insert(Held { refs: 1, maps: 0 });
             h.maps = h.maps.saturating_add(1);
             s.mappings.insert(ptr, (size as u64, handle));
         }
-        rc
     })
-    .unwrap_or_else(call)
 }
 
 pub(crate) unsafe fn mem_unmap(ptr: CUdeviceptr, size: usize) -> CUresult {
@@ -160,35 +170,27 @@ pub(crate) unsafe fn mem_unmap(ptr: CUdeviceptr, size: usize) -> CUresult {
     };
     // SAFETY: the caller's arguments, forwarded.
     let call = || unsafe { real(ptr, size) };
-    if !budget().any_limit() {
-        return call();
-    }
-    with_state(|s| {
-        let rc = call();
-        if rc == CUDA_SUCCESS {
-            let end = ptr.saturating_add(size as u64);
-            let gone: Vec<u64> = s
-                .mappings
-                .range(ptr..end)
-                .filter(|(va, (len, _))| va.saturating_add(*len) <= end)
-                .map(|(va, _)| *va)
-                .collect();
-            for va in gone {
-                let Some((_, handle)) = s.mappings.remove(&va) else {
-                    continue;
-                };
-                if let Some(h) = s.held.get_mut(&handle) {
-                    h.maps = h.maps.saturating_sub(1);
-                    if h.maps == 0 && h.refs == 0 {
-                        s.held.remove(&handle);
-                        credit(handle);
-                    }
+    counted_call(call, |s| {
+        let end = ptr.saturating_add(size as u64);
+        let gone: Vec<u64> = s
+            .mappings
+            .range(ptr..end)
+            .filter(|(va, (len, _))| va.saturating_add(*len) <= end)
+            .map(|(va, _)| *va)
+            .collect();
+        for va in gone {
+            let Some((_, handle)) = s.mappings.remove(&va) else {
+                continue;
+            };
+            if let Some(h) = s.held.get_mut(&handle) {
+                h.maps = h.maps.saturating_sub(1);
+                if h.maps == 0 && h.refs == 0 {
+                    s.held.remove(&handle);
+                    credit(handle);
                 }
             }
         }
-        rc
     })
-    .unwrap_or_else(call)
 }
 
 pub(crate) unsafe fn mem_retain_allocation_handle(
@@ -200,20 +202,15 @@ pub(crate) unsafe fn mem_retain_allocation_handle(
     };
     // SAFETY: the caller's arguments, forwarded.
     let call = || unsafe { real(handle, addr) };
-    if !budget().any_limit() {
-        return call();
-    }
-    with_state(|s| {
-        let rc = call();
-        if rc == CUDA_SUCCESS && !handle.is_null() {
-            // SAFETY: the driver just wrote it.
-            let retained = unsafe { *handle };
-            if VMM_HANDLES.contains(retained) {
-                let h = s.held.entry(retained).or_insert(Held { refs: 1, maps: 0 });
-                h.refs = h.refs.saturating_add(1);
-            }
+    counted_call(call, |s| {
+        if handle.is_null() {
+            return;
         }
-        rc
+        // SAFETY: the driver just wrote it (the call succeeded).
+        let retained = unsafe { *handle };
+        if VMM_HANDLES.contains(retained) {
+            let h = s.held.entry(retained).or_insert(Held { refs: 1, maps: 0 });
+            h.refs = h.refs.saturating_add(1);
+        }
     })
-    .unwrap_or_else(call)
 }
