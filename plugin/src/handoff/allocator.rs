@@ -38,9 +38,7 @@ use crate::gpu::mig::{MigControl, MigInstance};
 use crate::gpu::plan::{DevicePlan, device_id};
 use crate::handoff::decision::{Decision, HandoffError, HandoffSettings, Plan, decide};
 use crate::handoff::pod_cache::PodCache;
-use crate::handoff::record::{
-    RecordStore, already_recorded, record_allocation, recorded_container,
-};
+use crate::handoff::record::{RecordStore, record_allocation, recorded_container};
 use crate::handoff::selection::{
     AllocatingEndpoint, GpuFacts, PHASE_PENDING, PodView, Request, Verdict, choose,
 };
@@ -697,14 +695,6 @@ impl<S: PodStore> Allocator<S> {
     /// hand-off is committed: the monitor restores the region from it, so a tenant cannot lift its caps), then
     /// the guarded patch, checked as read back.
     async fn commit(&self, plan: &Plan) -> Result<(), HandoffError> {
-        // A container is handed devices once: its queue segment is taken off in the same step. A queue that
-        // offers it again was rewritten after its hand-off, and the call must not give another pod's container
-        // this one's cache directory (mounted in the running container) or overwrite its record.
-        if already_recorded(&self.settings.cache_root, &plan.record) {
-            return Err(HandoffError::HandedOffBefore {
-                container: plan.record.container.clone(),
-            });
-        }
         prepare_cache_dir(&plan.cache_host_dir)?;
         record_allocation(&self.settings.cache_root, &plan.record)?;
         let annotations = self

@@ -74,16 +74,6 @@ pub enum HandoffError {
     /// The node's record of the container could not be written.
     #[error(transparent)]
     Record(#[from] RecordError),
-    /// The queue offers a container the node already handed devices to: the pod's annotations were rewritten
-    /// after its hand-off (a pod is admitted once), so nothing is handed out.
-    #[error(
-        "container {container:?} was already handed its vGPUs on this node (the node holds its record); \
-         {DEVICES_TO_ALLOCATE} was rewritten after the hand-off and is not served again"
-    )]
-    HandedOffBefore {
-        /// The container's name.
-        container: String,
-    },
     /// The guarded patch that takes the container's segment off the queue failed: a concurrent writer changed
     /// the queue (the `test` failed), or the apiserver refused or did not answer.
     #[error(transparent)]

@@ -286,11 +286,6 @@ pub fn record_allocation(cache_root: &Path, record: &ContainerRecord) -> Result<
     RecordStore::beside(cache_root).write(&key, record)
 }
 
-/// Whether the node already holds a record of `record`'s container, i.e. it was handed devices before.
-pub fn already_recorded(cache_root: &Path, record: &ContainerRecord) -> bool {
-    recorded_container(cache_root, &record.pod_uid, &record.container)
-}
-
 /// Whether the node holds a record of container `container` of the pod with uid `pod_uid`.
 pub fn recorded_container(cache_root: &Path, pod_uid: &str, container: &str) -> bool {
     let key = crate::container::response::cache_dir_name(pod_uid, container);
