@@ -542,9 +542,8 @@ async fn a_hung_event_write_holds_up_neither_the_refusal_nor_the_next_allocate()
 }
 
 /// The admitted pod's uid and the cache directory the kubelet mounted for its container (`/tmp/vgpu`).
-fn cache_mount(r: &kubelet_api::v1beta1::AllocateResponse) -> String {
-    r.container_responses[0]
-        .mounts
+fn cache_mount(r: &kubelet_api::v1beta1::ContainerAllocateResponse) -> String {
+    r.mounts
         .iter()
         .find(|m| m.container_path == "/tmp/vgpu")
         .map(|m| m.host_path.clone())
@@ -566,12 +565,9 @@ async fn a_started_pod_reopened_by_its_tenant_never_takes_another_pod_s_allocate
     c.bind("tenant", &[("cuda", 1, 1000)], &tenant_queue, "1787220000")
         .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let tenant = c.kubelet.admit(NUMBER, 1).await.unwrap().unwrap();
+    let tenant = c.0.admit(1).await;
     let tenant_dir = cache_mount(&tenant);
-    assert_eq!(
-        tenant.container_responses[0].envs["NVIDIA_VISIBLE_DEVICES"],
-        a
-    );
+    assert_eq!(tenant.envs["NVIDIA_VISIBLE_DEVICES"], a);
     let records = c.dir.path().join("hook/vgpu/containers.records");
     let record_of = |dir: &str| {
         let key = std::path::Path::new(dir)
@@ -621,13 +617,8 @@ async fn a_started_pod_reopened_by_its_tenant_never_takes_another_pod_s_allocate
     )
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let victim = c
-        .kubelet
-        .admit(NUMBER, 1)
-        .await
-        .unwrap()
-        .unwrap_or_else(|s| panic!("{}\n{}", s.message(), c.agent.log_text()));
-    let envs = &victim.container_responses[0].envs;
+    let victim = c.0.admit(1).await;
+    let envs = &victim.envs;
     assert_eq!(
         envs["NVIDIA_VISIBLE_DEVICES"], b,
         "the victim gets its own GPU"
@@ -666,17 +657,9 @@ async fn a_started_pod_reopened_by_its_tenant_never_takes_another_pod_s_allocate
     )
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let r = c
-        .kubelet
-        .admit(NUMBER, 1)
-        .await
-        .unwrap()
-        .unwrap_or_else(|s| panic!("{}\n{}", s.message(), c.agent.log_text()));
-    assert_eq!(r.container_responses[0].envs["NVIDIA_VISIBLE_DEVICES"], b);
-    assert_eq!(
-        r.container_responses[0].envs["CUDA_DEVICE_MEMORY_LIMIT_0"],
-        "3000m"
-    );
+    let r = c.0.admit(1).await;
+    assert_eq!(r.envs["NVIDIA_VISIBLE_DEVICES"], b);
+    assert_eq!(r.envs["CUDA_DEVICE_MEMORY_LIMIT_0"], "3000m");
     assert_ne!(cache_mount(&r), tenant_dir);
     assert_eq!(
         record_of(&tenant_dir),
@@ -720,6 +703,5 @@ async fn an_init_container_with_a_vgpu_limit_is_refused_by_name_not_given_the_ap
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     c.refused_as("sidecar", "init container \"warmup\"").await;
-    let r = c.kubelet.admit(NUMBER, 1).await.unwrap().unwrap();
-    assert_eq!(r.container_responses[0].envs["NVIDIA_VISIBLE_DEVICES"], b);
+    assert_eq!(c.0.admit(1).await.envs["NVIDIA_VISIBLE_DEVICES"], b);
 }

@@ -209,13 +209,8 @@ async fn metrics_label_a_container_with_its_recorded_gpu_and_caps_whatever_its_r
         .await;
     let (mine, other) = (c.uuid(0), c.uuid(1));
     let uid = bind(&c, "pod-a", &format!("{mine},NVIDIA,3000,30:"), "low").await;
-    let response = c
-        .kubelet
-        .admit(NUMBER, 1)
-        .await
-        .unwrap()
-        .unwrap_or_else(|s| panic!("Allocate failed: {}\n{}", s.message(), c.agent.log_text()));
-    let file_name = response.container_responses[0].envs["CUDA_DEVICE_MEMORY_SHARED_CACHE"]
+    let response = c.admit(1).await;
+    let file_name = response.envs["CUDA_DEVICE_MEMORY_SHARED_CACHE"]
         .strip_prefix("/tmp/vgpu/")
         .unwrap()
         .to_owned();
